@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-step setup for spkserve on a fresh Debian/Ubuntu machine.
+#
+#   bash scripts/setup.sh            # serving install: .venv with the `spkserve` command
+#   bash scripts/setup.sh --dev      # + torch (CPU), transformers, test tools: what tests and training need
+#
+# It creates .venv/ in the checkout, installs the project in editable mode and generates the
+# gRPC code from protos/. It is idempotent: running it again only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="serve"
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras="serve,train,test" ;;
+    *) echo "setup.sh: unknown argument '$arg' (expected --dev)" >&2; exit 2 ;;
+  esac
+done
+
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip wheel "setuptools<81"
+
+if [[ "$extras" == *train* ]]; then
+  # The CPU wheel of torch: a plain `pip install torch` would pull the multi-GB CUDA build.
+  # TORCH_SPEC lets a GPU machine choose another build.
+  .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+.venv/bin/python -m pip install -q -e ".[${extras}]"
+bash scripts/gen_protos.sh
+echo "setup.sh: ready (.venv/bin/spkserve, extras: ${extras})"
