@@ -1,0 +1,269 @@
+"""Dynamic batching of utterances for one model.
+
+Requests put single utterances on a bounded queue and await a future. One collector task
+forms batches whenever an inference worker is free: it takes the oldest waiting utterance,
+waits up to ``max_wait`` for company, and adds further utterances in arrival order while the
+batch stays under ``max_batch_size`` and the padded-audio budget ``max_batch_samples``
+(batch size x longest utterance). Models that are not padding-invariant get only
+equal-length utterances in one batch, so an utterance's embedding never depends on what it
+was batched with. Utterances whose caller has gone (future cancelled) or whose deadline has
+passed are dropped before they cost inference. The batch runs on a thread pool; the event
+loop never runs the model.
+
+The batcher knows nothing of protobuf or gRPC: it takes numpy arrays and callables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, Overloaded, Unavailable
+
+__all__ = ["DynamicBatcher", "BatchResult", "BatchStats"]
+
+log = logging.getLogger("spkserve.batcher")
+
+
+@dataclass
+class BatchResult:
+    """The embedding of one utterance and what it cost."""
+
+    embedding: np.ndarray  # (D,)
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass
+class BatchStats:
+    """Observer callbacks (metrics); each may be None."""
+
+    on_batch: Callable[[int, float], None] | None = None  # (batch size, inference seconds)
+    on_queue_time: Callable[[float], None] | None = None  # seconds waited
+    on_depth: Callable[[int], None] | None = None  # queue depth after a change
+    on_dropped: Callable[[str], None] | None = None  # reason: "cancelled" or "deadline"
+
+
+@dataclass(eq=False)
+class _Item:
+    wave: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None = None  # time.monotonic() value
+    cost: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cost = len(self.wave)
+
+
+class DynamicBatcher:
+    """Groups concurrent single-utterance requests into batches for ``run``.
+
+    Args:
+        run: blocking function taking a list of (T_i,) float32 waves, returning (B, D).
+        max_batch_size: most utterances in one batch (1 disables batching).
+        max_batch_samples: most padded samples (B x T_max) in one batch; a single longer
+            utterance still runs, alone.
+        max_wait_s: how long the oldest utterance may wait for company.
+        max_queue: most waiting utterances; beyond it ``submit`` raises Overloaded.
+        same_length_only: only equal-length utterances share a batch.
+        workers: batches run concurrently (threads).
+        stats: metric callbacks.
+        name: for logs and thread names.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[np.ndarray]], np.ndarray],
+        *,
+        max_batch_size: int = 32,
+        max_batch_samples: int = 16000 * 320,
+        max_wait_s: float = 0.005,
+        max_queue: int = 512,
+        same_length_only: bool = False,
+        workers: int = 1,
+        stats: BatchStats | None = None,
+        name: str = "model",
+    ):
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_batch_samples = max_batch_samples
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.same_length_only = same_length_only
+        self.name = name
+        self._stats = stats or BatchStats()
+        self._queue: list[_Item] = []
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{name}")
+        self._slots = asyncio.Semaphore(workers)
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Future] = set()
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Utterances waiting for a batch."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the collector task on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
+
+    async def submit(self, wave: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """Queue one (T,) float32 utterance and wait for its embedding.
+
+        Args:
+            wave: mono waveform at the model's rate.
+            deadline: ``time.monotonic()`` after which the result is no longer wanted.
+
+        Raises:
+            Overloaded: the queue is full.
+            Unavailable: the batcher is shutting down.
+            DeadlineExceeded: the deadline passed before the utterance was run.
+        """
+        if self._closed:
+            raise Unavailable(f"model {self.name} is shutting down")
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"model {self.name}: {len(self._queue)} utterances queued (max_queue={self.max_queue}); retry later")
+        item = _Item(wave, asyncio.get_running_loop().create_future(), time.monotonic(), deadline)
+        self._queue.append(item)
+        self._report_depth()
+        self._wakeup.set()
+        return await item.future
+
+    async def close(self) -> None:
+        """Stop taking work, finish what is queued and in flight, stop the workers."""
+        self._closed = True
+        while self._queue or self._inflight:
+            self._wakeup.set()
+            await asyncio.sleep(0.005)
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    # -- internals --------------------------------------------------------------------
+    def _report_depth(self) -> None:
+        if self._stats.on_depth:
+            self._stats.on_depth(len(self._queue))
+
+    def _prune(self, now: float) -> None:
+        """Drop utterances whose caller has gone or whose deadline has passed."""
+        kept = []
+        for it in self._queue:
+            if it.future.done():  # cancelled by the caller (client gone)
+                if self._stats.on_dropped:
+                    self._stats.on_dropped("cancelled")
+            elif it.deadline is not None and now >= it.deadline:
+                it.future.set_exception(DeadlineExceeded(f"deadline passed after {now - it.enqueued:.3f} s in the queue"))
+                if self._stats.on_dropped:
+                    self._stats.on_dropped("deadline")
+            else:
+                kept.append(it)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._report_depth()
+
+    def _compatible(self, first: _Item) -> list[_Item]:
+        """Waiting utterances that may join a batch led by ``first``, in arrival order."""
+        if not self.same_length_only:
+            return self._queue
+        return [it for it in self._queue if it.cost == first.cost]
+
+    def _take_batch(self) -> list[_Item]:
+        """Remove and return the next batch (oldest first, within both budgets)."""
+        if not self._queue:
+            return []
+        first = self._queue[0]
+        batch, longest = [first], first.cost
+        for it in self._compatible(first)[1:]:
+            if len(batch) >= self.max_batch_size:
+                break
+            widest = max(longest, it.cost)
+            if widest * (len(batch) + 1) > self.max_batch_samples:
+                continue
+            batch.append(it)
+            longest = widest
+        taken = set(map(id, batch))
+        self._queue = [it for it in self._queue if id(it) not in taken]
+        self._report_depth()
+        return batch
+
+    def _batch_ready(self, first: _Item) -> bool:
+        """Whether the batch led by ``first`` is as full as it can get."""
+        group = self._compatible(first)
+        if len(group) >= self.max_batch_size:
+            return True
+        longest = max(it.cost for it in group)
+        return longest * (len(group) + 1) > self.max_batch_samples
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                while True:
+                    self._prune(time.monotonic())
+                    if self._queue:
+                        break
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                # wait for company until the oldest utterance has waited max_wait
+                while True:
+                    self._prune(time.monotonic())
+                    if not self._queue:
+                        break
+                    first = self._queue[0]
+                    left = first.enqueued + self.max_wait_s - time.monotonic()
+                    if left <= 0 or self._closed or self._batch_ready(first):
+                        break
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+                    except asyncio.TimeoutError:
+                        pass
+                batch = self._take_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            started = time.monotonic()
+            for it in batch:
+                if self._stats.on_queue_time:
+                    self._stats.on_queue_time(started - it.enqueued)
+            fut = loop.run_in_executor(self._executor, self._run, [it.wave for it in batch])
+            self._inflight.add(fut)
+            fut.add_done_callback(lambda f, b=batch, s=started: self._finish(f, b, s))
+
+    def _finish(self, fut: asyncio.Future, batch: list[_Item], started: float) -> None:
+        """Hand each caller its row of the batch result (runs on the event loop)."""
+        self._inflight.discard(fut)
+        self._slots.release()
+        took = time.monotonic() - started
+        exc = fut.exception()
+        if exc is not None:
+            log.error("batch of %d on %s failed: %r", len(batch), self.name, exc)
+        elif self._stats.on_batch:
+            self._stats.on_batch(len(batch), took)
+        for i, it in enumerate(batch):
+            if it.future.done():
+                continue
+            if exc is not None:
+                it.future.set_exception(exc)
+            else:
+                emb = fut.result()
+                it.future.set_result(BatchResult(emb[i], started - it.enqueued, took, len(batch)))

@@ -1,0 +1,174 @@
+"""The ``spkserve`` command: run the server, or call one from the shell.
+
+    spkserve serve [--config FILE] [--port N] [--metrics-port N] [--model-repository DIR] [--data-dir DIR]
+    spkserve embed    --target HOST:PORT [--model NAME] FILE...
+    spkserve verify   --target HOST:PORT [--model NAME] [--threshold T] FILE_A FILE_B
+    spkserve enroll   --target HOST:PORT [--collection C] --speaker ID FILE...
+    spkserve identify --target HOST:PORT [--collection C] [--top-k K] FILE
+    spkserve delete   --target HOST:PORT [--collection C] --speaker ID
+    spkserve models   --target HOST:PORT
+
+Client commands print JSON (one object per line for ``embed``); a failed call exits with
+status 1 and prints the gRPC status name and message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+__all__ = ["main", "build_parser"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.config import ConfigError, load_config
+    from service.server import serve
+
+    overrides = {
+        "port": args.port, "metrics_port": args.metrics_port, "model_repository": args.model_repository,
+        "data_dir": args.data_dir, "host": args.host, "default_model": args.default_model,
+        "auth_token": args.auth_token, "log_level": args.log_level,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"spkserve serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(config))
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    opts = [("grpc.max_send_message_length", 256 * 1024 * 1024), ("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+    if args.tls_ca:
+        creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        return grpc.secure_channel(args.target, creds, options=opts)
+    return grpc.insecure_channel(args.target, options=opts)
+
+
+def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {args.token}")] if args.token else []
+
+
+def _audio(path: str):
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+
+    try:
+        return pb.Audio(encoded=Path(path).read_bytes())
+    except OSError as e:
+        raise SystemExit(f"spkserve: cannot read {path}: {e.strerror}") from None
+
+
+def _emit(obj: Any) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    with _channel(args) as channel:
+        stub = pb_grpc.SpeakerServiceStub(channel)
+        kw = {"metadata": _metadata(args), "timeout": args.timeout}
+        try:
+            if args.command == "embed":
+                for f in args.files:
+                    r = stub.Embed(pb.EmbedRequest(model=args.model or "", audio=_audio(f)), **kw)
+                    _emit({"file": f, "model": r.model, "model_version": r.model_version,
+                           "speech_seconds": r.speech_seconds, "embedding": list(r.embedding)})
+            elif args.command == "verify":
+                req = pb.VerifyRequest(model=args.model or "", a=pb.Probe(audio=_audio(args.file_a)),
+                                       b=pb.Probe(audio=_audio(args.file_b)))
+                if args.threshold is not None:
+                    req.threshold = args.threshold
+                r = stub.Verify(req, **kw)
+                _emit({"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model})
+            elif args.command == "enroll":
+                r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection,
+                                                 speaker_id=args.speaker, audio=[_audio(f) for f in args.files]), **kw)
+                _emit({"collection": r.speaker.collection, "speaker": r.speaker.speaker_id, "created": r.created,
+                       "utterance_count": r.speaker.utterance_count, "model": r.speaker.model})
+            elif args.command == "identify":
+                req = pb.IdentifyRequest(model=args.model or "", collection=args.collection,
+                                         probe=pb.Probe(audio=_audio(args.file)), top_k=args.top_k)
+                r = stub.Identify(req, **kw)
+                _emit({"candidates": [{"speaker": c.speaker_id, "score": c.score} for c in r.candidates],
+                       "is_match": r.is_match, "threshold": r.threshold, "model": r.model})
+            elif args.command == "delete":
+                r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker), **kw)
+                _emit({"deleted": r.speaker.speaker_id, "collection": r.speaker.collection})
+            elif args.command == "models":
+                r = stub.ListModels(pb.ListModelsRequest(), **kw)
+                _emit({"default_model": r.default_model, "models": [
+                    {"name": m.name, "version": m.version, "embedding_dim": m.embedding_dim, "sample_rate": m.sample_rate,
+                     "execution_provider": m.execution_provider, "threshold": m.threshold} for m in r.models]})
+        except grpc.RpcError as e:
+            print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``spkserve`` command."""
+    ap = argparse.ArgumentParser(prog="spkserve", description="Speaker embedding service",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    s.add_argument("--config", help="TOML file of options (see service/config.py)")
+    s.add_argument("--port", type=int)
+    s.add_argument("--metrics-port", type=int)
+    s.add_argument("--host")
+    s.add_argument("--model-repository")
+    s.add_argument("--default-model")
+    s.add_argument("--data-dir")
+    s.add_argument("--auth-token", help="require this bearer token (prefer SPKSERVE_AUTH_TOKEN)")
+    s.add_argument("--log-level")
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--target", default="localhost:50051", help="HOST:PORT of the server")
+        p.add_argument("--token", default=None, help="bearer token")
+        p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) for a TLS server")
+        p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+        p.add_argument("--model", default="", help="model name (default: the server's default)")
+        return p
+
+    p = client("embed", "embed audio files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = client("verify", "score two audio files")
+    p.add_argument("file_a", metavar="FILE_A")
+    p.add_argument("file_b", metavar="FILE_B")
+    p.add_argument("--threshold", type=float, default=None)
+    p = client("enroll", "enroll audio files as a speaker")
+    p.add_argument("--collection", default="")
+    p.add_argument("--speaker", required=True)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = client("identify", "find the closest enrolled speakers")
+    p.add_argument("--collection", default="")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("file", metavar="FILE")
+    p = client("delete", "delete an enrolled speaker")
+    p.add_argument("--collection", default="")
+    p.add_argument("--speaker", required=True)
+    client("models", "list the served models")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spkserve`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Server configuration: defaults < TOML file < environment (SPKSERVE_*) < command line.
+
+Every option is a field of ``ServerConfig``; the environment variable of a field is its name
+upper-cased with the ``SPKSERVE_`` prefix (``SPKSERVE_MAX_BATCH_SIZE=32``); list fields take
+comma-separated values. The resolved configuration is logged once at start-up (secrets
+masked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ServerConfig", "ConfigError", "load_config", "default_model_repository"]
+
+_INDEX_TYPES = ("flat", "hnsw", "ivf")
+_VARIANTS = ("fp32", "int8")
+
+
+class ConfigError(ValueError):
+    """An option with a bad value; the message names the option and the value."""
+
+
+def default_model_repository() -> str:
+    """The repository shipped with the project (``models/repository``)."""
+    import models
+
+    return str(Path(models.__file__).resolve().parent / "repository")
+
+
+@dataclass
+class ServerConfig:
+    """All server options. Sizes are per model unless said otherwise."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0 picks a free port
+    metrics_port: int = 9090  # 0 picks a free port, -1 disables the metrics endpoint
+    model_repository: str = field(default_factory=default_model_repository)
+    models: list[str] = field(default_factory=list)  # empty: every model in the repository
+    default_model: str = "ge2e"
+    model_variant: str = "fp32"  # which file of each model: fp32 or int8
+    data_dir: str = "data"
+    # ONNX Runtime
+    providers: list[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    inter_op_threads: int = 1
+    warmup: bool = True
+    # dynamic batching
+    max_batch_size: int = 32
+    max_batch_seconds: float = 320.0  # padded audio seconds in one batch
+    max_wait_ms: float = 5.0
+    max_queue: int = 512  # waiting utterances before RESOURCE_EXHAUSTED
+    inference_workers: int = 1
+    # requests
+    max_audio_seconds: float = 300.0
+    max_message_mb: int = 64
+    max_stream_mb: int = 256
+    decode_workers: int = 2
+    # speaker index
+    index_type: str = "flat"
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 32
+    snapshot_every: int = 10000  # WAL records between snapshots
+    fsync: bool = True
+    # security
+    auth_token: str = ""  # non-empty: require "authorization: Bearer <token>"
+    tls_cert: str = ""
+    tls_key: str = ""
+    # lifecycle
+    grace_seconds: float = 15.0
+    log_level: str = "INFO"
+
+    def validate(self) -> "ServerConfig":
+        """Check ranges and choices; raise ConfigError naming the option."""
+
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"option '{name}' = {getattr(self, name)!r}: {why}")
+
+        need(0 <= self.port <= 65535, "port", "must be in 0..65535")
+        need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in -1..65535")
+        need(self.model_variant in _VARIANTS, "model_variant", f"must be one of {_VARIANTS}")
+        need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0")
+        need(self.inter_op_threads >= 1, "inter_op_threads", "must be >= 1")
+        need(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        need(self.max_batch_seconds > 0, "max_batch_seconds", "must be > 0")
+        need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
+        need(self.max_queue >= 1, "max_queue", "must be >= 1")
+        need(self.inference_workers >= 1, "inference_workers", "must be >= 1")
+        need(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")
+        need(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
+        need(self.max_stream_mb >= 1, "max_stream_mb", "must be >= 1")
+        need(self.decode_workers >= 1, "decode_workers", "must be >= 1")
+        need(self.index_type in _INDEX_TYPES, "index_type", f"must be one of {_INDEX_TYPES}")
+        need(self.hnsw_m >= 4, "hnsw_m", "must be >= 4")
+        need(self.hnsw_ef_search >= 1, "hnsw_ef_search", "must be >= 1")
+        need(self.ivf_nlist >= 1, "ivf_nlist", "must be >= 1")
+        need(self.ivf_nprobe >= 1, "ivf_nprobe", "must be >= 1")
+        need(self.snapshot_every >= 1, "snapshot_every", "must be >= 1")
+        need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "tls_cert and tls_key go together")
+        need(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The options as a dict with secrets masked, for the start-up log."""
+        d = dataclasses.asdict(self)
+        if d["auth_token"]:
+            d["auth_token"] = "***"
+        return d
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Convert a TOML/env/CLI value to the field's type, or raise ConfigError."""
+    try:
+        if kind in (bool, "bool"):
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("not a boolean")
+        if kind in (int, "int"):
+            if isinstance(value, bool):
+                raise ValueError("not an integer")
+            return int(value)
+        if kind in (float, "float"):
+            return float(value)
+        if kind in ("list[str]",):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError("not a list of strings")
+        return str(value)
+    except ValueError as e:
+        raise ConfigError(f"option '{name}' = {value!r}: {e}") from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Resolve the configuration from a TOML file, the environment and explicit overrides.
+
+    Args:
+        path: optional TOML file with top-level keys named like the fields.
+        env: environment to read ``SPKSERVE_*`` from (default ``os.environ``).
+        overrides: values that win over everything (command-line options); None values are
+            ignored.
+    """
+    env = os.environ if env is None else env
+    types = {f.name: f.type for f in fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        for key, value in raw.items():
+            if key not in types:
+                raise ConfigError(f"config file {path}: unknown option '{key}'; known: {sorted(types)}")
+            values[key] = _coerce(key, types[key], value)
+    for name, kind in types.items():
+        var = f"SPKSERVE_{name.upper()}"
+        if var in env:
+            values[name] = _coerce(name, kind, env[var])
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in types:
+            raise ConfigError(f"unknown option '{name}'")
+        values[name] = _coerce(name, types[name], value)
+    return ServerConfig(**values).validate()

@@ -1,0 +1,206 @@
+"""The service's core without gRPC: models, their batchers, audio decoding and the speaker store.
+
+``Engine`` is what the gRPC servicer adapts. It is usable on its own from asyncio code (tests,
+notebooks) and keeps every blocking call off the event loop: decoding on a decode pool,
+inference on each batcher's worker threads, speaker-store I/O on a single store thread (which
+also serialises writes to the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from models.artifact import ArtifactError, scan_repository
+from models.audio import AudioLimits, condition, decode_encoded, decode_pcm
+from service.batcher import BatchResult, BatchStats, DynamicBatcher
+from service.config import ServerConfig
+from service.errors import InvalidArgument, NotFound, Unavailable
+from service.index import IndexOptions, SpeakerStore
+from service.metrics import Metrics
+from service.runtime import SpeakerModel
+
+__all__ = ["Engine", "AudioInput", "Decoded"]
+
+log = logging.getLogger("spkserve.engine")
+
+
+@dataclass
+class AudioInput:
+    """Audio as it came in: an encoded file, or raw PCM with its format."""
+
+    data: bytes
+    field: str = "audio"
+    pcm_encoding: str | None = None  # None: ``data`` is an encoded file
+    sample_rate: int = 0
+    channels: int = 1
+
+
+@dataclass
+class Decoded:
+    """A model-ready waveform and what decoding it cost."""
+
+    wave: np.ndarray  # (T,) float32 at the model's rate
+    seconds: float
+    decode_s: float
+
+
+class Engine:
+    """Models, batchers and the speaker store of one server.
+
+    Args:
+        config: server options.
+        metrics: where to report.
+    """
+
+    def __init__(self, config: ServerConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self.models: dict[str, SpeakerModel] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.store: SpeakerStore | None = None
+        self.default_model = config.default_model
+        self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def load(self) -> None:
+        """Open the store, load and warm up every model, start the batchers."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        opts = IndexOptions(cfg.index_type, cfg.hnsw_m, cfg.hnsw_ef_search, cfg.ivf_nlist, cfg.ivf_nprobe)
+        self.store = await loop.run_in_executor(
+            self._store_pool, lambda: SpeakerStore(cfg.data_dir, opts, cfg.fsync, cfg.snapshot_every))
+        dirs = await loop.run_in_executor(None, scan_repository, cfg.model_repository)
+        if cfg.models:
+            by_name = {d.name: d for d in dirs}
+            missing = [m for m in cfg.models if m not in by_name]
+            if missing:
+                raise ArtifactError(f"option 'models': {missing} not in {cfg.model_repository} (has {sorted(by_name)})")
+            dirs = [by_name[m] for m in cfg.models]
+        if not dirs:
+            raise ArtifactError(f"{cfg.model_repository}: no model directories (each needs a model.json)")
+        for d in dirs:
+            model = await loop.run_in_executor(None, lambda d=d: SpeakerModel(
+                d, cfg.providers, cfg.model_variant, cfg.intra_op_threads, cfg.inter_op_threads))
+            if cfg.warmup:
+                took = await loop.run_in_executor(None, model.warmup)
+                log.info("warmed up %s in %.3f s", model.name, took)
+            self.models[model.name] = model
+            self.batchers[model.name] = self._make_batcher(model)
+            self.metrics.model_info.labels(model.name, model.card.version, model.provider, str(model.dim),
+                                           model.variant).set(1)
+        if self.default_model not in self.models:
+            raise ArtifactError(f"option 'default_model': {self.default_model!r} is not loaded (loaded: {sorted(self.models)})")
+        for info in self.store.collections():
+            self.metrics.speakers.labels(info.name).set(info.speaker_count)
+
+    def _make_batcher(self, model: SpeakerModel) -> DynamicBatcher:
+        cfg, m, name = self.config, self.metrics, model.name
+        stats = BatchStats(
+            on_batch=lambda n, s: (m.batch_size.labels(name).observe(n), m.inference_time.labels(name).observe(s)),
+            on_queue_time=lambda s: m.queue_time.labels(name).observe(s),
+            on_depth=lambda d: m.queue_depth.labels(name).set(d),
+            on_dropped=lambda why: m.dropped.labels(name, why).inc(),
+        )
+        batcher = DynamicBatcher(
+            model.embed,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_samples=int(cfg.max_batch_seconds * model.sample_rate),
+            max_wait_s=cfg.max_wait_ms / 1000.0,
+            max_queue=cfg.max_queue,
+            same_length_only=not model.padded_batching,
+            workers=cfg.inference_workers,
+            stats=stats,
+            name=name,
+        )
+        batcher.start()
+        return batcher
+
+    async def close(self) -> None:
+        """Finish queued work, stop batchers, snapshot and close the store."""
+        for b in self.batchers.values():
+            await b.close()
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(self._store_pool, self.store.close)
+        self._decode_pool.shutdown(wait=True)
+        self._store_pool.shutdown(wait=True)
+
+    # -- models -----------------------------------------------------------------------
+    def model(self, name: str, field: str = "model") -> SpeakerModel:
+        """The named model ('' for the default). Raises NotFound."""
+        name = name or self.default_model
+        model = self.models.get(name)
+        if model is None:
+            if not self.models:
+                raise Unavailable("models are still loading")
+            raise NotFound(f"{field}: unknown model {name!r}; loaded models are {sorted(self.models)}")
+        return model
+
+    def limits(self, model: SpeakerModel) -> AudioLimits:
+        """Duration limits for ``model``'s inputs."""
+        return AudioLimits(model.card.min_audio_seconds, self.config.max_audio_seconds)
+
+    # -- audio ------------------------------------------------------------------------
+    def _decode_sync(self, model: SpeakerModel, audio: AudioInput) -> Decoded:
+        t0 = time.perf_counter()
+        if audio.pcm_encoding is None:
+            samples, sr = decode_encoded(audio.data, f"{audio.field}.encoded")
+        else:
+            samples, sr = decode_pcm(audio.data, audio.sample_rate, audio.pcm_encoding, audio.channels,
+                                     f"{audio.field}.pcm")
+        wave = condition(samples, sr, model.sample_rate, self.limits(model), audio.field)
+        return Decoded(wave, samples.shape[0] / sr, time.perf_counter() - t0)
+
+    async def decode(self, model: SpeakerModel, audio: AudioInput) -> Decoded:
+        """Decode, downmix, resample and check audio on the decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode_sync, model, audio)
+
+    async def embed(self, model: SpeakerModel, wave: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """Embed one model-ready waveform through the model's batcher."""
+        result = await self.batchers[model.name].submit(wave, deadline)
+        self.metrics.audio_seconds.labels(model.name).inc(len(wave) / model.sample_rate)
+        return result
+
+    # -- embeddings given by clients --------------------------------------------------
+    @staticmethod
+    def unit_embedding(values: Any, dim: int | None, field: str) -> np.ndarray:
+        """Validate a client-given embedding and L2-normalise it to (D,) float32."""
+        vec = np.asarray(values, dtype=np.float32)
+        if vec.ndim != 1 or vec.size == 0:
+            raise InvalidArgument(field, "is empty")
+        if dim is not None and vec.shape[0] != dim:
+            raise InvalidArgument(field, f"has {vec.shape[0]} values, the model's embedding size is {dim}")
+        if not np.isfinite(vec).all():
+            raise InvalidArgument(field, "contains NaN or inf")
+        norm = float(np.linalg.norm(vec))
+        if norm < 1e-12:
+            raise InvalidArgument(field, "is the zero vector")
+        return vec / norm
+
+    # -- store ------------------------------------------------------------------------
+    async def store_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking speaker-store call on the store thread."""
+        if self.store is None:
+            raise Unavailable("the speaker store is still opening")
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+
+    async def report_collection(self, collection: str) -> None:
+        """Refresh the speakers-per-collection gauge."""
+        for info in await self.store_call(self.store.collections):
+            if info.name == collection:
+                self.metrics.speakers.labels(collection).set(info.speaker_count)
+                return
+        self.metrics.speakers.labels(collection).set(0)
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the store keeps its files."""
+        return Path(self.config.data_dir)

@@ -1,0 +1,39 @@
+"""Prometheus metrics of one server (its own registry, so several servers can share a process).
+
+Names follow ``spkserve_<scope>_<what>``; the endpoint is a plain HTTP ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """All metric objects of a server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("spkserve_grpc_requests_total", "gRPC requests by method and status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("spkserve_grpc_request_duration_seconds", "gRPC request latency",
+                                 ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("spkserve_batch_size", "Utterances per inference batch",
+                                    ["model"], buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_time = Histogram("spkserve_batch_queue_duration_seconds", "Time an utterance waited for its batch",
+                                    ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_time = Histogram("spkserve_batch_inference_duration_seconds", "Model run time of a batch",
+                                        ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("spkserve_batch_queue_depth", "Utterances waiting for a batch", ["model"], registry=r)
+        self.dropped = Counter("spkserve_batch_dropped_total", "Utterances dropped before inference",
+                               ["model", "reason"], registry=r)
+        self.audio_seconds = Counter("spkserve_audio_seconds_total", "Seconds of audio embedded", ["model"], registry=r)
+        self.speakers = Gauge("spkserve_index_speakers", "Enrolled speakers per collection", ["collection"], registry=r)
+        self.model_info = Gauge("spkserve_model_info", "Loaded models (value 1) with version and execution provider",
+                                ["model", "version", "provider", "embedding_dim", "variant"], registry=r)
+        self.ready = Gauge("spkserve_ready", "1 when the server is serving", registry=r)

@@ -1,0 +1,180 @@
+"""The gRPC server: lifecycle, health, reflection, auth, metrics endpoint, graceful shutdown.
+
+``SpeakerServer(config)`` is kept apart from ``serve(config)`` so tests start a real server on
+port 0 inside their own event loop. Start-up binds the port at once with health NOT_SERVING,
+then loads and warms up the models and opens the speaker store; only then does health turn
+SERVING. SIGTERM/SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls
+finish within ``grace_seconds``, the batchers drain and the store is snapshotted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+from service.config import ServerConfig
+from service.engine import Engine
+from service.metrics import Metrics
+from service.servicer import SpeakerServicer
+
+__all__ = ["SpeakerServer", "serve", "SERVICE_NAME"]
+
+log = logging.getLogger("spkserve.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
+_OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no credentials
+
+
+class _BearerAuth(grpc.aio.ServerInterceptor):
+    """Rejects calls without ``authorization: Bearer <token>`` (health checks excepted)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or invalid bearer token")
+
+        self._deny = {
+            (False, False): grpc.unary_unary_rpc_method_handler(deny),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny),
+            (False, True): grpc.unary_stream_rpc_method_handler(deny),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny),
+        }
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(_OPEN_METHODS):
+            return await continuation(details)
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        got = got.encode() if isinstance(got, str) else got
+        handler = await continuation(details)
+        if handler is None or hmac.compare_digest(got, self._expected):
+            return handler
+        return self._deny[(bool(handler.request_streaming), bool(handler.response_streaming))]
+
+
+class SpeakerServer:
+    """One spkserve server; ``await start()``, ``await wait_ready()``, ``await stop()``."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = Engine(config, self.metrics)
+        self.servicer = SpeakerServicer(self.engine)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._ready = asyncio.Event()
+        self._load_task: asyncio.Task | None = None
+        self.load_error: BaseException | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until models are ready); returns the port."""
+        cfg = self.config
+        log.info("configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
+        limit = cfg.max_message_mb * 1024 * 1024
+        interceptors = [_BearerAuth(cfg.auth_token)] if cfg.auth_token else []
+        self._server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)],
+        )
+        pb_grpc.add_SpeakerServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"option 'port': could not bind {address}")
+        await self._server.start()
+        if cfg.metrics_port >= 0:
+            from prometheus_client import start_http_server
+
+            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        log.info("listening on %s:%d (%s), metrics on %s", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext",
+                 self.metrics_port if self.metrics_port is not None else "off")
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+        return self.port
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _load(self) -> None:
+        try:
+            await self.engine.load()
+        except BaseException as e:  # noqa: BLE001 - reported by wait_ready and the log
+            self.load_error = e
+            log.error("start-up failed: %s", e)
+            self._ready.set()
+            return
+        self.servicer.ready = True
+        self.metrics.ready.set(1)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        for m in self.engine.models.values():
+            log.info("serving model %s v%s (dim %d, %d Hz) on %s%s", m.name, m.card.version, m.dim, m.sample_rate,
+                     m.provider, " [default]" if m.name == self.engine.default_model else "")
+        self._ready.set()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until models are loaded; re-raise a start-up failure."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        if self.load_error is not None:
+            raise self.load_error
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, finish in-flight calls, drain, flush the store."""
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("shutting down (grace %.1f s)", grace)
+        self.metrics.ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.servicer.ready = False
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        await self.engine.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Block until the gRPC server has stopped."""
+        await self._server.wait_for_termination()
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run a server until SIGTERM or SIGINT; returns the process exit status."""
+    server = SpeakerServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    waiter = asyncio.ensure_future(stop.wait())
+    ready = asyncio.ensure_future(server.wait_ready())
+    done, _ = await asyncio.wait({waiter, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready in done and ready.exception() is not None:
+        await server.stop(0)
+        return 1
+    await waiter
+    await server.stop()
+    return 0
