@@ -52,6 +52,26 @@ class AudioLimits:
     max_seconds: float = 300.0
 
 
+def _wav_truncation(data: bytes) -> str | None:
+    """For a RIFF/WAVE file, describe how its data chunk is cut short (None when it is whole).
+
+    libsndfile silently reads what is there; a short file usually means a broken upload.
+    Streaming writers put 0 or 0xFFFFFFFF in the size field: those are accepted.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            have = len(data) - pos - 8
+            if size not in (0, 0xFFFFFFFF) and have < size:
+                return f"is truncated: its data chunk declares {size} bytes, only {have} present"
+            return None
+        pos += 8 + size + (size & 1)
+    return None
+
+
 def decode_encoded(data: bytes, field: str = "audio.encoded") -> tuple[np.ndarray, int]:
     """Decode a complete audio file held in memory.
 
@@ -69,6 +89,9 @@ def decode_encoded(data: bytes, field: str = "audio.encoded") -> tuple[np.ndarra
 
     if not data:
         raise AudioError(field, "is empty")
+    truncated = _wav_truncation(data)
+    if truncated:
+        raise AudioError(field, truncated)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr = int(f.samplerate)

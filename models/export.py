@@ -32,6 +32,19 @@ __all__ = ["export_model", "ParityReport", "check_parity", "main"]
 log = logging.getLogger("models.export")
 
 
+class _WaveformOnly(nn.Module):
+    """Adapter for graphs without a lengths input: every row is taken as full length."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, D)."""
+        lengths = torch.full((waveform.shape[0],), waveform.shape[1], dtype=torch.long, device=waveform.device)
+        return self.model(waveform, lengths)
+
+
 class ParityReport(dict):
     """Parity figures of an export: max_abs_diff, min_cosine (torch vs ORT), int8_min_cosine."""
 
@@ -65,6 +78,8 @@ def check_parity(model: nn.Module, card: ModelCard, out_dir: Path) -> ParityRepo
         RuntimeError: when fp32 parity is worse than max abs diff 1e-3 / cosine 0.9999.
     """
     wave, lengths = _parity_batch(card.sample_rate)  # (B, T), (B,)
+    if not card.lengths_input:  # such graphs batch only equal lengths: test on one length
+        lengths = np.full_like(lengths, wave.shape[1])
     with torch.no_grad():
         ref = model(torch.from_numpy(wave), torch.from_numpy(lengths)).numpy()  # (B, D)
     got = _ort_embed(out_dir / card.files["fp32"], card, wave, lengths)  # (B, D)
@@ -118,19 +133,15 @@ def export_model(
     with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
         tmp = Path(tmp)
         wave, lengths = _parity_batch(card.sample_rate)
+        dynamic_axes = {card.waveform_input: {0: "batch", 1: "samples"}, card.output: {0: "batch"}}
+        if card.lengths_input:
+            graph, args, inputs = model, (torch.from_numpy(wave), torch.from_numpy(lengths)), [card.waveform_input, card.lengths_input]
+            dynamic_axes[card.lengths_input] = {0: "batch"}
+        else:
+            graph, args, inputs = _WaveformOnly(model).eval(), (torch.from_numpy(wave),), [card.waveform_input]
         torch.onnx.export(
-            model,
-            (torch.from_numpy(wave), torch.from_numpy(lengths)),
-            str(tmp / "model.onnx"),
-            input_names=[card.waveform_input, card.lengths_input or "lengths"],
-            output_names=[card.output],
-            dynamic_axes={
-                card.waveform_input: {0: "batch", 1: "samples"},
-                card.lengths_input or "lengths": {0: "batch"},
-                card.output: {0: "batch"},
-            },
-            opset_version=opset,
-            dynamo=False,
+            graph, args, str(tmp / "model.onnx"), input_names=inputs, output_names=[card.output],
+            dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
         )
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny exported SSL models, test audio, and real servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "models" / "reference"
+REPOSITORY = ROOT / "models" / "repository"
+
+TINY_ENCODER = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+    conv_dim=(32,) * 7, feat_extract_norm="group", num_buckets=32, max_bucket_distance=100,
+    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+)
+
+
+def wav_bytes(wave: np.ndarray, sr: int = 16000, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    """Encode a waveform as an audio file in memory."""
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def speech_files() -> dict[str, Path]:
+    """The committed reference utterances (real recorded TTS voices)."""
+    return {p.stem: p for p in sorted((REFERENCE / "audio").glob("*.wav"))}
+
+
+def export_tiny(repo: Path, name: str, family: str = "wavlm", with_lengths: bool = True, seed: int = 0) -> Path:
+    """Export a randomly initialised tiny SSL speaker model (GroupNorm front end) into ``repo/name``."""
+    import torch
+
+    from models.artifact import ModelCard
+    from models.export import export_model
+    from models.ssl import SSLSpeakerConfig, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(SSLSpeakerConfig(family=family, encoder=dict(TINY_ENCODER), embedding_dim=32)).eval()
+    card = ModelCard(
+        name=name, version="test", family=family, sample_rate=16000, embedding_dim=32,
+        lengths_input="lengths" if with_lengths else None, batching="padded" if with_lengths else "same_length",
+        threshold=0.5, min_audio_seconds=0.1, description="tiny random-init test model",
+    )
+    export_model(model, card, repo / name, int8=False)
+    return repo / name
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory) -> Path:
+    """A model repository with the committed ge2e entry and two tiny random SSL models."""
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(REPOSITORY / "ge2e", repo / "ge2e")
+    export_tiny(repo, "tiny-wavlm")
+    export_tiny(repo, "tiny-nolen", with_lengths=False)
+    return repo
+
+
+class ServerThread:
+    """A real SpeakerServer on its own event loop in a background thread."""
+
+    def __init__(self, config):
+        from service.server import SpeakerServer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = SpeakerServer(config)
+        self.port = self.call(self.server.start())
+        self.call(self.server.wait_ready(120))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float = 180):
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop, then end the loop."""
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def make_config(model_repo: Path, data_dir: Path, **overrides):
+    """A ServerConfig for tests: ephemeral ports, loopback, the test repository."""
+    from service.config import load_config
+
+    base = dict(host="127.0.0.1", port=0, metrics_port=0, model_repository=str(model_repo), data_dir=str(data_dir),
+                default_model="ge2e", max_wait_ms=5.0, intra_op_threads=1, grace_seconds=5.0)
+    base.update(overrides)
+    return load_config(env={}, overrides=base)
+
+
+@pytest.fixture(scope="module")
+def server(model_repo, tmp_path_factory):
+    """A running server shared by a test module."""
+    srv = ServerThread(make_config(model_repo, tmp_path_factory.mktemp("data")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    """A SpeakerService client stub connected to ``server``."""
+    import grpc
+
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 256 << 20)])
+    yield pb_grpc.SpeakerServiceStub(channel)
+    channel.close()

@@ -1,0 +1,394 @@
+"""Service tests against a real server on port 0: every RPC, bad inputs, batching, health, metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from tests.conftest import wav_bytes
+
+
+def audio_of(path) -> pb.Audio:
+    return pb.Audio(encoded=path.read_bytes())
+
+
+def tone(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * 180 * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def expect_error(fn, code: grpc.StatusCode, *words: str):
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    assert info.value.code() == code, info.value.details()
+    for w in words:
+        assert w in info.value.details(), info.value.details()
+    return info.value
+
+
+# -- Embed / EmbedStream ----------------------------------------------------------------
+
+def test_embed_returns_unit_embedding_and_timings(stub, speech_files):
+    r = stub.Embed(pb.EmbedRequest(audio=audio_of(speech_files["flite-slt-1"])))
+    emb = np.array(r.embedding)
+    assert r.model == "ge2e" and emb.shape == (256,)
+    assert abs(np.linalg.norm(emb) - 1) < 1e-5
+    assert r.speech_seconds == pytest.approx(47440 / 16000, rel=1e-3)
+    assert r.timings.inference_ms > 0 and r.timings.total_ms >= r.timings.inference_ms
+
+
+def test_embed_matches_resemblyzer_reference(stub, speech_files):
+    import json
+
+    from tests.conftest import REFERENCE
+
+    ref = json.loads((REFERENCE / "ge2e_reference.json").read_text())["utterances"]
+    for name in ("flite-slt-1", "flite-kal-1", "espeak-en-1"):
+        r = stub.Embed(pb.EmbedRequest(audio=audio_of(speech_files[name])))
+        assert float(np.dot(r.embedding, ref[name]["embedding"])) > 0.999
+
+
+def test_embed_formats_agree(stub, speech_files):
+    """WAV, FLAC, OGG, raw PCM s16 and other sample rates / stereo give the same speaker vector."""
+    import soundfile as sf
+
+    wave, sr = sf.read(speech_files["flite-rms-1"], dtype="float32")
+    base = np.array(stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(wave)))).embedding)
+    flac = stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(wave, fmt="FLAC")))).embedding
+    assert np.dot(base, flac) > 0.9999
+    pcm = (np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
+    raw = stub.Embed(pb.EmbedRequest(audio=pb.Audio(pcm=pb.RawPcm(
+        data=pcm, format=pb.PcmFormat(sample_rate=16000, encoding=pb.PCM_S16LE, channels=1))))).embedding
+    assert np.dot(base, raw) > 0.999
+    from models.audio import resample
+
+    w44 = resample(wave, 16000, 44100)
+    stereo = np.stack([w44, w44], axis=1)
+    st = stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(stereo, 44100)))).embedding
+    assert np.dot(base, st) > 0.99
+    ogg = stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(wave, fmt="OGG", subtype="VORBIS")))).embedding
+    assert np.dot(base, ogg) > 0.97
+
+
+def test_embed_stream_equals_unary(stub, speech_files):
+    data = speech_files["flite-awb-1"].read_bytes()
+    unary = np.array(stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=data))).embedding)
+
+    def parts():
+        yield pb.EmbedStreamRequest(config=pb.StreamConfig())
+        for i in range(0, len(data), 7000):
+            yield pb.EmbedStreamRequest(chunk=data[i:i + 7000])
+
+    streamed = np.array(stub.EmbedStream(parts()).embedding)
+    assert np.abs(unary - streamed).max() < 1e-6
+
+    import soundfile as sf
+
+    wave, _ = sf.read(speech_files["flite-awb-1"], dtype="float32")
+    pcm = wave.astype("<f4").tobytes()
+
+    def pcm_parts():
+        yield pb.EmbedStreamRequest(config=pb.StreamConfig(pcm=pb.PcmFormat(sample_rate=16000, encoding=pb.PCM_F32LE)))
+        for i in range(0, len(pcm), 4096):
+            yield pb.EmbedStreamRequest(chunk=pcm[i:i + 4096])
+
+    assert np.dot(unary, stub.EmbedStream(pcm_parts()).embedding) > 0.9999
+
+
+def test_embed_stream_bad_order(stub):
+    expect_error(lambda: stub.EmbedStream(iter([pb.EmbedStreamRequest(chunk=b"abc")])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "config")
+    expect_error(lambda: stub.EmbedStream(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "config")
+    expect_error(lambda: stub.EmbedStream(iter([pb.EmbedStreamRequest(config=pb.StreamConfig()),
+                                                pb.EmbedStreamRequest(config=pb.StreamConfig())])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "config")
+
+
+# -- bad audio ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("audio,words", [
+    (pb.Audio(), ["audio", "empty"]),
+    (pb.Audio(encoded=b""), ["audio", "empty"]),
+    (pb.Audio(encoded=b"this is not audio at all" * 10), ["audio.encoded", "decoded"]),
+    (pb.Audio(pcm=pb.RawPcm(data=b"\x00\x01\x02", format=pb.PcmFormat(sample_rate=16000, encoding=pb.PCM_S16LE))),
+     ["audio.pcm.data", "multiple"]),
+    (pb.Audio(pcm=pb.RawPcm(data=b"\x00" * 3200, format=pb.PcmFormat(sample_rate=0, encoding=pb.PCM_S16LE))),
+     ["sample_rate"]),
+    (pb.Audio(pcm=pb.RawPcm(data=b"\x00" * 3200, format=pb.PcmFormat(sample_rate=16000))), ["encoding"]),
+    (pb.Audio(pcm=pb.RawPcm(data=np.full(8000, np.nan, "<f4").tobytes(),
+                            format=pb.PcmFormat(sample_rate=16000, encoding=pb.PCM_F32LE))), ["non-finite"]),
+    (pb.Audio(pcm=pb.RawPcm(data=np.full(8000, np.inf, "<f4").tobytes(),
+                            format=pb.PcmFormat(sample_rate=16000, encoding=pb.PCM_F32LE))), ["non-finite"]),
+    (pb.Audio(encoded=wav_bytes(tone(0.02))), ["shorter than the minimum"]),
+])
+def test_bad_audio_is_invalid_argument(stub, audio, words):
+    expect_error(lambda: stub.Embed(pb.EmbedRequest(audio=audio)), grpc.StatusCode.INVALID_ARGUMENT, *words)
+
+
+def test_truncated_file(stub, speech_files):
+    data = speech_files["flite-slt-1"].read_bytes()
+    expect_error(lambda: stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=data[: len(data) // 2]))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "audio.encoded", "truncated")
+    flac = wav_bytes(tone(2.0), fmt="FLAC")
+    expect_error(lambda: stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=flac[:-300]))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "audio.encoded")
+
+
+def test_too_long_audio(model_repo, tmp_path):
+    from tests.conftest import ServerThread, make_config
+
+    srv = ServerThread(make_config(model_repo, tmp_path, max_audio_seconds=2.0, models=["ge2e"]))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+            s = pb_grpc.SpeakerServiceStub(ch)
+            expect_error(lambda: s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(tone(3.0))))),
+                         grpc.StatusCode.INVALID_ARGUMENT, "longer than the maximum 2.0")
+            assert len(s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(tone(1.5))))).embedding) == 256
+    finally:
+        srv.stop()
+
+
+def test_oversized_message_is_rejected_and_server_keeps_serving(model_repo, tmp_path, speech_files):
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+    from tests.conftest import ServerThread, make_config
+
+    srv = ServerThread(make_config(model_repo, tmp_path, max_message_mb=1, models=["ge2e"]))
+    try:
+        with grpc.insecure_channel(srv.target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            expect_error(lambda: s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=b"\x00" * (2 << 20)))),
+                         grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert len(s.Embed(pb.EmbedRequest(audio=audio_of(speech_files["flite-kal-1"]))).embedding) == 256
+    finally:
+        srv.stop()
+
+
+def test_unknown_model(stub, speech_files):
+    expect_error(lambda: stub.Embed(pb.EmbedRequest(model="nope", audio=audio_of(speech_files["flite-kal-1"]))),
+                 grpc.StatusCode.NOT_FOUND, "model", "nope")
+    expect_error(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "name")
+
+
+# -- batching ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["ge2e", "tiny-wavlm", "tiny-nolen"])
+def test_batched_equals_single(stub, model):
+    """Concurrent requests of different lengths (batched together) equal each one alone.
+
+    tiny-wavlm has a GroupNorm conv front end (masked by lengths); tiny-nolen takes no lengths,
+    so the batcher groups only equal lengths for it.
+    """
+    lengths = [0.6, 1.3, 2.2, 3.5, 1.3, 0.9, 2.2, 4.0]
+    clips = [wav_bytes(tone(s, seed=i)) for i, s in enumerate(lengths)]
+    alone = [np.array(stub.Embed(pb.EmbedRequest(model=model, audio=pb.Audio(encoded=c))).embedding) for c in clips]
+    with cf.ThreadPoolExecutor(len(clips)) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda c: np.array(stub.Embed(pb.EmbedRequest(
+                model=model, audio=pb.Audio(encoded=c))).embedding), clips))
+            for a, b in zip(alone, together):
+                assert float(np.dot(a, b)) > 0.9999
+
+
+def test_batching_happens(server, stub):
+    clips = [wav_bytes(tone(1.0, seed=i)) for i in range(16)]
+    before = server.server.metrics.batch_size.labels("tiny-wavlm")._sum.get()
+    count_before = server.server.metrics.batch_size.labels("tiny-wavlm")._count.get() if hasattr(
+        server.server.metrics.batch_size.labels("tiny-wavlm"), "_count") else None
+    with cf.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda c: stub.Embed(pb.EmbedRequest(model="tiny-wavlm", audio=pb.Audio(encoded=c))), clips))
+    text = scrape(server)
+    total = metric_value(text, 'spkserve_batch_size_sum{model="tiny-wavlm"}')
+    batches = metric_value(text, 'spkserve_batch_size_count{model="tiny-wavlm"}')
+    assert total - before >= 16
+    assert batches < total  # some batch held more than one utterance
+    del count_before
+
+
+# -- Verify / Compare -----------------------------------------------------------------------
+
+def test_verify_audio_embedding_and_speaker(stub, speech_files):
+    a, b, other = (audio_of(speech_files[n]) for n in ("flite-slt-1", "flite-slt-2", "flite-awb-1"))
+    same = stub.Verify(pb.VerifyRequest(a=pb.Probe(audio=a), b=pb.Probe(audio=b)))
+    diff = stub.Verify(pb.VerifyRequest(a=pb.Probe(audio=a), b=pb.Probe(audio=other)))
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert same.threshold == pytest.approx(info.threshold)
+    assert same.score > diff.score
+    assert same.decision == (same.score >= same.threshold)
+    emb = stub.Embed(pb.EmbedRequest(audio=b)).embedding
+    via_emb = stub.Verify(pb.VerifyRequest(a=pb.Probe(audio=a), b=pb.Probe(embedding=pb.Embedding(values=emb)),
+                                           threshold=0.99))
+    assert via_emb.score == pytest.approx(same.score, abs=1e-5)
+    assert via_emb.threshold == pytest.approx(0.99) and not via_emb.decision
+    stub.Enroll(pb.EnrollRequest(collection="verify", speaker_id="slt", audio=[b]))
+    via_spk = stub.Verify(pb.VerifyRequest(a=pb.Probe(audio=a), b=pb.Probe(speaker=pb.SpeakerRef(
+        collection="verify", speaker_id="slt"))))
+    assert via_spk.score == pytest.approx(same.score, abs=1e-5)
+
+
+def test_verify_bad_inputs(stub, speech_files):
+    a = pb.Probe(audio=audio_of(speech_files["flite-slt-1"]))
+    expect_error(lambda: stub.Verify(pb.VerifyRequest(a=a)), grpc.StatusCode.INVALID_ARGUMENT, "b")
+    expect_error(lambda: stub.Verify(pb.VerifyRequest(a=a, b=pb.Probe(embedding=pb.Embedding(values=[1.0] * 10)))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "b.embedding.values", "256")
+    expect_error(lambda: stub.Verify(pb.VerifyRequest(a=a, b=pb.Probe(embedding=pb.Embedding(values=[0.0] * 256)))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "zero")
+    expect_error(lambda: stub.Verify(pb.VerifyRequest(a=a, b=pb.Probe(embedding=pb.Embedding(values=[float("nan")] * 256)))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "NaN")
+    expect_error(lambda: stub.Verify(pb.VerifyRequest(a=a, b=pb.Probe(speaker=pb.SpeakerRef(collection="nowhere", speaker_id="x")))),
+                 grpc.StatusCode.NOT_FOUND, "collection")
+    expect_error(lambda: stub.Verify(pb.VerifyRequest(a=a, b=a, threshold=3.0)), grpc.StatusCode.INVALID_ARGUMENT, "threshold")
+
+
+def test_compare_matrix(stub):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((3, 8)), rng.standard_normal((4, 8))
+    r = stub.Compare(pb.CompareRequest(a=[pb.Embedding(values=v) for v in a], b=[pb.Embedding(values=v) for v in b]))
+    an, bn = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    assert (r.rows, r.cols) == (3, 4)
+    np.testing.assert_allclose(np.array(r.scores).reshape(3, 4), an @ bn.T, atol=1e-5)
+    expect_error(lambda: stub.Compare(pb.CompareRequest(a=[pb.Embedding(values=a[0])])), grpc.StatusCode.INVALID_ARGUMENT, "b")
+    expect_error(lambda: stub.Compare(pb.CompareRequest(a=[pb.Embedding(values=a[0])], b=[pb.Embedding(values=[1.0, 2.0])])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "b[0].values")
+
+
+# -- speakers ---------------------------------------------------------------------------------
+
+def test_enroll_identify_list_get_delete(stub, speech_files):
+    coll = "crud"
+    r = stub.Enroll(pb.EnrollRequest(collection=coll, speaker_id="slt", audio=[audio_of(speech_files["flite-slt-1"])],
+                                     metadata={"name": "Sarah"}))
+    assert r.created and r.speaker.utterance_count == 1 and r.speaker.metadata["name"] == "Sarah"
+    r = stub.Enroll(pb.EnrollRequest(collection=coll, speaker_id="slt", audio=[audio_of(speech_files["flite-slt-2"])]))
+    assert not r.created and r.speaker.utterance_count == 2 and r.speaker.metadata["name"] == "Sarah"
+    for name in ("awb", "rms", "kal"):
+        stub.Enroll(pb.EnrollRequest(collection=coll, speaker_id=name, audio=[audio_of(speech_files[f"flite-{name}-1"])]))
+    # appending gives the voiceprint of enrolling both at once
+    e1 = np.array(stub.Embed(pb.EmbedRequest(audio=audio_of(speech_files["flite-slt-1"]))).embedding)
+    e2 = np.array(stub.Embed(pb.EmbedRequest(audio=audio_of(speech_files["flite-slt-2"]))).embedding)
+    vp = np.array(stub.GetSpeaker(pb.GetSpeakerRequest(collection=coll, speaker_id="slt", include_voiceprint=True)).voiceprint)
+    want = (e1 + e2) / np.linalg.norm(e1 + e2)
+    assert np.abs(vp - want).max() < 1e-5
+
+    ident = stub.Identify(pb.IdentifyRequest(collection=coll, probe=pb.Probe(audio=audio_of(speech_files["flite-slt-2"])), top_k=3))
+    assert [c.speaker_id for c in ident.candidates][0] == "slt" and len(ident.candidates) == 3
+    assert ident.candidates[0].score >= ident.candidates[1].score
+    assert ident.candidates[0].metadata["name"] == "Sarah"
+    assert ident.is_match == (ident.candidates[0].score >= ident.threshold)
+    few = stub.Identify(pb.IdentifyRequest(collection=coll, probe=pb.Probe(embedding=pb.Embedding(values=e1)), top_k=10, min_score=0.9))
+    assert [c.speaker_id for c in few.candidates] == ["slt"]
+
+    page1 = stub.ListSpeakers(pb.ListSpeakersRequest(collection=coll, page_size=3))
+    page2 = stub.ListSpeakers(pb.ListSpeakersRequest(collection=coll, page_size=3, page_token=page1.next_page_token))
+    assert page1.total_size == 4 and page2.next_page_token == ""
+    assert [s.speaker_id for s in page1.speakers] + [s.speaker_id for s in page2.speakers] == ["awb", "kal", "rms", "slt"]
+    colls = {c.name: c for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}
+    assert colls[coll].speaker_count == 4 and colls[coll].model == "ge2e" and colls[coll].index_type == "flat"
+
+    d = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=coll, speaker_id="slt"))
+    assert d.speaker.speaker_id == "slt"
+    expect_error(lambda: stub.GetSpeaker(pb.GetSpeakerRequest(collection=coll, speaker_id="slt")), grpc.StatusCode.NOT_FOUND, "slt")
+    ident = stub.Identify(pb.IdentifyRequest(collection=coll, probe=pb.Probe(embedding=pb.Embedding(values=e1)), top_k=10))
+    assert "slt" not in [c.speaker_id for c in ident.candidates]
+
+
+def test_enroll_embeddings_and_collections_are_namespaces(stub):
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal(256)
+    stub.Enroll(pb.EnrollRequest(collection="tenant-a", speaker_id="alice", embeddings=[pb.Embedding(values=v)]))
+    stub.Enroll(pb.EnrollRequest(collection="tenant-b", speaker_id="bob", embeddings=[pb.Embedding(values=-v)]))
+    a = stub.Identify(pb.IdentifyRequest(collection="tenant-a", probe=pb.Probe(embedding=pb.Embedding(values=v))))
+    assert [c.speaker_id for c in a.candidates] == ["alice"]
+    assert a.candidates[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_speaker_bad_inputs(stub, speech_files):
+    good = [audio_of(speech_files["flite-kal-1"])]
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(speaker_id="x")), grpc.StatusCode.INVALID_ARGUMENT, "audio")
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(audio=good)), grpc.StatusCode.INVALID_ARGUMENT, "speaker_id")
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(speaker_id="x", collection="bad name!", audio=good)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "collection")
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(speaker_id="x", audio=good, embeddings=[pb.Embedding(values=[1.0])])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "embeddings[0].values")
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(model="nope", speaker_id="x", audio=good)), grpc.StatusCode.NOT_FOUND, "model")
+    expect_error(lambda: stub.Identify(pb.IdentifyRequest(collection="missing", probe=pb.Probe(audio=good[0]))),
+                 grpc.StatusCode.NOT_FOUND, "collection")
+    expect_error(lambda: stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="missing", speaker_id="x")), grpc.StatusCode.NOT_FOUND)
+    expect_error(lambda: stub.ListSpeakers(pb.ListSpeakersRequest(collection="missing")), grpc.StatusCode.NOT_FOUND)
+    stub.Enroll(pb.EnrollRequest(collection="bad-inputs", speaker_id="x", audio=good))
+    expect_error(lambda: stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="bad-inputs", speaker_id="y")), grpc.StatusCode.NOT_FOUND, "y")
+    expect_error(lambda: stub.ListSpeakers(pb.ListSpeakersRequest(collection="bad-inputs", page_token="zz")),
+                 grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+    expect_error(lambda: stub.Identify(pb.IdentifyRequest(collection="bad-inputs", probe=pb.Probe(audio=good[0]), top_k=-1)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "top_k")
+    # a collection is bound to its model
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(model="tiny-wavlm", collection="bad-inputs", speaker_id="z", audio=good)),
+                 grpc.StatusCode.FAILED_PRECONDITION, "ge2e")
+    expect_error(lambda: stub.Identify(pb.IdentifyRequest(model="tiny-wavlm", collection="bad-inputs", probe=pb.Probe(audio=good[0]))),
+                 grpc.StatusCode.FAILED_PRECONDITION)
+    # a bad utterance in a batch of good ones changes nothing
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(collection="bad-inputs", speaker_id="x",
+                                                      audio=[good[0], pb.Audio(encoded=b"junk")])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "audio[1].encoded")
+    assert stub.GetSpeaker(pb.GetSpeakerRequest(collection="bad-inputs", speaker_id="x")).utterance_count == 1
+
+
+# -- models, health, metrics -----------------------------------------------------------------
+
+def test_list_models_and_info(stub):
+    r = stub.ListModels(pb.ListModelsRequest())
+    names = [m.name for m in r.models]
+    assert r.default_model == "ge2e" and set(names) == {"ge2e", "tiny-wavlm", "tiny-nolen"}
+    ge2e = stub.GetModelInfo(pb.GetModelInfoRequest(name="ge2e"))
+    assert ge2e.embedding_dim == 256 and ge2e.sample_rate == 16000 and ge2e.is_default
+    assert ge2e.execution_provider == "CPUExecutionProvider"
+    assert ge2e.parameters > 1_000_000 and ge2e.license.startswith("Apache-2.0")
+
+
+def scrape(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"metric {name} not found")
+
+
+def test_metrics_present_after_requests(server, stub, speech_files):
+    stub.Embed(pb.EmbedRequest(audio=audio_of(speech_files["flite-kal-1"])))
+    expect_error(lambda: stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=b"junk"))), grpc.StatusCode.INVALID_ARGUMENT)
+    text = scrape(server)
+    assert metric_value(text, 'spkserve_grpc_requests_total{code="OK",method="Embed"}') >= 1
+    assert metric_value(text, 'spkserve_grpc_requests_total{code="INVALID_ARGUMENT",method="Embed"}') >= 1
+    assert metric_value(text, 'spkserve_audio_seconds_total{model="ge2e"}') > 0
+    assert 'spkserve_grpc_request_duration_seconds_bucket{le="0.5",method="Embed"}' in text
+    assert 'spkserve_batch_queue_duration_seconds_count{model="ge2e"}' in text
+    assert 'spkserve_batch_inference_duration_seconds_count{model="ge2e"}' in text
+    assert 'spkserve_batch_queue_depth{model="ge2e"}' in text
+    assert 'provider="CPUExecutionProvider"' in text
+    assert metric_value(text, "spkserve_ready") == 1.0
+
+
+def test_health_and_reflection(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        assert h.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+        assert h.Check(health_pb2.HealthCheckRequest(service="spkserve.v1.SpeakerService")).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        services = {s.name for s in resp.list_services_response.service}
+        assert "spkserve.v1.SpeakerService" in services and "grpc.health.v1.Health" in services
