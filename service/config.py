@@ -73,7 +73,8 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     # lifecycle
-    grace_seconds: float = 15.0
+    grace_seconds: float = 15.0  # in-flight calls get this long to finish after shutdown starts
+    shutdown_delay_seconds: float = 1.0  # NOT_SERVING but still answering, so balancers move away first
     log_level: str = "INFO"
 
     def validate(self) -> "ServerConfig":
@@ -105,6 +106,7 @@ class ServerConfig:
         need(self.snapshot_every >= 1, "snapshot_every", "must be >= 1")
         need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "tls_cert and tls_key go together")
         need(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
+        need(self.shutdown_delay_seconds >= 0, "shutdown_delay_seconds", "must be >= 0")
         return self
 
     def redacted(self) -> dict[str, Any]:

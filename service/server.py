@@ -3,8 +3,9 @@
 ``SpeakerServer(config)`` is kept apart from ``serve(config)`` so tests start a real server on
 port 0 inside their own event loop. Start-up binds the port at once with health NOT_SERVING,
 then loads and warms up the models and opens the speaker store; only then does health turn
-SERVING. SIGTERM/SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls
-finish within ``grace_seconds``, the batchers drain and the store is snapshotted.
+SERVING. SIGTERM/SIGINT: health goes NOT_SERVING (calls are still answered for
+``shutdown_delay_seconds`` so load balancers can move away), then new calls are refused and
+in-flight calls finish within ``grace_seconds``, the batchers drain and the store is snapshotted.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ class SpeakerServer:
         log.info("shutting down (grace %.1f s)", grace)
         self.metrics.ready.set(0)
         await self.health.enter_graceful_shutdown()
+        if self.config.shutdown_delay_seconds > 0 and self.servicer.ready:
+            await asyncio.sleep(self.config.shutdown_delay_seconds)
         if self._server is not None:
             await self._server.stop(grace)
         self.servicer.ready = False

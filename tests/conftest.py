@@ -95,7 +95,8 @@ def make_config(model_repo: Path, data_dir: Path, **overrides):
     from service.config import load_config
 
     base = dict(host="127.0.0.1", port=0, metrics_port=0, model_repository=str(model_repo), data_dir=str(data_dir),
-                default_model="ge2e", max_wait_ms=5.0, intra_op_threads=1, grace_seconds=5.0)
+                default_model="ge2e", max_wait_ms=5.0, intra_op_threads=1, grace_seconds=5.0,
+                shutdown_delay_seconds=0.0)
     base.update(overrides)
     return load_config(env={}, overrides=base)
 

@@ -1,0 +1,240 @@
+"""Server lifecycle: persistence across restart and kill -9, health transitions, SIGTERM drain,
+auth, TLS, and the CLI interface that outside checks rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+from tests.conftest import ROOT, ServerThread, make_config
+
+SPKSERVE = [sys.executable, "-m", "service.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unit(seed: int, dim: int = 256) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class Proc:
+    """``spkserve serve`` in a subprocess."""
+
+    def __init__(self, repo: Path, data: Path, *extra: str, env: dict | None = None):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.log = open(data.parent / f"server-{self.port}.log", "w")
+        self.p = subprocess.Popen(
+            SPKSERVE + ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                        "--model-repository", str(repo), "--data-dir", str(data), *extra],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.target = f"127.0.0.1:{self.port}"
+        self.wait_serving()
+
+    def wait_serving(self, timeout: float = 90) -> None:
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as ch:
+            h = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < end:
+                assert self.p.poll() is None, Path(self.log.name).read_text()
+                try:
+                    if h.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(Path(self.log.name).read_text())
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(SPKSERVE + [args[0], "--target", self.target, *args[1:]], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    def kill9(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+        self.log.close()
+
+    def term(self) -> int:
+        self.p.send_signal(signal.SIGTERM)
+        rc = self.p.wait(30)
+        self.log.close()
+        return rc
+
+
+def test_acknowledged_enrollments_survive_kill9_and_deletes_persist(model_repo, tmp_path, speech_files):
+    data = tmp_path / "data"
+    srv = Proc(model_repo, data, "--default-model", "ge2e")
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            for i in range(20):
+                s.Enroll(pb.EnrollRequest(collection="c1", speaker_id=f"spk{i}", embeddings=[pb.Embedding(values=unit(i))],
+                                          metadata={"i": str(i)}))
+            s.Enroll(pb.EnrollRequest(collection="c1", speaker_id="spk3", embeddings=[pb.Embedding(values=unit(100))]))
+            s.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="c1", speaker_id="spk7"))
+            before = s.GetSpeaker(pb.GetSpeakerRequest(collection="c1", speaker_id="spk3", include_voiceprint=True))
+    finally:
+        srv.kill9()
+    # a crash mid-append leaves a torn record at the log's end: it must be cut off, not fatal
+    wal = sorted(data.glob("wal-*.log"))[-1]
+    with open(wal, "ab") as f:
+        f.write(b"\x40\x00\x00\x00garbage")
+    srv = Proc(model_repo, data)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            listed = s.ListSpeakers(pb.ListSpeakersRequest(collection="c1", page_size=100))
+            assert listed.total_size == 19 and "spk7" not in [x.speaker_id for x in listed.speakers]
+            after = s.GetSpeaker(pb.GetSpeakerRequest(collection="c1", speaker_id="spk3", include_voiceprint=True))
+            assert after.utterance_count == 2 and after.metadata["i"] == "3"
+            assert np.array_equal(np.array(before.voiceprint), np.array(after.voiceprint))
+            hit = s.Identify(pb.IdentifyRequest(collection="c1", probe=pb.Probe(embedding=pb.Embedding(values=unit(12)))))
+            assert hit.candidates[0].speaker_id == "spk12"
+            s.Enroll(pb.EnrollRequest(collection="c1", speaker_id="late", embeddings=[pb.Embedding(values=unit(55))]))
+        assert srv.term() == 0  # graceful: snapshot written
+    finally:
+        if srv.p.poll() is None:
+            srv.kill9()
+    assert (data / "snapshot.npz").exists()
+    srv = Proc(model_repo, data)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            assert s.ListSpeakers(pb.ListSpeakersRequest(collection="c1")).total_size == 20
+    finally:
+        srv.kill9()
+
+
+def test_cli_interface(model_repo, tmp_path, speech_files):
+    srv = Proc(model_repo, tmp_path / "data")
+    try:
+        f1, f2, f3 = (str(speech_files[n]) for n in ("flite-slt-1", "flite-slt-2", "flite-awb-1"))
+        r = srv.cli("embed", f1, f2)
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [x["file"] for x in lines] == [f1, f2] and all(len(x["embedding"]) == 256 for x in lines)
+        assert lines[0]["model"] == "ge2e"
+        r = srv.cli("embed", "--model", "tiny-wavlm", f1)
+        assert json.loads(r.stdout)["model"] == "tiny-wavlm" and len(json.loads(r.stdout)["embedding"]) == 32
+        v = json.loads(srv.cli("verify", f1, f2).stdout)
+        assert set(v) >= {"score", "decision", "threshold"} and v["decision"] is True
+        assert json.loads(srv.cli("verify", f1, f3).stdout)["decision"] is False
+        assert srv.cli("enroll", "--collection", "cli", "--speaker", "slt", f1).returncode == 0
+        assert srv.cli("enroll", "--collection", "cli", "--speaker", "awb", f3).returncode == 0
+        ident = json.loads(srv.cli("identify", "--collection", "cli", "--top-k", "2", f2).stdout)
+        assert ident["candidates"][0]["speaker"] == "slt" and set(ident["candidates"][0]) == {"speaker", "score"}
+        assert srv.cli("delete", "--collection", "cli", "--speaker", "slt").returncode == 0
+        bad = srv.cli("delete", "--collection", "cli", "--speaker", "slt")
+        assert bad.returncode != 0 and bad.stderr.startswith("NOT_FOUND:")
+        bad = srv.cli("embed", str(ROOT / "pyproject.toml"))
+        assert bad.returncode != 0 and bad.stderr.startswith("INVALID_ARGUMENT:")
+    finally:
+        assert srv.term() == 0
+
+
+def test_serve_rejects_bad_config(model_repo, tmp_path):
+    r = subprocess.run(SPKSERVE + ["serve", "--port", "99999"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "port" in r.stderr
+    r = subprocess.run(SPKSERVE + ["serve", "--port", "0", "--metrics-port", "-1", "--model-repository",
+                                   str(tmp_path / "none"), "--data-dir", str(tmp_path / "d")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_health_transitions_and_graceful_drain(model_repo, tmp_path, speech_files):
+    """NOT_SERVING before models are ready and after shutdown starts; in-flight calls finish."""
+    import asyncio
+
+    from service.server import SpeakerServer
+
+    loop = asyncio.new_event_loop()
+    try:
+        server = SpeakerServer(make_config(model_repo, tmp_path, models=["ge2e"], max_wait_ms=200.0,
+                                           shutdown_delay_seconds=0.5))
+
+        async def scenario():
+            port = await server.start()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                h = health_pb2_grpc.HealthStub(ch)
+                s = pb_grpc.SpeakerServiceStub(ch)
+                first = (await h.Check(health_pb2.HealthCheckRequest())).status
+                await server.wait_ready(120)
+                ready = (await h.Check(health_pb2.HealthCheckRequest())).status
+                # requests in flight when shutdown begins (they wait max_wait_ms in the batcher)
+                audio = pb.Audio(encoded=speech_files["flite-kal-1"].read_bytes())
+                calls = [asyncio.ensure_future(s.Embed(pb.EmbedRequest(audio=audio))) for _ in range(4)]
+                await asyncio.sleep(0.05)
+                stopping = asyncio.ensure_future(server.stop(5.0))
+                await asyncio.sleep(0.01)
+                during = (await h.Check(health_pb2.HealthCheckRequest())).status
+                late = await s.Embed(pb.EmbedRequest(audio=audio))  # still answered during the delay
+                results = await asyncio.gather(*calls, asyncio.sleep(0, late))
+                await stopping
+                return first, ready, during, results
+
+        first, ready, during, results = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert first == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert ready == health_pb2.HealthCheckResponse.SERVING
+    assert during == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert all(len(r.embedding) == 256 for r in results)
+
+
+def test_auth_token(model_repo, tmp_path, speech_files):
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], auth_token="s3cret"))
+    try:
+        audio = pb.Audio(encoded=speech_files["flite-kal-1"].read_bytes())
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            for md in ([], [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+                with pytest.raises(grpc.RpcError) as e:
+                    s.Embed(pb.EmbedRequest(audio=audio), metadata=md)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "authorization" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                s.EmbedStream(iter([pb.EmbedStreamRequest(config=pb.StreamConfig())]))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = s.Embed(pb.EmbedRequest(audio=audio), metadata=[("authorization", "Bearer s3cret")])
+            assert len(ok.embedding) == 256
+            # health probes need no token
+            h = health_pb2_grpc.HealthStub(ch)
+            assert h.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop()
+
+
+def test_tls(model_repo, tmp_path, speech_files):
+    if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
+        pytest.skip("openssl command not available to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = ServerThread(make_config(model_repo, tmp_path / "d", models=["ge2e"], tls_cert=str(cert), tls_key=str(key)))
+    try:
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{srv.port}", creds) as ch:
+            r = pb_grpc.SpeakerServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+            assert r.default_model == "ge2e"
+        with grpc.insecure_channel(srv.target) as ch:  # plaintext to a TLS port fails
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.SpeakerServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=3)
+    finally:
+        srv.stop()
