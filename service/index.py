@@ -123,6 +123,7 @@ class _Collection:
         self._index = None
         self._stale = 0  # HNSW entries of deleted/updated speakers still in the graph
         self._dirty = True
+        self._built_kind = ""
 
     # FAISS indexes are rebuilt lazily: mutations mark them dirty or patch them in place.
     def _build(self):
@@ -134,7 +135,7 @@ class _Collection:
         if kind == "hnsw":
             index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(self.dim, self.options.hnsw_m, faiss.METRIC_INNER_PRODUCT))
             faiss.downcast_index(index.index).hnsw.efSearch = self.options.hnsw_ef_search
-        elif kind == "ivf" and len(vecs) >= 39 * self.options.ivf_nlist:
+        elif kind == "ivf" and self._index_kind() == "ivf":
             quantizer = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, self.options.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vecs)
@@ -144,13 +145,14 @@ class _Collection:
         if len(vecs):
             index.add_with_ids(vecs, ids)
         self._index, self._stale, self._dirty = index, 0, False
+        self._built_kind = self._index_kind()
 
     def _index_kind(self) -> str:
-        import faiss
-
-        if self._index is not None and isinstance(self._index, faiss.IndexIVF):
-            return "ivf"
-        return "hnsw" if self.options.index_type == "hnsw" else "flat"
+        """The index searches use: IVF only once there are enough points to train it."""
+        kind = self.options.index_type
+        if kind == "ivf" and len(self.speakers) < 39 * self.options.ivf_nlist:
+            return "flat"
+        return kind
 
     def upsert(self, rec: SpeakerRecord) -> None:
         """Add or replace a speaker in the collection and its index."""
@@ -161,6 +163,8 @@ class _Collection:
         self._next_label += 1
         self.speakers[rec.speaker_id] = rec
         self.by_label[rec.label] = rec.speaker_id
+        if self._index_kind() != self._built_kind:
+            self._dirty = True  # e.g. an IVF collection grew large enough to train
         if not self._dirty and self._index is not None:
             self._index.add_with_ids(rec.voiceprint[None], np.array([rec.label], dtype=np.int64))
 

@@ -1,0 +1,144 @@
+"""DynamicBatcher unit tests with a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import DynamicBatcher
+from service.errors import DeadlineExceeded, Overloaded
+
+
+class FakeModel:
+    """Records batches; the embedding of a wave is [len, first sample]."""
+
+    def __init__(self, delay: float = 0.0):
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, waves):
+        self.gate.wait(10)
+        time.sleep(self.delay)
+        self.batches.append([len(w) for w in waves])
+        return np.array([[len(w), w[0]] for w in waves], dtype=np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    model = FakeModel(delay=0.02)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=8, max_wait_s=0.05, max_batch_samples=10**9)
+        b.start()
+        waves = [np.full(100 + i, float(i), np.float32) for i in range(20)]
+        res = await asyncio.gather(*[b.submit(w) for w in waves])
+        await b.close()
+        return waves, res
+
+    waves, res = run(main())
+    for w, r in zip(waves, res):
+        assert r.embedding[0] == len(w) and r.embedding[1] == w[0]
+    assert max(len(x) for x in model.batches) == 8
+    assert sum(len(x) for x in model.batches) == 20
+
+
+def test_padded_budget_and_same_length_grouping():
+    model = FakeModel()
+
+    async def main(same_length):
+        model.batches.clear()
+        model.gate.clear()  # hold the worker so everything queues up
+        b = DynamicBatcher(model, max_batch_size=16, max_wait_s=0.01, max_batch_samples=1000,
+                           same_length_only=same_length)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit(np.zeros(10, np.float32)))
+        await asyncio.sleep(0.05)
+        lengths = [100, 200, 100, 300, 200, 100, 900]
+        futs = [asyncio.ensure_future(b.submit(np.zeros(n, np.float32))) for n in lengths]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        await asyncio.gather(blocker, *futs)
+        await b.close()
+        return [x for x in model.batches[1:]]
+
+    for batch in run(main(False)):
+        assert len(batch) * max(batch) <= 1000 or len(batch) == 1
+    grouped = run(main(True))
+    for batch in grouped:
+        assert len(set(batch)) == 1
+    assert sorted(n for b in grouped for n in b) == sorted([100, 200, 100, 300, 200, 100, 900])
+
+
+def test_full_queue_is_overloaded():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=3)
+        b.start()
+        futs = [asyncio.ensure_future(b.submit(np.zeros(5, np.float32)))]
+        await asyncio.sleep(0.05)  # taken by the (blocked) worker
+        futs += [asyncio.ensure_future(b.submit(np.zeros(5, np.float32))) for _ in range(3)]
+        await asyncio.sleep(0.05)  # three queued
+        with pytest.raises(Overloaded, match="max_queue=3"):
+            await b.submit(np.zeros(5, np.float32))
+        model.gate.set()
+        await asyncio.gather(*futs)
+        await b.close()
+
+    run(main())
+
+
+def test_cancelled_and_expired_requests_are_dropped_before_inference():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0)
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.zeros(1, np.float32)))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(b.submit(np.zeros(2, np.float32)))
+        late = asyncio.ensure_future(b.submit(np.zeros(3, np.float32), deadline=time.monotonic() + 0.01))
+        kept = asyncio.ensure_future(b.submit(np.zeros(4, np.float32)))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        model.gate.set()
+        await first
+        await kept
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await b.close()
+
+    run(main())
+    assert [x[0] for x in model.batches] == [1, 4]
+
+
+def test_model_errors_reach_every_caller_and_batcher_survives():
+    calls = {"n": 0}
+
+    def flaky(waves):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return np.ones((len(waves), 2), np.float32)
+
+    async def main():
+        b = DynamicBatcher(flaky, max_batch_size=4, max_wait_s=0.02)
+        b.start()
+        res = await asyncio.gather(*[b.submit(np.zeros(3, np.float32)) for _ in range(3)], return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in res)
+        ok = await b.submit(np.zeros(3, np.float32))
+        await b.close()
+        return ok
+
+    assert run(main()).embedding.shape == (2,)
