@@ -48,11 +48,12 @@ class ServerConfig:
     providers: list[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     inter_op_threads: int = 1
+    ort_spinning: bool = False  # idle ORT threads spin-wait; off leaves CPU to request handling
     warmup: bool = True
     # dynamic batching
     max_batch_size: int = 32
     max_batch_seconds: float = 320.0  # padded audio seconds in one batch
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0  # with one worker, batches fill while the previous one runs; waiting adds latency
     max_queue: int = 512  # waiting utterances before RESOURCE_EXHAUSTED
     inference_workers: int = 1
     # requests

@@ -89,7 +89,7 @@ class Engine:
             raise ArtifactError(f"{cfg.model_repository}: no model directories (each needs a model.json)")
         for d in dirs:
             model = await loop.run_in_executor(None, lambda d=d: SpeakerModel(
-                d, cfg.providers, cfg.model_variant, cfg.intra_op_threads, cfg.inter_op_threads))
+                d, cfg.providers, cfg.model_variant, cfg.intra_op_threads, cfg.inter_op_threads, cfg.ort_spinning))
             if cfg.warmup:
                 took = await loop.run_in_executor(None, model.warmup)
                 log.info("warmed up %s in %.3f s", model.name, took)

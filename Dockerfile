@@ -1,0 +1,34 @@
+# spkserve container image.
+#   CPU:  docker build -t spkserve .
+#   CUDA: docker build -t spkserve:cuda --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 --build-arg ORT=onnxruntime-gpu .
+# The install steps are the project's own scripts (scripts/setup.sh), as in the README.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ARG ORT=onnxruntime
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libsndfile1 python3 python3-venv python3-pip ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 spkserve \
+ && mkdir /data && chown spkserve:spkserve /data
+
+WORKDIR /app
+COPY --chown=spkserve:spkserve . /app
+USER spkserve
+RUN PYTHON=python3 bash scripts/setup.sh \
+ && if [ "$ORT" != "onnxruntime" ]; then \
+      .venv/bin/pip uninstall -y onnxruntime && .venv/bin/pip install --no-cache-dir "$ORT"; \
+    fi \
+ && rm -rf /home/spkserve/.cache
+
+ENV SPKSERVE_DATA_DIR=/data SPKSERVE_HOST=0.0.0.0
+VOLUME ["/data"]
+EXPOSE 50051 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+  CMD .venv/bin/python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
+c=grpc.insecure_channel('127.0.0.1:50051'); \
+sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=3).status==h.HealthCheckResponse.SERVING else 1)"
+STOPSIGNAL SIGTERM
+ENTRYPOINT [".venv/bin/spkserve", "serve"]

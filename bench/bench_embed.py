@@ -1,0 +1,184 @@
+"""Embed throughput through gRPC vs raw in-process ONNX Runtime, and dynamic batching on vs off.
+
+    .venv/bin/python bench/bench_embed.py [--model ge2e] [--seconds 3] [--requests 192] [--repeats 3]
+
+Everything is measured in one run on the same model and the same audio:
+1. raw: ``SpeakerModel.embed`` in this process at batch sizes 1..32 (utterances/s; the best is
+   the baseline);
+2. the server (``spkserve serve`` in a subprocess, batching on) under concurrency 1, 8, 32
+   from an asyncio gRPC client, each request a WAV file;
+3. the same server with batching off (max_batch_size=1) at concurrency 32.
+Each figure is the median of ``--repeats`` runs; latencies are p50/p99 over all requests of
+the median run. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def utterance(seconds: float) -> np.ndarray:
+    """Real speech (committed reference audio) tiled to the requested length."""
+    wave, _ = sf.read(ROOT / "models/reference/audio/espeak-en-1.wav", dtype="float32")
+    reps = int(np.ceil(seconds * 16000 / len(wave)))
+    return np.tile(wave, reps)[: int(seconds * 16000)]
+
+
+def bench_raw(model_dir: Path, wave: np.ndarray, threads: int, repeats: int) -> dict[int, float]:
+    from service.runtime import SpeakerModel
+
+    model = SpeakerModel(model_dir, ["CPUExecutionProvider"], intra_op_threads=threads)
+    model.warmup()
+    out = {}
+    for bs in (1, 4, 8, 16, 32):
+        rates = []
+        for _ in range(repeats):
+            n_batches = max(2, 64 // bs)
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                model.embed([wave] * bs)
+            rates.append(n_batches * bs / (time.perf_counter() - t0))
+        out[bs] = statistics.median(rates)
+    return out
+
+
+class Server:
+    def __init__(self, repo: Path, threads: int, **opts):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.tmp = tempfile.TemporaryDirectory()
+        env = {**os.environ, "SPKSERVE_INTRA_OP_THREADS": str(threads), "SPKSERVE_FSYNC": "false",
+               **{f"SPKSERVE_{k.upper()}": str(v) for k, v in opts.items()}}
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), "--model-repository", str(repo), "--data-dir", self.tmp.name, "--log-level", "WARNING"],
+            cwd=ROOT, env=env)
+        self.target = f"127.0.0.1:{self.port}"
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        end = time.monotonic() + 120
+        with grpc.insecure_channel(self.target) as ch:
+            while time.monotonic() < end:
+                try:
+                    if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def mean_batch(self) -> float:
+        """Mean utterances per batch so far, from the server's metrics."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
+        vals = {ln.split("{")[0]: float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("spkserve_batch_size_")}
+        return vals["spkserve_batch_size_sum"] / max(vals["spkserve_batch_size_count"], 1)
+
+    def close(self) -> None:
+        self.p.terminate()
+        self.p.wait(30)
+        self.tmp.cleanup()
+
+
+async def load(target: str, model: str, data: bytes, concurrency: int, requests: int) -> tuple[float, list[float]]:
+    import grpc
+
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.SpeakerServiceStub(ch)
+        req = pb.EmbedRequest(model=model, audio=pb.Audio(encoded=data))
+        await stub.Embed(req)  # connect
+        left = requests
+
+        async def worker():
+            nonlocal left
+            while left > 0:
+                left -= 1
+                t0 = time.perf_counter()
+                await stub.Embed(req)
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return requests / (time.perf_counter() - t0), latencies
+
+
+def run_load(target, model, data, concurrency, requests, repeats):
+    runs = [asyncio.run(load(target, model, data, concurrency, requests)) for _ in range(repeats)]
+    runs.sort(key=lambda r: r[0])
+    rate, lat = runs[len(runs) // 2]
+    return rate, float(np.percentile(lat, 50) * 1000), float(np.percentile(lat, 99) * 1000)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ge2e")
+    ap.add_argument("--repository", default=str(ROOT / "models" / "repository"))
+    ap.add_argument("--seconds", type=float, default=3.0, help="utterance length")
+    ap.add_argument("--requests", type=int, default=192, help="requests per load run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    args = ap.parse_args()
+
+    wave = utterance(args.seconds)
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="PCM_16")
+    data = buf.getvalue()
+    repo = Path(args.repository)
+
+    raw = bench_raw(repo / args.model, wave, args.threads, args.repeats)
+    best_bs = max(raw, key=raw.get)
+    rows = [("raw ORT in-process, batch " + str(bs), r, None, None) for bs, r in raw.items()]
+    srv = Server(repo, args.threads)
+    try:
+        results = {c: run_load(srv.target, args.model, data, c, args.requests, args.repeats) for c in (1, 8, 32)}
+    finally:
+        srv.close()
+    srv = Server(repo, args.threads, max_batch_size=1)
+    try:
+        nobatch = run_load(srv.target, args.model, data, 32, args.requests, args.repeats)
+    finally:
+        srv.close()
+
+    print(f"\nmodel {args.model}, {args.seconds:.1f} s utterances (WAV), {args.threads} ORT threads, "
+          f"{os.cpu_count()} cores, median of {args.repeats} runs\n")
+    print("| setup | utterances/s | vs raw best | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|---:|")
+    for name, rate, p50, p99 in rows:
+        print(f"| {name} | {rate:.1f} | {rate / raw[best_bs]:.2f} | | |")
+    for c, (rate, p50, p99) in results.items():
+        print(f"| gRPC, batching on, concurrency {c} | {rate:.1f} | {rate / raw[best_bs]:.2f} | {p50:.1f} | {p99:.1f} |")
+    rate, p50, p99 = nobatch
+    print(f"| gRPC, batching off, concurrency 32 | {rate:.1f} | {rate / raw[best_bs]:.2f} | {p50:.1f} | {p99:.1f} |")
+    on = results[32][0]
+    print(f"\nbatching on / off throughput at concurrency 32: {on / rate:.2f}x")
+    print(f"service at concurrency 32 / raw best (batch {best_bs}): {on / raw[best_bs]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
