@@ -47,7 +47,7 @@ def utterance(seconds: float) -> np.ndarray:
 
 
 def bench_raw(model_dir: Path, wave: np.ndarray, threads: int, repeats: int) -> dict[int, float]:
-    from service.runtime import SpeakerModel
+    from models.runtime import SpeakerModel
 
     model = SpeakerModel(model_dir, ["CPUExecutionProvider"], intra_op_threads=threads)
     model.warmup()

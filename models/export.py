@@ -1,7 +1,9 @@
 """Export a speaker model to a model repository entry the service loads.
 
-    python -m models.export ge2e --out models/repository/ge2e [--wheel PATH] [--threshold T]
-    python -m models.export checkpoint --checkpoint ckpt.pt --out DIR --name NAME
+    python -m models.export ge2e --out models/repository/ge2e [--wheel PATH]
+    python -m models.export checkpoint --checkpoint ckpt.pt --out models/repository/NAME
+    python -m models.export xvector --pretrained DIR --out models/repository/NAME
+    (each takes --calibrate-trials TRIALS --calibrate-scp WAV_SCP to set the threshold at the EER point)
 
 Writes ``model.onnx`` (raw waveform (B, T) + lengths (B,) in, embedding (B, D) out, dynamic
 batch and time axes, every frontend inside the graph), ``model.int8.onnx`` (dynamic int8
@@ -14,6 +16,7 @@ cosine. An existing entry is never overwritten without ``--force``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -27,7 +30,7 @@ from torch import nn
 
 from models.artifact import ArtifactError, ModelCard, save_card
 
-__all__ = ["export_model", "ParityReport", "check_parity", "main"]
+__all__ = ["export_model", "ParityReport", "check_parity", "calibrate", "main"]
 
 log = logging.getLogger("models.export")
 
@@ -163,6 +166,53 @@ def export_model(
     return report
 
 
+def calibrate(model_dir: str | Path, wav_scp: str | Path, trials: str | Path, variant: str = "fp32") -> dict[str, Any]:
+    """Embed a trial list's utterances with an exported entry and find its EER threshold.
+
+    Args:
+        model_dir: the repository entry.
+        wav_scp: Kaldi ``utt path`` list covering every utterance of ``trials``.
+        trials: Kaldi-style trial list.
+
+    Returns:
+        The verification figures (EER %, threshold, minDCF) and where they came from.
+    """
+    from models.audio import condition, decode_encoded
+    from models.evaluation import cosine_scores, evaluate_scores, read_trials
+    from models.runtime import SpeakerModel
+
+    runtime = SpeakerModel(model_dir, ["CPUExecutionProvider"], variant)
+    trial_list = read_trials(trials)
+    paths = dict(line.split(maxsplit=1) for line in Path(wav_scp).read_text().splitlines() if line.strip())
+    needed = sorted({u for a, b, _ in trial_list for u in (a, b)})
+    missing = [u for u in needed if u not in paths]
+    if missing:
+        raise ValueError(f"{wav_scp}: no path for {len(missing)} trial utterances, e.g. {missing[0]!r}")
+    waves = []
+    for u in needed:
+        samples, sr = decode_encoded(Path(paths[u]).read_bytes(), u)
+        waves.append(condition(samples, sr, runtime.sample_rate, field=u))
+    emb = dict(zip(needed, runtime.embed_many(waves)))
+    result = evaluate_scores(*cosine_scores(emb, trial_list))
+    return {"eer_percent": result.eer, "threshold": result.eer_threshold, "min_dcf_p0.01": result.min_dcf_01,
+            "min_dcf_p0.05": result.min_dcf_05, "trials": str(trials), "n_target": result.n_target,
+            "n_nontarget": result.n_nontarget}
+
+
+def _apply_calibration(out_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """With --calibrate-trials, set the card's threshold to the EER point on those trials."""
+    if not args.calibrate_trials:
+        return None
+    from models.artifact import load_card
+
+    cal = calibrate(out_dir, args.calibrate_scp, args.calibrate_trials)
+    card = load_card(out_dir)
+    card.threshold = round(float(cal["threshold"]), 4)
+    card.evaluation = {**card.evaluation, "calibration": cal}
+    save_card(card, out_dir)
+    return cal
+
+
 def _ge2e_card(args: argparse.Namespace, model: nn.Module) -> ModelCard:
     return ModelCard(
         name=Path(args.out).name,
@@ -178,7 +228,19 @@ def _ge2e_card(args: argparse.Namespace, model: nn.Module) -> ModelCard:
         license="Apache-2.0 (Resemblyzer, Copyright Resemble AI / Corentin Jemine)",
         source="PyPI resemblyzer==0.1.4, file resemblyzer/pretrained.pt",
         training_config={"frontend": model.config_dict(), "loss": "GE2E (upstream training)"},
-        evaluation={"threshold_source": args.threshold_source},
+    )
+
+
+def _checkpoint_card(args: argparse.Namespace, model: nn.Module, ckpt: dict[str, Any]) -> ModelCard:
+    cfg = ckpt["config"]
+    return ModelCard(
+        name=Path(args.out).name, version=args.version, family=f"{cfg['family']}-speaker",
+        sample_rate=cfg.get("sample_rate", 16000), embedding_dim=model.embedding_dim, batching="padded",
+        threshold=args.threshold, min_audio_seconds=0.5,
+        description=args.description or f"{cfg['family']} SSL encoder + weighted layer sum + {cfg['pooling']} pooling",
+        license=args.license, source=str(args.checkpoint),
+        training_config={k: v for k, v in ckpt.items() if k not in ("state_dict", "config")} | {"model": cfg},
+        pruning=ckpt.get("pruning"),
     )
 
 
@@ -189,13 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="kind", required=True)
     g = sub.add_parser("ge2e", help="Resemblyzer's pretrained GE2E encoder")
     g.add_argument("--wheel", help="resemblyzer-0.1.4 wheel or pretrained.pt (default: pip download)")
-    g.add_argument("--threshold", type=float, default=0.75, help="calibrated cosine threshold")
-    g.add_argument("--threshold-source", default="", help="how the threshold was calibrated")
-    for p in (g,):
-        p.add_argument("--out", required=True, help="model repository entry directory")
+    c = sub.add_parser("checkpoint", help="an SSL speaker model saved as {state_dict, config}")
+    c.add_argument("--checkpoint", required=True, type=Path)
+    x = sub.add_parser("xvector", help="a transformers WavLMForXVector save_pretrained directory")
+    x.add_argument("--pretrained", required=True, type=Path)
+    for p in (c, x):
+        p.add_argument("--version", default="1.0.0")
+        p.add_argument("--license", default="")
+        p.add_argument("--description", default="")
+    for p in (g, c, x):
+        p.add_argument("--out", required=True, help="model repository entry directory (its name is the model name)")
+        p.add_argument("--threshold", type=float, default=0.5, help="cosine threshold when not calibrated")
+        p.add_argument("--calibrate-trials", help="trial list: set the threshold at its EER point")
+        p.add_argument("--calibrate-scp", help="wav.scp with the trial utterances")
         p.add_argument("--force", action="store_true", help="overwrite an existing entry")
         p.add_argument("--no-int8", action="store_true", help="skip the int8 variant")
     args = ap.parse_args(argv)
+    if bool(args.calibrate_trials) != bool(args.calibrate_scp):
+        ap.error("--calibrate-trials and --calibrate-scp go together")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.kind == "ge2e":
@@ -203,11 +276,24 @@ def main(argv: list[str] | None = None) -> int:
 
             model = GE2E.from_resemblyzer(args.wheel)
             card = _ge2e_card(args, model)
+        elif args.kind == "checkpoint":
+            from models.ssl import load_checkpoint
+
+            model, ckpt = load_checkpoint(args.checkpoint)
+            card = _checkpoint_card(args, model, ckpt)
+        else:
+            from models.ssl import XVectorSpeakerModel
+
+            model = XVectorSpeakerModel.from_pretrained(args.pretrained)
+            card = ModelCard(name=Path(args.out).name, version=args.version, family="wavlm-xvector", sample_rate=16000,
+                             embedding_dim=model.embedding_dim, threshold=args.threshold, license=args.license,
+                             source=str(args.pretrained), description=args.description or "WavLMForXVector checkpoint")
         report = export_model(model, card, args.out, force=args.force, int8=not args.no_int8)
+        cal = _apply_calibration(Path(args.out), args)
     except (ArtifactError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
-    print(f"exported {card.name} -> {args.out}: {dict(report)}")
+    print(json.dumps({"exported": card.name, "out": str(args.out), "parity": dict(report), "calibration": cal}))
     return 0
 
 

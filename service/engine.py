@@ -25,7 +25,7 @@ from service.config import ServerConfig
 from service.errors import InvalidArgument, NotFound, Unavailable
 from service.index import IndexOptions, SpeakerStore
 from service.metrics import Metrics
-from service.runtime import SpeakerModel
+from models.runtime import SpeakerModel
 
 __all__ = ["Engine", "AudioInput", "Decoded"]
 

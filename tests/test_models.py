@@ -186,7 +186,7 @@ def test_xvector_checkpoint_loads_as_is_and_exports(tmp_path):
 
 
 def test_export_refuses_to_overwrite_and_bad_onnx_is_named(tmp_path):
-    from service.runtime import SpeakerModel
+    from models.runtime import SpeakerModel
     from tests.conftest import export_tiny
 
     entry = export_tiny(tmp_path, "tiny")

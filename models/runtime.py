@@ -1,7 +1,7 @@
 """ONNX Runtime speaker models: load an artifact, check it against its card, run batches.
 
-The model wrapper knows nothing of gRPC or asyncio: ``embed(waves)`` is a blocking call that
-the batcher runs on a worker thread.
+Shared by the server (which runs ``embed`` on its batcher's worker threads) and the offline
+evaluation jobs; it knows nothing of gRPC or asyncio and imports no torch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from models.artifact import ArtifactError, ModelCard, load_card
 
 __all__ = ["SpeakerModel", "available_providers"]
 
-log = logging.getLogger("spkserve.runtime")
+log = logging.getLogger("models.runtime")
 
 
 def available_providers() -> list[str]:
@@ -156,3 +156,18 @@ class SpeakerModel:
         emb = self.session.run([self.card.output], feeds)[0].astype(np.float32, copy=False)  # (B, D)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return emb / np.maximum(norms, 1e-12)
+
+    def embed_many(self, waves: list[np.ndarray], max_batch_seconds: float = 120.0) -> np.ndarray:
+        """Embed any number of waveforms in length-sorted batches; returns (N, D) in input order."""
+        order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
+        out = np.zeros((len(waves), self.dim), dtype=np.float32)
+        budget = int(max_batch_seconds * self.sample_rate)
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and len(waves[order[j]]) * (j - i + 1) <= budget and (
+                    self.padded_batching or len(waves[order[j]]) == len(waves[order[i]])):
+                j += 1
+            out[order[i:j]] = self.embed([waves[k] for k in order[i:j]])
+            i = j
+        return out
