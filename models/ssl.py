@@ -281,6 +281,7 @@ class SSLSpeakerModel(nn.Module):
         if config.ffn_widths is not None:
             _set_ffn_widths(self.encoder, config.ffn_widths)
         self.frontend = _install_masked_frontend(self.encoder)
+        self.encoder.config.layerdrop = 0.0  # skipped layers would break the weighted layer sum
         hidden = self.encoder.config.hidden_size
         n_states = self.encoder.config.num_hidden_layers + 1
         self.layer_weights = nn.Parameter(torch.zeros(n_states))

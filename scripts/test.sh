@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
+# TTS voices for the corpus-builder tests: installed when we may (root with apt), else those tests skip
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v flite >/dev/null; then
+  bash scripts/install_voices.sh --small || echo "test.sh: could not install TTS voices; corpus tests will skip" >&2
+fi
 exec .venv/bin/python -m pytest -q "$@"

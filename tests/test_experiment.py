@@ -1,0 +1,79 @@
+"""The compression experiment end to end on a tiny model and a corpus made from the committed audio
+(the CI-sized version of ``python -m training.experiment``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+torch = pytest.importorskip("torch")
+
+from tests.conftest import REFERENCE, TINY_ENCODER  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mini_corpus(tmp_path_factory):
+    """Kaldi-style corpus: 5 recorded voices x 6 noisy crops/gains; 3 train, 2 eval speakers."""
+    from training.corpus import make_trials
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    voices = {"slt": ["flite-slt-1", "flite-slt-2"], "awb": ["flite-awb-1"], "rms": ["flite-rms-1"],
+              "kal": ["flite-kal-1"], "esp": ["espeak-en-1"]}
+    split_of = {"slt": "train", "awb": "train", "rms": "train", "kal": "eval", "esp": "eval"}
+    rows = {"train": [], "eval": []}
+    for spk, files in voices.items():
+        for i in range(6):
+            wave, _ = sf.read(REFERENCE / "audio" / f"{files[i % len(files)]}.wav", dtype="float32")
+            start = int(rng.integers(0, max(1, len(wave) - 16000)))
+            seg = wave[start:start + 24000] * rng.uniform(0.5, 1.0) + rng.standard_normal(min(24000, len(wave) - start)) * 0.003
+            path = root / "wav" / f"{spk}-{i}.wav"
+            path.parent.mkdir(exist_ok=True)
+            sf.write(path, seg.astype(np.float32), 16000)
+            rows[split_of[spk]].append((f"{spk}-{i}", spk, path))
+    for split, rs in rows.items():
+        d = root / split
+        d.mkdir()
+        (d / "wav.scp").write_text("".join(f"{u} {p}\n" for u, _, p in rs))
+        (d / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s, _ in rs))
+    trials = make_trials(rows["eval"], 3, 6, 0)
+    (root / "eval" / "trials").write_text("".join(f"{a} {b} {'target' if t else 'nontarget'}\n" for a, b, t in trials))
+    return root
+
+
+def test_tiny_experiment_writes_results(mini_corpus, tmp_path):
+    from models.ssl import SSLSpeakerConfig, build_model, load_checkpoint, save_checkpoint
+    from training.experiment import main
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(SSLSpeakerConfig(family="wavlm", encoder=dict(TINY_ENCODER), embedding_dim=16)),
+                           tmp_path / "tiny.pt")
+    out = tmp_path / "exp"
+    rc = main(["--out", str(out), "--checkpoint", str(ckpt), "--corpus", str(mini_corpus), "--ratios", "0.5",
+               "--calib-utts", "18", "--recovery-steps", "2", "--ubm-components", "4", "--ivector-rank", "5"])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["ratio"], r["recovery"]) for r in rows} == {
+        ("unpruned", 0.0, False), ("baseline", 0.5, False), ("baseline", 0.5, True),
+        ("protected", 0.5, False), ("protected", 0.5, True)}
+    for r in rows:
+        assert 0 <= r["eer"] <= 100 and 0 <= r["mindcf"] and r["params"] > 0 and r["rtf"] > 0
+    unpruned = next(r for r in rows if r["method"] == "unpruned")
+    pruned = next(r for r in rows if r["method"] == "protected" and not r["recovery"])
+    assert pruned["ffn_widths"] == [64, 64] and pruned["params"] < unpruned["params"]
+    sets = json.loads((out / "neurons.json").read_text())
+    assert len(sets["speaker"]) == 2 and sets["params"]["sigma"] == 0.8
+    assert (out / "neurons.png").stat().st_size > 0 and (out / "eer_vs_ratio.png").stat().st_size > 0
+    # the protected 50% model rebuilds from its {state_dict, config}, with its per-layer widths
+    model, saved = load_checkpoint(out / "protected-r50.pt")
+    assert saved["config"]["ffn_widths"] == [64, 64] and saved["pruning"]["method"] == "protected"
+
+
+def test_experiment_bad_input_stops_early(mini_corpus, tmp_path):
+    from training.experiment import main
+
+    assert main(["--out", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "missing.pt"), "--corpus", str(mini_corpus)]) == 2
+    assert main(["--out", str(tmp_path / "b"), "--ratios", "1.0", "--corpus", str(mini_corpus)]) == 2
