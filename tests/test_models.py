@@ -206,3 +206,21 @@ def test_export_refuses_to_overwrite_and_bad_onnx_is_named(tmp_path):
     (entry2 / "model.json").write_text(json.dumps(card2))
     with pytest.raises(ArtifactError, match="99"):
         SpeakerModel(entry2)
+
+
+@pytest.mark.gpu
+def test_cuda_execution_provider_matches_cpu():
+    """Runs where onnxruntime-gpu sees a CUDA device; skipped elsewhere (CI has none)."""
+    import onnxruntime as ort
+
+    from models.runtime import SpeakerModel
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider in this onnxruntime build / machine")
+    gpu = SpeakerModel(REPOSITORY / "ge2e", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if gpu.provider != "CUDAExecutionProvider":
+        pytest.skip(f"CUDA provider available but session fell back to {gpu.provider}")
+    cpu = SpeakerModel(REPOSITORY / "ge2e", ["CPUExecutionProvider"])
+    waves = [sf.read(REFERENCE / r["file"], dtype="float32")[0] for r in reference().values()]
+    a, b = gpu.embed(waves), cpu.embed(waves)
+    assert float((a * b).sum(1).min()) > 0.9999
