@@ -249,23 +249,23 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
             candidates=[pb.Candidate(speaker_id=s, score=sc, metadata=md) for s, sc, md in hits],
             is_match=bool(hits) and hits[0][1] >= threshold, threshold=threshold, model=model.name, timings=timings)
 
-    @_rpc
-    async def DeleteSpeaker(self, request: pb.DeleteSpeakerRequest, context) -> pb.DeleteSpeakerResponse:
+    async def _speaker_ref(self, request) -> tuple[str, str, str]:
+        """Validated (collection, speaker_id) of a request and the collection's model (NotFound if none)."""
         coll = validate_collection(request.collection)
         spk = validate_speaker_id(request.speaker_id)
-        store = self.engine.store
-        model = await self.engine.store_call(store.collection_model, coll)
-        rec = await self.engine.store_call(store.delete, coll, spk)
+        return coll, spk, await self.engine.store_call(self.engine.store.collection_model, coll)
+
+    @_rpc
+    async def DeleteSpeaker(self, request: pb.DeleteSpeakerRequest, context) -> pb.DeleteSpeakerResponse:
+        coll, spk, model = await self._speaker_ref(request)
+        rec = await self.engine.store_call(self.engine.store.delete, coll, spk)
         await self.engine.report_collection(coll)
         return pb.DeleteSpeakerResponse(speaker=_speaker_pb(coll, model, rec))
 
     @_rpc
     async def GetSpeaker(self, request: pb.GetSpeakerRequest, context) -> pb.Speaker:
-        coll = validate_collection(request.collection)
-        spk = validate_speaker_id(request.speaker_id)
-        store = self.engine.store
-        model = await self.engine.store_call(store.collection_model, coll)
-        rec = await self.engine.store_call(store.get, coll, spk)
+        coll, spk, model = await self._speaker_ref(request)
+        rec = await self.engine.store_call(self.engine.store.get, coll, spk)
         return _speaker_pb(coll, model, rec, request.include_voiceprint)
 
     @_rpc

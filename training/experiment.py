@@ -42,7 +42,8 @@ from models.export import export_model
 from models.ssl import SSLSpeakerModel, ffn_layers, load_checkpoint, save_checkpoint
 from training.corpus import read_scp
 from training.evaluate import EvalSet, evaluate_embeddings, embed_with_model, rtf
-from training.features import load_wave, mfcc
+from training.common import load_split
+from training.features import mfcc
 from training.ivector import IVectorExtractor, baum_welch, length_norm, train_ubm
 from training.neurons import ActivationStats, NeuronSets, kmeans_labels, neuron_sets, plot_neuron_counts, ssl_frames
 from training.prune import PruneError, apply_plan, neuron_scores, plan_pruning
@@ -240,13 +241,10 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
         _log(f"building the corpus at {corpus} (training.corpus)")
         build_corpus(corpus, "full")
     es = EvalSet(corpus, max_utts=cfg.eval_max_utts)
-    scp = read_scp(corpus / "train" / "wav.scp")
-    missing = [p for p in scp.values() if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"calibration list {corpus / 'train' / 'wav.scp'}: {len(missing)} files missing, e.g. {missing[0]}")
     rng = np.random.default_rng(cfg.seed)
-    calib_utts = sorted(rng.choice(sorted(scp), min(cfg.calib_utts, len(scp)), replace=False))
-    waves = [load_wave(scp[u]) for u in calib_utts]
+    all_utts = sorted(read_scp(corpus / "train" / "wav.scp")) if (corpus / "train" / "wav.scp").is_file() else []
+    pick = sorted(rng.choice(all_utts, min(cfg.calib_utts, len(all_utts)), replace=False)) if all_utts else None
+    calib_utts, waves, _ = load_split(corpus, "train", pick, progress=False)
     short = [u for u, w in zip(calib_utts, waves) if len(w) < 16000 * 0.5]
     if short:
         raise ValueError(f"{len(short)} calibration utterances are shorter than 0.5 s (e.g. {short[0]}): too short to yield frames")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,8 +25,7 @@ import torch
 from torch import nn
 
 from models.ssl import SSLSpeakerConfig, SSLSpeakerModel, load_encoder, save_checkpoint
-from training.corpus import read_scp
-from training.features import load_wave
+from training.common import load_split, start_run
 
 __all__ = ["FinetuneConfig", "AAMSoftmax", "teacher_embeddings", "finetune", "main"]
 
@@ -88,20 +86,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     """Run (or resume) fine-tuning; returns the path of the saved model checkpoint."""
     from tqdm import tqdm
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    corpus = Path(cfg.corpus)
-    scp, utt2spk = read_scp(corpus / "train" / "wav.scp"), read_scp(corpus / "train" / "utt2spk")
-    missing = [p for p in scp.values() if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} files of {corpus}/train/wav.scp are missing, e.g. {missing[0]}")
-    utts = sorted(scp)
-    waves = [load_wave(scp[u]) for u in tqdm(utts, desc="loading", unit="utt")]
+    out = start_run(cfg.out, cfg, cfg.seed)
+    utts, waves, utt2spk = load_split(cfg.corpus, "train")
     speakers = sorted({utt2spk[u] for u in utts})
     spk_index = {s: i for i, s in enumerate(speakers)}
     labels = np.array([spk_index[utt2spk[u]] for u in utts])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,8 @@ import torch
 from torch import nn
 
 from models.ssl import build_encoder
-from training.corpus import read_scp
-from training.features import load_wave, mfcc
+from training.common import load_split, start_run
+from training.features import mfcc
 
 __all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "pretrain", "main"]
 
@@ -117,24 +116,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining; returns the path of the final encoder checkpoint."""
     from tqdm import tqdm
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    out = start_run(cfg.out, cfg, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-
-    scp = read_scp(Path(cfg.corpus) / "train" / "wav.scp")
-    if not scp:
-        raise ValueError(f"{cfg.corpus}/train/wav.scp lists no utterances")
-    missing = [p for p in scp.values() if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} files of {cfg.corpus}/train/wav.scp are missing, e.g. {missing[0]}")
     crop = int(cfg.crop_seconds * 16000)
     crop -= (crop - 400) % 320  # a whole number of frames
-    waves = [w for w in (load_wave(p) for p in tqdm(sorted(scp.values()), desc="loading", unit="utt")) if len(w) >= crop]
+    _, all_waves, _ = load_split(cfg.corpus, "train")
+    waves = [w for w in all_waves if len(w) >= crop]
     if len(waves) < cfg.batch_size:
         raise ValueError(f"only {len(waves)} utterances are at least {cfg.crop_seconds} s long; need {cfg.batch_size}")
     targets_path = out / "targets.npz"

@@ -1,0 +1,56 @@
+"""Pieces every training job shares: run directories, seeding, loading a corpus split."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.corpus import read_scp
+from training.features import load_wave
+
+__all__ = ["start_run", "load_split"]
+
+
+def start_run(out: str | Path, config: Any, seed: int) -> Path:
+    """Create the run directory, save the resolved config next to the weights, fix the seeds."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return out
+
+
+def load_split(corpus: str | Path, split: str = "train", utts: list[str] | None = None,
+               progress: bool = True) -> tuple[list[str], list[np.ndarray], dict[str, str]]:
+    """Utterance ids, 16 kHz waveforms and utt2spk of a corpus split (or of ``utts`` from it).
+
+    Raises:
+        FileNotFoundError: the split's wav.scp is missing or lists files that do not exist.
+        ValueError: the split lists no utterances.
+    """
+    d = Path(corpus) / split
+    if not (d / "wav.scp").is_file():
+        raise FileNotFoundError(f"{d / 'wav.scp'}: missing (build the corpus with python -m training.corpus)")
+    scp = read_scp(d / "wav.scp")
+    utt2spk = read_scp(d / "utt2spk") if (d / "utt2spk").is_file() else {}
+    if not scp:
+        raise ValueError(f"{d / 'wav.scp'} lists no utterances")
+    utts = sorted(scp) if utts is None else utts
+    missing = [scp[u] for u in utts if not Path(scp[u]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d / 'wav.scp'}: {len(missing)} listed files are missing, e.g. {missing[0]}")
+    it = utts
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(utts, desc=f"loading {split}", unit="utt")
+    return list(utts), [load_wave(scp[u]) for u in it], utt2spk
