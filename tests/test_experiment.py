@@ -67,6 +67,8 @@ def test_tiny_experiment_writes_results(mini_corpus, tmp_path):
     sets = json.loads((out / "neurons.json").read_text())
     assert len(sets["speaker"]) == 2 and sets["params"]["sigma"] == 0.8
     assert (out / "neurons.png").stat().st_size > 0 and (out / "eer_vs_ratio.png").stat().st_size > 0
+    clusters = json.loads((out / "clusters.json").read_text())
+    assert len(clusters["ssl_cluster_frame_share"]) == 3 and len(clusters["ivector_cluster_composition"]) == 2
     # the protected 50% model rebuilds from its {state_dict, config}, with its per-layer widths
     model, saved = load_checkpoint(out / "protected-r50.pt")
     assert saved["config"]["ffn_widths"] == [64, 64] and saved["pruning"]["method"] == "protected"

@@ -244,13 +244,22 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     rng = np.random.default_rng(cfg.seed)
     all_utts = sorted(read_scp(corpus / "train" / "wav.scp")) if (corpus / "train" / "wav.scp").is_file() else []
     pick = sorted(rng.choice(all_utts, min(cfg.calib_utts, len(all_utts)), replace=False)) if all_utts else None
-    calib_utts, waves, _ = load_split(corpus, "train", pick, progress=False)
+    calib_utts, waves, utt2spk = load_split(corpus, "train", pick, progress=False)
     short = [u for u, w in zip(calib_utts, waves) if len(w) < 16000 * 0.5]
     if short:
         raise ValueError(f"{len(short)} calibration utterances are shorter than 0.5 s (e.g. {short[0]}): too short to yield frames")
 
     _log("stage 2-3: clusters, activation statistics, neuron sets")
     sets, stats, report = speaker_neuron_sets(model, waves, cfg)
+    composition = {}
+    for c in range(cfg.k_ivec):
+        spk = [utt2spk.get(u, "?").split("-sp")[0] for u, lab in zip(calib_utts, report["utt_labels"]) if lab == c]
+        names, counts = np.unique(spk, return_counts=True) if spk else (np.array([]), np.array([]))
+        top = sorted(zip(counts.tolist(), names.tolist()), reverse=True)[:8]
+        composition[f"ivector_cluster_{c}"] = {"utterances": len(spk), "speakers": len(names),
+                                               "top_speakers": {n: k for k, n in top}}
+    report["ivector_cluster_composition"] = composition
+    (out / "clusters.json").write_text(json.dumps({k: v for k, v in report.items() if k != "utt_labels"}, indent=1) + "\n")
     sets.save(out / "neurons.json", stats)
     plot_neuron_counts(sets, out / "neurons.png", f"speaker neurons per layer (sigma={cfg.sigma}, k_ssl={cfg.k_ssl})")
     spec = _specificity(stats, sets)
