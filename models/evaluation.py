@@ -156,7 +156,7 @@ def plot_det(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
         p_miss, p_fa, _ = roc(scores, labels)
         e = evaluate_scores(scores, labels).eer
         ax.plot(ppf(np.clip(p_fa, lim, 1 - lim)), ppf(np.clip(p_miss, lim, 1 - lim)), label=f"{name} (EER {e:.2f}%)")
-    ticks = np.array([0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4])
+    ticks = np.array([0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95])
     ax.set_xticks(ppf(ticks), [f"{100 * t:g}" for t in ticks])
     ax.set_yticks(ppf(ticks), [f"{100 * t:g}" for t in ticks])
     ax.set_xlabel("false alarm rate (%)")
