@@ -79,3 +79,25 @@ def test_experiment_bad_input_stops_early(mini_corpus, tmp_path):
 
     assert main(["--out", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "missing.pt"), "--corpus", str(mini_corpus)]) == 2
     assert main(["--out", str(tmp_path / "b"), "--ratios", "1.0", "--corpus", str(mini_corpus)]) == 2
+
+
+def test_recompute_variant_and_determinism(mini_corpus, tmp_path):
+    from models.ssl import SSLSpeakerConfig, build_model, ffn_layers
+    from training.common import load_split
+    from training.experiment import ExperimentConfig, run_experiment, speaker_neuron_sets
+
+    torch.manual_seed(0)
+    model = build_model(SSLSpeakerConfig(family="wavlm", encoder=dict(TINY_ENCODER), embedding_dim=16)).eval()
+    cfg = ExperimentConfig(out=str(tmp_path / "r"), corpus=str(mini_corpus), calib_utts=12, ubm_components=4,
+                           ivector_rank=5, ratios=[0.5], recovery=[False], variant="recompute")
+    _, waves, _ = load_split(mini_corpus, "train", progress=False)
+    a, _, _ = speaker_neuron_sets(model, waves[:12], cfg)
+    b, _, _ = speaker_neuron_sets(model, waves[:12], cfg)
+    assert a.speaker == b.speaker and a.ssl == b.ssl  # deterministic given the seed
+    from models.ssl import save_checkpoint
+
+    cfg.checkpoint = str(save_checkpoint(model, tmp_path / "m.pt"))
+    rows = run_experiment(cfg)
+    protected = next(r for r in rows if r["method"] == "protected")
+    assert protected["ffn_widths"] == [64, 64]
+    assert len(ffn_layers(model.encoder)) == 2

@@ -147,3 +147,63 @@ def length_norm(x: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
     """Centre (by ``mean``, default x's own) and scale every row to unit length."""
     x = x - (x.mean(0) if mean is None else mean)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """i-vector speaker verification on a corpus: train on its training split, score its trials.
+
+        .venv/bin/python -m training.ivector --corpus corpus [--components 64] [--rank 100] [--lda 50]
+    """
+    import argparse
+    import json
+    import sys
+
+    from models.evaluation import score_trials
+    from training.common import load_split
+    from training.corpus import read_scp
+    from training.features import mfcc
+
+    ap = argparse.ArgumentParser(prog="python -m training.ivector", description=main.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--components", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=100)
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--lda", type=int, default=50, help="LDA dimension (0: none)")
+    ap.add_argument("--train-utts", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    try:
+        rng = np.random.default_rng(args.seed)
+        train_all = sorted(read_scp(Path(args.corpus) / "train" / "wav.scp"))
+        pick = sorted(rng.choice(train_all, min(args.train_utts, len(train_all)), replace=False))
+        utts, waves, utt2spk = load_split(args.corpus, "train", pick, progress=False)
+        eval_utts, eval_waves, _ = load_split(args.corpus, "eval", progress=False)
+        from models.evaluation import read_trials
+
+        trials = read_trials(Path(args.corpus) / "eval" / "trials")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ivector: {e}", file=sys.stderr)
+        return 2
+    feats = [mfcc(w, cmn=False) for w in waves]
+    allf = np.concatenate(feats)
+    ubm = train_ubm(allf[rng.choice(len(allf), min(200_000, len(allf)), replace=False)], args.components, 10, args.seed)
+    stats = [baum_welch(ubm, f) for f in feats]
+    ext = IVectorExtractor(ubm, args.rank, args.seed).fit(stats, args.iterations)
+    train_iv = ext.transform(stats)
+    eval_iv = ext.transform([baum_welch(ubm, mfcc(w, cmn=False)) for w in eval_waves])
+    mean = train_iv.mean(0)
+    out = {"plain": score_trials(dict(zip(eval_utts, length_norm(eval_iv, mean))), trials).eer}
+    if args.lda:
+        speakers = [utt2spk[u] for u in utts]
+        proj = lda(length_norm(train_iv, mean), speakers, min(args.lda, len(set(speakers)) - 1))
+        out["lda"] = score_trials(dict(zip(eval_utts, length_norm(length_norm(eval_iv, mean) @ proj))), trials).eer
+    print(json.dumps({"eer_percent": out, "components": args.components, "rank": args.rank,
+                      "train_utterances": len(utts), "eval_utterances": len(eval_utts)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
