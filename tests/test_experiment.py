@@ -101,3 +101,30 @@ def test_recompute_variant_and_determinism(mini_corpus, tmp_path):
     protected = next(r for r in rows if r["method"] == "protected")
     assert protected["ffn_widths"] == [64, 64]
     assert len(ffn_layers(model.encoder)) == 2
+
+
+def test_bad_calibration_data_is_named_before_work_starts(mini_corpus, tmp_path, capsys):
+    import shutil
+
+    from models.ssl import SSLSpeakerConfig, build_model, save_checkpoint
+    from training.experiment import main
+
+    ckpt = save_checkpoint(build_model(SSLSpeakerConfig(family="wavlm", encoder=dict(TINY_ENCODER), embedding_dim=16)),
+                           tmp_path / "m.pt")
+    broken = tmp_path / "broken"
+    shutil.copytree(mini_corpus, broken)
+    scp = (broken / "train" / "wav.scp").read_text().splitlines()
+    (broken / "train" / "wav.scp").write_text("\n".join(scp + ["ghost-0 /nonexistent/ghost.wav"]) + "\n")
+    assert main(["--out", str(tmp_path / "a"), "--checkpoint", str(ckpt), "--corpus", str(broken), "--calib-utts", "100"]) == 2
+    assert "missing" in capsys.readouterr().err
+    short = tmp_path / "short"
+    shutil.copytree(mini_corpus, short)
+    lines = (short / "train" / "wav.scp").read_text().splitlines()
+    sf.write(short / "tiny.wav", np.zeros(1600, np.float32), 16000)  # 0.1 s; the shared fixture stays intact
+    lines[0] = f"{lines[0].split()[0]} {short / 'tiny.wav'}"
+    (short / "train" / "wav.scp").write_text("\n".join(lines) + "\n")
+    assert main(["--out", str(tmp_path / "b"), "--checkpoint", str(ckpt), "--corpus", str(short), "--calib-utts", "100"]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "c"), "--checkpoint", str(ckpt), "--corpus", str(mini_corpus),
+                 "--calib-utts", "100", "--k-ivec", "500"]) == 2
+    assert "clusters" in capsys.readouterr().err
