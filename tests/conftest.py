@@ -119,3 +119,33 @@ def stub(server):
     channel = grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 256 << 20)])
     yield pb_grpc.SpeakerServiceStub(channel)
     channel.close()
+
+
+@pytest.fixture(scope="session")
+def mini_corpus(tmp_path_factory):
+    """Kaldi-style corpus: 5 recorded voices x 6 noisy crops/gains; 3 train, 2 eval speakers."""
+    from training.corpus import make_trials
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    voices = {"slt": ["flite-slt-1", "flite-slt-2"], "awb": ["flite-awb-1"], "rms": ["flite-rms-1"],
+              "kal": ["flite-kal-1"], "esp": ["espeak-en-1"]}
+    split_of = {"slt": "train", "awb": "train", "rms": "train", "kal": "eval", "esp": "eval"}
+    rows = {"train": [], "eval": []}
+    for spk, files in voices.items():
+        for i in range(6):
+            wave, _ = sf.read(REFERENCE / "audio" / f"{files[i % len(files)]}.wav", dtype="float32")
+            start = int(rng.integers(0, max(1, len(wave) - 16000)))
+            seg = wave[start:start + 24000] * rng.uniform(0.5, 1.0) + rng.standard_normal(min(24000, len(wave) - start)) * 0.003
+            path = root / "wav" / f"{spk}-{i}.wav"
+            path.parent.mkdir(exist_ok=True)
+            sf.write(path, seg.astype(np.float32), 16000)
+            rows[split_of[spk]].append((f"{spk}-{i}", spk, path))
+    for split, rs in rows.items():
+        d = root / split
+        d.mkdir()
+        (d / "wav.scp").write_text("".join(f"{u} {p}\n" for u, _, p in rs))
+        (d / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s, _ in rs))
+    trials = make_trials(rows["eval"], 3, 6, 0)
+    (root / "eval" / "trials").write_text("".join(f"{a} {b} {'target' if t else 'nontarget'}\n" for a, b, t in trials))
+    return root

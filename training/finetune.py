@@ -86,6 +86,12 @@ def finetune(cfg: FinetuneConfig) -> Path:
     """Run (or resume) fine-tuning; returns the path of the saved model checkpoint."""
     from tqdm import tqdm
 
+    from models.artifact import load_card
+
+    teacher_dim = load_card(cfg.teacher).embedding_dim
+    if teacher_dim != cfg.embedding_dim:
+        raise ValueError(f"embedding_dim {cfg.embedding_dim} must equal the teacher's embedding size {teacher_dim} "
+                         f"({cfg.teacher}) for the distillation loss")
     out = start_run(cfg.out, cfg, cfg.seed)
     utts, waves, utt2spk = load_split(cfg.corpus, "train")
     speakers = sorted({utt2spk[u] for u in utts})

@@ -1,0 +1,46 @@
+"""Training jobs: pretraining and fine-tuning run, checkpoint and resume (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.conftest import TINY_ENCODER  # noqa: E402
+
+
+def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tmp_path):
+    from models.ssl import load_checkpoint, load_encoder
+    from training.finetune import FinetuneConfig, finetune
+    from training.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "pt"), encoder=dict(TINY_ENCODER),
+                         n_clusters=8, batch_size=2, max_steps=2, checkpoint_every=1, crop_seconds=1.0, bf16=False)
+    pretrain(cfg)
+    first = torch.load(tmp_path / "pt" / "last.pt", weights_only=False)
+    assert first["step"] == 2
+    cfg.max_steps = 4  # resume: continues from step 2, same targets, same config file
+    encoder_dir = pretrain(cfg)
+    resumed = torch.load(tmp_path / "pt" / "last.pt", weights_only=False)
+    assert resumed["step"] == 4 and [h[0] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "pt" / "config.json").read_text())["max_steps"] == 4
+    family, _ = load_encoder(encoder_dir)
+    assert family == "wavlm"
+
+    ft = FinetuneConfig(corpus=str(mini_corpus), encoder=str(encoder_dir), out=str(tmp_path / "ft"), embedding_dim=16,
+                        batch_size=2, max_steps=2, crop_seconds=1.0, bf16=False)
+    with pytest.raises(ValueError, match="teacher's embedding size 256"):
+        finetune(ft)
+    ft.embedding_dim = 256
+    path = finetune(ft)
+    model, ckpt = load_checkpoint(path)
+    assert model.embedding_dim == 256 and ckpt["training"]["finetune_summary"]["steps"] == 2
+    assert (tmp_path / "ft" / "teacher.npy").exists()
+
+
+def test_pretrain_bad_corpus(tmp_path):
+    from training.pretrain import main
+
+    assert main(["--corpus", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
