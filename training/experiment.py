@@ -4,7 +4,9 @@
                                             [--corpus corpus] [--ratios 0.3 0.5 0.7 0.9]
 
 Stages (numbered like a recipe; each prints what it did):
-1. load the speaker model checkpoint and the corpus (built with ``training.corpus`` if missing);
+1. load the speaker model checkpoint and the corpus (if missing: the TTS voices are installed
+   with scripts/install_voices.sh when running as root, and the corpus is built with
+   ``training.corpus``);
 2. calibration set (training utterances): MFCC -> UBM -> T -> i-vectors -> k-means (k_ivec);
    frame features of ``ssl_layer`` -> k-means (k_ssl);
 3. activation statistics over the calibration set -> speaker neurons (sigma) -> neuron sets
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -236,9 +239,15 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     model, ckpt = load_speaker_model(cfg.checkpoint)
     corpus = Path(cfg.corpus)
     if not (corpus / "eval" / "trials").exists():
-        from training.corpus import build_corpus
+        import os
+        import shutil
 
-        _log(f"building the corpus at {corpus} (training.corpus)")
+        from training.corpus import build_corpus, discover_voices
+
+        if len({v.speaker for v in discover_voices()}) < 2 and os.geteuid() == 0 and shutil.which("apt-get"):
+            _log("no TTS voices installed: running scripts/install_voices.sh (Debian packages)")
+            subprocess.run(["bash", str(ROOT / "scripts" / "install_voices.sh")], check=True)
+        _log(f"building the corpus at {corpus} (training.corpus, about 6 minutes)")
         build_corpus(corpus, "full")
     es = EvalSet(corpus, max_utts=cfg.eval_max_utts)
     rng = np.random.default_rng(cfg.seed)
@@ -364,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         given["recovery"] = [False]
     try:
         run_experiment(ExperimentConfig(**given))
-    except (PruneError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (PruneError, ValueError, RuntimeError, OSError, subprocess.CalledProcessError) as e:
         print(f"experiment: {e}", file=sys.stderr)
         return 2
     return 0
