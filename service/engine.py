@@ -13,7 +13,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -199,8 +198,3 @@ class Engine:
                 self.metrics.speakers.labels(collection).set(info.speaker_count)
                 return
         self.metrics.speakers.labels(collection).set(0)
-
-    @property
-    def data_dir(self) -> Path:
-        """Where the store keeps its files."""
-        return Path(self.config.data_dir)

@@ -28,7 +28,7 @@ log = logging.getLogger("spkserve.servicer")
 
 _ENCODINGS = {pb.PCM_S16LE: "PCM_S16LE", pb.PCM_S32LE: "PCM_S32LE", pb.PCM_F32LE: "PCM_F32LE"}
 _MAX_ENROLL_ITEMS = 64
-_MAX_COMPARE = 10000
+_MAX_COMPARE_SCORES = 1_000_000
 
 
 def _rpc(method):
@@ -192,8 +192,8 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
             raise InvalidArgument("a", "is empty")
         if not request.b:
             raise InvalidArgument("b", "is empty")
-        if len(request.a) * len(request.b) > _MAX_COMPARE * 100:
-            raise InvalidArgument("a", f"{len(request.a)} x {len(request.b)} scores exceed the limit of {_MAX_COMPARE * 100}")
+        if len(request.a) * len(request.b) > _MAX_COMPARE_SCORES:
+            raise InvalidArgument("a", f"{len(request.a)} x {len(request.b)} scores exceed the limit of {_MAX_COMPARE_SCORES:,}")
         dim = len(request.a[0].values)
         a = np.stack([self.engine.unit_embedding(e.values, dim, f"a[{i}].values") for i, e in enumerate(request.a)])  # (N, D)
         b = np.stack([self.engine.unit_embedding(e.values, dim, f"b[{i}].values") for i, e in enumerate(request.b)])  # (M, D)

@@ -200,17 +200,17 @@ def test_batched_equals_single(stub, model):
 
 def test_batching_happens(server, stub):
     clips = [wav_bytes(tone(1.0, seed=i)) for i in range(16)]
-    before = server.server.metrics.batch_size.labels("tiny-wavlm")._sum.get()
-    count_before = server.server.metrics.batch_size.labels("tiny-wavlm")._count.get() if hasattr(
-        server.server.metrics.batch_size.labels("tiny-wavlm"), "_count") else None
+    before = scrape(server)
+    key = '{model="tiny-wavlm"}'
+    utts0 = metric_value(before, "spkserve_batch_size_sum" + key, 0.0)
+    batches0 = metric_value(before, "spkserve_batch_size_count" + key, 0.0)
     with cf.ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda c: stub.Embed(pb.EmbedRequest(model="tiny-wavlm", audio=pb.Audio(encoded=c))), clips))
-    text = scrape(server)
-    total = metric_value(text, 'spkserve_batch_size_sum{model="tiny-wavlm"}')
-    batches = metric_value(text, 'spkserve_batch_size_count{model="tiny-wavlm"}')
-    assert total - before >= 16
-    assert batches < total  # some batch held more than one utterance
-    del count_before
+    after = scrape(server)
+    utts = metric_value(after, "spkserve_batch_size_sum" + key) - utts0
+    batches = metric_value(after, "spkserve_batch_size_count" + key) - batches0
+    assert utts == 16
+    assert batches < utts  # some batch held more than one utterance
 
 
 # -- Verify / Compare -----------------------------------------------------------------------
@@ -358,10 +358,12 @@ def scrape(server) -> str:
         return r.read().decode()
 
 
-def metric_value(text: str, name: str) -> float:
+def metric_value(text: str, name: str, default: float | None = None) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
+    if default is not None:
+        return default
     raise AssertionError(f"metric {name} not found")
 
 

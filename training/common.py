@@ -13,7 +13,7 @@ import numpy as np
 from training.corpus import read_scp
 from training.features import load_wave
 
-__all__ = ["start_run", "load_split"]
+__all__ = ["start_run", "load_split", "RunState"]
 
 
 def start_run(out: str | Path, config: Any, seed: int) -> Path:
@@ -54,3 +54,39 @@ def load_split(corpus: str | Path, split: str = "train", utts: list[str] | None 
 
         it = tqdm(utts, desc=f"loading {split}", unit="utt")
     return list(utts), [load_wave(scp[u]) for u in it], utt2spk
+
+
+class RunState:
+    """Resumable training state in ``out/last.pt``: the given modules/optimisers, step, elapsed
+    minutes, loss history and both RNGs (numpy's and torch's), written atomically.
+
+    Args:
+        out: run directory.
+        parts: name -> object with ``state_dict``/``load_state_dict`` (models, optimisers).
+        seed: seed of the numpy generator (``self.rng``) on a fresh start.
+    """
+
+    def __init__(self, out: str | Path, parts: dict[str, Any], seed: int):
+        self.path = Path(out) / "last.pt"
+        self.parts = parts
+        self.rng = np.random.default_rng(seed)
+        self.step, self.elapsed, self.history = 0, 0.0, []
+        if self.path.exists():
+            import torch
+
+            ck = torch.load(self.path, map_location="cpu", weights_only=False)
+            for name, part in parts.items():
+                part.load_state_dict(ck[name])
+            self.step, self.elapsed, self.history = ck["step"], ck["elapsed"], ck["history"]
+            self.rng.bit_generator.state = ck["rng"]
+            torch.set_rng_state(ck["torch_rng"])
+
+    def save(self) -> None:
+        """Write the state (temp file, then rename)."""
+        import torch
+
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**{n: p.state_dict() for n, p in self.parts.items()}, "step": self.step, "elapsed": self.elapsed,
+                    "history": self.history, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()},
+                   tmp)
+        tmp.replace(self.path)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from models.ssl import SSLSpeakerConfig, SSLSpeakerModel, load_encoder, save_checkpoint
-from training.common import load_split, start_run
+from training.common import RunState, load_split, start_run
 
 __all__ = ["FinetuneConfig", "AAMSoftmax", "teacher_embeddings", "finetune", "main"]
 
@@ -114,27 +114,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
     opt = torch.optim.AdamW([{"params": enc_params, "lr": cfg.lr_encoder, "base": cfg.lr_encoder},
                              {"params": head_params, "lr": cfg.lr_head, "base": cfg.lr_head}], weight_decay=0.01)
 
-    step, elapsed, history = 0, 0.0, []
-    rng = np.random.default_rng(cfg.seed)
-    last = out / "last.pt"
-    if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        aam.load_state_dict(ck["aam"])
-        opt.load_state_dict(ck["opt"])
-        step, elapsed, history = ck["step"], ck["elapsed"], ck["history"]
-        rng.bit_generator.state = ck["rng"]
-
-    def save() -> None:
-        torch.save({"model": model.state_dict(), "aam": aam.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "elapsed": elapsed, "history": history, "rng": rng.bit_generator.state}, out / "last.tmp")
-        (out / "last.tmp").replace(last)
+    state = RunState(out, {"model": model, "aam": aam, "opt": opt}, cfg.seed)
+    rng = state.rng
 
     crop = int(cfg.crop_seconds * 16000)
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="finetune", unit="step")
-    t_start = time.monotonic() - elapsed * 60
-    while step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="finetune", unit="step")
+    t_start = time.monotonic() - state.elapsed * 60
+    while state.step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
         idx = rng.integers(0, len(waves), cfg.batch_size)
         batch = np.zeros((cfg.batch_size, crop), dtype=np.float32)
         lengths = np.zeros(cfg.batch_size, dtype=np.int64)
@@ -146,9 +133,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
                 seg = seg + rng.standard_normal(len(seg)).astype(np.float32) * float(np.std(seg)) * float(rng.uniform(0.03, 0.2))
             batch[b, :len(seg)] = seg
             lengths[b] = len(seg)
-        frac = step / cfg.max_steps
+        frac = state.step / cfg.max_steps
         for g in opt.param_groups:
-            warm = min(1.0, (step + 1) / cfg.warmup_steps)
+            warm = min(1.0, (state.step + 1) / cfg.warmup_steps)
             g["lr"] = g["base"] * warm * 0.5 * (1 + math.cos(math.pi * frac))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             emb = model(torch.from_numpy(batch), torch.from_numpy(lengths))  # (B, D)
@@ -161,19 +148,19 @@ def finetune(cfg: FinetuneConfig) -> Path:
         loss.backward()
         nn.utils.clip_grad_norm_(list(model.parameters()) + list(aam.parameters()), 5.0)
         opt.step()
-        history.append((step, float(loss.item()), float(distill.item()), float(cls.item())))
-        step += 1
-        elapsed = (time.monotonic() - t_start) / 60
+        state.history.append((state.step, float(loss.item()), float(distill.item()), float(cls.item())))
+        state.step += 1
+        state.elapsed = (time.monotonic() - t_start) / 60
         bar.update(1)
-        bar.set_postfix(distill=f"{distill.item():.3f}", aam=f"{cls.item():.2f}", min=f"{elapsed:.1f}")
-        if step % cfg.checkpoint_every == 0:
-            save()
+        bar.set_postfix(distill=f"{distill.item():.3f}", aam=f"{cls.item():.2f}", min=f"{state.elapsed:.1f}")
+        if state.step % cfg.checkpoint_every == 0:
+            state.save()
     bar.close()
-    save()
+    state.save()
     model.eval()
-    summary = {"steps": step, "minutes": elapsed, "speakers": len(speakers), "utterances": len(utts),
-               "final_distill": float(np.mean([h[2] for h in history[-50:]])),
-               "final_aam": float(np.mean([h[3] for h in history[-50:]]))}
+    summary = {"steps": state.step, "minutes": state.elapsed, "speakers": len(speakers), "utterances": len(utts),
+               "final_distill": float(np.mean([h[2] for h in state.history[-50:]])),
+               "final_aam": float(np.mean([h[3] for h in state.history[-50:]]))}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     pre = json.loads((Path(cfg.encoder).parent / "summary.json").read_text()) if (Path(cfg.encoder).parent / "summary.json").exists() else {}
     return save_checkpoint(model, out / "model.pt", training={"finetune": asdict(cfg), "finetune_summary": summary,

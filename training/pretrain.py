@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from models.ssl import build_encoder
-from training.common import load_split, start_run
+from training.common import RunState, load_split, start_run
 from training.features import mfcc
 
 __all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "pretrain", "main"]
@@ -142,28 +142,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
         frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
-    step, elapsed, history = 0, 0.0, []
-    rng = np.random.default_rng(cfg.seed)
-    last = out / "last.pt"
-    if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step, elapsed, history = ck["step"], ck["elapsed"], ck["history"]
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-
-    def save() -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                    "history": history, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()},
-                   out / "last.tmp")
-        (out / "last.tmp").replace(last)
+    state = RunState(out, {"model": model, "opt": opt}, cfg.seed)
+    rng = state.rng
 
     n_frames = _frames(crop)
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step")
-    t_start = time.monotonic() - elapsed * 60
-    while step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step")
+    t_start = time.monotonic() - state.elapsed * 60
+    while state.step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
         idx = rng.integers(0, len(waves), cfg.batch_size)
         batch = np.zeros((cfg.batch_size, crop), dtype=np.float32)
         tgt = np.zeros((cfg.batch_size, n_frames), dtype=np.int64)
@@ -175,7 +161,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             tgt[b] = labels[i][start_frame:start_frame + n_frames]
         mask = torch.from_numpy(_span_mask(cfg.batch_size, n_frames, cfg.mask_prob, cfg.mask_length, rng))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(state.step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(torch.from_numpy(batch), mask)  # (B, T', K)
         loss = nn.functional.cross_entropy(logits.float()[mask], torch.from_numpy(tgt)[mask])
@@ -185,19 +171,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
         opt.step()
         with torch.no_grad():
             acc = (logits.float()[mask].argmax(-1) == torch.from_numpy(tgt)[mask]).float().mean().item()
-        history.append((step, float(loss.item()), acc))
-        step += 1
-        elapsed = (time.monotonic() - t_start) / 60
+        state.history.append((state.step, float(loss.item()), acc))
+        state.step += 1
+        state.elapsed = (time.monotonic() - t_start) / 60
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", min=f"{elapsed:.1f}")
-        if step % cfg.checkpoint_every == 0:
-            save()
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", min=f"{state.elapsed:.1f}")
+        if state.step % cfg.checkpoint_every == 0:
+            state.save()
     bar.close()
-    save()
+    state.save()
     final = out / "encoder"
     model.encoder.save_pretrained(final)  # a standard save_pretrained directory
-    summary = {"steps": step, "minutes": elapsed, "final_loss": float(np.mean([h[1] for h in history[-50:]])),
-               "final_masked_acc": float(np.mean([h[2] for h in history[-50:]])), "utterances": len(waves)}
+    summary = {"steps": state.step, "minutes": state.elapsed, "final_loss": float(np.mean([h[1] for h in state.history[-50:]])),
+               "final_masked_acc": float(np.mean([h[2] for h in state.history[-50:]])), "utterances": len(waves)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return final
 

@@ -22,7 +22,6 @@ import types
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 from models.audio import resample, to_mono
