@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install the recorded TTS voices the corpus builder (training/corpus.py) uses, from Debian's
-# archive: flite, festival with its voices, espeak-ng, sox, and MBROLA with its voices
-# (contrib/non-free: reached through an apt source list of our own, /etc is not edited).
-#   bash scripts/install_voices.sh           # every MBROLA voice (~600 MB)
-#   bash scripts/install_voices.sh --small   # three MBROLA voices, for CI
+# archive: flite, festival with its voices in every language Debian packages (English, Catalan,
+# Czech, Finnish, Italian, Russian, Hindi, Marathi, Telugu), espeak-ng, sox, and MBROLA with its
+# voices (contrib/non-free: reached through an apt source list of our own, /etc is not edited).
+#   bash scripts/install_voices.sh           # every festival and MBROLA voice (~750 MB)
+#   bash scripts/install_voices.sh --small   # a few voices of each kind, for CI
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install_voices.sh: needs root (apt-get)" >&2; exit 2; }
 small=0; [ "${1:-}" = "--small" ] && small=1
@@ -14,11 +15,15 @@ echo "deb ${uri:-http://deb.debian.org/debian} ${suite:-bookworm} main contrib n
 apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::SourceParts=/dev/null")
 export DEBIAN_FRONTEND=noninteractive
 apt-get -qq "${apt_opts[@]}" update
-if [ "$small" = 1 ]; then
-  voices="mbrola-us1 mbrola-us2 mbrola-en1 mbrola-fr1"
-else
+festvox="festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
+if [ "$small" = 1 ]; then  # sw2 is a reserved voice; italp16k reads Latin-1 text
+  voices="mbrola-us1 mbrola-us2 mbrola-en1 mbrola-fr1 mbrola-sw2"
+  festvox="$festvox festvox-italp16k"
+else  # the festival voices training/corpus.py knows (FESTIVAL_VOICES)
   voices=$(apt-cache "${apt_opts[@]}" search '^mbrola-' | awk '{print $1}' | grep '^mbrola-' | tr '\n' ' ')
+  festvox="$festvox festvox-ca-ona-hts festvox-czech-dita festvox-czech-krb festvox-czech-machac festvox-czech-ph
+    festvox-suopuhe-lj festvox-suopuhe-mv festvox-italp16k festvox-itapc16k festvox-ru festvox-hi-nsk festvox-mr-nsk
+    festvox-te-nsk"
 fi
-apt-get install -y -qq "${apt_opts[@]}" flite espeak-ng sox festival festvox-kallpc16k festvox-kdlpc16k \
-  festvox-us-slt-hts mbrola $voices >/dev/null
-echo "install_voices.sh: installed flite, festival voices, espeak-ng, sox, mbrola and $(echo $voices | wc -w) MBROLA voices"
+apt-get install -y -qq "${apt_opts[@]}" flite espeak-ng sox festival $festvox mbrola $voices >/dev/null
+echo "install_voices.sh: installed flite, espeak-ng, sox, $(echo $festvox | wc -w) festival voices and $(echo $voices | wc -w) MBROLA voices"
