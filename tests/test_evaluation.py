@@ -48,3 +48,19 @@ def test_edge_cases(tmp_path):
         read_trials(tmp_path / "t")
     enroll = {"x": np.array([1.0, 0.0]), "y": np.array([0.0, 1.0])}
     assert identification_accuracy(enroll, [(np.array([0.9, 0.1]), "x"), (np.array([0.9, 0.2]), "y")]) == 50.0
+
+
+def test_evaluate_job_reports_each_system_and_names_a_missing_split(mini_corpus, tmp_path, capsys):
+    import json
+
+    from tests.conftest import REPOSITORY
+    from training.evaluate import main
+
+    assert main(["--corpus", str(mini_corpus), "--models", "ge2e", "--repository", str(REPOSITORY),
+                 "--out", str(tmp_path / "eval")]) == 0
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(res) == {"logmel-meanstd", "ge2e"}
+    assert res["ge2e"]["n_target"] > 0 and 0 <= res["ge2e"]["eer"] <= 100 and res["ge2e"]["rtf"] > 0
+    assert (tmp_path / "eval" / "det.png").stat().st_size > 1000
+    assert main(["--corpus", str(mini_corpus), "--split", "reserved", "--out", str(tmp_path / "r")]) == 2
+    assert "reserved" in capsys.readouterr().err

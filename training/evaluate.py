@@ -1,8 +1,9 @@
 """Evaluate exported models (and the log-mel baseline) on a corpus's evaluation trials.
 
     .venv/bin/python -m training.evaluate --corpus corpus --models ge2e ssl-sv-small --out runs/eval
+    .venv/bin/python -m training.evaluate --corpus corpus --split reserved --models ssl-sv-small --out runs/eval-reserved
 
-For each system: EER (%), minDCF (p_target 0.01 and 0.05) on ``eval/trials`` with cosine
+For each system: EER (%), minDCF (p_target 0.01 and 0.05) on ``<split>/trials`` with cosine
 scoring, closed-set identification accuracy (each evaluation speaker enrolled with the mean
 of its first half of utterances, the second half identified), and ONNX Runtime real-time
 factor (seconds of compute per second of audio, batch 1, one thread). Writes
@@ -92,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", default=["ge2e"], help="repository entries (names or directories)")
     ap.add_argument("--repository", default=str(REPO))
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--split", default="eval", choices=("eval", "reserved"),
+                    help="eval: the evaluation speakers; reserved: the MBROLA voices kept out of the corpus's splits")
     ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args(argv)
     try:
-        es = EvalSet(args.corpus)
+        es = EvalSet(args.corpus, args.split)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = r
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot_det(curves, args.out / "det.png", title=f"{Path(args.corpus).name} evaluation trials")
+    plot_det(curves, args.out / "det.png", title=f"{Path(args.corpus).name} {args.split} trials")
     return 0
 
 
