@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -38,6 +39,28 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
     model, ckpt = load_checkpoint(path)
     assert model.embedding_dim == 256 and ckpt["training"]["finetune_summary"]["steps"] == 2
     assert (tmp_path / "ft" / "teacher.npy").exists()
+
+
+def test_second_iteration_continues_from_the_encoder_on_its_own_feature_clusters(mini_corpus, tmp_path):
+    from models.ssl import load_encoder
+    from training.pretrain import PretrainConfig, pretrain
+
+    base = dict(corpus=str(mini_corpus), n_clusters=6, batch_size=2, crop_seconds=1.0, bf16=False)
+    first = pretrain(PretrainConfig(out=str(tmp_path / "it1"), encoder=dict(TINY_ENCODER), max_steps=1, **base))
+    layers = TINY_ENCODER["num_hidden_layers"]
+    with pytest.raises(ValueError, match="target_layer 2 needs init_encoder"):
+        pretrain(PretrainConfig(out=str(tmp_path / "x"), target_layer=2, **base))
+    with pytest.raises(ValueError, match=f"target_layer {layers + 1} is not a layer"):
+        pretrain(PretrainConfig(out=str(tmp_path / "y"), init_encoder=str(first), target_layer=layers + 1, **base))
+    cfg = PretrainConfig(out=str(tmp_path / "it2"), init_encoder=str(first), target_layer=layers, max_steps=0, **base)
+    second = pretrain(cfg)  # zero steps: the saved encoder is the first iteration's, unchanged
+    _, a = load_encoder(first)
+    _, b = load_encoder(second)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    z = np.load(tmp_path / "it2" / "targets.npz")
+    assert z["centroids"].shape == (6, TINY_ENCODER["hidden_size"])  # clusters of the encoder's features, not MFCC
+    summary = json.loads((tmp_path / "it2" / "summary.json").read_text())
+    assert summary["targets"] == f"layer {layers} of {first}"
 
 
 def test_pretrain_bad_corpus(tmp_path):

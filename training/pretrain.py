@@ -1,8 +1,12 @@
 """HuBERT-style SSL pretraining of a small WavLM from random initialisation, on CPU.
 
     .venv/bin/python -m training.pretrain --corpus corpus --out runs/pretrain [--max-minutes 35]
+    .venv/bin/python -m training.pretrain --corpus corpus --out runs/pretrain2 \
+        --init-encoder runs/pretrain/encoder --target-layer 3          # second iteration
 
-Targets: k-means (FAISS) of MFCC+deltas frames at the encoder's 20 ms frame rate. The model
+Targets: k-means (FAISS) of MFCC+deltas frames at the encoder's 20 ms frame rate (first
+iteration) or, as in HuBERT's second iteration, of the frame features of one layer of the
+first iteration's encoder, which then continues training on them. The model
 predicts the cluster of masked frames (spans of ``mask_length`` frames covering about
 ``mask_prob`` of each crop, replaced by the learned mask embedding) from its last layer,
 with cross-entropy over masked frames only. This makes its frame features carry phonetic
@@ -27,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.ssl import build_encoder
+from models.ssl import build_encoder, load_encoder
 from training.common import RunState, load_split, start_run
 from training.features import mfcc
 
-__all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "pretrain", "main"]
+__all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "feature_targets", "pretrain", "main"]
 
 # 4-layer WavLM, hidden 256, FFN 1024, thin early convolutions (about 4 M parameters)
 SMALL_WAVLM = dict(
@@ -49,6 +53,8 @@ class PretrainConfig:
     corpus: str
     out: str
     encoder: dict = field(default_factory=lambda: dict(SMALL_WAVLM))
+    init_encoder: str | None = None  # a save_pretrained directory to continue from (second iteration)
+    target_layer: int = 0  # 0: MFCC k-means targets; L >= 1: k-means of init_encoder's layer-L features
     n_clusters: int = 100
     kmeans_frames: int = 300_000
     crop_seconds: float = 1.6
@@ -71,14 +77,13 @@ def _frames(n_samples: int) -> int:
     return max(0, (n_samples - 400) // 320 + 1)
 
 
-def kmeans_targets(waves: list[np.ndarray], k: int, max_frames: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Cluster MFCC+delta frames (20 ms shift) with FAISS k-means; returns per-utterance labels and centroids."""
+def _kmeans(feats: list[np.ndarray], k: int, max_frames: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """FAISS k-means of standardised frames [(T_i, D)]; per-utterance labels [(T_i,)] and centroids (k, D)."""
     import faiss
 
-    feats = [mfcc(w, shift_ms=20.0) for w in waves]  # [(T_i, 39)]
-    allf = np.concatenate(feats)
+    allf = np.concatenate(feats)  # (sum T_i, D)
     if len(allf) < k:
-        raise ValueError(f"{len(allf)} MFCC frames cannot make {k} clusters; lower n_clusters or add audio")
+        raise ValueError(f"{len(allf)} frames cannot make {k} clusters; lower n_clusters or add audio")
     mu, sd = allf.mean(0), allf.std(0) + 1e-5
     rng = np.random.default_rng(seed)
     sample = allf[rng.choice(len(allf), min(max_frames, len(allf)), replace=False)]
@@ -86,6 +91,31 @@ def kmeans_targets(waves: list[np.ndarray], k: int, max_frames: int, seed: int) 
     km.train(((sample - mu) / sd).astype(np.float32))
     labels = [km.index.search(((f - mu) / sd).astype(np.float32), 1)[1][:, 0].astype(np.int64) for f in feats]
     return labels, km.centroids
+
+
+def kmeans_targets(waves: list[np.ndarray], k: int, max_frames: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Cluster MFCC+delta frames (20 ms shift) with FAISS k-means; returns per-utterance labels and centroids."""
+    return _kmeans([mfcc(w, shift_ms=20.0) for w in waves], k, max_frames, seed)  # [(T_i, 39)]
+
+
+def feature_targets(encoder: nn.Module, waves: list[np.ndarray], layer: int, k: int, max_frames: int,
+                    seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Second-iteration targets: k-means of ``encoder``'s layer-``layer`` frame features.
+
+    Raises:
+        ValueError: ``layer`` is not one of the encoder's layers (1..num_hidden_layers).
+    """
+    n_layers = encoder.config.num_hidden_layers
+    if not 1 <= layer <= n_layers:
+        raise ValueError(f"target_layer {layer} is not a layer of the encoder (1..{n_layers})")
+    feats = []
+    encoder.eval()
+    with torch.inference_mode():
+        for w in waves:
+            hs = encoder(torch.from_numpy(w)[None], output_hidden_states=True).hidden_states[layer]  # (1, T', H)
+            feats.append(hs[0].float().numpy())
+    encoder.train()
+    return _kmeans(feats, k, max_frames, seed)
 
 
 class MaskedPredictor(nn.Module):
@@ -116,6 +146,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining; returns the path of the final encoder checkpoint."""
     from tqdm import tqdm
 
+    init = None
+    if cfg.init_encoder:
+        family, init = load_encoder(cfg.init_encoder)
+        if family != "wavlm":
+            raise ValueError(f"init_encoder {cfg.init_encoder}: a {family} encoder; pretraining continues WavLM encoders")
+        cfg.encoder = {k: getattr(init.config, k) for k in cfg.encoder}  # record what is actually trained
+        init.config.mask_time_prob = max(init.config.mask_time_prob, 0.05)
+    elif cfg.target_layer:
+        raise ValueError(f"target_layer {cfg.target_layer} needs init_encoder (the encoder whose features are clustered)")
     out = start_run(cfg.out, cfg, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -130,10 +169,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
         z = np.load(targets_path, allow_pickle=False)
         labels = [z[f"u{i}"] for i in range(len(waves))]
     else:
-        labels, centroids = kmeans_targets(waves, cfg.n_clusters, cfg.kmeans_frames, cfg.seed)
+        if cfg.target_layer:
+            labels, centroids = feature_targets(init, waves, cfg.target_layer, cfg.n_clusters, cfg.kmeans_frames,
+                                                cfg.seed)
+        else:
+            labels, centroids = kmeans_targets(waves, cfg.n_clusters, cfg.kmeans_frames, cfg.seed)
         np.savez(targets_path, centroids=centroids, **{f"u{i}": lab for i, lab in enumerate(labels)})
 
-    model = MaskedPredictor(build_encoder("wavlm", {**cfg.encoder, "mask_time_prob": 0.05}), cfg.n_clusters)
+    encoder = init if init is not None else build_encoder("wavlm", {**cfg.encoder, "mask_time_prob": 0.05})
+    model = MaskedPredictor(encoder, cfg.n_clusters)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -182,8 +226,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     state.save()
     final = out / "encoder"
     model.encoder.save_pretrained(final)  # a standard save_pretrained directory
-    summary = {"steps": state.step, "minutes": state.elapsed, "final_loss": float(np.mean([h[1] for h in state.history[-50:]])),
-               "final_masked_acc": float(np.mean([h[2] for h in state.history[-50:]])), "utterances": len(waves)}
+    last = state.history[-50:]  # empty when a run asked for no steps
+    summary = {"steps": state.step, "minutes": state.elapsed,
+               "final_loss": float(np.mean([h[1] for h in last])) if last else None,
+               "final_masked_acc": float(np.mean([h[2] for h in last])) if last else None, "utterances": len(waves),
+               "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC"}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return final
 
@@ -194,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", required=True)
     ap.add_argument("--out", required=True)
-    for f in ("n_clusters", "batch_size", "max_steps", "seed", "threads", "checkpoint_every"):
+    ap.add_argument("--init-encoder", help="save_pretrained encoder directory to continue from (second iteration)")
+    for f in ("n_clusters", "batch_size", "max_steps", "seed", "threads", "checkpoint_every", "target_layer"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     for f in ("max_minutes", "lr", "crop_seconds", "mask_prob"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
