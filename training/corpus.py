@@ -28,7 +28,8 @@ mild noise (15-30 dB) so trials are not studio-clean.
 Output (Kaldi style): ``{train,eval,reserved}/wav.scp``, ``utt2spk``, ``spk2utt``,
 ``{eval,reserved}/trials``, ``manifest.json`` (voice -> engine, package, licence, language,
 split) and 16 kHz mono 16-bit WAV files under ``wav/``. Rebuilding with the same seed gives
-the same corpus.
+the same corpus. WAV files already present are kept, so an interrupted build resumes; build
+into an empty directory after changing voices or text.
 """
 
 from __future__ import annotations
