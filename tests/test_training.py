@@ -61,6 +61,7 @@ def test_second_iteration_continues_from_the_encoder_on_its_own_feature_clusters
     assert z["centroids"].shape == (6, TINY_ENCODER["hidden_size"])  # clusters of the encoder's features, not MFCC
     summary = json.loads((tmp_path / "it2" / "summary.json").read_text())
     assert summary["targets"] == f"layer {layers} of {first}"
+    assert summary["init_run"]["summary"]["targets"] == "MFCC" and summary["init_run"]["config"]["max_steps"] == 1
 
 
 def test_pretrain_bad_corpus(tmp_path):

@@ -231,6 +231,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
                "final_loss": float(np.mean([h[1] for h in last])) if last else None,
                "final_masked_acc": float(np.mean([h[2] for h in last])) if last else None, "utterances": len(waves),
                "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC"}
+    if cfg.init_encoder:  # provenance of the run this one continues: its config and summary
+        prev = Path(cfg.init_encoder).parent
+        summary["init_run"] = {name: json.loads((prev / f"{name}.json").read_text())
+                               for name in ("config", "summary") if (prev / f"{name}.json").is_file()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return final
 
