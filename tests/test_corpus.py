@@ -32,6 +32,8 @@ def test_every_language_gives_distinct_seeded_sentences(language):
 def test_unknown_language_is_named():
     with pytest.raises(ValueError, match="'xx'"):
         sentences(3, 0, "xx")
+    with pytest.raises(ValueError, match="n=100000: language 'de' has only 10 sentences"):
+        sentences(100_000, 0, "de")
 
 
 def test_trials_pair_distinct_utterances():

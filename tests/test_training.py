@@ -42,7 +42,7 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
 
 
 def test_second_iteration_continues_from_the_encoder_on_its_own_feature_clusters(mini_corpus, tmp_path):
-    from models.ssl import load_encoder
+    from models.ssl import build_encoder, load_encoder
     from training.pretrain import PretrainConfig, pretrain
 
     base = dict(corpus=str(mini_corpus), n_clusters=6, batch_size=2, crop_seconds=1.0, bf16=False)
@@ -52,6 +52,10 @@ def test_second_iteration_continues_from_the_encoder_on_its_own_feature_clusters
         pretrain(PretrainConfig(out=str(tmp_path / "x"), target_layer=2, **base))
     with pytest.raises(ValueError, match=f"target_layer {layers + 1} is not a layer"):
         pretrain(PretrainConfig(out=str(tmp_path / "y"), init_encoder=str(first), target_layer=layers + 1, **base))
+    unmaskable = tmp_path / "nomask"
+    build_encoder("wavlm", {**TINY_ENCODER, "mask_time_prob": 0.0}).save_pretrained(unmaskable)
+    with pytest.raises(ValueError, match="has no mask embedding"):
+        pretrain(PretrainConfig(out=str(tmp_path / "z"), init_encoder=str(unmaskable), **base))
     cfg = PretrainConfig(out=str(tmp_path / "it2"), init_encoder=str(first), target_layer=layers, max_steps=0, **base)
     second = pretrain(cfg)  # zero steps: the saved encoder is the first iteration's, unchanged
     _, a = load_encoder(first)

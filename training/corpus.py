@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,6 +158,7 @@ _FIXED = [
 ]
 
 
+@cache
 def _sentence_table() -> dict[str, list[str]]:
     table = json.loads(SENTENCES.read_text(encoding="utf-8"))
     return {k: v for k, v in table.items() if not k.startswith("_")}
@@ -169,7 +171,7 @@ def sentences(n: int, seed: int, language: str = "en") -> list[str]:
     the language's sentences from ``sentences.json`` in random order.
 
     Raises:
-        ValueError: ``language`` has no sentences.
+        ValueError: ``language`` has no sentences, or too few to make ``n`` distinct ones.
     """
     rng = random.Random(seed)
     if language == "en":
@@ -189,6 +191,8 @@ def sentences(n: int, seed: int, language: str = "en") -> list[str]:
         if len(out_set) >= n:
             break
         out_set.setdefault(" ".join(rng.sample(base, rng.choice((2, 2, 3)))), None)
+    if len(out_set) < n:
+        raise ValueError(f"n={n}: language {language!r} has only {len(base)} sentences, too few for {n} distinct ones")
     return list(out_set)[:n]
 
 

@@ -151,8 +151,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         family, init = load_encoder(cfg.init_encoder)
         if family != "wavlm":
             raise ValueError(f"init_encoder {cfg.init_encoder}: a {family} encoder; pretraining continues WavLM encoders")
+        if getattr(init, "masked_spec_embed", None) is None:
+            raise ValueError(f"init_encoder {cfg.init_encoder}: has no mask embedding (its config's mask_time_prob "
+                             "is 0), so masked prediction cannot continue it")
         cfg.encoder = {k: getattr(init.config, k) for k in cfg.encoder}  # record what is actually trained
-        init.config.mask_time_prob = max(init.config.mask_time_prob, 0.05)
     elif cfg.target_layer:
         raise ValueError(f"target_layer {cfg.target_layer} needs init_encoder (the encoder whose features are clustered)")
     out = start_run(cfg.out, cfg, cfg.seed)
