@@ -1,0 +1,124 @@
+"""models.vad: Silero VAD probabilities and segments against the silero-vad package's own output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from models.audio import resample
+from models.vad import SileroVad, VadOptions, keep_speech, speech_segments
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def vad() -> SileroVad:
+    return SileroVad()
+
+
+def _speechy(speech_files) -> dict[str, np.ndarray]:
+    """Real utterances with the edits real recordings have: silence, low noise, pauses."""
+    rng = np.random.default_rng(0)
+    slt, _ = sf.read(speech_files["flite-slt-1"], dtype="float32")
+    awb, _ = sf.read(speech_files["flite-awb-1"], dtype="float32")
+    z = lambda s: np.zeros(int(s * SR), np.float32)  # noqa: E731
+    low = lambda s: (0.003 * rng.standard_normal(int(s * SR))).astype(np.float32)  # noqa: E731
+    return {
+        "padded": np.concatenate([z(3), slt, z(3)]),
+        "noise_padded": np.concatenate([low(3), slt, low(3)]) + low(3 + len(slt) / SR + 3)[: 6 * SR + len(slt)],
+        "pause": np.concatenate([slt[: len(slt) // 2], z(2), slt[len(slt) // 2:], z(0.5), awb]),
+        "long": np.concatenate([awb, z(1), slt] * 6),  # > 512 frames: several ONNX blocks
+    }
+
+
+def test_probabilities_equal_the_package(vad, speech_files):
+    pytest.importorskip("silero_vad")
+    from silero_vad.sequence_vad import SileroVADSequence
+
+    ref = SileroVADSequence(str(vad.path))
+    for name, x in _speechy(speech_files).items():
+        np.testing.assert_allclose(vad.probabilities(x), ref.audio_forward(x), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("opts", [
+    {},
+    {"threshold": 0.3, "min_speech_duration_ms": 100, "min_silence_duration_ms": 300, "speech_pad_ms": 100},
+    {"threshold": 0.7, "min_speech_duration_ms": 500, "min_silence_duration_ms": 50, "speech_pad_ms": 0},
+])
+def test_segments_equal_the_package(vad, speech_files, opts):
+    pytest.importorskip("silero_vad")
+    from silero_vad.sequence_vad import SileroVADSequence, get_speech_timestamps_sequence
+
+    ref = SileroVADSequence(str(vad.path))
+    ours = VadOptions(threshold=opts.get("threshold", 0.5), min_speech_ms=opts.get("min_speech_duration_ms", 250),
+                      min_silence_ms=opts.get("min_silence_duration_ms", 100), speech_pad_ms=opts.get("speech_pad_ms", 30))
+    for name, x in _speechy(speech_files).items():
+        x = x - np.float32(x.mean(dtype=np.float64))  # SileroVad.segments removes the DC offset first
+        expected = [(d["start"], d["end"]) for d in get_speech_timestamps_sequence(x, ref, **opts)]
+        assert speech_segments(vad.probabilities(x), x.size, ours) == expected, name
+        assert vad.segments(x, SR, ours) == expected, name
+        assert expected, name
+
+
+def test_dc_offset_does_not_move_segments(vad, speech_files):
+    x = _speechy(speech_files)["padded"]
+    assert vad.segments(x + 0.3, SR) == vad.segments(x, SR)
+
+
+def test_padding_and_pauses_leave_the_speech(vad, speech_files):
+    slt, _ = sf.read(speech_files["flite-slt-1"], dtype="float32")
+    x = _speechy(speech_files)["padded"]
+    segs = vad.segments(x, SR)
+    kept = keep_speech(x, segs)
+    assert segs[0][0] >= 2.9 * SR and segs[-1][1] <= 3.1 * SR + len(slt)
+    assert abs(len(kept) - len(slt)) < 0.25 * SR
+
+
+@pytest.mark.parametrize("name", ["silence", "white", "pink", "tone", "dtmf", "dc", "square", "clipped_noise", "sweep"])
+def test_non_speech_has_no_segments(vad, name):
+    rng = np.random.default_rng(1)
+    t = np.arange(3 * SR) / SR
+    spec = np.fft.rfft(rng.standard_normal(t.size))
+    pink = np.fft.irfft(spec / np.sqrt(np.maximum(np.arange(spec.size), 1)), t.size)
+    signals = {
+        "silence": np.zeros(t.size), "white": 0.3 * rng.standard_normal(t.size), "pink": 0.3 * pink / np.abs(pink).max(),
+        "tone": 0.5 * np.sin(2 * np.pi * 440 * t), "dtmf": 0.3 * (np.sin(2 * np.pi * 697 * t) + np.sin(2 * np.pi * 1209 * t)),
+        "dc": np.full(t.size, 0.5), "square": np.sign(np.sin(2 * np.pi * 100 * t)),
+        "clipped_noise": np.clip(3 * rng.standard_normal(t.size), -1, 1),
+        "sweep": 0.3 * np.sin(2 * np.pi * (100 + 1000 * t / 3) * t),
+    }
+    assert vad.segments(signals[name].astype(np.float32), SR) == []
+
+
+def test_other_rates_map_back_and_state_resets(vad, speech_files):
+    x = _speechy(speech_files)["pause"]
+    base = vad.segments(x, SR)
+    for rate in (8000, 44100):
+        y = resample(x, SR, rate)
+        got = [(a / rate, b / rate) for a, b in vad.segments(y, rate)]
+        assert len(got) == len(base)
+        for (a, b), (c, d) in zip(got, [(a / SR, b / SR) for a, b in base]):
+            assert abs(a - c) < 0.2 and abs(b - d) < 0.2  # 8 kHz loses the band above 4 kHz
+    vad.probabilities(np.random.default_rng(2).standard_normal(SR * 5).astype(np.float32))  # another request first
+    assert vad.segments(x, SR) == base
+
+
+def test_segment_rules_on_synthetic_probabilities():
+    frame = 512
+    # 10 frames of speech, 2 quiet frames (too short a silence), 10 speech, 10 silent, 3 speech (too short)
+    probs = np.array([0.9] * 10 + [0.1] * 2 + [0.9] * 10 + [0.1] * 10 + [0.9] * 3 + [0.0] * 5, np.float32)
+    opts = VadOptions(min_speech_ms=100, min_silence_ms=100, speech_pad_ms=0)
+    segs = speech_segments(probs, len(probs) * frame, opts)
+    assert segs == [(0, 22 * frame)]
+    # between neg_threshold and threshold nothing changes: the segment continues
+    probs = np.array([0.9] * 10 + [0.4] * 20 + [0.9] * 10 + [0.0] * 10, np.float32)
+    assert speech_segments(probs, len(probs) * frame, opts) == [(0, 40 * frame)]
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=1.5), dict(neg_threshold=0.9),
+                                 dict(min_speech_ms=-1), dict(speech_pad_ms=float("nan"))])
+def test_bad_options_name_the_option(bad):
+    with pytest.raises(ValueError) as e:
+        VadOptions(**bad).validate("vad")
+    assert f"vad.{next(iter(bad))}" in str(e.value)
