@@ -15,15 +15,19 @@ session against it and reports it. Only the standard library is imported here.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelCard", "ArtifactError", "load_card", "save_card", "scan_repository", "FORMAT_VERSION"]
+__all__ = ["ModelCard", "ArtifactError", "load_card", "save_card", "scan_repository", "FORMAT_VERSION", "SCORE_SCALES"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 cards have no cohort, calibration, operating point or VAD section
 _BATCHING = ("padded", "same_length")
+SCORE_SCALES = ("cosine", "normalized", "llr")
+_VAD_KEYS = ("threshold", "neg_threshold", "min_speech_ms", "min_silence_ms", "speech_pad_ms")
 
 
 class ArtifactError(ValueError):
@@ -51,6 +55,17 @@ class ModelCard:
         files: variant name -> file name ("fp32" is required).
         family, description, license, source, parameters: provenance for users.
         training_config, pruning, evaluation: free-form records of how it was made.
+        cohort: the impostor cohort for score normalisation, or None: ``{"file": "cohort.npy",
+            "size": M, "source": ..., ...}``; the file holds an (M, embedding_dim) float32
+            array of unit voiceprints of training speakers.
+        calibration: the map from S-norm scores to log-likelihood ratios, or None:
+            ``{"score": "snorm", "scale": a, "offset": b, ...}`` (``llr = a * snorm + b``, a > 0)
+            plus how it was fitted and its Cllr; needs a cohort.
+        operating_point: the default decision, or None (cosine ``threshold``):
+            ``{"scale": "cosine"|"normalized"|"llr", "threshold": t, ...}``; accept when the
+            score on that scale is >= t.
+        vad: voice activity detection options for this model (``threshold``, ``neg_threshold``,
+            ``min_speech_ms``, ``min_silence_ms``, ``speech_pad_ms``), overriding the server's.
     """
 
     name: str
@@ -73,6 +88,10 @@ class ModelCard:
     training_config: dict[str, Any] = field(default_factory=dict)
     pruning: dict[str, Any] | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)
+    cohort: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    operating_point: dict[str, Any] | None = None
+    vad: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def validate(self, where: str = "model.json") -> "ModelCard":
@@ -97,13 +116,55 @@ class ModelCard:
             raise bad("min_audio_seconds", f"must be >= 0, got {self.min_audio_seconds!r}")
         if "fp32" not in self.files:
             raise bad("files", f"must name an 'fp32' file, got {self.files!r}")
-        if self.format_version != FORMAT_VERSION:
-            raise bad("format_version", f"must be {FORMAT_VERSION}, got {self.format_version!r}")
+        if self.format_version not in _READABLE_VERSIONS:
+            raise bad("format_version", f"must be one of {_READABLE_VERSIONS}, got {self.format_version!r}")
+        self._validate_scoring(bad)
+        if self.vad is not None:
+            if not isinstance(self.vad, dict) or set(self.vad) - set(_VAD_KEYS):
+                raise bad("vad", f"must be an object with keys among {_VAD_KEYS}, got {self.vad!r}")
+            for key, value in self.vad.items():
+                if value is not None and not _finite(value):
+                    raise bad(f"vad.{key}", f"must be a finite number, got {value!r}")
         return self
+
+    def _validate_scoring(self, bad) -> None:
+        """Cohort, calibration and operating point: types, finiteness and dependencies."""
+        if self.cohort is not None:
+            if not isinstance(self.cohort, dict) or not isinstance(self.cohort.get("file"), str):
+                raise bad("cohort", f"must be an object with a 'file' name, got {self.cohort!r}")
+            size = self.cohort.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+                raise bad("cohort.size", f"must be an integer >= 2, got {size!r}")
+        if self.calibration is not None:
+            if self.cohort is None:
+                raise bad("calibration", "needs a cohort (it maps S-norm scores, which need one)")
+            cal = self.calibration
+            if not isinstance(cal, dict) or cal.get("score") != "snorm":
+                raise bad("calibration.score", f"must be 'snorm', got {cal.get('score') if isinstance(cal, dict) else cal!r}")
+            for key in ("scale", "offset"):
+                if not _finite(cal.get(key)):
+                    raise bad(f"calibration.{key}", f"must be a finite number, got {cal.get(key)!r}")
+            if cal["scale"] <= 0:
+                raise bad("calibration.scale", f"must be > 0, got {cal['scale']!r}")
+        if self.operating_point is not None:
+            op = self.operating_point
+            scale = op.get("scale") if isinstance(op, dict) else None
+            if scale not in SCORE_SCALES:
+                raise bad("operating_point.scale", f"must be one of {SCORE_SCALES}, got {scale!r}")
+            if not _finite(op.get("threshold")):
+                raise bad("operating_point.threshold", f"must be a finite number, got {op.get('threshold')!r}")
+            if scale == "llr" and self.calibration is None:
+                raise bad("operating_point.scale", "is 'llr' but the card has no calibration")
+            if scale == "normalized" and self.cohort is None:
+                raise bad("operating_point.scale", "is 'normalized' but the card has no cohort")
 
     def to_json(self) -> str:
         """The card as pretty-printed JSON."""
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_card(model_dir: str | os.PathLike) -> ModelCard:
@@ -141,6 +202,8 @@ def load_card(model_dir: str | os.PathLike) -> ModelCard:
     for variant, fname in card.files.items():
         if not (model_dir / fname).is_file():
             raise ArtifactError(f"{path}: files.{variant} names {fname!r}, which does not exist")
+    if card.cohort is not None and not (model_dir / card.cohort["file"]).is_file():
+        raise ArtifactError(f"{path}: cohort.file names {card.cohort['file']!r}, which does not exist")
     return card
 
 

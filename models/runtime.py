@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import ArtifactError, ModelCard, load_card
+from models.scoring import ModelScorer
 
 __all__ = ["SpeakerModel", "available_providers"]
 
@@ -72,6 +73,10 @@ class SpeakerModel:
             raise ArtifactError(f"{path}: ONNX Runtime could not load the model ({e})") from None
         self.provider = self.session.get_providers()[0]
         self._check_session(path)
+        try:
+            self.scorer = ModelScorer.from_card(self.card, self.dir)
+        except ValueError as e:
+            raise ArtifactError(f"{self.dir / 'model.json'}: {e}") from None
         log.info("loaded model %s (%s, %s) on %s", self.name, self.card.version, path.name, self.provider)
 
     # -- properties -------------------------------------------------------------------
