@@ -2,7 +2,7 @@
 
     spkserve serve [--config FILE] [--port N] [--metrics-port N] [--model-repository DIR] [--data-dir DIR]
     spkserve embed    --target HOST:PORT [--model NAME] FILE...
-    spkserve verify   --target HOST:PORT [--model NAME] [--threshold T] FILE_A FILE_B
+    spkserve verify   --target HOST:PORT [--model NAME] [--threshold T [--scale cosine|normalized|llr]] FILE_A FILE_B
     spkserve enroll   --target HOST:PORT [--collection C] --speaker ID FILE...
     spkserve identify --target HOST:PORT [--collection C] [--top-k K] FILE
     spkserve delete   --target HOST:PORT [--collection C] --speaker ID
@@ -25,6 +25,8 @@ from typing import Any
 import grpc
 
 __all__ = ["main", "build_parser"]
+
+_SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -88,19 +90,37 @@ def _client(args: argparse.Namespace) -> int:
                                        b=pb.Probe(audio=_audio(args.file_b)))
                 if args.threshold is not None:
                     req.threshold = args.threshold
+                    req.threshold_scale = _SCALES[args.scale]
                 r = stub.Verify(req, **kw)
-                _emit({"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model})
+                out = {"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model,
+                       "verdict": pb.Verdict.Name(r.verdict).removeprefix("VERDICT_"),
+                       "llr": r.llr if r.HasField("llr") else None,
+                       "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
+                       "decision_scale": pb.ScoreScale.Name(r.decision_scale).removeprefix("SCORE_SCALE_").lower(),
+                       "decision_threshold": r.decision_threshold,
+                       "speech_seconds": [r.a_speech.speech_seconds, r.b_speech.speech_seconds]}
+                if r.reason:
+                    out["reason"] = r.reason
+                _emit(out)
             elif args.command == "enroll":
                 r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection,
                                                  speaker_id=args.speaker, audio=[_audio(f) for f in args.files]), **kw)
                 _emit({"collection": r.speaker.collection, "speaker": r.speaker.speaker_id, "created": r.created,
-                       "utterance_count": r.speaker.utterance_count, "model": r.speaker.model})
+                       "utterance_count": r.speaker.utterance_count, "model": r.speaker.model,
+                       "status": pb.EnrollmentStatus.Name(r.status).removeprefix("ENROLLMENT_STATUS_"),
+                       "speech_seconds": r.speaker.speech_seconds,
+                       "required_speech_seconds": r.speaker.required_speech_seconds,
+                       "utterances": [{"file": f, "speech_seconds": u.speech.speech_seconds, "consistent": u.consistent}
+                                      for f, u in zip(args.files, r.utterances)]})
             elif args.command == "identify":
                 req = pb.IdentifyRequest(model=args.model or "", collection=args.collection,
                                          probe=pb.Probe(audio=_audio(args.file)), top_k=args.top_k)
                 r = stub.Identify(req, **kw)
                 _emit({"candidates": [{"speaker": c.speaker_id, "score": c.score} for c in r.candidates],
-                       "is_match": r.is_match, "threshold": r.threshold, "model": r.model})
+                       "is_match": r.is_match, "threshold": r.threshold, "model": r.model,
+                       "verdict": pb.Verdict.Name(r.verdict).removeprefix("VERDICT_"),
+                       "llr": [c.llr for c in r.candidates if c.HasField("llr")],
+                       "speech_seconds": r.probe_speech.speech_seconds, **({"reason": r.reason} if r.reason else {})})
             elif args.command == "delete":
                 r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker), **kw)
                 _emit({"deleted": r.speaker.speaker_id, "collection": r.speaker.collection})
@@ -146,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("verify", "score two audio files")
     p.add_argument("file_a", metavar="FILE_A")
     p.add_argument("file_b", metavar="FILE_B")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's operating point)")
+    p.add_argument("--scale", choices=sorted(_SCALES), default="cosine", help="the scale --threshold is on")
     p = client("enroll", "enroll audio files as a speaker")
     p.add_argument("--collection", default="")
     p.add_argument("--speaker", required=True)

@@ -9,13 +9,26 @@ masked).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ServerConfig", "ConfigError", "load_config", "default_model_repository"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
+
+__all__ = ["ServerConfig", "ConfigError", "load_config", "default_model_repository", "MODEL_SETTING_KEYS"]
+
+# Options that [model_settings.<model>] tables may set for one model (they override the
+# server-wide option of the same name for that model only).
+MODEL_SETTING_KEYS = ("vad", "vad_threshold", "vad_min_speech_ms", "vad_min_silence_ms", "vad_speech_pad_ms",
+                      "min_probe_speech_seconds", "min_enroll_speech_seconds", "decision_scale", "decision_threshold")
+_SCALES = ("", "cosine", "normalized", "llr")
 
 _INDEX_TYPES = ("flat", "hnsw", "ivf")
 _VARIANTS = ("fp32", "int8")
@@ -61,6 +74,21 @@ class ServerConfig:
     max_message_mb: int = 64
     max_stream_mb: int = 256
     decode_workers: int = 2
+    # voice activity detection (Silero VAD) before every embedding; the model's model.json
+    # may carry its own VAD options, and [model_settings.<model>] overrides both
+    vad: bool = True
+    vad_threshold: float = 0.5
+    vad_min_speech_ms: float = 250.0
+    vad_min_silence_ms: float = 100.0
+    vad_speech_pad_ms: float = 30.0
+    # net-speech rules
+    min_probe_speech_seconds: float = 1.0  # per audio probe of Verify/Identify, else VERDICT_NOT_ENOUGH_SPEECH
+    min_enroll_speech_seconds: float = 3.0  # per speaker, in total, to be READY
+    allow_unready_speakers: bool = False  # may Verify/Identify use speakers below min_enroll_speech_seconds
+    # decisions: empty scale = the model's operating point (model.json)
+    decision_scale: str = ""
+    decision_threshold: float = 0.0
+    model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {option: value}
     # speaker index
     index_type: str = "flat"
     hnsw_m: int = 32
@@ -74,7 +102,8 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     # lifecycle
-    grace_seconds: float = 15.0  # in-flight calls get this long to finish after shutdown starts
+    # delay + grace stay under docker stop's default 10 s (and Kubernetes' 30 s) before SIGKILL
+    grace_seconds: float = 8.0  # in-flight calls get this long to finish after shutdown starts
     shutdown_delay_seconds: float = 1.0  # NOT_SERVING but still answering, so balancers move away first
     log_level: str = "INFO"
 
@@ -99,6 +128,14 @@ class ServerConfig:
         need(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
         need(self.max_stream_mb >= 1, "max_stream_mb", "must be >= 1")
         need(self.decode_workers >= 1, "decode_workers", "must be >= 1")
+        need(0 < self.vad_threshold < 1, "vad_threshold", "must be in (0, 1)")
+        for name in ("vad_min_speech_ms", "vad_min_silence_ms", "vad_speech_pad_ms"):
+            need(0 <= getattr(self, name) <= 60_000, name, "must be in 0..60000 ms")
+        need(0 <= self.min_probe_speech_seconds <= 600, "min_probe_speech_seconds", "must be in 0..600")
+        need(0 <= self.min_enroll_speech_seconds <= 3600, "min_enroll_speech_seconds", "must be in 0..3600")
+        need(self.decision_scale in _SCALES, "decision_scale", f"must be one of {_SCALES[1:]} or empty")
+        need(math.isfinite(self.decision_threshold), "decision_threshold", "must be a finite number")
+        self._validate_model_settings()
         need(self.index_type in _INDEX_TYPES, "index_type", f"must be one of {_INDEX_TYPES}")
         need(self.hnsw_m >= 4, "hnsw_m", "must be >= 4")
         need(self.hnsw_ef_search >= 1, "hnsw_ef_search", "must be >= 1")
@@ -109,6 +146,29 @@ class ServerConfig:
         need(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
         need(self.shutdown_delay_seconds >= 0, "shutdown_delay_seconds", "must be >= 0")
         return self
+
+    def _validate_model_settings(self) -> None:
+        if not isinstance(self.model_settings, dict):
+            raise ConfigError(f"option 'model_settings' must be a table of model -> {{option: value}}, got {self.model_settings!r}")
+        types = {f.name: f.type for f in fields(ServerConfig)}
+        for model, table in self.model_settings.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"option 'model_settings.{model}' must be a table, got {table!r}")
+            unknown = sorted(set(table) - set(MODEL_SETTING_KEYS))
+            if unknown:
+                raise ConfigError(f"option 'model_settings.{model}': unknown key(s) {unknown}; allowed: {list(MODEL_SETTING_KEYS)}")
+            # each value must be valid where the server-wide option would be
+            merged = {k: _coerce(f"model_settings.{model}.{k}", types[k], v) for k, v in table.items()}
+            table.update(merged)
+            try:
+                dataclasses.replace(self, model_settings={}, **merged).validate()
+            except ConfigError as e:
+                raise ConfigError(f"option 'model_settings.{model}': {e}") from None
+
+    def for_model(self, model: str) -> "ServerConfig":
+        """This configuration with ``[model_settings.<model>]`` applied."""
+        table = self.model_settings.get(model)
+        return dataclasses.replace(self, **table) if table else self
 
     def redacted(self) -> dict[str, Any]:
         """The options as a dict with secrets masked, for the start-up log."""
@@ -135,7 +195,15 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
                 raise ValueError("not an integer")
             return int(value)
         if kind in (float, "float"):
+            if isinstance(value, bool):
+                raise ValueError("not a number")
             return float(value)
+        if isinstance(kind, str) and kind.startswith("dict"):
+            if isinstance(value, str):
+                value = json.loads(value)  # the environment form: a JSON object
+            if not isinstance(value, dict):
+                raise ValueError("not a table")
+            return value
         if kind in ("list[str]",):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]

@@ -1,9 +1,13 @@
-"""The service's core without gRPC: models, their batchers, audio decoding and the speaker store.
+"""The service's core without gRPC: models, their batchers, audio decoding, VAD and the speaker store.
 
 ``Engine`` is what the gRPC servicer adapts. It is usable on its own from asyncio code (tests,
-notebooks) and keeps every blocking call off the event loop: decoding on a decode pool,
-inference on each batcher's worker threads, speaker-store I/O on a single store thread (which
-also serialises writes to the log).
+notebooks) and keeps every blocking call off the event loop: decoding and voice activity
+detection on a decode pool, inference on each batcher's worker threads, speaker-store I/O on a
+single store thread (which also serialises writes to the log).
+
+Every audio input is prepared the same way (``prepare``): decode, downmix, resample to the
+model's rate, find the speech with Silero VAD and keep only the speech segments. What is
+embedded is that speech; ``Speech`` says how much there was.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import numpy as np
 
 from models.artifact import ArtifactError, scan_repository
 from models.audio import AudioLimits, condition, decode_encoded, decode_pcm
+from models.runtime import SpeakerModel
+from models.vad import SileroVad, VadOptions, keep_speech
 from service.batcher import BatchResult, BatchStats, DynamicBatcher
-from service.config import ServerConfig
+from service.config import ConfigError, ServerConfig
 from service.errors import InvalidArgument, NotFound, Unavailable
 from service.index import IndexOptions, SpeakerStore
 from service.metrics import Metrics
-from models.runtime import SpeakerModel
 
-__all__ = ["Engine", "AudioInput", "Decoded"]
+__all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy"]
 
 log = logging.getLogger("spkserve.engine")
 
@@ -43,12 +48,26 @@ class AudioInput:
 
 
 @dataclass
-class Decoded:
-    """A model-ready waveform and what decoding it cost."""
+class Speech:
+    """A decoded input after voice activity detection: what will be embedded and how much speech it is."""
 
-    wave: np.ndarray  # (T,) float32 at the model's rate
-    seconds: float
-    decode_s: float
+    wave: np.ndarray  # (T',) float32 speech-only waveform at the model's rate
+    speech_seconds: float  # net speech (len(wave) / rate)
+    audio_seconds: float  # the decoded audio's duration
+    segments: list[tuple[float, float]]  # kept (start, end) in seconds of the input
+    vad_applied: bool
+    decode_s: float  # decoding + resampling + VAD
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """How one model's inputs are screened and its scores decided (server options + model.json)."""
+
+    vad: VadOptions | None  # None: VAD off, all audio counts as speech
+    min_probe_speech: float  # seconds per Verify/Identify audio probe
+    min_enroll_speech: float  # seconds per speaker, in total
+    scale: str  # default decision scale
+    threshold: float  # default decision threshold on ``scale``
 
 
 class Engine:
@@ -65,6 +84,8 @@ class Engine:
         self.models: dict[str, SpeakerModel] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.store: SpeakerStore | None = None
+        self.policies: dict[str, ModelPolicy] = {}
+        self.vad: SileroVad | None = None
         self.default_model = config.default_model
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
@@ -86,20 +107,58 @@ class Engine:
             dirs = [by_name[m] for m in cfg.models]
         if not dirs:
             raise ArtifactError(f"{cfg.model_repository}: no model directories (each needs a model.json)")
+        unknown = sorted(set(cfg.model_settings) - {d.name for d in dirs})
+        if unknown:
+            raise ConfigError(f"option 'model_settings': no model named {unknown} is loaded (loading {[d.name for d in dirs]})")
+        if cfg.vad or any(t.get("vad") for t in cfg.model_settings.values()):
+            self.vad = await loop.run_in_executor(None, SileroVad)
         for d in dirs:
             model = await loop.run_in_executor(None, lambda d=d: SpeakerModel(
                 d, cfg.providers, cfg.model_variant, cfg.intra_op_threads, cfg.inter_op_threads, cfg.ort_spinning))
             if cfg.warmup:
                 took = await loop.run_in_executor(None, model.warmup)
                 log.info("warmed up %s in %.3f s", model.name, took)
+            self.policies[model.name] = self._policy(model)
             self.models[model.name] = model
             self.batchers[model.name] = self._make_batcher(model)
             self.metrics.model_info.labels(model.name, model.card.version, model.provider, str(model.dim),
                                            model.variant).set(1)
         if self.default_model not in self.models:
             raise ArtifactError(f"option 'default_model': {self.default_model!r} is not loaded (loaded: {sorted(self.models)})")
+        await loop.run_in_executor(self._store_pool, self.store.set_stats_fn, self._voiceprint_stats)
         for info in self.store.collections():
             self.metrics.speakers.labels(info.name).set(info.speaker_count)
+
+    def _voiceprint_stats(self, model_name: str, voiceprints: np.ndarray) -> np.ndarray | None:
+        """Cohort statistics (N, 2) of a collection's voiceprints, None when its model has no cohort."""
+        model = self.models.get(model_name)
+        return None if model is None else model.scorer.stats(voiceprints)
+
+    def _policy(self, model: SpeakerModel) -> ModelPolicy:
+        """The model's screening and decision rules: server options < model.json < [model_settings.<model>]."""
+        cfg = self.config.for_model(model.name)
+        table = self.config.model_settings.get(model.name, {})
+        vad = None
+        if cfg.vad:
+            opts = {"threshold": cfg.vad_threshold, "min_speech_ms": cfg.vad_min_speech_ms,
+                    "min_silence_ms": cfg.vad_min_silence_ms, "speech_pad_ms": cfg.vad_speech_pad_ms}
+            card_vad = {k: v for k, v in (model.card.vad or {}).items() if v is not None}
+            opts.update(card_vad)
+            for key in ("threshold", "min_speech_ms", "min_silence_ms", "speech_pad_ms"):
+                if f"vad_{key}" in table:  # the operator's per-model setting wins over model.json
+                    opts[key] = getattr(cfg, f"vad_{key}")
+            try:
+                vad = VadOptions(**opts).validate(f"model {model.name} vad")
+            except ValueError as e:
+                raise ArtifactError(f"{model.dir / 'model.json'}: {e}") from None
+        scale, threshold = model.scorer.scale, model.scorer.threshold
+        if cfg.decision_scale:
+            scale, threshold = cfg.decision_scale, cfg.decision_threshold
+            try:
+                model.scorer.check_threshold(scale, threshold, "option 'decision_threshold'")
+            except ValueError as e:
+                raise ConfigError(f"model {model.name}: {e}") from None
+        return ModelPolicy(vad, cfg.min_probe_speech_seconds, cfg.min_enroll_speech_seconds, scale, threshold)
 
     def _make_batcher(self, model: SpeakerModel) -> DynamicBatcher:
         cfg, m, name = self.config, self.metrics, model.name
@@ -148,19 +207,27 @@ class Engine:
         return AudioLimits(model.card.min_audio_seconds, self.config.max_audio_seconds)
 
     # -- audio ------------------------------------------------------------------------
-    def _decode_sync(self, model: SpeakerModel, audio: AudioInput) -> Decoded:
+    def _prepare_sync(self, model: SpeakerModel, audio: AudioInput) -> Speech:
         t0 = time.perf_counter()
         if audio.pcm_encoding is None:
             samples, sr = decode_encoded(audio.data, f"{audio.field}.encoded")
         else:
             samples, sr = decode_pcm(audio.data, audio.sample_rate, audio.pcm_encoding, audio.channels,
                                      f"{audio.field}.pcm")
-        wave = condition(samples, sr, model.sample_rate, self.limits(model), audio.field)
-        return Decoded(wave, samples.shape[0] / sr, time.perf_counter() - t0)
+        wave = condition(samples, sr, model.sample_rate, self.limits(model), audio.field)  # (T,)
+        rate = model.sample_rate
+        vad = self.policies[model.name].vad
+        if vad is None or self.vad is None:
+            return Speech(wave, len(wave) / rate, len(wave) / rate, [(0.0, len(wave) / rate)], False,
+                          time.perf_counter() - t0)
+        segments = self.vad.segments(wave, rate, vad)
+        speech = keep_speech(wave, segments)  # (T',)
+        return Speech(speech, len(speech) / rate, len(wave) / rate, [(a / rate, b / rate) for a, b in segments], True,
+                      time.perf_counter() - t0)
 
-    async def decode(self, model: SpeakerModel, audio: AudioInput) -> Decoded:
-        """Decode, downmix, resample and check audio on the decode pool."""
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode_sync, model, audio)
+    async def prepare(self, model: SpeakerModel, audio: AudioInput) -> Speech:
+        """Decode, downmix, resample, check and VAD one input on the decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._prepare_sync, model, audio)
 
     async def embed(self, model: SpeakerModel, wave: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Embed one model-ready waveform through the model's batcher."""
@@ -171,8 +238,12 @@ class Engine:
     # -- embeddings given by clients --------------------------------------------------
     @staticmethod
     def unit_embedding(values: Any, dim: int | None, field: str) -> np.ndarray:
-        """Validate a client-given embedding and L2-normalise it to (D,) float32."""
-        vec = np.asarray(values, dtype=np.float32)
+        """Validate a client-given embedding and L2-normalise it to (D,) float32.
+
+        The norm is taken in float64, where squares of any float32 value neither overflow
+        (1e20) nor underflow (1e-30), so huge and tiny vectors keep their direction.
+        """
+        vec = np.asarray(values, dtype=np.float64)
         if vec.ndim != 1 or vec.size == 0:
             raise InvalidArgument(field, "is empty")
         if dim is not None and vec.shape[0] != dim:
@@ -180,9 +251,12 @@ class Engine:
         if not np.isfinite(vec).all():
             raise InvalidArgument(field, "contains NaN or inf")
         norm = float(np.linalg.norm(vec))
-        if norm < 1e-12:
+        if not norm > 0.0:
             raise InvalidArgument(field, "is the zero vector")
-        return vec / norm
+        unit = (vec / norm).astype(np.float32)
+        if not np.isfinite(unit).all() or abs(float(np.linalg.norm(unit)) - 1.0) > 1e-3:
+            raise InvalidArgument(field, "cannot be normalised to a unit vector")
+        return unit
 
     # -- store ------------------------------------------------------------------------
     async def store_call(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -9,7 +9,10 @@ removed. Start-up loads the snapshot and replays the logs that follow it; a torn
 
 A speaker's voiceprint is the L2-normalised mean of its utterances' L2-normalised
 embeddings. The running sum is kept in float64 with the utterance count, so appending to a
-speaker gives exactly the voiceprint of enrolling all utterances at once.
+speaker gives exactly the voiceprint of enrolling all utterances at once. The net speech
+enrolled is summed the same way, and each voiceprint keeps its cohort statistics (mean and
+standard deviation of its scores against the model's impostor cohort, for S-norm), computed
+when the voiceprint changes rather than at every query.
 
 Search: exact inner product (``IndexFlatIP``) by default; HNSW or IVF for large collections.
 FAISS indexes are derived state, rebuilt from the voiceprints at start-up.
@@ -28,6 +31,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -94,6 +98,8 @@ class SpeakerRecord:
     created_ms: int = 0
     updated_ms: int = 0
     label: int = -1  # FAISS id
+    speech: float | None = 0.0  # net speech seconds enrolled; None: enrolled before speech was measured
+    stats: np.ndarray | None = None  # (2,) cohort (mean, std) of the voiceprint; None: the model has no cohort
 
     @property
     def voiceprint(self) -> np.ndarray:
@@ -185,22 +191,30 @@ class _Collection:
         else:
             self._index.remove_ids(np.array([label], dtype=np.int64))
 
-    def search(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
-        """Top-k (speaker_id, score) for a (D,) unit query, best first."""
+    def search(self, query: np.ndarray, k: int, keep: Callable[[SpeakerRecord], bool] | None = None
+               ) -> list[tuple[SpeakerRecord, float]]:
+        """Top-k (record, score) for a (D,) unit query, best first, among records ``keep`` accepts."""
         if not self.speakers:
             return []
         if self._dirty or self._index is None:
             self._build()
-        fetch = min(k + self._stale, len(self.speakers) + self._stale)
-        scores, labels = self._index.search(query[None].astype(np.float32), fetch)  # (1, fetch)
-        out = []
-        for s, lab in zip(scores[0], labels[0]):
-            spk = self.by_label.get(int(lab))
-            if lab >= 0 and spk is not None:
-                out.append((spk, float(s)))
-            if len(out) == k:
-                break
-        return out
+        fetch = k
+        while True:
+            n = min(fetch + self._stale, len(self.speakers) + self._stale)
+            scores, labels = self._index.search(query[None].astype(np.float32), n)  # (1, n)
+            out = []
+            for s, lab in zip(scores[0], labels[0]):
+                spk = self.by_label.get(int(lab))
+                if lab < 0 or spk is None:
+                    continue
+                rec = self.speakers[spk]
+                if keep is None or keep(rec):
+                    out.append((rec, float(s)))
+                if len(out) == k:
+                    return out
+            if n >= len(self.speakers) + self._stale:
+                return out
+            fetch *= 4  # filtered records took places: look further
 
     def info(self) -> CollectionInfo:
         """Summary of this collection."""
@@ -224,6 +238,7 @@ class SpeakerStore:
     def __init__(self, data_dir: str | os.PathLike, options: IndexOptions | None = None,
                  fsync: bool = True, snapshot_every: int = 10000):
         self.dir = Path(data_dir)
+        self._stats_fn: Callable[[str, np.ndarray], np.ndarray | None] | None = None
         self.options = options or IndexOptions()
         self.fsync = fsync
         self.snapshot_every = snapshot_every
@@ -236,9 +251,32 @@ class SpeakerStore:
         self._recover()
 
     # -- public API -------------------------------------------------------------------
+    def set_stats_fn(self, fn: Callable[[str, np.ndarray], np.ndarray | None] | None) -> None:
+        """Set how voiceprints get cohort statistics and (re)compute them for every speaker.
+
+        Args:
+            fn: (model name, (N, D) unit voiceprints) -> (N, 2) (mean, std) rows, or None when
+                the model has no cohort.
+        """
+        with self._lock:
+            self._stats_fn = fn
+            for coll in self._collections.values():
+                recs = list(coll.speakers.values())
+                stats = self._stats(coll.model, recs)
+                for i, rec in enumerate(recs):
+                    rec.stats = None if stats is None else stats[i]
+
+    def _stats(self, model: str, recs: list[SpeakerRecord]) -> np.ndarray | None:
+        if self._stats_fn is None or not recs:
+            return None
+        return self._stats_fn(model, np.stack([r.voiceprint for r in recs]))  # (N, 2)
+
     def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
-               metadata: dict[str, str] | None = None) -> tuple[SpeakerRecord, bool]:
+               metadata: dict[str, str] | None = None, speech: float = 0.0) -> tuple[SpeakerRecord, bool]:
         """Add unit embeddings (N, D) to a speaker, creating speaker and collection as needed.
+
+        Args:
+            speech: net speech seconds behind the embeddings (counted toward the speaker's total).
 
         Returns:
             (the updated record, whether the speaker was created).
@@ -252,9 +290,11 @@ class SpeakerStore:
         with self._lock:
             self._check_model(collection, model, embeddings.shape[1])
             op = {"op": "enroll", "c": collection, "model": model, "spk": speaker_id, "n": int(embeddings.shape[0]),
-                  "dim": int(embeddings.shape[1]), "meta": metadata, "ts": _now_ms()}
+                  "dim": int(embeddings.shape[1]), "meta": metadata, "ts": _now_ms(), "speech": round(float(speech), 4)}
             self._append(op, embeddings.tobytes())
             result = self._apply_enroll(op, embeddings)
+            stats = self._stats(model, [result[0]])
+            result[0].stats = None if stats is None else stats[0]
             self.maybe_snapshot()
             return result
 
@@ -283,15 +323,20 @@ class SpeakerStore:
             ids = sorted(coll.speakers)
             return [coll.speakers[i] for i in ids[offset:offset + limit]], len(ids)
 
-    def search(self, collection: str, model: str, query: np.ndarray, k: int) -> list[tuple[str, float, dict]]:
-        """Top-k (speaker_id, score, metadata) for a (D,) unit query of ``model``."""
+    def search(self, collection: str, model: str, query: np.ndarray, k: int,
+               keep: Callable[[SpeakerRecord], bool] | None = None) -> list[tuple[SpeakerRecord, float]]:
+        """Top-k (record, cosine) for a (D,) unit query of ``model``, best first.
+
+        Args:
+            keep: only records it accepts are returned (e.g. speakers with enough speech).
+        """
         with self._lock:
             coll = self._collection(collection)
             if coll.model != model or coll.dim != query.shape[0]:
                 raise FailedPrecondition(
                     f"collection {collection!r} holds voiceprints of model {coll.model!r} (dim {coll.dim}); "
                     f"the probe is from model {model!r} (dim {query.shape[0]})")
-            return [(spk, s, dict(coll.speakers[spk].metadata)) for spk, s in coll.search(query, k)]
+            return coll.search(query, k, keep)
 
     def collection_model(self, collection: str) -> str:
         """The model a collection is bound to. Raises NotFound."""
@@ -336,11 +381,13 @@ class SpeakerStore:
             coll = self._collections[op["c"]] = _Collection(op["c"], op["model"], op["dim"], self.options)
         old = coll.speakers.get(op["spk"])
         added = embeddings.astype(np.float64).sum(axis=0)  # (D,)
+        speech = op.get("speech")  # absent in logs written before speech was measured
         if old is None:
-            rec = SpeakerRecord(op["spk"], added, op["n"], dict(op["meta"]), op["ts"], op["ts"])
+            rec = SpeakerRecord(op["spk"], added, op["n"], dict(op["meta"]), op["ts"], op["ts"], speech=speech)
         else:
+            total = None if old.speech is None or speech is None else old.speech + speech
             rec = SpeakerRecord(op["spk"], old.sum + added, old.count + op["n"], {**old.metadata, **op["meta"]},
-                                old.created_ms, op["ts"])
+                                old.created_ms, op["ts"], speech=total)
         coll.upsert(rec)
         return rec, old is None
 
@@ -407,7 +454,7 @@ class SpeakerStore:
             meta["collections"].append({
                 "name": name, "model": coll.model, "dim": coll.dim,
                 "speakers": [{"id": r.speaker_id, "count": r.count, "meta": r.metadata,
-                              "created": r.created_ms, "updated": r.updated_ms} for r in recs],
+                              "created": r.created_ms, "updated": r.updated_ms, "speech": r.speech} for r in recs],
             })
         buf = io.BytesIO()
         np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
@@ -432,7 +479,8 @@ class SpeakerStore:
                     coll = self._collections[c["name"]] = _Collection(c["name"], c["model"], c["dim"], self.options)
                     sums = z[f"sum_{ci}"]
                     for s, row in zip(c["speakers"], sums):
-                        coll.upsert(SpeakerRecord(s["id"], row.astype(np.float64), s["count"], s["meta"], s["created"], s["updated"]))
+                        coll.upsert(SpeakerRecord(s["id"], row.astype(np.float64), s["count"], s["meta"], s["created"],
+                                                  s["updated"], speech=s.get("speech")))
         gens = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("wal-*.log"))
         replayed = 0
         for gen in gens:

@@ -11,6 +11,8 @@ __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_SPEECH_BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0, 300.0)
+_LLR_BUCKETS = (-20.0, -10.0, -5.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
 
 
 class Metrics:
@@ -37,3 +39,13 @@ class Metrics:
         self.model_info = Gauge("spkserve_model_info", "Loaded models (value 1) with version and execution provider",
                                 ["model", "version", "provider", "embedding_dim", "variant"], registry=r)
         self.ready = Gauge("spkserve_ready", "1 when the server is serving", registry=r)
+        self.speech_seconds = Histogram("spkserve_speech_seconds", "Net speech found by VAD per audio input",
+                                        ["model", "method"], buckets=_SPEECH_BUCKETS, registry=r)
+        self.speech_insufficient = Counter(
+            "spkserve_speech_insufficient_total",
+            "Inputs refused for their speech: no_speech, too_little_speech, speaker_not_ready",
+            ["model", "method", "reason"], registry=r)
+        self.verdicts = Counter("spkserve_verdicts_total", "Verify/Identify verdicts", ["model", "method", "verdict"],
+                                registry=r)
+        self.decision_llr = Histogram("spkserve_decision_llr", "Calibrated scores (log-likelihood ratios) by verdict",
+                                      ["model", "method", "verdict"], buckets=_LLR_BUCKETS, registry=r)

@@ -1,8 +1,9 @@
-"""gRPC adapter: protobuf in -> validated numpy -> Engine -> protobuf out.
+"""gRPC adapter: protobuf in -> validated values -> Engine -> protobuf out.
 
 Each RPC is wrapped by ``_rpc``, which times it, maps exceptions to status codes through
 ``service.errors.status_of`` (one table) and counts the outcome. Nothing here runs a model
-or touches the disk on the event loop.
+or touches the disk on the event loop. Scoring and verdict rules live in
+``service.decisions``; message conversions in ``service.convert``.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ import numpy as np
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.engine import AudioInput, Engine
-from service.errors import FailedPrecondition, InvalidArgument, Unavailable, status_of
-from service.index import SpeakerRecord, validate_collection, validate_speaker_id
+from service.convert import (SCALE_PB, VERDICT_PB, audio_input, merge_timings, ms, pcm_encoding, scale_of,
+                             speaker_pb, speech_pb)
+from service.decisions import (ACCEPT, NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
+                               speaker_shortfall, speech_shortfall)
+from service.engine import AudioInput, Engine, Speech
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, status_of
+from service.index import validate_collection, validate_speaker_id
 
 __all__ = ["SpeakerServicer"]
 
 log = logging.getLogger("spkserve.servicer")
 
-_ENCODINGS = {pb.PCM_S16LE: "PCM_S16LE", pb.PCM_S32LE: "PCM_S32LE", pb.PCM_F32LE: "PCM_F32LE"}
 _MAX_ENROLL_ITEMS = 64
 _MAX_COMPARE_SCORES = 1_000_000
 
@@ -64,30 +68,6 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _audio_input(audio: pb.Audio, field: str) -> AudioInput:
-    kind = audio.WhichOneof("source")
-    if kind == "encoded":
-        return AudioInput(audio.encoded, field)
-    if kind == "pcm":
-        fmt = audio.pcm.format
-        if fmt.encoding not in _ENCODINGS:
-            raise InvalidArgument(f"{field}.pcm.format.encoding", f"must be one of {sorted(_ENCODINGS.values())}, got {fmt.encoding}")
-        return AudioInput(audio.pcm.data, field, _ENCODINGS[fmt.encoding], fmt.sample_rate, fmt.channels or 1)
-    raise InvalidArgument(field, "is empty: set audio.encoded or audio.pcm")
-
-
-def _ms(seconds: float) -> float:
-    return seconds * 1000.0
-
-
-def _speaker_pb(collection: str, model: str, rec: SpeakerRecord, voiceprint: bool = False) -> pb.Speaker:
-    return pb.Speaker(
-        collection=collection, speaker_id=rec.speaker_id, utterance_count=rec.count, metadata=rec.metadata,
-        model=model, created_unix_ms=rec.created_ms, updated_unix_ms=rec.updated_ms,
-        voiceprint=rec.voiceprint.tolist() if voiceprint else [],
-    )
-
-
 class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     """Implements spkserve.v1.SpeakerService on an Engine."""
 
@@ -95,24 +75,59 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         self.engine = engine
         self.ready = False
 
-    # -- helpers ----------------------------------------------------------------------
-    async def _embed_audio(self, model, audio: AudioInput, context) -> tuple[np.ndarray, float, pb.Timings]:
-        """Decode and embed one utterance; returns (unit embedding, seconds, timings)."""
-        t0 = time.perf_counter()
-        decoded = await self.engine.decode(model, audio)
-        res = await self.engine.embed(model, decoded.wave, _deadline(context))
-        timings = pb.Timings(decode_ms=_ms(decoded.decode_s), queue_ms=_ms(res.queue_s),
-                             inference_ms=_ms(res.inference_s), total_ms=_ms(time.perf_counter() - t0))
-        return res.embedding, decoded.seconds, timings
+    # -- audio and embeddings ---------------------------------------------------------
+    def _observe_speech(self, model, method: str, speech: Speech, shortfall: str) -> None:
+        m = self.engine.metrics
+        m.speech_seconds.labels(model.name, method).observe(speech.speech_seconds)
+        if shortfall:
+            m.speech_insufficient.labels(model.name, method, "no_speech" if speech.speech_seconds == 0
+                                         else "too_little_speech").inc()
 
-    async def _probe(self, model, probe: pb.Probe, field: str, context, allow_speaker: bool = True) -> tuple[np.ndarray, pb.Timings]:
-        """A probe as a unit embedding of ``model``."""
+    async def _embed_speech(self, model, speech: Speech, context) -> tuple[np.ndarray, pb.Timings]:
+        """Embed prepared speech; returns (unit embedding, timings)."""
+        t0 = time.perf_counter()
+        res = await self.engine.embed(model, speech.wave, _deadline(context))
+        return res.embedding, pb.Timings(decode_ms=ms(speech.decode_s), queue_ms=ms(res.queue_s),
+                                         inference_ms=ms(res.inference_s),
+                                         total_ms=ms(speech.decode_s + time.perf_counter() - t0))
+
+    def _embeddable(self, model, speech: Speech, field: str) -> str:
+        """Why VAD's output is too short for the model to embed ("" when it is long enough)."""
+        need = model.card.min_audio_seconds
+        if speech.speech_seconds == 0:
+            return f"{field}: no speech found in {speech.audio_seconds:.2f} s of audio"
+        if speech.speech_seconds < need:
+            return f"{field}: {speech.speech_seconds:.2f} s of speech, model {model.name} needs at least {need:.2f} s"
+        return ""
+
+    async def _embed_only(self, model, audio: AudioInput, method: str, context) -> tuple[np.ndarray, Speech, pb.Timings]:
+        """Embed (Embed, EmbedStream): any speech the model can embed; none is an error naming the field."""
+        speech = await self.engine.prepare(model, audio)
+        why = self._embeddable(model, speech, audio.field)
+        self._observe_speech(model, method, speech, why)
+        if why:
+            field, _, message = why.partition(": ")
+            raise InvalidArgument(field, message)
+        emb, timings = await self._embed_speech(model, speech, context)
+        return emb, speech, timings
+
+    async def _side(self, model, probe: pb.Probe, field: str, method: str, context,
+                    allow_speaker: bool = True) -> tuple[Side, pb.Timings]:
+        """One side of a comparison, embedded unless it carries too little speech."""
+        policy = self.engine.policies[model.name]
         kind = probe.WhichOneof("source")
         if kind == "audio":
-            emb, _, timings = await self._embed_audio(model, _audio_input(probe.audio, f"{field}.audio"), context)
-            return emb, timings
+            speech = await self.engine.prepare(model, audio_input(probe.audio, f"{field}.audio"))
+            short = speech_shortfall(f"{field}.audio", speech, policy.min_probe_speech) or \
+                self._embeddable(model, speech, f"{field}.audio")
+            self._observe_speech(model, method, speech, short)
+            if short:
+                return Side(field, speech=speech, shortfall=short), pb.Timings(decode_ms=ms(speech.decode_s))
+            vec, timings = await self._embed_speech(model, speech, context)
+            return Side(field, vec, model.scorer.stats(vec), speech), timings
         if kind == "embedding":
-            return self.engine.unit_embedding(probe.embedding.values, model.dim, f"{field}.embedding.values"), pb.Timings()
+            vec = self.engine.unit_embedding(probe.embedding.values, model.dim, f"{field}.embedding.values")
+            return Side(field, vec, model.scorer.stats(vec)), pb.Timings()
         if kind == "speaker" and allow_speaker:
             coll = validate_collection(probe.speaker.collection, f"{field}.speaker.collection")
             spk = validate_speaker_id(probe.speaker.speaker_id, f"{field}.speaker.speaker_id")
@@ -121,9 +136,59 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
             if bound != model.name:
                 raise FailedPrecondition(f"{field}.speaker: collection {coll!r} holds voiceprints of model {bound!r}, not {model.name!r}")
             rec = await self.engine.store_call(store.get, coll, spk)
-            return rec.voiceprint, pb.Timings()
+            short = "" if self.engine.config.allow_unready_speakers else \
+                speaker_shortfall(f"{field}.speaker", spk, rec.speech, policy.min_enroll_speech)
+            if short:
+                self.engine.metrics.speech_insufficient.labels(model.name, method, "speaker_not_ready").inc()
+            stats = rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint)
+            return Side(field, rec.voiceprint, stats, shortfall=short), pb.Timings()
         allowed = "audio, embedding or speaker" if allow_speaker else "audio or embedding"
         raise InvalidArgument(field, f"is empty: set one of {allowed}")
+
+    def _threshold(self, model, request, field: str = "threshold") -> Threshold:
+        """The request's threshold on its scale, or the model's operating point."""
+        scale_field = f"{field}_scale"
+        scale = scale_of(getattr(request, scale_field), scale_field)
+        if not request.HasField(field):
+            if getattr(request, scale_field) != pb.SCORE_SCALE_UNSPECIFIED:
+                raise InvalidArgument(scale_field, f"is set but {field} is not")
+            policy = self.engine.policies[model.name]
+            return Threshold(policy.scale, policy.threshold)
+        return self._checked(model, scale, getattr(request, field), field, scale_field)
+
+    @staticmethod
+    def _checked(model, scale: str, value: float, field: str, scale_field: str) -> Threshold:
+        if scale not in model.scorer.scales:
+            raise FailedPrecondition(f"{scale_field}: model {model.name} has no {scale!r} scale "
+                                     f"(it scores on {list(model.scorer.scales)})")
+        try:
+            model.scorer.check_threshold(scale, value, field)
+        except ValueError as e:
+            field_name, _, message = str(e).partition(": ")
+            raise InvalidArgument(field_name, message) from None
+        return Threshold(scale, float(value))
+
+    def _observe_decision(self, model, method: str, decision: Decision) -> None:
+        m = self.engine.metrics
+        m.verdicts.labels(model.name, method, decision.verdict).inc()
+        if decision.scores is not None and decision.scores.llr is not None:
+            m.decision_llr.labels(model.name, method, decision.verdict).observe(decision.scores.llr)
+
+    async def _collection_model(self, requested: str, collection: str, field: str = "model"):
+        """The collection's bound model; the request's (or the default) for a new collection.
+
+        A request naming another model than the collection's is refused before any work
+        (voiceprints of different models cannot be compared).
+        """
+        try:
+            bound = await self.engine.store_call(self.engine.store.collection_model, collection)
+        except NotFound:
+            return self.engine.model(requested, field)
+        if requested and requested != bound:
+            self.engine.model(requested, field)  # an unknown name is NOT_FOUND first
+            raise FailedPrecondition(f"{field}: collection {collection!r} holds voiceprints of model {bound!r}; "
+                                     f"they cannot be compared with {requested!r} embeddings (omit {field} to use {bound!r})")
+        return self.engine.model(bound, field)
 
     # -- RPCs -------------------------------------------------------------------------
     @_rpc
@@ -131,9 +196,9 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         model = self.engine.model(request.model)
         if not request.HasField("audio"):
             raise InvalidArgument("audio", "is missing")
-        emb, seconds, timings = await self._embed_audio(model, _audio_input(request.audio, "audio"), context)
+        emb, speech, timings = await self._embed_only(model, audio_input(request.audio, "audio"), "Embed", context)
         return pb.EmbedResponse(embedding=emb.tolist(), model=model.name, model_version=model.card.version,
-                                speech_seconds=seconds, timings=timings)
+                                speech_seconds=speech.speech_seconds, timings=timings, speech=speech_pb(speech))
 
     @_rpc
     async def EmbedStream(self, request_iterator, context) -> pb.EmbedResponse:
@@ -162,29 +227,30 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         data = b"".join(chunks)
         if config.HasField("pcm"):
             fmt = config.pcm
-            if fmt.encoding not in _ENCODINGS:
-                raise InvalidArgument("config.pcm.encoding", f"must be one of {sorted(_ENCODINGS.values())}, got {fmt.encoding}")
-            audio = AudioInput(data, "chunk", _ENCODINGS[fmt.encoding], fmt.sample_rate, fmt.channels or 1)
+            audio = AudioInput(data, "chunk", pcm_encoding(fmt.encoding, "config.pcm.encoding"), fmt.sample_rate,
+                               fmt.channels or 1)
         else:
             audio = AudioInput(data, "chunk")
-        emb, seconds, timings = await self._embed_audio(model, audio, context)
+        emb, speech, timings = await self._embed_only(model, audio, "EmbedStream", context)
         return pb.EmbedResponse(embedding=emb.tolist(), model=model.name, model_version=model.card.version,
-                                speech_seconds=seconds, timings=timings)
+                                speech_seconds=speech.speech_seconds, timings=timings, speech=speech_pb(speech))
 
     @_rpc
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
         t0 = time.perf_counter()
         model = self.engine.model(request.model)
-        if request.HasField("threshold") and not -1.0 <= request.threshold <= 1.0:
-            raise InvalidArgument("threshold", f"must be in [-1, 1], got {request.threshold}")
-        (a, ta), (b, tb) = await asyncio.gather(self._probe(model, request.a, "a", context),
-                                                self._probe(model, request.b, "b", context))
-        score = float(np.dot(a, b))
-        threshold = request.threshold if request.HasField("threshold") else model.card.threshold
-        timings = pb.Timings(decode_ms=max(ta.decode_ms, tb.decode_ms), queue_ms=max(ta.queue_ms, tb.queue_ms),
-                             inference_ms=max(ta.inference_ms, tb.inference_ms), total_ms=_ms(time.perf_counter() - t0))
-        return pb.VerifyResponse(score=score, decision=score >= threshold, threshold=threshold, model=model.name,
-                                 timings=timings)
+        threshold = self._threshold(model, request)
+        (a, ta), (b, tb) = await asyncio.gather(self._side(model, request.a, "a", "Verify", context),
+                                                self._side(model, request.b, "b", "Verify", context))
+        d = decide(model.scorer, threshold, a, b, model.card.threshold)
+        self._observe_decision(model, "Verify", d)
+        s = d.scores
+        return pb.VerifyResponse(
+            score=s.cosine if s else 0.0, decision=d.accepted, threshold=d.cosine_threshold, model=model.name,
+            timings=merge_timings([ta, tb], time.perf_counter() - t0), verdict=VERDICT_PB[d.verdict],
+            normalized_score=s.normalized if s else None, llr=s.llr if s else None,
+            decision_scale=SCALE_PB[threshold.scale], decision_threshold=threshold.value,
+            a_speech=speech_pb(a.speech), b_speech=speech_pb(b.speech), reason=d.reason)
 
     @_rpc
     async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
@@ -197,15 +263,16 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         dim = len(request.a[0].values)
         a = np.stack([self.engine.unit_embedding(e.values, dim, f"a[{i}].values") for i, e in enumerate(request.a)])  # (N, D)
         b = np.stack([self.engine.unit_embedding(e.values, dim, f"b[{i}].values") for i, e in enumerate(request.b)])  # (M, D)
-        scores = a @ b.T  # (N, M)
+        scores = np.clip(a @ b.T, -1.0, 1.0)  # (N, M)
         return pb.CompareResponse(rows=scores.shape[0], cols=scores.shape[1], scores=scores.ravel().tolist())
 
     @_rpc
     async def Enroll(self, request: pb.EnrollRequest, context) -> pb.EnrollResponse:
         t0 = time.perf_counter()
-        model = self.engine.model(request.model)
         coll = validate_collection(request.collection)
         spk = validate_speaker_id(request.speaker_id)
+        model = await self._collection_model(request.model, coll)
+        policy = self.engine.policies[model.name]
         n = len(request.audio) + len(request.embeddings)
         if n == 0:
             raise InvalidArgument("audio", "no utterances: give audio and/or embeddings")
@@ -214,40 +281,102 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         # validate and embed everything before anything is written: a bad item changes nothing
         given = [self.engine.unit_embedding(e.values, model.dim, f"embeddings[{i}].values")
                  for i, e in enumerate(request.embeddings)]
-        embedded = await asyncio.gather(*[
-            self._embed_audio(model, _audio_input(a, f"audio[{i}]"), context) for i, a in enumerate(request.audio)])
-        vectors = np.stack([e for e, _, _ in embedded] + given)  # (N, D)
+        declared = []
+        for i, e in enumerate(request.embeddings):
+            if not (np.isfinite(e.speech_seconds) and 0 <= e.speech_seconds <= self.engine.config.max_audio_seconds):
+                raise InvalidArgument(f"embeddings[{i}].speech_seconds",
+                                      f"must be in 0..{self.engine.config.max_audio_seconds:g}, got {e.speech_seconds!r}")
+            declared.append(float(e.speech_seconds))
+        speeches = await asyncio.gather(*[
+            self.engine.prepare(model, audio_input(a, f"audio[{i}]")) for i, a in enumerate(request.audio)])
+        for i, speech in enumerate(speeches):
+            why = self._embeddable(model, speech, f"audio[{i}]")
+            self._observe_speech(model, "Enroll", speech, why)
+            if why:
+                field, _, message = why.partition(": ")
+                raise InvalidArgument(field, f"{message}; nothing was enrolled")
+        embedded = await asyncio.gather(*[self._embed_speech(model, sp, context) for sp in speeches])
+        vectors = np.stack([e for e, _ in embedded] + given)  # (N, D)
+        total_speech = sum(sp.speech_seconds for sp in speeches) + sum(declared)
         store = self.engine.store
-        rec, created = await self.engine.store_call(store.enroll, coll, model.name, spk, vectors, dict(request.metadata))
+        rec, created = await self.engine.store_call(store.enroll, coll, model.name, spk, vectors,
+                                                    dict(request.metadata), total_speech)
         await self.engine.report_collection(coll)
-        timings = pb.Timings(
-            decode_ms=max((t.decode_ms for _, _, t in embedded), default=0.0),
-            queue_ms=max((t.queue_ms for _, _, t in embedded), default=0.0),
-            inference_ms=max((t.inference_ms for _, _, t in embedded), default=0.0),
-            total_ms=_ms(time.perf_counter() - t0))
-        return pb.EnrollResponse(speaker=_speaker_pb(coll, model.name, rec), created=created, timings=timings)
+        fields = [f"audio[{i}]" for i in range(len(speeches))] + [f"embeddings[{i}]" for i in range(len(given))]
+        infos = [speech_pb(sp) for sp in speeches] + [pb.SpeechInfo(speech_seconds=s) for s in declared]
+        feedback = self._consistency(model, rec, vectors, fields, infos)
+        required = policy.min_enroll_speech
+        speaker = speaker_pb(coll, model.name, rec, required)
+        status = speaker.status
+        if status == pb.ENROLLMENT_STATUS_READY and not all(f.consistent for f in feedback):
+            status = pb.ENROLLMENT_STATUS_INCONSISTENT_UTTERANCE
+        return pb.EnrollResponse(speaker=speaker, created=created, utterances=feedback, status=status,
+                                 timings=merge_timings([t for _, t in embedded], time.perf_counter() - t0))
+
+    def _consistency(self, model, rec, vectors: np.ndarray, fields: list[str],
+                     infos: list[pb.SpeechInfo]) -> list[pb.UtteranceFeedback]:
+        """Each new utterance scored against the mean of the speaker's other utterances."""
+        policy = self.engine.policies[model.name]
+        out = []
+        for i, vec in enumerate(vectors):
+            fb = pb.UtteranceFeedback(field=fields[i], speech=infos[i], consistent=True)
+            others = rec.sum - vec.astype(np.float64)  # (D,) sum of every other utterance of the speaker
+            norm = float(np.linalg.norm(others))
+            if rec.count > 1 and norm > 1e-9:
+                mean = (others / norm).astype(np.float32)
+                scores = model.scorer.score(float(np.dot(vec, mean)), model.scorer.stats(mean), model.scorer.stats(vec))
+                fb.consistency = scores.cosine
+                if scores.llr is not None:
+                    fb.consistency_llr = scores.llr
+                fb.consistent = bool(scores.on(policy.scale) >= policy.threshold)
+            out.append(fb)
+        return out
 
     @_rpc
     async def Identify(self, request: pb.IdentifyRequest, context) -> pb.IdentifyResponse:
         t0 = time.perf_counter()
-        model = self.engine.model(request.model)
         coll = validate_collection(request.collection)
         if request.top_k < 0 or request.top_k > 1000:
             raise InvalidArgument("top_k", f"must be in 0..1000, got {request.top_k}")
-        if request.HasField("threshold") and not -1.0 <= request.threshold <= 1.0:
-            raise InvalidArgument("threshold", f"must be in [-1, 1], got {request.threshold}")
-        k = request.top_k or 5
         store = self.engine.store
         await self.engine.store_call(store.collection_model, coll)  # NotFound before any inference
-        query, timings = await self._probe(model, request.probe, "probe", context, allow_speaker=False)
-        hits = await self.engine.store_call(store.search, coll, model.name, query, k)
+        model = await self._collection_model(request.model, coll)
+        threshold = self._threshold(model, request)
+        min_score = None
         if request.HasField("min_score"):
-            hits = [h for h in hits if h[1] >= request.min_score]
-        threshold = request.threshold if request.HasField("threshold") else model.card.threshold
-        timings.total_ms = _ms(time.perf_counter() - t0)
+            min_score = self._checked(model, scale_of(request.min_score_scale, "min_score_scale"), request.min_score,
+                                      "min_score", "min_score_scale")
+        k = request.top_k or 5
+        probe, timings = await self._side(model, request.probe, "probe", "Identify", context, allow_speaker=False)
+        base = dict(model=model.name, decision_scale=SCALE_PB[threshold.scale], decision_threshold=threshold.value,
+                    probe_speech=speech_pb(probe.speech))
+        if probe.shortfall:
+            d = Decision(NOT_ENOUGH_SPEECH, None, threshold, model.card.threshold, probe.shortfall)
+            self._observe_decision(model, "Identify", d)
+            timings.total_ms = ms(time.perf_counter() - t0)
+            return pb.IdentifyResponse(is_match=False, threshold=model.card.threshold, timings=timings,
+                                       verdict=pb.VERDICT_NOT_ENOUGH_SPEECH, reason=d.reason, **base)
+        required = self.engine.policies[model.name].min_enroll_speech
+        keep = None if self.engine.config.allow_unready_speakers else (lambda r: is_ready(r.speech, required))
+        # S-norm can reorder near neighbours: fetch more than k by cosine, re-rank on the decision scale
+        fetch = k if model.scorer.cohort is None else max(4 * k, k + 16)
+        hits = await self.engine.store_call(store.search, coll, model.name, probe.vector, fetch, keep)
+        ranked = []
+        for rec, cosine in hits:
+            side = Side("candidate", rec.voiceprint, rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint))
+            ranked.append((rec, decide(model.scorer, threshold, side, probe, model.card.threshold), cosine))
+        ranked.sort(key=lambda t: -t[1].scores.on(threshold.scale))
+        if min_score is not None:
+            ranked = [t for t in ranked if t[1].scores.on(min_score.scale) >= min_score.value]
+        ranked = ranked[:k]
+        best = ranked[0][1] if ranked else Decision(REJECT, None, threshold, model.card.threshold)
+        self._observe_decision(model, "Identify", best)
+        timings.total_ms = ms(time.perf_counter() - t0)
         return pb.IdentifyResponse(
-            candidates=[pb.Candidate(speaker_id=s, score=sc, metadata=md) for s, sc, md in hits],
-            is_match=bool(hits) and hits[0][1] >= threshold, threshold=threshold, model=model.name, timings=timings)
+            candidates=[pb.Candidate(speaker_id=rec.speaker_id, score=d.scores.cosine, metadata=rec.metadata,
+                                     normalized_score=d.scores.normalized, llr=d.scores.llr) for rec, d, _ in ranked],
+            is_match=best.accepted, threshold=best.cosine_threshold, timings=timings, verdict=VERDICT_PB[best.verdict],
+            **base)
 
     async def _speaker_ref(self, request) -> tuple[str, str, str]:
         """Validated (collection, speaker_id) of a request and the collection's model (NotFound if none)."""
@@ -255,18 +384,22 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         spk = validate_speaker_id(request.speaker_id)
         return coll, spk, await self.engine.store_call(self.engine.store.collection_model, coll)
 
+    def _required(self, model_name: str) -> float:
+        policy = self.engine.policies.get(model_name)
+        return policy.min_enroll_speech if policy else self.engine.config.min_enroll_speech_seconds
+
     @_rpc
     async def DeleteSpeaker(self, request: pb.DeleteSpeakerRequest, context) -> pb.DeleteSpeakerResponse:
         coll, spk, model = await self._speaker_ref(request)
         rec = await self.engine.store_call(self.engine.store.delete, coll, spk)
         await self.engine.report_collection(coll)
-        return pb.DeleteSpeakerResponse(speaker=_speaker_pb(coll, model, rec))
+        return pb.DeleteSpeakerResponse(speaker=speaker_pb(coll, model, rec, self._required(model)))
 
     @_rpc
     async def GetSpeaker(self, request: pb.GetSpeakerRequest, context) -> pb.Speaker:
         coll, spk, model = await self._speaker_ref(request)
         rec = await self.engine.store_call(self.engine.store.get, coll, spk)
-        return _speaker_pb(coll, model, rec, request.include_voiceprint)
+        return speaker_pb(coll, model, rec, self._required(model), request.include_voiceprint)
 
     @_rpc
     async def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
@@ -284,8 +417,9 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         model = await self.engine.store_call(store.collection_model, coll)
         page, total = await self.engine.store_call(store.list, coll, offset, size)
         nxt = str(offset + size) if offset + size < total else ""
-        return pb.ListSpeakersResponse(speakers=[_speaker_pb(coll, model, r) for r in page], next_page_token=nxt,
-                                       total_size=total)
+        required = self._required(model)
+        return pb.ListSpeakersResponse(speakers=[speaker_pb(coll, model, r, required) for r in page],
+                                       next_page_token=nxt, total_size=total)
 
     @_rpc
     async def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:
@@ -295,12 +429,15 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
                           index_type=i.index_type) for i in infos])
 
     def _model_info(self, model) -> pb.ModelInfo:
-        c = model.card
+        c, policy, scorer = model.card, self.engine.policies[model.name], model.scorer
         return pb.ModelInfo(
             name=c.name, version=c.version, embedding_dim=c.embedding_dim, sample_rate=c.sample_rate,
             execution_provider=model.provider, threshold=c.threshold, min_audio_seconds=c.min_audio_seconds,
             max_audio_seconds=self.engine.config.max_audio_seconds, description=c.description, license=c.license,
-            source=c.source, parameters=c.parameters, opset=c.opset, is_default=c.name == self.engine.default_model)
+            source=c.source, parameters=c.parameters, opset=c.opset, is_default=c.name == self.engine.default_model,
+            cohort_size=0 if scorer.cohort is None else len(scorer.cohort), calibrated=scorer.calibration is not None,
+            decision_scale=SCALE_PB[policy.scale], decision_threshold=policy.threshold, vad=policy.vad is not None,
+            min_probe_speech_seconds=policy.min_probe_speech, min_enroll_speech_seconds=policy.min_enroll_speech)
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -310,4 +447,3 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     @_rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         return self._model_info(self.engine.model(request.name, "name"))
-

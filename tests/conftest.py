@@ -36,6 +36,16 @@ def speech_files() -> dict[str, Path]:
     return {p.stem: p for p in sorted((REFERENCE / "audio").glob("*.wav"))}
 
 
+def speech_clip(seconds: float, seed: int = 0) -> np.ndarray:
+    """A ``seconds`` long stretch of the reference utterances (all of it speech, as VAD sees it)."""
+    names = ["flite-slt-1", "flite-awb-1", "flite-rms-1", "flite-kal-1", "espeak-en-1", "flite-slt-2"]
+    wave, _ = sf.read(REFERENCE / "audio" / f"{names[seed % len(names)]}.wav", dtype="float32")
+    while len(wave) < int(seconds * 16000) + 8000:
+        wave = np.concatenate([wave, wave])
+    start = 1600 * (seed % 4)  # shortly after the start: speech, not the leading pause
+    return wave[start:start + int(seconds * 16000)]
+
+
 def export_tiny(repo: Path, name: str, family: str = "wavlm", with_lengths: bool = True, seed: int = 0) -> Path:
     """Export a randomly initialised tiny SSL speaker model (GroupNorm front end) into ``repo/name``."""
     import torch
@@ -94,9 +104,11 @@ def make_config(model_repo: Path, data_dir: Path, **overrides):
     """A ServerConfig for tests: ephemeral ports, loopback, the test repository."""
     from service.config import load_config
 
+    # the reference utterances have 1.5-3 s of speech each: tests enroll single ones, so the
+    # enrolment minimum is 1 s here (tests/test_speech_rules.py checks the shipped defaults)
     base = dict(host="127.0.0.1", port=0, metrics_port=0, model_repository=str(model_repo), data_dir=str(data_dir),
                 default_model="ge2e", max_wait_ms=5.0, intra_op_threads=1, grace_seconds=5.0,
-                shutdown_delay_seconds=0.0)
+                shutdown_delay_seconds=0.0, min_enroll_speech_seconds=1.0)
     base.update(overrides)
     return load_config(env={}, overrides=base)
 

@@ -87,10 +87,53 @@ def test_index_types_find_the_right_speaker_and_honour_deletes(tmp_path, kind):
         s.enroll("c", "m", f"s{i}", vecs[i:i + 1])
     assert s.collections()[0].index_type == kind
     for i in (0, 17, 2999):
-        assert s.search("c", "m", vecs[i], 3)[0][0] == f"s{i}"
+        assert s.search("c", "m", vecs[i], 3)[0][0].speaker_id == f"s{i}"
     s.delete("c", "s17")
     s.enroll("c", "m", "s0", -vecs[0:1])  # s0 moves far away from vecs[0]
-    top = [h[0] for h in s.search("c", "m", vecs[17], 5)]
+    top = [h[0].speaker_id for h in s.search("c", "m", vecs[17], 5)]
     assert "s17" not in top
-    assert s.search("c", "m", vecs[0], 1)[0][0] != "s0"
+    assert s.search("c", "m", vecs[0], 1)[0][0].speaker_id != "s0"
     assert len(s.search("c", "m", vecs[1], 10)) == 10
+    # a filter (e.g. speakers with enough speech) still fills top-k from further down
+    odd = [h[0].speaker_id for h in s.search("c", "m", vecs[1], 10, keep=lambda r: int(r.speaker_id[1:]) % 2 == 1)]
+    assert len(odd) == 10 and all(int(x[1:]) % 2 == 1 for x in odd)
+
+
+def test_speech_and_cohort_statistics_survive_restart(tmp_path):
+    cohort = units(30, seed=9)
+
+    def stats_fn(model, vecs):
+        return None if model != "m" else np.stack([(vecs @ cohort.T).mean(1), (vecs @ cohort.T).std(1)], 1)
+
+    e = units(6)
+    s = SpeakerStore(tmp_path, snapshot_every=3)
+    s.set_stats_fn(stats_fn)
+    s.enroll("c", "m", "x", e[:2], speech=2.5)
+    rec, _ = s.enroll("c", "m", "x", e[2:4], speech=1.25)
+    s.enroll("d", "other", "y", e[4:5], speech=4.0)  # a model without a cohort: no statistics
+    assert rec.speech == pytest.approx(3.75)
+    np.testing.assert_allclose(rec.stats, stats_fn("m", rec.voiceprint[None])[0], rtol=1e-6)
+    assert s.get("c", "x").stats is not None
+    r = SpeakerStore(tmp_path, snapshot_every=3)  # snapshot + log replay
+    assert r.get("c", "x").speech == pytest.approx(3.75) and r.get("c", "x").stats is None
+    r.set_stats_fn(stats_fn)  # the engine sets it once the models are loaded: every voiceprint gets its statistics
+    np.testing.assert_allclose(r.get("c", "x").stats, rec.stats, rtol=1e-6)
+    assert r.get("d", "y").stats is None
+
+
+def test_records_written_before_speech_was_measured_stay_usable(tmp_path):
+    import json
+    import struct
+    import zlib
+
+    # a log record as the first release wrote it: no "speech" key
+    (tmp_path).mkdir(exist_ok=True)
+    emb = units(1)
+    head = json.dumps({"op": "enroll", "c": "c", "model": "m", "spk": "old", "n": 1, "dim": 16, "meta": {},
+                       "ts": 1}).encode()
+    payload = struct.pack("<I", len(head)) + head + emb.tobytes()
+    (tmp_path / "wal-00000000.log").write_bytes(struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
+    s = SpeakerStore(tmp_path)
+    assert s.get("c", "old").speech is None  # unknown, not zero: the service treats it as ready
+    rec, _ = s.enroll("c", "m", "old", units(1, seed=3), speech=1.0)
+    assert rec.speech is None and rec.count == 2

@@ -85,9 +85,9 @@ def test_acknowledged_enrollments_survive_kill9_and_deletes_persist(model_repo, 
         with grpc.insecure_channel(srv.target) as ch:
             s = pb_grpc.SpeakerServiceStub(ch)
             for i in range(20):
-                s.Enroll(pb.EnrollRequest(collection="c1", speaker_id=f"spk{i}", embeddings=[pb.Embedding(values=unit(i))],
+                s.Enroll(pb.EnrollRequest(collection="c1", speaker_id=f"spk{i}", embeddings=[pb.Embedding(values=unit(i), speech_seconds=5)],
                                           metadata={"i": str(i)}))
-            s.Enroll(pb.EnrollRequest(collection="c1", speaker_id="spk3", embeddings=[pb.Embedding(values=unit(100))]))
+            s.Enroll(pb.EnrollRequest(collection="c1", speaker_id="spk3", embeddings=[pb.Embedding(values=unit(100), speech_seconds=5)]))
             s.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="c1", speaker_id="spk7"))
             before = s.GetSpeaker(pb.GetSpeakerRequest(collection="c1", speaker_id="spk3", include_voiceprint=True))
     finally:
@@ -107,7 +107,7 @@ def test_acknowledged_enrollments_survive_kill9_and_deletes_persist(model_repo, 
             assert np.array_equal(np.array(before.voiceprint), np.array(after.voiceprint))
             hit = s.Identify(pb.IdentifyRequest(collection="c1", probe=pb.Probe(embedding=pb.Embedding(values=unit(12)))))
             assert hit.candidates[0].speaker_id == "spk12"
-            s.Enroll(pb.EnrollRequest(collection="c1", speaker_id="late", embeddings=[pb.Embedding(values=unit(55))]))
+            s.Enroll(pb.EnrollRequest(collection="c1", speaker_id="late", embeddings=[pb.Embedding(values=unit(55), speech_seconds=5)]))
         assert srv.term() == 0  # graceful: snapshot written
     finally:
         if srv.p.poll() is None:
@@ -134,10 +134,14 @@ def test_cli_interface(model_repo, tmp_path, speech_files):
         r = srv.cli("embed", "--model", "tiny-wavlm", f1)
         assert json.loads(r.stdout)["model"] == "tiny-wavlm" and len(json.loads(r.stdout)["embedding"]) == 32
         v = json.loads(srv.cli("verify", f1, f2).stdout)
-        assert set(v) >= {"score", "decision", "threshold"} and v["decision"] is True
+        assert set(v) >= {"score", "decision", "threshold", "verdict", "llr", "speech_seconds"} and v["decision"] is True
+        assert v["verdict"] == "ACCEPT" and v["speech_seconds"][0] > 2
         assert json.loads(srv.cli("verify", f1, f3).stdout)["decision"] is False
-        assert srv.cli("enroll", "--collection", "cli", "--speaker", "slt", f1).returncode == 0
-        assert srv.cli("enroll", "--collection", "cli", "--speaker", "awb", f3).returncode == 0
+        e = json.loads(srv.cli("enroll", "--collection", "cli", "--speaker", "slt", f1).stdout)
+        assert e["status"] == "NEEDS_MORE_SPEECH" and e["required_speech_seconds"] == 3.0  # 2.8 s of speech
+        e = json.loads(srv.cli("enroll", "--collection", "cli", "--speaker", "slt", f1).stdout)
+        assert e["status"] == "READY" and e["utterances"][0]["consistent"]
+        assert srv.cli("enroll", "--collection", "cli", "--speaker", "awb", f3, f3).returncode == 0
         ident = json.loads(srv.cli("identify", "--collection", "cli", "--top-k", "2", f2).stdout)
         assert ident["candidates"][0]["speaker"] == "slt" and set(ident["candidates"][0]) == {"speaker", "score"}
         assert srv.cli("delete", "--collection", "cli", "--speaker", "slt").returncode == 0

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
-from tests.conftest import wav_bytes
+from tests.conftest import speech_clip, wav_bytes
 
 
 def audio_of(path) -> pb.Audio:
@@ -40,19 +40,32 @@ def test_embed_returns_unit_embedding_and_timings(stub, speech_files):
     emb = np.array(r.embedding)
     assert r.model == "ge2e" and emb.shape == (256,)
     assert abs(np.linalg.norm(emb) - 1) < 1e-5
-    assert r.speech_seconds == pytest.approx(47440 / 16000, rel=1e-3)
+    # VAD keeps the speech: a little less than the file, every segment inside it
+    assert r.speech.audio_seconds == pytest.approx(47440 / 16000, rel=1e-3) and r.speech.vad_applied
+    assert 2.0 < r.speech_seconds < r.speech.audio_seconds and r.speech_seconds == r.speech.speech_seconds
+    assert r.speech_seconds == pytest.approx(sum(g.end_seconds - g.start_seconds for g in r.speech.segments))
+    assert all(0 <= g.start_seconds < g.end_seconds <= r.speech.audio_seconds for g in r.speech.segments)
     assert r.timings.inference_ms > 0 and r.timings.total_ms >= r.timings.inference_ms
 
 
-def test_embed_matches_resemblyzer_reference(stub, speech_files):
+def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files):
+    """With VAD off the service embeds the whole file, as the Resemblyzer reference does."""
     import json
 
-    from tests.conftest import REFERENCE
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+    from tests.conftest import REFERENCE, ServerThread, make_config
 
     ref = json.loads((REFERENCE / "ge2e_reference.json").read_text())["utterances"]
-    for name in ("flite-slt-1", "flite-kal-1", "espeak-en-1"):
-        r = stub.Embed(pb.EmbedRequest(audio=audio_of(speech_files[name])))
-        assert float(np.dot(r.embedding, ref[name]["embedding"])) > 0.999
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], vad=False))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            for name in ("flite-slt-1", "flite-kal-1", "espeak-en-1"):
+                r = s.Embed(pb.EmbedRequest(audio=audio_of(speech_files[name])))
+                assert not r.speech.vad_applied
+                assert float(np.dot(r.embedding, ref[name]["embedding"])) > 0.999
+    finally:
+        srv.stop()
 
 
 def test_embed_formats_agree(stub, speech_files):
@@ -150,9 +163,9 @@ def test_too_long_audio(model_repo, tmp_path):
             from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 
             s = pb_grpc.SpeakerServiceStub(ch)
-            expect_error(lambda: s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(tone(3.0))))),
+            expect_error(lambda: s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(speech_clip(3.0))))),
                          grpc.StatusCode.INVALID_ARGUMENT, "longer than the maximum 2.0")
-            assert len(s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(tone(1.5))))).embedding) == 256
+            assert len(s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(speech_clip(1.5))))).embedding) == 256
     finally:
         srv.stop()
 
@@ -187,8 +200,8 @@ def test_batched_equals_single(stub, model):
     tiny-wavlm has a GroupNorm conv front end (masked by lengths); tiny-nolen takes no lengths,
     so the batcher groups only equal lengths for it.
     """
-    lengths = [0.6, 1.3, 2.2, 3.5, 1.3, 0.9, 2.2, 4.0]
-    clips = [wav_bytes(tone(s, seed=i)) for i, s in enumerate(lengths)]
+    lengths = [0.8, 1.3, 2.2, 3.5, 1.3, 0.9, 2.2, 4.0]
+    clips = [wav_bytes(speech_clip(s, seed=i)) for i, s in enumerate(lengths)]
     alone = [np.array(stub.Embed(pb.EmbedRequest(model=model, audio=pb.Audio(encoded=c))).embedding) for c in clips]
     with cf.ThreadPoolExecutor(len(clips)) as pool:
         for _ in range(3):
@@ -199,7 +212,7 @@ def test_batched_equals_single(stub, model):
 
 
 def test_batching_happens(server, stub):
-    clips = [wav_bytes(tone(1.0, seed=i)) for i in range(16)]
+    clips = [wav_bytes(speech_clip(1.0, seed=i)) for i in range(16)]
     before = scrape(server)
     key = '{model="tiny-wavlm"}'
     utts0 = metric_value(before, "spkserve_batch_size_sum" + key, 0.0)
@@ -219,10 +232,9 @@ def test_verify_audio_embedding_and_speaker(stub, speech_files):
     a, b, other = (audio_of(speech_files[n]) for n in ("flite-slt-1", "flite-slt-2", "flite-awb-1"))
     same = stub.Verify(pb.VerifyRequest(a=pb.Probe(audio=a), b=pb.Probe(audio=b)))
     diff = stub.Verify(pb.VerifyRequest(a=pb.Probe(audio=a), b=pb.Probe(audio=other)))
-    info = stub.GetModelInfo(pb.GetModelInfoRequest())
-    assert same.threshold == pytest.approx(info.threshold)
     assert same.score > diff.score
-    assert same.decision == (same.score >= same.threshold)
+    for r in (same, diff):
+        assert r.decision == (r.score >= r.threshold) == (r.verdict == pb.VERDICT_ACCEPT)
     emb = stub.Embed(pb.EmbedRequest(audio=b)).embedding
     via_emb = stub.Verify(pb.VerifyRequest(a=pb.Probe(audio=a), b=pb.Probe(embedding=pb.Embedding(values=emb)),
                                            threshold=0.99))
@@ -303,8 +315,8 @@ def test_enroll_identify_list_get_delete(stub, speech_files):
 def test_enroll_embeddings_and_collections_are_namespaces(stub):
     rng = np.random.default_rng(5)
     v = rng.standard_normal(256)
-    stub.Enroll(pb.EnrollRequest(collection="tenant-a", speaker_id="alice", embeddings=[pb.Embedding(values=v)]))
-    stub.Enroll(pb.EnrollRequest(collection="tenant-b", speaker_id="bob", embeddings=[pb.Embedding(values=-v)]))
+    stub.Enroll(pb.EnrollRequest(collection="tenant-a", speaker_id="alice", embeddings=[pb.Embedding(values=v, speech_seconds=4)]))
+    stub.Enroll(pb.EnrollRequest(collection="tenant-b", speaker_id="bob", embeddings=[pb.Embedding(values=-v, speech_seconds=4)]))
     a = stub.Identify(pb.IdentifyRequest(collection="tenant-a", probe=pb.Probe(embedding=pb.Embedding(values=v))))
     assert [c.speaker_id for c in a.candidates] == ["alice"]
     assert a.candidates[0].score == pytest.approx(1.0, abs=1e-5)
@@ -394,3 +406,26 @@ def test_health_and_reflection(server):
         resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         services = {s.name for s in resp.list_services_response.service}
         assert "spkserve.v1.SpeakerService" in services and "grpc.health.v1.Health" in services
+
+
+def test_reflection_v1_and_v1alpha(server):
+    """Both reflection services list the API; v1 clients (grpcurl) ask for v1 first."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(server.target) as ch:
+        for service in ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
+            call = ch.stream_stream(f"/{service}/ServerReflectionInfo",
+                                    request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                    response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="spkserve.v1.SpeakerService"),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection")]
+            listed, desc, v1 = list(call(iter(reqs)))
+            names = {s.name for s in listed.list_services_response.service}
+            assert {"spkserve.v1.SpeakerService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection"} <= names, service
+            fd = descriptor_pb2.FileDescriptorProto.FromString(desc.file_descriptor_response.file_descriptor_proto[0])
+            assert fd.package == "spkserve.v1" and "Verify" in {m.name for m in fd.service[0].method}
+            fd = descriptor_pb2.FileDescriptorProto.FromString(v1.file_descriptor_response.file_descriptor_proto[0])
+            assert fd.package == "grpc.reflection.v1"
