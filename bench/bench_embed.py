@@ -7,9 +7,13 @@ Everything is measured in one run on the same model and the same audio:
    the baseline);
 2. the server (``spkserve serve`` in a subprocess, batching on) under concurrency 1, 8, 32
    from an asyncio gRPC client, each request a WAV file;
-3. the same server with batching off (max_batch_size=1) at concurrency 32.
+3. the same server with batching off (max_batch_size=1) at concurrency 32;
+4. the same server with voice activity detection off (``vad=false``) at concurrency 32, so
+   VAD's share of the service's cost shows as a ratio measured in the same run;
+5. Silero VAD alone (``models.vad``, one thread): seconds of VAD per second of audio at 3, 10
+   and 60 s inputs.
 Each figure is the median of ``--repeats`` runs; latencies are p50/p99 over all requests of
-the median run. Prints a Markdown table.
+the median run. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -61,6 +65,24 @@ def bench_raw(model_dir: Path, wave: np.ndarray, threads: int, repeats: int) -> 
                 model.embed([wave] * bs)
             rates.append(n_batches * bs / (time.perf_counter() - t0))
         out[bs] = statistics.median(rates)
+    return out
+
+
+def bench_vad(repeats: int) -> dict[float, float]:
+    """Median seconds Silero VAD (one thread) takes for speech inputs of 3, 10 and 60 s."""
+    from models.vad import SileroVad
+
+    vad = SileroVad(intra_op_threads=1)
+    out = {}
+    for seconds in (3.0, 10.0, 60.0):
+        wave = utterance(seconds)
+        vad.segments(wave, 16000)
+        times = []
+        for _ in range(max(5, repeats)):
+            t0 = time.perf_counter()
+            vad.segments(wave, 16000)
+            times.append(time.perf_counter() - t0)
+        out[seconds] = statistics.median(times)
     return out
 
 
@@ -164,6 +186,12 @@ def main() -> None:
         nobatch = run_load(srv.target, args.model, data, 32, args.requests, args.repeats)
     finally:
         srv.close()
+    srv = Server(repo, args.threads, vad="false")
+    try:
+        novad = run_load(srv.target, args.model, data, 32, args.requests, args.repeats)
+    finally:
+        srv.close()
+    vad_cost = bench_vad(args.repeats)
 
     print(f"\nmodel {args.model}, {args.seconds:.1f} s utterances (WAV), {args.threads} ORT threads, "
           f"{os.cpu_count()} cores, median of {args.repeats} runs\n")
@@ -175,9 +203,16 @@ def main() -> None:
         print(f"| gRPC, batching on, concurrency {c} | {rate:.1f} | {rate / raw[best_bs]:.2f} | {p50:.1f} | {p99:.1f} |")
     rate, p50, p99 = nobatch
     print(f"| gRPC, batching off, concurrency 32 | {rate:.1f} | {rate / raw[best_bs]:.2f} | {p50:.1f} | {p99:.1f} |")
+    rate_nv, p50_nv, p99_nv = novad
+    print(f"| gRPC, batching on, VAD off, concurrency 32 | {rate_nv:.1f} | {rate_nv / raw[best_bs]:.2f} | {p50_nv:.1f} | {p99_nv:.1f} |")
     on = results[32][0]
     print(f"\nbatching on / off throughput at concurrency 32: {on / rate:.2f}x")
+    print(f"VAD on / off throughput at concurrency 32: {on / rate_nv:.2f}")
     print(f"service at concurrency 32 / raw best (batch {best_bs}): {on / raw[best_bs]:.2f}")
+    print("\n| input | VAD ms | VAD s per audio s |")
+    print("|---:|---:|---:|")
+    for seconds, took in vad_cost.items():
+        print(f"| {seconds:.0f} s | {took * 1000:.2f} | {took / seconds:.5f} |")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 hits = coll.search(q, 10)
                 lat.append(time.perf_counter() - t0)
-                found.append({h[0] for h in hits})
-                first.append(bool(hits) and hits[0][0] == f"s{t}")
+                found.append({h[0].speaker_id for h in hits})
+                first.append(bool(hits) and hits[0][0].speaker_id == f"s{t}")
             if kind == "flat":
                 exact = found
             recall = np.mean([len(f & e) / 10 for f, e in zip(found, exact)]) if exact else float("nan")

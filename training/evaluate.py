@@ -6,9 +6,12 @@
 For each system: EER (%), minDCF (p_target 0.01 and 0.05) on ``<split>/trials`` with cosine
 scoring, closed-set identification accuracy (each evaluation speaker enrolled with the mean
 of its first half of utterances, the second half identified), and ONNX Runtime real-time
-factor (seconds of compute per second of audio, batch 1, one thread). Writes
-``results.json`` and a DET plot ``det.png``. The log-mel baseline is the mean and standard
-deviation of 40 log-mel bands: it measures channel statistics, not speaker modelling.
+factor (seconds of compute per second of audio, batch 1, one thread). Models with a cohort
+and a calibration (``training.calibrate``) also get the EER of their S-norm scores and the
+Cllr and minCllr of their calibrated log-likelihood ratios. Utterances go through Silero
+VAD first, as the service does (``--no-vad`` embeds whole files). Writes ``results.json``
+and a DET plot ``det.png``. The log-mel baseline is the mean and standard deviation of 40
+log-mel bands: it measures channel statistics, not speaker modelling.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 from models.evaluation import cosine_scores, evaluate_scores, identification_accuracy, plot_det, read_trials
 from models.runtime import SpeakerModel
+from models.scoring import cllr, min_cllr
 from training.corpus import read_scp
 from training.features import load_wave, logmel_stats
 
@@ -48,11 +52,30 @@ class EvalSet:
         self.trials = [t for t in self.trials if t[0] in keep and t[1] in keep]
 
 
-def evaluate_embeddings(es: EvalSet, emb: np.ndarray) -> dict:
-    """Verification and identification figures of (N, D) embeddings of ``es.utts``."""
+def evaluate_embeddings(es: EvalSet, emb: np.ndarray, scorer=None) -> dict:
+    """Verification and identification figures of (N, D) embeddings of ``es.utts``.
+
+    Args:
+        scorer: a ``models.scoring.ModelScorer``; with a cohort, S-norm figures are added, and
+            with a calibration, Cllr and minCllr of the log-likelihood ratios.
+    """
     table = dict(zip(es.utts, emb))
     scores, labels = cosine_scores(table, es.trials)
     res = evaluate_scores(scores, labels)
+    extra = {}
+    if scorer is not None and scorer.cohort is not None:
+        stats = dict(zip(es.utts, scorer.stats(emb)))
+        a = np.stack([stats[u] for u, _, _ in es.trials])
+        b = np.stack([stats[u] for _, u, _ in es.trials])
+        norm = 0.5 * ((scores - a[:, 0]) / a[:, 1] + (scores - b[:, 0]) / b[:, 1])
+        extra["eer_snorm"] = evaluate_scores(norm, labels).eer
+        if scorer.calibration is not None:
+            llr = scorer.calibration.llr(norm)
+            extra.update(cllr=cllr(llr, labels), min_cllr=min_cllr(llr, labels))
+            if scorer.scale == "llr":
+                accept = llr >= scorer.threshold
+                extra.update(far_at_operating_point=float(accept[labels == 0].mean()),
+                             frr_at_operating_point=float((~accept[labels == 1]).mean()))
     by_spk: dict[str, list[int]] = {}
     for i, s in enumerate(es.spk):
         by_spk.setdefault(s, []).append(i)
@@ -64,12 +87,23 @@ def evaluate_embeddings(es: EvalSet, emb: np.ndarray) -> dict:
         tests += [(emb[i], s) for i in idx[half:]]
     return {"eer": res.eer, "mindcf": res.min_dcf_01, "mindcf_p0.05": res.min_dcf_05, "eer_threshold": res.eer_threshold,
             "id_accuracy": identification_accuracy(enroll, tests), "n_target": res.n_target,
-            "n_nontarget": res.n_nontarget, "_scores": scores, "_labels": labels}
+            "n_nontarget": res.n_nontarget, **extra, "_scores": scores, "_labels": labels}
 
 
-def embed_with_model(model_dir: str | Path, waves: list[np.ndarray]) -> np.ndarray:
-    """Embeddings of ``waves`` with an exported repository entry."""
-    return SpeakerModel(model_dir, ["CPUExecutionProvider"]).embed_many(waves)
+def embed_with_model(model_dir: str | Path, waves: list[np.ndarray], vad: bool = True) -> tuple[np.ndarray, SpeakerModel]:
+    """Embeddings of ``waves`` with an exported repository entry (after Silero VAD, as served), and the model."""
+    model = SpeakerModel(model_dir, ["CPUExecutionProvider"])
+    if vad:
+        from models.vad import SileroVad, VadOptions, keep_speech
+
+        detector = SileroVad()
+        opts = VadOptions(**{k: v for k, v in (model.card.vad or {}).items() if v is not None})
+        kept = []
+        for w in waves:
+            speech = keep_speech(w, detector.segments(w, model.sample_rate, opts))
+            kept.append(speech if len(speech) >= model.card.min_audio_seconds * model.sample_rate else w)
+        waves = kept
+    return model.embed_many(waves), model
 
 
 def rtf(model_dir: str | Path, seconds: float = 10.0, repeats: int = 5) -> float:
@@ -96,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="eval", choices=("eval", "reserved"),
                     help="eval: the evaluation speakers; reserved: the MBROLA voices kept out of the corpus's splits")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--no-vad", action="store_true", help="embed whole files (the service always runs VAD first)")
     args = ap.parse_args(argv)
     try:
         es = EvalSet(args.corpus, args.split)
@@ -107,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     systems = [] if args.no_baseline else [("logmel-meanstd", None)]
     systems += [(Path(m).name, Path(m) if Path(m).is_dir() else Path(args.repository) / m) for m in args.models]
     for name, path in systems:
+        scorer = None
         if path is None:  # z-normalised over the evaluation set, so cosine compares deviations from the average
             emb = np.stack([logmel_stats(w) for w in es.waves])
             emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
         else:
-            emb = embed_with_model(path, es.waves)
-        r = evaluate_embeddings(es, emb)
+            emb, model = embed_with_model(path, es.waves, vad=not args.no_vad)
+            scorer = model.scorer
+        r = evaluate_embeddings(es, emb, scorer)
         curves[name] = (r.pop("_scores"), r.pop("_labels"))
         if path is not None:
             r["rtf"] = rtf(path)

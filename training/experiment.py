@@ -178,7 +178,7 @@ def _evaluate(model: SSLSpeakerModel, name: str, es: EvalSet, workdir: Path) -> 
     card = ModelCard(name=name, version="experiment", family="wavlm-speaker", sample_rate=16000,
                      embedding_dim=model.embedding_dim, description="compression experiment model")
     export_model(model, card, workdir / name, int8=False, force=True)
-    r = evaluate_embeddings(es, embed_with_model(workdir / name, es.waves))
+    r = evaluate_embeddings(es, embed_with_model(workdir / name, es.waves, vad=False)[0])
     r.pop("_scores"), r.pop("_labels")
     return {**r, "params": int(sum(p.numel() for p in model.parameters())), "rtf": rtf(workdir / name),
             "onnx_bytes": (workdir / name / "model.onnx").stat().st_size,
