@@ -18,13 +18,13 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.engine import Engine
 from service.metrics import Metrics
+from service.reflection import enable_reflection
 from service.servicer import SpeakerServicer
 
 __all__ = ["SpeakerServer", "serve", "SERVICE_NAME"]
@@ -92,7 +92,7 @@ class SpeakerServer:
         )
         pb_grpc.add_SpeakerServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
@@ -132,6 +132,11 @@ class SpeakerServer:
         for m in self.engine.models.values():
             log.info("serving model %s v%s (dim %d, %d Hz) on %s%s", m.name, m.card.version, m.dim, m.sample_rate,
                      m.provider, " [default]" if m.name == self.engine.default_model else "")
+        cfg = self.config
+        log.info("ready: gRPC on %s:%d (%s), metrics on %s, models %s (default %s)", cfg.host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext",
+                 f"{cfg.host}:{self.metrics_port}" if self.metrics_port is not None else "off",
+                 ", ".join(sorted(self.engine.models)), self.engine.default_model)
         self._ready.set()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
