@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def populate(data_dir: Path, cohort: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Write ``n`` speakers into collection 'bench' of model ge2e; returns their voiceprints."""
-    from service.index import SpeakerStore
+    from service.store import LocalStore as SpeakerStore
 
     rng = np.random.default_rng(seed)
     base = cohort[rng.integers(0, len(cohort), n)]

@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.index import IndexOptions, SpeakerRecord, _Collection  # noqa: E402
+from service.store.base import IndexOptions, SpeakerRecord  # noqa: E402
+from service.store.faiss_index import CollectionIndex as _Collection  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:

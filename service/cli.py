@@ -7,6 +7,7 @@
     spkserve identify --target HOST:PORT [--collection C] [--top-k K] FILE
     spkserve delete   --target HOST:PORT [--collection C] --speaker ID
     spkserve models   --target HOST:PORT
+    spkserve repair-log --data-dir DIR [--dry-run]
 
 Client commands print JSON (one object per line for ``embed``); a failed call exits with
 status 1 and prints the gRPC status name and message on stderr.
@@ -36,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "port": args.port, "metrics_port": args.metrics_port, "model_repository": args.model_repository,
         "data_dir": args.data_dir, "host": args.host, "default_model": args.default_model,
-        "auth_token": args.auth_token, "log_level": args.log_level,
+        "auth_token": args.auth_token, "auth_tokens_file": args.auth_tokens_file, "log_level": args.log_level,
+        "metrics_host": args.metrics_host,
     }
     try:
         config = load_config(args.config, overrides=overrides)
@@ -45,6 +47,37 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(config))
+
+
+def _repair(args: argparse.Namespace) -> int:
+    """Repair every write-ahead log of a stopped server's data directory; print what was kept and lost."""
+    import fcntl
+    import re
+
+    from service.store.wal import repair_log
+
+    data = Path(args.data_dir)
+    logs = sorted(p for p in data.glob("wal-*.log") if re.fullmatch(r"wal-\d{8}\.log", p.name))
+    if not logs:
+        print(f"spkserve repair-log: no wal-<generation>.log files in {data}", file=sys.stderr)
+        return 2
+    keys = data / "keys.bin"
+    lock = open(keys, "rb") if keys.exists() else None
+    try:
+        if lock is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                print(f"spkserve repair-log: a server is using {data}; stop it first", file=sys.stderr)
+                return 2
+        reports = [repair_log(p, data / "damaged", dry_run=args.dry_run) for p in logs]
+    finally:
+        if lock is not None:
+            lock.close()
+    lost = sum(len(r["damaged"]) for r in reports)
+    _emit({"data_dir": str(data), "dry_run": args.dry_run, "logs": reports,
+           "records_kept": sum(r["records_kept"] for r in reports), "damaged_stretches": lost})
+    return 0
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -104,7 +137,8 @@ def _client(args: argparse.Namespace) -> int:
                 _emit(out)
             elif args.command == "enroll":
                 r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection,
-                                                 speaker_id=args.speaker, audio=[_audio(f) for f in args.files]), **kw)
+                                                 speaker_id=args.speaker, audio=[_audio(f) for f in args.files],
+                                                 allow_reenroll=args.allow_reenroll), **kw)
                 _emit({"collection": r.speaker.collection, "speaker": r.speaker.speaker_id, "created": r.created,
                        "utterance_count": r.speaker.utterance_count, "model": r.speaker.model,
                        "status": pb.EnrollmentStatus.Name(r.status).removeprefix("ENROLLMENT_STATUS_"),
@@ -122,8 +156,10 @@ def _client(args: argparse.Namespace) -> int:
                        "llr": [c.llr for c in r.candidates if c.HasField("llr")],
                        "speech_seconds": r.probe_speech.speech_seconds, **({"reason": r.reason} if r.reason else {})})
             elif args.command == "delete":
-                r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker), **kw)
-                _emit({"deleted": r.speaker.speaker_id, "collection": r.speaker.collection})
+                r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
+                                                               opt_out=args.opt_out), **kw)
+                _emit({"deleted": r.speaker.speaker_id if r.HasField("speaker") else None,
+                       "collection": args.collection or "default", "opted_out": args.opt_out})
             elif args.command == "models":
                 r = stub.ListModels(pb.ListModelsRequest(), **kw)
                 _emit({"default_model": r.default_model, "models": [
@@ -150,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-model")
     s.add_argument("--data-dir")
     s.add_argument("--auth-token", help="require this bearer token (prefer SPKSERVE_AUTH_TOKEN)")
+    s.add_argument("--auth-tokens-file", help="TOML file of scoped tokens ([[tokens]] name, sha256, collections, permissions)")
+    s.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
     s.add_argument("--log-level")
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
@@ -171,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("enroll", "enroll audio files as a speaker")
     p.add_argument("--collection", default="")
     p.add_argument("--speaker", required=True)
+    p.add_argument("--allow-reenroll", action="store_true", help="enroll an id that was deleted or opted out")
     p.add_argument("files", nargs="+", metavar="FILE")
     p = client("identify", "find the closest enrolled speakers")
     p.add_argument("--collection", default="")
@@ -179,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("delete", "delete an enrolled speaker")
     p.add_argument("--collection", default="")
     p.add_argument("--speaker", required=True)
+    p.add_argument("--opt-out", action="store_true", help="also when not enrolled: refuse later enrollment of the id")
     client("models", "list the served models")
+    r = sub.add_parser("repair-log", help="repair a stopped server's damaged write-ahead log (keeps every intact record)")
+    r.add_argument("--data-dir", required=True)
+    r.add_argument("--dry-run", action="store_true", help="report what would be kept and lost, change nothing")
     return ap
 
 
@@ -188,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "repair-log":
+        return _repair(args)
     return _client(args)
 
 

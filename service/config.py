@@ -52,6 +52,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051  # 0 picks a free port
     metrics_port: int = 9090  # 0 picks a free port, -1 disables the metrics endpoint
+    metrics_host: str = "127.0.0.1"  # the metrics endpoint has no authentication: local only unless set
+    metrics_collection_labels: bool = False  # per-collection series (collection names are visible to scrapers)
     model_repository: str = field(default_factory=default_model_repository)
     models: list[str] = field(default_factory=list)  # empty: every model in the repository
     default_model: str = "ge2e"
@@ -97,8 +99,14 @@ class ServerConfig:
     ivf_nprobe: int = 32
     snapshot_every: int = 10000  # WAL records between snapshots
     fsync: bool = True
+    # data protection
+    encryption_key_file: str = ""  # wraps every speaker's key (encryption at rest); 64 hex chars, mode 0600
+    tenant_key_files: dict[str, str] = field(default_factory=dict)  # collection pattern ('acme-*') -> key file
+    retention_days: float = 0.0  # > 0: delete speakers unused (no enroll/verify/identify match) this long
+    retention_check_seconds: float = 3600.0
     # security
-    auth_token: str = ""  # non-empty: require "authorization: Bearer <token>"
+    auth_token: str = ""  # non-empty: require "authorization: Bearer <token>" (an admin token)
+    auth_tokens_file: str = ""  # TOML [[tokens]] with name, sha256, collections, permissions
     tls_cert: str = ""
     tls_key: str = ""
     # lifecycle
@@ -142,6 +150,10 @@ class ServerConfig:
         need(self.ivf_nlist >= 1, "ivf_nlist", "must be >= 1")
         need(self.ivf_nprobe >= 1, "ivf_nprobe", "must be >= 1")
         need(self.snapshot_every >= 1, "snapshot_every", "must be >= 1")
+        need(self.retention_days >= 0 and math.isfinite(self.retention_days), "retention_days", "must be >= 0")
+        need(self.retention_check_seconds >= 1, "retention_check_seconds", "must be >= 1")
+        need(isinstance(self.tenant_key_files, dict) and all(isinstance(v, str) for v in self.tenant_key_files.values()),
+             "tenant_key_files", "must be a table of collection pattern -> key file path")
         need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "tls_cert and tls_key go together")
         need(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
         need(self.shutdown_delay_seconds >= 0, "shutdown_delay_seconds", "must be >= 0")

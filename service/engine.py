@@ -28,7 +28,7 @@ from models.vad import SileroVad, VadOptions, keep_speech
 from service.batcher import BatchResult, BatchStats, DynamicBatcher
 from service.config import ConfigError, ServerConfig
 from service.errors import InvalidArgument, NotFound, Unavailable
-from service.index import IndexOptions, SpeakerStore
+from service.store import IndexOptions, LocalStore, SpeakerStore, StoreUnavailable, load_key_file
 from service.metrics import Metrics
 
 __all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy"]
@@ -96,8 +96,8 @@ class Engine:
         cfg = self.config
         loop = asyncio.get_running_loop()
         opts = IndexOptions(cfg.index_type, cfg.hnsw_m, cfg.hnsw_ef_search, cfg.ivf_nlist, cfg.ivf_nprobe)
-        self.store = await loop.run_in_executor(
-            self._store_pool, lambda: SpeakerStore(cfg.data_dir, opts, cfg.fsync, cfg.snapshot_every))
+        self.store = await loop.run_in_executor(self._store_pool, lambda: LocalStore(
+            cfg.data_dir, opts, cfg.fsync, cfg.snapshot_every, self._key_files()))
         dirs = await loop.run_in_executor(None, scan_repository, cfg.model_repository)
         if cfg.models:
             by_name = {d.name: d for d in dirs}
@@ -126,8 +126,18 @@ class Engine:
         if self.default_model not in self.models:
             raise ArtifactError(f"option 'default_model': {self.default_model!r} is not loaded (loaded: {sorted(self.models)})")
         await loop.run_in_executor(self._store_pool, self.store.set_stats_fn, self._voiceprint_stats)
-        for info in self.store.collections():
-            self.metrics.speakers.labels(info.name).set(info.speaker_count)
+        await self.report_collection("")
+
+    def _key_files(self) -> list:
+        """The configured key files, tenant patterns first (the first match wraps a collection's keys)."""
+        cfg = self.config
+        try:
+            keys = [load_key_file(path, pattern) for pattern, path in sorted(cfg.tenant_key_files.items())]
+            if cfg.encryption_key_file:
+                keys.append(load_key_file(cfg.encryption_key_file, "*"))
+        except ValueError as e:
+            raise ConfigError(f"option 'encryption_key_file'/'tenant_key_files': {e}") from None
+        return keys
 
     def _voiceprint_stats(self, model_name: str, voiceprints: np.ndarray) -> np.ndarray | None:
         """Cohort statistics (N, 2) of a collection's voiceprints, None when its model has no cohort."""
@@ -263,12 +273,36 @@ class Engine:
         """Run a blocking speaker-store call on the store thread."""
         if self.store is None:
             raise Unavailable("the speaker store is still opening")
-        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+        except StoreUnavailable:
+            self.metrics.store_errors.labels("write").inc()
+            raise
 
     async def report_collection(self, collection: str) -> None:
-        """Refresh the speakers-per-collection gauge."""
-        for info in await self.store_call(self.store.collections):
-            if info.name == collection:
-                self.metrics.speakers.labels(collection).set(info.speaker_count)
-                return
-        self.metrics.speakers.labels(collection).set(0)
+        """Refresh the speakers gauge: per collection when collection labels are on, else the total."""
+        infos = await self.store_call(self.store.collections)
+        if not self.config.metrics_collection_labels:
+            self.metrics.speakers.labels("_all").set(sum(i.speaker_count for i in infos))
+            return
+        for info in infos:
+            if not collection or info.name == collection:
+                self.metrics.speakers.labels(info.name).set(info.speaker_count)
+        if collection and collection not in {i.name for i in infos}:
+            self.metrics.speakers.labels(collection).set(0)
+
+    async def retention_loop(self) -> None:
+        """Forever: persist last-use times and delete speakers unused for ``retention_days``."""
+        cfg = self.config
+        while True:
+            await asyncio.sleep(cfg.retention_check_seconds)
+            try:
+                await self.store_call(self.store.flush_touches)
+                if cfg.retention_days > 0:
+                    cutoff = int((time.time() - cfg.retention_days * 86400) * 1000)
+                    n = await self.store_call(self.store.expire, cutoff)
+                    if n:
+                        self.metrics.retention_deleted.inc(n)
+                        await self.report_collection("")
+            except Unavailable as e:
+                log.error("retention: %s; retried in %.0f s", e, cfg.retention_check_seconds)

@@ -35,7 +35,14 @@ class Metrics:
         self.dropped = Counter("spkserve_batch_dropped_total", "Utterances dropped before inference",
                                ["model", "reason"], registry=r)
         self.audio_seconds = Counter("spkserve_audio_seconds_total", "Seconds of audio embedded", ["model"], registry=r)
-        self.speakers = Gauge("spkserve_index_speakers", "Enrolled speakers per collection", ["collection"], registry=r)
+        self.speakers = Gauge("spkserve_index_speakers",
+                              "Enrolled speakers per collection ('_all' unless collection labels are on)",
+                              ["collection"], registry=r)
+        self.store_writable = Gauge("spkserve_store_writable", "1 while the speaker store accepts writes", registry=r)
+        self.store_errors = Counter("spkserve_store_errors_total", "Failed store operations: write, snapshot",
+                                    ["operation"], registry=r)
+        self.retention_deleted = Counter("spkserve_retention_deleted_total",
+                                         "Speakers deleted by retention (unused too long)", registry=r)
         self.model_info = Gauge("spkserve_model_info", "Loaded models (value 1) with version and execution provider",
                                 ["model", "version", "provider", "embedding_dim", "variant"], registry=r)
         self.ready = Gauge("spkserve_ready", "1 when the server is serving", registry=r)

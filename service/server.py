@@ -11,7 +11,6 @@ in-flight calls finish within ``grace_seconds``, the batchers drain and the stor
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import signal
@@ -22,7 +21,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from service.config import ServerConfig
+from service.auth import Authorizer, load_tokens
+from service.config import ConfigError
 from service.engine import Engine
+from service.interceptors import RequestGuard
 from service.metrics import Metrics
 from service.reflection import enable_reflection
 from service.servicer import SpeakerServicer
@@ -32,34 +34,7 @@ __all__ = ["SpeakerServer", "serve", "SERVICE_NAME"]
 log = logging.getLogger("spkserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
-_OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no credentials
-
-
-class _BearerAuth(grpc.aio.ServerInterceptor):
-    """Rejects calls without ``authorization: Bearer <token>`` (health checks excepted)."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-        async def deny(request_or_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or invalid bearer token")
-
-        self._deny = {
-            (False, False): grpc.unary_unary_rpc_method_handler(deny),
-            (True, False): grpc.stream_unary_rpc_method_handler(deny),
-            (False, True): grpc.unary_stream_rpc_method_handler(deny),
-            (True, True): grpc.stream_stream_rpc_method_handler(deny),
-        }
-
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith(_OPEN_METHODS):
-            return await continuation(details)
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got = got.encode() if isinstance(got, str) else got
-        handler = await continuation(details)
-        if handler is None or hmac.compare_digest(got, self._expected):
-            return handler
-        return self._deny[(bool(handler.request_streaming), bool(handler.response_streaming))]
+STORE_HEALTH = "spkserve.store"  # SERVING while the speaker store accepts writes
 
 
 class SpeakerServer:
@@ -77,6 +52,7 @@ class SpeakerServer:
         self._metrics_http = None
         self._ready = asyncio.Event()
         self._load_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.load_error: BaseException | None = None
 
     async def start(self) -> int:
@@ -84,9 +60,17 @@ class SpeakerServer:
         cfg = self.config
         log.info("configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
         limit = cfg.max_message_mb * 1024 * 1024
-        interceptors = [_BearerAuth(cfg.auth_token)] if cfg.auth_token else []
+        auth = None
+        if cfg.auth_token or cfg.auth_tokens_file:
+            try:
+                tokens = load_tokens(cfg.auth_tokens_file) if cfg.auth_tokens_file else []
+            except ValueError as e:
+                raise ConfigError(f"option 'auth_tokens_file': {e}") from None
+            auth = Authorizer(tokens, cfg.auth_token)
+            log.info("authentication: %d tokens (%s)", len(auth.tokens), ", ".join(sorted(t.name for t in auth.tokens.values())))
+        self.servicer.auth = auth
         self._server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[RequestGuard(auth)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],
         )
@@ -107,10 +91,12 @@ class SpeakerServer:
         if cfg.metrics_port >= 0:
             from prometheus_client import start_http_server
 
-            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
+            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host,
+                                                      registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         log.info("listening on %s:%d (%s), metrics on %s", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext",
-                 self.metrics_port if self.metrics_port is not None else "off")
+                 f"{cfg.metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off")
+        await self.health.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._load_task = asyncio.get_running_loop().create_task(self._load())
         return self.port
 
@@ -135,9 +121,25 @@ class SpeakerServer:
         cfg = self.config
         log.info("ready: gRPC on %s:%d (%s), metrics on %s, models %s (default %s)", cfg.host, self.port,
                  "TLS" if cfg.tls_cert else "plaintext",
-                 f"{cfg.host}:{self.metrics_port}" if self.metrics_port is not None else "off",
+                 f"{cfg.metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off",
                  ", ".join(sorted(self.engine.models)), self.engine.default_model)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch_store()), loop.create_task(self.engine.retention_loop())]
         self._ready.set()
+
+    async def _watch_store(self) -> None:
+        """Keep the store's health entry and gauge in step with whether it accepts writes."""
+        last = None
+        while True:
+            state = self.engine.store.state()
+            writable = self.engine.store.writable
+            if writable != last:
+                self.metrics.store_writable.set(int(writable))
+                await self.health.set(STORE_HEALTH, health_pb2.HealthCheckResponse.SERVING if writable
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+                (log.info if writable else log.error)("speaker store: %s", state)
+                last = writable
+            await asyncio.sleep(1.0)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until models are loaded; re-raise a start-up failure."""
@@ -158,6 +160,8 @@ class SpeakerServer:
         self.servicer.ready = False
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.engine.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import logging
 import time
 from typing import Any
@@ -21,11 +22,11 @@ from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from service.convert import (SCALE_PB, VERDICT_PB, audio_input, merge_timings, ms, pcm_encoding, scale_of,
                              speaker_pb, speech_pb)
-from service.decisions import (ACCEPT, NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
+from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
                                speaker_shortfall, speech_shortfall)
 from service.engine import AudioInput, Engine, Speech
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, status_of
-from service.index import validate_collection, validate_speaker_id
+from service.store import quoted, validate_collection, validate_speaker_id
 
 __all__ = ["SpeakerServicer"]
 
@@ -33,6 +34,7 @@ log = logging.getLogger("spkserve.servicer")
 
 _MAX_ENROLL_ITEMS = 64
 _MAX_COMPARE_SCORES = 1_000_000
+_PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,8}")  # what ListSpeakers issues: a positive offset
 
 
 def _rpc(method):
@@ -74,6 +76,12 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     def __init__(self, engine: Engine):
         self.engine = engine
         self.ready = False
+        self.auth = None  # service.auth.Authorizer when tokens are configured
+
+    def _allow(self, context, permission: str, collection: str | None = None) -> None:
+        """PERMISSION_DENIED unless the call's token grants ``permission`` (on ``collection``)."""
+        if self.auth is not None:
+            self.auth.require(context.invocation_metadata(), permission, collection)
 
     # -- audio and embeddings ---------------------------------------------------------
     def _observe_speech(self, model, method: str, speech: Speech, shortfall: str) -> None:
@@ -131,6 +139,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         if kind == "speaker" and allow_speaker:
             coll = validate_collection(probe.speaker.collection, f"{field}.speaker.collection")
             spk = validate_speaker_id(probe.speaker.speaker_id, f"{field}.speaker.speaker_id")
+            self._allow(context, "read", coll)
             store = self.engine.store
             bound = await self.engine.store_call(store.collection_model, coll)
             if bound != model.name:
@@ -141,6 +150,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
             if short:
                 self.engine.metrics.speech_insufficient.labels(model.name, method, "speaker_not_ready").inc()
             stats = rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint)
+            await self.engine.store_call(store.touch, coll, [spk])
             return Side(field, rec.voiceprint, stats, shortfall=short), pb.Timings()
         allowed = "audio, embedding or speaker" if allow_speaker else "audio or embedding"
         raise InvalidArgument(field, f"is empty: set one of {allowed}")
@@ -193,6 +203,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     # -- RPCs -------------------------------------------------------------------------
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        self._allow(context, "read")
         model = self.engine.model(request.model)
         if not request.HasField("audio"):
             raise InvalidArgument("audio", "is missing")
@@ -203,6 +214,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     @_rpc
     async def EmbedStream(self, request_iterator, context) -> pb.EmbedResponse:
         """Client-streamed audio: config first, then chunks (see the proto)."""
+        self._allow(context, "read")
         limit = self.engine.config.max_stream_mb * 1024 * 1024
         config, chunks, size, index = None, [], 0, 0
         async for msg in request_iterator:
@@ -238,6 +250,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     @_rpc
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
         t0 = time.perf_counter()
+        self._allow(context, "read")
         model = self.engine.model(request.model)
         threshold = self._threshold(model, request)
         (a, ta), (b, tb) = await asyncio.gather(self._side(model, request.a, "a", "Verify", context),
@@ -254,6 +267,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
 
     @_rpc
     async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
+        self._allow(context, "read")
         if not request.a:
             raise InvalidArgument("a", "is empty")
         if not request.b:
@@ -271,6 +285,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         t0 = time.perf_counter()
         coll = validate_collection(request.collection)
         spk = validate_speaker_id(request.speaker_id)
+        self._allow(context, "write", coll)
         model = await self._collection_model(request.model, coll)
         policy = self.engine.policies[model.name]
         n = len(request.audio) + len(request.embeddings)
@@ -300,7 +315,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         total_speech = sum(sp.speech_seconds for sp in speeches) + sum(declared)
         store = self.engine.store
         rec, created = await self.engine.store_call(store.enroll, coll, model.name, spk, vectors,
-                                                    dict(request.metadata), total_speech)
+                                                    dict(request.metadata), total_speech, request.allow_reenroll)
         await self.engine.report_collection(coll)
         fields = [f"audio[{i}]" for i in range(len(speeches))] + [f"embeddings[{i}]" for i in range(len(given))]
         infos = [speech_pb(sp) for sp in speeches] + [pb.SpeechInfo(speech_seconds=s) for s in declared]
@@ -336,6 +351,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     async def Identify(self, request: pb.IdentifyRequest, context) -> pb.IdentifyResponse:
         t0 = time.perf_counter()
         coll = validate_collection(request.collection)
+        self._allow(context, "read", coll)
         if request.top_k < 0 or request.top_k > 1000:
             raise InvalidArgument("top_k", f"must be in 0..1000, got {request.top_k}")
         store = self.engine.store
@@ -370,6 +386,8 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
             ranked = [t for t in ranked if t[1].scores.on(min_score.scale) >= min_score.value]
         ranked = ranked[:k]
         best = ranked[0][1] if ranked else Decision(REJECT, None, threshold, model.card.threshold)
+        if best.accepted:
+            await self.engine.store_call(store.touch, coll, [ranked[0][0].speaker_id])
         self._observe_decision(model, "Identify", best)
         timings.total_ms = ms(time.perf_counter() - t0)
         return pb.IdentifyResponse(
@@ -378,10 +396,11 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
             is_match=best.accepted, threshold=best.cosine_threshold, timings=timings, verdict=VERDICT_PB[best.verdict],
             **base)
 
-    async def _speaker_ref(self, request) -> tuple[str, str, str]:
+    async def _speaker_ref(self, request, context, permission: str) -> tuple[str, str, str]:
         """Validated (collection, speaker_id) of a request and the collection's model (NotFound if none)."""
         coll = validate_collection(request.collection)
         spk = validate_speaker_id(request.speaker_id)
+        self._allow(context, permission, coll)
         return coll, spk, await self.engine.store_call(self.engine.store.collection_model, coll)
 
     def _required(self, model_name: str) -> float:
@@ -390,29 +409,35 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
 
     @_rpc
     async def DeleteSpeaker(self, request: pb.DeleteSpeakerRequest, context) -> pb.DeleteSpeakerResponse:
-        coll, spk, model = await self._speaker_ref(request)
-        rec = await self.engine.store_call(self.engine.store.delete, coll, spk)
+        if request.opt_out:
+            coll, spk = validate_collection(request.collection), validate_speaker_id(request.speaker_id)
+            self._allow(context, "write", coll)
+        else:
+            coll, spk, _ = await self._speaker_ref(request, context, "write")
+        rec = await self.engine.store_call(self.engine.store.delete, coll, spk, request.opt_out)
         await self.engine.report_collection(coll)
+        if rec is None:
+            return pb.DeleteSpeakerResponse()
+        model = await self.engine.store_call(self.engine.store.collection_model, coll)
         return pb.DeleteSpeakerResponse(speaker=speaker_pb(coll, model, rec, self._required(model)))
 
     @_rpc
     async def GetSpeaker(self, request: pb.GetSpeakerRequest, context) -> pb.Speaker:
-        coll, spk, model = await self._speaker_ref(request)
+        coll, spk, model = await self._speaker_ref(request, context, "read")
         rec = await self.engine.store_call(self.engine.store.get, coll, spk)
         return speaker_pb(coll, model, rec, self._required(model), request.include_voiceprint)
 
     @_rpc
     async def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
         coll = validate_collection(request.collection)
+        self._allow(context, "read", coll)
         if not 0 <= request.page_size <= 1000:
             raise InvalidArgument("page_size", f"must be in 0..1000, got {request.page_size}")
         size = request.page_size or 100
-        try:
-            offset = int(request.page_token) if request.page_token else 0
-            if offset < 0:
-                raise ValueError
-        except ValueError:
-            raise InvalidArgument("page_token", f"{request.page_token[:64]!r} is not a token this server issued") from None
+        token = request.page_token
+        if token and not _PAGE_TOKEN.fullmatch(token):
+            raise InvalidArgument("page_token", f"{quoted(token)} is not a token this server issued")
+        offset = int(token) if token else 0
         store = self.engine.store
         model = await self.engine.store_call(store.collection_model, coll)
         page, total = await self.engine.store_call(store.list, coll, offset, size)
@@ -423,7 +448,11 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
 
     @_rpc
     async def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:
+        self._allow(context, "read")
         infos = await self.engine.store_call(self.engine.store.collections)
+        if self.auth is not None:
+            token = self.auth.token_of(context.invocation_metadata())
+            infos = [i for i in infos if token.covers(i.name)]
         return pb.ListCollectionsResponse(collections=[
             pb.Collection(name=i.name, model=i.model, embedding_dim=i.dim, speaker_count=i.speaker_count,
                           index_type=i.index_type) for i in infos])

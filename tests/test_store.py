@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.index import IndexOptions, SpeakerStore, validate_collection, validate_speaker_id
+from service.store import IndexOptions, LocalStore as SpeakerStore, validate_collection, validate_speaker_id
 
 
 def units(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -34,13 +34,14 @@ def test_recovery_from_wal_and_snapshot(tmp_path):
         s.enroll("c", "m", f"s{i % 12}", e[i:i + 1], {"k": str(i)})
     s.delete("c", "s3")
     expected = {r.speaker_id: (r.count, r.voiceprint.copy(), dict(r.metadata)) for r in s.list("c", 0, 100)[0]}
-    # no close(): as after kill -9
+    s.abandon()  # no close(): as after kill -9
     r = SpeakerStore(tmp_path, snapshot_every=7)
     got = {x.speaker_id: (x.count, x.voiceprint, x.metadata) for x in r.list("c", 0, 100)[0]}
     assert set(got) == set(expected) and "s3" not in got
     for k in expected:
         assert got[k][0] == expected[k][0] and np.array_equal(got[k][1], expected[k][1]) and got[k][2] == expected[k][2]
-    assert len(list(tmp_path.glob("wal-*.log"))) == 1  # older generations removed after snapshots
+    # the last two snapshots and the logs after the older one stay; older generations are removed
+    assert len(list(tmp_path.glob("wal-*.log"))) == 2 and len(list(tmp_path.glob("snapshot-*.bin"))) == 2
 
 
 def test_torn_tail_is_cut(tmp_path):
@@ -50,11 +51,13 @@ def test_torn_tail_is_cut(tmp_path):
     good = wal.stat().st_size
     s.enroll("c", "m", "b", units(1, seed=1))
     data = wal.read_bytes()
+    s.abandon()
     wal.write_bytes(data[: good + (len(data) - good) // 2])  # crash in the middle of the second record
     r = SpeakerStore(tmp_path)
     assert [x.speaker_id for x in r.list("c", 0, 10)[0]] == ["a"]
     assert wal.stat().st_size == good
     r.enroll("c", "m", "c", units(1, seed=2))  # appends after the cut work
+    r.abandon()
     assert [x.speaker_id for x in SpeakerStore(tmp_path).list("c", 0, 10)[0]] == ["a", "c"]
 
 
@@ -114,6 +117,7 @@ def test_speech_and_cohort_statistics_survive_restart(tmp_path):
     assert rec.speech == pytest.approx(3.75)
     np.testing.assert_allclose(rec.stats, stats_fn("m", rec.voiceprint[None])[0], rtol=1e-6)
     assert s.get("c", "x").stats is not None
+    s.abandon()
     r = SpeakerStore(tmp_path, snapshot_every=3)  # snapshot + log replay
     assert r.get("c", "x").speech == pytest.approx(3.75) and r.get("c", "x").stats is None
     r.set_stats_fn(stats_fn)  # the engine sets it once the models are loaded: every voiceprint gets its statistics

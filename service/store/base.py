@@ -1,0 +1,202 @@
+"""The speaker store interface every backend implements, its records and input validation.
+
+A store holds *collections* (namespaces, e.g. one per tenant), each bound to one model; a
+collection holds *speakers*, each a running sum of L2-normalised utterance embeddings with the
+utterance count (so appending gives exactly the voiceprint of enrolling everything at once),
+the net speech enrolled, metadata, and the cohort statistics of its voiceprint. Deleting a
+speaker leaves a *tombstone*: a keyed hash of its id, so that it is not re-enrolled by accident.
+
+Errors: ``NotFound`` (collection, speaker), ``FailedPrecondition`` (another model, a tombstoned
+speaker), ``InvalidArgument`` (bad names or metadata) and ``StoreUnavailable`` (the storage
+cannot take writes now; nothing was changed).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from service.errors import InvalidArgument, Unavailable
+
+__all__ = ["SpeakerRecord", "CollectionInfo", "IndexOptions", "SpeakerStore", "StoreUnavailable", "StoreCorrupt",
+           "StatsFn", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted"]
+
+_COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MAX_METADATA = 64
+# Unicode categories never allowed in ids and metadata keys: controls, format characters (the
+# bidirectional overrides, zero-width joiners ...), surrogates, private use, unassigned, and
+# line/paragraph separators. They make one id print like another.
+_BAD_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+StatsFn = Callable[[str, np.ndarray], "np.ndarray | None"]
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot take this write now (disk full, I/O error, a backend away); nothing was changed."""
+
+
+class StoreCorrupt(RuntimeError):
+    """Stored data is damaged in a way recovery must not guess about; the message says what to do."""
+
+
+def quoted(value: str, limit: int = 64) -> str:
+    """``repr`` of a client-given string, shortened: error messages never echo long input back."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _bad_char(value: str) -> str | None:
+    for ch in value:
+        if unicodedata.category(ch) in _BAD_CATEGORIES:
+            return f"U+{ord(ch):04X} ({unicodedata.name(ch, unicodedata.category(ch))})"
+    return None
+
+
+def validate_collection(name: str, field_name: str = "collection") -> str:
+    """Return the collection name ('default' for empty) or raise InvalidArgument."""
+    name = name or "default"
+    if not _COLLECTION_RE.fullmatch(name):
+        raise InvalidArgument(field_name, f"{quoted(name)} is not a valid collection name "
+                                          "(1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)")
+    return name
+
+
+def validate_speaker_id(speaker_id: str, field_name: str = "speaker_id") -> str:
+    """Return the speaker id or raise InvalidArgument (empty, too long, invisible or control characters)."""
+    if not speaker_id:
+        raise InvalidArgument(field_name, "is empty")
+    if len(speaker_id) > 256:
+        raise InvalidArgument(field_name, f"is {len(speaker_id)} characters long, at most 256 allowed")
+    bad = _bad_char(speaker_id)
+    if bad:
+        raise InvalidArgument(field_name, f"{quoted(speaker_id)} contains the control or invisible character {bad}")
+    if speaker_id != speaker_id.strip():
+        raise InvalidArgument(field_name, f"{quoted(speaker_id)} starts or ends with whitespace")
+    return speaker_id
+
+
+def validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Check metadata sizes and keys; return a copy."""
+    if len(metadata) > _MAX_METADATA:
+        raise InvalidArgument("metadata", f"has {len(metadata)} entries, at most {_MAX_METADATA} allowed")
+    for k, v in metadata.items():
+        if not k or len(k) > 128:
+            raise InvalidArgument("metadata", f"key {quoted(k)} must be 1-128 characters")
+        bad = _bad_char(k)
+        if bad:
+            raise InvalidArgument("metadata", f"key {quoted(k)} contains the control or invisible character {bad}")
+        if len(v) > 1024:
+            raise InvalidArgument(f"metadata[{quoted(k)}]", f"value is {len(v)} characters long, at most 1024 allowed")
+    return dict(metadata)
+
+
+@dataclass
+class IndexOptions:
+    """Search index settings of new collections."""
+
+    index_type: str = "flat"  # flat | hnsw | ivf
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 32
+
+
+@dataclass
+class SpeakerRecord:
+    """One enrolled speaker."""
+
+    speaker_id: str
+    sum: np.ndarray  # (D,) float64 sum of unit utterance embeddings
+    count: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_ms: int = 0
+    updated_ms: int = 0
+    label: int = -1  # the search index's id
+    speech: float | None = 0.0  # net speech seconds enrolled; None: enrolled before speech was measured
+    stats: np.ndarray | None = None  # (2,) cohort (mean, std) of the voiceprint; None: the model has no cohort
+    last_used_ms: int = 0  # last enrolment, verification or identification match (retention)
+
+    @property
+    def voiceprint(self) -> np.ndarray:
+        """The L2-normalised mean embedding, (D,) float32."""
+        return (self.sum / max(np.linalg.norm(self.sum), 1e-12)).astype(np.float32)
+
+
+@dataclass
+class CollectionInfo:
+    """Summary of a collection."""
+
+    name: str
+    model: str
+    dim: int
+    speaker_count: int
+    index_type: str
+
+
+class SpeakerStore(abc.ABC):
+    """What the service needs of a speaker store. Implementations are thread-safe."""
+
+    @abc.abstractmethod
+    def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
+               metadata: dict[str, str] | None = None, speech: float = 0.0,
+               allow_reenroll: bool = False) -> tuple[SpeakerRecord, bool]:
+        """Add unit embeddings (N, D) to a speaker, creating speaker and collection as needed.
+
+        Returns (the updated record, whether the speaker was created). Durable when it returns.
+        Raises FailedPrecondition for another model, or for a deleted/opted-out speaker unless
+        ``allow_reenroll``.
+        """
+
+    @abc.abstractmethod
+    def delete(self, collection: str, speaker_id: str, opt_out: bool = False) -> SpeakerRecord | None:
+        """Remove a speaker and leave a tombstone; returns the removed record.
+
+        Raises NotFound for an unknown speaker, unless ``opt_out`` (then only the tombstone is
+        written and None returned).
+        """
+
+    @abc.abstractmethod
+    def get(self, collection: str, speaker_id: str) -> SpeakerRecord:
+        """A speaker's record. Raises NotFound."""
+
+    @abc.abstractmethod
+    def list(self, collection: str, offset: int, limit: int) -> tuple[list[SpeakerRecord], int]:
+        """Speakers sorted by id from ``offset``; returns (page, total)."""
+
+    @abc.abstractmethod
+    def search(self, collection: str, model: str, query: np.ndarray, k: int,
+               keep: Callable[[SpeakerRecord], bool] | None = None) -> list[tuple[SpeakerRecord, float]]:
+        """Top-k (record, cosine) for a (D,) unit query of ``model``, best first, among records ``keep`` accepts."""
+
+    @abc.abstractmethod
+    def collection_model(self, collection: str) -> str:
+        """The model a collection is bound to. Raises NotFound."""
+
+    @abc.abstractmethod
+    def collections(self) -> list[CollectionInfo]:
+        """Summaries of all collections, sorted by name."""
+
+    @abc.abstractmethod
+    def set_stats_fn(self, fn: StatsFn | None) -> None:
+        """How voiceprints get cohort statistics ((model, (N, D)) -> (N, 2) or None); recomputes them all."""
+
+    @abc.abstractmethod
+    def touch(self, collection: str, speaker_ids: list[str]) -> None:
+        """Record that speakers were used now (retention counts from the last use)."""
+
+    @abc.abstractmethod
+    def expire(self, older_than_ms: int) -> int:
+        """Delete (with tombstones) every speaker last used before ``older_than_ms``; returns how many."""
+
+    @property
+    @abc.abstractmethod
+    def writable(self) -> bool:
+        """False while the store cannot take writes (the last write failed)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and release resources."""

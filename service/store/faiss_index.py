@@ -1,0 +1,117 @@
+"""One collection's speakers and their FAISS search index (derived state, rebuilt lazily).
+
+Exact inner product (``IndexFlatIP``) by default; HNSW (deletes are filtered at search time
+and the graph rebuilt once too many are stale) or IVF (switched on once there are enough
+voiceprints to train it) for large collections.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from service.store.base import CollectionInfo, IndexOptions, SpeakerRecord
+
+__all__ = ["CollectionIndex"]
+
+
+class CollectionIndex:
+    """Speakers of one collection and their search index."""
+
+    def __init__(self, name: str, model: str, dim: int, options: IndexOptions):
+        self.name, self.model, self.dim, self.options = name, model, dim, options
+        self.speakers: dict[str, SpeakerRecord] = {}
+        self.by_label: dict[int, str] = {}
+        self._next_label = 0
+        self._index = None
+        self._stale = 0  # HNSW entries of deleted/updated speakers still in the graph
+        self._dirty = True
+        self._built_kind = ""
+
+    def _build(self) -> None:
+        import faiss
+
+        ids = np.fromiter((r.label for r in self.speakers.values()), dtype=np.int64, count=len(self.speakers))
+        vecs = np.stack([r.voiceprint for r in self.speakers.values()]) if self.speakers else np.zeros((0, self.dim), np.float32)
+        kind = self._index_kind()
+        if kind == "hnsw":
+            index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(self.dim, self.options.hnsw_m, faiss.METRIC_INNER_PRODUCT))
+            faiss.downcast_index(index.index).hnsw.efSearch = self.options.hnsw_ef_search
+        elif kind == "ivf":
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, self.options.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vecs)
+            index.nprobe = self.options.ivf_nprobe
+        else:  # flat, or IVF with too few points to train (exact search is cheap there)
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        if len(vecs):
+            index.add_with_ids(vecs, ids)
+        self._index, self._stale, self._dirty, self._built_kind = index, 0, False, kind
+
+    def _index_kind(self) -> str:
+        """The index searches use: IVF only once there are enough points to train it."""
+        kind = self.options.index_type
+        if kind == "ivf" and len(self.speakers) < 39 * self.options.ivf_nlist:
+            return "flat"
+        return kind
+
+    def upsert(self, rec: SpeakerRecord) -> None:
+        """Add or replace a speaker in the collection and its index."""
+        old = self.speakers.get(rec.speaker_id)
+        if old is not None:
+            self._remove_from_index(old.label)
+        rec.label = self._next_label
+        self._next_label += 1
+        self.speakers[rec.speaker_id] = rec
+        self.by_label[rec.label] = rec.speaker_id
+        if self._index_kind() != self._built_kind:
+            self._dirty = True  # e.g. an IVF collection grew large enough to train
+        if not self._dirty and self._index is not None:
+            self._index.add_with_ids(rec.voiceprint[None], np.array([rec.label], dtype=np.int64))
+
+    def remove(self, speaker_id: str) -> SpeakerRecord:
+        """Remove a speaker; returns its record."""
+        rec = self.speakers.pop(speaker_id)
+        self._remove_from_index(rec.label)
+        return rec
+
+    def _remove_from_index(self, label: int) -> None:
+        self.by_label.pop(label, None)
+        if self._dirty or self._index is None:
+            return
+        if self._built_kind == "hnsw":
+            self._stale += 1  # HNSW cannot remove: filter at search time, rebuild when too stale
+            if self._stale > max(64, len(self.speakers) // 5):
+                self._dirty = True
+        else:
+            self._index.remove_ids(np.array([label], dtype=np.int64))
+
+    def search(self, query: np.ndarray, k: int, keep: Callable[[SpeakerRecord], bool] | None = None
+               ) -> list[tuple[SpeakerRecord, float]]:
+        """Top-k (record, score) for a (D,) unit query, best first, among records ``keep`` accepts."""
+        if not self.speakers:
+            return []
+        if self._dirty or self._index is None:
+            self._build()
+        fetch = k
+        while True:
+            n = min(fetch + self._stale, len(self.speakers) + self._stale)
+            scores, labels = self._index.search(query[None].astype(np.float32), n)  # (1, n)
+            out = []
+            for s, lab in zip(scores[0], labels[0]):
+                spk = self.by_label.get(int(lab))
+                if lab < 0 or spk is None:
+                    continue
+                rec = self.speakers[spk]
+                if keep is None or keep(rec):
+                    out.append((rec, float(s)))
+                if len(out) == k:
+                    return out
+            if n >= len(self.speakers) + self._stale:
+                return out
+            fetch *= 4  # filtered records took places: look further
+
+    def info(self) -> CollectionInfo:
+        """Summary of this collection."""
+        return CollectionInfo(self.name, self.model, self.dim, len(self.speakers), self._index_kind())

@@ -1,0 +1,408 @@
+"""The local speaker store: a write-ahead log, snapshots and per-speaker keys in one directory.
+
+Files (mode 0600, directory 0700)::
+
+    keys.bin               per-speaker keys (see ``keys``); zeroed on delete
+    wal-<gen>.log          write-ahead log (see ``wal``); records sealed per speaker
+    snapshot-<gen>.bin     state before log ``gen`` (see ``snapshot``); the last two are kept
+
+Durability: a mutation returns only after its log record (and, for a new speaker, its key) is
+fsynced; a failed write is cut off again and answered UNAVAILABLE, never applied. A failed
+snapshot only costs replay time: the log still holds everything, and the error is logged and
+shown in health, not reported as the failure of the call that triggered it.
+
+Deletion: the log record of the delete is written, then the speaker's key is destroyed; the
+speaker's earlier records in logs and snapshots can no longer be read. What the store keeps of
+a deleted or opted-out id is a keyed hash (tombstone), so it is not re-enrolled by accident.
+
+Start-up: the newest snapshot, then the logs from its generation. Only a torn tail of the last
+log (a crash mid-append, or zeros after power loss) is cut off; damage anywhere else stops
+start-up with the file, offset and the intact records after it, and ``spkserve repair-log``
+fixes it keeping every intact record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.store import legacy
+from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn,
+                                StoreUnavailable, quoted, validate_metadata)
+from service.store.faiss_index import CollectionIndex
+from service.store.keys import KeyFile, KeyRing, Sealed
+from service.store.recovery import SNAP_RE, WAL_RE, Recovery
+from service.store.snapshot import SnapshotEntry, write_snapshot
+from service.store.wal import FileOps, LogWriter
+
+__all__ = ["LocalStore"]
+
+log = logging.getLogger("spkserve.store")
+
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _pack(info: dict, array: np.ndarray) -> bytes:
+    head = json.dumps(info, separators=(",", ":")).encode()
+    return struct.pack("<I", len(head)) + head + np.ascontiguousarray(array).tobytes()
+
+
+class LocalStore(Recovery, SpeakerStore):
+    """All collections, persisted under ``data_dir``. Thread-safe; calls block on disk I/O.
+
+    Args:
+        data_dir: the directory (created 0700).
+        options: search index settings of collections.
+        fsync: fsync every change (disable only for benchmarks).
+        snapshot_every: log records between snapshots.
+        key_files: key files for encryption at rest (see ``keys``); empty: slot keys unwrapped.
+        ops: system calls of the log writer (fault injection in tests).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, options: IndexOptions | None = None, fsync: bool = True,
+                 snapshot_every: int = 10000, key_files: list[KeyFile] | tuple[KeyFile, ...] = (),
+                 ops: FileOps | None = None):
+        self.dir = Path(data_dir)
+        self.options = options or IndexOptions()
+        self.fsync = fsync
+        self.snapshot_every = snapshot_every
+        self.ops = ops or FileOps()
+        self._lock = threading.RLock()
+        self._stats_fn: StatsFn | None = None
+        self._collections: dict[str, CollectionIndex] = {}
+        self._slots: dict[tuple[str, str], int] = {}  # (collection, speaker) -> key slot
+        self._owners: dict[int, tuple[str, str]] = {}  # key slot -> (collection, speaker)
+        self._tombstones: dict[str, set[str]] = {}
+        self._touched: set[tuple[str, str]] = set()
+        self._pending_shred: set[int] = set()
+        self._gen = 0
+        self._since_snapshot = 0
+        self._writer: LogWriter | None = None
+        self.last_snapshot_error: str | None = None
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.dir.stat().st_mode & 0o077:
+            log.warning("%s was readable by group or others; restricting it to its owner (0700)", self.dir)
+            os.chmod(self.dir, 0o700)
+        self._keys = KeyRing(self.dir / "keys.bin", key_files, fsync)
+        try:
+            self._recover()
+        except BaseException:
+            self.abandon()  # release the directory (the lock) for repair-log or a retry
+            raise
+
+    # -- reads ------------------------------------------------------------------------
+    def get(self, collection: str, speaker_id: str) -> SpeakerRecord:
+        with self._lock:
+            rec = self._collection(collection).speakers.get(speaker_id)
+            if rec is None:
+                raise NotFound(f"speaker_id: {quoted(speaker_id)} is not enrolled in collection {quoted(collection)}")
+            return rec
+
+    def list(self, collection: str, offset: int, limit: int) -> tuple[list[SpeakerRecord], int]:
+        with self._lock:
+            coll = self._collection(collection)
+            ids = sorted(coll.speakers)
+            return [coll.speakers[i] for i in ids[offset:offset + limit]], len(ids)
+
+    def search(self, collection: str, model: str, query: np.ndarray, k: int,
+               keep: Callable[[SpeakerRecord], bool] | None = None) -> list[tuple[SpeakerRecord, float]]:
+        with self._lock:
+            coll = self._collection(collection)
+            if coll.model != model or coll.dim != query.shape[0]:
+                raise FailedPrecondition(
+                    f"collection {quoted(collection)} holds voiceprints of model {coll.model!r} (dim {coll.dim}); "
+                    f"the probe is from model {model!r} (dim {query.shape[0]})")
+            return coll.search(query, k, keep)
+
+    def collection_model(self, collection: str) -> str:
+        with self._lock:
+            return self._collection(collection).model
+
+    def collections(self) -> list[CollectionInfo]:
+        with self._lock:
+            return [self._collections[n].info() for n in sorted(self._collections)]
+
+    @property
+    def writable(self) -> bool:
+        return self._writer is not None and not self._writer.broken and not self._pending_shred
+
+    def state(self) -> str:
+        """'ok', or why writes are stopped or the last snapshot failed (for health and logs)."""
+        if self._writer is not None and self._writer.broken:
+            return f"read-only: {self._writer.broken}"
+        if self._pending_shred:
+            return f"read-only: keys of {len(self._pending_shred)} deleted speakers still to destroy"
+        if self.last_snapshot_error:
+            return f"ok (last snapshot failed: {self.last_snapshot_error})"
+        return "ok"
+
+    # -- writes -----------------------------------------------------------------------
+    def set_stats_fn(self, fn: StatsFn | None) -> None:
+        with self._lock:
+            self._stats_fn = fn
+            for coll in self._collections.values():
+                recs = list(coll.speakers.values())
+                stats = self._stats(coll.model, recs)
+                for i, rec in enumerate(recs):
+                    rec.stats = None if stats is None else stats[i]
+
+    def _stats(self, model: str, recs: list[SpeakerRecord]) -> np.ndarray | None:
+        if self._stats_fn is None or not recs:
+            return None
+        return self._stats_fn(model, np.stack([r.voiceprint for r in recs]))  # (N, 2)
+
+    def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
+               metadata: dict[str, str] | None = None, speech: float = 0.0,
+               allow_reenroll: bool = False) -> tuple[SpeakerRecord, bool]:
+        metadata = validate_metadata(metadata or {})
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, D)
+        if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
+            raise InvalidArgument("embeddings", "must be finite (N, D) values")
+        with self._lock:
+            coll = self._collections.get(collection)
+            if coll is not None and (coll.model != model or coll.dim != embeddings.shape[1]):
+                raise FailedPrecondition(
+                    f"collection {quoted(collection)} holds voiceprints of model {coll.model!r} (dim {coll.dim}); "
+                    f"cannot add embeddings of model {model!r} (dim {embeddings.shape[1]})")
+            tomb = self._keys.tombstone(collection, speaker_id)
+            if tomb in self._tombstones.get(collection, ()) and not allow_reenroll:
+                raise FailedPrecondition(
+                    f"speaker_id: {quoted(speaker_id)} was deleted from or opted out of collection {quoted(collection)}; "
+                    "set allow_reenroll to enroll it again")
+            self._check_writable()
+            slot = self._slots.get((collection, speaker_id))
+            created = slot is None
+            if created:
+                slot = self._keys.allocate()
+                key = self._keys.new_key(slot, collection)
+            else:
+                key = self._keys.key(slot, collection)
+            ts = _now_ms()
+            body = {"spk": speaker_id, "meta": metadata, "speech": round(float(speech), 4), "n": int(len(embeddings))}
+            head = {"op": "enroll", "c": collection, "model": model, "dim": int(embeddings.shape[1]), "slot": slot,
+                    "ts": ts}
+            if tomb in self._tombstones.get(collection, ()):
+                head["reenroll"] = tomb
+            try:
+                self._writer.append(head, Sealed(key, slot).seal(_pack(body, embeddings)))
+            except StoreUnavailable:
+                if created:
+                    self._try_destroy(slot)
+                raise
+            result = self._apply_enroll(head, body, embeddings)
+            stats = self._stats(model, [result[0]])
+            result[0].stats = None if stats is None else stats[0]
+            self._after_write()
+            return result
+
+    def delete(self, collection: str, speaker_id: str, opt_out: bool = False) -> SpeakerRecord | None:
+        with self._lock:
+            rec = self._collections.get(collection) and self._collections[collection].speakers.get(speaker_id)
+            if rec is None and not opt_out:
+                self.get(collection, speaker_id)  # raises NotFound naming what is missing
+            self._check_writable()
+            tomb = self._keys.tombstone(collection, speaker_id)
+            slot = self._slots.get((collection, speaker_id))
+            head = {"op": "delete" if rec else "optout", "c": collection, "tomb": tomb, "ts": _now_ms()}
+            if rec:
+                head["slot"] = slot
+            self._writer.append(head)
+            self._apply_delete(head)
+            if rec:
+                self._shred(slot, f"speaker_id {quoted(speaker_id)} was deleted")
+            self._after_write()
+            return rec or None
+
+    def touch(self, collection: str, speaker_ids: list[str]) -> None:
+        now = _now_ms()
+        with self._lock:
+            coll = self._collections.get(collection)
+            for spk in speaker_ids:
+                rec = coll and coll.speakers.get(spk)
+                if rec:
+                    rec.last_used_ms = now
+                    self._touched.add((collection, spk))
+
+    def flush_touches(self) -> None:
+        """Write the last-use times recorded since the last flush (one log record per collection)."""
+        with self._lock:
+            by_coll: dict[str, list] = {}
+            for c, spk in self._touched:
+                slot = self._slots.get((c, spk))
+                if slot is not None:
+                    by_coll.setdefault(c, []).append([slot, self._collections[c].speakers[spk].last_used_ms])
+            if not by_coll or not self.writable:
+                return
+            for c, used in by_coll.items():
+                self._writer.append({"op": "touch", "c": c, "used": used})
+                self._since_snapshot += 1
+            self._touched.clear()
+
+    def expire(self, older_than_ms: int) -> int:
+        with self._lock:
+            self.flush_touches()
+            old = [(c.name, r.speaker_id) for c in self._collections.values() for r in c.speakers.values()
+                   if r.last_used_ms < older_than_ms]
+            for c, spk in old:
+                self.delete(c, spk)
+            if old:
+                log.info("retention: deleted %d speakers unused since %s", len(old),
+                         time.strftime("%Y-%m-%d %H:%M", time.gmtime(older_than_ms / 1000)))
+            return len(old)
+
+    def snapshot(self) -> None:
+        """Write the full state to a new snapshot and start a new log generation (raises on failure)."""
+        with self._lock:
+            self._rotate_and_snapshot()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._writer is None:
+                return
+            try:
+                self.flush_touches()
+                if self.writable:
+                    self._rotate_and_snapshot()
+            except StoreUnavailable as e:
+                log.error("closing the speaker store: %s; the log still holds every acknowledged change", e)
+            self._writer.close()
+            self._writer = None
+            self._keys.close()
+
+    def abandon(self) -> None:
+        """Release the files without flushing or snapshotting, as a killed process would (for crash tests)."""
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._keys.close()
+
+    # -- internals --------------------------------------------------------------------
+    def _collection(self, name: str) -> CollectionIndex:
+        coll = self._collections.get(name)
+        if coll is None:
+            raise NotFound(f"collection: {quoted(name)} does not exist")
+        return coll
+
+    def _check_writable(self) -> None:
+        if self._writer is None:
+            raise StoreUnavailable("speaker store: closed")
+        for slot in sorted(self._pending_shred):
+            self._shred(slot, "an earlier delete")
+        if self._writer.broken:
+            raise StoreUnavailable(f"speaker store: writes are stopped until restart ({self._writer.broken})")
+
+    def _shred(self, slot: int, what: str) -> None:
+        try:
+            self._keys.destroy(slot)
+            self._pending_shred.discard(slot)
+        except StoreUnavailable as e:
+            self._pending_shred.add(slot)
+            raise StoreUnavailable(f"{what}, but destroying its key failed ({e}); writes are stopped until the key "
+                                   "is destroyed (retried with every write)") from None
+
+    def _try_destroy(self, slot: int) -> None:
+        try:
+            self._keys.destroy(slot)
+        except StoreUnavailable:
+            self._pending_shred.add(slot)
+
+    def _after_write(self) -> None:
+        self._since_snapshot += 1
+        if self._since_snapshot < self.snapshot_every:
+            return
+        try:
+            self._rotate_and_snapshot()
+        except StoreUnavailable as e:
+            self.last_snapshot_error = str(e)
+            self._since_snapshot = self.snapshot_every // 2  # try again later, not after every write
+            log.error("%s; the write-ahead log still holds every acknowledged change", e)
+
+    def _apply_enroll(self, head: dict, body: dict, embeddings: np.ndarray) -> tuple[SpeakerRecord, bool]:
+        c, spk = head["c"], body["spk"]
+        coll = self._collections.get(c)
+        if coll is None:
+            coll = self._collections[c] = CollectionIndex(c, head["model"], head["dim"], self.options)
+        if "reenroll" in head:
+            self._tombstones.get(c, set()).discard(head["reenroll"])
+        old = coll.speakers.get(spk)
+        emb = embeddings.reshape(-1, head["dim"]).astype(np.float64)  # (N, D); a v1 snapshot row is one sum of n
+        added, ts, speech = emb.sum(axis=0), head["ts"], body.get("speech")
+        if old is None:
+            rec = SpeakerRecord(spk, added, body["n"], dict(body["meta"]), ts, ts, speech=speech, last_used_ms=ts)
+        else:
+            total = None if old.speech is None or speech is None else old.speech + speech
+            rec = SpeakerRecord(spk, old.sum + added, old.count + body["n"], {**old.metadata, **body["meta"]},
+                                old.created_ms, ts, speech=total, last_used_ms=ts)
+        coll.upsert(rec)
+        self._slots[(c, spk)] = head["slot"]
+        self._owners[head["slot"]] = (c, spk)
+        return rec, old is None
+
+    def _apply_delete(self, head: dict) -> None:
+        c = head["c"]
+        self._tombstones.setdefault(c, set()).add(head["tomb"])
+        owner = self._owners.pop(head.get("slot"), None)
+        if owner is not None:
+            self._collections[owner[0]].remove(owner[1])
+            del self._slots[owner]
+
+    def _apply_touch(self, head: dict) -> None:
+        coll = self._collections.get(head["c"])
+        if coll is None:
+            return
+        for slot, used in head["used"]:
+            c, spk = self._owners.get(slot, (None, None))
+            if c == head["c"] and spk in coll.speakers:
+                coll.speakers[spk].last_used_ms = max(coll.speakers[spk].last_used_ms, used)
+
+    # -- snapshots and log generations --------------------------------------------------
+    def _wal_path(self, gen: int) -> Path:
+        return self.dir / f"wal-{gen:08d}.log"
+
+    def _snap_path(self, gen: int) -> Path:
+        return self.dir / f"snapshot-{gen:08d}.bin"
+
+    def _rotate_and_snapshot(self, scrub: bool = False) -> None:
+        # The snapshot covers everything in logs < gen + 1. Order: snapshot file, new log, switch;
+        # a crash or failure between steps leaves a state that replays to the same result.
+        gen = self._gen + 1
+        meta = {"next_gen": gen, "created_ms": _now_ms(), "collections": []}
+        entries = []
+        for ci, name in enumerate(sorted(self._collections)):
+            coll = self._collections[name]
+            meta["collections"].append({"name": name, "model": coll.model, "dim": coll.dim,
+                                        "tombstones": sorted(self._tombstones.get(name, ()))})
+            for spk in sorted(coll.speakers):
+                r, slot = coll.speakers[spk], self._slots[(name, spk)]
+                info = {"spk": spk, "count": r.count, "meta": r.metadata, "created": r.created_ms,
+                        "updated": r.updated_ms, "speech": r.speech, "used": r.last_used_ms}
+                sealed = Sealed(self._keys.key(slot, name), slot).seal(_pack(info, r.sum))
+                entries.append(SnapshotEntry(ci, slot, sealed))
+        for name in sorted(set(self._tombstones) - set(self._collections)):  # opt-outs of empty collections
+            meta["collections"].append({"name": name, "model": "", "dim": 0,
+                                        "tombstones": sorted(self._tombstones[name])})
+        write_snapshot(self._snap_path(gen), meta, entries, self.fsync)
+        writer = LogWriter(self._wal_path(gen), self.fsync, self.ops)
+        if self._writer is not None:
+            self._writer.close()
+        self._writer, self._gen, self._since_snapshot = writer, gen, 0
+        self.last_snapshot_error = None
+        snaps = sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := SNAP_RE.fullmatch(p.name)))
+        keep_from = snaps[-2] if len(snaps) >= 2 else gen  # the previous snapshot and its logs stay
+        for p in self.dir.iterdir():
+            m = SNAP_RE.fullmatch(p.name) or WAL_RE.fullmatch(p.name)
+            if m and int(m.group(1)) < keep_from:
+                legacy.scrub(p) if scrub else p.unlink()

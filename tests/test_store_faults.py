@@ -1,0 +1,332 @@
+"""Storage faults: damaged logs and snapshots, full disks, failed fsyncs and snapshots, stray files,
+deletion that leaves nothing readable, and the first release's data directory."""
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.cli import main as cli
+from service.errors import FailedPrecondition
+from service.store import LocalStore, StoreCorrupt, StoreUnavailable, load_key_file
+from service.store.wal import FileOps, scan_log
+
+DATA = Path(__file__).parent / "data"
+
+
+def units(n, dim=16, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)  # (N, D)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def enroll_many(d, n=100, **kw):
+    s = LocalStore(d, **kw)
+    e = units(n)
+    for i in range(n):
+        s.enroll("c", "m", f"s{i:03d}", e[i:i + 1], {"i": str(i)})
+    return s
+
+
+def ids(store):
+    return [r.speaker_id for r in store.list("c", 0, 10_000)[0]]
+
+
+@pytest.fixture
+def crashed_log(tmp_path):
+    """100 acknowledged enrolls, then kill -9: (data dir, the log, its intact records)."""
+    s = enroll_many(tmp_path)
+    s.abandon()
+    wal = next(tmp_path.glob("wal-*.log"))
+    return tmp_path, wal, scan_log(wal).records
+
+
+def _flip_bit(data, rec):
+    data[rec.offset + 20] ^= 0x01
+
+
+def _random_bytes(data, rec):
+    data[rec.offset + 8:rec.offset + 24] = np.random.default_rng(1).bytes(16)
+
+
+def _huge_length(data, rec):
+    data[rec.offset + 4:rec.offset + 8] = b"\xff\xff\xff\xff"
+
+
+def _inserted(data, rec):
+    data[rec.offset + 30:rec.offset + 30] = b"0123456789"
+
+
+@pytest.mark.parametrize("damage", [_flip_bit, _random_bytes, _huge_length, _inserted])
+def test_mid_log_damage_stops_start_up_and_repair_keeps_every_intact_record(crashed_log, damage, capsys):
+    d, wal, records = crashed_log
+    data = bytearray(wal.read_bytes())
+    damage(data, records[40])
+    wal.write_bytes(bytes(data))
+    before = wal.read_bytes()
+    with pytest.raises(StoreCorrupt) as exc:
+        LocalStore(d)
+    msg = str(exc.value)
+    assert str(wal) in msg and f"byte {records[40].offset}" in msg and "59 intact records follow" in msg
+    assert "repair-log" in msg
+    assert wal.read_bytes() == before  # nothing cut off or rewritten
+    assert cli(["repair-log", "--data-dir", str(d), "--dry-run"]) == 0 and wal.read_bytes() == before
+    capsys.readouterr()
+    assert cli(["repair-log", "--data-dir", str(d)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["records_kept"] == 99 and report["damaged_stretches"] == 1
+    lost = report["logs"][0]["damaged"][0]
+    assert Path(lost["saved_to"]).is_file() and lost["offset"] == records[40].offset
+    s = LocalStore(d)
+    assert ids(s) == [f"s{i:03d}" for i in range(100) if i != 40]  # only the damaged record is gone
+    s.close()
+
+
+def test_zero_tail_after_power_loss_is_a_torn_tail(crashed_log):
+    d, wal, _ = crashed_log
+    size = wal.stat().st_size
+    with open(wal, "ab") as f:
+        f.write(bytes(4096))
+    s = LocalStore(d)
+    assert len(ids(s)) == 100 and wal.stat().st_size == size
+    s.close()
+
+
+def test_torn_last_record_is_cut_and_nothing_else(crashed_log):
+    d, wal, records = crashed_log
+    wal.write_bytes(wal.read_bytes()[:records[-1].offset + 30])
+    s = LocalStore(d)
+    assert len(ids(s)) == 99 and wal.stat().st_size == records[-1].offset
+    s.close()
+
+
+class Faulty(FileOps):
+    """Fails the next write (after writing part of it), fsync or ftruncate on demand."""
+
+    def __init__(self):
+        self.fail_write = self.fail_fsync = self.fail_truncate = False
+
+    def write(self, fd, data):
+        if self.fail_write:
+            os.write(fd, data[:len(data) // 2])  # a partial record reaches the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    def fsync(self, fd):
+        if self.fail_fsync:
+            self.fail_fsync = False  # one failed writeback; the rollback's fsync succeeds
+            raise OSError(errno.EIO, "Input/output error")
+        os.fsync(fd)
+
+    def ftruncate(self, fd, length):
+        if self.fail_truncate:
+            raise OSError(errno.EIO, "Input/output error")
+        os.ftruncate(fd, length)
+
+
+@pytest.mark.parametrize("fault", ["fail_write", "fail_fsync"])
+def test_failed_write_is_cut_off_never_applied_and_later_writes_survive(tmp_path, fault):
+    ops = Faulty()
+    s = LocalStore(tmp_path, ops=ops)
+    e = units(4)
+    s.enroll("c", "m", "a", e[:1])
+    wal = next(tmp_path.glob("wal-*.log"))
+    size = wal.stat().st_size
+    setattr(ops, fault, True)
+    with pytest.raises(StoreUnavailable, match="nothing was stored"):
+        s.enroll("c", "m", "b", e[1:2])
+    assert wal.stat().st_size == size  # the partial record was cut off again
+    assert ids(s) == ["a"]  # and never applied
+    setattr(ops, fault, False)  # space freed
+    s.enroll("c", "m", "c", e[2:3])
+    assert s.writable
+    s.abandon()
+    r = LocalStore(tmp_path)
+    assert ids(r) == ["a", "c"]  # acknowledged ones only: "b" does not reappear, "c" is not lost
+    r.close()
+
+
+def test_a_write_that_cannot_be_cut_off_stops_writes(tmp_path):
+    ops = Faulty()
+    s = LocalStore(tmp_path, ops=ops)
+    s.enroll("c", "m", "a", units(1))
+    ops.fail_write = ops.fail_truncate = True
+    with pytest.raises(StoreUnavailable, match="cutting it off failed"):
+        s.enroll("c", "m", "b", units(1, seed=1))
+    ops.fail_write = ops.fail_truncate = False
+    assert not s.writable and s.state().startswith("read-only")
+    with pytest.raises(StoreUnavailable, match="stopped until restart"):
+        s.enroll("c", "m", "c", units(1, seed=2))
+    assert ids(s) == ["a"] and s.get("c", "a")  # reads go on
+    s.abandon()
+    r = LocalStore(tmp_path)  # the half record is a torn tail
+    assert ids(r) == ["a"] and r.writable
+    r.close()
+
+
+def test_failed_snapshot_does_not_fail_the_enroll(tmp_path, monkeypatch):
+    import service.store.snapshot as snapshot
+
+    s = LocalStore(tmp_path, snapshot_every=3)
+    real = os.replace
+
+    def failing_replace(a, b):
+        if str(b).endswith(".bin"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(snapshot.os, "replace", failing_replace)
+    e = units(5)
+    for i in range(5):
+        s.enroll("c", "m", f"s{i}", e[i:i + 1])  # the third triggers a snapshot that fails
+    assert "snapshot" in s.state() and s.writable
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("snapshot-*.bin"))
+    monkeypatch.undo()
+    s.abandon()
+    r = LocalStore(tmp_path)
+    assert ids(r) == [f"s{i}" for i in range(5)]
+    r.close()
+
+
+def test_stray_files_are_ignored_and_leftover_temporaries_removed(tmp_path, caplog):
+    s = enroll_many(tmp_path, 5)
+    s.close()
+    (tmp_path / "wal-backup.log").write_bytes(b"junk")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "snapshot-00000009.bin.tmp").write_bytes(b"half")
+    r = LocalStore(tmp_path)
+    assert len(ids(r)) == 5
+    assert "wal-backup.log" in caplog.text and not (tmp_path / "snapshot-00000009.bin.tmp").exists()
+    r.close()
+
+
+def test_corrupt_snapshot_names_the_file_and_the_way_out(tmp_path):
+    s = enroll_many(tmp_path, 10, snapshot_every=4)
+    s.close()
+    snaps = sorted(tmp_path.glob("snapshot-*.bin"))
+    data = bytearray(snaps[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    snaps[-1].write_bytes(bytes(data))
+    with pytest.raises(StoreCorrupt) as exc:
+        LocalStore(tmp_path)
+    assert str(snaps[-1]) in str(exc.value) and snaps[-2].name in str(exc.value) and "move" in str(exc.value)
+    snaps[-1].rename(tmp_path.parent / "bad.bin")  # what the message says to do
+    r = LocalStore(tmp_path)
+    assert len(ids(r)) == 10
+    r.close()
+
+
+def test_files_are_private(tmp_path):
+    d = tmp_path / "data"
+    s = enroll_many(d, 3, snapshot_every=2)
+    s.close()
+    assert d.stat().st_mode & 0o777 == 0o700
+    for p in d.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+def _files(d):
+    return b"".join(p.read_bytes() for p in Path(d).rglob("*") if p.is_file())
+
+
+def test_deleted_voiceprint_is_unreadable_in_every_file(tmp_path):
+    s = LocalStore(tmp_path, snapshot_every=3)
+    secret = units(2, seed=9)
+    s.enroll("c", "m", "victim", secret, {"name": "Jane Q. Example"})
+    for i in range(4):  # snapshots now hold the victim too
+        s.enroll("c", "m", f"other{i}", units(1, seed=i))
+    rec = s.get("c", "victim")
+    needles = [b"Jane Q. Example", b"victim", secret[0].tobytes()[:32], rec.sum.tobytes()[:32]]
+    blob = _files(tmp_path)
+    assert not any(n in blob for n in needles)  # sealed per speaker even before deletion
+    s.delete("c", "victim")
+    s.abandon()  # no snapshot after the delete: old snapshots and logs still hold its sealed records
+    r = LocalStore(tmp_path)
+    assert "victim" not in ids(r) and len(ids(r)) == 4
+    # what is left cannot be opened: the key slot is zeros
+    slot_keys = _files(tmp_path)
+    assert not any(n in slot_keys for n in needles)
+    assert r._keys.key(1, "c") is None  # the victim's slot (the first speaker key)
+    r.close()
+
+
+def test_deleted_and_opted_out_ids_are_not_re_enrolled_by_accident(tmp_path):
+    s = LocalStore(tmp_path)
+    s.enroll("c", "m", "a", units(1))
+    s.delete("c", "a")
+    assert s.delete("c", "never-enrolled", opt_out=True) is None
+    for spk in ("a", "never-enrolled"):
+        with pytest.raises(FailedPrecondition, match="allow_reenroll"):
+            s.enroll("c", "m", spk, units(1, seed=1))
+    s.close()
+    r = LocalStore(tmp_path)  # tombstones survive restarts
+    with pytest.raises(FailedPrecondition):
+        r.enroll("c", "m", "a", units(1, seed=1))
+    r.enroll("c", "m", "a", units(1, seed=1), allow_reenroll=True)
+    r.enroll("c", "m", "b", units(1, seed=2))
+    r.abandon()
+    t = LocalStore(tmp_path)
+    assert ids(t) == ["a", "b"] and t.get("c", "a").count == 1  # a fresh speaker, not the deleted one
+    t.close()
+
+
+def test_retention_expires_unused_speakers(tmp_path):
+    s = LocalStore(tmp_path)
+    e = units(3)
+    for i, spk in enumerate(["old", "used", "new"]):
+        s.enroll("c", "m", spk, e[i:i + 1])
+    for spk, t in (("old", 1000), ("used", 1000)):
+        s._collection("c").speakers[spk].last_used_ms = t  # enrolled long ago
+    s.touch("c", ["used"])  # verified now
+    s.flush_touches()
+    assert s.expire(older_than_ms=5000) == 1 and ids(s) == ["new", "used"]
+    with pytest.raises(FailedPrecondition):
+        s.enroll("c", "m", "old", e[:1])
+    s.abandon()
+    r = LocalStore(tmp_path)
+    assert ids(r) == ["new", "used"] and r.get("c", "used").last_used_ms > 5000
+    r.close()
+
+
+def test_key_files_wrap_speaker_keys(tmp_path):
+    keyfile = tmp_path / "store.key"
+    keyfile.write_text(os.urandom(32).hex())
+    keyfile.chmod(0o600)
+    d = tmp_path / "data"
+    s = LocalStore(d, key_files=[load_key_file(keyfile)])
+    s.enroll("c", "m", "a", units(1))
+    s.close()
+    with pytest.raises(StoreCorrupt, match="key file"):
+        LocalStore(d)  # without the key file nothing can be read
+    r = LocalStore(d, key_files=[load_key_file(keyfile)])
+    assert ids(r) == ["a"]
+    r.close()
+    keyfile.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        load_key_file(keyfile)
+
+
+def test_one_process_per_data_directory(tmp_path):
+    s = LocalStore(tmp_path)
+    with pytest.raises(StoreUnavailable, match="in use"):
+        LocalStore(tmp_path)
+    s.close()
+
+
+def test_first_release_data_is_migrated_and_scrubbed(tmp_path):
+    d = tmp_path / "data"
+    shutil.copytree(DATA / "store-v1", d)
+    s = LocalStore(d)
+    expected = np.load(DATA / "store-v1-voiceprints.npy")  # (5, 16) spk0, 1, 3, 4, 5
+    got = np.stack([s.get("tenant-a", f"spk{i}").voiceprint for i in (0, 1, 3, 4, 5)])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert s.get("tenant-a", "spk0").count == 3 and s.get("tenant-a", "spk1").metadata == {"name": "person 1"}
+    assert not (d / "snapshot.npz").exists()
+    assert b"person 1" not in _files(d)  # no plain text left
+    s.close()
+    r = LocalStore(d)
+    assert len(r.list("tenant-a", 0, 10)[0]) == 5
+    r.close()
