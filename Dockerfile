@@ -23,7 +23,8 @@ RUN PYTHON=python3 bash scripts/setup.sh \
     fi \
  && rm -rf /home/spkserve/.cache
 
-ENV SPKSERVE_DATA_DIR=/data SPKSERVE_HOST=0.0.0.0
+# the metrics port is published by the container runtime; keep it on a private network
+ENV SPKSERVE_DATA_DIR=/data SPKSERVE_HOST=0.0.0.0 SPKSERVE_METRICS_HOST=0.0.0.0
 VOLUME ["/data"]
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

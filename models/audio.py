@@ -72,18 +72,62 @@ def _wav_truncation(data: bytes) -> str | None:
     return None
 
 
-def decode_encoded(data: bytes, field: str = "audio.encoded") -> tuple[np.ndarray, int]:
-    """Decode a complete audio file held in memory.
+MIN_SAMPLE_RATE = 4_000  # below this there is no speech band left to embed
+MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 64
+_UNKNOWN_FRAMES = 1 << 62  # libsndfile reports an undeclared length as INT64_MAX
+_BLOCK_SECONDS = 4.0  # encoded audio is decoded and downmixed in blocks of this length
+
+
+def check_header(field: str, sr: int, channels: int, frames: int, limits: AudioLimits | None) -> None:
+    """Raise AudioError for a header's rate, channel count or declared length out of bounds. Refuse declared rates, channel counts and lengths out of bounds before anything is decoded."""
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise AudioError(field, f"has a sample rate of {sr} Hz; {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz is accepted")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(field, f"has {channels} channels; 1..{MAX_CHANNELS} are accepted")
+    if limits is not None and 0 < frames < _UNKNOWN_FRAMES and frames / sr > limits.max_seconds + 1.0:
+        raise AudioError(field, f"declares {frames / sr:.1f} s of audio, longer than the maximum "
+                                f"{limits.max_seconds:.1f} s")
+
+
+def check_pcm_format(sample_rate: int, channels: int, field: str) -> None:
+    """Raise AudioError naming ``field``.sample_rate / .channels when a raw PCM format is out of bounds."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{field}.sample_rate", f"must be in {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz, got {sample_rate}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"{field}.channels", f"must be in 1..{MAX_CHANNELS}, got {channels}")
+
+
+def probe_header(data: bytes) -> tuple[int, int, int] | None:
+    """(sample rate, channels, declared frames) from the start of an audio file, or None when it
+    cannot be read yet (e.g. the first chunks of a stream)."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            return int(f.samplerate), int(f.channels), int(f.frames)
+    except Exception:  # noqa: BLE001 - not enough bytes yet, or not audio: decided when complete
+        return None
+
+
+def decode_encoded(data: bytes, field: str = "audio.encoded",
+                   limits: AudioLimits | None = None) -> tuple[np.ndarray, int]:
+    """Decode a complete audio file held in memory, downmixing to mono as it goes.
+
+    The header's sample rate, channel count and declared length are checked before any
+    decoding, and decoding runs in blocks that stop at ``limits.max_seconds``: a small file that
+    declares hours of many-channel audio costs neither the memory nor the time it declares.
 
     Args:
         data: the file's bytes (WAV, FLAC, OGG, ... anything libsndfile reads).
         field: request field name used in error messages.
+        limits: duration limits (None: no length limit while decoding).
 
     Returns:
-        ``(samples, sample_rate)`` with samples float32 of shape (T, C).
+        ``(samples, sample_rate)`` with samples float32 of shape (T, 1).
 
     Raises:
-        AudioError: empty input, bytes that are not audio, or a truncated file.
+        AudioError: empty input, bytes that are not audio, a truncated file, or a header out of bounds.
     """
     import soundfile as sf
 
@@ -92,24 +136,44 @@ def decode_encoded(data: bytes, field: str = "audio.encoded") -> tuple[np.ndarra
     truncated = _wav_truncation(data)
     if truncated:
         raise AudioError(field, truncated)
+    blocks, total = [], 0
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            sr = int(f.samplerate)
-            frames = f.frames
-            samples = f.read(dtype="float32", always_2d=True)  # (T, C)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise AudioError(field, f"could not be decoded as audio ({e})") from None
-    if frames > 0 and samples.shape[0] < frames:
-        raise AudioError(
-            field, f"is truncated: header says {frames} frames, only {samples.shape[0]} present"
-        )
-    if sr <= 0:
-        raise AudioError(field, f"has an invalid sample rate {sr}")
-    return samples, sr
+            sr, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
+            check_header(field, sr, channels, frames, limits)
+            cap = None if limits is None else int((limits.max_seconds + 1.0) * sr)
+            block = max(1, int(_BLOCK_SECONDS * sr))
+            while True:
+                part = f.read(block, dtype="float32", always_2d=True)  # (n, C)
+                if part.shape[0] == 0:
+                    break
+                blocks.append(to_mono(part))  # (n,)
+                total += part.shape[0]
+                if cap is not None and total > cap:
+                    raise AudioError(field, f"is longer than the maximum {limits.max_seconds:.1f} s")
+    except sf.LibsndfileError as e:
+        raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        if isinstance(e, AudioError):
+            raise
+        raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+    if 0 < frames < _UNKNOWN_FRAMES and total < frames:
+        raise AudioError(field, f"is truncated: header says {frames} frames, only {total} present")
+    samples = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    return samples[:, None], sr  # (T, 1)
+
+
+def _plain(e: Exception) -> str:
+    """A library error without object reprs or addresses (never echo internals to clients)."""
+    import re
+
+    text = getattr(e, "error_string", None) or str(e)
+    return re.sub(r"<[^>]*>", "<input>", text)[:200]
 
 
 def decode_pcm(
-    data: bytes, sample_rate: int, encoding: str, channels: int = 1, field: str = "audio.pcm"
+    data: bytes, sample_rate: int, encoding: str, channels: int = 1, field: str = "audio.pcm",
+    limits: AudioLimits | None = None,
 ) -> tuple[np.ndarray, int]:
     """Interpret raw interleaved PCM bytes.
 
@@ -127,11 +191,8 @@ def decode_pcm(
         raise AudioError(
             f"{field}.format.encoding", f"must be one of {sorted(PCM_DTYPES)}, got {encoding!r}"
         )
-    if sample_rate <= 0 or sample_rate > 384_000:
-        raise AudioError(f"{field}.format.sample_rate", f"must be in 1..384000 Hz, got {sample_rate}")
     channels = channels or 1
-    if channels < 1 or channels > 64:
-        raise AudioError(f"{field}.format.channels", f"must be in 1..64, got {channels}")
+    check_pcm_format(sample_rate, channels, f"{field}.format")
     dtype, scale = PCM_DTYPES[encoding]
     width = np.dtype(dtype).itemsize * channels
     if not data:
@@ -141,6 +202,9 @@ def decode_pcm(
             f"{field}.data",
             f"has {len(data)} bytes, not a multiple of {width} ({encoding} x {channels} channels)",
         )
+    seconds = len(data) / width / sample_rate
+    if limits is not None and seconds > limits.max_seconds:
+        raise AudioError(f"{field}.data", f"is {seconds:.1f} s long, longer than the maximum {limits.max_seconds:.1f} s")
     samples = np.frombuffer(data, dtype=dtype).astype(np.float32)
     if scale != 1.0:
         samples *= np.float32(scale)

@@ -220,10 +220,10 @@ class Engine:
     def _prepare_sync(self, model: SpeakerModel, audio: AudioInput) -> Speech:
         t0 = time.perf_counter()
         if audio.pcm_encoding is None:
-            samples, sr = decode_encoded(audio.data, f"{audio.field}.encoded")
+            samples, sr = decode_encoded(audio.data, f"{audio.field}.encoded", self.limits(model))
         else:
             samples, sr = decode_pcm(audio.data, audio.sample_rate, audio.pcm_encoding, audio.channels,
-                                     f"{audio.field}.pcm")
+                                     f"{audio.field}.pcm", self.limits(model))
         wave = condition(samples, sr, model.sample_rate, self.limits(model), audio.field)  # (T,)
         rate = model.sample_rate
         vad = self.policies[model.name].vad

@@ -18,6 +18,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from models.audio import AudioLimits, check_header, check_pcm_format, probe_header
+
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from service.convert import (SCALE_PB, VERDICT_PB, audio_input, merge_timings, ms, pcm_encoding, scale_of,
@@ -215,8 +217,9 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
     async def EmbedStream(self, request_iterator, context) -> pb.EmbedResponse:
         """Client-streamed audio: config first, then chunks (see the proto)."""
         self._allow(context, "read")
-        limit = self.engine.config.max_stream_mb * 1024 * 1024
-        config, chunks, size, index = None, [], 0, 0
+        cfg = self.engine.config
+        limit = cfg.max_stream_mb * 1024 * 1024
+        config, chunks, size, index, probed = None, [], 0, 0, False
         async for msg in request_iterator:
             part = msg.WhichOneof("part")
             if index == 0 and part != "config":
@@ -225,11 +228,23 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
                 raise InvalidArgument("config", f"sent again in message {index}; only the first message carries it")
             if part == "config":
                 config = msg.config
+                if config.HasField("pcm"):  # the byte budget of max_audio_seconds, known up front
+                    fmt = config.pcm
+                    check_pcm_format(fmt.sample_rate, fmt.channels or 1, "config.pcm")
+                    width = {pb.PCM_S16LE: 2}.get(fmt.encoding, 4) * (fmt.channels or 1)
+                    limit = min(limit, int((cfg.max_audio_seconds + 1) * fmt.sample_rate * width))
             elif part == "chunk":
                 size += len(msg.chunk)
                 if size > limit:
-                    raise InvalidArgument("chunk", f"stream exceeds max_stream_mb={self.engine.config.max_stream_mb} MiB")
+                    raise InvalidArgument("chunk", f"the stream exceeds {limit:,} bytes (max_stream_mb="
+                                                   f"{cfg.max_stream_mb} MiB, max_audio_seconds={cfg.max_audio_seconds:g})")
                 chunks.append(msg.chunk)
+                if not probed and not config.HasField("pcm") and size >= 4096:
+                    # an encoded stream's header declares rate, channels and length: refuse bombs early
+                    header = probe_header(b"".join(chunks))
+                    if header is not None:
+                        check_header("chunk", *header, AudioLimits(0.0, cfg.max_audio_seconds))
+                    probed = header is not None or size >= 1 << 20
             else:
                 raise InvalidArgument("part", f"message {index} is empty: set config or chunk")
             index += 1

@@ -27,7 +27,7 @@ def test_resample_keeps_frequency_and_level():
 def test_decode_and_downmix():
     stereo = np.stack([np.full(1600, 0.5, np.float32), np.full(1600, -0.25, np.float32)], axis=1)
     samples, sr = decode_encoded(wav_bytes(stereo, 8000, subtype="FLOAT"))
-    assert sr == 8000 and samples.shape == (1600, 2)
+    assert sr == 8000 and samples.shape == (1600, 1)  # downmixed while decoding
     wave = condition(samples, sr, 8000)
     np.testing.assert_allclose(wave, 0.125, atol=1e-6)
     pcm, sr = decode_pcm(np.array([0, 16384, -32768], "<i2").tobytes(), 16000, "PCM_S16LE")
@@ -114,3 +114,70 @@ def test_config_precedence_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown_option"):
         load_config(f, env={})
     assert load_config(env={}, overrides={"auth_token": "x"}).redacted()["auth_token"] == "***"
+
+
+def _flac_declaring(seconds: float, channels: int, sr: int = 16000) -> bytes:
+    """A small FLAC of digital silence: it compresses to almost nothing whatever its length."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", sr, channels, format="FLAC") as f:
+        block = np.zeros((sr * 10, channels), np.float32)
+        for _ in range(int(seconds // 10)):
+            f.write(block)
+    return buf.getvalue()
+
+
+def test_decompression_bomb_is_refused_from_its_header_without_decoding(monkeypatch):
+    import soundfile as sf
+
+    from models.audio import AudioLimits
+
+    bomb = _flac_declaring(40 * 60, 8)  # 40 minutes of 8-channel silence
+    assert len(bomb) < 2_000_000
+    reads = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k))
+    with pytest.raises(AudioError, match=r"declares 2400.0 s of audio, longer than the maximum 300.0 s"):
+        decode_encoded(bomb, "audio.encoded", AudioLimits(0.1, 300.0))
+    assert not reads  # refused before a single frame was decoded
+
+
+def test_header_that_lies_about_its_length_stops_at_the_limit():
+    from models.audio import AudioLimits
+
+    data = bytearray(_flac_declaring(20, 1))
+    # FLAC STREAMINFO: total samples are the low 36 bits of bytes 21..25 after "fLaC" + block header
+    data[21] = (data[21] & 0xF0)  # declare an unknown length: the decoder must stop by itself
+    data[22:26] = b"\x00\x00\x00\x00"
+    with pytest.raises(AudioError, match="encoded: is longer than the maximum 10.0 s"):
+        decode_encoded(bytes(data), "audio.encoded", AudioLimits(0.1, 10.0))
+
+
+@pytest.mark.parametrize("rate", [1, 3999, 400_000])
+def test_sample_rate_bounds_are_the_same_for_encoded_and_raw_audio(rate):
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(64, np.float32), rate, format="WAV", subtype="FLOAT")
+    with pytest.raises(AudioError, match="sample rate of"):
+        decode_encoded(buf.getvalue())
+    with pytest.raises(AudioError, match=r"audio.pcm.format.sample_rate: must be in 4000..384000 Hz"):
+        decode_pcm(b"\x00\x00" * 64, rate, "PCM_S16LE")
+
+
+def test_raw_pcm_longer_than_the_limit_is_refused_before_conversion():
+    from models.audio import AudioLimits
+
+    with pytest.raises(AudioError, match="audio.pcm.data: is 20.0 s long"):
+        decode_pcm(bytes(2 * 8000 * 20), 8000, "PCM_S16LE", limits=AudioLimits(0.1, 10.0))
+
+
+def test_decode_errors_do_not_echo_object_addresses():
+    with pytest.raises(AudioError) as e:
+        decode_encoded(b"RIFX" + bytes(100))
+    assert "0x" not in str(e.value) and "BytesIO" not in str(e.value)

@@ -77,3 +77,53 @@ def test_fuzz_embed_and_enroll_keep_server_up_and_index_unchanged(server, stub, 
     assert len(ok.embedding) == 256
     text_codes = server.server.metrics.requests.collect()[0].samples
     assert not [s for s in text_codes if s.labels.get("code") == "INTERNAL"]
+
+
+def _mutated(data: bytes, positions: list[int], values: list[int]) -> bytes:
+    out = bytearray(data)
+    for p, v in zip(positions, values):
+        out[p % min(len(out), 64)] = v  # the header: rates, channel counts, declared lengths
+    return bytes(out)
+
+
+def test_fuzz_headers_tokens_ids_and_raw_messages(server, stub, speech_files):
+    """Mutated file headers (declared rate/channels/length), page tokens, speaker ids with
+    invisible characters, opt-out deletes and raw bytes as messages: no INTERNAL, index unchanged."""
+    import io
+
+    import soundfile as sf
+
+    stub.Enroll(pb.EnrollRequest(collection="fuzz2", speaker_id="anchor",
+                                 audio=[pb.Audio(encoded=speech_files["flite-slt-1"].read_bytes())]))
+    before = snapshot(stub)
+    flac = io.BytesIO()
+    sf.write(flac, np.zeros(16000, np.float32), 16000, format="FLAC")
+    files = [flac.getvalue(), speech_files["flite-slt-2"].read_bytes()[:20000]]
+    channel = grpc.insecure_channel(server.target)
+    unary = {m: channel.unary_unary(f"/spkserve.v1.SpeakerService/{m}", request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b) for m in ("Embed", "Verify", "GetSpeaker")}
+
+    @FUZZ
+    @given(which=st.sampled_from([0, 1]), positions=st.lists(st.integers(0, 63), min_size=1, max_size=6),
+           values=st.lists(st.integers(0, 255), min_size=6, max_size=6))
+    def headers(which, positions, values):
+        audio = pb.Audio(encoded=_mutated(files[which], positions, values))
+        assert code_of(lambda: stub.Embed(pb.EmbedRequest(audio=audio), timeout=60)) in ALLOWED
+
+    @FUZZ
+    @given(token=st.text(max_size=30), speaker=st.text(max_size=40), opt_out=st.booleans(),
+           junk=st.binary(max_size=64), method=st.sampled_from(sorted(unary)))
+    def requests(token, speaker, opt_out, junk, method):
+        assert code_of(lambda: stub.ListSpeakers(pb.ListSpeakersRequest(collection="fuzz2", page_token=token))) in ALLOWED
+        if speaker != "anchor":
+            got = code_of(lambda: stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="fuzz2", speaker_id=speaker,
+                                                                              opt_out=opt_out)))
+            assert got in ALLOWED
+        assert code_of(lambda: unary[method](junk, timeout=30)) in ALLOWED
+
+    headers()
+    requests()
+    channel.close()
+    assert snapshot(stub) == before
+    text_codes = server.server.metrics.requests.collect()[0].samples
+    assert not [s for s in text_codes if s.labels.get("code") in ("INTERNAL", "UNKNOWN")]

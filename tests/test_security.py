@@ -1,0 +1,182 @@
+"""Tenants and hostile input at the gRPC boundary: scoped tokens, malformed messages, streamed
+decompression bombs, opt-out, the metrics endpoint's exposure and the store's health entry."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+from service.auth import load_tokens
+from tests.conftest import ServerThread, make_config
+
+TOKENS = {"acme-rw": ("acme-token", ["acme", "acme-*"], ["read", "write"]),
+          "acme-ro": ("acme-reader", ["acme"], ["read"]),
+          "globex": ("globex-token", ["globex"], ["read", "write"]),
+          "ops": ("ops-token", [], ["admin"])}
+
+
+def unit(seed: int, dim: int = 256) -> list[float]:
+    v = np.random.default_rng(seed).normal(size=dim)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def write_tokens(path) -> None:
+    lines = []
+    for name, (token, colls, perms) in TOKENS.items():
+        lines += ["[[tokens]]", f'name = "{name}"', f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"',
+                  f"collections = {colls!r}".replace("'", '"'), f"permissions = {perms!r}".replace("'", '"'), ""]
+    path.write_text("\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def tenant_server(model_repo, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tenants")
+    write_tokens(d / "tokens.toml")
+    srv = ServerThread(make_config(model_repo, d / "data", models=["ge2e"], auth_tokens_file=str(d / "tokens.toml")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(tenant_server):
+    ch = grpc.insecure_channel(tenant_server.target)
+    yield ch
+    ch.close()
+
+
+def as_(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {TOKENS[token][0]}")]
+
+
+def enroll(stub, who: str, coll: str, spk: str, seed: int = 0, **kw):
+    return stub.Enroll(pb.EnrollRequest(collection=coll, speaker_id=spk, embeddings=[
+        pb.Embedding(values=unit(seed), speech_seconds=5.0)], **kw), metadata=as_(who))
+
+
+def code_of(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_token_file_format_is_checked(tmp_path):
+    write_tokens(tmp_path / "t.toml")
+    tokens = load_tokens(tmp_path / "t.toml")
+    assert [t.name for t in tokens] == list(TOKENS) and tokens[0].covers("acme-eu") and not tokens[0].covers("acmex")
+    base = {"name": '"x"', "sha256": '"' + "a" * 64 + '"', "collections": '["c"]', "permissions": '["read"]'}
+    bad = {("sha256", '"abc"'): "sha256", ("permissions", '["root"]'): "permissions", ("colour", '"red"'): "unknown key",
+           ("collections", '["has space"]'): "collections"}
+    for (key, value), words in bad.items():
+        entry = {**base, key: value}
+        (tmp_path / "b.toml").write_text("[[tokens]]\n" + "".join(f"{k} = {v}\n" for k, v in entry.items()))
+        with pytest.raises(ValueError, match=words):
+            load_tokens(tmp_path / "b.toml")
+
+
+def test_tenants_cannot_touch_each_others_collections(channel):
+    stub = pb_grpc.SpeakerServiceStub(channel)
+    enroll(stub, "acme-rw", "acme", "alice", 1)
+    enroll(stub, "acme-rw", "acme-eu", "bob", 2)
+    enroll(stub, "globex", "globex", "carol", 3)
+    probe = pb.Probe(embedding=pb.Embedding(values=unit(1)))
+    attempts = {
+        "GetSpeaker": lambda: stub.GetSpeaker(pb.GetSpeakerRequest(collection="acme", speaker_id="alice",
+                                                                   include_voiceprint=True), metadata=as_("globex")),
+        "ListSpeakers": lambda: stub.ListSpeakers(pb.ListSpeakersRequest(collection="acme"), metadata=as_("globex")),
+        "Identify": lambda: stub.Identify(pb.IdentifyRequest(collection="acme", probe=probe), metadata=as_("globex")),
+        "Verify": lambda: stub.Verify(pb.VerifyRequest(a=probe, b=pb.Probe(speaker=pb.SpeakerRef(
+            collection="acme", speaker_id="alice"))), metadata=as_("globex")),
+        "Enroll": lambda: enroll(stub, "globex", "acme", "mallory", 4),
+        "DeleteSpeaker": lambda: stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="acme", speaker_id="alice"),
+                                                    metadata=as_("globex")),
+        "Enroll (read-only token)": lambda: enroll(stub, "acme-ro", "acme", "eve", 5),
+        "Delete (read-only token)": lambda: stub.DeleteSpeaker(
+            pb.DeleteSpeakerRequest(collection="acme", speaker_id="alice"), metadata=as_("acme-ro")),
+        "unknown collection": lambda: stub.ListSpeakers(pb.ListSpeakersRequest(collection="nope"), metadata=as_("globex")),
+    }
+    for what, call in attempts.items():
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (what, code, details)
+        assert "collection" in details, (what, details)
+    assert stub.GetSpeaker(pb.GetSpeakerRequest(collection="acme", speaker_id="alice"), metadata=as_("acme-ro")).speaker_id == "alice"
+    assert stub.ListSpeakers(pb.ListSpeakersRequest(collection="acme"), metadata=as_("acme-ro")).total_size == 1
+
+
+def test_list_collections_shows_only_the_callers(channel):
+    stub = pb_grpc.SpeakerServiceStub(channel)
+    enroll(stub, "acme-rw", "acme", "alice", 1)
+    enroll(stub, "globex", "globex", "carol", 3)
+    names = lambda who: sorted(c.name for c in stub.ListCollections(pb.ListCollectionsRequest(), metadata=as_(who)).collections)  # noqa: E731
+    assert names("acme-rw") == ["acme", "acme-eu"] or names("acme-rw") == ["acme"]
+    assert "globex" not in names("acme-rw") and names("globex") == ["globex"]
+    assert {"acme", "globex"} <= set(names("ops"))  # admin sees all
+
+
+def test_unknown_or_missing_token_is_unauthenticated(channel):
+    stub = pb_grpc.SpeakerServiceStub(channel)
+    for md in ([], [("authorization", "Bearer nope")], [("authorization", TOKENS["ops"][0])]):
+        code, _ = code_of(lambda: stub.ListModels(pb.ListModelsRequest(), metadata=md))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    health = health_pb2_grpc.HealthStub(channel)  # probes need no token
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="spkserve.store")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+
+def test_opt_out_and_reenroll(channel):
+    stub = pb_grpc.SpeakerServiceStub(channel)
+    r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="acme", speaker_id="optout-1", opt_out=True),
+                           metadata=as_("acme-rw"))
+    assert not r.HasField("speaker")
+    code, details = code_of(lambda: enroll(stub, "acme-rw", "acme", "optout-1", 7))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "allow_reenroll" in details
+    assert enroll(stub, "acme-rw", "acme", "optout-1", 7, allow_reenroll=True).created
+
+
+def test_malformed_protobuf_is_invalid_argument(channel):
+    for method in ("Embed", "Enroll", "ListSpeakers"):
+        call = channel.unary_unary(f"/spkserve.v1.SpeakerService/{method}", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        for junk in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12\xff\xff\xff\xff\x0f"):
+            with pytest.raises(grpc.RpcError) as e:
+                call(junk, metadata=as_("ops"))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, junk, e.value.details())
+            assert "request" in e.value.details() and "Error" not in e.value.details()
+
+
+def test_streamed_decompression_bomb_is_refused_early(channel):
+    stub = pb_grpc.SpeakerServiceStub(channel)
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", 16000, 8, format="FLAC") as f:  # 40 minutes of 8-channel silence
+        block = np.zeros((160000, 8), np.float32)
+        for _ in range(240):
+            f.write(block)
+    data = buf.getvalue()
+    sent = []
+
+    def messages():
+        yield pb.EmbedStreamRequest(config=pb.StreamConfig())
+        for i in range(0, len(data), 8192):
+            sent.append(i)
+            yield pb.EmbedStreamRequest(chunk=data[i:i + 8192])
+
+    code, details = code_of(lambda: stub.EmbedStream(messages(), metadata=as_("ops")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "declares 2400.0 s" in details
+    assert len(sent) * 8192 < len(data)  # refused before the whole stream was sent
+
+
+def test_metrics_bind_to_localhost_and_hide_collections(tenant_server):
+    srv = tenant_server.server
+    assert srv.config.metrics_host == "127.0.0.1"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics").read().decode()
+    assert 'spkserve_index_speakers{collection="_all"}' in text and "acme" not in text
+    assert "spkserve_store_writable 1.0" in text
