@@ -7,8 +7,14 @@ batch stays under ``max_batch_size`` and the padded-audio budget ``max_batch_sam
 (batch size x longest utterance). Models that are not padding-invariant get only
 equal-length utterances in one batch, so an utterance's embedding never depends on what it
 was batched with. Utterances whose caller has gone (future cancelled) or whose deadline has
-passed are dropped before they cost inference. The batch runs on a thread pool; the event
-loop never runs the model.
+passed are dropped before they cost inference: a cancelled caller's utterance leaves the queue
+at once. The batch runs on a thread pool; the event loop never runs the model.
+
+Admission by estimated wait: the batcher measures its throughput (padded samples per second
+of inference, a moving average) and estimates how long a new utterance would wait behind the
+audio already queued. A request whose deadline would pass before it is served, or that would
+wait longer than ``max_queue_wait``, is refused at once (Overloaded, with the estimated wait as
+a retry hint) instead of waiting to fail.
 
 The batcher knows nothing of protobuf or gRPC: it takes numpy arrays and callables.
 """
@@ -73,6 +79,7 @@ class DynamicBatcher:
             utterance still runs, alone.
         max_wait_s: how long the oldest utterance may wait for company.
         max_queue: most waiting utterances; beyond it ``submit`` raises Overloaded.
+        max_queue_wait_s: most estimated queueing time to admit (None: no limit).
         same_length_only: only equal-length utterances share a batch.
         workers: batches run concurrently (threads).
         stats: metric callbacks.
@@ -87,6 +94,7 @@ class DynamicBatcher:
         max_batch_samples: int = 16000 * 320,
         max_wait_s: float = 0.005,
         max_queue: int = 512,
+        max_queue_wait_s: float | None = 2.0,
         same_length_only: bool = False,
         workers: int = 1,
         stats: BatchStats | None = None,
@@ -97,6 +105,10 @@ class DynamicBatcher:
         self.max_batch_samples = max_batch_samples
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
+        self.workers = workers
+        self.samples_per_s: float | None = None  # measured throughput of one worker (moving average)
+        self._avg_cost: float | None = None  # moving average of utterance length in samples
         self.same_length_only = same_length_only
         self.name = name
         self._stats = stats or BatchStats()
@@ -132,13 +144,63 @@ class DynamicBatcher:
         """
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
+        now = time.monotonic()
+        self._prune(now)
         if len(self._queue) >= self.max_queue:
-            raise Overloaded(f"model {self.name}: {len(self._queue)} utterances queued (max_queue={self.max_queue}); retry later")
-        item = _Item(wave, asyncio.get_running_loop().create_future(), time.monotonic(), deadline)
+            wait = self.estimated_wait(len(wave))
+            raise Overloaded(f"model {self.name}: {len(self._queue)} utterances queued (max_queue={self.max_queue}); "
+                             f"retry in {wait or 1.0:.1f} s", wait or 1.0)
+        self._check_wait(self.estimated_wait(len(wave)), deadline, now)
+        item = _Item(wave, asyncio.get_running_loop().create_future(), now, deadline)
+        item.future.add_done_callback(lambda f, it=item: self._on_done(it))
         self._queue.append(item)
         self._report_depth()
         self._wakeup.set()
         return await item.future
+
+    def estimated_wait(self, samples: int | None = None, pending: int = 0) -> float | None:
+        """Seconds a new utterance would wait and run behind the queue and ``pending`` utterances
+        still being prepared (of the average size, as is the new one when ``samples`` is None);
+        None before any batch was measured."""
+        if not self.samples_per_s:
+            return None
+        avg = self._avg_cost or 0.0
+        queued = sum(it.cost for it in self._queue) + (avg if samples is None else samples) + pending * avg
+        return queued / (self.samples_per_s * self.workers)
+
+    def admit(self, deadline: float | None, pending: int = 0, extra_s: float = 0.0) -> None:
+        """Refuse (Overloaded) a request now when its utterance could not be served in time;
+        ``extra_s`` is the time it needs before it reaches the queue (decoding behind others)."""
+        if self._closed:
+            raise Unavailable(f"model {self.name} is shutting down")
+        wait = self.estimated_wait(None, pending)
+        self._check_wait(None if wait is None else wait + extra_s, deadline, time.monotonic())
+
+    def _check_wait(self, wait: float | None, deadline: float | None, now: float) -> None:
+        if wait is None:
+            return
+        if deadline is not None and now + wait > deadline:
+            raise Overloaded(f"model {self.name}: the estimated queueing time {wait:.2f} s exceeds the request's "
+                             f"deadline ({max(deadline - now, 0):.2f} s left); retry in {wait:.1f} s", wait)
+        if self.max_queue_wait_s is not None and wait > self.max_queue_wait_s:
+            raise Overloaded(f"model {self.name}: the estimated queueing time {wait:.2f} s exceeds max_queue_wait "
+                             f"({self.max_queue_wait_s:.2f} s); retry in {wait:.1f} s", wait)
+
+    def _on_done(self, item: _Item) -> None:
+        """A caller that went away (or timed out) leaves the queue at once: it neither blocks admission nor runs."""
+        if not item.future.cancelled():
+            return
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return  # already taken into a batch or pruned
+        self._dropped(item, time.monotonic())
+        self._report_depth()
+
+    def _dropped(self, item: _Item, now: float) -> None:
+        if self._stats.on_dropped:
+            expired = item.deadline is not None and now >= item.deadline - 0.005
+            self._stats.on_dropped("deadline" if expired else "cancelled")
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued and in flight, stop the workers."""
@@ -163,9 +225,8 @@ class DynamicBatcher:
         """Drop utterances whose caller has gone or whose deadline has passed."""
         kept = []
         for it in self._queue:
-            if it.future.done():  # cancelled by the caller (client gone)
-                if self._stats.on_dropped:
-                    self._stats.on_dropped("cancelled")
+            if it.future.done():  # cancelled by the caller (client gone, or its deadline passed)
+                self._dropped(it, now)
             elif it.deadline is not None and now >= it.deadline:
                 it.future.set_exception(DeadlineExceeded(f"deadline passed after {now - it.enqueued:.3f} s in the queue"))
                 if self._stats.on_dropped:
@@ -257,8 +318,14 @@ class DynamicBatcher:
         exc = fut.exception()
         if exc is not None:
             log.error("batch of %d on %s failed: %r", len(batch), self.name, exc)
-        elif self._stats.on_batch:
-            self._stats.on_batch(len(batch), took)
+        else:
+            padded = len(batch) * max(it.cost for it in batch)
+            rate = padded / max(took, 1e-6)
+            self.samples_per_s = rate if self.samples_per_s is None else 0.7 * self.samples_per_s + 0.3 * rate
+            cost = sum(it.cost for it in batch) / len(batch)
+            self._avg_cost = cost if self._avg_cost is None else 0.8 * self._avg_cost + 0.2 * cost
+            if self._stats.on_batch:
+                self._stats.on_batch(len(batch), took)
         for i, it in enumerate(batch):
             if it.future.done():
                 continue

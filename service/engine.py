@@ -89,6 +89,9 @@ class Engine:
         self.default_model = config.default_model
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._preparing = 0  # inputs on or waiting for the decode pool (admission)
+        self._preparing_by_model: dict[str, int] = {}
+        self._prepare_s: float | None = None  # moving average of one input's decode + VAD time
 
     # -- lifecycle --------------------------------------------------------------------
     async def load(self) -> None:
@@ -184,6 +187,7 @@ class Engine:
             max_batch_samples=int(cfg.max_batch_seconds * model.sample_rate),
             max_wait_s=cfg.max_wait_ms / 1000.0,
             max_queue=cfg.max_queue,
+            max_queue_wait_s=cfg.max_queue_wait_ms / 1000 or None,
             same_length_only=not model.padded_batching,
             workers=cfg.inference_workers,
             stats=stats,
@@ -235,9 +239,26 @@ class Engine:
         return Speech(speech, len(speech) / rate, len(wave) / rate, [(a / rate, b / rate) for a, b in segments], True,
                       time.perf_counter() - t0)
 
-    async def prepare(self, model: SpeakerModel, audio: AudioInput) -> Speech:
-        """Decode, downmix, resample, check and VAD one input on the decode pool."""
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._prepare_sync, model, audio)
+    async def prepare(self, model: SpeakerModel, audio: AudioInput, deadline: float | None = None) -> Speech:
+        """Decode, downmix, resample, check and VAD one input on the decode pool.
+
+        Admission comes first: when the work ahead (inputs being decoded, audio queued for the
+        model) cannot be done before ``deadline`` or within ``max_queue_wait_ms``, the call is
+        refused before it costs any decoding (Overloaded, with the estimated wait).
+        """
+        batcher = self.batchers[model.name]
+        backlog = self._preparing / self.config.decode_workers * (self._prepare_s or 0.0)
+        batcher.admit(deadline, pending=self._preparing_by_model.get(model.name, 0), extra_s=backlog)
+        self._preparing += 1
+        self._preparing_by_model[model.name] = self._preparing_by_model.get(model.name, 0) + 1
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._prepare_sync, model, audio)
+        finally:
+            took = time.perf_counter() - t0
+            self._prepare_s = took if self._prepare_s is None else 0.8 * self._prepare_s + 0.2 * took
+            self._preparing -= 1
+            self._preparing_by_model[model.name] -= 1
 
     async def embed(self, model: SpeakerModel, wave: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Embed one model-ready waveform through the model's batcher."""

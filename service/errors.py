@@ -49,9 +49,13 @@ class FailedPrecondition(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The batching queue is full."""
+    """The work queued ahead cannot be served in time; ``retry_after_s`` is when to try again."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(ServiceError):

@@ -58,6 +58,9 @@ def _rpc(method):
             code, message = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
+            retry = getattr(exc, "retry_after_s", None)
+            if retry:  # gRPC clients with a retry policy honour the server's pushback
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry * 1000))),))
             await context.abort(code, message)
         finally:
             m = self.engine.metrics
@@ -112,7 +115,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
 
     async def _embed_only(self, model, audio: AudioInput, method: str, context) -> tuple[np.ndarray, Speech, pb.Timings]:
         """Embed (Embed, EmbedStream): any speech the model can embed; none is an error naming the field."""
-        speech = await self.engine.prepare(model, audio)
+        speech = await self.engine.prepare(model, audio, _deadline(context))
         why = self._embeddable(model, speech, audio.field)
         self._observe_speech(model, method, speech, why)
         if why:
@@ -127,7 +130,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         policy = self.engine.policies[model.name]
         kind = probe.WhichOneof("source")
         if kind == "audio":
-            speech = await self.engine.prepare(model, audio_input(probe.audio, f"{field}.audio"))
+            speech = await self.engine.prepare(model, audio_input(probe.audio, f"{field}.audio"), _deadline(context))
             short = speech_shortfall(f"{field}.audio", speech, policy.min_probe_speech) or \
                 self._embeddable(model, speech, f"{field}.audio")
             self._observe_speech(model, method, speech, short)
@@ -318,7 +321,8 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
                                       f"must be in 0..{self.engine.config.max_audio_seconds:g}, got {e.speech_seconds!r}")
             declared.append(float(e.speech_seconds))
         speeches = await asyncio.gather(*[
-            self.engine.prepare(model, audio_input(a, f"audio[{i}]")) for i, a in enumerate(request.audio)])
+            self.engine.prepare(model, audio_input(a, f"audio[{i}]"), _deadline(context))
+            for i, a in enumerate(request.audio)])
         for i, speech in enumerate(speeches):
             why = self._embeddable(model, speech, f"audio[{i}]")
             self._observe_speech(model, "Enroll", speech, why)

@@ -142,3 +142,62 @@ def test_model_errors_reach_every_caller_and_batcher_survives():
         return ok
 
     assert run(main()).embedding.shape == (2,)
+
+
+def test_admission_by_estimated_wait_refuses_at_once_with_a_retry_hint():
+    model = FakeModel(delay=0.05)  # 1,000 samples per 50 ms: 20,000 samples/s
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=1000, max_queue_wait_s=1.0)
+        b.start()
+        await b.submit(np.zeros(1000, np.float32))  # measures the throughput
+        assert b.samples_per_s == pytest.approx(20_000, rel=0.5)
+        model.gate.clear()
+        queued = [asyncio.ensure_future(b.submit(np.zeros(1000, np.float32))) for _ in range(8)]
+        await asyncio.sleep(0.05)  # ~7 x 1,000 samples ahead: about 0.35-0.4 s of work
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded, match="deadline") as e:
+            await b.submit(np.zeros(1000, np.float32), deadline=time.monotonic() + 0.1)
+        assert time.monotonic() - t0 < 0.05 and e.value.retry_after_s > 0.2  # refused now, told when to retry
+        more = [asyncio.ensure_future(b.submit(np.zeros(1000, np.float32))) for _ in range(12)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="max_queue_wait"):
+            await b.submit(np.zeros(1000, np.float32))
+        model.gate.set()
+        await asyncio.gather(*queued, *more)
+        await b.close()
+
+    run(main())
+
+
+def test_abandoned_utterances_leave_the_queue_at_once_and_are_counted_by_reason():
+    model = FakeModel()
+    model.gate.clear()
+    dropped = []
+
+    async def main():
+        from service.batcher import BatchStats
+
+        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=3,
+                           stats=BatchStats(on_dropped=dropped.append))
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.zeros(1, np.float32)))
+        await asyncio.sleep(0.05)
+        gone = [asyncio.ensure_future(b.submit(np.zeros(2, np.float32))) for _ in range(2)]
+        timed = asyncio.ensure_future(asyncio.wait_for(b.submit(np.zeros(3, np.float32),
+                                                                deadline=time.monotonic() + 0.02), 0.02))
+        await asyncio.sleep(0.01)
+        for g in gone:
+            g.cancel()
+        await asyncio.sleep(0.05)  # the deadline passes: the caller's wait_for cancels its submit
+        assert b.depth == 0  # nothing dead holds a queue place
+        kept = [asyncio.ensure_future(b.submit(np.zeros(4, np.float32))) for _ in range(3)]  # fits max_queue=3 again
+        model.gate.set()
+        await asyncio.gather(first, *kept)
+        with pytest.raises(asyncio.TimeoutError):
+            await timed
+        await b.close()
+
+    run(main())
+    assert sorted(dropped) == ["cancelled", "cancelled", "deadline"]
+    assert [x[0] for x in model.batches] == [1, 4, 4, 4]  # abandoned ones never ran

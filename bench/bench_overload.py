@@ -1,0 +1,180 @@
+"""Goodput and tail latency under overload: admission by estimated wait vs the plain FIFO.
+
+    .venv/bin/python bench/bench_overload.py [--load 4] [--seconds 20] [--deadline 2] [--repeats 3]
+        [--before DIR]
+
+One run, two servers in turn on the same machine and the same audio (a 3 s real recording,
+resampled to 16 kHz): ``spkserve serve`` on ``ge2e``
+1. as it is ("after": admission by estimated wait, ``max_queue_wait_ms`` 2000), and
+2. with ``max_queue_wait_ms = 0`` and the deadline check off, or, with ``--before DIR``, the
+   code of an older checkout in DIR (e.g. ``git worktree add /tmp/before <commit>``): "before".
+For each, capacity is measured first (closed loop, 8 callers, 8 s), then Poisson arrivals at
+``--load`` x capacity for ``--seconds``, every call with a ``--deadline`` s deadline. Goodput:
+calls answered OK per second; p50/p99 of the OK calls; how many were refused at once
+(RESOURCE_EXHAUSTED) and how many ran out of deadline. Medians over ``--repeats`` rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(code_root: Path, port: int, data: str, extra: dict) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(code_root), SPKSERVE_MODELS="ge2e", SPKSERVE_INTRA_OP_THREADS="1",
+               **{f"SPKSERVE_{k.upper()}": str(v) for k, v in extra.items()})
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", "-1",
+                             "--host", "127.0.0.1", "--data-dir", data, "--log-level", "WARNING",
+                             "--model-repository", str(ROOT / "models" / "repository")],
+                            cwd=code_root, env=env)
+
+
+async def wait_ready(stub_mod, target: str) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        for _ in range(600):
+            try:
+                r = await h.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("server did not become ready")
+
+
+async def capacity(stub, request, seconds: float = 8.0, callers: int = 8) -> float:
+    done, end = 0, time.monotonic() + seconds
+
+    async def caller():
+        nonlocal done
+        while time.monotonic() < end:
+            await stub.Embed(request, timeout=30)
+            done += 1
+
+    await asyncio.gather(*[caller() for _ in range(callers)])
+    return done / seconds
+
+
+async def open_loop(stub, request, rate: float, seconds: float, deadline: float, seed: int) -> dict:
+    import grpc
+
+    rng = random.Random(seed)
+    ok, refused, expired, other = [], 0, 0, 0
+
+    async def one():
+        nonlocal refused, expired, other
+        t0 = time.monotonic()
+        try:
+            await stub.Embed(request, timeout=deadline)
+            ok.append(time.monotonic() - t0)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused += 1
+            elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                expired += 1
+            else:
+                other += 1
+
+    tasks, t, start_t = [], 0.0, time.monotonic()
+    while t < seconds:
+        t += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, start_t + t - time.monotonic()))
+        tasks.append(asyncio.ensure_future(one()))
+    await asyncio.gather(*tasks)
+    ok.sort()
+    pct = lambda q: ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")  # noqa: E731
+    return {"sent": len(tasks), "goodput": len(ok) / seconds, "p50": pct(0.5), "p99": pct(0.99),
+            "refused": refused, "expired": expired, "other": other}
+
+
+async def measure(code_root: Path, extra: dict, args, audio: bytes) -> list[dict]:
+    import grpc
+
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data:
+        proc = start(code_root, port, data, extra)
+        try:
+            target = f"127.0.0.1:{port}"
+            await wait_ready(pb_grpc, target)
+            async with grpc.aio.insecure_channel(target) as ch:
+                stub = pb_grpc.SpeakerServiceStub(ch)
+                req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
+                rounds = []
+                for r in range(args.repeats):
+                    cap = await capacity(stub, req)
+                    res = await open_loop(stub, req, args.load * cap, args.seconds, args.deadline, seed=r)
+                    res["capacity"] = cap
+                    rounds.append(res)
+                    print(f"  round {r + 1}: {res}", flush=True)
+                    await asyncio.sleep(2)
+                return rounds
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--load", type=float, default=4.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--deadline", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--before", type=Path, help="checkout of the older code to compare with")
+    args = ap.parse_args()
+    import io
+
+    import soundfile as sf
+
+    wav, sr = sf.read(sorted((ROOT / "models" / "reference" / "audio").glob("*.wav"))[0], dtype="float32")
+    buf = io.BytesIO()
+    sf.write(buf, wav[: 3 * sr] if wav.ndim == 1 else wav[: 3 * sr, 0], sr, format="WAV")
+    audio = buf.getvalue()
+    setups = {"after (admission by estimated wait)": (ROOT, {})}
+    if args.before:
+        setups["before"] = (args.before.resolve(), {})
+    else:
+        setups["before (max_queue_wait_ms=0: FIFO to max_queue)"] = (ROOT, {"max_queue_wait_ms": 0})
+    table = {}
+    for name, (root, extra) in setups.items():
+        print(name, flush=True)
+        table[name] = asyncio.run(measure(root, extra, args, audio))
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    print(f"\n| setup | capacity req/s | offered req/s | goodput req/s | p50 s | p99 s | refused | deadline expired |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rows in table.items():
+        print(f"| {name} | {med(rows, 'capacity'):.1f} | {args.load * med(rows, 'capacity'):.1f} | "
+              f"{med(rows, 'goodput'):.1f} | {med(rows, 'p50'):.2f} | {med(rows, 'p99'):.2f} | "
+              f"{med(rows, 'refused'):.0f} | {med(rows, 'expired'):.0f} |")
+    names = list(table)
+    print(f"\ngoodput ratio after/before: {med(table[names[0]], 'goodput') / max(med(table[names[1]], 'goodput'), 1e-9):.2f}; "
+          f"p99 ratio: {med(table[names[0]], 'p99') / med(table[names[1]], 'p99'):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
