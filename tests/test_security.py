@@ -180,3 +180,44 @@ def test_metrics_bind_to_localhost_and_hide_collections(tenant_server):
     text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics").read().decode()
     assert 'spkserve_index_speakers{collection="_all"}' in text and "acme" not in text
     assert "spkserve_store_writable 1.0" in text
+
+
+def test_huge_and_tiny_embeddings_keep_their_direction(stub):
+    """Values that overflow float32 when squared, and values that underflow, are valid vectors."""
+    v = np.array(unit(11))
+    for scale in (1e20, 1e-30):
+        r = stub.Enroll(pb.EnrollRequest(collection="scales", speaker_id=f"s{scale:g}", embeddings=[
+            pb.Embedding(values=(v * scale).tolist(), speech_seconds=5.0)]))
+        got = stub.GetSpeaker(pb.GetSpeakerRequest(collection="scales", speaker_id=r.speaker.speaker_id,
+                                                   include_voiceprint=True))
+        assert got.utterance_count == 1 and np.dot(got.voiceprint, v) > 0.9999
+    code, details = code_of(lambda: stub.Enroll(pb.EnrollRequest(collection="scales", speaker_id="inf", embeddings=[
+        pb.Embedding(values=(v * 1e41).tolist(), speech_seconds=5.0)])))  # inf once sent as float32
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "embeddings[0].values" in details
+
+
+@pytest.mark.parametrize("request_, field", [
+    (pb.ListSpeakersRequest(collection="scales\n"), "collection"),
+    (pb.ListSpeakersRequest(collection="scales", page_token=" 5"), "page_token"),
+    (pb.ListSpeakersRequest(collection="scales", page_token="+3"), "page_token"),
+    (pb.ListSpeakersRequest(collection="scales", page_token=str(2 ** 63)), "page_token"),
+    (pb.ListSpeakersRequest(collection="scales", page_token="0"), "page_token"),
+])
+def test_names_and_page_tokens_are_matched_exactly(stub, request_, field):
+    code, details = code_of(lambda: stub.ListSpeakers(request_))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field)
+
+
+@pytest.mark.parametrize("speaker_id", ["admin\u202egnp.exe", "a\u200bb", " padded", "x\u2028y"])
+def test_invisible_and_control_characters_in_ids_are_refused(stub, speaker_id):
+    code, details = code_of(lambda: stub.Enroll(pb.EnrollRequest(collection="scales", speaker_id=speaker_id, embeddings=[
+        pb.Embedding(values=unit(1), speech_seconds=5.0)])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("speaker_id")
+
+
+def test_long_names_are_not_echoed_back(stub):
+    code, details = code_of(lambda: stub.GetSpeaker(pb.GetSpeakerRequest(collection="scales", speaker_id="z" * 250)))
+    assert code == grpc.StatusCode.NOT_FOUND and len(details) < 200
+    code, details = code_of(lambda: stub.Identify(pb.IdentifyRequest(
+        collection="scales", probe=pb.Probe(embedding=pb.Embedding(values=unit(1))), min_score=float("nan"))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_score" in details
