@@ -67,6 +67,9 @@ def test_calibrate_writes_a_cohort_and_map_the_server_loads(mini_corpus, tmp_pat
     fitted = report["calibration_trials"]["snorm"]
     assert 0 <= fitted["cllr"] and fitted["min_cllr"] <= fitted["cllr"] + 1e-9
     assert report["operating_point"]["rule"].startswith("LLR >= 3")
+    cosine = calibrate_model(d, mini_corpus, draws=1, cohort_per_speaker=1, cohort_utts=3, heldout_split=None,
+                             operating_point="cosine-eer", write=False, log=lambda *_: None)
+    assert cosine["operating_point"]["scale"] == "cosine" and -1 <= cosine["operating_point"]["threshold"] <= 1
     with pytest.raises(ValueError, match="operating-point"):
         calibrate_model(d, mini_corpus, operating_point="median", write=False)
 

@@ -20,7 +20,9 @@ seen only clean synthesis.
 3. **Operating point**: ``--operating-point llr:3`` (default) accepts when the evidence for the
    same speaker is at least e^3 = 20 times that against: the Bayes decision at even prior
    odds when a false accept costs 20 false rejects. ``far:RATE`` instead puts the threshold
-   where RATE of the calibration trials' impostor pairs are accepted.
+   where RATE of the calibration trials' impostor pairs are accepted; ``cosine-eer`` decides on
+   the cosine scale at the calibration trials' equal-error point (for models whose S-norm scores
+   separate speakers worse than their cosines, as the small SSL students here).
 4. **Held-out check** on ``--heldout-split`` (the reserved voices): the same trials with the
    fitted cohort, map and threshold: EER, minDCF, Cllr and minCllr overall and per condition.
 
@@ -215,7 +217,8 @@ def _figures(scores: np.ndarray, labels: np.ndarray, llr: np.ndarray | None = No
     return d
 
 
-def _per_condition(t: dict, llr: np.ndarray, threshold: float) -> dict:
+def _per_condition(t: dict, llr: np.ndarray, decided: np.ndarray, threshold: float) -> dict:
+    """Figures per test-side condition; FAR/FRR of ``decided`` (the decision scale's scores) at ``threshold``."""
     out = {}
     for c in sorted(set(t["cond"].tolist())):
         m = t["cond"] == c
@@ -223,8 +226,8 @@ def _per_condition(t: dict, llr: np.ndarray, threshold: float) -> dict:
         if lab.sum() < 5 or (1 - lab).sum() < 5:
             continue
         f = _figures(t["snorm"][m], lab, llr[m])
-        f["far"] = round(float((llr[m][lab == 0] >= threshold).mean()), 4)
-        f["frr"] = round(float((llr[m][lab == 1] < threshold).mean()), 4)
+        f["far"] = round(float((decided[m][lab == 0] >= threshold).mean()), 4)
+        f["frr"] = round(float((decided[m][lab == 1] < threshold).mean()), 4)
         out[c] = f
     return out
 
@@ -238,8 +241,8 @@ def calibrate_model(model_dir: Path, corpus: Path, *, seed: int = 0, draws: int 
         The report (also written into the card's fields when ``write``).
     """
     kind, _, value = operating_point.partition(":")
-    if kind not in ("far", "llr") or not value:
-        raise ValueError(f"--operating-point must be far:RATE or llr:THRESHOLD, got {operating_point!r}")
+    if not (kind in ("far", "llr") and value or operating_point == "cosine-eer"):
+        raise ValueError(f"--operating-point must be llr:THRESHOLD, far:RATE or cosine-eer, got {operating_point!r}")
     rng = np.random.default_rng(seed)
     model = SpeakerModel(model_dir, ["CPUExecutionProvider"])
     vad = SileroVad()
@@ -259,7 +262,15 @@ def calibrate_model(model_dir: Path, corpus: Path, *, seed: int = 0, draws: int 
         f"from {n_kept} of {n_items} rendered utterances ({time.time() - t0:.0f} s)")
     fit = fit_calibration(cal["snorm"], cal["label"])
     llr = fit.llr(cal["snorm"])
-    if kind == "far":
+    cos_eer = evaluate_scores(cal["cosine"], cal["label"])
+    scale = "llr"
+    if kind == "cosine-eer":
+        scale, threshold = "cosine", round(cos_eer.eer_threshold, 4)
+        far = float((cal["cosine"][cal["label"] == 0] >= threshold).mean())
+        frr = float((cal["cosine"][cal["label"] == 1] < threshold).mean())
+        rule = ("the cosine at the calibration trials' equal-error point (for models whose S-norm scores "
+                "separate speakers worse than their cosines)")
+    elif kind == "far":
         threshold, far, frr = threshold_for_far(llr, cal["label"], float(value))
         rule = f"the LLR at which {100 * float(value):g}% of the calibration trials' impostor pairs are accepted"
     else:
@@ -271,7 +282,6 @@ def calibrate_model(model_dir: Path, corpus: Path, *, seed: int = 0, draws: int 
                 f"{np.exp(threshold):.0f} false rejects)")
     table = [[t, round(float((llr[cal["label"] == 0] >= t).mean()), 5), round(float((llr[cal["label"] == 1] < t).mean()), 5)]
              for t in (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)]
-    cos_eer = evaluate_scores(cal["cosine"], cal["label"])
     report = {
         "model": model.name,
         "cohort": cohort_desc,
@@ -280,20 +290,21 @@ def calibrate_model(model_dir: Path, corpus: Path, *, seed: int = 0, draws: int 
                                "raw_cosine": _figures(cal["cosine"], cal["label"]),
                                "snorm": _figures(cal["snorm"], cal["label"], llr)},
         "map": {"scale": fit.scale, "offset": fit.offset},
-        "operating_point": {"scale": "llr", "threshold": round(threshold, 4), "rule": rule,
+        "operating_point": {"scale": scale, "threshold": round(threshold, 4), "rule": rule,
                             "far": round(far, 5), "frr": round(frr, 5), "table_llr_far_frr": table},
-        "per_condition": _per_condition(cal, llr, threshold),
+        "per_condition": _per_condition(cal, llr, cal["cosine"] if scale == "cosine" else llr, threshold),
         "cosine_eer_threshold": round(cos_eer.eer_threshold, 4),
     }
     log(f"fit: llr = {fit.scale:.4f} * snorm + {fit.offset:.4f}; {json.dumps(report['calibration_trials']['snorm'])}")
     if heldout_split and (corpus / heldout_split / "wav.scp").is_file():
         held, _, _ = trials_of(heldout_split)
         hl = fit.llr(held["snorm"])
+        hd = held["cosine"] if scale == "cosine" else hl
         report["heldout"] = {"split": f"{corpus}/{heldout_split}", "raw_cosine": _figures(held["cosine"], held["label"]),
                              "snorm": _figures(held["snorm"], held["label"], hl),
-                             "far": round(float((hl[held["label"] == 0] >= threshold).mean()), 5),
-                             "frr": round(float((hl[held["label"] == 1] < threshold).mean()), 5),
-                             "per_condition": _per_condition(held, hl, threshold)}
+                             "far": round(float((hd[held["label"] == 0] >= threshold).mean()), 5),
+                             "frr": round(float((hd[held["label"] == 1] < threshold).mean()), 5),
+                             "per_condition": _per_condition(held, hl, hd, threshold)}
         log(f"held out ({heldout_split}): {json.dumps(report['heldout']['snorm'])} far {report['heldout']['far']} "
             f"frr {report['heldout']['frr']}")
     if write:
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cohort-per-speaker", type=int, default=2)
     ap.add_argument("--cohort-utts", type=int, default=6)
     ap.add_argument("--min-probe-speech", type=float, default=1.0)
-    ap.add_argument("--operating-point", default="llr:3", help="llr:THRESHOLD or far:RATE")
+    ap.add_argument("--operating-point", default="llr:3", help="llr:THRESHOLD, far:RATE or cosine-eer")
     ap.add_argument("--heldout-split", default="reserved")
     ap.add_argument("--report", type=Path, help="also write the report here")
     ap.add_argument("--dry-run", action="store_true", help="fit and report, change nothing")
