@@ -54,6 +54,8 @@ class ModelCard:
         opset: ONNX opset of the graph.
         files: variant name -> file name ("fp32" is required).
         family, description, license, source, parameters: provenance for users.
+        commercial_use: whether the weights' licence permits commercial use (None: not
+            declared). A server loading "every model" skips those marked false.
         training_config, pruning, evaluation: free-form records of how it was made.
         cohort: the impostor cohort for score normalisation, or None: ``{"file": "cohort.npy",
             "size": M, "source": ..., ...}``; the file holds an (M, embedding_dim) float32
@@ -83,6 +85,7 @@ class ModelCard:
     family: str = ""
     description: str = ""
     license: str = ""
+    commercial_use: bool | None = None
     source: str = ""
     parameters: int = 0
     training_config: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +117,8 @@ class ModelCard:
             raise bad("threshold", f"must be a cosine score in [-1, 1], got {self.threshold!r}")
         if float(self.min_audio_seconds) < 0:
             raise bad("min_audio_seconds", f"must be >= 0, got {self.min_audio_seconds!r}")
+        if self.commercial_use is not None and not isinstance(self.commercial_use, bool):
+            raise bad("commercial_use", f"must be true, false or absent, got {self.commercial_use!r}")
         if "fp32" not in self.files:
             raise bad("files", f"must name an 'fp32' file, got {self.files!r}")
         if self.format_version not in _READABLE_VERSIONS:

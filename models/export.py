@@ -225,7 +225,7 @@ def _ge2e_card(args: argparse.Namespace, model: nn.Module) -> ModelCard:
         min_audio_seconds=0.1,
         description="GE2E d-vector (3-layer LSTM over 40-band mel, 1.6 s partials averaged), "
         "waveform in; weights of Resemblyzer 0.1.4's pretrained encoder",
-        license="Apache-2.0 (Resemblyzer, Copyright Resemble AI / Corentin Jemine)",
+        license="Apache-2.0 (Resemblyzer, Copyright Resemble AI / Corentin Jemine)", commercial_use=True,
         source="PyPI resemblyzer==0.1.4, file resemblyzer/pretrained.pt",
         training_config={"frontend": model.config_dict(), "loss": "GE2E (upstream training)"},
     )
@@ -238,7 +238,7 @@ def _checkpoint_card(args: argparse.Namespace, model: nn.Module, ckpt: dict[str,
         sample_rate=cfg.get("sample_rate", 16000), embedding_dim=model.embedding_dim, batching="padded",
         threshold=args.threshold, min_audio_seconds=0.5,
         description=args.description or f"{cfg['family']} SSL encoder + weighted layer sum + {cfg['pooling']} pooling",
-        license=args.license, source=str(args.checkpoint),
+        license=args.license, commercial_use=args.commercial_use, source=str(args.checkpoint),
         training_config={k: v for k, v in ckpt.items() if k not in ("state_dict", "config")} | {"model": cfg},
         pruning=ckpt.get("pruning"),
     )
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (c, x):
         p.add_argument("--version", default="1.0.0")
         p.add_argument("--license", default="")
+        p.add_argument("--commercial-use", action=argparse.BooleanOptionalAction, default=None,
+                       help="whether the weights' licence permits commercial use (model.json commercial_use); "
+                            "--no-commercial-use keeps a server that loads every model from loading it")
         p.add_argument("--description", default="")
     for p in (g, c, x):
         p.add_argument("--out", required=True, help="model repository entry directory (its name is the model name)")
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             model = XVectorSpeakerModel.from_pretrained(args.pretrained)
             card = ModelCard(name=Path(args.out).name, version=args.version, family="wavlm-xvector", sample_rate=16000,
                              embedding_dim=model.embedding_dim, threshold=args.threshold, license=args.license,
-                             source=str(args.pretrained), description=args.description or "WavLMForXVector checkpoint")
+                             commercial_use=args.commercial_use, source=str(args.pretrained), description=args.description or "WavLMForXVector checkpoint")
         report = export_model(model, card, args.out, force=args.force, int8=not args.no_int8)
         cal = _apply_calibration(Path(args.out), args)
     except (ArtifactError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -70,6 +70,22 @@ class ModelPolicy:
     threshold: float  # default decision threshold on ``scale``
 
 
+def _commercial_only(dirs: list) -> list:
+    """Repository entries a server loading "every model" serves: all but those whose model.json
+    says their licence forbids commercial use (they load only when named in ``models``)."""
+    from models.artifact import load_card
+
+    kept = []
+    for d in dirs:
+        card = load_card(d)
+        if card.commercial_use is False:
+            log.warning("not loading model %s: its licence (%s) does not permit commercial use; name it in the "
+                        "'models' option to serve it anyway", card.name, card.license)
+        else:
+            kept.append(d)
+    return kept
+
+
 class Engine:
     """Models, batchers and the speaker store of one server.
 
@@ -108,6 +124,8 @@ class Engine:
             if missing:
                 raise ArtifactError(f"option 'models': {missing} not in {cfg.model_repository} (has {sorted(by_name)})")
             dirs = [by_name[m] for m in cfg.models]
+        else:
+            dirs = await loop.run_in_executor(None, _commercial_only, dirs)
         if not dirs:
             raise ArtifactError(f"{cfg.model_repository}: no model directories (each needs a model.json)")
         unknown = sorted(set(cfg.model_settings) - {d.name for d in dirs})
@@ -123,6 +141,10 @@ class Engine:
                 log.info("warmed up %s in %.3f s", model.name, took)
             self.policies[model.name] = self._policy(model)
             self.models[model.name] = model
+            if model.card.commercial_use is not True:
+                log.warning("model %s: licence %r %s", model.name, model.card.license or "not declared",
+                            "does not permit commercial use" if model.card.commercial_use is False
+                            else "(commercial use not declared in model.json)")
             self.batchers[model.name] = self._make_batcher(model)
             self.metrics.model_info.labels(model.name, model.card.version, model.provider, str(model.dim),
                                            model.variant).set(1)

@@ -244,3 +244,26 @@ def test_tls(model_repo, tmp_path, speech_files):
                 pb_grpc.SpeakerServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=3)
     finally:
         srv.stop()
+
+
+def test_non_commercial_models_load_only_when_named(model_repo, tmp_path, caplog):
+    import json
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    card = repo / "tiny-wavlm" / "model.json"
+    meta = json.loads(card.read_text())
+    card.write_text(json.dumps(dict(meta, license="research only", commercial_use=False)))
+    srv = ServerThread(make_config(repo, tmp_path / "a"))
+    try:
+        assert "tiny-wavlm" not in srv.server.engine.models and "ge2e" in srv.server.engine.models
+        assert "not loading model tiny-wavlm" in caplog.text and "research only" in caplog.text
+    finally:
+        srv.stop()
+    srv = ServerThread(make_config(repo, tmp_path / "b", models=["ge2e", "tiny-wavlm"]))
+    try:
+        assert "tiny-wavlm" in srv.server.engine.models
+        assert "does not permit commercial use" in caplog.text
+    finally:
+        srv.stop()

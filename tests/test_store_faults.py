@@ -330,3 +330,20 @@ def test_first_release_data_is_migrated_and_scrubbed(tmp_path):
     r = LocalStore(d)
     assert len(r.list("tenant-a", 0, 10)[0]) == 5
     r.close()
+
+
+def test_directory_is_fsynced_after_creating_logs_and_renaming_snapshots(tmp_path, monkeypatch):
+    import service.store.snapshot as snapshot
+    import service.store.wal as wal
+
+    synced = []
+    real = wal.fsync_dir
+    monkeypatch.setattr(wal, "fsync_dir", lambda p: synced.append(("log", p)) or real(p))
+    monkeypatch.setattr(snapshot, "fsync_dir", lambda p: synced.append(("snapshot", p)) or real(p))
+    s = LocalStore(tmp_path, snapshot_every=2)
+    assert ("log", tmp_path) in synced  # the first log file's directory entry is durable
+    synced.clear()
+    s.enroll("c", "m", "a", units(1))
+    s.enroll("c", "m", "b", units(1, seed=1))  # triggers a snapshot and a new log generation
+    assert [k for k, _ in synced] == ["snapshot", "log"]
+    s.close()
