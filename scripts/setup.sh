@@ -3,6 +3,8 @@
 #
 #   bash scripts/setup.sh            # serving install: .venv with the `spkserve` command
 #   bash scripts/setup.sh --dev      # + torch (CPU), transformers, test tools: what tests and training need
+#   bash scripts/setup.sh --gpu      # onnxruntime-gpu instead of onnxruntime (CUDA 12 + cuDNN 9 from
+#                                    # the system or the nvidia-*-cu12 wheels); combine with --dev
 #
 # It creates .venv/ in the checkout, installs the project in editable mode and generates the
 # gRPC code from protos/. It is idempotent: running it again only installs what is missing.
@@ -10,10 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="serve"
+gpu=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="serve,train,test" ;;
-    *) echo "setup.sh: unknown argument '$arg' (expected --dev)" >&2; exit 2 ;;
+    --gpu) gpu=1 ;;
+    *) echo "setup.sh: unknown argument '$arg' (expected --dev and/or --gpu)" >&2; exit 2 ;;
   esac
 done
 
@@ -29,5 +33,12 @@ if [[ "$extras" == *train* ]]; then
   .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+if [ "$gpu" = 1 ]; then
+  # onnxruntime and onnxruntime-gpu install the same module: keep exactly one
+  .venv/bin/python -m pip uninstall -q -y onnxruntime
+  .venv/bin/python -m pip install -q "${ORT_GPU_SPEC:-onnxruntime-gpu}"
+  .venv/bin/python -c "import onnxruntime as o; p = o.get_available_providers(); print('setup.sh: ONNX Runtime providers:', p); \
+assert 'CUDAExecutionProvider' in p, 'onnxruntime-gpu has no CUDA provider'"
+fi
 bash scripts/gen_protos.sh
 echo "setup.sh: ready (.venv/bin/spkserve, extras: ${extras})"

@@ -80,6 +80,8 @@ class DynamicBatcher:
         max_wait_s: how long the oldest utterance may wait for company.
         max_queue: most waiting utterances; beyond it ``submit`` raises Overloaded.
         max_queue_wait_s: most estimated queueing time to admit (None: no limit).
+        min_fill: least share of a batch's padded samples that must be real audio (length
+            bucketing; 0 batches in arrival order whatever the lengths).
         same_length_only: only equal-length utterances share a batch.
         workers: batches run concurrently (threads).
         stats: metric callbacks.
@@ -95,6 +97,7 @@ class DynamicBatcher:
         max_wait_s: float = 0.005,
         max_queue: int = 512,
         max_queue_wait_s: float | None = 2.0,
+        min_fill: float = 0.75,
         same_length_only: bool = False,
         workers: int = 1,
         stats: BatchStats | None = None,
@@ -106,6 +109,7 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.max_queue_wait_s = max_queue_wait_s
+        self.min_fill = min_fill
         self.workers = workers
         self.samples_per_s: float | None = None  # measured throughput of one worker (moving average)
         self._avg_cost: float | None = None  # moving average of utterance length in samples
@@ -244,19 +248,28 @@ class DynamicBatcher:
         return [it for it in self._queue if it.cost == first.cost]
 
     def _take_batch(self) -> list[_Item]:
-        """Remove and return the next batch (oldest first, within both budgets)."""
+        """Remove and return the next batch: the oldest utterance and companions of similar length.
+
+        Batches are padded to their longest member, so mixing a 1 s and a 10 s utterance wastes
+        9 s of compute. Companions are taken nearest in length first (ties: older first), while
+        the batch stays under both budgets and at least ``min_fill`` of its padded samples are
+        real audio; the oldest utterance always leads, so none waits behind newer ones forever.
+        """
         if not self._queue:
             return []
         first = self._queue[0]
-        batch, longest = [first], first.cost
-        for it in self._compatible(first)[1:]:
+        order = {id(it): i for i, it in enumerate(self._queue)}
+        others = sorted(self._compatible(first)[1:], key=lambda it: (abs(it.cost - first.cost), order[id(it)]))
+        batch, longest, total = [first], first.cost, first.cost
+        for it in others:
             if len(batch) >= self.max_batch_size:
                 break
             widest = max(longest, it.cost)
-            if widest * (len(batch) + 1) > self.max_batch_samples:
+            n = len(batch) + 1
+            if widest * n > self.max_batch_samples or (total + it.cost) < self.min_fill * widest * n:
                 continue
             batch.append(it)
-            longest = widest
+            longest, total = widest, total + it.cost
         taken = set(map(id, batch))
         self._queue = [it for it in self._queue if id(it) not in taken]
         self._report_depth()

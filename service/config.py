@@ -70,6 +70,7 @@ class ServerConfig:
     max_batch_seconds: float = 320.0  # padded audio seconds in one batch
     max_wait_ms: float = 0.0  # with one worker, batches fill while the previous one runs; waiting adds latency
     max_queue: int = 512  # waiting utterances before RESOURCE_EXHAUSTED
+    batch_min_fill: float = 0.75  # least share of a batch's padded samples that is real audio (length bucketing)
     max_queue_wait_ms: float = 2000.0  # refuse at once when the estimated queueing time is longer (0: no limit)
     inference_workers: int = 1
     # requests
@@ -132,6 +133,7 @@ class ServerConfig:
         need(self.max_batch_seconds > 0, "max_batch_seconds", "must be > 0")
         need(self.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
         need(self.max_queue >= 1, "max_queue", "must be >= 1")
+        need(0 <= self.batch_min_fill <= 1, "batch_min_fill", "must be in 0..1")
         need(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", "must be >= 0 (0: no limit)")
         need(self.inference_workers >= 1, "inference_workers", "must be >= 1")
         need(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")

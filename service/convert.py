@@ -81,4 +81,5 @@ def merge_timings(parts: list[pb.Timings], total_s: float) -> pb.Timings:
     """Timings of a request made of parallel parts: the longest of each, and the request's total."""
     return pb.Timings(decode_ms=max((t.decode_ms for t in parts), default=0.0),
                       queue_ms=max((t.queue_ms for t in parts), default=0.0),
-                      inference_ms=max((t.inference_ms for t in parts), default=0.0), total_ms=ms(total_s))
+                      inference_ms=max((t.inference_ms for t in parts), default=0.0), total_ms=ms(total_s),
+                      execution_provider=next((t.execution_provider for t in parts if t.execution_provider), ""))

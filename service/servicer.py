@@ -101,7 +101,7 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         t0 = time.perf_counter()
         res = await self.engine.embed(model, speech.wave, _deadline(context))
         return res.embedding, pb.Timings(decode_ms=ms(speech.decode_s), queue_ms=ms(res.queue_s),
-                                         inference_ms=ms(res.inference_s),
+                                         inference_ms=ms(res.inference_s), execution_provider=model.provider,
                                          total_ms=ms(speech.decode_s + time.perf_counter() - t0))
 
     def _embeddable(self, model, speech: Speech, field: str) -> str:

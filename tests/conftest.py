@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -67,8 +68,16 @@ def export_tiny(repo: Path, name: str, family: str = "wavlm", with_lengths: bool
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory) -> Path:
-    """A model repository with the committed ge2e entry and two tiny random SSL models."""
+    """A model repository with the committed ge2e entry and two tiny random SSL models.
+
+    ``SPKSERVE_TEST_MODEL_REPO`` names one built before (``scripts/test_pythons.sh``), so the
+    service tests also run where torch is not installed.
+    """
     repo = tmp_path_factory.mktemp("repo")
+    prebuilt = os.environ.get("SPKSERVE_TEST_MODEL_REPO")
+    if prebuilt:
+        shutil.copytree(prebuilt, repo, dirs_exist_ok=True)
+        return repo
     shutil.copytree(REPOSITORY / "ge2e", repo / "ge2e")
     export_tiny(repo, "tiny-wavlm")
     export_tiny(repo, "tiny-nolen", with_lengths=False)

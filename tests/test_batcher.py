@@ -201,3 +201,28 @@ def test_abandoned_utterances_leave_the_queue_at_once_and_are_counted_by_reason(
     run(main())
     assert sorted(dropped) == ["cancelled", "cancelled", "deadline"]
     assert [x[0] for x in model.batches] == [1, 4, 4, 4]  # abandoned ones never ran
+
+
+def test_mixed_lengths_are_batched_with_similar_lengths():
+    model = FakeModel()
+
+    async def main(min_fill):
+        model.batches.clear()
+        model.gate.clear()
+        b = DynamicBatcher(model, max_batch_size=8, max_wait_s=0.0, max_batch_samples=10**9, min_fill=min_fill)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit(np.zeros(10, np.float32)))
+        await asyncio.sleep(0.05)
+        lengths = [1000, 10000, 1100, 9000, 1050, 9500, 1200, 8800]
+        futs = [asyncio.ensure_future(b.submit(np.full(n, float(n), np.float32))) for n in lengths]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        res = await asyncio.gather(blocker, *futs)
+        await b.close()
+        assert all(r.embedding[0] == n for r, n in zip(res[1:], lengths))  # each caller its own row
+        return model.batches[1:]
+
+    bucketed = run(main(0.75))
+    assert sorted(map(sorted, bucketed)) == [[1000, 1050, 1100, 1200], [8800, 9000, 9500, 10000]]
+    unbucketed = run(main(0.0))  # one batch of everything, padded to 10000
+    assert len(unbucketed) == 1 and sorted(unbucketed[0]) == sorted([1000, 10000, 1100, 9000, 1050, 9500, 1200, 8800])

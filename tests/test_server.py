@@ -46,6 +46,7 @@ def test_embed_returns_unit_embedding_and_timings(stub, speech_files):
     assert r.speech_seconds == pytest.approx(sum(g.end_seconds - g.start_seconds for g in r.speech.segments))
     assert all(0 <= g.start_seconds < g.end_seconds <= r.speech.audio_seconds for g in r.speech.segments)
     assert r.timings.inference_ms > 0 and r.timings.total_ms >= r.timings.inference_ms
+    assert r.timings.execution_provider == "CPUExecutionProvider"  # what really ran it, per response
 
 
 def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files):

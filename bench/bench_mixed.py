@@ -1,0 +1,126 @@
+"""Mixed-length traffic: the service vs raw ONNX Runtime in audio seconds per second, length
+bucketing on vs off, next to an equal-length workload.
+
+    .venv/bin/python bench/bench_mixed.py [--model ge2e] [--utterances 96] [--repeats 3]
+
+One run, the same model and audio throughout (speech tiled to length):
+- workloads: *mixed* (lengths uniform in 1-10 s, seeded) and *equal* (every utterance the
+  mixed workload's mean length);
+- raw: ``SpeakerModel.embed`` in this process, batches of 1..32 formed after sorting the
+  workload by length (the best a batcher could do; the best batch size is the baseline), and
+  in arrival order (what batching without regard to length does);
+- the server (``spkserve serve``, VAD off so that both sides do the same work; fsync off) at
+  concurrency 32 with length bucketing (``batch_min_fill`` 0.75, the default) and without
+  (``batch_min_fill`` 0), and with VAD on (the default) for reference.
+Figures are audio seconds embedded per second (median of ``--repeats``). Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_embed import Server, utterance  # noqa: E402
+
+
+def raw(model, waves: list[np.ndarray], sort: bool, repeats: int) -> dict[int, float]:
+    audio = sum(len(w) for w in waves) / 16000
+    order = sorted(waves, key=len) if sort else waves
+    out = {}
+    for bs in (1, 4, 8, 16, 32):
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(0, len(order), bs):
+                model.embed(order[i:i + bs])
+            rates.append(audio / (time.perf_counter() - t0))
+        out[bs] = statistics.median(rates)
+    return out
+
+
+async def served(target: str, model: str, files: list[bytes], seconds: list[float], concurrency: int) -> float:
+    import grpc
+
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.SpeakerServiceStub(ch)
+        reqs = [pb.EmbedRequest(model=model, audio=pb.Audio(encoded=f)) for f in files]
+        await stub.Embed(reqs[0])
+        queue = list(range(len(reqs)))
+
+        async def worker():
+            while queue:
+                await stub.Embed(reqs[queue.pop()])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return sum(seconds) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ge2e")
+    ap.add_argument("--utterances", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from models.runtime import SpeakerModel
+
+    repo = ROOT / "models" / "repository"
+    rng = np.random.default_rng(0)
+    mixed = [float(x) for x in rng.uniform(1.0, 10.0, args.utterances)]
+    workloads = {"mixed 1-10 s": mixed, f"equal {np.mean(mixed):.1f} s": [float(np.mean(mixed))] * args.utterances}
+    model = SpeakerModel(repo / args.model, ["CPUExecutionProvider"], intra_op_threads=args.threads)
+    model.warmup()
+    rows = []
+    for name, lengths in workloads.items():
+        waves = [utterance(s) for s in lengths]
+        files = []
+        for w in waves:
+            buf = io.BytesIO()
+            sf.write(buf, w, 16000, format="WAV")
+            files.append(buf.getvalue())
+        by_len = raw(model, waves, True, args.repeats)
+        arrival = raw(model, waves, False, args.repeats)
+        best_bs = max(by_len, key=by_len.get)
+        best = by_len[best_bs]
+        rows.append((name, f"raw ORT, batches of {best_bs} sorted by length (best)", best))
+        rows.append((name, f"raw ORT, batches of {best_bs} in arrival order", arrival[best_bs]))
+        for label, opts in (("service, VAD off, bucketing on", {"vad": "false"}),
+                            ("service, VAD off, bucketing off", {"vad": "false", "batch_min_fill": 0}),
+                            ("service, VAD on, bucketing on", {})):
+            srv = Server(repo, args.threads, models=args.model, **opts)
+            try:
+                rates = [asyncio.run(served(srv.target, args.model, files, lengths, 32)) for _ in range(args.repeats)]
+            finally:
+                srv.close()
+            rows.append((name, f"{label}, concurrency 32", statistics.median(rates)))
+            print(f"  {name}: {label}: {statistics.median(rates):.1f} audio s/s", flush=True)
+    print(f"\nmodel {args.model}, {args.utterances} utterances per workload, {args.threads} ORT threads, "
+          f"median of {args.repeats}\n")
+    print("| workload | setup | audio s per s | vs raw best |")
+    print("|---|---|---:|---:|")
+    for name in workloads:
+        best = next(r[2] for r in rows if r[0] == name)
+        for wl, setup, rate in rows:
+            if wl == name:
+                print(f"| {wl} | {setup} | {rate:.1f} | {rate / best:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
