@@ -100,10 +100,11 @@ def main() -> int:
         best = by_len[best_bs]
         rows.append((name, f"raw ORT, batches of {best_bs} sorted by length (best)", best))
         rows.append((name, f"raw ORT, batches of {best_bs} in arrival order", arrival[best_bs]))
+        print(f"  {name}: raw sorted {by_len}, arrival {arrival}", flush=True)
         for label, opts in (("service, VAD off, bucketing on", {"vad": "false"}),
                             ("service, VAD off, bucketing off", {"vad": "false", "batch_min_fill": 0}),
                             ("service, VAD on, bucketing on", {})):
-            srv = Server(repo, args.threads, models=args.model, **opts)
+            srv = Server(repo, args.threads, models=args.model, max_queue_wait_ms=0, **opts)  # closed loop: no refusals
             try:
                 rates = [asyncio.run(served(srv.target, args.model, files, lengths, 32)) for _ in range(args.repeats)]
             finally:

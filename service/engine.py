@@ -274,12 +274,12 @@ class Engine:
         batcher.admit(deadline, pending=self._preparing_by_model.get(model.name, 0), extra_s=backlog)
         self._preparing += 1
         self._preparing_by_model[model.name] = self._preparing_by_model.get(model.name, 0) + 1
-        t0 = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._prepare_sync, model, audio)
+            speech = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._prepare_sync, model, audio)
+            # the work itself (decode + VAD), not the wait for a decode thread: the backlog adds that
+            self._prepare_s = speech.decode_s if self._prepare_s is None else 0.8 * self._prepare_s + 0.2 * speech.decode_s
+            return speech
         finally:
-            took = time.perf_counter() - t0
-            self._prepare_s = took if self._prepare_s is None else 0.8 * self._prepare_s + 0.2 * took
             self._preparing -= 1
             self._preparing_by_model[model.name] -= 1
 
