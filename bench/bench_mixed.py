@@ -10,7 +10,7 @@ One run, the same model and audio throughout (speech tiled to length):
   workload by length (the best a batcher could do; the best batch size is the baseline), and
   in arrival order (what batching without regard to length does);
 - the server (``spkserve serve``, VAD off so that both sides do the same work; fsync off) at
-  concurrency 32 with length bucketing (``batch_min_fill`` 0.75, the default) and without
+  concurrency 32 with length bucketing (``batch_min_fill`` 0.9, the default) and without
   (``batch_min_fill`` 0), and with VAD on (the default) for reference.
 Figures are audio seconds embedded per second (median of ``--repeats``). Prints Markdown.
 """
@@ -77,6 +77,8 @@ def main() -> int:
     ap.add_argument("--utterances", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-fill", type=float, default=None, help="batch_min_fill of the bucketing runs (default: the server's)")
+    ap.add_argument("--only", choices=["mixed", "equal"], help="run one workload")
     args = ap.parse_args()
     from models.runtime import SpeakerModel
 
@@ -87,6 +89,9 @@ def main() -> int:
     model = SpeakerModel(repo / args.model, ["CPUExecutionProvider"], intra_op_threads=args.threads)
     model.warmup()
     rows = []
+    if args.only:
+        workloads = {k: v for k, v in workloads.items() if k.startswith(args.only)}
+    fill = {} if args.min_fill is None else {"batch_min_fill": args.min_fill}
     for name, lengths in workloads.items():
         waves = [utterance(s) for s in lengths]
         files = []
@@ -101,9 +106,9 @@ def main() -> int:
         rows.append((name, f"raw ORT, batches of {best_bs} sorted by length (best)", best))
         rows.append((name, f"raw ORT, batches of {best_bs} in arrival order", arrival[best_bs]))
         print(f"  {name}: raw sorted {by_len}, arrival {arrival}", flush=True)
-        for label, opts in (("service, VAD off, bucketing on", {"vad": "false"}),
+        for label, opts in (("service, VAD off, bucketing on", {"vad": "false", **fill}),
                             ("service, VAD off, bucketing off", {"vad": "false", "batch_min_fill": 0}),
-                            ("service, VAD on, bucketing on", {})):
+                            ("service, VAD on, bucketing on", fill)):
             srv = Server(repo, args.threads, models=args.model, max_queue_wait_ms=0, **opts)  # closed loop: no refusals
             try:
                 rates = [asyncio.run(served(srv.target, args.model, files, lengths, 32)) for _ in range(args.repeats)]

@@ -97,7 +97,7 @@ class DynamicBatcher:
         max_wait_s: float = 0.005,
         max_queue: int = 512,
         max_queue_wait_s: float | None = 2.0,
-        min_fill: float = 0.75,
+        min_fill: float = 0.9,
         same_length_only: bool = False,
         workers: int = 1,
         stats: BatchStats | None = None,

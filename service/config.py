@@ -70,7 +70,7 @@ class ServerConfig:
     max_batch_seconds: float = 320.0  # padded audio seconds in one batch
     max_wait_ms: float = 0.0  # with one worker, batches fill while the previous one runs; waiting adds latency
     max_queue: int = 512  # waiting utterances before RESOURCE_EXHAUSTED
-    batch_min_fill: float = 0.75  # least share of a batch's padded samples that is real audio (length bucketing)
+    batch_min_fill: float = 0.9  # least share of a batch's padded samples that is real audio (length bucketing)
     max_queue_wait_ms: float = 2000.0  # refuse at once when the estimated queueing time is longer (0: no limit)
     inference_workers: int = 1
     # requests

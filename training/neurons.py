@@ -1,4 +1,4 @@
-"""Speaker neurons of an SSL Transformer's FFN layers (method: ../shared/docs/method.md).
+"""Speaker neurons of an SSL Transformer's FFN layers (k-means of SSL features and of i-vectors, activation statistics).
 
 Steps 1-4 of the method:
 1. ``ssl_clusters``: k-means (FAISS) of frame-level hidden states from one layer -> a label per frame;
