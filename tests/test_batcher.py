@@ -159,10 +159,17 @@ def test_admission_by_estimated_wait_refuses_at_once_with_a_retry_hint():
         with pytest.raises(Overloaded, match="deadline") as e:
             await b.submit(np.zeros(1000, np.float32), deadline=time.monotonic() + 0.1)
         assert time.monotonic() - t0 < 0.05 and e.value.retry_after_s > 0.2  # refused now, told when to retry
-        more = [asyncio.ensure_future(b.submit(np.zeros(1000, np.float32))) for _ in range(12)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded, match="max_queue_wait"):
-            await b.submit(np.zeros(1000, np.float32))
+        more, refused = [], None
+        for _ in range(200):  # fill the queue until the estimate passes max_queue_wait_s
+            estimate = b.estimated_wait(1000)
+            task = asyncio.ensure_future(b.submit(np.zeros(1000, np.float32)))
+            await asyncio.sleep(0)
+            if task.done():
+                refused = task.exception()
+                break
+            more.append(task)
+        assert isinstance(refused, Overloaded) and "max_queue_wait" in str(refused)
+        assert estimate > 1.0 and len(more) > 5  # admitted while the estimate allowed it, refused once it did not
         model.gate.set()
         await asyncio.gather(*queued, *more)
         await b.close()
