@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,12 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench_embed import free_port  # noqa: E402
 
 
 def start(code_root: Path, port: int, data: str, extra: dict) -> subprocess.Popen:
@@ -164,7 +160,7 @@ def main() -> int:
         print(name, flush=True)
         table[name] = asyncio.run(measure(root, extra, args, audio))
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    print(f"\n| setup | capacity req/s | offered req/s | goodput req/s | p50 s | p99 s | refused | deadline expired |")
+    print("\n| setup | capacity req/s | offered req/s | goodput req/s | p50 s | p99 s | refused | deadline expired |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, rows in table.items():
         print(f"| {name} | {med(rows, 'capacity'):.1f} | {args.load * med(rows, 'capacity'):.1f} | "

@@ -70,29 +70,24 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         behavior = {(False, False): handler.unary_unary, (True, False): handler.stream_unary,
                     (False, True): handler.unary_stream, (True, True): handler.stream_stream}[(streaming_in, streaming_out)]
 
-        async def guarded(request_or_iterator, context):
+        async def checked(request_or_iterator, context):
+            """The request (stream) once authentication and parsing passed; else the call is aborted."""
             if denied is not None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authorization: {denied}")
             if streaming_in:
-                request_or_iterator = _checked_stream(request_or_iterator)
-            elif isinstance(request_or_iterator, _Malformed):
+                return _checked_stream(request_or_iterator)
+            if isinstance(request_or_iterator, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request_or_iterator.message)
-            return await behavior(request_or_iterator, context)
+            return request_or_iterator
 
-        if streaming_out:  # no such method in spkserve; reflection's is an async generator
-            async def guarded_stream(request_or_iterator, context):
-                if denied is not None:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authorization: {denied}")
-                if streaming_in:
-                    request_or_iterator = _checked_stream(request_or_iterator)
-                elif isinstance(request_or_iterator, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request_or_iterator.message)
-                async for item in behavior(request_or_iterator, context):
-                    yield item
+        async def guarded(request_or_iterator, context):
+            return await behavior(await checked(request_or_iterator, context), context)
 
-            fn = guarded_stream
-        else:
-            fn = guarded
+        async def guarded_stream(request_or_iterator, context):  # reflection's method is an async generator
+            async for item in behavior(await checked(request_or_iterator, context), context):
+                yield item
+
+        fn = guarded_stream if streaming_out else guarded
         make = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(streaming_in, streaming_out)]
