@@ -165,14 +165,18 @@ class GE2E(nn.Module):
         power = spec[..., :k] ** 2 + spec[..., k:] ** 2  # (B, F, K)
         mel = power @ self.mel_fb  # (B, F, M)
 
-        # 4. partial windows -> LSTM -> masked mean
+        # 4. partial windows -> LSTM -> mean per utterance. Only valid partials go through the
+        #    LSTM (all are partial_frames long): utterances of different lengths share a batch
+        #    without computing padded windows, so mixed-length batches waste almost nothing.
         p_idx = torch.arange(p_max, device=wav.device)  # (P,)
         w_idx = p_idx.unsqueeze(1) * c.partial_step + torch.arange(c.partial_frames, device=wav.device)  # (P, W)
-        partials = mel[:, w_idx]  # (B, P, W, M)
-        partial_emb = self.partial_embeddings(partials.reshape(-1, c.partial_frames, c.n_mels))  # (B*P, D)
-        partial_emb = partial_emb.reshape(B, -1, c.embedding_dim)  # (B, P, D)
-        keep = (p_idx.unsqueeze(0) < counts.unsqueeze(1)).to(partial_emb.dtype)  # (B, P)
-        mean = (partial_emb * keep.unsqueeze(2)).sum(dim=1) / counts.unsqueeze(1).to(partial_emb.dtype)  # (B, D)
+        partials = mel[:, w_idx].reshape(-1, c.partial_frames, c.n_mels)  # (B*P, W, M)
+        keep = (p_idx.unsqueeze(0) < counts.unsqueeze(1)).reshape(-1)  # (B*P,)
+        chosen = torch.nonzero(keep).squeeze(1)  # (N,) valid partials
+        partial_emb = self.partial_embeddings(partials[chosen])  # (N, D)
+        owner = torch.div(chosen, p_max, rounding_mode="floor")  # (N,) utterance of each partial
+        assign = (owner.unsqueeze(0) == torch.arange(B, device=wav.device).unsqueeze(1)).to(partial_emb.dtype)  # (B, N)
+        mean = (assign @ partial_emb) / counts.unsqueeze(1).to(partial_emb.dtype)  # (B, D)
         return mean / torch.clamp(mean.norm(dim=1, keepdim=True), min=1e-12)
 
     @classmethod
