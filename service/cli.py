@@ -7,6 +7,8 @@
     spkserve identify --target HOST:PORT [--collection C] [--top-k K] FILE
     spkserve delete   --target HOST:PORT [--collection C] --speaker ID
     spkserve models   --target HOST:PORT
+    spkserve load-model   --target HOST:PORT NAME   (load or reload a repository entry; admin)
+    spkserve unload-model --target HOST:PORT NAME
     spkserve repair-log --data-dir DIR [--dry-run]
 
 Client commands print JSON (one object per line for ``embed``); a failed call exits with
@@ -160,6 +162,13 @@ def _client(args: argparse.Namespace) -> int:
                                                                opt_out=args.opt_out), **kw)
                 _emit({"deleted": r.speaker.speaker_id if r.HasField("speaker") else None,
                        "collection": args.collection or "default", "opted_out": args.opt_out})
+            elif args.command == "load-model":
+                r = stub.LoadModel(pb.LoadModelRequest(model=args.name), **kw)
+                _emit({"model": r.model.name, "version": r.model.version, "replaced": r.replaced,
+                       "previous_version": r.previous_version or None, "execution_provider": r.model.execution_provider})
+            elif args.command == "unload-model":
+                r = stub.UnloadModel(pb.UnloadModelRequest(model=args.name), **kw)
+                _emit({"unloaded": r.model, "version": r.version})
             elif args.command == "models":
                 r = stub.ListModels(pb.ListModelsRequest(), **kw)
                 _emit({"default_model": r.default_model, "models": [
@@ -220,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speaker", required=True)
     p.add_argument("--opt-out", action="store_true", help="also when not enrolled: refuse later enrollment of the id")
     client("models", "list the served models")
+    p = client("load-model", "load a model from the server's repository, or reload it (admin)")
+    p.add_argument("name", metavar="NAME")
+    p = client("unload-model", "stop serving a model (admin)")
+    p.add_argument("name", metavar="NAME")
     r = sub.add_parser("repair-log", help="repair a stopped server's damaged write-ahead log (keeps every intact record)")
     r.add_argument("--data-dir", required=True)
     r.add_argument("--dry-run", action="store_true", help="report what would be kept and lost, change nothing")

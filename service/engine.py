@@ -27,7 +27,7 @@ from models.runtime import SpeakerModel
 from models.vad import SileroVad, VadOptions, keep_speech
 from service.batcher import BatchResult, BatchStats, DynamicBatcher
 from service.config import ConfigError, ServerConfig
-from service.errors import InvalidArgument, NotFound, Unavailable
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.store import IndexOptions, LocalStore, SpeakerStore, StoreUnavailable, load_key_file
 from service.metrics import Metrics
 
@@ -108,6 +108,7 @@ class Engine:
         self._preparing = 0  # inputs on or waiting for the decode pool (admission)
         self._preparing_by_model: dict[str, int] = {}
         self._prepare_s: float | None = None  # moving average of one input's decode + VAD time
+        self._admin_lock = asyncio.Lock()  # one model load/unload at a time
 
     # -- lifecycle --------------------------------------------------------------------
     async def load(self) -> None:
@@ -134,24 +135,80 @@ class Engine:
         if cfg.vad or any(t.get("vad") for t in cfg.model_settings.values()):
             self.vad = await loop.run_in_executor(None, SileroVad)
         for d in dirs:
-            model = await loop.run_in_executor(None, lambda d=d: SpeakerModel(
-                d, cfg.providers, cfg.model_variant, cfg.intra_op_threads, cfg.inter_op_threads, cfg.ort_spinning))
-            if cfg.warmup:
-                took = await loop.run_in_executor(None, model.warmup)
-                log.info("warmed up %s in %.3f s", model.name, took)
-            self.policies[model.name] = self._policy(model)
-            self.models[model.name] = model
-            if model.card.commercial_use is not True:
-                log.warning("model %s: licence %r %s", model.name, model.card.license or "not declared",
-                            "does not permit commercial use" if model.card.commercial_use is False
-                            else "(commercial use not declared in model.json)")
-            self.batchers[model.name] = self._make_batcher(model)
-            self.metrics.model_info.labels(model.name, model.card.version, model.provider, str(model.dim),
-                                           model.variant).set(1)
+            self._install(*await self._open_model(d))
         if self.default_model not in self.models:
             raise ArtifactError(f"option 'default_model': {self.default_model!r} is not loaded (loaded: {sorted(self.models)})")
         await loop.run_in_executor(self._store_pool, self.store.set_stats_fn, self._voiceprint_stats)
         await self.report_collection("")
+
+    async def _open_model(self, model_dir) -> tuple[SpeakerModel, "ModelPolicy"]:
+        """Load, warm up and check one repository entry (off the event loop); nothing is served yet."""
+        cfg, loop = self.config, asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, lambda: SpeakerModel(
+            model_dir, cfg.providers, cfg.model_variant, cfg.intra_op_threads, cfg.inter_op_threads, cfg.ort_spinning))
+        if cfg.warmup:
+            took = await loop.run_in_executor(None, model.warmup)
+            log.info("warmed up %s v%s in %.3f s", model.name, model.card.version, took)
+        policy = self._policy(model)
+        if policy.vad is not None and self.vad is None:
+            self.vad = await loop.run_in_executor(None, SileroVad)
+        return model, policy
+
+    def _install(self, model: SpeakerModel, policy: "ModelPolicy") -> None:
+        """Start serving ``model`` (replacing one of the same name: new requests go to the new one)."""
+        old = self.models.get(model.name)
+        self.policies[model.name] = policy
+        self.models[model.name] = model
+        self.batchers[model.name] = self._make_batcher(model)
+        if old is not None:
+            self._retire_labels(old)
+        self.metrics.model_info.labels(model.name, model.card.version, model.provider, str(model.dim),
+                                       model.variant).set(1)
+        if model.card.commercial_use is not True:
+            log.warning("model %s: licence %r %s", model.name, model.card.license or "not declared",
+                        "does not permit commercial use" if model.card.commercial_use is False
+                        else "(commercial use not declared in model.json)")
+
+    def _retire_labels(self, model: SpeakerModel) -> None:
+        try:
+            self.metrics.model_info.remove(model.name, model.card.version, model.provider, str(model.dim), model.variant)
+        except KeyError:
+            pass
+
+    async def load_model(self, name: str) -> tuple[SpeakerModel, str | None]:
+        """Load (or reload) repository entry ``name`` while serving; returns (model, replaced version or None).
+
+        The old model keeps answering until the new one is loaded and warmed up; then new
+        requests go to the new one and the old batcher finishes what it has queued.
+        """
+        async with self._admin_lock:
+            dirs = {d.name: d for d in await asyncio.get_running_loop().run_in_executor(
+                None, scan_repository, self.config.model_repository)}
+            if name not in dirs:
+                raise NotFound(f"model: {name!r} is not in the model repository (has {sorted(dirs)})")
+            old, old_batcher = self.models.get(name), self.batchers.get(name)
+            model, policy = await self._open_model(dirs[name])
+            self._install(model, policy)
+            if old_batcher is not None:
+                await old_batcher.close()
+            log.info("model %s v%s %s", name, model.card.version,
+                     f"replaced v{old.card.version}" if old is not None else "loaded")
+            return model, None if old is None else old.card.version
+
+    async def unload_model(self, name: str) -> SpeakerModel:
+        """Stop serving ``name`` (not the default model); its queued work finishes first."""
+        async with self._admin_lock:
+            model = self.model(name)
+            if model.name == self.default_model:
+                raise FailedPrecondition(f"model: {name!r} is the default model (option 'default_model'); "
+                                         "it cannot be unloaded")
+            del self.models[model.name]
+            self.policies.pop(model.name, None)
+            batcher = self.batchers.pop(model.name)
+            await batcher.close()
+            self._retire_labels(model)
+            log.info("model %s v%s unloaded", model.name, model.card.version)
+            return model
 
     def _key_files(self) -> list:
         """The configured key files, tenant patterns first (the first match wraps a collection's keys)."""
@@ -269,7 +326,9 @@ class Engine:
         model) cannot be done before ``deadline`` or within ``max_queue_wait_ms``, the call is
         refused before it costs any decoding (Overloaded, with the estimated wait).
         """
-        batcher = self.batchers[model.name]
+        batcher = self.batchers.get(model.name)
+        if batcher is None or self.models.get(model.name) is not model:
+            raise Unavailable(f"model {model.name} was unloaded or replaced; retry")
         backlog = self._preparing / self.config.decode_workers * (self._prepare_s or 0.0)
         batcher.admit(deadline, pending=self._preparing_by_model.get(model.name, 0), extra_s=backlog)
         self._preparing += 1
@@ -285,6 +344,9 @@ class Engine:
 
     async def embed(self, model: SpeakerModel, wave: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Embed one model-ready waveform through the model's batcher."""
+        if self.models.get(model.name) is not model:
+            raise Unavailable(f"model {model.name} v{model.card.version} was unloaded or replaced while this "
+                              "request was being prepared; retry")
         result = await self.batchers[model.name].submit(wave, deadline)
         self.metrics.audio_seconds.labels(model.name).inc(len(wave) / model.sample_rate)
         return result

@@ -45,6 +45,8 @@ class SpeakerServer:
         self.metrics = Metrics()
         self.engine = Engine(config, self.metrics)
         self.servicer = SpeakerServicer(self.engine)
+        self.servicer.on_models_changed = self._model_health
+        self._model_health_names: set[str] = set()
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -123,9 +125,19 @@ class SpeakerServer:
                  "TLS" if cfg.tls_cert else "plaintext",
                  f"{cfg.metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off",
                  ", ".join(sorted(self.engine.models)), self.engine.default_model)
+        await self._model_health()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_store()), loop.create_task(self.engine.retention_loop())]
         self._ready.set()
+
+    async def _model_health(self) -> None:
+        """Health entries ``spkserve.model.<name>``: SERVING for loaded models, NOT_SERVING once unloaded."""
+        loaded = {f"spkserve.model.{name}" for name in self.engine.models}
+        for name in loaded:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for name in self._model_health_names - loaded:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._model_health_names |= loaded
 
     async def _watch_store(self) -> None:
         """Keep the store's health entry and gauge in step with whether it accepts writes."""

@@ -9,11 +9,9 @@ or touches the disk on the event loop. Scoring and verdict rules live in
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import logging
 import time
-from typing import Any
 
 import grpc
 import numpy as np
@@ -27,7 +25,9 @@ from service.convert import (SCALE_PB, VERDICT_PB, audio_input, merge_timings, m
 from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
                                speaker_shortfall, speech_shortfall)
 from service.engine import AudioInput, Engine, Speech
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, status_of
+from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.rpc import rpc as _rpc
+from service.servicer_models import ModelRpcs
 from service.store import quoted, validate_collection, validate_speaker_id
 
 __all__ = ["SpeakerServicer"]
@@ -39,49 +39,21 @@ _MAX_COMPARE_SCORES = 1_000_000
 _PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,8}")  # what ListSpeakers issues: a positive offset
 
 
-def _rpc(method):
-    """Decorator: status mapping, latency and request counting for one RPC."""
-    name = method.__name__
-
-    @functools.wraps(method)
-    async def wrapper(self: "SpeakerServicer", request: Any, context: grpc.aio.ServicerContext):
-        t0 = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            if not self.ready:
-                raise Unavailable("server is starting or shutting down")
-            return await method(self, request, context)
-        except asyncio.CancelledError:  # the client went away
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
-            code, message = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
-            retry = getattr(exc, "retry_after_s", None)
-            if retry:  # gRPC clients with a retry policy honour the server's pushback
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry * 1000))),))
-            await context.abort(code, message)
-        finally:
-            m = self.engine.metrics
-            m.requests.labels(name, code.name).inc()
-            m.latency.labels(name).observe(time.perf_counter() - t0)
-
-    return wrapper
-
-
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
-class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
+class SpeakerServicer(ModelRpcs, pb_grpc.SpeakerServiceServicer):
     """Implements spkserve.v1.SpeakerService on an Engine."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.ready = False
         self.auth = None  # service.auth.Authorizer when tokens are configured
+
+    async def on_models_changed(self) -> None:
+        """Called after a model was loaded or unloaded (the server updates per-model health)."""
 
     def _allow(self, context, permission: str, collection: str | None = None) -> None:
         """PERMISSION_DENIED unless the call's token grants ``permission`` (on ``collection``)."""
@@ -475,23 +447,3 @@ class SpeakerServicer(pb_grpc.SpeakerServiceServicer):
         return pb.ListCollectionsResponse(collections=[
             pb.Collection(name=i.name, model=i.model, embedding_dim=i.dim, speaker_count=i.speaker_count,
                           index_type=i.index_type) for i in infos])
-
-    def _model_info(self, model) -> pb.ModelInfo:
-        c, policy, scorer = model.card, self.engine.policies[model.name], model.scorer
-        return pb.ModelInfo(
-            name=c.name, version=c.version, embedding_dim=c.embedding_dim, sample_rate=c.sample_rate,
-            execution_provider=model.provider, threshold=c.threshold, min_audio_seconds=c.min_audio_seconds,
-            max_audio_seconds=self.engine.config.max_audio_seconds, description=c.description, license=c.license,
-            source=c.source, parameters=c.parameters, opset=c.opset, is_default=c.name == self.engine.default_model,
-            cohort_size=0 if scorer.cohort is None else len(scorer.cohort), calibrated=scorer.calibration is not None,
-            decision_scale=SCALE_PB[policy.scale], decision_threshold=policy.threshold, vad=policy.vad is not None,
-            min_probe_speech_seconds=policy.min_probe_speech, min_enroll_speech_seconds=policy.min_enroll_speech)
-
-    @_rpc
-    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._model_info(m) for _, m in sorted(self.engine.models.items())],
-                                     default_model=self.engine.default_model)
-
-    @_rpc
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        return self._model_info(self.engine.model(request.name, "name"))

@@ -267,3 +267,48 @@ def test_non_commercial_models_load_only_when_named(model_repo, tmp_path, caplog
         assert "does not permit commercial use" in caplog.text
     finally:
         srv.stop()
+
+
+def test_models_load_reload_and_unload_while_serving(model_repo, tmp_path):
+    import json
+    import shutil
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e"]))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            audio = pb.Audio(encoded=(ROOT / "models/reference/audio/flite-slt-1.wav").read_bytes())
+            with pytest.raises(grpc.RpcError) as e:
+                s.Embed(pb.EmbedRequest(model="tiny-wavlm", audio=audio))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            r = s.LoadModel(pb.LoadModelRequest(model="tiny-wavlm"))
+            assert r.model.name == "tiny-wavlm" and not r.replaced
+            assert len(s.Embed(pb.EmbedRequest(model="tiny-wavlm", audio=audio)).embedding) == 32
+            assert health.Check(health_pb2.HealthCheckRequest(service="spkserve.model.tiny-wavlm")).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            card = repo / "tiny-wavlm" / "model.json"
+            card.write_text(json.dumps(dict(json.loads(card.read_text()), version="test-2")))
+            r = s.LoadModel(pb.LoadModelRequest(model="tiny-wavlm"))  # reload: a new version
+            assert r.replaced and r.previous_version == "test" and r.model.version == "test-2"
+            assert s.GetModelInfo(pb.GetModelInfoRequest(name="tiny-wavlm")).version == "test-2"
+            assert s.UnloadModel(pb.UnloadModelRequest(model="tiny-wavlm")).version == "test-2"
+            with pytest.raises(grpc.RpcError) as e:
+                s.Embed(pb.EmbedRequest(model="tiny-wavlm", audio=audio))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert health.Check(health_pb2.HealthCheckRequest(service="spkserve.model.tiny-wavlm")).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            for req, code, words in ((pb.UnloadModelRequest(model="ge2e"), grpc.StatusCode.FAILED_PRECONDITION, "default"),
+                                     (pb.LoadModelRequest(model="nope"), grpc.StatusCode.NOT_FOUND, "repository"),
+                                     (pb.LoadModelRequest(model="../etc"), grpc.StatusCode.INVALID_ARGUMENT, "model")):
+                call = s.UnloadModel if isinstance(req, pb.UnloadModelRequest) else s.LoadModel
+                with pytest.raises(grpc.RpcError) as e:
+                    call(req)
+                assert e.value.code() == code and words in e.value.details()
+            assert len(s.Embed(pb.EmbedRequest(audio=audio)).embedding) == 256  # the default model kept serving
+    finally:
+        srv.stop()

@@ -221,3 +221,11 @@ def test_long_names_are_not_echoed_back(stub):
     code, details = code_of(lambda: stub.Identify(pb.IdentifyRequest(
         collection="scales", probe=pb.Probe(embedding=pb.Embedding(values=unit(1))), min_score=float("nan"))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_score" in details
+
+
+def test_model_admin_needs_admin_permission(channel):
+    stub = pb_grpc.SpeakerServiceStub(channel)
+    code, details = code_of(lambda: stub.UnloadModel(pb.UnloadModelRequest(model="ge2e"), metadata=as_("acme-rw")))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
+    code, _ = code_of(lambda: stub.UnloadModel(pb.UnloadModelRequest(model="ge2e"), metadata=as_("ops")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION  # admin passes the check; the default model stays
