@@ -29,6 +29,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.rpc import rpc as _rpc
 from service.servicer_models import ModelRpcs
 from service.store import quoted, validate_collection, validate_speaker_id
+from service.store.base import version_conflict
 
 __all__ = ["SpeakerServicer"]
 
@@ -118,9 +119,11 @@ class SpeakerServicer(ModelRpcs, pb_grpc.SpeakerServiceServicer):
             spk = validate_speaker_id(probe.speaker.speaker_id, f"{field}.speaker.speaker_id")
             self._allow(context, "read", coll)
             store = self.engine.store
-            bound = await self.engine.store_call(store.collection_model, coll)
+            bound, version = await self.engine.store_call(store.collection_binding, coll)
             if bound != model.name:
                 raise FailedPrecondition(f"{field}.speaker: collection {coll!r} holds voiceprints of model {bound!r}, not {model.name!r}")
+            if version and version != model.card.version:
+                raise FailedPrecondition(f"{field}.speaker: " + version_conflict(coll, bound, version, model.card.version))
             rec = await self.engine.store_call(store.get, coll, spk)
             short = "" if self.engine.config.allow_unready_speakers else \
                 speaker_shortfall(f"{field}.speaker", spk, rec.speech, policy.min_enroll_speech)
@@ -168,14 +171,17 @@ class SpeakerServicer(ModelRpcs, pb_grpc.SpeakerServiceServicer):
         (voiceprints of different models cannot be compared).
         """
         try:
-            bound = await self.engine.store_call(self.engine.store.collection_model, collection)
+            bound, version = await self.engine.store_call(self.engine.store.collection_binding, collection)
         except NotFound:
             return self.engine.model(requested, field)
         if requested and requested != bound:
             self.engine.model(requested, field)  # an unknown name is NOT_FOUND first
             raise FailedPrecondition(f"{field}: collection {collection!r} holds voiceprints of model {bound!r}; "
                                      f"they cannot be compared with {requested!r} embeddings (omit {field} to use {bound!r})")
-        return self.engine.model(bound, field)
+        model = self.engine.model(bound, field)
+        if version and version != model.card.version:  # the model was reloaded with another version
+            raise FailedPrecondition(version_conflict(collection, bound, version, model.card.version))
+        return model
 
     # -- RPCs -------------------------------------------------------------------------
     @_rpc
@@ -306,7 +312,8 @@ class SpeakerServicer(ModelRpcs, pb_grpc.SpeakerServiceServicer):
         total_speech = sum(sp.speech_seconds for sp in speeches) + sum(declared)
         store = self.engine.store
         rec, created = await self.engine.store_call(store.enroll, coll, model.name, spk, vectors,
-                                                    dict(request.metadata), total_speech, request.allow_reenroll)
+                                                    dict(request.metadata), total_speech, request.allow_reenroll,
+                                                    model.card.version)
         await self.engine.report_collection(coll)
         fields = [f"audio[{i}]" for i in range(len(speeches))] + [f"embeddings[{i}]" for i in range(len(given))]
         infos = [speech_pb(sp) for sp in speeches] + [pb.SpeechInfo(speech_seconds=s) for s in declared]
@@ -367,7 +374,8 @@ class SpeakerServicer(ModelRpcs, pb_grpc.SpeakerServiceServicer):
         keep = None if self.engine.config.allow_unready_speakers else (lambda r: is_ready(r.speech, required))
         # S-norm can reorder near neighbours: fetch more than k by cosine, re-rank on the decision scale
         fetch = k if model.scorer.cohort is None else max(4 * k, k + 16)
-        hits = await self.engine.store_call(store.search, coll, model.name, probe.vector, fetch, keep)
+        hits = await self.engine.store_call(store.search, coll, model.name, probe.vector, fetch, keep,
+                                            model.card.version)
         ranked = []
         for rec, cosine in hits:
             side = Side("candidate", rec.voiceprint, rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint))
@@ -446,4 +454,4 @@ class SpeakerServicer(ModelRpcs, pb_grpc.SpeakerServiceServicer):
             infos = [i for i in infos if token.covers(i.name)]
         return pb.ListCollectionsResponse(collections=[
             pb.Collection(name=i.name, model=i.model, embedding_dim=i.dim, speaker_count=i.speaker_count,
-                          index_type=i.index_type) for i in infos])
+                          index_type=i.index_type, model_version=i.model_version) for i in infos])

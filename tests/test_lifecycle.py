@@ -312,3 +312,42 @@ def test_models_load_reload_and_unload_while_serving(model_repo, tmp_path):
             assert len(s.Embed(pb.EmbedRequest(audio=audio)).embedding) == 256  # the default model kept serving
     finally:
         srv.stop()
+
+
+def test_a_collection_is_bound_to_its_model_version(model_repo, tmp_path):
+    import json
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"]))
+    vec = list(np.random.default_rng(0).normal(size=32))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            s.Enroll(pb.EnrollRequest(model="tiny-wavlm", collection="v", speaker_id="a",
+                                      embeddings=[pb.Embedding(values=vec, speech_seconds=5)]))
+            info = {c.name: c for c in s.ListCollections(pb.ListCollectionsRequest()).collections}["v"]
+            assert info.model == "tiny-wavlm" and info.model_version == "test"
+            card = repo / "tiny-wavlm" / "model.json"
+            card.write_text(json.dumps(dict(json.loads(card.read_text()), version="test-2")))
+            s.LoadModel(pb.LoadModelRequest(model="tiny-wavlm"))  # same name, another version
+            probe = pb.Probe(embedding=pb.Embedding(values=vec))
+            for call in (lambda: s.Identify(pb.IdentifyRequest(collection="v", probe=probe)),
+                         lambda: s.Verify(pb.VerifyRequest(model="tiny-wavlm", a=probe, b=pb.Probe(
+                             speaker=pb.SpeakerRef(collection="v", speaker_id="a")))),
+                         lambda: s.Enroll(pb.EnrollRequest(collection="v", speaker_id="b", embeddings=[
+                             pb.Embedding(values=vec, speech_seconds=5)]))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "version 'test'" in e.value.details() and "'test-2'" in e.value.details()
+    finally:
+        srv.stop()
+    srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"]))  # the binding persists
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            assert {c.name: c for c in s.ListCollections(pb.ListCollectionsRequest()).collections}["v"].model_version == "test"
+    finally:
+        srv.stop()

@@ -141,3 +141,22 @@ def test_records_written_before_speech_was_measured_stay_usable(tmp_path):
     assert s.get("c", "old").speech is None  # unknown, not zero: the service treats it as ready
     rec, _ = s.enroll("c", "m", "old", units(1, seed=3), speech=1.0)
     assert rec.speech is None and rec.count == 2
+
+
+def test_model_version_binding_is_adopted_checked_and_kept(tmp_path):
+    from service.errors import FailedPrecondition
+
+    s = SpeakerStore(tmp_path, snapshot_every=2)
+    s.enroll("c", "m", "a", units(1))  # written before versions were kept
+    assert s.collection_binding("c") == ("m", "")
+    s.enroll("c", "m", "b", units(1, seed=1), model_version="1.0")  # adopts the first version seen
+    assert s.collection_binding("c") == ("m", "1.0")
+    with pytest.raises(FailedPrecondition, match="version '1.0'.*'2.0'"):
+        s.enroll("c", "m", "c", units(1, seed=2), model_version="2.0")
+    with pytest.raises(FailedPrecondition, match="version"):
+        s.search("c", "m", units(1)[0], 1, model_version="2.0")
+    assert len(s.search("c", "m", units(1)[0], 2, model_version="1.0")) == 2
+    s.abandon()
+    r = SpeakerStore(tmp_path)  # snapshot + log replay keep it
+    assert r.collection_binding("c") == ("m", "1.0")
+    r.close()

@@ -24,7 +24,7 @@ import numpy as np
 from service.errors import InvalidArgument, Unavailable
 
 __all__ = ["SpeakerRecord", "CollectionInfo", "IndexOptions", "SpeakerStore", "StoreUnavailable", "StoreCorrupt",
-           "StatsFn", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted"]
+           "StatsFn", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict"]
 
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_METADATA = 64
@@ -42,6 +42,14 @@ class StoreUnavailable(Unavailable):
 
 class StoreCorrupt(RuntimeError):
     """Stored data is damaged in a way recovery must not guess about; the message says what to do."""
+
+
+def version_conflict(collection: str, model: str, bound: str, given: str) -> str:
+    """The message for voiceprints of one model version compared with another's."""
+    return (f"collection {quoted(collection)} holds voiceprints of model {model!r} version {bound!r}; this server's "
+            f"{model!r} is version {given!r}, and voiceprints of different versions cannot be compared. Serve version "
+            f"{bound!r} under another repository name for this collection, or enroll the speakers again into a new "
+            "collection")
 
 
 def quoted(value: str, limit: int = 64) -> str:
@@ -135,6 +143,7 @@ class CollectionInfo:
     dim: int
     speaker_count: int
     index_type: str
+    model_version: str = ""  # the model version its voiceprints were made with ("" before versions were kept)
 
 
 class SpeakerStore(abc.ABC):
@@ -143,12 +152,12 @@ class SpeakerStore(abc.ABC):
     @abc.abstractmethod
     def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
                metadata: dict[str, str] | None = None, speech: float = 0.0,
-               allow_reenroll: bool = False) -> tuple[SpeakerRecord, bool]:
+               allow_reenroll: bool = False, model_version: str = "") -> tuple[SpeakerRecord, bool]:
         """Add unit embeddings (N, D) to a speaker, creating speaker and collection as needed.
 
         Returns (the updated record, whether the speaker was created). Durable when it returns.
-        Raises FailedPrecondition for another model, or for a deleted/opted-out speaker unless
-        ``allow_reenroll``.
+        Raises FailedPrecondition for another model or model version, or for a deleted/opted-out
+        speaker unless ``allow_reenroll``.
         """
 
     @abc.abstractmethod
@@ -169,12 +178,17 @@ class SpeakerStore(abc.ABC):
 
     @abc.abstractmethod
     def search(self, collection: str, model: str, query: np.ndarray, k: int,
-               keep: Callable[[SpeakerRecord], bool] | None = None) -> list[tuple[SpeakerRecord, float]]:
+               keep: Callable[[SpeakerRecord], bool] | None = None,
+               model_version: str = "") -> list[tuple[SpeakerRecord, float]]:
         """Top-k (record, cosine) for a (D,) unit query of ``model``, best first, among records ``keep`` accepts."""
 
     @abc.abstractmethod
     def collection_model(self, collection: str) -> str:
         """The model a collection is bound to. Raises NotFound."""
+
+    @abc.abstractmethod
+    def collection_binding(self, collection: str) -> tuple[str, str]:
+        """(model, model version) a collection is bound to; the version is "" when unknown. Raises NotFound."""
 
     @abc.abstractmethod
     def collections(self) -> list[CollectionInfo]:

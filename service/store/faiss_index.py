@@ -21,6 +21,7 @@ class CollectionIndex:
 
     def __init__(self, name: str, model: str, dim: int, options: IndexOptions):
         self.name, self.model, self.dim, self.options = name, model, dim, options
+        self.model_version = ""  # the model version of its voiceprints ("" when not recorded)
         self.speakers: dict[str, SpeakerRecord] = {}
         self.by_label: dict[int, str] = {}
         self._next_label = 0
@@ -114,4 +115,4 @@ class CollectionIndex:
 
     def info(self) -> CollectionInfo:
         """Summary of this collection."""
-        return CollectionInfo(self.name, self.model, self.dim, len(self.speakers), self._index_kind())
+        return CollectionInfo(self.name, self.model, self.dim, len(self.speakers), self._index_kind(), self.model_version)

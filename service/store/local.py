@@ -37,7 +37,7 @@ import numpy as np
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store import legacy
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn,
-                                StoreUnavailable, quoted, validate_metadata)
+                                StoreUnavailable, quoted, validate_metadata, version_conflict)
 from service.store.faiss_index import CollectionIndex
 from service.store.keys import KeyFile, KeyRing, Sealed
 from service.store.recovery import SNAP_RE, WAL_RE, Recovery
@@ -117,18 +117,26 @@ class LocalStore(Recovery, SpeakerStore):
             return [coll.speakers[i] for i in ids[offset:offset + limit]], len(ids)
 
     def search(self, collection: str, model: str, query: np.ndarray, k: int,
-               keep: Callable[[SpeakerRecord], bool] | None = None) -> list[tuple[SpeakerRecord, float]]:
+               keep: Callable[[SpeakerRecord], bool] | None = None,
+               model_version: str = "") -> list[tuple[SpeakerRecord, float]]:
         with self._lock:
             coll = self._collection(collection)
             if coll.model != model or coll.dim != query.shape[0]:
                 raise FailedPrecondition(
                     f"collection {quoted(collection)} holds voiceprints of model {coll.model!r} (dim {coll.dim}); "
                     f"the probe is from model {model!r} (dim {query.shape[0]})")
+            if coll.model_version and model_version and coll.model_version != model_version:
+                raise FailedPrecondition(version_conflict(collection, model, coll.model_version, model_version))
             return coll.search(query, k, keep)
 
     def collection_model(self, collection: str) -> str:
         with self._lock:
             return self._collection(collection).model
+
+    def collection_binding(self, collection: str) -> tuple[str, str]:
+        with self._lock:
+            coll = self._collection(collection)
+            return coll.model, coll.model_version
 
     def collections(self) -> list[CollectionInfo]:
         with self._lock:
@@ -165,7 +173,7 @@ class LocalStore(Recovery, SpeakerStore):
 
     def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
                metadata: dict[str, str] | None = None, speech: float = 0.0,
-               allow_reenroll: bool = False) -> tuple[SpeakerRecord, bool]:
+               allow_reenroll: bool = False, model_version: str = "") -> tuple[SpeakerRecord, bool]:
         metadata = validate_metadata(metadata or {})
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, D)
         if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
@@ -176,6 +184,8 @@ class LocalStore(Recovery, SpeakerStore):
                 raise FailedPrecondition(
                     f"collection {quoted(collection)} holds voiceprints of model {coll.model!r} (dim {coll.dim}); "
                     f"cannot add embeddings of model {model!r} (dim {embeddings.shape[1]})")
+            if coll is not None and coll.model_version and model_version and coll.model_version != model_version:
+                raise FailedPrecondition(version_conflict(collection, model, coll.model_version, model_version))
             tomb = self._keys.tombstone(collection, speaker_id)
             if tomb in self._tombstones.get(collection, ()) and not allow_reenroll:
                 raise FailedPrecondition(
@@ -192,7 +202,7 @@ class LocalStore(Recovery, SpeakerStore):
             ts = _now_ms()
             body = {"spk": speaker_id, "meta": metadata, "speech": round(float(speech), 4), "n": int(len(embeddings))}
             head = {"op": "enroll", "c": collection, "model": model, "dim": int(embeddings.shape[1]), "slot": slot,
-                    "ts": ts}
+                    "ts": ts, "mv": model_version}
             if tomb in self._tombstones.get(collection, ()):
                 head["reenroll"] = tomb
             try:
@@ -335,6 +345,8 @@ class LocalStore(Recovery, SpeakerStore):
         coll = self._collections.get(c)
         if coll is None:
             coll = self._collections[c] = CollectionIndex(c, head["model"], head["dim"], self.options)
+        if not coll.model_version and head.get("mv"):
+            coll.model_version = head["mv"]  # collections from before versions were kept adopt the first one seen
         if "reenroll" in head:
             self._tombstones.get(c, set()).discard(head["reenroll"])
         old = coll.speakers.get(spk)
@@ -383,7 +395,7 @@ class LocalStore(Recovery, SpeakerStore):
         entries = []
         for ci, name in enumerate(sorted(self._collections)):
             coll = self._collections[name]
-            meta["collections"].append({"name": name, "model": coll.model, "dim": coll.dim,
+            meta["collections"].append({"name": name, "model": coll.model, "dim": coll.dim, "version": coll.model_version,
                                         "tombstones": sorted(self._tombstones.get(name, ()))})
             for spk in sorted(coll.speakers):
                 r, slot = coll.speakers[spk], self._slots[(name, spk)]

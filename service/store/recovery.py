@@ -138,6 +138,7 @@ class Recovery:
                 self._tombstones[c["name"]] = set(c["tombstones"])
             if c["dim"]:
                 self._collections[c["name"]] = CollectionIndex(c["name"], c["model"], c["dim"], self.options)
+                self._collections[c["name"]].model_version = c.get("version", "")
         for e in entries:
             name = names[e.collection]
             key = self._keys.key(e.slot, name)
