@@ -104,6 +104,7 @@ class ServerConfig:
     # data protection
     encryption_key_file: str = ""  # wraps every speaker's key (encryption at rest); 64 hex chars, mode 0600
     tenant_key_files: dict[str, str] = field(default_factory=dict)  # collection pattern ('acme-*') -> key file
+    retain_enrollment_audio: bool = False  # keep enrollment speech (encrypted per speaker) for MigrateCollection
     retention_days: float = 0.0  # > 0: delete speakers unused (no enroll/verify/identify match) this long
     retention_check_seconds: float = 3600.0
     # security

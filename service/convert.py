@@ -5,6 +5,8 @@ Kept apart from the servicer so the RPC handlers read as validate -> engine -> r
 
 from __future__ import annotations
 
+import numpy as np
+
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.decisions import ACCEPT, NOT_ENOUGH_SPEECH, REJECT, is_ready
 from service.engine import AudioInput, Speech
@@ -83,3 +85,8 @@ def merge_timings(parts: list[pb.Timings], total_s: float) -> pb.Timings:
                       queue_ms=max((t.queue_ms for t in parts), default=0.0),
                       inference_ms=max((t.inference_ms for t in parts), default=0.0), total_ms=ms(total_s),
                       execution_provider=next((t.execution_provider for t in parts if t.execution_provider), ""))
+
+
+def to_pcm16(wave: np.ndarray) -> np.ndarray:
+    """(T,) float32 in [-1, 1] -> (T,) int16 (retained enrollment speech)."""
+    return np.round(np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.int16)

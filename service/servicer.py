@@ -20,7 +20,7 @@ from models.audio import AudioLimits, check_header, check_pcm_format, probe_head
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.convert import (SCALE_PB, VERDICT_PB, audio_input, merge_timings, ms, pcm_encoding, scale_of,
+from service.convert import (SCALE_PB, to_pcm16, VERDICT_PB, audio_input, merge_timings, ms, pcm_encoding, scale_of,
                              speaker_pb, speech_pb)
 from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
                                speaker_shortfall, speech_shortfall)
@@ -311,9 +311,11 @@ class SpeakerServicer(ModelRpcs, pb_grpc.SpeakerServiceServicer):
         vectors = np.stack([e for e, _ in embedded] + given)  # (N, D)
         total_speech = sum(sp.speech_seconds for sp in speeches) + sum(declared)
         store = self.engine.store
+        retained = [(model.sample_rate, to_pcm16(sp.wave)) for sp in speeches] \
+            if self.engine.config.retain_enrollment_audio else None
         rec, created = await self.engine.store_call(store.enroll, coll, model.name, spk, vectors,
                                                     dict(request.metadata), total_speech, request.allow_reenroll,
-                                                    model.card.version)
+                                                    model.card.version, retained)
         await self.engine.report_collection(coll)
         fields = [f"audio[{i}]" for i in range(len(speeches))] + [f"embeddings[{i}]" for i in range(len(given))]
         infos = [speech_pb(sp) for sp in speeches] + [pb.SpeechInfo(speech_seconds=s) for s in declared]

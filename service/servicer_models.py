@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+import time
+
+import numpy as np
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
-from service.convert import SCALE_PB
-from service.errors import InvalidArgument
+from service.convert import SCALE_PB, to_pcm16
+from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.rpc import rpc as _rpc
+from service.store import validate_collection
 
 __all__ = ["ModelRpcs"]
 
@@ -55,3 +59,43 @@ class ModelRpcs:
         model = await self.engine.unload_model(request.model)
         await self.on_models_changed()
         return pb.UnloadModelResponse(model=model.name, version=model.card.version)
+
+    @_rpc
+    async def MigrateCollection(self, request: pb.MigrateCollectionRequest, context) -> pb.MigrateCollectionResponse:
+        """Embed every speaker's retained enrollment speech with another model into a new collection."""
+        from models.audio import resample
+
+        self._allow(context, "admin")
+        source = validate_collection(request.collection)
+        target = validate_collection(request.target_collection, "target_collection")
+        engine, store = self.engine, self.engine.store
+        await engine.store_call(store.collection_binding, source)  # NotFound for an unknown source
+        try:
+            await engine.store_call(store.collection_binding, target)
+            raise FailedPrecondition(f"target_collection: {target!r} exists; migrate into a new collection")
+        except NotFound:
+            pass
+        model = engine.model(request.model)
+        deadline = None if context.time_remaining() is None else time.monotonic() + context.time_remaining()
+        migrated, skipped, offset = 0, [], 0
+        while True:
+            page, total = await engine.store_call(store.list, source, offset, 100)
+            for rec in page:
+                chunks = await engine.store_call(store.retained_audio, source, rec.speaker_id)
+                if not chunks:
+                    skipped.append(rec.speaker_id)
+                    continue
+                waves = [resample(pcm.astype(np.float32) / 32767.0, rate, model.sample_rate) for rate, pcm in chunks]
+                vectors = np.stack([(await engine.embed(model, w, deadline)).embedding for w in waves])  # (N, D)
+                speech = sum(len(w) for w in waves) / model.sample_rate
+                keep = [(model.sample_rate, to_pcm16(w)) for w in waves] if engine.config.retain_enrollment_audio else None
+                await engine.store_call(store.enroll, target, model.name, rec.speaker_id, vectors, dict(rec.metadata),
+                                        speech, False, model.card.version, keep)
+                migrated += 1
+            offset += len(page)
+            if offset >= total or not page:
+                break
+        await engine.report_collection(target)
+        return pb.MigrateCollectionResponse(target_collection=target, model=model.name,
+                                            model_version=model.card.version, migrated=migrated, skipped=skipped)
+

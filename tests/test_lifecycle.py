@@ -351,3 +351,33 @@ def test_a_collection_is_bound_to_its_model_version(model_repo, tmp_path):
             assert {c.name: c for c in s.ListCollections(pb.ListCollectionsRequest()).collections}["v"].model_version == "test"
     finally:
         srv.stop()
+
+
+def test_migrate_a_collection_to_another_model_from_retained_speech(model_repo, tmp_path, speech_files):
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"],
+                                   retain_enrollment_audio=True))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            audio = {n: pb.Audio(encoded=speech_files[n].read_bytes()) for n in ("flite-slt-1", "flite-awb-1")}
+            s.Enroll(pb.EnrollRequest(collection="src", speaker_id="slt", audio=[audio["flite-slt-1"]]))
+            s.Enroll(pb.EnrollRequest(collection="src", speaker_id="awb", audio=[audio["flite-awb-1"]]))
+            s.Enroll(pb.EnrollRequest(collection="src", speaker_id="vec", embeddings=[
+                pb.Embedding(values=list(np.random.default_rng(0).normal(size=256)), speech_seconds=5)]))
+            r = s.MigrateCollection(pb.MigrateCollectionRequest(collection="src", target_collection="dst",
+                                                                model="tiny-wavlm"))
+            assert r.migrated == 2 and list(r.skipped) == ["vec"] and r.model_version == "test"
+            got = s.GetSpeaker(pb.GetSpeakerRequest(collection="dst", speaker_id="slt", include_voiceprint=True))
+            direct = s.Embed(pb.EmbedRequest(model="tiny-wavlm", audio=audio["flite-slt-1"])).embedding
+            assert got.model == "tiny-wavlm" and got.utterance_count == 1
+            assert float(np.dot(got.voiceprint, direct)) > 0.999  # the same speech, embedded by the new model
+            with pytest.raises(grpc.RpcError) as e:
+                s.MigrateCollection(pb.MigrateCollectionRequest(collection="src", target_collection="dst",
+                                                                model="tiny-wavlm"))
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "target_collection" in e.value.details()
+            s.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="src", speaker_id="slt"))
+        audio_dir = tmp_path / "data" / "audio"
+        assert len(list(audio_dir.iterdir())) == 3  # awb in src, slt and awb in dst: the deleted one's file is gone
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in audio_dir.iterdir())
+    finally:
+        srv.stop()

@@ -152,10 +152,13 @@ class SpeakerStore(abc.ABC):
     @abc.abstractmethod
     def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
                metadata: dict[str, str] | None = None, speech: float = 0.0,
-               allow_reenroll: bool = False, model_version: str = "") -> tuple[SpeakerRecord, bool]:
+               allow_reenroll: bool = False, model_version: str = "",
+               audio: list[tuple[int, np.ndarray]] | None = None) -> tuple[SpeakerRecord, bool]:
         """Add unit embeddings (N, D) to a speaker, creating speaker and collection as needed.
 
-        Returns (the updated record, whether the speaker was created). Durable when it returns.
+        ``audio``: (rate, (T,) int16) speech to retain with the speaker (for migration to another
+        model), encrypted and deleted with it. Returns (the updated record, whether the speaker
+        was created). Durable when it returns.
         Raises FailedPrecondition for another model or model version, or for a deleted/opted-out
         speaker unless ``allow_reenroll``.
         """
@@ -167,6 +170,10 @@ class SpeakerStore(abc.ABC):
         Raises NotFound for an unknown speaker, unless ``opt_out`` (then only the tombstone is
         written and None returned).
         """
+
+    @abc.abstractmethod
+    def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
+        """The (rate, (T,) int16) enrollment speech kept for a speaker (empty when none). Raises NotFound."""
 
     @abc.abstractmethod
     def get(self, collection: str, speaker_id: str) -> SpeakerRecord:

@@ -3,6 +3,7 @@
 Files (mode 0600, directory 0700)::
 
     keys.bin               per-speaker keys (see ``keys``); zeroed on delete
+    audio/<slot>.bin       retained enrollment audio, when the service keeps it (see ``audio``)
     wal-<gen>.log          write-ahead log (see ``wal``); records sealed per speaker
     snapshot-<gen>.bin     state before log ``gen`` (see ``snapshot``); the last two are kept
 
@@ -38,6 +39,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store import legacy
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn,
                                 StoreUnavailable, quoted, validate_metadata, version_conflict)
+from service.store.audio import RetainedAudio
 from service.store.faiss_index import CollectionIndex
 from service.store.keys import KeyFile, KeyRing, Sealed
 from service.store.recovery import SNAP_RE, WAL_RE, Recovery
@@ -96,6 +98,7 @@ class LocalStore(Recovery, SpeakerStore):
             log.warning("%s was readable by group or others; restricting it to its owner (0700)", self.dir)
             os.chmod(self.dir, 0o700)
         self._keys = KeyRing(self.dir / "keys.bin", key_files, fsync)
+        self._audio = RetainedAudio(self.dir / "audio", fsync)
         try:
             self._recover()
         except BaseException:
@@ -173,7 +176,8 @@ class LocalStore(Recovery, SpeakerStore):
 
     def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
                metadata: dict[str, str] | None = None, speech: float = 0.0,
-               allow_reenroll: bool = False, model_version: str = "") -> tuple[SpeakerRecord, bool]:
+               allow_reenroll: bool = False, model_version: str = "",
+               audio: list[tuple[int, np.ndarray]] | None = None) -> tuple[SpeakerRecord, bool]:
         metadata = validate_metadata(metadata or {})
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, D)
         if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
@@ -206,8 +210,16 @@ class LocalStore(Recovery, SpeakerStore):
             if tomb in self._tombstones.get(collection, ()):
                 head["reenroll"] = tomb
             try:
+                undo = self._audio.append(slot, key, audio) if audio else None
+            except StoreUnavailable:
+                if created:
+                    self._try_destroy(slot)
+                raise
+            try:
                 self._writer.append(head, Sealed(key, slot).seal(_pack(body, embeddings)))
             except StoreUnavailable:
+                if undo is not None:
+                    self._audio.truncate(slot, undo)
                 if created:
                     self._try_destroy(slot)
                 raise
@@ -231,9 +243,16 @@ class LocalStore(Recovery, SpeakerStore):
             self._writer.append(head)
             self._apply_delete(head)
             if rec:
+                self._audio.remove(slot)
                 self._shred(slot, f"speaker_id {quoted(speaker_id)} was deleted")
             self._after_write()
             return rec or None
+
+    def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
+        with self._lock:
+            self.get(collection, speaker_id)
+            slot = self._slots[(collection, speaker_id)]
+            return self._audio.read(slot, self._keys.key(slot, collection))
 
     def touch(self, collection: str, speaker_ids: list[str]) -> None:
         now = _now_ms()

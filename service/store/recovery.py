@@ -30,7 +30,7 @@ log = logging.getLogger("spkserve.store")
 
 WAL_RE = re.compile(r"wal-(\d{8})\.log")
 SNAP_RE = re.compile(r"snapshot-(\d{8})\.bin")
-_KNOWN = re.compile(r"keys\.bin|snapshot\.npz|damaged")
+_KNOWN = re.compile(r"keys\.bin|snapshot\.npz|damaged|audio")
 
 
 def unpack(data: bytes, dtype) -> tuple[dict, np.ndarray]:
@@ -107,6 +107,7 @@ class Recovery:
         self._since_snapshot = replayed
         live = set(self._slots.values())
         for slot in sorted(self._keys.slots_in_use() - live):  # deletes whose key destruction did not finish
+            self._audio.remove(slot)
             self._try_destroy(slot)
         if not migrated:
             self._writer = LogWriter(self._wal_path(self._gen), self.fsync, self.ops)
