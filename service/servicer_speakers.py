@@ -1,0 +1,80 @@
+"""The servicer's speaker-record RPCs: get, list, delete (and opt out) speakers, list collections."""
+
+from __future__ import annotations
+
+import re
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service.convert import speaker_pb
+from service.errors import InvalidArgument
+from service.rpc import rpc as _rpc
+from service.store import quoted, validate_collection, validate_speaker_id
+
+__all__ = ["SpeakerRecordRpcs"]
+
+_PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,8}")  # what ListSpeakers issues: a positive offset
+
+
+class SpeakerRecordRpcs:
+    """Mixin of ``SpeakerServicer`` (uses its ``engine``, ``auth`` and ``_allow``)."""
+
+    async def _speaker_ref(self, request, context, permission: str) -> tuple[str, str, str]:
+        """Validated (collection, speaker_id) of a request and the collection's model (NotFound if none)."""
+        coll = validate_collection(request.collection)
+        spk = validate_speaker_id(request.speaker_id)
+        self._allow(context, permission, coll)
+        return coll, spk, await self.engine.store_call(self.engine.store.collection_model, coll)
+
+    def _required(self, model_name: str) -> float:
+        policy = self.engine.policies.get(model_name)
+        return policy.min_enroll_speech if policy else self.engine.config.min_enroll_speech_seconds
+
+    @_rpc
+    async def DeleteSpeaker(self, request: pb.DeleteSpeakerRequest, context) -> pb.DeleteSpeakerResponse:
+        if request.opt_out:
+            coll, spk = validate_collection(request.collection), validate_speaker_id(request.speaker_id)
+            self._allow(context, "write", coll)
+        else:
+            coll, spk, _ = await self._speaker_ref(request, context, "write")
+        rec = await self.engine.store_call(self.engine.store.delete, coll, spk, request.opt_out)
+        await self.engine.report_collection(coll)
+        if rec is None:
+            return pb.DeleteSpeakerResponse()
+        model = await self.engine.store_call(self.engine.store.collection_model, coll)
+        return pb.DeleteSpeakerResponse(speaker=speaker_pb(coll, model, rec, self._required(model)))
+
+    @_rpc
+    async def GetSpeaker(self, request: pb.GetSpeakerRequest, context) -> pb.Speaker:
+        coll, spk, model = await self._speaker_ref(request, context, "read")
+        rec = await self.engine.store_call(self.engine.store.get, coll, spk)
+        return speaker_pb(coll, model, rec, self._required(model), request.include_voiceprint)
+
+    @_rpc
+    async def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
+        coll = validate_collection(request.collection)
+        self._allow(context, "read", coll)
+        if not 0 <= request.page_size <= 1000:
+            raise InvalidArgument("page_size", f"must be in 0..1000, got {request.page_size}")
+        size = request.page_size or 100
+        token = request.page_token
+        if token and not _PAGE_TOKEN.fullmatch(token):
+            raise InvalidArgument("page_token", f"{quoted(token)} is not a token this server issued")
+        offset = int(token) if token else 0
+        store = self.engine.store
+        model = await self.engine.store_call(store.collection_model, coll)
+        page, total = await self.engine.store_call(store.list, coll, offset, size)
+        nxt = str(offset + size) if offset + size < total else ""
+        required = self._required(model)
+        return pb.ListSpeakersResponse(speakers=[speaker_pb(coll, model, r, required) for r in page],
+                                       next_page_token=nxt, total_size=total)
+
+    @_rpc
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:
+        self._allow(context, "read")
+        infos = await self.engine.store_call(self.engine.store.collections)
+        if self.auth is not None:
+            token = self.auth.token_of(context.invocation_metadata())
+            infos = [i for i in infos if token.covers(i.name)]
+        return pb.ListCollectionsResponse(collections=[
+            pb.Collection(name=i.name, model=i.model, embedding_dim=i.dim, speaker_count=i.speaker_count,
+                          index_type=i.index_type, model_version=i.model_version) for i in infos])
