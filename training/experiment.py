@@ -46,6 +46,7 @@ from models.ssl import SSLSpeakerModel, ffn_layers, load_checkpoint, save_checkp
 from training.corpus import read_scp
 from training.evaluate import EvalSet, evaluate_embeddings, embed_with_model, rtf
 from training.common import load_split
+from training.distributed import all_reduce_stats, shard
 from training.features import mfcc
 from training.ivector import IVectorExtractor, baum_welch, length_norm, train_ubm
 from training.neurons import ActivationStats, NeuronSets, kmeans_labels, neuron_sets, plot_neuron_counts, ssl_frames
@@ -112,9 +113,11 @@ def speaker_neuron_sets(model: SSLSpeakerModel, waves: list[np.ndarray], cfg: Ex
     index.add(centroids)
     frame_labels = [index.search(np.ascontiguousarray(f, dtype=np.float32), 1)[1][:, 0] for f in frames]
     # activation statistics and neuron sets
+    # (under torchrun each rank takes a shard of the utterances; the counts are summed across ranks)
     stats = ActivationStats(model, cfg.k_ivec, cfg.k_ssl, cfg.top_fraction)
-    for w, u, fl in zip(waves, utt_labels, frame_labels):
+    for w, u, fl in shard(list(zip(waves, utt_labels, frame_labels))):
         stats.update(w, int(u), fl)
+    all_reduce_stats(stats)
     sets = neuron_sets(stats, cfg.sigma)
     share = np.bincount(np.concatenate(frame_labels), minlength=cfg.k_ssl) / len(allfr)
     report = {"ssl_layer": layer, "ssl_cluster_frame_share": share.round(4).tolist(),
