@@ -3,6 +3,7 @@
 #
 #   bash scripts/setup.sh            # serving install: .venv with the `spkserve` command
 #   bash scripts/setup.sh --dev      # + torch (CPU), transformers, test tools: what tests and training need
+#   bash scripts/setup.sh --milvus   # + pymilvus and Milvus Lite (index_backend = "milvus")
 #   bash scripts/setup.sh --gpu      # onnxruntime-gpu instead of onnxruntime (CUDA 12 + cuDNN 9 from
 #                                    # the system or the nvidia-*-cu12 wheels); combine with --dev
 #
@@ -13,14 +14,17 @@ cd "$(dirname "$0")/.."
 
 extras="serve"
 gpu=0
+milvus=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="serve,train,test" ;;
     --gpu) gpu=1 ;;
-    *) echo "setup.sh: unknown argument '$arg' (expected --dev and/or --gpu)" >&2; exit 2 ;;
+    --milvus) milvus=1 ;;
+    *) echo "setup.sh: unknown argument '$arg' (expected --dev, --gpu, --milvus)" >&2; exit 2 ;;
   esac
 done
 
+[ "$milvus" = 1 ] && extras="${extras},milvus"
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv

@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         "port": args.port, "metrics_port": args.metrics_port, "model_repository": args.model_repository,
         "data_dir": args.data_dir, "host": args.host, "default_model": args.default_model,
         "auth_token": args.auth_token, "auth_tokens_file": args.auth_tokens_file, "log_level": args.log_level,
-        "metrics_host": args.metrics_host,
+        "metrics_host": args.metrics_host, "index_backend": args.index_backend, "milvus_uri": args.milvus_uri,
     }
     try:
         config = load_config(args.config, overrides=overrides)
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-token", help="require this bearer token (prefer SPKSERVE_AUTH_TOKEN)")
     s.add_argument("--auth-tokens-file", help="TOML file of scoped tokens ([[tokens]] name, sha256, collections, permissions)")
     s.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
+    s.add_argument("--index-backend", choices=["faiss", "milvus"], help="speaker store (default faiss)")
+    s.add_argument("--milvus-uri", help="Milvus server URI or Milvus Lite file (index_backend milvus)")
     s.add_argument("--log-level")
 
     def client(name: str, help: str) -> argparse.ArgumentParser:

@@ -94,6 +94,10 @@ class ServerConfig:
     decision_threshold: float = 0.0
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {option: value}
     # speaker index
+    index_backend: str = "faiss"  # faiss: embedded FAISS + write-ahead log in data_dir; milvus: a shared Milvus
+    milvus_uri: str = ""  # http://host:19530 (a server) or a local file path (Milvus Lite)
+    milvus_token: str = ""  # user:password or an API key
+    milvus_db: str = ""  # empty: Milvus' default database
     index_type: str = "flat"
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
@@ -150,6 +154,14 @@ class ServerConfig:
         need(math.isfinite(self.decision_threshold), "decision_threshold", "must be a finite number")
         self._validate_model_settings()
         need(self.index_type in _INDEX_TYPES, "index_type", f"must be one of {_INDEX_TYPES}")
+        need(self.index_backend in ("faiss", "milvus"), "index_backend", "must be 'faiss' or 'milvus'")
+        if self.index_backend == "milvus":
+            need(bool(self.milvus_uri), "milvus_uri", "is needed with index_backend = 'milvus'")
+            scheme = self.milvus_uri.split("://", 1)[0] if "://" in self.milvus_uri else ""
+            need(scheme in ("", "http", "https", "tcp", "grpc"), "milvus_uri",
+                 "must be http(s)://host:port (a Milvus server) or a file path (Milvus Lite)")
+            need(not self.retain_enrollment_audio, "retain_enrollment_audio", "is not supported with index_backend = 'milvus'")
+            need(self.index_type in ("flat", "hnsw"), "index_type", "must be flat or hnsw with index_backend = 'milvus'")
         need(self.hnsw_m >= 4, "hnsw_m", "must be >= 4")
         need(self.hnsw_ef_search >= 1, "hnsw_ef_search", "must be >= 1")
         need(self.ivf_nlist >= 1, "ivf_nlist", "must be >= 1")
@@ -190,8 +202,9 @@ class ServerConfig:
     def redacted(self) -> dict[str, Any]:
         """The options as a dict with secrets masked, for the start-up log."""
         d = dataclasses.asdict(self)
-        if d["auth_token"]:
-            d["auth_token"] = "***"
+        for secret in ("auth_token", "milvus_token"):
+            if d[secret]:
+                d[secret] = "***"
         return d
 
 

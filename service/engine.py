@@ -116,8 +116,7 @@ class Engine:
         cfg = self.config
         loop = asyncio.get_running_loop()
         opts = IndexOptions(cfg.index_type, cfg.hnsw_m, cfg.hnsw_ef_search, cfg.ivf_nlist, cfg.ivf_nprobe)
-        self.store = await loop.run_in_executor(self._store_pool, lambda: LocalStore(
-            cfg.data_dir, opts, cfg.fsync, cfg.snapshot_every, self._key_files()))
+        self.store = await self._open_store(opts)
         dirs = await loop.run_in_executor(None, scan_repository, cfg.model_repository)
         if cfg.models:
             by_name = {d.name: d for d in dirs}
@@ -140,6 +139,24 @@ class Engine:
             raise ArtifactError(f"option 'default_model': {self.default_model!r} is not loaded (loaded: {sorted(self.models)})")
         await loop.run_in_executor(self._store_pool, self.store.set_stats_fn, self._voiceprint_stats)
         await self.report_collection("")
+
+    async def _open_store(self, opts: IndexOptions) -> SpeakerStore:
+        """The configured store; an unreachable Milvus is retried (health stays NOT_SERVING meanwhile)."""
+        cfg, loop = self.config, asyncio.get_running_loop()
+        if cfg.index_backend == "faiss":
+            return await loop.run_in_executor(self._store_pool, lambda: LocalStore(
+                cfg.data_dir, opts, cfg.fsync, cfg.snapshot_every, self._key_files()))
+        from service.store.milvus import MilvusStore
+
+        delay = 1.0
+        while True:
+            try:
+                return await loop.run_in_executor(self._store_pool, lambda: MilvusStore(
+                    cfg.milvus_uri, cfg.milvus_token, cfg.milvus_db, opts))
+            except StoreUnavailable as e:
+                log.error("%s; retrying in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _open_model(self, model_dir) -> tuple[SpeakerModel, "ModelPolicy"]:
         """Load, warm up and check one repository entry (off the event loop); nothing is served yet."""

@@ -209,6 +209,13 @@ class SpeakerStore(abc.ABC):
     def touch(self, collection: str, speaker_ids: list[str]) -> None:
         """Record that speakers were used now (retention counts from the last use)."""
 
+    def flush_touches(self) -> None:
+        """Persist the uses recorded by ``touch`` (stores that keep none need nothing here)."""
+
+    def state(self) -> str:
+        """'ok', or why writes are stopped (health and logs)."""
+        return "ok" if self.writable else "read-only"
+
     @abc.abstractmethod
     def expire(self, older_than_ms: int) -> int:
         """Delete (with tombstones) every speaker last used before ``older_than_ms``; returns how many."""

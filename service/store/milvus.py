@@ -1,0 +1,348 @@
+"""The speaker store on Milvus, so that several stateless spkserve replicas share one index.
+
+Layout: a registry collection ``spkserve_collections`` (one row per spkserve collection: model,
+model version, dimension) and ``spkserve_tombstones`` (hashes of deleted or opted-out ids);
+per spkserve collection two Milvus collections (spkserve collections are bound to one model,
+hence one dimension each, and a tenant is dropped or migrated as a whole):
+
+- ``spkd_<name>``: one row per enrollment (*delta*): the float64 sum of its unit embeddings
+  (JSON), its count, speech and metadata. Rows are only ever inserted, so two replicas
+  appending to the same speaker never overwrite each other.
+- ``spkv_<name>``: one row per speaker, the *materialised* voiceprint (unit vector, FLAT or
+  HNSW inner-product index) with the exact running sum, count, speech and metadata, recomputed
+  from all its deltas.
+
+Appends without compare-and-set: a writer inserts its delta, then recomputes the speaker's row
+from every delta it can read (strong consistency) and upserts it, then reads the deltas again;
+if their number changed (another replica appended meanwhile) it recomputes and upserts again.
+The last upsert of every writer therefore comes after it saw all deltas written before its own
+check, and the row converges to the sum of all deltas: an acknowledged append is never lost,
+even when two replicas append to one speaker at once.
+
+Consistency: reads a client does right after its own write (get, list, the appends above) use
+``Strong``; Identify's searches use ``Bounded`` staleness (a speaker enrolled or deleted a
+moment ago through another replica may be missed or still found for that moment), which is what
+keeps them fast on a Milvus server.
+
+Differences from the local store: no per-speaker keys (deleted rows are removed from Milvus
+and gone after its compaction; encrypt Milvus' storage for data at rest), no retained audio,
+and retention counts from the last enrollment only (uses are not written back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn, StoreUnavailable,
+                                quoted, validate_metadata, version_conflict)
+
+__all__ = ["MilvusStore", "milvus_name"]
+
+log = logging.getLogger("spkserve.store.milvus")
+
+_REGISTRY, _TOMBSTONES = "spkserve_collections", "spkserve_tombstones"
+_MAX_ROWS = 16384  # Milvus' largest query page
+
+
+def milvus_name(prefix: str, collection: str) -> str:
+    """A Milvus collection name for a spkserve collection (letters, digits and _ only)."""
+    return prefix + "".join(ch if ch.isalnum() and ch.isascii() else f"_{ord(ch):02x}" for ch in collection)
+
+
+def _q(value: str) -> str:
+    """A string literal for a Milvus filter expression."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class MilvusStore(SpeakerStore):
+    """All collections in one Milvus database. Thread-safe.
+
+    Args:
+        uri: a Milvus server (``http://host:19530``) or a local file for Milvus Lite.
+        token: ``user:password`` or an API key; empty for none.
+        db: the Milvus database (empty: the default one).
+        options: search index settings of new collections (flat or hnsw).
+    """
+
+    def __init__(self, uri: str, token: str = "", db: str = "", options: IndexOptions | None = None):
+        from pymilvus import MilvusClient
+
+        self.uri, self.options = uri, options or IndexOptions()
+        kw = {"uri": uri}
+        if token:
+            kw["token"] = token
+        if db:
+            kw["db_name"] = db
+        try:
+            self.client = MilvusClient(**kw)
+            self._ensure_registry()
+        except Exception as e:  # noqa: BLE001 - pymilvus raises many kinds
+            raise StoreUnavailable(f"speaker store: Milvus at {uri} is not reachable ({type(e).__name__}: {e})") from None
+        self._lock = threading.RLock()  # one thread of this process at a time; other replicas see above
+        self._stats_fn: StatsFn | None = None
+        self._bindings: dict[str, tuple[str, str, int]] = {}
+
+    # -- schema -----------------------------------------------------------------------
+    def _call(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except (NotFound, FailedPrecondition, InvalidArgument):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise StoreUnavailable(f"speaker store: Milvus call failed ({type(e).__name__}: {str(e)[:200]})") from None
+
+    def _create(self, name: str, fields: list[tuple], vector_dim: int, index: str = "FLAT") -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if self.client.has_collection(name):
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2048)
+        for fname, kind, extra in fields:
+            schema.add_field(fname, getattr(DataType, kind), **extra)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vector_dim)
+        idx = self.client.prepare_index_params()
+        params = {"M": self.options.hnsw_m, "efConstruction": 200} if index == "HNSW" else {}
+        idx.add_index(field_name="vec", index_type=index, metric_type="IP", params=params)
+        self.client.create_collection(name, schema=schema, index_params=idx)
+
+    def _ensure_registry(self) -> None:
+        self._create(_REGISTRY, [("model", "VARCHAR", {"max_length": 256}), ("version", "VARCHAR", {"max_length": 256}),
+                                 ("dim", "INT64", {}), ("index_type", "VARCHAR", {"max_length": 16})], 2)
+        self._create(_TOMBSTONES, [("c", "VARCHAR", {"max_length": 256})], 2)
+
+    def _binding(self, collection: str) -> tuple[str, str, int] | None:
+        if collection in self._bindings:
+            return self._bindings[collection]
+        rows = self._call(self.client.query, _REGISTRY, filter=f"pk == {_q(collection)}",
+                          output_fields=["model", "version", "dim"], consistency_level="Strong")
+        if not rows:
+            return None
+        b = (rows[0]["model"], rows[0]["version"], int(rows[0]["dim"]))
+        if b[1]:
+            self._bindings[collection] = b  # a versioned binding never changes
+        return b
+
+    def _bind(self, collection: str, model: str, version: str, dim: int) -> None:
+        index = "HNSW" if self.options.index_type == "hnsw" else "FLAT"
+        self._create(milvus_name("spkv_", collection), [
+            ("sum", "JSON", {}), ("count", "INT64", {}), ("speech", "DOUBLE", {}), ("meta", "JSON", {}),
+            ("created", "INT64", {}), ("updated", "INT64", {}), ("deltas", "INT64", {})], dim, index)
+        self._create(milvus_name("spkd_", collection), [
+            ("spk", "VARCHAR", {"max_length": 2048}), ("sum", "JSON", {}), ("count", "INT64", {}),
+            ("speech", "DOUBLE", {}), ("meta", "JSON", {}), ("ts", "INT64", {})], 2)
+        self._call(self.client.upsert, _REGISTRY, [{"pk": collection, "model": model, "version": version, "dim": dim,
+                                                    "index_type": index.lower(), "vec": [1.0, 0.0]}])
+        self._bindings.pop(collection, None)
+
+    # -- reads ------------------------------------------------------------------------
+    def _require(self, collection: str) -> tuple[str, str, int]:
+        b = self._binding(collection)
+        if b is None:
+            raise NotFound(f"collection: {quoted(collection)} does not exist")
+        return b
+
+    def _record(self, row: dict) -> SpeakerRecord:
+        return SpeakerRecord(row["pk"], np.asarray(row["sum"], dtype=np.float64), int(row["count"]), dict(row["meta"]),
+                             int(row["created"]), int(row["updated"]),
+                             speech=None if row["speech"] < 0 else float(row["speech"]),
+                             last_used_ms=int(row["updated"]))
+
+    _FIELDS = ["pk", "sum", "count", "speech", "meta", "created", "updated"]
+
+    def get(self, collection: str, speaker_id: str) -> SpeakerRecord:
+        self._require(collection)
+        rows = self._call(self.client.query, milvus_name("spkv_", collection), filter=f"pk == {_q(speaker_id)}",
+                          output_fields=self._FIELDS, consistency_level="Strong")
+        if not rows:
+            raise NotFound(f"speaker_id: {quoted(speaker_id)} is not enrolled in collection {quoted(collection)}")
+        rec = self._record(rows[0])
+        rec.stats = self._stats(collection, [rec])
+        return rec
+
+    def _stats(self, collection: str, recs: list[SpeakerRecord]):
+        if self._stats_fn is None or not recs:
+            return None
+        stats = self._stats_fn(self._require(collection)[0], np.stack([r.voiceprint for r in recs]))  # (N, 2)
+        if stats is None:
+            return None
+        for r, s in zip(recs, stats):
+            r.stats = s
+        return stats[0]
+
+    def _ids(self, collection: str) -> list[str]:
+        rows = self._call(self.client.query, milvus_name("spkv_", collection), filter='pk != ""',
+                          output_fields=["pk"], limit=_MAX_ROWS, consistency_level="Strong")
+        return sorted(r["pk"] for r in rows)
+
+    def list(self, collection: str, offset: int, limit: int) -> tuple[list[SpeakerRecord], int]:
+        self._require(collection)
+        ids = self._ids(collection)
+        page = ids[offset:offset + limit]
+        if not page:
+            return [], len(ids)
+        rows = self._call(self.client.query, milvus_name("spkv_", collection),
+                          filter=f"pk in [{', '.join(_q(i) for i in page)}]", output_fields=self._FIELDS,
+                          consistency_level="Strong")
+        recs = sorted((self._record(r) for r in rows), key=lambda r: r.speaker_id)
+        self._stats(collection, recs)
+        return recs, len(ids)
+
+    def search(self, collection: str, model: str, query: np.ndarray, k: int,
+               keep: Callable[[SpeakerRecord], bool] | None = None,
+               model_version: str = "") -> list[tuple[SpeakerRecord, float]]:
+        bound, version, dim = self._require(collection)
+        if bound != model or dim != query.shape[0]:
+            raise FailedPrecondition(f"collection {quoted(collection)} holds voiceprints of model {bound!r} (dim {dim}); "
+                                     f"the probe is from model {model!r} (dim {query.shape[0]})")
+        if version and model_version and version != model_version:
+            raise FailedPrecondition(version_conflict(collection, model, version, model_version))
+        fetch, out = k, []
+        while True:
+            hits = self._call(self.client.search, milvus_name("spkv_", collection), data=[query.astype(np.float32).tolist()],
+                              anns_field="vec", limit=min(fetch, _MAX_ROWS), output_fields=self._FIELDS[1:],
+                              search_params={"metric_type": "IP", "params": {"ef": self.options.hnsw_ef_search}},
+                              consistency_level="Bounded")[0]
+            out = []
+            for h in hits:
+                rec = self._record({"pk": h["id"] if "id" in h else h["pk"], **h["entity"]})
+                if keep is None or keep(rec):
+                    out.append((rec, float(h["distance"])))
+            if len(out) >= k or len(hits) < fetch or fetch >= _MAX_ROWS:
+                break
+            fetch *= 4
+        out = out[:k]
+        self._stats(collection, [r for r, _ in out])
+        return out
+
+    def collection_model(self, collection: str) -> str:
+        return self._require(collection)[0]
+
+    def collection_binding(self, collection: str) -> tuple[str, str]:
+        b = self._require(collection)
+        return b[0], b[1]
+
+    def collections(self) -> list[CollectionInfo]:
+        rows = self._call(self.client.query, _REGISTRY, filter='pk != ""', limit=_MAX_ROWS,
+                          output_fields=["pk", "model", "version", "dim", "index_type"], consistency_level="Strong")
+        out = []
+        for r in sorted(rows, key=lambda r: r["pk"]):
+            n = self._call(self.client.query, milvus_name("spkv_", r["pk"]), filter='pk != ""',
+                           output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+            out.append(CollectionInfo(r["pk"], r["model"], int(r["dim"]), int(n), r["index_type"], r["version"]))
+        return out
+
+    @property
+    def writable(self) -> bool:
+        return True
+
+    def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
+        self.get(collection, speaker_id)
+        return []  # the Milvus backend keeps no audio (the server refuses retain_enrollment_audio with it)
+
+    # -- writes -----------------------------------------------------------------------
+    def set_stats_fn(self, fn: StatsFn | None) -> None:
+        self._stats_fn = fn  # statistics are computed when records are read
+
+    def _tombstone(self, collection: str, speaker_id: str) -> str:
+        return hashlib.sha256(collection.encode() + b"\0" + speaker_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+    def _tombstoned(self, collection: str, tomb: str) -> bool:
+        return bool(self._call(self.client.query, _TOMBSTONES, filter=f"pk == {_q(collection + '/' + tomb)}",
+                               output_fields=["pk"], consistency_level="Strong"))
+
+    def enroll(self, collection: str, model: str, speaker_id: str, embeddings: np.ndarray,
+               metadata: dict[str, str] | None = None, speech: float = 0.0,
+               allow_reenroll: bool = False, model_version: str = "",
+               audio: list[tuple[int, np.ndarray]] | None = None) -> tuple[SpeakerRecord, bool]:
+        metadata = validate_metadata(metadata or {})
+        embeddings = np.asarray(embeddings, dtype=np.float64)  # (N, D)
+        if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
+            raise InvalidArgument("embeddings", "must be finite (N, D) values")
+        if audio:
+            raise FailedPrecondition("the milvus speaker store keeps no enrollment audio (retain_enrollment_audio)")
+        with self._lock:
+            b = self._binding(collection)
+            if b is not None and (b[0] != model or b[2] != embeddings.shape[1]):
+                raise FailedPrecondition(f"collection {quoted(collection)} holds voiceprints of model {b[0]!r} (dim {b[2]}); "
+                                         f"cannot add embeddings of model {model!r} (dim {embeddings.shape[1]})")
+            if b is not None and b[1] and model_version and b[1] != model_version:
+                raise FailedPrecondition(version_conflict(collection, model, b[1], model_version))
+            tomb = self._tombstone(collection, speaker_id)
+            if self._tombstoned(collection, tomb):
+                if not allow_reenroll:
+                    raise FailedPrecondition(f"speaker_id: {quoted(speaker_id)} was deleted from or opted out of "
+                                             f"collection {quoted(collection)}; set allow_reenroll to enroll it again")
+                self._call(self.client.delete, _TOMBSTONES, filter=f"pk == {_q(collection + '/' + tomb)}")
+            if b is None or (not b[1] and model_version):
+                self._call(self._bind, collection, model, model_version, int(embeddings.shape[1]))
+            ts = int(time.time() * 1000)
+            self._call(self.client.insert, milvus_name("spkd_", collection), [{
+                "pk": f"{speaker_id}/{uuid.uuid4().hex}", "spk": speaker_id, "sum": embeddings.sum(0).tolist(),
+                "count": int(len(embeddings)), "speech": float(speech), "meta": metadata, "ts": ts, "vec": [1.0, 0.0]}])
+            return self._materialise(collection, speaker_id)
+
+    def _deltas(self, collection: str, speaker_id: str) -> list[dict]:
+        return self._call(self.client.query, milvus_name("spkd_", collection), filter=f"spk == {_q(speaker_id)}",
+                          output_fields=["pk", "sum", "count", "speech", "meta", "ts"], limit=_MAX_ROWS,
+                          consistency_level="Strong")
+
+    def _materialise(self, collection: str, speaker_id: str) -> tuple[SpeakerRecord, bool]:
+        """Recompute the speaker's row from all its deltas until no other writer added one meanwhile."""
+        name = milvus_name("spkv_", collection)
+        for _ in range(20):
+            deltas = sorted(self._deltas(collection, speaker_id), key=lambda d: (d["ts"], d["pk"]))
+            total = np.sum([np.asarray(d["sum"], dtype=np.float64) for d in deltas], axis=0)  # (D,)
+            meta: dict[str, str] = {}
+            for d in deltas:
+                meta.update(d["meta"])
+            speech = sum(float(d["speech"]) for d in deltas)
+            row = {"pk": speaker_id, "sum": total.tolist(), "count": int(sum(d["count"] for d in deltas)),
+                   "speech": speech, "meta": meta, "created": int(deltas[0]["ts"]), "updated": int(deltas[-1]["ts"]),
+                   "deltas": len(deltas), "vec": (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32).tolist()}
+            self._call(self.client.upsert, name, [row])
+            if len(self._deltas(collection, speaker_id)) == len(deltas):
+                rec = self._record(row)
+                self._stats(collection, [rec])
+                return rec, len(deltas) == 1
+        raise StoreUnavailable(f"speaker store: speaker_id {quoted(speaker_id)} kept changing under concurrent "
+                               "appends; its enrollment is stored, retry to see the result")
+
+    def delete(self, collection: str, speaker_id: str, opt_out: bool = False) -> SpeakerRecord | None:
+        with self._lock:
+            try:
+                rec = self.get(collection, speaker_id)
+            except NotFound:
+                if not opt_out:
+                    raise
+                rec = None
+            tomb = self._tombstone(collection, speaker_id)
+            self._call(self.client.upsert, _TOMBSTONES, [{"pk": f"{collection}/{tomb}", "c": collection, "vec": [1.0, 0.0]}])
+            if rec is not None:
+                self._call(self.client.delete, milvus_name("spkd_", collection), filter=f"spk == {_q(speaker_id)}")
+                self._call(self.client.delete, milvus_name("spkv_", collection), filter=f"pk == {_q(speaker_id)}")
+            return rec
+
+    def touch(self, collection: str, speaker_ids: list[str]) -> None:
+        """Not recorded on this backend (retention counts from the last enrollment)."""
+
+    def expire(self, older_than_ms: int) -> int:
+        n = 0
+        for info in self.collections():
+            rows = self._call(self.client.query, milvus_name("spkv_", info.name), filter=f"updated < {int(older_than_ms)}",
+                              output_fields=["pk"], limit=_MAX_ROWS, consistency_level="Strong")
+            for r in rows:
+                self.delete(info.name, r["pk"])
+                n += 1
+        return n
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,157 @@
+"""One contract for every speaker store backend: the local store and Milvus (Milvus Lite here;
+a Milvus server with SPKSERVE_TEST_MILVUS_URI)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from service.errors import FailedPrecondition, NotFound
+from service.store import LocalStore
+
+
+def units(n, dim=16, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)  # (N, D)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _milvus(tmp_path):
+    pytest.importorskip("pymilvus")
+    from service.store.milvus import MilvusStore
+
+    uri = os.environ.get("SPKSERVE_TEST_MILVUS_URI") or str(tmp_path / "milvus.db")
+    if not uri.startswith("http"):
+        pytest.importorskip("milvus_lite")
+    return MilvusStore(uri)
+
+
+@pytest.fixture(params=["local", "milvus"])
+def store(request, tmp_path):
+    s = LocalStore(tmp_path / "local") if request.param == "local" else _milvus(tmp_path)
+    yield s
+    s.close()
+
+
+def test_appends_are_exact_and_records_complete(store):
+    e = units(4)
+    store.enroll("c", "m", "x", e[:2], {"a": "1"}, speech=2.0, model_version="1")
+    rec, created = store.enroll("c", "m", "x", e[2:], {"b": "2"}, speech=1.5, model_version="1")
+    assert not created and rec.count == 4 and rec.metadata == {"a": "1", "b": "2"} and rec.speech == pytest.approx(3.5)
+    np.testing.assert_allclose(rec.sum, e.astype(np.float64).sum(0), atol=1e-6)
+    got = store.get("c", "x")
+    np.testing.assert_allclose(got.voiceprint, rec.voiceprint, atol=1e-6)
+    assert store.collection_binding("c") == ("m", "1")
+    info = {i.name: i for i in store.collections()}["c"]
+    assert (info.model, info.dim, info.speaker_count, info.model_version) == ("m", 16, 1, "1")
+
+
+def test_search_paging_and_errors(store):
+    e = units(12, seed=1)
+    for i in range(12):
+        store.enroll("c", "m", f"s{i:02d}", e[i:i + 1], speech=5.0 if i % 2 else 1.0)
+    hits = store.search("c", "m", e[3], 3)
+    assert hits[0][0].speaker_id == "s03" and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    odd = store.search("c", "m", e[4], 3, keep=lambda r: r.speech >= 5.0)
+    assert len(odd) == 3 and all(int(r.speaker_id[1:]) % 2 for r, _ in odd)
+    page, total = store.list("c", 5, 4)
+    assert total == 12 and [r.speaker_id for r in page] == ["s05", "s06", "s07", "s08"]
+    with pytest.raises(FailedPrecondition, match="model 'm'"):
+        store.enroll("c", "other", "z", e[:1])
+    with pytest.raises(FailedPrecondition, match="dim 16"):
+        store.search("c", "m", units(1, dim=8)[0], 1)
+    with pytest.raises(NotFound, match="collection"):
+        store.get("nope", "s01")
+    with pytest.raises(NotFound, match="speaker_id"):
+        store.get("c", "nope")
+
+
+def test_delete_tombstone_and_opt_out(store):
+    store.enroll("c", "m", "a", units(1))
+    store.enroll("c", "m", "b", units(1, seed=1))
+    assert store.delete("c", "a").speaker_id == "a"
+    with pytest.raises(NotFound):
+        store.get("c", "a")
+    assert "a" not in [h[0].speaker_id for h in store.search("c", "m", units(1)[0], 5)]
+    with pytest.raises(FailedPrecondition, match="allow_reenroll"):
+        store.enroll("c", "m", "a", units(1))
+    assert store.delete("c", "never", opt_out=True) is None
+    with pytest.raises(FailedPrecondition, match="allow_reenroll"):
+        store.enroll("c", "m", "never", units(1))
+    rec, created = store.enroll("c", "m", "a", units(1, seed=2), allow_reenroll=True)
+    assert created and rec.count == 1
+
+
+def test_version_binding(store):
+    store.enroll("c", "m", "a", units(1), model_version="1")
+    with pytest.raises(FailedPrecondition, match="version '1'"):
+        store.enroll("c", "m", "b", units(1), model_version="2")
+    with pytest.raises(FailedPrecondition, match="version"):
+        store.search("c", "m", units(1)[0], 1, model_version="2")
+
+
+def test_concurrent_appends_to_one_speaker_lose_nothing(store, tmp_path):
+    """Two writers (for Milvus: two clients, as two replicas would be) append to the same speaker at once."""
+    e = units(40, seed=3)
+    others = [store, store]
+    if not isinstance(store, LocalStore):
+        from service.store.milvus import MilvusStore
+
+        others = [store, MilvusStore(store.uri)] if store.uri.startswith("http") else [store, store]
+    errors = []
+
+    def writer(s, part):
+        try:
+            for i in part:
+                s.enroll("c", "m", "shared", e[i:i + 1])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(others[k], range(k, 40, 2))) for k in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    rec = store.get("c", "shared")
+    assert rec.count == 40
+    np.testing.assert_allclose(rec.sum, e.astype(np.float64).sum(0), atol=1e-5)
+
+
+def test_server_on_milvus_enrolls_identifies_and_deletes(model_repo, tmp_path):
+    pytest.importorskip("milvus_lite")
+    import grpc
+
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+    from tests.conftest import ServerThread, make_config
+
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], index_backend="milvus",
+                                   milvus_uri=str(tmp_path / "milvus.db")))
+    v = units(2, dim=256, seed=5)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            for i in range(2):
+                s.Enroll(pb.EnrollRequest(collection="t", speaker_id=f"p{i}", embeddings=[
+                    pb.Embedding(values=v[i].tolist(), speech_seconds=5)]))
+            hit = s.Identify(pb.IdentifyRequest(collection="t", probe=pb.Probe(embedding=pb.Embedding(values=v[1].tolist()))))
+            assert hit.candidates[0].speaker_id == "p1"
+            s.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="t", speaker_id="p1"))
+            assert s.ListSpeakers(pb.ListSpeakersRequest(collection="t")).total_size == 1
+            assert {c.name for c in s.ListCollections(pb.ListCollectionsRequest()).collections} == {"t"}
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("opts, words", [
+    (dict(index_backend="milvus"), "milvus_uri"),
+    (dict(index_backend="milvus", milvus_uri="ftp://x"), "milvus_uri"),
+    (dict(index_backend="milvus", milvus_uri="/tmp/m.db", retain_enrollment_audio=True), "retain_enrollment_audio"),
+    (dict(index_backend="redis"), "index_backend"),
+])
+def test_milvus_options_are_checked(opts, words):
+    from service.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=words):
+        load_config(env={}, overrides=opts)
