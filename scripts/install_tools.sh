@@ -2,6 +2,7 @@
 # Command-line tools the API and metrics checks use, installed into .tools/ (no root needed):
 #   buf      (npm @bufbuild/buf)          lint and breaking-change check of protos/
 #   promtool (Debian's prometheus package) lint of the /metrics exposition
+#   kubectl  (Debian's kubernetes-client, when none is installed) kustomize build of deploy/k8s
 # Idempotent; a tool that cannot be fetched is reported and its checks skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,13 @@ if [ ! -x .tools/bin/promtool ]; then
   fi
   rm -rf "$tmp"
 fi
-ls .tools/node_modules/.bin/buf .tools/bin/promtool 2>/dev/null | sed 's/^/install_tools.sh: have /'
+if ! command -v kubectl >/dev/null && [ ! -x .tools/bin/kubectl ]; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download kubernetes-client >/dev/null 2>&1); then
+    dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$tmp/x" && mkdir -p .tools/bin && cp "$tmp/x/usr/bin/kubectl" .tools/bin/
+  else
+    echo "install_tools.sh: could not download Debian's kubernetes-client; the manifest checks will skip" >&2
+  fi
+  rm -rf "$tmp"
+fi
+ls .tools/node_modules/.bin/buf .tools/bin/promtool .tools/bin/kubectl 2>/dev/null | sed 's/^/install_tools.sh: have /'
