@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need (.venv with the dev extras, generated gRPC code) and run them.
-#   bash scripts/test.sh [pytest args...]   (no args: also the service tests on Python 3.10 and 3.13)
+#   bash scripts/test.sh [pytest args...]   (no args: also the service tests on Python 3.10 and 3.13,
+#                                            and the store contract against a local Milvus server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
@@ -13,4 +14,14 @@ fi
 if [ $# -eq 0 ]; then
   # the service's tests again under the oldest and newest supported CPython (no torch there)
   bash scripts/test_pythons.sh
+  # the speaker-store contract and two replicas against a real Milvus server (PyPI's `milvus`,
+  # started here on 127.0.0.1 and stopped by its PID); skipped when it cannot start
+  if uri=$(bash scripts/milvus_server.sh start); then
+    trap 'bash scripts/milvus_server.sh stop' EXIT
+    echo "== speaker store on the Milvus server at $uri =="
+    SPKSERVE_TEST_MILVUS_URI="$uri" .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_store_contract.py \
+      -k "milvus or replicas"
+  else
+    echo "test.sh: no Milvus server could be started; its integration tests were skipped" >&2
+  fi
 fi

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import uuid
 
 import numpy as np
 import pytest
@@ -25,7 +27,12 @@ def _milvus(tmp_path):
     uri = os.environ.get("SPKSERVE_TEST_MILVUS_URI") or str(tmp_path / "milvus.db")
     if not uri.startswith("http"):
         pytest.importorskip("milvus_lite")
-    return MilvusStore(uri)
+        return MilvusStore(uri)
+    from pymilvus import MilvusClient
+
+    db = f"t{uuid.uuid4().hex[:12]}"  # a fresh database per test on the shared server
+    MilvusClient(uri=uri).create_database(db)
+    return MilvusStore(uri, db=db)
 
 
 @pytest.fixture(params=["local", "milvus"])
@@ -99,7 +106,8 @@ def test_concurrent_appends_to_one_speaker_lose_nothing(store, tmp_path):
     if not isinstance(store, LocalStore):
         from service.store.milvus import MilvusStore
 
-        others = [store, MilvusStore(store.uri)] if store.uri.startswith("http") else [store, store]
+        # on a server: a second client, as a second replica would be (Milvus Lite is one process per file)
+        others = [store, MilvusStore(store.uri, db=store.db)] if store.uri.startswith("http") else [store, store]
     errors = []
 
     def writer(s, part):
@@ -155,3 +163,47 @@ def test_milvus_options_are_checked(opts, words):
 
     with pytest.raises(ConfigError, match=words):
         load_config(env={}, overrides=opts)
+
+
+def test_two_replicas_share_speakers_on_a_milvus_server(model_repo, tmp_path):
+    """Two spkserve servers on one Milvus server: enroll through one, identify and delete through the other."""
+    uri = os.environ.get("SPKSERVE_TEST_MILVUS_URI")
+    if not uri:
+        pytest.skip("needs a Milvus server (SPKSERVE_TEST_MILVUS_URI; scripts/milvus_server.sh start)")
+    import grpc
+    from pymilvus import MilvusClient
+
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+    from tests.conftest import ServerThread, make_config
+
+    db = f"r{uuid.uuid4().hex[:12]}"
+    MilvusClient(uri=uri).create_database(db)
+    servers = [ServerThread(make_config(model_repo, tmp_path / f"d{i}", models=["ge2e"], index_backend="milvus",
+                                        milvus_uri=uri, milvus_db=db)) for i in range(2)]
+    v = units(3, dim=256, seed=7)
+    try:
+        with grpc.insecure_channel(servers[0].target) as a, grpc.insecure_channel(servers[1].target) as b:
+            one, two = pb_grpc.SpeakerServiceStub(a), pb_grpc.SpeakerServiceStub(b)
+            for i in range(3):
+                one.Enroll(pb.EnrollRequest(collection="shared", speaker_id=f"p{i}", embeddings=[
+                    pb.Embedding(values=v[i].tolist(), speech_seconds=5)]))
+            two.Enroll(pb.EnrollRequest(collection="shared", speaker_id="p0", embeddings=[  # append through the other
+                pb.Embedding(values=v[0].tolist(), speech_seconds=5)]))
+            assert one.GetSpeaker(pb.GetSpeakerRequest(collection="shared", speaker_id="p0")).utterance_count == 2
+            probe = pb.Probe(embedding=pb.Embedding(values=v[2].tolist()))
+            deadline = time.monotonic() + 10  # searches are bounded-staleness: allow the other replica a moment
+            while True:
+                hit = two.Identify(pb.IdentifyRequest(collection="shared", probe=probe))
+                if hit.candidates and hit.candidates[0].speaker_id == "p2" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert hit.candidates[0].speaker_id == "p2"
+            two.DeleteSpeaker(pb.DeleteSpeakerRequest(collection="shared", speaker_id="p2"))
+            with pytest.raises(grpc.RpcError) as e:
+                one.GetSpeaker(pb.GetSpeakerRequest(collection="shared", speaker_id="p2"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert one.ListSpeakers(pb.ListSpeakersRequest(collection="shared")).total_size == 2
+    finally:
+        for s in servers:
+            s.stop()

@@ -6,7 +6,7 @@ per spkserve collection two Milvus collections (spkserve collections are bound t
 hence one dimension each, and a tenant is dropped or migrated as a whole):
 
 - ``spkd_<name>``: one row per enrollment (*delta*): the float64 sum of its unit embeddings
-  (JSON), its count, speech and metadata. Rows are only ever inserted, so two replicas
+  (JSON ``{"v": [...]}``: a server takes JSON objects, not arrays), its count, speech and metadata. Rows are only ever inserted, so two replicas
   appending to the same speaker never overwrite each other.
 - ``spkv_<name>``: one row per speaker, the *materialised* voiceprint (unit vector, FLAT or
   HNSW inner-product index) with the exact running sum, count, speech and metadata, recomputed
@@ -75,7 +75,7 @@ class MilvusStore(SpeakerStore):
     def __init__(self, uri: str, token: str = "", db: str = "", options: IndexOptions | None = None):
         from pymilvus import MilvusClient
 
-        self.uri, self.options = uri, options or IndexOptions()
+        self.uri, self.db, self.options = uri, db, options or IndexOptions()
         kw = {"uri": uri}
         if token:
             kw["token"] = token
@@ -151,7 +151,7 @@ class MilvusStore(SpeakerStore):
         return b
 
     def _record(self, row: dict) -> SpeakerRecord:
-        return SpeakerRecord(row["pk"], np.asarray(row["sum"], dtype=np.float64), int(row["count"]), dict(row["meta"]),
+        return SpeakerRecord(row["pk"], np.asarray(row["sum"]["v"], dtype=np.float64), int(row["count"]), dict(row["meta"]),
                              int(row["created"]), int(row["updated"]),
                              speech=None if row["speech"] < 0 else float(row["speech"]),
                              last_used_ms=int(row["updated"]))
@@ -286,7 +286,7 @@ class MilvusStore(SpeakerStore):
                 self._call(self._bind, collection, model, model_version, int(embeddings.shape[1]))
             ts = int(time.time() * 1000)
             self._call(self.client.insert, milvus_name("spkd_", collection), [{
-                "pk": f"{speaker_id}/{uuid.uuid4().hex}", "spk": speaker_id, "sum": embeddings.sum(0).tolist(),
+                "pk": f"{speaker_id}/{uuid.uuid4().hex}", "spk": speaker_id, "sum": {"v": embeddings.sum(0).tolist()},
                 "count": int(len(embeddings)), "speech": float(speech), "meta": metadata, "ts": ts, "vec": [1.0, 0.0]}])
             return self._materialise(collection, speaker_id)
 
@@ -300,12 +300,13 @@ class MilvusStore(SpeakerStore):
         name = milvus_name("spkv_", collection)
         for _ in range(20):
             deltas = sorted(self._deltas(collection, speaker_id), key=lambda d: (d["ts"], d["pk"]))
-            total = np.sum([np.asarray(d["sum"], dtype=np.float64) for d in deltas], axis=0)  # (D,)
+            total = np.sum([np.asarray(d["sum"]["v"], dtype=np.float64) for d in deltas], axis=0)  # (D,)
             meta: dict[str, str] = {}
             for d in deltas:
                 meta.update(d["meta"])
             speech = sum(float(d["speech"]) for d in deltas)
-            row = {"pk": speaker_id, "sum": total.tolist(), "count": int(sum(d["count"] for d in deltas)),
+            # (sum as a JSON object: a Milvus server takes no JSON arrays at the top level)
+            row = {"pk": speaker_id, "sum": {"v": total.tolist()}, "count": int(sum(d["count"] for d in deltas)),
                    "speech": speech, "meta": meta, "created": int(deltas[0]["ts"]), "updated": int(deltas[-1]["ts"]),
                    "deltas": len(deltas), "vec": (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32).tolist()}
             self._call(self.client.upsert, name, [row])
