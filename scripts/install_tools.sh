@@ -33,4 +33,7 @@ if ! command -v kubectl >/dev/null && [ ! -x .tools/bin/kubectl ]; then
   fi
   rm -rf "$tmp"
 fi
-ls .tools/node_modules/.bin/buf .tools/bin/promtool .tools/bin/kubectl 2>/dev/null | sed 's/^/install_tools.sh: have /'
+for tool in .tools/node_modules/.bin/buf .tools/bin/promtool .tools/bin/kubectl; do
+  [ -x "$tool" ] && echo "install_tools.sh: have $tool"
+done
+exit 0  # a missing tool only makes its checks skip

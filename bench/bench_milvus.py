@@ -1,0 +1,162 @@
+"""Speaker search and enrollment: the embedded FAISS store vs a Milvus server.
+
+    bash scripts/milvus_server.sh start 19549
+    .venv/bin/python bench/bench_milvus.py --uri http://127.0.0.1:19549 [--sizes 10000 100000] [--queries 200]
+    bash scripts/milvus_server.sh stop
+
+One run, the same voiceprints and probes for every setup: ``--sizes`` random unit 256-d
+voiceprints are written straight into each store (FAISS: the local store with fsync off;
+Milvus: rows inserted in batches into the collections ``MilvusStore`` uses, then indexed FLAT or
+HNSW M=32), then ``--queries`` probes (a stored voiceprint plus noise, one at a time) go through
+each store's ``search`` (top 10). Reported: p50/p99 latency, recall@10 against exact search,
+hit@1 (the probed speaker first). Then enrollment throughput through ``MilvusStore.enroll``
+(delta insert, recompute, verify) with one writer process and with two (two replicas writing
+at once), against the embedded store's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIM = 256
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def timed_search(store, probes: np.ndarray, k: int = 10) -> tuple[list[float], list[list[str]]]:
+    times, ids = [], []
+    for p in probes:
+        t0 = time.perf_counter()
+        hits = store.search("bench", "m", p, k)
+        times.append(time.perf_counter() - t0)
+        ids.append([r.speaker_id for r, _ in hits])
+    return times, ids
+
+
+def quality(ids: list[list[str]], exact: list[list[str]], truth: list[str]) -> tuple[float, float]:
+    recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, exact)]))
+    hit1 = float(np.mean([a[:1] == [t] for a, t in zip(ids, truth)]))
+    return recall, hit1
+
+
+def milvus_store(uri: str, db: str, index: str):
+    from service.store import IndexOptions
+    from service.store.milvus import MilvusStore
+
+    return MilvusStore(uri, db=db, options=IndexOptions(index_type=index, hnsw_ef_search=128))
+
+
+def populate_milvus(uri: str, vecs: np.ndarray, index: str) -> str:
+    from pymilvus import MilvusClient
+
+    from service.store.milvus import milvus_name
+
+    db = f"b{uuid.uuid4().hex[:10]}"
+    MilvusClient(uri=uri).create_database(db)
+    store = milvus_store(uri, db, index)
+    store._bind("bench", "m", "1", DIM)
+    now = int(time.time() * 1000)
+    name = milvus_name("spkv_", "bench")
+    for i in range(0, len(vecs), 2000):
+        rows = [{"pk": f"s{j:07d}", "sum": {"v": vecs[j].astype(float).tolist()}, "count": 1, "speech": 10.0,
+                 "meta": {}, "created": now, "updated": now, "deltas": 1, "vec": vecs[j].tolist()}
+                for j in range(i, min(i + 2000, len(vecs)))]
+        store.client.insert(name, rows)
+    store.client.flush(name)
+    store.client.load_collection(name)
+    return db
+
+
+def _writer(args) -> int:
+    uri, db, start, n = args
+    store = milvus_store(uri, db, "flat")
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        store.enroll("enr", "m", f"w{i:06d}", unit(rng.normal(size=(1, DIM))), model_version="1")
+    return n
+
+
+def enroll_rate(uri: str, writers: int, n: int) -> float:
+    from pymilvus import MilvusClient
+
+    db = f"e{uuid.uuid4().hex[:10]}"
+    MilvusClient(uri=uri).create_database(db)
+    _writer((uri, db, 10 ** 6, 1))  # create the collections first
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(writers) as pool:
+        done = sum(pool.map(_writer, [(uri, db, k * n, n) for k in range(writers)]))
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--uri", required=True, help="a Milvus server (scripts/milvus_server.sh start PORT)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--enrolls", type=int, default=100, help="per writer")
+    args = ap.parse_args()
+    from service.store import LocalStore
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in args.sizes:
+        vecs = unit(rng.normal(size=(n, DIM)))  # (N, D)
+        pick = rng.choice(n, args.queries, replace=False)
+        probes = unit(vecs[pick] + 0.05 * rng.normal(size=(args.queries, DIM)))  # (Q, D)
+        truth = [f"s{j:07d}" for j in pick]
+        exact = [[f"s{j:07d}" for j in np.argsort(-(vecs @ p))[:10]] for p in probes]
+        with tempfile.TemporaryDirectory() as d:
+            local = LocalStore(d, fsync=False, snapshot_every=10 ** 9)
+            t0 = time.perf_counter()
+            for j in range(n):
+                local.enroll("bench", "m", f"s{j:07d}", vecs[j:j + 1])
+            print(f"{n}: local store populated in {time.perf_counter() - t0:.0f} s", flush=True)
+            local.search("bench", "m", probes[0], 10)  # build the index
+            times, ids = timed_search(local, probes)
+            rows.append((n, "embedded FAISS (flat)", times, *quality(ids, exact, truth)))
+            local.close()
+        for index in ("flat", "hnsw"):
+            t0 = time.perf_counter()
+            db = populate_milvus(args.uri, vecs, index)
+            print(f"{n}: Milvus {index} populated and loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+            store = milvus_store(args.uri, db, index)
+            timed_search(store, probes[:5])  # warm up
+            times, ids = timed_search(store, probes)
+            rows.append((n, f"Milvus server ({index.upper()})", times, *quality(ids, exact, truth)))
+    print("\n| voiceprints | store | p50 ms | p99 ms | recall@10 | hit@1 |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n, name, times, recall, hit1 in rows:
+        t = np.array(times) * 1000
+        print(f"| {n:,} | {name} | {np.percentile(t, 50):.2f} | {np.percentile(t, 99):.2f} | {recall:.3f} | {hit1:.3f} |")
+    with tempfile.TemporaryDirectory() as d:
+        local = LocalStore(d)  # fsync on: what a server does
+        t0 = time.perf_counter()
+        for i in range(args.enrolls):
+            local.enroll("enr", "m", f"w{i}", unit(rng.normal(size=(1, DIM))))
+        local_rate = args.enrolls / (time.perf_counter() - t0)
+        local.close()
+    one, two = enroll_rate(args.uri, 1, args.enrolls), enroll_rate(args.uri, 2, args.enrolls)
+    print("\n| enrollment | enrolls/s |")
+    print("|---|---:|")
+    print(f"| embedded store, fsync on | {local_rate:.1f} |")
+    print(f"| Milvus server, 1 writer | {one:.1f} |")
+    print(f"| Milvus server, 2 writers (two replicas) | {two:.1f} |")
+    print(f"\n2 writers / 1 writer on Milvus: {two / one:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
