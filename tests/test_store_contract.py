@@ -249,3 +249,37 @@ class socket_closed_port:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def test_milvus_going_away_answers_unavailable_and_health_shows_it(tmp_path, monkeypatch):
+    pytest.importorskip("milvus_lite")
+    from service.store import StoreUnavailable
+
+    store = _milvus(tmp_path)
+    store.enroll("c", "m", "a", units(1))
+
+    def away(*args, **kwargs):
+        raise ConnectionError("connection refused")
+
+    real = store.client.query
+    monkeypatch.setattr(store.client, "query", away)
+    with pytest.raises(StoreUnavailable, match="Milvus call failed"):
+        store.get("c", "a")
+    assert not store.writable and store.state().startswith("unavailable")
+    monkeypatch.setattr(store.client, "query", real)  # back
+    assert store.get("c", "a").count == 1 and store.writable
+    store.close()
+
+
+def test_a_foreign_milvus_collection_is_refused_by_name(tmp_path):
+    pytest.importorskip("milvus_lite")
+    from pymilvus import MilvusClient
+
+    from service.store.milvus import MilvusStore
+
+    path = str(tmp_path / "foreign.db")
+    client = MilvusClient(path)
+    client.create_collection("spkserve_tombstones", dimension=8)  # someone else's collection of that name
+    client.close()
+    with pytest.raises(FailedPrecondition, match="'spkserve_tombstones' exists with another schema"):
+        MilvusStore(path)

@@ -76,6 +76,7 @@ class MilvusStore(SpeakerStore):
         from pymilvus import MilvusClient
 
         self.uri, self.db, self.options = uri, db, options or IndexOptions()
+        self._last_error: str | None = None  # the last failed call's error, until a call succeeds
         kw = {"uri": uri}
         if token:
             kw["token"] = token
@@ -84,6 +85,8 @@ class MilvusStore(SpeakerStore):
         try:
             self.client = MilvusClient(**kw)
             self._ensure_registry()
+        except FailedPrecondition:
+            raise  # reached, but holds something else: retrying would not help
         except Exception as e:  # noqa: BLE001 - pymilvus raises many kinds
             raise StoreUnavailable(f"speaker store: Milvus at {uri} is not reachable ({type(e).__name__}: {e})") from None
         self._lock = threading.RLock()  # one thread of this process at a time; other replicas see above
@@ -93,16 +96,20 @@ class MilvusStore(SpeakerStore):
     # -- schema -----------------------------------------------------------------------
     def _call(self, fn, *args, **kw):
         try:
-            return fn(*args, **kw)
+            out = fn(*args, **kw)
         except (NotFound, FailedPrecondition, InvalidArgument):
             raise
         except Exception as e:  # noqa: BLE001
-            raise StoreUnavailable(f"speaker store: Milvus call failed ({type(e).__name__}: {str(e)[:200]})") from None
+            self._last_error = f"Milvus call failed ({type(e).__name__}: {str(e)[:200]})"
+            raise StoreUnavailable(f"speaker store: {self._last_error}") from None
+        self._last_error = None
+        return out
 
     def _create(self, name: str, fields: list[tuple], vector_dim: int, index: str = "FLAT") -> None:
         from pymilvus import DataType, MilvusClient
 
         if self.client.has_collection(name):
+            self._check_schema(name, [f[0] for f in fields], vector_dim)
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2048)
@@ -113,6 +120,17 @@ class MilvusStore(SpeakerStore):
         params = {"M": self.options.hnsw_m, "efConstruction": 200} if index == "HNSW" else {}
         idx.add_index(field_name="vec", index_type=index, metric_type="IP", params=params)
         self.client.create_collection(name, schema=schema, index_params=idx)
+
+    def _check_schema(self, name: str, fields: list[str], vector_dim: int) -> None:
+        """Refuse a Milvus collection of that name made by something else (other fields or dimension)."""
+        desc = self.client.describe_collection(name)
+        have = {f["name"]: f for f in desc["fields"]}
+        missing = sorted(set(fields + ["pk", "vec"]) - set(have))
+        dim = int((have.get("vec", {}).get("params") or {}).get("dim", -1))
+        if missing or dim != vector_dim:
+            raise FailedPrecondition(f"Milvus collection {name!r} exists with another schema (missing fields {missing}, "
+                                     f"vector dimension {dim}, expected {vector_dim}); it was not made by spkserve or "
+                                     "for another model: drop it or use another milvus_db")
 
     def _ensure_registry(self) -> None:
         self._create(_REGISTRY, [("model", "VARCHAR", {"max_length": 256}), ("version", "VARCHAR", {"max_length": 256}),
@@ -242,7 +260,12 @@ class MilvusStore(SpeakerStore):
 
     @property
     def writable(self) -> bool:
-        return True
+        """False after a failed Milvus call, until one succeeds (health shows it meanwhile)."""
+        return self._last_error is None
+
+    def state(self) -> str:
+        """'ok', or the last failed call while Milvus is away."""
+        return "ok" if self._last_error is None else f"unavailable: {self._last_error}"
 
     def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
         self.get(collection, speaker_id)
