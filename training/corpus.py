@@ -51,7 +51,7 @@ import soundfile as sf
 
 from models.audio import resample, to_mono
 
-__all__ = ["Voice", "RESERVED", "discover_voices", "sentences", "build_corpus", "main"]
+__all__ = ["Voice", "RESERVED", "discover_voices", "sentences", "build_corpus", "write_kaldi_dir", "main"]
 
 RESERVED = frozenset({"af1", "de3", "de4", "de5", "de6", "gr2", "hu1", "pl1", "ro1", "sw1", "sw2"})
 MBROLA_LICENCE = "non-free: MBROLA voice licence (non-commercial, non-military use; see the package's copyright file)"
@@ -279,7 +279,8 @@ def _render(group: list[_Job], wav_dir: Path) -> list[tuple[str, str, Path] | No
     return results
 
 
-def _write_kaldi(d: Path, rows: list[tuple[str, str, Path]]) -> None:
+def write_kaldi_dir(d: Path, rows: list[tuple[str, str, Path]]) -> None:
+    """Write ``wav.scp``, ``utt2spk`` and ``spk2utt`` of (utterance, speaker, wav path) rows into ``d``."""
     d.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows)
     (d / "wav.scp").write_text("".join(f"{u} {p}\n" for u, _, p in rows))
@@ -331,7 +332,7 @@ def _write_split(out: Path, split: str, rows: list[tuple[str, str, Path]], seed:
     """Kaldi files (and trials, except for train) of one split; the trial counts."""
     if not rows:
         return None
-    _write_kaldi(out / split, rows)
+    write_kaldi_dir(out / split, rows)
     if split == "train":
         return None
     trials = make_trials(rows, 4, 40, seed)

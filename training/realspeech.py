@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from training.corpus import write_kaldi_dir
+
 __all__ = ["SPEAKERS", "build_real_set", "main"]
 
 # speaker -> [(Debian package, directory under usr/share/asterisk/sounds, file suffix), ...]
@@ -118,13 +120,11 @@ def build_real_set(out: Path, per_speaker: int = 60, min_seconds: float = 1.5, m
             rows.append((utt, spk, path))
             kept += 1
         counts[spk] = kept
-    rows.sort()
-    (out / "wav.scp").write_text("".join(f"{u} {p.resolve()}\n" for u, _, p in rows))
-    (out / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s, _ in rows))
+    rows = sorted((u, s, p.resolve()) for u, s, p in rows)
+    write_kaldi_dir(out, rows)
     by_spk: dict[str, list[str]] = {}
     for u, s, _ in rows:
         by_spk.setdefault(s, []).append(u)
-    (out / "spk2utt").write_text("".join(f"{s} {' '.join(us)}\n" for s, us in sorted(by_spk.items())))
     trials = []
     for s, us in by_spk.items():
         trials += [(a, b, "target") for i, a in enumerate(us) for b in us[i + 1:]]

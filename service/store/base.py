@@ -21,10 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from service.errors import InvalidArgument, Unavailable
+from service.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 __all__ = ["SpeakerRecord", "CollectionInfo", "IndexOptions", "SpeakerStore", "StoreUnavailable", "StoreCorrupt",
-           "StatsFn", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict"]
+           "StatsFn", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict", "check_binding"]
 
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_METADATA = 64
@@ -50,6 +50,21 @@ def version_conflict(collection: str, model: str, bound: str, given: str) -> str
             f"{model!r} is version {given!r}, and voiceprints of different versions cannot be compared. Serve version "
             f"{bound!r} under another repository name for this collection, or enroll the speakers again into a new "
             "collection")
+
+
+def check_binding(collection: str, bound_model: str, bound_dim: int, bound_version: str, model: str, dim: int,
+                  model_version: str, probe: bool) -> None:
+    """Raise FailedPrecondition when vectors of (model, dim, version) meet a collection bound to others.
+
+    ``probe``: the vectors are a search probe (else embeddings to enroll). An empty version on
+    either side is not compared (collections written before versions were kept).
+    """
+    if bound_model != model or bound_dim != dim:
+        what = "the probe is from" if probe else "cannot add embeddings of"
+        raise FailedPrecondition(f"collection {quoted(collection)} holds voiceprints of model {bound_model!r} "
+                                 f"(dim {bound_dim}); {what} model {model!r} (dim {dim})")
+    if bound_version and model_version and bound_version != model_version:
+        raise FailedPrecondition(version_conflict(collection, model, bound_version, model_version))
 
 
 def quoted(value: str, limit: int = 64) -> str:

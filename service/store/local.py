@@ -38,7 +38,7 @@ import numpy as np
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store import legacy
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn,
-                                StoreUnavailable, quoted, validate_metadata, version_conflict)
+                                StoreUnavailable, check_binding, quoted, validate_metadata)
 from service.store.audio import RetainedAudio
 from service.store.faiss_index import CollectionIndex
 from service.store.keys import KeyFile, KeyRing, Sealed
@@ -124,12 +124,8 @@ class LocalStore(Recovery, SpeakerStore):
                model_version: str = "") -> list[tuple[SpeakerRecord, float]]:
         with self._lock:
             coll = self._collection(collection)
-            if coll.model != model or coll.dim != query.shape[0]:
-                raise FailedPrecondition(
-                    f"collection {quoted(collection)} holds voiceprints of model {coll.model!r} (dim {coll.dim}); "
-                    f"the probe is from model {model!r} (dim {query.shape[0]})")
-            if coll.model_version and model_version and coll.model_version != model_version:
-                raise FailedPrecondition(version_conflict(collection, model, coll.model_version, model_version))
+            check_binding(collection, coll.model, coll.dim, coll.model_version, model, query.shape[0], model_version,
+                          probe=True)
             return coll.search(query, k, keep)
 
     def collection_model(self, collection: str) -> str:
@@ -184,12 +180,9 @@ class LocalStore(Recovery, SpeakerStore):
             raise InvalidArgument("embeddings", "must be finite (N, D) values")
         with self._lock:
             coll = self._collections.get(collection)
-            if coll is not None and (coll.model != model or coll.dim != embeddings.shape[1]):
-                raise FailedPrecondition(
-                    f"collection {quoted(collection)} holds voiceprints of model {coll.model!r} (dim {coll.dim}); "
-                    f"cannot add embeddings of model {model!r} (dim {embeddings.shape[1]})")
-            if coll is not None and coll.model_version and model_version and coll.model_version != model_version:
-                raise FailedPrecondition(version_conflict(collection, model, coll.model_version, model_version))
+            if coll is not None:
+                check_binding(collection, coll.model, coll.dim, coll.model_version, model, embeddings.shape[1],
+                              model_version, probe=False)
             tomb = self._keys.tombstone(collection, speaker_id)
             if tomb in self._tombstones.get(collection, ()) and not allow_reenroll:
                 raise FailedPrecondition(

@@ -42,7 +42,7 @@ import numpy as np
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn, StoreUnavailable,
-                                quoted, validate_metadata, version_conflict)
+                                check_binding, quoted, validate_metadata)
 
 __all__ = ["MilvusStore", "milvus_name"]
 
@@ -218,11 +218,7 @@ class MilvusStore(SpeakerStore):
                keep: Callable[[SpeakerRecord], bool] | None = None,
                model_version: str = "") -> list[tuple[SpeakerRecord, float]]:
         bound, version, dim = self._require(collection)
-        if bound != model or dim != query.shape[0]:
-            raise FailedPrecondition(f"collection {quoted(collection)} holds voiceprints of model {bound!r} (dim {dim}); "
-                                     f"the probe is from model {model!r} (dim {query.shape[0]})")
-        if version and model_version and version != model_version:
-            raise FailedPrecondition(version_conflict(collection, model, version, model_version))
+        check_binding(collection, bound, dim, version, model, query.shape[0], model_version, probe=True)
         fetch, out = k, []
         while True:
             hits = self._call(self.client.search, milvus_name("spkv_", collection), data=[query.astype(np.float32).tolist()],
@@ -294,11 +290,8 @@ class MilvusStore(SpeakerStore):
             raise FailedPrecondition("the milvus speaker store keeps no enrollment audio (retain_enrollment_audio)")
         with self._lock:
             b = self._binding(collection)
-            if b is not None and (b[0] != model or b[2] != embeddings.shape[1]):
-                raise FailedPrecondition(f"collection {quoted(collection)} holds voiceprints of model {b[0]!r} (dim {b[2]}); "
-                                         f"cannot add embeddings of model {model!r} (dim {embeddings.shape[1]})")
-            if b is not None and b[1] and model_version and b[1] != model_version:
-                raise FailedPrecondition(version_conflict(collection, model, b[1], model_version))
+            if b is not None:
+                check_binding(collection, b[0], b[2], b[1], model, embeddings.shape[1], model_version, probe=False)
             tomb = self._tombstone(collection, speaker_id)
             if self._tombstoned(collection, tomb):
                 if not allow_reenroll:
