@@ -233,3 +233,33 @@ def test_mixed_lengths_are_batched_with_similar_lengths():
     assert sorted(map(sorted, bucketed)) == [[1000, 1050, 1100, 1200], [8800, 9000, 9500, 10000]]
     unbucketed = run(main(0.0))  # one batch of everything, padded to 10000
     assert len(unbucketed) == 1 and sorted(unbucketed[0]) == sorted([1000, 10000, 1100, 9000, 1050, 9500, 1200, 8800])
+
+
+def test_overload_answers_resource_exhausted_with_a_retry_pushback_trailer():
+    from types import SimpleNamespace
+
+    import grpc
+
+    from service.metrics import Metrics
+    from service.rpc import rpc
+
+    class Context:
+        trailer = None
+
+        def set_trailing_metadata(self, md):
+            self.trailer = md
+
+        async def abort(self, code, message):
+            self.code, self.message = code, message
+
+    class Servicer:
+        ready = True
+        engine = SimpleNamespace(metrics=Metrics())
+
+        @rpc
+        async def Embed(self, request, context):
+            raise Overloaded("model m: the estimated queueing time 1.50 s exceeds ...", 1.5)
+
+    ctx = Context()
+    run(Servicer().Embed(None, ctx))
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and ctx.trailer == (("grpc-retry-pushback-ms", "1500"),)
