@@ -40,7 +40,7 @@ def main() -> None:
         enc.save_pretrained(Path(tmp) / "base")
         del enc
         t0 = time.monotonic()
-        rows = run_experiment(ExperimentConfig(out=str(Path(tmp) / "exp"), checkpoint=str(Path(tmp) / "base"),
+        rows = run_experiment(ExperimentConfig(out=str(Path(tmp) / "exp"), protocol="finetuned", checkpoint=str(Path(tmp) / "base"),
                                                corpus=args.corpus, ratios=[0.5], recovery=[False],
                                                calib_utts=args.calib_utts, eval_max_utts=args.eval_max_utts))
         minutes = (time.monotonic() - t0) / 60

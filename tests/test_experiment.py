@@ -22,10 +22,11 @@ def test_tiny_experiment_writes_results(mini_corpus, tmp_path):
     ckpt = save_checkpoint(build_model(SSLSpeakerConfig(family="wavlm", encoder=dict(TINY_ENCODER), embedding_dim=16)),
                            tmp_path / "tiny.pt")
     out = tmp_path / "exp"
-    rc = main(["--out", str(out), "--checkpoint", str(ckpt), "--corpus", str(mini_corpus), "--ratios", "0.5",
+    rc = main(["--out", str(out), "--protocol", "finetuned", "--checkpoint", str(ckpt), "--corpus", str(mini_corpus), "--ratios", "0.5",
                "--calib-utts", "18", "--recovery-steps", "2", "--ubm-components", "4", "--ivector-rank", "5"])
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
+    assert {r["protocol"] for r in rows} == {"finetuned"}
     assert {(r["method"], r["ratio"], r["recovery"]) for r in rows} == {
         ("unpruned", 0.0, False), ("baseline", 0.5, False), ("baseline", 0.5, True),
         ("protected", 0.5, False), ("protected", 0.5, True)}
@@ -47,7 +48,7 @@ def test_tiny_experiment_writes_results(mini_corpus, tmp_path):
 def test_experiment_bad_input_stops_early(mini_corpus, tmp_path):
     from training.experiment import main
 
-    assert main(["--out", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "missing.pt"), "--corpus", str(mini_corpus)]) == 2
+    assert main(["--out", str(tmp_path / "a"), "--protocol", "finetuned", "--checkpoint", str(tmp_path / "missing.pt"), "--corpus", str(mini_corpus)]) == 2
     assert main(["--out", str(tmp_path / "b"), "--ratios", "1.0", "--corpus", str(mini_corpus)]) == 2
 
 
@@ -58,7 +59,7 @@ def test_recompute_variant_and_determinism(mini_corpus, tmp_path):
 
     torch.manual_seed(0)
     model = build_model(SSLSpeakerConfig(family="wavlm", encoder=dict(TINY_ENCODER), embedding_dim=16)).eval()
-    cfg = ExperimentConfig(out=str(tmp_path / "r"), corpus=str(mini_corpus), calib_utts=12, ubm_components=4,
+    cfg = ExperimentConfig(out=str(tmp_path / "r"), protocol="finetuned", corpus=str(mini_corpus), calib_utts=12, ubm_components=4,
                            ivector_rank=5, ratios=[0.5], recovery=[False], variant="recompute")
     _, waves, _ = load_split(mini_corpus, "train", progress=False)
     a, _, _ = speaker_neuron_sets(model, waves[:12], cfg)
@@ -85,7 +86,7 @@ def test_bad_calibration_data_is_named_before_work_starts(mini_corpus, tmp_path,
     shutil.copytree(mini_corpus, broken)
     scp = (broken / "train" / "wav.scp").read_text().splitlines()
     (broken / "train" / "wav.scp").write_text("\n".join(scp + ["ghost-0 /nonexistent/ghost.wav"]) + "\n")
-    assert main(["--out", str(tmp_path / "a"), "--checkpoint", str(ckpt), "--corpus", str(broken), "--calib-utts", "100"]) == 2
+    assert main(["--out", str(tmp_path / "a"), "--protocol", "finetuned", "--checkpoint", str(ckpt), "--corpus", str(broken), "--calib-utts", "100"]) == 2
     assert "missing" in capsys.readouterr().err
     short = tmp_path / "short"
     shutil.copytree(mini_corpus, short)
@@ -93,8 +94,8 @@ def test_bad_calibration_data_is_named_before_work_starts(mini_corpus, tmp_path,
     sf.write(short / "tiny.wav", np.zeros(1600, np.float32), 16000)  # 0.1 s; the shared fixture stays intact
     lines[0] = f"{lines[0].split()[0]} {short / 'tiny.wav'}"
     (short / "train" / "wav.scp").write_text("\n".join(lines) + "\n")
-    assert main(["--out", str(tmp_path / "b"), "--checkpoint", str(ckpt), "--corpus", str(short), "--calib-utts", "100"]) == 2
+    assert main(["--out", str(tmp_path / "b"), "--protocol", "finetuned", "--checkpoint", str(ckpt), "--corpus", str(short), "--calib-utts", "100"]) == 2
     assert "too short" in capsys.readouterr().err
-    assert main(["--out", str(tmp_path / "c"), "--checkpoint", str(ckpt), "--corpus", str(mini_corpus),
+    assert main(["--out", str(tmp_path / "c"), "--protocol", "finetuned", "--checkpoint", str(ckpt), "--corpus", str(mini_corpus),
                  "--calib-utts", "100", "--k-ivec", "500"]) == 2
     assert "clusters" in capsys.readouterr().err

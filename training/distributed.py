@@ -9,7 +9,9 @@ statistics pass (the part that grows with the calibration set and the model) is 
 rank takes every ``world``-th utterance, and the counts, which are sums, are added across ranks
 with ``all_reduce``, so every rank ends with the statistics one process would have computed
 and the same neuron sets. Everything before it (i-vectors, k-means) is cheap and seeded, and
-runs identically on every rank.
+runs identically on every rank. The downstream's feature pass is sharded the same way and
+gathered (``gather_shards``), its heads train under DistributedDataParallel, and only rank 0
+writes files.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "rank_and_world", "shard", "all_reduce_stats", "is_main"]
+__all__ = ["init", "rank_and_world", "shard", "all_reduce_stats", "is_main", "gather_shards"]
 
 
 def init() -> tuple[int, int]:
@@ -66,3 +68,16 @@ def all_reduce_stats(stats) -> None:
     t = torch.from_numpy(stats.frames).to(device)
     dist.all_reduce(t)
     stats.frames = t.cpu().numpy().astype(np.int64)
+
+
+def gather_shards(part: np.ndarray, n: int) -> np.ndarray:
+    """Reassemble an array computed by ``shard``: rank r holds rows r, r + world, ...; every rank gets all n rows."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return part
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    out = np.empty((n, *part.shape[1:]), dtype=part.dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out

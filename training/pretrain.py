@@ -252,10 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     for f in ("max_minutes", "lr", "crop_seconds", "mask_prob"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
+    ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
+                    % SMALL_WAVLM["num_hidden_layers"])
     ap.add_argument("--no-bf16", action="store_true")
     args = ap.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("no_bf16",)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("no_bf16", "layers")}
     cfg = PretrainConfig(**given, bf16=not args.no_bf16)
+    if args.layers is not None:
+        if args.layers < 1:
+            print(f"pretrain: --layers must be at least 1, got {args.layers}", file=sys.stderr)
+            return 2
+        cfg.encoder["num_hidden_layers"] = args.layers
     try:
         path = pretrain(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -1,0 +1,114 @@
+"""The published protocol end to end on a tiny SSL encoder (the CI-sized ``python -m training.experiment``),
+its statistics, and the bad input it must refuse before the long work starts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.conftest import TINY_ENCODER  # noqa: E402
+
+TINY_ARGS = ["--calib-utts", "18", "--ubm-components", "4", "--ivector-rank", "5", "--seeds", "3", "--random-seeds", "2",
+             "--utts-per-speaker", "6", "--min-speakers", "3", "--head-epochs", "5", "--crop-seconds", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from models.ssl import build_encoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("enc") / "tiny-ssl"
+    build_encoder("wavlm", dict(TINY_ENCODER)).save_pretrained(path)
+    return path
+
+
+def test_tiny_superb_protocol_writes_the_interface(mini_corpus, tiny_encoder, tmp_path):
+    from training.experiment import main
+
+    out = tmp_path / "exp"
+    assert main(["--out", str(out), "--checkpoint", str(tiny_encoder), "--corpus", str(mini_corpus),
+                 "--ratios", "0.5", "0.97", "--metric", "eer", *TINY_ARGS]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    for r in rows:
+        assert {"protocol", "method", "ratio", "seed", "sid_acc", "eer", "mindcf", "params", "rtf"} <= set(r)
+        assert r["protocol"] == "superb" and 0 <= r["sid_acc"] <= 100 and 0 <= r["eer"] <= 100 and r["rtf"] > 0
+    kinds = {(r["method"], r.get("variant"), r["ratio"]) for r in rows}
+    assert kinds == {("unpruned", None, 0.0), ("all_ffn", None, 1.0)} | {
+        (m, v, q) for q in (0.5, 0.97) for m, v in (("baseline", None), ("protected", "once"),
+                                                   ("protected", "recompute"), ("random", None))}
+    assert sum(r["method"] == "unpruned" for r in rows) == 3 and sum(r["method"] == "random" for r in rows) == 4
+    widths = {(r["method"], r["ratio"]): r["ffn_widths"] for r in rows}
+    assert widths[("all_ffn", 1.0)] == [0, 0] and widths[("baseline", 0.97)] == [4, 4]  # 128 - round(0.97 * 128)
+    params = {(r["method"], r["ratio"]): r["params"] for r in rows}
+    assert params[("all_ffn", 1.0)] < params[("baseline", 0.5)] < params[("unpruned", 0.0)]
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) >= {"testable", "headroom", "noise", "metric", "comparisons"} and s["metric"] == "eer"
+    assert isinstance(s["testable"], bool) and s["noise"] > 0
+    assert [c["ratio"] for c in s["comparisons"]] == [0.5, 0.97]
+    for c in s["comparisons"] + s["comparisons_recompute"]:
+        lo, hi = c["ci95"]
+        assert lo <= c["protected_minus_baseline"] <= hi
+    # the summary agrees with the rows it was computed from
+    base = {r["seed"]: r["eer"] for r in rows if r["method"] == "baseline" and r["ratio"] == 0.5}
+    prot = {r["seed"]: r["eer"] for r in rows if r.get("variant") == "once" and r["ratio"] == 0.5}
+    assert s["comparisons"][0]["protected_minus_baseline"] == pytest.approx(np.mean([prot[k] - base[k] for k in base]))
+    unpruned = [r["eer"] for r in rows if r["method"] == "unpruned"]
+    assert s["noise"] == pytest.approx(np.std(unpruned, ddof=1))
+    assert len(s["layer_probe_sid_acc"]["unpruned"]) == 3 and len(s["speaker_neurons_shuffled"]) == 2
+    page = (out / "results.md").read_text()
+    assert "cannot discriminate" in page or "can discriminate" in page
+    for f in ("neurons.json", "neurons.png", "eer_vs_ratio.png", "config.json"):
+        assert (out / f).stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "0"], "seeds must be at least 1"),
+    (["--seeds", "1"], "at least 2 seeds"),
+    (["--ratios", "1.0"], "outside [0, 1)"),
+    (["--ratios", "-0.1"], "outside [0, 1)"),
+    (["--min-speakers", "10"], "needs at least 10"),
+    (["--metric", "eer", "--gate-factor", "0"], "gate_factor must be positive"),
+])
+def test_bad_input_stops_before_the_long_work(mini_corpus, tiny_encoder, tmp_path, capsys, extra, message):
+    from training.experiment import main
+
+    args = ["--out", str(tmp_path / "x"), "--checkpoint", str(tiny_encoder), "--corpus", str(mini_corpus), *TINY_ARGS]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "x" / "neurons.json").exists()  # stopped before the statistics
+
+
+def test_a_checkpoint_that_is_not_an_ssl_encoder_is_refused(mini_corpus, tmp_path, capsys):
+    from models.ssl import SSLSpeakerConfig, build_model, save_checkpoint
+    from training.experiment import main
+
+    finetuned = save_checkpoint(build_model(SSLSpeakerConfig(family="wavlm", encoder=dict(TINY_ENCODER),
+                                                             embedding_dim=16)), tmp_path / "speaker.pt")
+    assert main(["--out", str(tmp_path / "a"), "--checkpoint", str(finetuned), "--corpus", str(mini_corpus)]) == 2
+    assert "--protocol finetuned" in capsys.readouterr().err
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert main(["--out", str(tmp_path / "b"), "--checkpoint", str(other), "--corpus", str(mini_corpus)]) == 2
+    assert "'bert' is not an SSL speech encoder" in capsys.readouterr().err
+
+
+def test_gate_and_paired_statistics():
+    from training.stats import GateError, gate, jaccard, paired_difference
+
+    g = gate([80.0, 82.0, 81.0], [60.0, 61.0, 59.0], "sid_acc")
+    assert g["testable"] and g["headroom"] == pytest.approx(21.0) and g["noise"] == pytest.approx(1.0)
+    assert not gate([80.0, 84.0, 76.0], [70.0, 71.0, 72.0], "sid_acc")["testable"]  # 9 points vs sd 4: 2.25x
+    assert gate([5.0, 5.5], [9.0, 9.5], "eer")["headroom"] == pytest.approx(4.0)  # lower is better
+    with pytest.raises(GateError, match="at least 2 seeds"):
+        gate([80.0], [60.0], "sid_acc")
+    with pytest.raises(GateError, match="every seed gave the same value"):
+        gate([80.0, 80.0], [60.0, 60.0], "sid_acc")
+    d = paired_difference([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])
+    assert d["mean"] == pytest.approx(2.0) and d["ci95"][0] == pytest.approx(2.0 - 4.302653 * 1.0 / np.sqrt(3), abs=1e-4)
+    assert jaccard([np.array([0, 1, 2])], [np.array([1, 2, 3])]) == pytest.approx(0.5)
