@@ -96,12 +96,15 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> VerificationResul
 
 
 def read_trials(path: str | Path) -> list[tuple[str, str, int]]:
-    """Kaldi-style trials: ``utt_a utt_b target|nontarget`` (or 1/0) per line."""
+    """Trials, one per line: Kaldi-style ``utt_a utt_b target|nontarget`` (or 1/0), or the official
+    VoxCeleb list format ``1|0 utt_a utt_b`` (label first)."""
     out = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
+        if len(parts) == 3 and parts[0] in ("1", "0") and parts[2] not in ("target", "nontarget", "1", "0"):
+            parts = [parts[1], parts[2], parts[0]]  # VoxCeleb: label, enrolment, test
         if len(parts) != 3 or parts[2] not in ("target", "nontarget", "1", "0"):
             raise ValueError(f"{path}:{n}: expected 'utt_a utt_b target|nontarget', got {line!r}")
         out.append((parts[0], parts[1], int(parts[2] in ("target", "1"))))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from models.ssl import SSLSpeakerConfig, build_model
 from tests.conftest import TINY_ENCODER
-from training.distributed import all_reduce_stats, shard
+from training.distributed import all_reduce_stats, finish, shard
 from training.neurons import ActivationStats, neuron_sets
 
 
@@ -39,13 +39,15 @@ def _stats(waves, labels, rank=None, world=None):
 
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ok = False
     try:
         waves, labels = _data()
         stats = _stats(waves, labels, rank, world)
         all_reduce_stats(stats)
         np.savez(f"{out_dir}/rank{rank}.npz", frames=stats.frames, *stats.counts)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        finish(ok)
 
 
 def test_two_processes_reduce_to_the_single_process_statistics(tmp_path):

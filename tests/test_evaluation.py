@@ -43,6 +43,8 @@ def test_edge_cases(tmp_path):
         roc(np.array([0.1, 0.2]), np.array([1, 1]))
     (tmp_path / "t").write_text("a b target\nc d nontarget\n")
     assert read_trials(tmp_path / "t") == [("a", "b", 1), ("c", "d", 0)]
+    (tmp_path / "t").write_text("1 id10270/x.wav id10270/y.wav\n0 id10270/x.wav id10300/z.wav\n")  # VoxCeleb lists
+    assert read_trials(tmp_path / "t") == [("id10270/x.wav", "id10270/y.wav", 1), ("id10270/x.wav", "id10300/z.wav", 0)]
     (tmp_path / "t").write_text("a b maybe\n")
     with pytest.raises(ValueError, match=":1:"):
         read_trials(tmp_path / "t")

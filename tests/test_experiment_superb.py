@@ -26,12 +26,18 @@ def tiny_encoder(tmp_path_factory):
     return path
 
 
-def test_tiny_superb_protocol_writes_the_interface(mini_corpus, tiny_encoder, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(mini_corpus, tiny_encoder, tmp_path_factory):
     from training.experiment import main
 
-    out = tmp_path / "exp"
+    out = tmp_path_factory.mktemp("exp") / "one"
     assert main(["--out", str(out), "--checkpoint", str(tiny_encoder), "--corpus", str(mini_corpus),
                  "--ratios", "0.5", "0.97", "--metric", "eer", *TINY_ARGS]) == 0
+    return out
+
+
+def test_tiny_superb_protocol_writes_the_interface(tiny_run):
+    out = tiny_run
     rows = json.loads((out / "results.json").read_text())
     for r in rows:
         assert {"protocol", "method", "ratio", "seed", "sid_acc", "eer", "mindcf", "params", "rtf"} <= set(r)
@@ -112,3 +118,26 @@ def test_gate_and_paired_statistics():
     d = paired_difference([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])
     assert d["mean"] == pytest.approx(2.0) and d["ci95"][0] == pytest.approx(2.0 - 4.302653 * 1.0 / np.sqrt(3), abs=1e-4)
     assert jaccard([np.array([0, 1, 2])], [np.array([1, 2, 3])]) == pytest.approx(0.5)
+
+
+def test_torchrun_two_processes_give_the_single_process_neuron_sets(tiny_run, mini_corpus, tiny_encoder, tmp_path):
+    """The whole experiment under torchrun (2 CPU processes, gloo): sharded statistics and features,
+    DDP heads, rank 0 writes; the neuron sets equal the single-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "training.experiment", "--out", str(out), "--checkpoint", str(tiny_encoder),
+                           "--corpus", str(mini_corpus), "--ratios", "0.5", "0.97", "--metric", "eer", *TINY_ARGS],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((d / "neurons.json").read_text()) for d in (tiny_run, out))
+    assert two["speaker"] == one["speaker"] and two["frames"] == one["frames"]
+    rows_one, rows_two = (json.loads((d / "results.json").read_text()) for d in (tiny_run, out))
+    key = lambda r: (r["method"], r.get("variant"), r["ratio"], r["seed"])  # noqa: E731
+    assert sorted(map(key, rows_one), key=str) == sorted(map(key, rows_two), key=str)
+    widths_one = {key(r): r["ffn_widths"] for r in rows_one}
+    assert all(widths_one[key(r)] == r["ffn_widths"] for r in rows_two)  # the same pruned upstreams

@@ -29,6 +29,14 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
     assert json.loads((tmp_path / "pt" / "config.json").read_text())["max_steps"] == 4
     family, _ = load_encoder(encoder_dir)
     assert family == "wavlm"
+    from training.pretrain import publish
+
+    published = publish(tmp_path / "pt", tmp_path / "published", "python -m training.pretrain ...")
+    prov = json.loads((published / "provenance.json").read_text())
+    assert prov["command"] == "python -m training.pretrain ..." and prov["summary"]["steps"] == 4
+    assert prov["config"]["max_steps"] == 4 and load_encoder(published)[0] == "wavlm"
+    with pytest.raises(FileNotFoundError, match="no finished encoder"):
+        publish(tmp_path / "ft", tmp_path / "nothing", "x")
 
     ft = FinetuneConfig(corpus=str(mini_corpus), encoder=str(encoder_dir), out=str(tmp_path / "ft"), embedding_dim=16,
                         batch_size=2, max_steps=2, crop_seconds=1.0, bf16=False)
@@ -72,3 +80,15 @@ def test_pretrain_bad_corpus(tmp_path):
     from training.pretrain import main
 
     assert main(["--corpus", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, capsys):
+    from training.common import cpu_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags : fpu sse avx2 avx512f avx512_bf16\n")
+    assert cpu_bf16(True, "job", info) and not cpu_bf16(False, "job", info)
+    info.write_text("flags : fpu sse avx2\n")
+    assert not cpu_bf16(True, "pretrain", info)
+    assert "pretrain: this CPU has no native bf16" in capsys.readouterr().out
+    assert not cpu_bf16(True, "job", tmp_path / "missing")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "rank_and_world", "shard", "all_reduce_stats", "is_main", "gather_shards"]
+__all__ = ["init", "finish", "rank_and_world", "shard", "all_reduce_stats", "is_main", "gather_shards"]
 
 
 def init() -> tuple[int, int]:
@@ -33,6 +33,18 @@ def init() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     return rank_and_world()
+
+
+def finish(ok: bool = True) -> None:
+    """Leave the process group, if any. After a successful run every rank first meets at a
+    barrier: a rank that tore down its gloo connections while a peer still used them made the
+    peer abort ("terminate called without an active exception"). After a failure the peers may
+    never arrive, so the group is destroyed at once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:

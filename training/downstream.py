@@ -50,10 +50,12 @@ def crop(wave: np.ndarray, seconds: float, rng: np.random.Generator | None = Non
 
 
 @torch.inference_mode()
-def layer_means(model: SSLSpeakerModel, waves: list[np.ndarray], batch_seconds: float = 40.0) -> np.ndarray:
+def layer_means(model: SSLSpeakerModel, waves: list[np.ndarray], batch_seconds: float = 40.0,
+                bf16: bool = True) -> np.ndarray:
     """Per-utterance mean of every hidden state over its valid frames: (N, L+1, H) float32.
 
-    Utterances are batched by similar length (at most ``batch_seconds`` of padded audio per batch).
+    Utterances are batched by similar length (at most ``batch_seconds`` of padded audio per batch),
+    on the model's device (bf16 autocast there when it is a GPU and ``bf16``).
     """
     order = np.argsort([len(w) for w in waves])
     out: list[np.ndarray | None] = [None] * len(waves)
@@ -69,12 +71,14 @@ def layer_means(model: SSLSpeakerModel, waves: list[np.ndarray], batch_seconds: 
         lengths = np.array([len(waves[k]) for k in idx], dtype=np.int64)
         for b, k in enumerate(idx):
             batch[b, :lengths[b]] = waves[k]
-        states, mask = model.frames(torch.from_numpy(batch), torch.from_numpy(lengths))  # [(B, T', H)], (B, T')
+        dev = next(model.parameters()).device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
+            states, mask = model.frames(torch.from_numpy(batch).to(dev), torch.from_numpy(lengths).to(dev))  # [(B, T', H)]
         m = mask.float().unsqueeze(-1)  # (B, T', 1)
         n = m.sum(1).clamp(min=1.0)  # (B, 1)
         means = torch.stack([(s.float() * m).sum(1) / n for s in states], dim=1)  # (B, L+1, H)
         for b, k in enumerate(idx):
-            out[k] = means[b].numpy()
+            out[k] = means[b].float().cpu().numpy()
         i = j
     return np.stack(out).astype(np.float32)
 

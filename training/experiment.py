@@ -40,7 +40,7 @@ import torch
 from models.ssl import SSLSpeakerModel
 from training.common import load_split
 from training.corpus import read_scp
-from training.distributed import init, is_main
+from training.distributed import finish, init, is_main
 from training.protection import load_speaker_model, speaker_neuron_sets
 from training.prune import PruneError
 from training.stats import HIGHER_IS_BETTER, GateError
@@ -67,7 +67,7 @@ class ExperimentConfig:
     ssl_layer: int = -1  # hidden state used for SSL clusters; -1: the middle one
     sigma: float = 0.8
     top_fraction: float = 0.01
-    calib_utts: int = 400
+    calib_utts: int = 200
     ubm_components: int = 64
     ivector_rank: int = 100
     seed: int = 0
@@ -76,11 +76,13 @@ class ExperimentConfig:
     random_seeds: int = 3
     metric: str = "sid_acc"
     gate_factor: float = 5.0
-    utts_per_speaker: int = 12
+    utts_per_speaker: int = 8
     crop_seconds: float = 3.0
     held_out: float = 0.25
     min_speakers: int = 4
     head_epochs: int = 40
+    save_upstreams: bool = False  # superb: write the most-pruned upstreams to out/upstreams/*.pt
+    device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
     # finetuned protocol
     scope: str = "layer"
     variant: str = "once"  # once | recompute
@@ -185,6 +187,17 @@ def _calibration(cfg: ExperimentConfig, corpus: Path) -> Calibration:
     return Calibration(utts, waves, utt2spk)
 
 
+def _device(name: str) -> torch.device:
+    """The device the superb protocol runs on; under torchrun each rank takes its LOCAL_RANK's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is visible to torch; use --device cpu")
+    return torch.device(name)
+
+
 def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     """Check, then run the configured protocol; returns the result rows (also written to ``cfg.out``)."""
     check_config(cfg)
@@ -199,6 +212,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     _log(f"stage 0: {cfg.protocol} protocol on {path}")
     model, ckpt = load_speaker_model(path)
     if cfg.protocol == "superb":
+        model.to(_device(cfg.device))
         provenance = path / "provenance.json"
         ckpt = {"checkpoint": str(path), **(json.loads(provenance.read_text()) if provenance.is_file() else {})}
     corpus = _corpus(cfg)
@@ -221,25 +235,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", choices=tuple(DEFAULT_CHECKPOINTS))
     ap.add_argument("--checkpoint")
     ap.add_argument("--metric", choices=tuple(HIGHER_IS_BETTER))
+    ap.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     ap.add_argument("--corpus")
     ap.add_argument("--ratios", type=float, nargs="+")
     ap.add_argument("--scope", choices=("layer", "global"))
     ap.add_argument("--variant", choices=("once", "recompute"))
     ap.add_argument("--no-recovery", action="store_true")
+    ap.add_argument("--save-upstreams", action="store_true", help="superb: keep the most-pruned upstreams as .pt")
     for f in ("k_ssl", "k_ivec", "ssl_layer", "calib_utts", "recovery_steps", "eval_max_utts", "seed", "ubm_components",
               "ivector_rank", "seeds", "random_seeds", "utts_per_speaker", "min_speakers", "head_epochs"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     for f in ("sigma", "gate_factor", "crop_seconds", "held_out", "top_fraction"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
     args = ap.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "no_recovery"}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("no_recovery", "save_upstreams")}
+    given["save_upstreams"] = args.save_upstreams
     if args.no_recovery:
         given["recovery"] = [False]
+    ok = False
     try:
         run_experiment(ExperimentConfig(**given))
+        ok = True
     except (PruneError, ValueError, RuntimeError, OSError, subprocess.CalledProcessError) as e:
         print(f"experiment: {e}", file=sys.stderr)
         return 2
+    finally:
+        finish(ok)
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from models.ssl import SSLSpeakerConfig, SSLSpeakerModel, load_encoder, save_checkpoint
-from training.common import RunState, load_split, start_run
+from training.common import RunState, cpu_bf16, load_split, start_run
 
 __all__ = ["FinetuneConfig", "AAMSoftmax", "teacher_embeddings", "finetune", "main"]
 
@@ -121,6 +121,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="finetune", unit="step")
     t_start = time.monotonic() - state.elapsed * 60
+    bf16 = cpu_bf16(cfg.bf16, "finetune")
     while state.step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
         idx = rng.integers(0, len(waves), cfg.batch_size)
         batch = np.zeros((cfg.batch_size, crop), dtype=np.float32)
@@ -137,7 +138,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         for g in opt.param_groups:
             warm = min(1.0, (state.step + 1) / cfg.warmup_steps)
             g["lr"] = g["base"] * warm * 0.5 * (1 + math.cos(math.pi * frac))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             emb = model(torch.from_numpy(batch), torch.from_numpy(lengths))  # (B, D)
         emb = emb.float()
         t = torch.from_numpy(teacher[idx])

@@ -50,10 +50,11 @@ def kmeans_labels(x: np.ndarray, k: int, seed: int = 0, what: str = "points") ->
 @torch.no_grad()
 def ssl_frames(model: SSLSpeakerModel, wave: np.ndarray, layer: int) -> np.ndarray:
     """Hidden states (T', H) of ``layer`` (0 = input to the first Transformer layer) for one utterance."""
-    states, _ = model.frames(torch.from_numpy(wave)[None], torch.tensor([len(wave)]))
+    dev = next(model.parameters()).device
+    states, _ = model.frames(torch.from_numpy(wave)[None].to(dev), torch.tensor([len(wave)], device=dev))
     if not 0 <= layer < len(states):
         raise ValueError(f"layer {layer} out of range: the model has hidden states 0..{len(states) - 1}")
-    return states[layer][0].float().numpy()
+    return states[layer][0].float().cpu().numpy()
 
 
 class ActivationStats:
@@ -87,8 +88,9 @@ class ActivationStats:
     def update(self, wave: np.ndarray, utt_label: int, frame_labels: np.ndarray) -> None:
         """Add one utterance: its label and one label per encoder frame (T',)."""
         handles = [ff.output_dense.register_forward_pre_hook(self._hook(i)) for i, ff in enumerate(self.layers)]
+        dev = next(self.model.parameters()).device
         try:
-            self.model.frames(torch.from_numpy(wave)[None], torch.tensor([len(wave)]))
+            self.model.frames(torch.from_numpy(wave)[None].to(dev), torch.tensor([len(wave)], device=dev))
         finally:
             for h in handles:
                 h.remove()
@@ -97,7 +99,7 @@ class ActivationStats:
             a = act[0, :t].abs()  # (T', ffn)
             if a.shape[0] != t:
                 raise ValueError(f"{t} frame labels for {a.shape[0]} frames")
-            top = torch.topk(a, self.taus[i], dim=1).indices.numpy()  # (T', tau)
+            top = torch.topk(a.float(), self.taus[i], dim=1).indices.cpu().numpy()  # (T', tau)
             for s in np.unique(frame_labels):
                 idx = top[frame_labels == s].ravel()
                 self.counts[i][utt_label, s] += np.bincount(idx, minlength=self.widths[i])

@@ -14,7 +14,8 @@ structure, which is what the compression method (``training/``) clusters.
 
 Resumable: ``out/last.pt`` holds model, optimiser, step and RNG states; the resolved
 config is written to ``out/config.json``; seeds are fixed. bf16 autocast on CPU roughly
-doubles throughput where the processor supports it.
+doubles throughput where the processor has native bf16 (AVX512-BF16, AMX); elsewhere
+the job runs in fp32 (emulated bf16 is far slower).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import torch
 from torch import nn
 
 from models.ssl import build_encoder, load_encoder
-from training.common import RunState, load_split, start_run
+from training.common import RunState, cpu_bf16, load_split, start_run
 from training.features import mfcc
 
-__all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "feature_targets", "pretrain", "main"]
+__all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "feature_targets", "pretrain", "publish", "main"]
 
 # 4-layer WavLM, hidden 256, FFN 1024, thin early convolutions (about 4 M parameters)
 SMALL_WAVLM = dict(
@@ -195,6 +196,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step")
     t_start = time.monotonic() - state.elapsed * 60
+    bf16 = cpu_bf16(cfg.bf16, "pretrain")
     while state.step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
         idx = rng.integers(0, len(waves), cfg.batch_size)
         batch = np.zeros((cfg.batch_size, crop), dtype=np.float32)
@@ -208,7 +210,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         mask = torch.from_numpy(_span_mask(cfg.batch_size, n_frames, cfg.mask_prob, cfg.mask_length, rng))
         for g in opt.param_groups:
             g["lr"] = lr_at(state.step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(torch.from_numpy(batch), mask)  # (B, T', K)
         loss = nn.functional.cross_entropy(logits.float()[mask], torch.from_numpy(tgt)[mask])
         opt.zero_grad(set_to_none=True)
@@ -239,6 +241,30 @@ def pretrain(cfg: PretrainConfig) -> Path:
                                for name in ("config", "summary") if (prev / f"{name}.json").is_file()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return final
+
+
+def publish(run: str | Path, dest: str | Path, command: str) -> Path:
+    """Copy a finished run's encoder to ``dest`` with ``provenance.json``: the run's config and summary,
+    the command that made it, the code's git commit and the corpus manifest's SHA-256."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    run, dest = Path(run), Path(dest)
+    if not (run / "encoder" / "config.json").is_file():
+        raise FileNotFoundError(f"{run / 'encoder'}: no finished encoder in this run")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(run / "encoder", dest)
+    cfg = json.loads((run / "config.json").read_text())
+    manifest = Path(cfg["corpus"]) / "manifest.json"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    prov = {"kind": "SSL-pretrained encoder (no speaker supervision)", "command": command, "config": cfg,
+            "summary": json.loads((run / "summary.json").read_text()), "code_commit": commit or None,
+            "corpus_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
+    (dest / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import torch
 from models.artifact import ModelCard
 from models.export import export_model
 from models.ssl import SSLSpeakerModel, ffn_layers, save_checkpoint
+from training.common import cpu_bf16
 from training.evaluate import EvalSet, embed_with_model, evaluate_embeddings, rtf
 from training.neurons import plot_neuron_counts
 from training.protection import (cluster_labels, load_speaker_model, neuron_sets_for, protect, prune_recompute,
@@ -49,6 +50,7 @@ def _recover(student: SSLSpeakerModel, teacher_emb: np.ndarray, waves: list[np.n
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.recovery_lr)
     crop = 32000
     student.train()
+    bf16 = cpu_bf16(True, "recovery")
     for _ in range(cfg.recovery_steps):
         idx = rng.integers(0, len(waves), cfg.recovery_batch)
         batch = np.zeros((len(idx), crop), dtype=np.float32)
@@ -58,7 +60,7 @@ def _recover(student: SSLSpeakerModel, teacher_emb: np.ndarray, waves: list[np.n
             seg = waves[i][s:s + crop]
             batch[b, :len(seg)] = seg
             lengths[b] = len(seg)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             emb = student(torch.from_numpy(batch), torch.from_numpy(lengths))
         loss = (1 - (emb.float() * torch.from_numpy(teacher_emb[idx])).sum(1)).mean()
         opt.zero_grad(set_to_none=True)

@@ -6,7 +6,9 @@ Stages (each prints what it did):
    (unseen speakers) for verification; checked before any long work;
 2. calibration clusters and activation statistics of the unpruned upstream -> speaker neurons
    (``neurons.json``, ``neurons.png``), with a label-shuffled control count (how many
-   "speaker neurons" the same statistics mark when the i-vector clusters are random);
+   "speaker neurons" the same statistics mark when the i-vector clusters are random), and the
+   kept neuron sets of every method and ratio (the recompute-per-layer variant's statistics
+   passes included, so under torchrun every collective happens here);
 3. controls: the unpruned upstream and the upstream with every FFN neuron removed, each with a
    fresh head per seed -> the sensitivity gate (stops here if it cannot be computed);
 4. for every ratio: norm-only ("baseline"), protected with sets computed once, protected with
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from models.evaluation import cosine_scores, evaluate_scores, read_trials
-from models.ssl import SSLSpeakerModel, ffn_layers
+from models.ssl import SSLSpeakerModel, ffn_layers, save_checkpoint
 from training.common import load_split
 from training.corpus import read_scp
 from training.distributed import gather_shards, is_main, shard
@@ -200,6 +202,9 @@ def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calib: Any, t0: flo
             rows += r
             if ratio == max(cfg.ratios):
                 probes[f"{name}-r{round(ratio * 100)}"] = layer_probe(x, data.sid_labels, cfg.seed)
+                if cfg.save_upstreams and is_main():  # for training.analysis (pruned vs unpruned)
+                    (out / "upstreams").mkdir(exist_ok=True)
+                    save_checkpoint(up.cpu(), out / "upstreams" / f"{name}-r{round(ratio * 100)}.pt")
         random_sets = []
         for j in range(cfg.random_seeds):
             keep = random_keep(widths, ratio, 1000 + j)

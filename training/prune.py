@@ -117,11 +117,13 @@ def slice_ffn(ff: nn.Module, keep: np.ndarray) -> None:
     """Physically keep only neurons ``keep`` of one feed-forward block (fc1 rows/bias, fc2 columns)."""
     fc1, fc2 = ff.intermediate_dense, ff.output_dense
     idx = torch.as_tensor(keep, dtype=torch.long)
-    new1 = nn.Linear(fc1.in_features, len(keep), bias=fc1.bias is not None)
+    idx = idx.to(fc1.weight.device)
+    kw = {"device": fc1.weight.device, "dtype": fc1.weight.dtype}  # stays where the model is (a GPU too)
+    new1 = nn.Linear(fc1.in_features, len(keep), bias=fc1.bias is not None, **kw)
     new1.weight.copy_(fc1.weight[idx])
     if fc1.bias is not None:
         new1.bias.copy_(fc1.bias[idx])
-    new2 = nn.Linear(len(keep), fc2.out_features, bias=fc2.bias is not None)
+    new2 = nn.Linear(len(keep), fc2.out_features, bias=fc2.bias is not None, **kw)
     new2.weight.copy_(fc2.weight[:, idx])
     if fc2.bias is not None:
         new2.bias.copy_(fc2.bias)
