@@ -161,7 +161,6 @@ class ServerConfig:
             need(scheme in ("", "http", "https", "tcp", "grpc"), "milvus_uri",
                  "must be http(s)://host:port (a Milvus server) or a file path (Milvus Lite)")
             need(not self.retain_enrollment_audio, "retain_enrollment_audio", "is not supported with index_backend = 'milvus'")
-            need(self.index_type in ("flat", "hnsw"), "index_type", "must be flat or hnsw with index_backend = 'milvus'")
         need(self.hnsw_m >= 4, "hnsw_m", "must be >= 4")
         need(self.hnsw_ef_search >= 1, "hnsw_ef_search", "must be >= 1")
         need(self.ivf_nlist >= 1, "ivf_nlist", "must be >= 1")

@@ -67,6 +67,7 @@ def test_tiny_superb_protocol_writes_the_interface(tiny_run):
     assert len(s["layer_probe_sid_acc"]["unpruned"]) == 3 and len(s["speaker_neurons_shuffled"]) == 2
     page = (out / "results.md").read_text()
     assert "cannot discriminate" in page or "can discriminate" in page
+    assert "The same gate on every metric" in page and "mindcf headroom" in page
     for f in ("neurons.json", "neurons.png", "eer_vs_ratio.png", "config.json"):
         assert (out / f).stat().st_size > 0
 
@@ -78,6 +79,7 @@ def test_tiny_superb_protocol_writes_the_interface(tiny_run):
     (["--ratios", "-0.1"], "outside [0, 1)"),
     (["--min-speakers", "10"], "needs at least 10"),
     (["--metric", "eer", "--gate-factor", "0"], "gate_factor must be positive"),
+    (["--downstream-condition", "radio"], "downstream_condition 'radio' is not a condition"),
 ])
 def test_bad_input_stops_before_the_long_work(mini_corpus, tiny_encoder, tmp_path, capsys, extra, message):
     from training.experiment import main
@@ -87,6 +89,22 @@ def test_bad_input_stops_before_the_long_work(mini_corpus, tiny_encoder, tmp_pat
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "x" / "neurons.json").exists()  # stopped before the statistics
+
+
+def test_gate_only_on_telephone_audio_stops_after_the_controls(mini_corpus, tiny_encoder, tmp_path):
+    """--gate-only runs the controls and the gate only; --downstream-condition changes the audio the heads see."""
+    from training.experiment import main
+
+    out = tmp_path / "gate"
+    assert main(["--out", str(out), "--checkpoint", str(tiny_encoder), "--corpus", str(mini_corpus), "--gate-only",
+                 "--downstream-condition", "telephone", "--metric", "eer", *TINY_ARGS]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"unpruned", "all_ffn"} and len(rows) == 2 * 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gate_only"] and summary["comparisons"] == [] and summary["data"]["condition"] == "telephone"
+    assert {"testable", "headroom", "noise", "metric"} <= set(summary)
+    page = (out / "results.md").read_text()
+    assert "--gate-only" in page and "`telephone` channel" in page
 
 
 def test_a_checkpoint_that_is_not_an_ssl_encoder_is_refused(mini_corpus, tmp_path, capsys):

@@ -20,19 +20,19 @@ def units(n, dim=16, seed=0):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _milvus(tmp_path):
+def _milvus(tmp_path, options=None):
     pytest.importorskip("pymilvus")
     from service.store.milvus import MilvusStore
 
     uri = os.environ.get("SPKSERVE_TEST_MILVUS_URI") or str(tmp_path / "milvus.db")
     if not uri.startswith("http"):
         pytest.importorskip("milvus_lite")
-        return MilvusStore(uri)
+        return MilvusStore(uri, options=options)
     from pymilvus import MilvusClient
 
     db = f"t{uuid.uuid4().hex[:12]}"  # a fresh database per test on the shared server
     MilvusClient(uri=uri).create_database(db)
-    return MilvusStore(uri, db=db)
+    return MilvusStore(uri, db=db, options=options)
 
 
 @pytest.fixture(params=["local", "milvus"])
@@ -73,6 +73,25 @@ def test_search_paging_and_errors(store):
         store.get("nope", "s01")
     with pytest.raises(NotFound, match="speaker_id"):
         store.get("c", "nope")
+
+
+@pytest.mark.parametrize("backend", ["local", "milvus"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_every_index_type_finds_the_probed_speaker(backend, kind, tmp_path):
+    """flat, hnsw and ivf on both backends (Milvus: FLAT, HNSW, IVF_FLAT); reported by collections()."""
+    from service.store import IndexOptions
+
+    opts = IndexOptions(index_type=kind, ivf_nlist=1, ivf_nprobe=1)  # local IVF trains from 39 x nlist points
+    store = LocalStore(tmp_path / "local", opts, fsync=False) if backend == "local" else _milvus(tmp_path, opts)
+    try:
+        e = units(64, seed=3)
+        for i in range(64):
+            store.enroll("c", "m", f"s{i:02d}", e[i:i + 1])
+        for i in (0, 17, 63):
+            assert store.search("c", "m", e[i], 1)[0][0].speaker_id == f"s{i:02d}"
+        assert [c.index_type for c in store.collections()] == [kind]
+    finally:
+        store.close()
 
 
 def test_delete_tombstone_and_opt_out(store):

@@ -35,6 +35,12 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
     prov = json.loads((published / "provenance.json").read_text())
     assert prov["command"] == "python -m training.pretrain ..." and prov["summary"]["steps"] == 4
     assert prov["config"]["max_steps"] == 4 and load_encoder(published)[0] == "wavlm"
+    from training.pretrain import main
+
+    assert main(["--corpus", str(mini_corpus), "--out", str(tmp_path / "cli"), "--max-steps", "0", "--layers", "1",
+                 "--n-clusters", "4", "--crop-seconds", "1.0", "--batch-size", "2", "--no-bf16",
+                 "--publish", str(tmp_path / "via-cli")]) == 0
+    assert "--publish" in json.loads((tmp_path / "via-cli" / "provenance.json").read_text())["command"]
     with pytest.raises(FileNotFoundError, match="no finished encoder"):
         publish(tmp_path / "ft", tmp_path / "nothing", "x")
 

@@ -1,6 +1,6 @@
 """Where speaker information lives: layer-wise analysis of one or several SSL encoders.
 
-    .venv/bin/python -m training.analysis --out DIR --model pretrained=models/checkpoints/ssl-pretrained-l8 \
+    .venv/bin/python -m training.analysis --out DIR --model pretrained=models/checkpoints/ssl-pretrained \
         --model finetuned=models/checkpoints/ssl-sv-small.pt [--corpus corpus] [--utts-per-speaker 6]
 
 For every model (an SSL ``save_pretrained`` directory or a ``{state_dict, config}`` speaker

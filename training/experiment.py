@@ -3,6 +3,8 @@
     .venv/bin/python -m training.experiment --out DIR                       # the published protocol
     .venv/bin/python -m training.experiment --out DIR --protocol finetuned  # the fine-tuned-model protocol
     torchrun --nproc-per-node 2 -m training.experiment --out DIR ...        # statistics/features sharded
+    .venv/bin/python -m training.experiment --out DIR --gate-only [--downstream-condition telephone]
+                                                    # is this testbed able to show anything? (minutes)
 
 Two protocols, every row labelled with its ``protocol``:
 - ``superb`` (default, the published one; ``training.protocol_superb``): the SSL-pretrained upstream
@@ -82,6 +84,8 @@ class ExperimentConfig:
     min_speakers: int = 4
     head_epochs: int = 40
     save_upstreams: bool = False  # superb: write the most-pruned upstreams to out/upstreams/*.pt
+    gate_only: bool = False  # superb: stop after the controls and the gate (a cheap check of a testbed)
+    downstream_condition: str | None = None  # superb: a training.channels condition applied to the downstream's audio
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
     # finetuned protocol
     scope: str = "layer"
@@ -134,6 +138,12 @@ def check_config(cfg: ExperimentConfig) -> None:
             raise GateError(f"gate_factor must be positive, got {cfg.gate_factor}")
         if not 0 < cfg.held_out < 1:
             raise ValueError(f"held_out must be in (0, 1), got {cfg.held_out}")
+        if cfg.downstream_condition is not None:
+            from training.channels import CONDITIONS
+
+            if cfg.downstream_condition not in CONDITIONS:
+                raise ValueError(f"downstream_condition {cfg.downstream_condition!r} is not a condition; "
+                                 f"use one of {sorted(CONDITIONS)}")
         if cfg.utts_per_speaker < 2:
             raise ValueError(f"utts_per_speaker must be at least 2 (one to train, one held out), got {cfg.utts_per_speaker}")
 
@@ -220,7 +230,8 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     if cfg.protocol == "superb":
         from training.protocol_superb import load_downstream_data, run_superb
 
-        load_downstream_data(corpus, cfg.utts_per_speaker, cfg.crop_seconds, cfg.min_speakers, cfg.seed)  # check first
+        load_downstream_data(corpus, cfg.utts_per_speaker, cfg.crop_seconds, cfg.min_speakers, cfg.seed,
+                             load=False)  # check first
         return run_superb(cfg, model, ckpt, calib, t0)[0]
     from training.protocol_finetuned import run_finetuned
 
@@ -242,14 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=("once", "recompute"))
     ap.add_argument("--no-recovery", action="store_true")
     ap.add_argument("--save-upstreams", action="store_true", help="superb: keep the most-pruned upstreams as .pt")
+    ap.add_argument("--gate-only", action="store_true", help="superb: stop after the controls and the sensitivity gate")
+    ap.add_argument("--downstream-condition", help="superb: pass the downstream's audio through this channel "
+                                                   "(training.channels: telephone, gsm, amr, opus, mp3, noise, reverb...)")
     for f in ("k_ssl", "k_ivec", "ssl_layer", "calib_utts", "recovery_steps", "eval_max_utts", "seed", "ubm_components",
               "ivector_rank", "seeds", "random_seeds", "utts_per_speaker", "min_speakers", "head_epochs"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     for f in ("sigma", "gate_factor", "crop_seconds", "held_out", "top_fraction"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
     args = ap.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("no_recovery", "save_upstreams")}
-    given["save_upstreams"] = args.save_upstreams
+    flags = ("save_upstreams", "gate_only")
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("no_recovery", *flags)}
+    given.update({k: getattr(args, k) for k in flags})
     if args.no_recovery:
         given["recovery"] = [False]
     ok = False

@@ -281,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
                     % SMALL_WAVLM["num_hidden_layers"])
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--publish", metavar="DEST", help="copy the finished encoder to DEST with provenance.json "
+                                                      "(e.g. models/checkpoints/ssl-pretrained)")
     args = ap.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("no_bf16", "layers")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("no_bf16", "layers", "publish")}
     cfg = PretrainConfig(**given, bf16=not args.no_bf16)
     if args.layers is not None:
         if args.layers < 1:
@@ -295,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain: {e}", file=sys.stderr)
         return 2
     print(f"encoder saved to {path}")
+    if args.publish:
+        command = "python -m training.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+        print(f"published to {publish(cfg.out, args.publish, command)}")
     return 0
 
 

@@ -3,7 +3,8 @@
 Stages (each prints what it did):
 1. downstream data: up to ``utts_per_speaker`` utterances of every training speaker (cropped to
    ``crop_seconds``) for speaker identification, the evaluation split's utterances and trials
-   (unseen speakers) for verification; checked before any long work;
+   (unseen speakers) for verification, optionally passed through a channel
+   (``downstream_condition``: telephone, codecs, noise...); checked before any long work;
 2. calibration clusters and activation statistics of the unpruned upstream -> speaker neurons
    (``neurons.json``, ``neurons.png``), with a label-shuffled control count (how many
    "speaker neurons" the same statistics mark when the i-vector clusters are random), and the
@@ -12,7 +13,8 @@ Stages (each prints what it did):
 3. controls: the unpruned upstream and the upstream with every FFN neuron removed, each with a
    fresh head per seed -> the sensitivity gate (stops here if it cannot be computed);
 4. for every ratio: norm-only ("baseline"), protected with sets computed once, protected with
-   sets recomputed per layer, and random pruning (``random_seeds`` draws); one head per seed;
+   sets recomputed per layer, and random pruning (``random_seeds`` draws); one head per seed
+   (skipped with ``gate_only``, as are stage 2's kept sets: a cheap check of a testbed);
 5. ``results.json`` (rows), ``summary.json`` (gate and paired comparisons), ``results.md``
    and plots (``training.report``).
 
@@ -65,8 +67,11 @@ class DownstreamData:
 
 
 def load_downstream_data(corpus: str | Path, utts_per_speaker: int, crop_seconds: float, min_speakers: int,
-                         seed: int) -> DownstreamData:
+                         seed: int, condition: str | None = None, load: bool = True) -> DownstreamData | None:
     """Pick, load and crop the downstream utterances; refuse a corpus too small for the split.
+
+    ``condition`` (a ``training.channels`` condition such as ``telephone``) passes every cropped
+    utterance through that channel and back to 16 kHz; ``load=False`` only checks the corpus.
 
     Raises:
         ValueError: fewer than ``min_speakers`` training speakers with at least two utterances, or
@@ -82,6 +87,14 @@ def load_downstream_data(corpus: str | Path, utts_per_speaker: int, crop_seconds
     if len(usable) < min_speakers:
         raise ValueError(f"{corpus / 'train'}: {len(usable)} speakers have at least 2 utterances; the downstream split "
                          f"needs at least {min_speakers} (add speakers to the corpus or lower --min-speakers)")
+    ev = corpus / "eval"
+    if not (ev / "trials").is_file():
+        raise FileNotFoundError(f"{ev / 'trials'}: missing; verification on unseen speakers needs the eval split's trials")
+    trials = read_trials(ev / "trials")
+    if not {t for _, _, t in trials} >= {0, 1}:
+        raise ValueError(f"{ev / 'trials'}: needs both target (1) and non-target (0) trials")
+    if not load:
+        return None
     rng = np.random.default_rng(seed)
     speakers = sorted(usable)
     pick, labels = [], []
@@ -92,16 +105,24 @@ def load_downstream_data(corpus: str | Path, utts_per_speaker: int, crop_seconds
         labels += [k] * len(chosen)
     _, waves, _ = load_split(corpus, "train", pick, progress=False)
     waves = [crop(w, crop_seconds, rng) for w in waves]
-    ev = corpus / "eval"
-    if not (ev / "trials").is_file():
-        raise FileNotFoundError(f"{ev / 'trials'}: missing; verification on unseen speakers needs the eval split's trials")
-    trials = read_trials(ev / "trials")
     eval_utts = sorted({u for a, b, _ in trials for u in (a, b)})
-    if not {t for _, _, t in trials} >= {0, 1}:
-        raise ValueError(f"{ev / 'trials'}: needs both target (1) and non-target (0) trials")
     _, eval_waves, _ = load_split(corpus, "eval", eval_utts, progress=False)
     eval_waves = [crop(w, crop_seconds, rng) for w in eval_waves]
+    if condition is not None:
+        waves, eval_waves = _through(condition, waves, rng), _through(condition, eval_waves, rng)
     return DownstreamData(waves, np.asarray(labels, dtype=np.int64), speakers, eval_utts, eval_waves, trials)
+
+
+def _through(condition: str, waves: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Every waveform through one channel condition, back at 16 kHz."""
+    from models.audio import resample
+    from training.channels import apply_condition
+
+    out = []
+    for w in waves:
+        y, rate = apply_condition(condition, w, rng)
+        out.append((resample(y, rate, 16000) if rate != 16000 else y).astype(np.float32))
+    return out
 
 
 def _upstream_rows(model: SSLSpeakerModel, data: DownstreamData, seeds: list[int], cfg: Any, hcfg: HeadConfig,
@@ -151,7 +172,9 @@ def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calib: Any, t0: flo
     seeds = list(range(cfg.seeds))
     hcfg = HeadConfig(epochs=cfg.head_epochs)
     _log("stage 1: downstream data")
-    data = load_downstream_data(cfg.corpus, cfg.utts_per_speaker, cfg.crop_seconds, cfg.min_speakers, cfg.seed)
+    data = load_downstream_data(cfg.corpus, cfg.utts_per_speaker, cfg.crop_seconds, cfg.min_speakers, cfg.seed,
+                                cfg.downstream_condition)
+    ratios = [] if cfg.gate_only else list(cfg.ratios)
     _log(f"{len(data.sid_waves)} SID utterances of {len(data.speakers)} speakers, {len(data.eval_utts)} evaluation "
          f"utterances, {len(data.trials)} trials; {data.seconds / 60:.1f} min of audio per upstream")
 
@@ -170,7 +193,7 @@ def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calib: Any, t0: flo
     widths = [len(s) for s in scores]
     kept: dict[float, dict[str, list[np.ndarray]]] = {}
     truncation = {}
-    for ratio in cfg.ratios:  # every statistics pass (the recompute variant's too) happens here, on every rank
+    for ratio in ratios:  # every statistics pass (the recompute variant's too) happens here, on every rank
         prot, trunc = protect(sets, spec, widths, ratio)
         kept[ratio] = {"baseline": plan_pruning(scores, ratio, None, "layer").keep,
                        "protected-once": plan_pruning(scores, ratio, prot, "layer").keep}
@@ -191,16 +214,16 @@ def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calib: Any, t0: flo
     _log(f"gate: headroom {g['headroom']:.2f} vs noise {g['noise']:.2f} ({cfg.metric}): "
          f"{'testable' if g['testable'] else 'NOT testable'}")
 
-    _log("stage 4: pruned upstreams")
+    _log("stage 4: pruned upstreams" if ratios else "stage 4 skipped (--gate-only)")
     overlap = []
-    for ratio in cfg.ratios:
+    for ratio in ratios:
         k = kept[ratio]
         for method, variant, name in (("baseline", None, "baseline"), ("protected", "once", "protected-once"),
                                       ("protected", "recompute", "protected-recompute")):
             up = apply_plan(copy.deepcopy(model), _plan(k[name], ratio))
             r, x = _upstream_rows(up, data, seeds, cfg, hcfg, {"method": method, "ratio": ratio, "variant": variant})
             rows += r
-            if ratio == max(cfg.ratios):
+            if ratio == max(ratios):
                 probes[f"{name}-r{round(ratio * 100)}"] = layer_probe(x, data.sid_labels, cfg.seed)
                 if cfg.save_upstreams and is_main():  # for training.analysis (pruned vs unpruned)
                     (out / "upstreams").mkdir(exist_ok=True)
@@ -221,12 +244,13 @@ def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calib: Any, t0: flo
         _log(f"ratio {ratio}: " + ", ".join(f"{_name(r)} {cfg.metric} {r[cfg.metric]:.2f}" for r in rows
                                              if r["ratio"] == ratio and r["seed"] == 0))
 
-    summary = _summary(rows, g, cfg, overlap, truncation)
+    summary = _summary(rows, g, cfg, ratios, overlap, truncation)
     summary.update(logmel_eer=_logmel_eer(data), speaker_neurons=sets.counts(), speaker_neurons_shuffled=shuffled,
                    ffn_widths=stats.widths, layer_probe_sid_acc=probes, minutes=(time.monotonic() - t0) / 60,
                    data={"sid_utterances": len(data.sid_waves), "speakers": len(data.speakers),
                          "eval_utterances": len(data.eval_utts), "trials": len(data.trials),
-                         "crop_seconds": cfg.crop_seconds},
+                         "crop_seconds": cfg.crop_seconds, "condition": cfg.downstream_condition},
+                   gate_only=cfg.gate_only,
                    upstream=ckpt)
     unpruned_eer = float(np.mean([r["eer"] for r in r_unpruned]))
     summary["ssl_beats_logmel"] = bool(unpruned_eer < summary["logmel_eer"])
@@ -246,14 +270,14 @@ def _name(r: dict) -> str:
     return r["method"] + (f"-{r['variant']}" if r.get("variant") else "")
 
 
-def _summary(rows: list[dict], g: dict, cfg: Any, overlap: list[dict], truncation: dict) -> dict:
+def _summary(rows: list[dict], g: dict, cfg: Any, ratios: list[float], overlap: list[dict], truncation: dict) -> dict:
     """The gate, paired protected-minus-baseline differences per ratio (both variants), overlaps."""
     def per_seed(method: str, variant: str | None, ratio: float) -> dict[int, float]:
         return {r["seed"]: r[cfg.metric] for r in rows
                 if r["method"] == method and r.get("variant") == variant and r["ratio"] == ratio}
 
     comparisons, recompute = [], []
-    for ratio in cfg.ratios:
+    for ratio in ratios:
         base = per_seed("baseline", None, ratio)
         for variant, dest in (("once", comparisons), ("recompute", recompute)):
             prot = per_seed("protected", variant, ratio)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.stats import mean_std
+from training.stats import HIGHER_IS_BETTER, GateError, gate, mean_std
 
 __all__ = ["write_results_page", "plot_metric"]
 
@@ -29,6 +29,22 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+def _gates(rows: list[dict], factor: float) -> str:
+    """The sensitivity gate computed on each metric from the unpruned and all-FFN-removed rows, in words."""
+    groups = _groups(rows)
+    unpruned, none = groups.get(("unpruned", None, 0.0), []), groups.get(("all_ffn", None, 1.0), [])
+    parts = []
+    for metric in HIGHER_IS_BETTER:
+        try:
+            g = gate([r[metric] for r in unpruned], [r[metric] for r in none], metric, factor)
+        except GateError as e:
+            parts.append(f"{metric}: cannot be computed ({e})")
+            continue
+        parts.append(f"{metric} headroom {g['headroom']:.3g} vs noise {g['noise']:.3g} "
+                     f"({'testable' if g['testable'] else 'not testable'})")
+    return "; ".join(parts)
+
+
 def write_results_page(rows: list[dict], summary: dict, out: Path) -> Path:
     """Write ``results.md`` (gate verdict, table of means ± std over seeds, comparisons, overlaps) and plots."""
     m = summary["metric"]
@@ -41,6 +57,10 @@ def write_results_page(rows: list[dict], summary: dict, out: Path) -> Path:
         f"noise; measured ratio {summary['headroom'] / max(summary['noise'], 1e-12):.1f}).",
         "" if summary["testable"] else
         "Differences between pruning methods below are therefore not evidence for or against protection.", "",
+        f"The same gate on every metric (the verdict above uses {m}): {_gates(rows, summary['gate_factor'])}.", "",
+        "Run with `--gate-only`: the controls and the gate only, no pruned upstreams.\n" if summary.get("gate_only") else "",
+        f"Downstream audio passed through the `{summary['data']['condition']}` channel.\n"
+        if summary.get("data", {}).get("condition") else "",
         f"Log-mel mean/std baseline on the same unseen-speaker trials: EER {summary['logmel_eer']:.2f}%; the unpruned "
         f"SSL upstream with its downstream {'beats' if summary['ssl_beats_logmel'] else 'does not beat'} it.", "",
         f"Speaker neurons per layer {summary['speaker_neurons']} of {summary['ffn_widths']}; with randomly shuffled "

@@ -9,7 +9,7 @@ hence one dimension each, and a tenant is dropped or migrated as a whole):
   (JSON ``{"v": [...]}``: a server takes JSON objects, not arrays), its count, speech and metadata. Rows are only ever inserted, so two replicas
   appending to the same speaker never overwrite each other.
 - ``spkv_<name>``: one row per speaker, the *materialised* voiceprint (unit vector, FLAT or
-  HNSW inner-product index) with the exact running sum, count, speech and metadata, recomputed
+  HNSW or IVF_FLAT inner-product index, from ``index_type``) with the exact running sum, count, speech and metadata, recomputed
   from all its deltas.
 
 Appends without compare-and-set: a writer inserts its delta, then recomputes the speaker's row
@@ -50,6 +50,8 @@ log = logging.getLogger("spkserve.store.milvus")
 
 _REGISTRY, _TOMBSTONES = "spkserve_collections", "spkserve_tombstones"
 _MAX_ROWS = 16384  # Milvus' largest query page
+# spkserve's index_type -> Milvus index (searches pass both ef and nprobe; each index reads its own)
+_MILVUS_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
 
 
 def milvus_name(prefix: str, collection: str) -> str:
@@ -69,7 +71,7 @@ class MilvusStore(SpeakerStore):
         uri: a Milvus server (``http://host:19530``) or a local file for Milvus Lite.
         token: ``user:password`` or an API key; empty for none.
         db: the Milvus database (empty: the default one).
-        options: search index settings of new collections (flat or hnsw).
+        options: search index settings of new collections (flat, hnsw or ivf: FLAT, HNSW, IVF_FLAT).
     """
 
     def __init__(self, uri: str, token: str = "", db: str = "", options: IndexOptions | None = None):
@@ -117,7 +119,8 @@ class MilvusStore(SpeakerStore):
             schema.add_field(fname, getattr(DataType, kind), **extra)
         schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vector_dim)
         idx = self.client.prepare_index_params()
-        params = {"M": self.options.hnsw_m, "efConstruction": 200} if index == "HNSW" else {}
+        params = {"HNSW": {"M": self.options.hnsw_m, "efConstruction": 200},
+                  "IVF_FLAT": {"nlist": self.options.ivf_nlist}}.get(index, {})
         idx.add_index(field_name="vec", index_type=index, metric_type="IP", params=params)
         self.client.create_collection(name, schema=schema, index_params=idx)
 
@@ -150,7 +153,7 @@ class MilvusStore(SpeakerStore):
         return b
 
     def _bind(self, collection: str, model: str, version: str, dim: int) -> None:
-        index = "HNSW" if self.options.index_type == "hnsw" else "FLAT"
+        index = _MILVUS_INDEX[self.options.index_type]
         self._create(milvus_name("spkv_", collection), [
             ("sum", "JSON", {}), ("count", "INT64", {}), ("speech", "DOUBLE", {}), ("meta", "JSON", {}),
             ("created", "INT64", {}), ("updated", "INT64", {}), ("deltas", "INT64", {})], dim, index)
@@ -158,7 +161,7 @@ class MilvusStore(SpeakerStore):
             ("spk", "VARCHAR", {"max_length": 2048}), ("sum", "JSON", {}), ("count", "INT64", {}),
             ("speech", "DOUBLE", {}), ("meta", "JSON", {}), ("ts", "INT64", {})], 2)
         self._call(self.client.upsert, _REGISTRY, [{"pk": collection, "model": model, "version": version, "dim": dim,
-                                                    "index_type": index.lower(), "vec": [1.0, 0.0]}])
+                                                    "index_type": self.options.index_type, "vec": [1.0, 0.0]}])
         self._bindings.pop(collection, None)
 
     # -- reads ------------------------------------------------------------------------
@@ -223,7 +226,8 @@ class MilvusStore(SpeakerStore):
         while True:
             hits = self._call(self.client.search, milvus_name("spkv_", collection), data=[query.astype(np.float32).tolist()],
                               anns_field="vec", limit=min(fetch, _MAX_ROWS), output_fields=self._FIELDS[1:],
-                              search_params={"metric_type": "IP", "params": {"ef": self.options.hnsw_ef_search}},
+                              search_params={"metric_type": "IP", "params": {"ef": self.options.hnsw_ef_search,
+                                                                              "nprobe": self.options.ivf_nprobe}},
                               consistency_level="Bounded")[0]
             out = []
             for h in hits:
