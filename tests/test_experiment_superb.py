@@ -159,3 +159,15 @@ def test_torchrun_two_processes_give_the_single_process_neuron_sets(tiny_run, mi
     assert sorted(map(key, rows_one), key=str) == sorted(map(key, rows_two), key=str)
     widths_one = {key(r): r["ffn_widths"] for r in rows_one}
     assert all(widths_one[key(r)] == r["ffn_widths"] for r in rows_two)  # the same pruned upstreams
+
+
+def test_the_results_page_lists_every_attempt(tmp_path):
+    from training.report import _attempts
+
+    assert _attempts(tmp_path) == []
+    (tmp_path / "attempts" / "tele").mkdir(parents=True)
+    (tmp_path / "attempts" / "tele" / "summary.json").write_text(json.dumps(
+        {"metric": "sid_acc", "headroom": -0.75, "noise": 2.38, "testable": False,
+         "data": {"condition": "telephone", "crop_seconds": 3.0}}))
+    lines = _attempts(tmp_path)
+    assert lines[-1] == "| tele | telephone | 3.0 | sid_acc | -0.75 | 2.38 | fails |"

@@ -45,6 +45,23 @@ def _gates(rows: list[dict], factor: float) -> str:
     return "; ".join(parts)
 
 
+def _attempts(out: Path) -> list[str]:
+    """A table of the other testbeds tried, from ``out/attempts/*/summary.json`` (runs written there)."""
+    import json
+
+    found = sorted((out / "attempts").glob("*/summary.json"))
+    if not found:
+        return []
+    lines = ["", "Other testbeds tried (each a run under `attempts/NAME/`, its own results.md there):", "",
+             "| attempt | downstream channel | crop s | metric | headroom | noise | gate |", "|---|---|---:|---|---:|---:|---|"]
+    for f in found:
+        a = json.loads(f.read_text())
+        d = a.get("data", {})
+        lines.append(f"| {f.parent.name} | {d.get('condition') or 'clean'} | {d.get('crop_seconds', '')} | {a['metric']} | "
+                     f"{a['headroom']:.2f} | {a['noise']:.2f} | {'passes' if a['testable'] else 'fails'} |")
+    return lines
+
+
 def write_results_page(rows: list[dict], summary: dict, out: Path) -> Path:
     """Write ``results.md`` (gate verdict, table of means ± std over seeds, comparisons, overlaps) and plots."""
     m = summary["metric"]
@@ -98,6 +115,7 @@ def write_results_page(rows: list[dict], summary: dict, out: Path) -> Path:
     lines += ["", "Layer weights the downstream learned (mean over seeds):", ""]
     for k, w in weights.items():
         lines.append(f"- {k}: {np.round(np.mean(w, 0), 3).tolist()}")
+    lines += _attempts(out)
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     plot_metric(rows, m, out / f"{m}_vs_ratio.png")
