@@ -67,8 +67,7 @@ def main() -> None:
         extra = {}
         if args.protocol == "superb":
             summary = json.loads((out / "summary.json").read_text())
-            extra = {"data": summary["data"], "upstreams": len({(r["method"], r.get("variant"))
-                                                                                     for r in rows})}
+            extra = {"data": summary["data"], "upstreams": len({(r["method"], r.get("variant")) for r in rows})}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     print(json.dumps({"family": args.family, "protocol": args.protocol, "encoder_params": n_params,
                       "minutes": round(minutes, 2), "peak_rss_gb": round(peak_gb, 2),

@@ -68,17 +68,13 @@ def milvus_store(uri: str, db: str, index: str, n: int = 0):
 
 def reindex_milvus(uri: str, db: str, index: str, n: int) -> None:
     """Replace the voiceprint collection's index with ``index`` (the rows stay; saves inserting them again)."""
-    from service.store.milvus import _MILVUS_INDEX, milvus_name
+    from service.store.milvus import milvus_name
 
     store = milvus_store(uri, db, index, n)
     name = milvus_name("spkv_", "bench")
     store.client.release_collection(name)
     store.client.drop_index(name, "vec")
-    opts = index_options(index, n)
-    idx = store.client.prepare_index_params()
-    params = {"hnsw": {"M": opts.hnsw_m, "efConstruction": 200}, "ivf": {"nlist": opts.ivf_nlist}}.get(index, {})
-    idx.add_index(field_name="vec", index_type=_MILVUS_INDEX[index], metric_type="IP", params=params)
-    store.client.create_index(name, idx)
+    store.client.create_index(name, store.vector_index_params(index))
     store.client.load_collection(name)
     store.close()
 

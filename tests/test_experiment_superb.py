@@ -80,7 +80,8 @@ def test_tiny_superb_protocol_writes_the_interface(tiny_run):
     (["--min-speakers", "10"], "needs at least 10"),
     (["--metric", "eer", "--gate-factor", "0"], "gate_factor must be positive"),
     (["--downstream-condition", "radio"], "downstream_condition 'radio' is not a condition"),
-])
+    (["--device", "tpu7"], "device 'tpu7' is not a device"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device is visible")]))
 def test_bad_input_stops_before_the_long_work(mini_corpus, tiny_encoder, tmp_path, capsys, extra, message):
     from training.experiment import main
 

@@ -57,6 +57,7 @@ def layer_means(model: SSLSpeakerModel, waves: list[np.ndarray], batch_seconds: 
     Utterances are batched by similar length (at most ``batch_seconds`` of padded audio per batch),
     on the model's device (bf16 autocast there when it is a GPU and ``bf16``).
     """
+    dev = next(model.parameters()).device
     order = np.argsort([len(w) for w in waves])
     out: list[np.ndarray | None] = [None] * len(waves)
     i = 0
@@ -71,7 +72,6 @@ def layer_means(model: SSLSpeakerModel, waves: list[np.ndarray], batch_seconds: 
         lengths = np.array([len(waves[k]) for k in idx], dtype=np.int64)
         for b, k in enumerate(idx):
             batch[b, :lengths[b]] = waves[k]
-        dev = next(model.parameters()).device
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
             states, mask = model.frames(torch.from_numpy(batch).to(dev), torch.from_numpy(lengths).to(dev))  # [(B, T', H)]
         m = mask.float().unsqueeze(-1)  # (B, T', 1)

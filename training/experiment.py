@@ -138,6 +138,7 @@ def check_config(cfg: ExperimentConfig) -> None:
             raise GateError(f"gate_factor must be positive, got {cfg.gate_factor}")
         if not 0 < cfg.held_out < 1:
             raise ValueError(f"held_out must be in (0, 1), got {cfg.held_out}")
+        _device(cfg.device)
         if cfg.downstream_condition is not None:
             from training.channels import CONDITIONS
 
@@ -205,7 +206,10 @@ def _device(name: str) -> torch.device:
         name = f"cuda:{os.environ['LOCAL_RANK']}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA device is visible to torch; use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def run_experiment(cfg: ExperimentConfig) -> list[dict]:

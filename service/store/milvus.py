@@ -107,7 +107,16 @@ class MilvusStore(SpeakerStore):
         self._last_error = None
         return out
 
-    def _create(self, name: str, fields: list[tuple], vector_dim: int, index: str = "FLAT") -> None:
+    def vector_index_params(self, index_type: str = "flat"):
+        """Milvus index parameters of the ``vec`` field for spkserve's ``index_type``: flat -> FLAT,
+        hnsw -> HNSW (``hnsw_m``, efConstruction 200), ivf -> IVF_FLAT (``ivf_nlist``)."""
+        params = {"hnsw": {"M": self.options.hnsw_m, "efConstruction": 200},
+                  "ivf": {"nlist": self.options.ivf_nlist}}.get(index_type, {})
+        idx = self.client.prepare_index_params()
+        idx.add_index(field_name="vec", index_type=_MILVUS_INDEX[index_type], metric_type="IP", params=params)
+        return idx
+
+    def _create(self, name: str, fields: list[tuple], vector_dim: int, index_type: str = "flat") -> None:
         from pymilvus import DataType, MilvusClient
 
         if self.client.has_collection(name):
@@ -118,11 +127,7 @@ class MilvusStore(SpeakerStore):
         for fname, kind, extra in fields:
             schema.add_field(fname, getattr(DataType, kind), **extra)
         schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vector_dim)
-        idx = self.client.prepare_index_params()
-        params = {"HNSW": {"M": self.options.hnsw_m, "efConstruction": 200},
-                  "IVF_FLAT": {"nlist": self.options.ivf_nlist}}.get(index, {})
-        idx.add_index(field_name="vec", index_type=index, metric_type="IP", params=params)
-        self.client.create_collection(name, schema=schema, index_params=idx)
+        self.client.create_collection(name, schema=schema, index_params=self.vector_index_params(index_type))
 
     def _check_schema(self, name: str, fields: list[str], vector_dim: int) -> None:
         """Refuse a Milvus collection of that name made by something else (other fields or dimension)."""
@@ -153,10 +158,9 @@ class MilvusStore(SpeakerStore):
         return b
 
     def _bind(self, collection: str, model: str, version: str, dim: int) -> None:
-        index = _MILVUS_INDEX[self.options.index_type]
         self._create(milvus_name("spkv_", collection), [
             ("sum", "JSON", {}), ("count", "INT64", {}), ("speech", "DOUBLE", {}), ("meta", "JSON", {}),
-            ("created", "INT64", {}), ("updated", "INT64", {}), ("deltas", "INT64", {})], dim, index)
+            ("created", "INT64", {}), ("updated", "INT64", {}), ("deltas", "INT64", {})], dim, self.options.index_type)
         self._create(milvus_name("spkd_", collection), [
             ("spk", "VARCHAR", {"max_length": 2048}), ("sum", "JSON", {}), ("count", "INT64", {}),
             ("speech", "DOUBLE", {}), ("meta", "JSON", {}), ("ts", "INT64", {})], 2)
