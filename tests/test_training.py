@@ -18,7 +18,8 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
     from training.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "pt"), encoder=dict(TINY_ENCODER),
-                         n_clusters=8, batch_size=2, max_steps=2, checkpoint_every=1, crop_seconds=1.0, bf16=False)
+                         n_clusters=8, batch_size=2, max_steps=2, checkpoint_every=1, crop_seconds=1.0, bf16=False,
+                         mix_prob=0.5)
     pretrain(cfg)
     first = torch.load(tmp_path / "pt" / "last.pt", weights_only=False)
     assert first["step"] == 2
@@ -98,3 +99,25 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, capsys):
     assert not cpu_bf16(True, "pretrain", info)
     assert "pretrain: this CPU has no native bf16" in capsys.readouterr().out
     assert not cpu_bf16(True, "job", tmp_path / "missing")
+
+
+def test_utterance_mixing_overlays_another_voice_at_the_stated_energy_ratio():
+    from training.pretrain import PretrainConfig, mix_utterances, pretrain
+
+    rng = np.random.default_rng(0)
+    clean = np.sin(np.linspace(0, 400, 8000, dtype=np.float32))[None].repeat(64, 0)  # (64, T) primary crops
+    other = [np.random.default_rng(1).normal(size=20000).astype(np.float32)]
+    assert np.array_equal(mix_utterances(clean.copy(), other, 0.0, rng), clean)  # prob 0: untouched
+    mixed = mix_utterances(clean.copy(), other, 1.0, rng)
+    added = mixed - clean  # (64, T): the interferer alone
+    for row, extra in zip(clean, added):
+        touched = np.flatnonzero(extra)
+        assert 800 <= len(touched) <= 4000  # one contiguous segment of a tenth to half the crop
+        assert touched[-1] - touched[0] + 1 == len(touched)
+        ratio_db = 10 * np.log10(np.mean(row ** 2) / np.mean(extra[touched] ** 2))
+        assert -5.01 <= ratio_db <= 5.01
+    some = mix_utterances(clean.copy(), other, 0.5, np.random.default_rng(3))
+    changed = int((some != clean).any(1).sum())
+    assert 16 <= changed <= 48  # about half the crops
+    with pytest.raises(ValueError, match="mix_prob must be in \\[0, 1\\].*1.5"):
+        pretrain(PretrainConfig(corpus="unused", out="unused", mix_prob=1.5))

@@ -12,6 +12,12 @@ predicts the cluster of masked frames (spans of ``mask_length`` frames covering 
 with cross-entropy over masked frames only. This makes its frame features carry phonetic
 structure, which is what the compression method (``training/``) clusters.
 
+``--mix-prob P`` adds WavLM's utterance mixing (denoising masked prediction): each crop, with
+probability P, gets a segment of another utterance (at most half the crop, at a primary-to-
+interferer energy ratio drawn from [-5, 5] dB) added at a random place, while the targets stay
+those of the primary crop. To predict them the model has to tell the two voices apart, which
+is what WavLM credits for its speaker-task gains over HuBERT.
+
 Resumable: ``out/last.pt`` holds model, optimiser, step and RNG states; the resolved
 config is written to ``out/config.json``; seeds are fixed. bf16 autocast on CPU roughly
 doubles throughput where the processor has native bf16 (AVX512-BF16, AMX); elsewhere
@@ -36,7 +42,8 @@ from models.ssl import build_encoder, load_encoder
 from training.common import RunState, cpu_bf16, load_split, start_run
 from training.features import mfcc
 
-__all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "feature_targets", "pretrain", "publish", "main"]
+__all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "feature_targets", "mix_utterances", "pretrain",
+           "publish", "main"]
 
 # 4-layer WavLM, hidden 256, FFN 1024, thin early convolutions (about 4 M parameters)
 SMALL_WAVLM = dict(
@@ -67,6 +74,7 @@ class PretrainConfig:
     max_minutes: float = 35.0
     mask_prob: float = 0.65
     mask_length: int = 10
+    mix_prob: float = 0.0  # WavLM utterance mixing: share of crops overlaid with another utterance
     checkpoint_every: int = 200
     bf16: bool = True
     threads: int = 0
@@ -143,10 +151,39 @@ def _span_mask(batch: int, frames: int, prob: float, length: int, rng: np.random
     return mask
 
 
+def mix_utterances(batch: np.ndarray, sources: list[np.ndarray], prob: float, rng: np.random.Generator) -> np.ndarray:
+    """WavLM utterance mixing: overlay parts of other utterances on some crops of ``batch``, in place.
+
+    Each row of ``batch`` (B, T) is chosen with probability ``prob``; a chosen row gets a segment
+    of a random utterance from ``sources`` (length uniform in [T/10, T/2], so the overlap is at
+    most half the crop) added at a random offset, scaled so that the row's energy over the
+    interferer's energy is uniform in [-5, 5] dB. Returns ``batch``.
+    """
+    n = batch.shape[1]
+    for b in range(len(batch)):
+        if prob <= 0 or rng.random() >= prob:
+            continue
+        src = sources[int(rng.integers(0, len(sources)))]
+        length = min(len(src), int(rng.integers(n // 10, n // 2 + 1)))
+        s = int(rng.integers(0, len(src) - length + 1))
+        seg = src[s:s + length].astype(np.float32)  # (L,)
+        primary = float(np.mean(batch[b] ** 2))
+        other = float(np.mean(seg ** 2))
+        if primary <= 0 or other <= 0:
+            continue
+        ratio_db = rng.uniform(-5.0, 5.0)
+        gain = math.sqrt(primary / (other * 10 ** (ratio_db / 10)))
+        at = int(rng.integers(0, n - length + 1))
+        batch[b, at:at + length] += gain * seg
+    return batch
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining; returns the path of the final encoder checkpoint."""
     from tqdm import tqdm
 
+    if not 0.0 <= cfg.mix_prob <= 1.0:
+        raise ValueError(f"mix_prob must be in [0, 1] (a share of crops), got {cfg.mix_prob}")
     init = None
     if cfg.init_encoder:
         family, init = load_encoder(cfg.init_encoder)
@@ -207,6 +244,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             seg = waves[i][s:s + crop]
             batch[b, :len(seg)] = seg * float(rng.uniform(0.5, 1.5))
             tgt[b] = labels[i][start_frame:start_frame + n_frames]
+        mix_utterances(batch, waves, cfg.mix_prob, rng)  # targets stay the primary crop's
         mask = torch.from_numpy(_span_mask(cfg.batch_size, n_frames, cfg.mask_prob, cfg.mask_length, rng))
         for g in opt.param_groups:
             g["lr"] = lr_at(state.step)
@@ -234,7 +272,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     summary = {"steps": state.step, "minutes": state.elapsed,
                "final_loss": float(np.mean([h[1] for h in last])) if last else None,
                "final_masked_acc": float(np.mean([h[2] for h in last])) if last else None, "utterances": len(waves),
-               "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC"}
+               "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC",
+               "mix_prob": cfg.mix_prob}
     if cfg.init_encoder:  # provenance of the run this one continues: its config and summary
         prev = Path(cfg.init_encoder).parent
         summary["init_run"] = {name: json.loads((prev / f"{name}.json").read_text())
@@ -276,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init-encoder", help="save_pretrained encoder directory to continue from (second iteration)")
     for f in ("n_clusters", "batch_size", "max_steps", "seed", "threads", "checkpoint_every", "target_layer"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
-    for f in ("max_minutes", "lr", "crop_seconds", "mask_prob"):
+    for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
                     % SMALL_WAVLM["num_hidden_layers"])
