@@ -171,6 +171,7 @@ def test_the_results_page_lists_every_attempt(tmp_path):
         {"metric": "sid_acc", "headroom": -0.75, "noise": 2.38, "testable": False,
          "data": {"condition": "telephone", "crop_seconds": 3.0}}))
     lines = _attempts(tmp_path)
-    assert lines[-1] == "| tele |  | telephone | 3.0 | sid_acc | -0.75 | 2.38 | fails |"
-    (tmp_path / "attempts" / "tele" / "config.json").write_text(json.dumps({"checkpoint": "/x/runs/mix/encoder"}))
-    assert _attempts(tmp_path)[-1] == "| tele | mix/encoder | telephone | 3.0 | sid_acc | -0.75 | 2.38 | fails |"
+    assert lines[-1] == "| tele |  | telephone | 3.0 |  | sid_acc | -0.75 | 2.38 | fails |"
+    (tmp_path / "attempts" / "tele" / "config.json").write_text(json.dumps({"checkpoint": "/x/runs/mix/encoder",
+                                                                            "utts_per_speaker": 32}))
+    assert _attempts(tmp_path)[-1] == "| tele | mix/encoder | telephone | 3.0 | 32 | sid_acc | -0.75 | 2.38 | fails |"

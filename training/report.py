@@ -53,16 +53,17 @@ def _attempts(out: Path) -> list[str]:
     if not found:
         return []
     lines = ["", "Other testbeds tried (each a run under `attempts/NAME/`, its own results.md there):", "",
-             "| attempt | upstream | downstream channel | crop s | metric | headroom | noise | gate |",
-             "|---|---|---|---:|---|---:|---:|---|"]
+             "| attempt | upstream | downstream channel | crop s | utts/speaker | metric | headroom | noise | gate |",
+             "|---|---|---|---:|---:|---|---:|---:|---|"]
     for f in found:
         a = json.loads(f.read_text())
         d = a.get("data", {})
         cfg = f.parent / "config.json"
-        ckpt = Path(json.loads(cfg.read_text()).get("checkpoint", "")) if cfg.is_file() else None
+        conf = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        ckpt = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
         upstream = f"{ckpt.parent.name}/{ckpt.name}" if ckpt else ""  # e.g. checkpoints/ssl-pretrained
         lines.append(f"| {f.parent.name} | {upstream} | {d.get('condition') or 'clean'} | {d.get('crop_seconds', '')} | "
-                     f"{a['metric']} | "
+                     f"{conf.get('utts_per_speaker', '')} | {a['metric']} | "
                      f"{a['headroom']:.2f} | {a['noise']:.2f} | {'passes' if a['testable'] else 'fails'} |")
     return lines
 
