@@ -37,6 +37,11 @@ def test_every_condition_degrades_as_named(utterance):
     assert not np.allclose(gsm[:1000], tel[:1000])
     noisy, _ = apply_condition("noise", utterance, rng, [utterance])
     assert 5 <= 10 * np.log10(np.mean(utterance ** 2) / np.mean((noisy - utterance) ** 2)) <= 25.5
+    mic, _ = apply_condition("mic", utterance, rng)  # same level, a different long-term spectrum
+    assert abs(np.sqrt(np.mean(mic ** 2) / np.mean(utterance ** 2)) - 1) < 1e-3
+    bands = [np.log10(np.add.reduceat(np.abs(np.fft.rfft(z)) ** 2, np.arange(0, len(z) // 2, len(z) // 32)))
+             for z in (utterance, mic, apply_condition("mic", utterance, rng)[0])]
+    assert np.abs(bands[1] - bands[0]).max() > 0.3 and np.abs(bands[2] - bands[1]).max() > 0.3  # > 3 dB somewhere
     both, rate = apply_conditions(["reverb", "amr"], utterance, rng)
     assert rate == 8000 and abs(len(both) / rate - seconds) < 0.05
     with pytest.raises(ValueError, match="unknown condition 'vinyl'"):

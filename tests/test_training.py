@@ -19,7 +19,7 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
 
     cfg = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "pt"), encoder=dict(TINY_ENCODER),
                          n_clusters=8, batch_size=2, max_steps=2, checkpoint_every=1, crop_seconds=1.0, bf16=False,
-                         mix_prob=0.5)
+                         mix_prob=0.5, channel_prob=0.5)
     pretrain(cfg)
     first = torch.load(tmp_path / "pt" / "last.pt", weights_only=False)
     assert first["step"] == 2
@@ -121,3 +121,18 @@ def test_utterance_mixing_overlays_another_voice_at_the_stated_energy_ratio():
     assert 16 <= changed <= 48  # about half the crops
     with pytest.raises(ValueError, match="mix_prob must be in \\[0, 1\\].*1.5"):
         pretrain(PretrainConfig(corpus="unused", out="unused", mix_prob=1.5))
+
+
+def test_channel_augmentation_changes_some_crops_and_keeps_their_length():
+    from training.pretrain import PretrainConfig, pretrain, through_channels
+
+    clean = np.random.default_rng(0).normal(scale=0.1, size=(40, 16000)).astype(np.float32)  # (40, T)
+    assert np.array_equal(through_channels(clean.copy(), 0.0, np.random.default_rng(1)), clean)
+    out = through_channels(clean.copy(), 0.5, np.random.default_rng(2), [clean[0]])
+    assert out.shape == clean.shape and np.isfinite(out).all()
+    changed = int((np.abs(out - clean) > 1e-4).any(1).sum())
+    assert 10 <= changed <= 30  # about half the crops
+    silent = np.zeros((2, 16000), np.float32)  # nothing to filter: left as it is
+    assert not through_channels(silent, 1.0, np.random.default_rng(3)).any()
+    with pytest.raises(ValueError, match="channel_prob must be in \\[0, 1\\].*-0.1"):
+        pretrain(PretrainConfig(corpus="unused", out="unused", channel_prob=-0.1))

@@ -15,6 +15,9 @@ Conditions:
     mp3          MP3 at a low bitrate
     noise        white, pink or babble noise at 5-25 dB SNR
     reverb       a synthetic room impulse response, RT60 0.2-0.8 s
+    mic          a random microphone/room frequency response: a spectral tilt of -6 to +6 dB per
+                 octave and three resonances or notches of up to +-9 dB (session variability:
+                 the same voice through a different device has a different long-term spectrum)
     silence_pad  3 s of digital silence before and after
     noise_pad    3 s of low noise (-60 to -45 dBFS) before and after, and under the speech
     pause        a 2 s pause inside the utterance
@@ -116,6 +119,19 @@ def _reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (y * (_rms(x) / _rms(y))).astype(np.float32)
 
 
+def _mic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Filter (T,) ``x`` with a random smooth zero-phase magnitude response (applied by FFT), level kept."""
+    n = len(x)
+    spec = np.fft.rfft(x.astype(np.float64))  # (n // 2 + 1,)
+    octaves = np.log2(np.maximum(np.fft.rfftfreq(n, 1.0 / SR), 50.0) / 1000.0)  # octaves from 1 kHz
+    gain_db = rng.uniform(-6.0, 6.0) * octaves
+    for _ in range(3):  # resonances and notches at random places in 100 Hz - 6.4 kHz
+        centre, width = rng.uniform(np.log2(0.1), np.log2(6.4)), rng.uniform(0.3, 1.0)
+        gain_db += rng.uniform(-9.0, 9.0) * np.exp(-0.5 * ((octaves - centre) / width) ** 2)
+    y = np.fft.irfft(spec * 10 ** (gain_db / 20), n)
+    return (y * (_rms(x) / _rms(y))).astype(np.float32)
+
+
 def _short(x: np.ndarray, seconds: float = 1.0) -> np.ndarray:
     from models.vad import SileroVad, keep_speech
 
@@ -174,6 +190,7 @@ CONDITIONS: dict[str, Callable] = {
     "mp3": lambda x, rng, bank: _sndfile_codec(x, SR, "MP3", "MPEG_LAYER_III", float(rng.uniform(0.9, 0.99))),
     "noise": _add_noise,
     "reverb": lambda x, rng, bank: (_reverb(x, rng), SR),
+    "mic": lambda x, rng, bank: (_mic(x, rng), SR),
     "silence_pad": lambda x, rng, bank: _pad(x, rng, None),
     "noise_pad": lambda x, rng, bank: _pad(x, rng, 10 ** (rng.uniform(-60, -45) / 20)),
     "pause": _pause,

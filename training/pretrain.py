@@ -18,6 +18,12 @@ interferer energy ratio drawn from [-5, 5] dB) added at a random place, while th
 those of the primary crop. To predict them the model has to tell the two voices apart, which
 is what WavLM credits for its speaker-task gains over HuBERT.
 
+``--channel-prob P`` makes the task robust as well: each crop, with probability P, passes through
+a random recording channel (``training.channels``: a random microphone/room response, noise,
+reverberation or the telephone band), again with the clean crop's targets. Predicting clean
+phonetic classes through an unknown channel means undoing it frame by frame, a nonlinear job,
+and features that do so no longer carry the channel's long-term spectrum.
+
 Resumable: ``out/last.pt`` holds model, optimiser, step and RNG states; the resolved
 config is written to ``out/config.json``; seeds are fixed. bf16 autocast on CPU roughly
 doubles throughput where the processor has native bf16 (AVX512-BF16, AMX); elsewhere
@@ -42,8 +48,11 @@ from models.ssl import build_encoder, load_encoder
 from training.common import RunState, cpu_bf16, load_split, start_run
 from training.features import mfcc
 
-__all__ = ["PretrainConfig", "SMALL_WAVLM", "kmeans_targets", "feature_targets", "mix_utterances", "pretrain",
-           "publish", "main"]
+__all__ = ["PretrainConfig", "SMALL_WAVLM", "PRETRAIN_CHANNELS", "kmeans_targets", "feature_targets",
+           "mix_utterances", "through_channels", "pretrain", "publish", "main"]
+
+# Channels of --channel-prob: each is fast enough to run per crop in the training loop
+PRETRAIN_CHANNELS = ("mic", "noise", "reverb", "telephone")
 
 # 4-layer WavLM, hidden 256, FFN 1024, thin early convolutions (about 4 M parameters)
 SMALL_WAVLM = dict(
@@ -75,6 +84,7 @@ class PretrainConfig:
     mask_prob: float = 0.65
     mask_length: int = 10
     mix_prob: float = 0.0  # WavLM utterance mixing: share of crops overlaid with another utterance
+    channel_prob: float = 0.0  # share of crops passed through a random PRETRAIN_CHANNELS channel
     checkpoint_every: int = 200
     bf16: bool = True
     threads: int = 0
@@ -178,12 +188,32 @@ def mix_utterances(batch: np.ndarray, sources: list[np.ndarray], prob: float, rn
     return batch
 
 
+def through_channels(batch: np.ndarray, prob: float, rng: np.random.Generator,
+                     bank: list[np.ndarray] | None = None) -> np.ndarray:
+    """Pass each row of ``batch`` (B, T) with probability ``prob`` through one random channel of
+    ``PRETRAIN_CHANNELS`` (back at 16 kHz, length kept), in place. Returns ``batch``."""
+    from models.audio import resample
+    from training.channels import apply_condition
+
+    n = batch.shape[1]
+    for b in range(len(batch)):
+        if prob <= 0 or rng.random() >= prob or not np.any(batch[b]):
+            continue
+        name = PRETRAIN_CHANNELS[int(rng.integers(len(PRETRAIN_CHANNELS)))]
+        y, rate = apply_condition(name, batch[b], rng, bank)
+        y = resample(y, rate, 16000) if rate != 16000 else y  # (about T,)
+        batch[b] = np.pad(y[:n], (0, max(0, n - len(y))))
+    return batch
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining; returns the path of the final encoder checkpoint."""
     from tqdm import tqdm
 
     if not 0.0 <= cfg.mix_prob <= 1.0:
         raise ValueError(f"mix_prob must be in [0, 1] (a share of crops), got {cfg.mix_prob}")
+    if not 0.0 <= cfg.channel_prob <= 1.0:
+        raise ValueError(f"channel_prob must be in [0, 1] (a share of crops), got {cfg.channel_prob}")
     init = None
     if cfg.init_encoder:
         family, init = load_encoder(cfg.init_encoder)
@@ -245,6 +275,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             batch[b, :len(seg)] = seg * float(rng.uniform(0.5, 1.5))
             tgt[b] = labels[i][start_frame:start_frame + n_frames]
         mix_utterances(batch, waves, cfg.mix_prob, rng)  # targets stay the primary crop's
+        through_channels(batch, cfg.channel_prob, rng, waves)  # and the clean crop's
         mask = torch.from_numpy(_span_mask(cfg.batch_size, n_frames, cfg.mask_prob, cfg.mask_length, rng))
         for g in opt.param_groups:
             g["lr"] = lr_at(state.step)
@@ -273,7 +304,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                "final_loss": float(np.mean([h[1] for h in last])) if last else None,
                "final_masked_acc": float(np.mean([h[2] for h in last])) if last else None, "utterances": len(waves),
                "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC",
-               "mix_prob": cfg.mix_prob}
+               "mix_prob": cfg.mix_prob, "channel_prob": cfg.channel_prob}
     if cfg.init_encoder:  # provenance of the run this one continues: its config and summary
         prev = Path(cfg.init_encoder).parent
         summary["init_run"] = {name: json.loads((prev / f"{name}.json").read_text())
@@ -315,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init-encoder", help="save_pretrained encoder directory to continue from (second iteration)")
     for f in ("n_clusters", "batch_size", "max_steps", "seed", "threads", "checkpoint_every", "target_layer"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
-    for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob"):
+    for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob", "channel_prob"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
                     % SMALL_WAVLM["num_hidden_layers"])
