@@ -171,7 +171,11 @@ def test_the_results_page_lists_every_attempt(tmp_path):
         {"metric": "sid_acc", "headroom": -0.75, "noise": 2.38, "testable": False,
          "data": {"condition": "telephone", "crop_seconds": 3.0}}))
     lines = _attempts(tmp_path)
-    assert lines[-1] == "| tele |  | telephone | 3.0 |  | sid_acc | -0.75 | 2.38 | fails |"
+    assert lines[-1] == "| tele |  | telephone | 3.0 |  | sid_acc | -0.75 | 2.38 | fails |  |"
     (tmp_path / "attempts" / "tele" / "config.json").write_text(json.dumps({"checkpoint": "/x/runs/mix/encoder",
                                                                             "utts_per_speaker": 32}))
-    assert _attempts(tmp_path)[-1] == "| tele | mix/encoder | telephone | 3.0 | 32 | sid_acc | -0.75 | 2.38 | fails |"
+    assert _attempts(tmp_path)[-1] == "| tele | mix/encoder | telephone | 3.0 | 32 | sid_acc | -0.75 | 2.38 | fails |  |"
+    summary = json.loads((tmp_path / "attempts" / "tele" / "summary.json").read_text())
+    summary["layer_probe_sid_acc"] = {"unpruned": [51.7, 26.72], "all_ffn": [51.7, 32.18]}  # per hidden state
+    (tmp_path / "attempts" / "tele" / "summary.json").write_text(json.dumps(summary))
+    assert _attempts(tmp_path)[-1].endswith("| fails | 26.7 / 32.2 |")

@@ -53,8 +53,9 @@ def _attempts(out: Path) -> list[str]:
     if not found:
         return []
     lines = ["", "Other testbeds tried (each a run under `attempts/NAME/`, its own results.md there):", "",
-             "| attempt | upstream | downstream channel | crop s | utts/speaker | metric | headroom | noise | gate |",
-             "|---|---|---|---:|---:|---|---:|---:|---|"]
+             "| attempt | upstream | downstream channel | crop s | utts/speaker | metric | headroom | noise | gate "
+             "| last-layer probe SID %, intact / FFN-free |",
+             "|---|---|---|---:|---:|---|---:|---:|---|---|"]
     for f in found:
         a = json.loads(f.read_text())
         d = a.get("data", {})
@@ -62,9 +63,12 @@ def _attempts(out: Path) -> list[str]:
         conf = json.loads(cfg.read_text()) if cfg.is_file() else {}
         ckpt = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
         upstream = f"{ckpt.parent.name}/{ckpt.name}" if ckpt else ""  # e.g. checkpoints/ssl-pretrained
+        probe = a.get("layer_probe_sid_acc", {})
+        last = (f"{probe['unpruned'][-1]:.1f} / {probe['all_ffn'][-1]:.1f}"
+                if probe.get("unpruned") and probe.get("all_ffn") else "")
         lines.append(f"| {f.parent.name} | {upstream} | {d.get('condition') or 'clean'} | {d.get('crop_seconds', '')} | "
                      f"{conf.get('utts_per_speaker', '')} | {a['metric']} | "
-                     f"{a['headroom']:.2f} | {a['noise']:.2f} | {'passes' if a['testable'] else 'fails'} |")
+                     f"{a['headroom']:.2f} | {a['noise']:.2f} | {'passes' if a['testable'] else 'fails'} | {last} |")
     return lines
 
 
