@@ -19,7 +19,7 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
 
     cfg = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "pt"), encoder=dict(TINY_ENCODER),
                          n_clusters=8, batch_size=2, max_steps=2, checkpoint_every=1, crop_seconds=1.0, bf16=False,
-                         mix_prob=0.5, channel_prob=0.5)
+                         mix_prob=0.5, channel_prob=0.5, contrast_weight=0.5)
     pretrain(cfg)
     first = torch.load(tmp_path / "pt" / "last.pt", weights_only=False)
     assert first["step"] == 2
@@ -121,6 +121,21 @@ def test_utterance_mixing_overlays_another_voice_at_the_stated_energy_ratio():
     assert 16 <= changed <= 48  # about half the crops
     with pytest.raises(ValueError, match="mix_prob must be in \\[0, 1\\].*1.5"):
         pretrain(PretrainConfig(corpus="unused", out="unused", mix_prob=1.5))
+
+
+def test_utterance_contrast_pulls_sibling_crops_together():
+    from training.pretrain import PretrainConfig, pretrain, utterance_contrast_loss
+
+    pairs = torch.eye(8).repeat_interleave(2, 0)  # (16, 8): rows 2k, 2k+1 identical, pairs orthogonal
+    assert utterance_contrast_loss(pairs, 0.1).item() < 1e-3
+    swapped = pairs[torch.tensor([0, 2, 1, 3] + list(range(4, 16)))]  # rows 1 and 2 trade places
+    assert utterance_contrast_loss(swapped, 0.1).item() > 1.0
+    noise = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    assert abs(utterance_contrast_loss(noise[:64], 10.0).item() - np.log(63)) < 0.05  # chance: log(B - 1)
+    with pytest.raises(ValueError, match="pairs of crops.*15"):
+        utterance_contrast_loss(pairs[:15], 0.1)
+    with pytest.raises(ValueError, match="even batch_size.*batch_size 15"):
+        pretrain(PretrainConfig(corpus="unused", out="unused", contrast_weight=1.0, batch_size=15))
 
 
 def test_channel_augmentation_changes_some_crops_and_keeps_their_length():

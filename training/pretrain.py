@@ -24,6 +24,13 @@ reverberation or the telephone band), again with the clean crop's targets. Predi
 phonetic classes through an unknown channel means undoing it frame by frame, a nonlinear job,
 and features that do so no longer carry the channel's long-term spectrum.
 
+``--contrast-weight W`` adds an utterance-level self-supervised objective (SimCLR-style, as in
+self-supervised speaker verification): the batch holds two crops of each utterance (different
+segments; each through its own random channel with ``--channel-prob``), and the mean-pooled last
+layer, through a small projection head, must pick out its sibling crop among the batch (NT-Xent,
+temperature ``contrast_temperature``), weighted W against the masked prediction. No speaker labels
+are used: the only supervision is "these two crops come from one recording".
+
 Resumable: ``out/last.pt`` holds model, optimiser, step and RNG states; the resolved
 config is written to ``out/config.json``; seeds are fixed. bf16 autocast on CPU roughly
 doubles throughput where the processor has native bf16 (AVX512-BF16, AMX); elsewhere
@@ -49,7 +56,7 @@ from training.common import RunState, cpu_bf16, load_split, start_run
 from training.features import mfcc
 
 __all__ = ["PretrainConfig", "SMALL_WAVLM", "PRETRAIN_CHANNELS", "kmeans_targets", "feature_targets",
-           "mix_utterances", "through_channels", "pretrain", "publish", "main"]
+           "mix_utterances", "through_channels", "utterance_contrast_loss", "pretrain", "publish", "main"]
 
 # Channels of --channel-prob: each is fast enough to run per crop in the training loop
 PRETRAIN_CHANNELS = ("mic", "noise", "reverb", "telephone")
@@ -85,6 +92,8 @@ class PretrainConfig:
     mask_length: int = 10
     mix_prob: float = 0.0  # WavLM utterance mixing: share of crops overlaid with another utterance
     channel_prob: float = 0.0  # share of crops passed through a random PRETRAIN_CHANNELS channel
+    contrast_weight: float = 0.0  # weight of the two-crops-of-one-utterance contrastive loss (0: off)
+    contrast_temperature: float = 0.1
     checkpoint_every: int = 200
     bf16: bool = True
     threads: int = 0
@@ -138,17 +147,33 @@ def feature_targets(encoder: nn.Module, waves: list[np.ndarray], layer: int, k: 
 
 
 class MaskedPredictor(nn.Module):
-    """Encoder + linear head over cluster ids."""
+    """Encoder + linear head over cluster ids (+ a projection head for the utterance contrast)."""
 
-    def __init__(self, encoder: nn.Module, n_clusters: int):
+    def __init__(self, encoder: nn.Module, n_clusters: int, contrast: bool = False):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, n_clusters)
+        h = encoder.config.hidden_size
+        self.head = nn.Linear(h, n_clusters)
+        self.proj = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 128)) if contrast else None
 
-    def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """wave (B, T), mask (B, T') bool -> logits (B, T', K)."""
-        out = self.encoder(wave, mask_time_indices=mask)
-        return self.head(out.last_hidden_state)
+    def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """wave (B, T), mask (B, T') bool -> logits (B, T', K) and projected utterance means (B, 128) or None."""
+        last = self.encoder(wave, mask_time_indices=mask).last_hidden_state  # (B, T', H)
+        return self.head(last), (self.proj(last.mean(1)) if self.proj is not None else None)
+
+
+def utterance_contrast_loss(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over (B, D) embeddings where rows 2k and 2k+1 are two crops of one utterance.
+
+    Each row's positive is its sibling (index ``i ^ 1``); every other row of the batch is a negative.
+    """
+    if z.shape[0] % 2:
+        raise ValueError(f"utterance contrast needs pairs of crops, got a batch of {z.shape[0]}")
+    z = nn.functional.normalize(z.float(), dim=-1)  # (B, D)
+    sim = z @ z.T / temperature  # (B, B)
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    sibling = torch.arange(len(z), device=z.device) ^ 1  # (B,)
+    return nn.functional.cross_entropy(sim, sibling)
 
 
 def _span_mask(batch: int, frames: int, prob: float, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -214,6 +239,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         raise ValueError(f"mix_prob must be in [0, 1] (a share of crops), got {cfg.mix_prob}")
     if not 0.0 <= cfg.channel_prob <= 1.0:
         raise ValueError(f"channel_prob must be in [0, 1] (a share of crops), got {cfg.channel_prob}")
+    if cfg.contrast_weight < 0 or (cfg.contrast_weight > 0 and cfg.batch_size % 2):
+        raise ValueError(f"contrast_weight must be >= 0 and needs an even batch_size (pairs of crops); got "
+                         f"contrast_weight {cfg.contrast_weight}, batch_size {cfg.batch_size}")
     init = None
     if cfg.init_encoder:
         family, init = load_encoder(cfg.init_encoder)
@@ -247,7 +275,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         np.savez(targets_path, centroids=centroids, **{f"u{i}": lab for i, lab in enumerate(labels)})
 
     encoder = init if init is not None else build_encoder("wavlm", {**cfg.encoder, "mask_time_prob": 0.05})
-    model = MaskedPredictor(encoder, cfg.n_clusters)
+    model = MaskedPredictor(encoder, cfg.n_clusters, contrast=cfg.contrast_weight > 0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -266,6 +294,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     bf16 = cpu_bf16(cfg.bf16, "pretrain")
     while state.step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
         idx = rng.integers(0, len(waves), cfg.batch_size)
+        if cfg.contrast_weight > 0:
+            idx[1::2] = idx[0::2]  # rows 2k and 2k+1: two crops of one utterance
         batch = np.zeros((cfg.batch_size, crop), dtype=np.float32)
         tgt = np.zeros((cfg.batch_size, n_frames), dtype=np.int64)
         for b, i in enumerate(idx):
@@ -280,8 +310,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(state.step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(torch.from_numpy(batch), mask)  # (B, T', K)
+            logits, z = model(torch.from_numpy(batch), mask)  # (B, T', K), (B, 128) or None
         loss = nn.functional.cross_entropy(logits.float()[mask], torch.from_numpy(tgt)[mask])
+        if z is not None:
+            loss = loss + cfg.contrast_weight * utterance_contrast_loss(z, cfg.contrast_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -304,7 +336,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                "final_loss": float(np.mean([h[1] for h in last])) if last else None,
                "final_masked_acc": float(np.mean([h[2] for h in last])) if last else None, "utterances": len(waves),
                "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC",
-               "mix_prob": cfg.mix_prob, "channel_prob": cfg.channel_prob}
+               "mix_prob": cfg.mix_prob, "channel_prob": cfg.channel_prob, "contrast_weight": cfg.contrast_weight}
     if cfg.init_encoder:  # provenance of the run this one continues: its config and summary
         prev = Path(cfg.init_encoder).parent
         summary["init_run"] = {name: json.loads((prev / f"{name}.json").read_text())
@@ -346,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init-encoder", help="save_pretrained encoder directory to continue from (second iteration)")
     for f in ("n_clusters", "batch_size", "max_steps", "seed", "threads", "checkpoint_every", "target_layer"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
-    for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob", "channel_prob"):
+    for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob", "channel_prob", "contrast_weight",
+              "contrast_temperature"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
                     % SMALL_WAVLM["num_hidden_layers"])
