@@ -112,13 +112,18 @@ def _writer(args) -> int:
 def enroll_rate(uri: str, writers: int, n: int) -> float:
     from pymilvus import MilvusClient
 
+    from service.store.milvus import drop_database
+
     db = f"e{uuid.uuid4().hex[:10]}"
     MilvusClient(uri=uri).create_database(db)
-    _writer((uri, db, 10 ** 6, 1))  # create the collections first
-    t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(writers) as pool:
-        done = sum(pool.map(_writer, [(uri, db, k * n, n) for k in range(writers)]))
-    return done / (time.perf_counter() - t0)
+    try:
+        _writer((uri, db, 10 ** 6, 1))  # create the collections first
+        t0 = time.perf_counter()
+        with mp.get_context("spawn").Pool(writers) as pool:
+            done = sum(pool.map(_writer, [(uri, db, k * n, n) for k in range(writers)]))
+        return done / (time.perf_counter() - t0)
+    finally:
+        drop_database(uri, db)
 
 
 def main() -> int:
@@ -132,6 +137,7 @@ def main() -> int:
     ap.add_argument("--no-enroll", action="store_true", help="skip the enrollment throughput part")
     args = ap.parse_args()
     from service.store import LocalStore
+    from service.store.milvus import drop_database
 
     rows = []
     rng = np.random.default_rng(0)
@@ -166,6 +172,8 @@ def main() -> int:
             rows.append((n, f"Milvus server ({_NAMES[index]})", times, *quality(ids, exact, truth)))
             store.close()
             print(f"{n}: Milvus {index}: p50 {np.percentile(times, 50) * 1000:.2f} ms", flush=True)
+        if db is not None:
+            drop_database(args.uri, db)
     print("\n| voiceprints | store | p50 ms | p99 ms | recall@10 | hit@1 |")
     print("|---:|---|---:|---:|---:|---:|")
     for n, name, times, recall, hit1 in rows:

@@ -44,7 +44,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn, StoreUnavailable,
                                 check_binding, quoted, validate_metadata)
 
-__all__ = ["MilvusStore", "milvus_name"]
+__all__ = ["MilvusStore", "drop_database", "milvus_name"]
 
 log = logging.getLogger("spkserve.store.milvus")
 
@@ -57,6 +57,25 @@ _MILVUS_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
 def milvus_name(prefix: str, collection: str) -> str:
     """A Milvus collection name for a spkserve collection (letters, digits and _ only)."""
     return prefix + "".join(ch if ch.isalnum() and ch.isascii() else f"_{ord(ch):02x}" for ch in collection)
+
+
+def drop_database(uri: str, db: str) -> None:
+    """Drop the Milvus database `db` on the server at `uri` with every collection in it.
+
+    A Milvus server holds at most 64 databases; tests and benchmarks that make one per run
+    give it back with this. Irreversible: every speaker in `db` is gone.
+    """
+    from pymilvus import MilvusClient
+
+    if not db or db == "default":
+        raise InvalidArgument("db", f"must name a non-default database, got {db!r}")
+    client = MilvusClient(uri=uri, db_name=db)
+    try:
+        for name in client.list_collections():
+            client.drop_collection(name)
+        client.drop_database(db)
+    finally:
+        client.close()
 
 
 def _q(value: str) -> str:
