@@ -138,6 +138,24 @@ def test_utterance_contrast_pulls_sibling_crops_together():
         pretrain(PretrainConfig(corpus="unused", out="unused", contrast_weight=1.0, batch_size=15))
 
 
+def test_contrast_head_linear_is_one_map_and_unknown_heads_are_refused():
+    from models.ssl import build_encoder
+    from training.pretrain import MaskedPredictor, PretrainConfig, pretrain
+
+    encoder = build_encoder("wavlm", dict(TINY_ENCODER))
+    h = encoder.config.hidden_size
+    linear = MaskedPredictor(encoder, 8, contrast=True, contrast_head="linear").proj
+    assert isinstance(linear, torch.nn.Linear) and (linear.in_features, linear.out_features) == (h, 128)
+    mlp = MaskedPredictor(encoder, 8, contrast=True).proj
+    assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"]
+    wave = torch.randn(2, 16000)  # (B, T)
+    frames = encoder._get_feat_extract_output_lengths(torch.tensor(16000)).item()
+    _, z = MaskedPredictor(encoder, 8, contrast=True, contrast_head="linear")(wave, torch.zeros(2, frames, dtype=torch.bool))
+    assert z.shape == (2, 128)
+    with pytest.raises(ValueError, match="contrast_head.*'deep'"):
+        pretrain(PretrainConfig(corpus="unused", out="unused", contrast_weight=1.0, contrast_head="deep"))
+
+
 def test_channel_augmentation_changes_some_crops_and_keeps_their_length():
     from training.pretrain import PretrainConfig, pretrain, through_channels
 

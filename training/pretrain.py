@@ -29,7 +29,10 @@ self-supervised speaker verification): the batch holds two crops of each utteran
 segments; each through its own random channel with ``--channel-prob``), and the mean-pooled last
 layer, through a small projection head, must pick out its sibling crop among the batch (NT-Xent,
 temperature ``contrast_temperature``), weighted W against the masked prediction. No speaker labels
-are used: the only supervision is "these two crops come from one recording".
+are used: the only supervision is "these two crops come from one recording". ``--contrast-head
+linear`` replaces the MLP projection head by one linear map, so the nonlinear work of telling
+recordings apart has to be done inside the encoder (by its FFNs) instead of in a head that is
+thrown away after pretraining.
 
 Resumable: ``out/last.pt`` holds model, optimiser, step and RNG states; the resolved
 config is written to ``out/config.json``; seeds are fixed. bf16 autocast on CPU roughly
@@ -94,6 +97,7 @@ class PretrainConfig:
     channel_prob: float = 0.0  # share of crops passed through a random PRETRAIN_CHANNELS channel
     contrast_weight: float = 0.0  # weight of the two-crops-of-one-utterance contrastive loss (0: off)
     contrast_temperature: float = 0.1
+    contrast_head: str = "mlp"  # projection head of the contrast: "mlp" (Linear-ReLU-Linear) or "linear"
     checkpoint_every: int = 200
     bf16: bool = True
     threads: int = 0
@@ -149,12 +153,16 @@ def feature_targets(encoder: nn.Module, waves: list[np.ndarray], layer: int, k: 
 class MaskedPredictor(nn.Module):
     """Encoder + linear head over cluster ids (+ a projection head for the utterance contrast)."""
 
-    def __init__(self, encoder: nn.Module, n_clusters: int, contrast: bool = False):
+    def __init__(self, encoder: nn.Module, n_clusters: int, contrast: bool = False, contrast_head: str = "mlp"):
         super().__init__()
         self.encoder = encoder
         h = encoder.config.hidden_size
         self.head = nn.Linear(h, n_clusters)
-        self.proj = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 128)) if contrast else None
+        heads = {"mlp": lambda: nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 128)),
+                 "linear": lambda: nn.Linear(h, 128)}
+        if contrast_head not in heads:
+            raise ValueError(f"contrast_head must be one of {sorted(heads)}, got {contrast_head!r}")
+        self.proj = heads[contrast_head]() if contrast else None
 
     def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """wave (B, T), mask (B, T') bool -> logits (B, T', K) and projected utterance means (B, 128) or None."""
@@ -242,6 +250,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.contrast_weight < 0 or (cfg.contrast_weight > 0 and cfg.batch_size % 2):
         raise ValueError(f"contrast_weight must be >= 0 and needs an even batch_size (pairs of crops); got "
                          f"contrast_weight {cfg.contrast_weight}, batch_size {cfg.batch_size}")
+    if cfg.contrast_head not in ("mlp", "linear"):
+        raise ValueError(f"contrast_head must be 'mlp' or 'linear', got {cfg.contrast_head!r}")
     init = None
     if cfg.init_encoder:
         family, init = load_encoder(cfg.init_encoder)
@@ -275,7 +285,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         np.savez(targets_path, centroids=centroids, **{f"u{i}": lab for i, lab in enumerate(labels)})
 
     encoder = init if init is not None else build_encoder("wavlm", {**cfg.encoder, "mask_time_prob": 0.05})
-    model = MaskedPredictor(encoder, cfg.n_clusters, contrast=cfg.contrast_weight > 0)
+    model = MaskedPredictor(encoder, cfg.n_clusters, contrast=cfg.contrast_weight > 0, contrast_head=cfg.contrast_head)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -336,7 +346,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                "final_loss": float(np.mean([h[1] for h in last])) if last else None,
                "final_masked_acc": float(np.mean([h[2] for h in last])) if last else None, "utterances": len(waves),
                "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC",
-               "mix_prob": cfg.mix_prob, "channel_prob": cfg.channel_prob, "contrast_weight": cfg.contrast_weight}
+               "mix_prob": cfg.mix_prob, "channel_prob": cfg.channel_prob, "contrast_weight": cfg.contrast_weight,
+               "contrast_head": cfg.contrast_head}
     if cfg.init_encoder:  # provenance of the run this one continues: its config and summary
         prev = Path(cfg.init_encoder).parent
         summary["init_run"] = {name: json.loads((prev / f"{name}.json").read_text())
@@ -381,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob", "channel_prob", "contrast_weight",
               "contrast_temperature"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
+    ap.add_argument("--contrast-head", choices=["mlp", "linear"],
+                    help="projection head of the utterance contrast (default mlp; linear leaves the nonlinear "
+                         "work to the encoder)")
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
                     % SMALL_WAVLM["num_hidden_layers"])
     ap.add_argument("--no-bf16", action="store_true")
