@@ -37,9 +37,9 @@ def _fresh_database(uri: str, prefix: str) -> str:
 def _drop_databases():
     """Drop every database this module created, so a long-lived server never reaches its limit (64)."""
     yield
-    while _DATABASES:
-        from service.store.milvus import drop_database
+    from service.store.milvus import drop_database  # pymilvus itself is imported only when a database is dropped
 
+    while _DATABASES:
         drop_database(*_DATABASES.pop())
 
 

@@ -140,7 +140,7 @@ def test_utterance_contrast_pulls_sibling_crops_together():
 
 def test_contrast_head_linear_is_one_map_and_unknown_heads_are_refused():
     from models.ssl import build_encoder
-    from training.pretrain import MaskedPredictor, PretrainConfig, pretrain
+    from training.pretrain import MaskedPredictor, PretrainConfig, main, pretrain, projection_head
 
     encoder = build_encoder("wavlm", dict(TINY_ENCODER))
     h = encoder.config.hidden_size
@@ -154,6 +154,11 @@ def test_contrast_head_linear_is_one_map_and_unknown_heads_are_refused():
     assert z.shape == (2, 128)
     with pytest.raises(ValueError, match="contrast_head.*'deep'"):
         pretrain(PretrainConfig(corpus="unused", out="unused", contrast_weight=1.0, contrast_head="deep"))
+    with pytest.raises(ValueError, match="contrast_head.*'deep'"):
+        projection_head("deep", h)
+    with pytest.raises(SystemExit) as e:  # the CLI offers exactly the known heads
+        main(["--corpus", "unused", "--out", "unused", "--contrast-head", "deep"])
+    assert e.value.code == 2
 
 
 def test_channel_augmentation_changes_some_crops_and_keeps_their_length():

@@ -59,7 +59,8 @@ from training.common import RunState, cpu_bf16, load_split, start_run
 from training.features import mfcc
 
 __all__ = ["PretrainConfig", "SMALL_WAVLM", "PRETRAIN_CHANNELS", "kmeans_targets", "feature_targets",
-           "mix_utterances", "through_channels", "utterance_contrast_loss", "pretrain", "publish", "main"]
+           "mix_utterances", "through_channels", "utterance_contrast_loss", "CONTRAST_HEADS", "projection_head",
+           "pretrain", "publish", "main"]
 
 # Channels of --channel-prob: each is fast enough to run per crop in the training loop
 PRETRAIN_CHANNELS = ("mic", "noise", "reverb", "telephone")
@@ -150,6 +151,18 @@ def feature_targets(encoder: nn.Module, waves: list[np.ndarray], layer: int, k: 
     return _kmeans(feats, k, max_frames, seed)
 
 
+CONTRAST_HEADS = ("mlp", "linear")  # projection heads of the utterance contrast (--contrast-head)
+
+
+def projection_head(kind: str, hidden: int, dim: int = 128) -> nn.Module:
+    """The contrast's projection head, (B, hidden) -> (B, dim): "mlp" (Linear-ReLU-Linear) or "linear"."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+    if kind == "linear":
+        return nn.Linear(hidden, dim)
+    raise ValueError(f"contrast_head must be one of {list(CONTRAST_HEADS)}, got {kind!r}")
+
+
 class MaskedPredictor(nn.Module):
     """Encoder + linear head over cluster ids (+ a projection head for the utterance contrast)."""
 
@@ -158,11 +171,7 @@ class MaskedPredictor(nn.Module):
         self.encoder = encoder
         h = encoder.config.hidden_size
         self.head = nn.Linear(h, n_clusters)
-        heads = {"mlp": lambda: nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 128)),
-                 "linear": lambda: nn.Linear(h, 128)}
-        if contrast_head not in heads:
-            raise ValueError(f"contrast_head must be one of {sorted(heads)}, got {contrast_head!r}")
-        self.proj = heads[contrast_head]() if contrast else None
+        self.proj = projection_head(contrast_head, h) if contrast else None
 
     def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """wave (B, T), mask (B, T') bool -> logits (B, T', K) and projected utterance means (B, 128) or None."""
@@ -250,8 +259,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.contrast_weight < 0 or (cfg.contrast_weight > 0 and cfg.batch_size % 2):
         raise ValueError(f"contrast_weight must be >= 0 and needs an even batch_size (pairs of crops); got "
                          f"contrast_weight {cfg.contrast_weight}, batch_size {cfg.batch_size}")
-    if cfg.contrast_head not in ("mlp", "linear"):
-        raise ValueError(f"contrast_head must be 'mlp' or 'linear', got {cfg.contrast_head!r}")
+    if cfg.contrast_head not in CONTRAST_HEADS:
+        raise ValueError(f"contrast_head must be one of {list(CONTRAST_HEADS)}, got {cfg.contrast_head!r}")
     init = None
     if cfg.init_encoder:
         family, init = load_encoder(cfg.init_encoder)
@@ -392,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob", "channel_prob", "contrast_weight",
               "contrast_temperature"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
-    ap.add_argument("--contrast-head", choices=["mlp", "linear"],
+    ap.add_argument("--contrast-head", choices=CONTRAST_HEADS,
                     help="projection head of the utterance contrast (default mlp; linear leaves the nonlinear "
                          "work to the encoder)")
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
