@@ -35,6 +35,7 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
     published = publish(tmp_path / "pt", tmp_path / "published", "python -m training.pretrain ...")
     prov = json.loads((published / "provenance.json").read_text())
     assert prov["command"] == "python -m training.pretrain ..." and prov["summary"]["steps"] == 4
+    assert prov["kind"] == "SSL-pretrained encoder (no speaker supervision)"
     assert prov["config"]["max_steps"] == 4 and load_encoder(published)[0] == "wavlm"
     from training.pretrain import main
 
@@ -150,8 +151,8 @@ def test_contrast_head_linear_is_one_map_and_unknown_heads_are_refused():
     assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"]
     wave = torch.randn(2, 16000)  # (B, T)
     frames = encoder._get_feat_extract_output_lengths(torch.tensor(16000)).item()
-    _, z = MaskedPredictor(encoder, 8, contrast=True, contrast_head="linear")(wave, torch.zeros(2, frames, dtype=torch.bool))
-    assert z.shape == (2, 128)
+    _, z, d = MaskedPredictor(encoder, 8, contrast=True, contrast_head="linear")(wave, torch.zeros(2, frames, dtype=torch.bool))
+    assert z.shape == (2, 128) and d is None
     with pytest.raises(ValueError, match="contrast_head.*'deep'"):
         pretrain(PretrainConfig(corpus="unused", out="unused", contrast_weight=1.0, contrast_head="deep"))
     with pytest.raises(ValueError, match="contrast_head.*'deep'"):
@@ -174,3 +175,63 @@ def test_channel_augmentation_changes_some_crops_and_keeps_their_length():
     assert not through_channels(silent, 1.0, np.random.default_rng(3)).any()
     with pytest.raises(ValueError, match="channel_prob must be in \\[0, 1\\].*-0.1"):
         pretrain(PretrainConfig(corpus="unused", out="unused", channel_prob=-0.1))
+
+
+def test_frame_distill_loss_scores_every_frame_against_its_crop_target():
+    from training.distill import frame_distill_loss
+
+    target = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)  # (B, D)
+    aligned = target.unsqueeze(1).expand(3, 5, 16) * 4.0  # (B, T', D): every frame points at its target
+    assert frame_distill_loss(aligned, target).item() < 1e-6  # cosine: scale does not matter
+    assert abs(frame_distill_loss(-aligned, target).item() - 2.0) < 1e-6
+    half = aligned.clone()
+    half[:, 2:] = -half[:, 2:]  # 2 of 5 frames right, 3 opposite -> mean of (0, 0, 2, 2, 2)
+    assert abs(frame_distill_loss(half, target).item() - 1.2) < 1e-5
+    with pytest.raises(ValueError, match="target"):
+        frame_distill_loss(aligned, target[:2])
+
+
+def test_distillation_pretraining_trains_the_transformer_with_a_frozen_front_end(mini_corpus, tmp_path):
+    from models.ge2e import GE2E
+    from models.ssl import build_encoder
+    from training.distill import load_teacher, teacher_targets
+    from training.pretrain import PretrainConfig, main, pretrain, publish
+
+    torch.manual_seed(0)
+    teacher_pt = tmp_path / "teacher.pt"
+    torch.save(GE2E().state_dict(), teacher_pt)  # a random GE2E in place of Resemblyzer's weights
+    teacher = load_teacher(teacher_pt)
+    crops = np.random.default_rng(0).standard_normal((3, 16000)).astype(np.float32) * 0.1
+    emb = teacher_targets(teacher, crops)
+    assert emb.shape == (3, 256) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ValueError, match="crops"):
+        teacher_targets(teacher, crops[0])
+
+    start = tmp_path / "start"
+    build_encoder("wavlm", {**TINY_ENCODER, "mask_time_prob": 0.05}).save_pretrained(start)
+    cfg = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "pt"), init_encoder=str(start), n_clusters=8,
+                         batch_size=2, max_steps=2, crop_seconds=1.0, bf16=False, distill_weight=1.0,
+                         teacher=str(teacher_pt), freeze_feature_encoder=True)
+    encoder_dir = pretrain(cfg)
+    from models.ssl import load_encoder
+
+    _, start_enc = load_encoder(start)
+    _, after = load_encoder(encoder_dir)
+    cnn = [k for k in start_enc.state_dict() if k.startswith("feature_extractor.")]
+    moved = [k for k in start_enc.state_dict() if k.startswith("encoder.layers.")
+             and not torch.equal(start_enc.state_dict()[k], after.state_dict()[k])]
+    assert cnn and all(torch.equal(start_enc.state_dict()[k], after.state_dict()[k]) for k in cnn)  # frozen
+    assert any(".feed_forward." in k for k in moved)  # the Transformer (its FFNs included) trained
+    summary = json.loads((tmp_path / "pt" / "summary.json").read_text())
+    assert summary["distill_weight"] == 1.0 and summary["freeze_feature_encoder"] is True
+    prov = json.loads((publish(tmp_path / "pt", tmp_path / "pub", "x") / "provenance.json").read_text())
+    assert "distillation" in prov["kind"]  # a distilled encoder is not labelled purely self-supervised
+    later = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "later"), init_encoder=str(encoder_dir),
+                           n_clusters=8, batch_size=2, max_steps=0, crop_seconds=1.0, bf16=False)
+    pretrain(later)  # a run that continues a distilled one inherits the label
+    assert "distillation" in json.loads((publish(tmp_path / "later", tmp_path / "pub2", "x") /
+                                         "provenance.json").read_text())["kind"]
+    with pytest.raises(ValueError, match="distill_weight.*-1"):
+        pretrain(PretrainConfig(corpus="unused", out="unused", distill_weight=-1.0))
+    assert main(["--corpus", str(mini_corpus), "--out", str(tmp_path / "x"), "--distill-weight", "1",
+                 "--teacher", str(tmp_path / "nothing.pt")]) == 2  # stops before any work, naming the file

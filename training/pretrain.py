@@ -34,6 +34,11 @@ linear`` replaces the MLP projection head by one linear map, so the nonlinear wo
 recordings apart has to be done inside the encoder (by its FFNs) instead of in a head that is
 thrown away after pretraining.
 
+``--distill-weight W`` adds speaker-teacher distillation (``training.distill``): every frame of the
+last layer, through a linear map, must match the GE2E teacher's embedding of the clean crop.
+``--freeze-feature-encoder`` keeps the convolutional front end fixed (as wav2vec 2.0 fine-tuning
+does), so whatever the new objective teaches goes into the Transformer layers.
+
 Resumable: ``out/last.pt`` holds model, optimiser, step and RNG states; the resolved
 config is written to ``out/config.json``; seeds are fixed. bf16 autocast on CPU roughly
 doubles throughput where the processor has native bf16 (AVX512-BF16, AMX); elsewhere
@@ -56,6 +61,7 @@ from torch import nn
 
 from models.ssl import build_encoder, load_encoder
 from training.common import RunState, cpu_bf16, load_split, start_run
+from training.distill import frame_distill_loss, load_teacher, teacher_targets
 from training.features import mfcc
 
 __all__ = ["PretrainConfig", "SMALL_WAVLM", "PRETRAIN_CHANNELS", "kmeans_targets", "feature_targets",
@@ -99,6 +105,9 @@ class PretrainConfig:
     contrast_weight: float = 0.0  # weight of the two-crops-of-one-utterance contrastive loss (0: off)
     contrast_temperature: float = 0.1
     contrast_head: str = "mlp"  # projection head of the contrast: "mlp" (Linear-ReLU-Linear) or "linear"
+    distill_weight: float = 0.0  # weight of per-frame distillation of the GE2E teacher's crop embedding (0: off)
+    teacher: str | None = None  # resemblyzer wheel / pretrained.pt for --distill-weight (None: fetched with pip)
+    freeze_feature_encoder: bool = False  # keep the convolutional front end fixed
     checkpoint_every: int = 200
     bf16: bool = True
     threads: int = 0
@@ -164,19 +173,25 @@ def projection_head(kind: str, hidden: int, dim: int = 128) -> nn.Module:
 
 
 class MaskedPredictor(nn.Module):
-    """Encoder + linear head over cluster ids (+ a projection head for the utterance contrast)."""
+    """Encoder + linear head over cluster ids (+ a projection head for the utterance contrast, + a
+    linear per-frame head onto the distillation teacher's embedding space)."""
 
-    def __init__(self, encoder: nn.Module, n_clusters: int, contrast: bool = False, contrast_head: str = "mlp"):
+    def __init__(self, encoder: nn.Module, n_clusters: int, contrast: bool = False, contrast_head: str = "mlp",
+                 distill_dim: int = 0):
         super().__init__()
         self.encoder = encoder
         h = encoder.config.hidden_size
         self.head = nn.Linear(h, n_clusters)
         self.proj = projection_head(contrast_head, h) if contrast else None
+        self.distill = nn.Linear(h, distill_dim) if distill_dim else None
 
-    def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """wave (B, T), mask (B, T') bool -> logits (B, T', K) and projected utterance means (B, 128) or None."""
+    def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+        """wave (B, T), mask (B, T') bool -> logits (B, T', K), projected utterance means (B, 128) or None,
+        per-frame teacher-space predictions (B, T', D) or None."""
         last = self.encoder(wave, mask_time_indices=mask).last_hidden_state  # (B, T', H)
-        return self.head(last), (self.proj(last.mean(1)) if self.proj is not None else None)
+        z = self.proj(last.mean(1)) if self.proj is not None else None
+        return self.head(last), z, (self.distill(last) if self.distill is not None else None)
 
 
 def utterance_contrast_loss(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -261,6 +276,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                          f"contrast_weight {cfg.contrast_weight}, batch_size {cfg.batch_size}")
     if cfg.contrast_head not in CONTRAST_HEADS:
         raise ValueError(f"contrast_head must be one of {list(CONTRAST_HEADS)}, got {cfg.contrast_head!r}")
+    if cfg.distill_weight < 0:
+        raise ValueError(f"distill_weight must be >= 0, got {cfg.distill_weight}")
+    teacher = load_teacher(cfg.teacher) if cfg.distill_weight > 0 else None
     init = None
     if cfg.init_encoder:
         family, init = load_encoder(cfg.init_encoder)
@@ -294,7 +312,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         np.savez(targets_path, centroids=centroids, **{f"u{i}": lab for i, lab in enumerate(labels)})
 
     encoder = init if init is not None else build_encoder("wavlm", {**cfg.encoder, "mask_time_prob": 0.05})
-    model = MaskedPredictor(encoder, cfg.n_clusters, contrast=cfg.contrast_weight > 0, contrast_head=cfg.contrast_head)
+    if cfg.freeze_feature_encoder:
+        encoder.freeze_feature_encoder()
+    model = MaskedPredictor(encoder, cfg.n_clusters, contrast=cfg.contrast_weight > 0, contrast_head=cfg.contrast_head,
+                            distill_dim=teacher.embedding_dim if teacher is not None else 0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -323,16 +344,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
             seg = waves[i][s:s + crop]
             batch[b, :len(seg)] = seg * float(rng.uniform(0.5, 1.5))
             tgt[b] = labels[i][start_frame:start_frame + n_frames]
+        speaker = teacher_targets(teacher, batch) if teacher is not None else None  # (B, D), clean crops
         mix_utterances(batch, waves, cfg.mix_prob, rng)  # targets stay the primary crop's
         through_channels(batch, cfg.channel_prob, rng, waves)  # and the clean crop's
         mask = torch.from_numpy(_span_mask(cfg.batch_size, n_frames, cfg.mask_prob, cfg.mask_length, rng))
         for g in opt.param_groups:
             g["lr"] = lr_at(state.step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, z = model(torch.from_numpy(batch), mask)  # (B, T', K), (B, 128) or None
+            logits, z, d = model(torch.from_numpy(batch), mask)  # (B, T', K), (B, 128) / (B, T', D) or None
         loss = nn.functional.cross_entropy(logits.float()[mask], torch.from_numpy(tgt)[mask])
         if z is not None:
             loss = loss + cfg.contrast_weight * utterance_contrast_loss(z, cfg.contrast_temperature)
+        if d is not None:
+            loss = loss + cfg.distill_weight * frame_distill_loss(d, speaker)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -356,13 +380,25 @@ def pretrain(cfg: PretrainConfig) -> Path:
                "final_masked_acc": float(np.mean([h[2] for h in last])) if last else None, "utterances": len(waves),
                "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC",
                "mix_prob": cfg.mix_prob, "channel_prob": cfg.channel_prob, "contrast_weight": cfg.contrast_weight,
-               "contrast_head": cfg.contrast_head}
+               "contrast_head": cfg.contrast_head, "distill_weight": cfg.distill_weight,
+               "freeze_feature_encoder": cfg.freeze_feature_encoder}
     if cfg.init_encoder:  # provenance of the run this one continues: its config and summary
         prev = Path(cfg.init_encoder).parent
         summary["init_run"] = {name: json.loads((prev / f"{name}.json").read_text())
                                for name in ("config", "summary") if (prev / f"{name}.json").is_file()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return final
+
+
+def _encoder_kind(cfg: dict, summary: dict) -> str:
+    """What supervision went into an encoder, following the chain of runs it continues."""
+    while True:
+        if cfg.get("distill_weight", 0) > 0:
+            return "SSL-pretrained encoder, further trained with GE2E speaker-teacher distillation (no corpus labels)"
+        prev = summary.get("init_run") or {}
+        if not prev.get("config"):
+            return "SSL-pretrained encoder (no speaker supervision)"
+        cfg, summary = prev["config"], prev.get("summary", {})
 
 
 def publish(run: str | Path, dest: str | Path, command: str) -> Path:
@@ -382,8 +418,9 @@ def publish(run: str | Path, dest: str | Path, command: str) -> Path:
     manifest = Path(cfg["corpus"]) / "manifest.json"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    prov = {"kind": "SSL-pretrained encoder (no speaker supervision)", "command": command, "config": cfg,
-            "summary": json.loads((run / "summary.json").read_text()), "code_commit": commit or None,
+    summary = json.loads((run / "summary.json").read_text())
+    prov = {"kind": _encoder_kind(cfg, summary), "command": command, "config": cfg, "summary": summary,
+            "code_commit": commit or None,
             "corpus_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
     (dest / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
     return dest
@@ -399,11 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("n_clusters", "batch_size", "max_steps", "seed", "threads", "checkpoint_every", "target_layer"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     for f in ("max_minutes", "lr", "crop_seconds", "mask_prob", "mix_prob", "channel_prob", "contrast_weight",
-              "contrast_temperature"):
+              "contrast_temperature", "distill_weight"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
     ap.add_argument("--contrast-head", choices=CONTRAST_HEADS,
                     help="projection head of the utterance contrast (default mlp; linear leaves the nonlinear "
                          "work to the encoder)")
+    ap.add_argument("--teacher", help="GE2E teacher for --distill-weight: resemblyzer wheel or pretrained.pt "
+                                      "(default: the wheel, fetched with pip)")
+    ap.add_argument("--freeze-feature-encoder", action="store_true", default=None,
+                    help="keep the convolutional front end fixed")
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
                     % SMALL_WAVLM["num_hidden_layers"])
     ap.add_argument("--no-bf16", action="store_true")
