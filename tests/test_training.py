@@ -103,7 +103,8 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, capsys):
 
 
 def test_utterance_mixing_overlays_another_voice_at_the_stated_energy_ratio():
-    from training.pretrain import PretrainConfig, mix_utterances, pretrain
+    from training.pretrain import PretrainConfig, pretrain
+    from training.pretrain_data import mix_utterances
 
     rng = np.random.default_rng(0)
     clean = np.sin(np.linspace(0, 400, 8000, dtype=np.float32))[None].repeat(64, 0)  # (64, T) primary crops
@@ -163,7 +164,8 @@ def test_contrast_head_linear_is_one_map_and_unknown_heads_are_refused():
 
 
 def test_channel_augmentation_changes_some_crops_and_keeps_their_length():
-    from training.pretrain import PretrainConfig, pretrain, through_channels
+    from training.pretrain import PretrainConfig, pretrain
+    from training.pretrain_data import through_channels
 
     clean = np.random.default_rng(0).normal(scale=0.1, size=(40, 16000)).astype(np.float32)  # (40, T)
     assert np.array_equal(through_channels(clean.copy(), 0.0, np.random.default_rng(1)), clean)
