@@ -191,6 +191,34 @@ def test_frame_distill_loss_scores_every_frame_against_its_crop_target():
     assert abs(frame_distill_loss(half, target).item() - 1.2) < 1e-5
     with pytest.raises(ValueError, match="target"):
         frame_distill_loss(aligned, target[:2])
+    # centred: only the part of each target that differs from the centre counts
+    center = torch.ones(16)
+    assert frame_distill_loss(aligned, target + center, center).item() < 1e-5
+    assert frame_distill_loss(center.expand(3, 5, 16), target + center, center).item() > 0.5
+
+
+def test_teacher_center_is_the_mean_embedding_of_random_crops():
+    from training.distill import teacher_center, teacher_targets
+
+    class Spectrum(torch.nn.Module):  # a teacher whose embedding visibly depends on the crop
+        def forward(self, wave, lengths):  # (B, T), (B,) -> (B, 256) unit vectors of the magnitude spectrum
+            return torch.nn.functional.normalize(torch.fft.rfft(wave).abs()[:, 1:257], dim=1)
+
+    teacher = Spectrum()
+    t = np.arange(20000) / 16000
+    waves = [(0.3 * np.sin(2 * np.pi * f * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+             for f in (150, 420, 900, 2500)]  # (20000,) each: different spectra, a slow envelope
+    center = teacher_center(teacher, waves, 16000, 10, seed=3, batch=4)  # three batches: 4 + 4 + 2 crops
+    assert center.shape == (256,)
+    assert torch.allclose(center, teacher_center(teacher, waves, 16000, 10, seed=3, batch=10), atol=1e-6)
+    draw = np.random.default_rng(3)  # the same crops by hand
+    picks = [(int(i), int(draw.integers(0, 20000 - 16000 + 1))) for i in draw.integers(0, 4, 10)]
+    emb = teacher_targets(teacher, np.stack([waves[i][s:s + 16000] for i, s in picks]))  # (10, D)
+    assert torch.allclose(center, emb.mean(0), atol=1e-6)
+    assert not torch.allclose(emb[0], emb.mean(0), atol=1e-3)  # the crops' embeddings do differ
+    assert not torch.allclose(center, teacher_center(teacher, waves, 16000, 10, seed=4), atol=1e-4)
+    with pytest.raises(ValueError, match="16000 samples"):
+        teacher_center(teacher, [w[:8000] for w in waves], 16000, 10, seed=3)
 
 
 def test_distillation_pretraining_trains_the_transformer_with_a_frozen_front_end(mini_corpus, tmp_path):
@@ -213,7 +241,7 @@ def test_distillation_pretraining_trains_the_transformer_with_a_frozen_front_end
     build_encoder("wavlm", {**TINY_ENCODER, "mask_time_prob": 0.05}).save_pretrained(start)
     cfg = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "pt"), init_encoder=str(start), n_clusters=8,
                          batch_size=2, max_steps=2, crop_seconds=1.0, bf16=False, distill_weight=1.0,
-                         teacher=str(teacher_pt), freeze_feature_encoder=True)
+                         teacher=str(teacher_pt), freeze_feature_encoder=True, distill_center=True)
     encoder_dir = pretrain(cfg)
     from models.ssl import load_encoder
 
@@ -225,7 +253,8 @@ def test_distillation_pretraining_trains_the_transformer_with_a_frozen_front_end
     assert cnn and all(torch.equal(start_enc.state_dict()[k], after.state_dict()[k]) for k in cnn)  # frozen
     assert any(".feed_forward." in k for k in moved)  # the Transformer (its FFNs included) trained
     summary = json.loads((tmp_path / "pt" / "summary.json").read_text())
-    assert summary["distill_weight"] == 1.0 and summary["freeze_feature_encoder"] is True
+    assert summary["distill_weight"] == 1.0 and summary["freeze_feature_encoder"] and summary["distill_center"]
+    assert np.load(tmp_path / "pt" / "teacher_center.npy").shape == (256,)
     prov = json.loads((publish(tmp_path / "pt", tmp_path / "pub", "x") / "provenance.json").read_text())
     assert "distillation" in prov["kind"]  # a distilled encoder is not labelled purely self-supervised
     later = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "later"), init_encoder=str(encoder_dir),

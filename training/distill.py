@@ -9,6 +9,12 @@ encoder``, only the Transformer's FFNs can do it). It is the "distillation targe
 context" route to an upstream whose FFNs carry speaker information; the student never sees a
 speaker label of the corpus, but the teacher was trained with speaker labels, so an encoder made
 this way is labelled as distilled, not as purely self-supervised (``publish`` does so).
+
+GE2E embeddings pass a ReLU, so any two of them are far from orthogonal (cosine about 0.7 between
+different voices): predicting their common mean already brings the loss most of the way down.
+``--distill-center`` subtracts the teacher's mean embedding over random training crops
+(``teacher_center``) from every target before the cosine, so the loss rewards only the part that
+tells voices apart.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 
 from models.ge2e import GE2E
 
-__all__ = ["load_teacher", "teacher_targets", "frame_distill_loss"]
+__all__ = ["load_teacher", "teacher_targets", "teacher_center", "frame_distill_loss"]
 
 
 def load_teacher(path: str | Path | None) -> GE2E:
@@ -42,10 +48,29 @@ def teacher_targets(teacher: GE2E, crops: np.ndarray) -> torch.Tensor:
     return teacher(wave, lengths)  # (B, D)
 
 
-def frame_distill_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over frames of 1 - cos(pred[b, t], target[b]): pred (B, T', D), target (B, D) -> scalar."""
+def teacher_center(teacher: GE2E, waves: list[np.ndarray], crop: int, n_crops: int, seed: int,
+                   batch: int = 64) -> torch.Tensor:
+    """The teacher's mean embedding (D,) over ``n_crops`` random crops of ``crop`` samples from ``waves``
+    (each at least ``crop`` long), drawn with their own generator so the training stream is unchanged."""
+    if n_crops < 1 or not waves or any(len(w) < crop for w in waves):
+        raise ValueError(f"teacher_center needs n_crops >= 1 and waves of at least {crop} samples; got n_crops "
+                         f"{n_crops}, {len(waves)} waves")
+    rng = np.random.default_rng(seed)
+    picks = [(int(i), int(rng.integers(0, len(waves[i]) - crop + 1))) for i in rng.integers(0, len(waves), n_crops)]
+    total = None
+    for start in range(0, n_crops, batch):  # the crops are fixed first: the batch size cannot change them
+        rows = np.stack([waves[i][s:s + crop] for i, s in picks[start:start + batch]])  # (b, crop)
+        emb = teacher_targets(teacher, rows).sum(0)  # (D,)
+        total = emb if total is None else total + emb
+    return total / n_crops
+
+
+def frame_distill_loss(pred: torch.Tensor, target: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over frames of 1 - cos(pred[b, t], target[b] - center): pred (B, T', D), target (B, D),
+    center (D,) or None -> scalar."""
     if pred.ndim != 3 or target.shape != (pred.shape[0], pred.shape[2]):
         raise ValueError(f"pred must be (B, T', D) and target (B, D); got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
-    cos = torch.nn.functional.cosine_similarity(pred.float(), target.float().unsqueeze(1), dim=-1)  # (B, T')
+    target = target.float() - (center.float() if center is not None else 0.0)  # (B, D)
+    cos = torch.nn.functional.cosine_similarity(pred.float(), target.unsqueeze(1), dim=-1)  # (B, T')
     return (1.0 - cos).mean()

@@ -61,7 +61,7 @@ from torch import nn
 
 from models.ssl import build_encoder, load_encoder
 from training.common import RunState, cpu_bf16, load_split, start_run
-from training.distill import frame_distill_loss, load_teacher, teacher_targets
+from training.distill import frame_distill_loss, load_teacher, teacher_center, teacher_targets
 from training.pretrain_data import (feature_targets, frames_of, kmeans_targets, mix_utterances, span_mask,
                                     through_channels)
 
@@ -104,6 +104,7 @@ class PretrainConfig:
     contrast_head: str = "mlp"  # projection head of the contrast: "mlp" (Linear-ReLU-Linear) or "linear"
     distill_weight: float = 0.0  # weight of per-frame distillation of the GE2E teacher's crop embedding (0: off)
     teacher: str | None = None  # resemblyzer wheel / pretrained.pt for --distill-weight (None: fetched with pip)
+    distill_center: bool = False  # subtract the teacher's mean embedding from the distillation targets
     freeze_feature_encoder: bool = False  # keep the convolutional front end fixed
     checkpoint_every: int = 200
     bf16: bool = True
@@ -207,6 +208,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
             labels, centroids = kmeans_targets(waves, cfg.n_clusters, cfg.kmeans_frames, cfg.seed)
         np.savez(targets_path, centroids=centroids, **{f"u{i}": lab for i, lab in enumerate(labels)})
 
+    center = None
+    if teacher is not None and cfg.distill_center:
+        center_path = out / "teacher_center.npy"
+        if not center_path.exists():  # once per run: a resumed run keeps its centre
+            np.save(center_path, teacher_center(teacher, waves, crop, 1024, cfg.seed).numpy())
+        center = torch.from_numpy(np.load(center_path))  # (D,)
     encoder = init if init is not None else build_encoder("wavlm", {**cfg.encoder, "mask_time_prob": 0.05})
     if cfg.freeze_feature_encoder:
         encoder.freeze_feature_encoder()
@@ -252,7 +259,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if z is not None:
             loss = loss + cfg.contrast_weight * utterance_contrast_loss(z, cfg.contrast_temperature)
         if d is not None:
-            loss = loss + cfg.distill_weight * frame_distill_loss(d, speaker)
+            loss = loss + cfg.distill_weight * frame_distill_loss(d, speaker, center)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -277,7 +284,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                "targets": f"layer {cfg.target_layer} of {cfg.init_encoder}" if cfg.target_layer else "MFCC",
                "mix_prob": cfg.mix_prob, "channel_prob": cfg.channel_prob, "contrast_weight": cfg.contrast_weight,
                "contrast_head": cfg.contrast_head, "distill_weight": cfg.distill_weight,
-               "freeze_feature_encoder": cfg.freeze_feature_encoder}
+               "distill_center": cfg.distill_center, "freeze_feature_encoder": cfg.freeze_feature_encoder}
     if cfg.init_encoder:  # provenance of the run this one continues: its config and summary
         prev = Path(cfg.init_encoder).parent
         summary["init_run"] = {name: json.loads((prev / f"{name}.json").read_text())
@@ -339,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                          "work to the encoder)")
     ap.add_argument("--teacher", help="GE2E teacher for --distill-weight: resemblyzer wheel or pretrained.pt "
                                       "(default: the wheel, fetched with pip)")
+    ap.add_argument("--distill-center", action="store_true", default=None,
+                    help="subtract the teacher's mean embedding from the distillation targets")
     ap.add_argument("--freeze-feature-encoder", action="store_true", default=None,
                     help="keep the convolutional front end fixed")
     ap.add_argument("--layers", type=int, help="encoder depth (num_hidden_layers; default %d)"
