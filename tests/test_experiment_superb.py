@@ -171,11 +171,18 @@ def test_the_results_page_lists_every_attempt(tmp_path):
         {"metric": "sid_acc", "headroom": -0.75, "noise": 2.38, "testable": False,
          "data": {"condition": "telephone", "crop_seconds": 3.0}}))
     lines = _attempts(tmp_path)
-    assert lines[-1] == "| tele |  | telephone | 3.0 |  | sid_acc | -0.75 | 2.38 | fails |  |"
+    assert lines[-1] == "| tele |  | telephone | 3.0 |  | sid_acc | -0.75 | 2.38 | fails |  |  |"
     (tmp_path / "attempts" / "tele" / "config.json").write_text(json.dumps({"checkpoint": "/x/runs/mix/encoder",
                                                                             "utts_per_speaker": 32}))
-    assert _attempts(tmp_path)[-1] == "| tele | mix/encoder | telephone | 3.0 | 32 | sid_acc | -0.75 | 2.38 | fails |  |"
+    assert _attempts(tmp_path)[-1] == "| tele | mix/encoder | telephone | 3.0 | 32 | sid_acc | -0.75 | 2.38 | fails |  |  |"
     summary = json.loads((tmp_path / "attempts" / "tele" / "summary.json").read_text())
     summary["layer_probe_sid_acc"] = {"unpruned": [51.7, 26.72], "all_ffn": [51.7, 32.18]}  # per hidden state
     (tmp_path / "attempts" / "tele" / "summary.json").write_text(json.dumps(summary))
-    assert _attempts(tmp_path)[-1].endswith("| fails | 26.7 / 32.2 |")
+    assert _attempts(tmp_path)[-1].endswith("| fails | 26.7 / 32.2 |  |")
+    # the attempt's rows give the gate's headroom / noise on every metric (bar: 5)
+    rows = [{"method": m, "variant": None, "ratio": ratio, "sid_acc": sid, "eer": eer, "mindcf": 0.5}
+            for m, ratio, sids, eers in (("unpruned", 0.0, (60, 62, 64), (10.0, 10.5, 11.0)),
+                                         ("all_ffn", 1.0, (50, 52, 54), (11.0, 11.5, 12.0)))
+            for sid, eer in zip(sids, eers)]
+    (tmp_path / "attempts" / "tele" / "results.json").write_text(json.dumps(rows))
+    assert _attempts(tmp_path)[-1].endswith("| 26.7 / 32.2 | sid_acc 5.0, eer 2.0, mindcf - |")

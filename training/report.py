@@ -29,20 +29,36 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def _gates(rows: list[dict], factor: float) -> str:
-    """The sensitivity gate computed on each metric from the unpruned and all-FFN-removed rows, in words."""
+def _metric_gates(rows: list[dict], factor: float) -> dict[str, dict | str]:
+    """The sensitivity gate on each metric from the unpruned and all-FFN-removed rows: metric -> the
+    gate's result, or the reason it cannot be computed."""
     groups = _groups(rows)
     unpruned, none = groups.get(("unpruned", None, 0.0), []), groups.get(("all_ffn", None, 1.0), [])
-    parts = []
+    out: dict[str, dict | str] = {}
     for metric in HIGHER_IS_BETTER:
         try:
-            g = gate([r[metric] for r in unpruned], [r[metric] for r in none], metric, factor)
+            out[metric] = gate([r[metric] for r in unpruned], [r[metric] for r in none], metric, factor)
         except GateError as e:
-            parts.append(f"{metric}: cannot be computed ({e})")
+            out[metric] = str(e)
+    return out
+
+
+def _gates(rows: list[dict], factor: float) -> str:
+    """The sensitivity gate computed on each metric, in words."""
+    parts = []
+    for metric, g in _metric_gates(rows, factor).items():
+        if isinstance(g, str):
+            parts.append(f"{metric}: cannot be computed ({g})")
             continue
         parts.append(f"{metric} headroom {g['headroom']:.3g} vs noise {g['noise']:.3g} "
                      f"({'testable' if g['testable'] else 'not testable'})")
     return "; ".join(parts)
+
+
+def _gate_ratios(rows: list[dict], factor: float) -> str:
+    """Headroom / noise on each metric, e.g. "sid_acc 1.6, eer 4.4, mindcf 3.0" (the bar is ``factor``)."""
+    return ", ".join(f"{metric} {g['ratio']:.1f}" if not isinstance(g, str) else
+                     f"{metric} -" for metric, g in _metric_gates(rows, factor).items())
 
 
 def _attempts(out: Path) -> list[str]:
@@ -54,8 +70,8 @@ def _attempts(out: Path) -> list[str]:
         return []
     lines = ["", "Other testbeds tried (each a run under `attempts/NAME/`, its own results.md there):", "",
              "| attempt | upstream | downstream channel | crop s | utts/speaker | metric | headroom | noise | gate "
-             "| last-layer probe SID %, intact / FFN-free |",
-             "|---|---|---|---:|---:|---|---:|---:|---|---|"]
+             "| last-layer probe SID %, intact / FFN-free | headroom / noise on each metric |",
+             "|---|---|---|---:|---:|---|---:|---:|---|---|---|"]
     for f in found:
         a = json.loads(f.read_text())
         d = a.get("data", {})
@@ -63,12 +79,14 @@ def _attempts(out: Path) -> list[str]:
         conf = json.loads(cfg.read_text()) if cfg.is_file() else {}
         ckpt = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
         upstream = f"{ckpt.parent.name}/{ckpt.name}" if ckpt else ""  # e.g. checkpoints/ssl-pretrained
+        res = f.parent / "results.json"
+        ratios = _gate_ratios(json.loads(res.read_text()), a.get("gate_factor", 5.0)) if res.is_file() else ""
         probe = a.get("layer_probe_sid_acc", {})
         last = (f"{probe['unpruned'][-1]:.1f} / {probe['all_ffn'][-1]:.1f}"
                 if probe.get("unpruned") and probe.get("all_ffn") else "")
         lines.append(f"| {f.parent.name} | {upstream} | {d.get('condition') or 'clean'} | {d.get('crop_seconds', '')} | "
                      f"{conf.get('utts_per_speaker', '')} | {a['metric']} | "
-                     f"{a['headroom']:.2f} | {a['noise']:.2f} | {'passes' if a['testable'] else 'fails'} | {last} |")
+                     f"{a['headroom']:.2f} | {a['noise']:.2f} | {'passes' if a['testable'] else 'fails'} | {last} | {ratios} |")
     return lines
 
 
