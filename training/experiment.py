@@ -8,7 +8,9 @@
 
 Two protocols, every row labelled with its ``protocol``:
 - ``superb`` (default, the published one; ``training.protocol_superb``): the SSL-pretrained upstream
-  (a ``save_pretrained`` directory; default the committed ``models/checkpoints/ssl-pretrained``) is
+  (a ``save_pretrained`` directory; default the committed ``models/checkpoints/ssl-distilled``, the
+  first testbed here whose FFNs carry speaker information, see the README; the masked-prediction-only
+  ``models/checkpoints/ssl-pretrained`` it was made from stays as a testbed that fails the gate) is
   pruned, and for each pruned upstream a fresh SUPERB-style downstream is trained per seed on its
   frozen features: identification accuracy on held-out utterances of the training speakers,
   verification EER/minDCF on the unseen evaluation speakers. Rows: unpruned, all FFN neurons
@@ -51,7 +53,7 @@ __all__ = ["ExperimentConfig", "Calibration", "check_config", "run_experiment", 
            "load_speaker_model", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINTS = {"superb": ROOT / "models" / "checkpoints" / "ssl-pretrained",
+DEFAULT_CHECKPOINTS = {"superb": ROOT / "models" / "checkpoints" / "ssl-distilled",
                        "finetuned": ROOT / "models" / "checkpoints" / "ssl-sv-small.pt"}
 
 
