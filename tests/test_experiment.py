@@ -99,3 +99,16 @@ def test_bad_calibration_data_is_named_before_work_starts(mini_corpus, tmp_path,
     assert main(["--out", str(tmp_path / "c"), "--protocol", "finetuned", "--checkpoint", str(ckpt), "--corpus", str(mini_corpus),
                  "--calib-utts", "100", "--k-ivec", "500"]) == 2
     assert "clusters" in capsys.readouterr().err
+
+
+def test_default_superb_upstream_is_the_committed_distilled_encoder():
+    """The published protocol's default checkpoint exists, passes the SSL-encoder check and carries
+    provenance that says it was distilled (so results are never presented as purely self-supervised)."""
+    from training.experiment import DEFAULT_CHECKPOINTS, ExperimentConfig, _check_checkpoint
+
+    path = _check_checkpoint(ExperimentConfig(out="unused"))
+    assert path == DEFAULT_CHECKPOINTS["superb"] and path.name == "ssl-distilled"
+    prov = json.loads((path / "provenance.json").read_text())
+    assert "distillation" in prov["kind"]
+    assert prov["config"]["distill_weight"] > 0 and prov["config"]["distill_center"]
+    assert prov["config"]["freeze_feature_encoder"]
