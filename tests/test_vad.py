@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from models.audio import resample
-from models.vad import SileroVad, VadOptions, keep_speech, speech_segments
+from models.vad import SileroVad, VadOptions, is_narrowband, keep_speech, level_gain, speech_segments
 
 SR = 16000
 
@@ -122,3 +122,61 @@ def test_bad_options_name_the_option(bad):
     with pytest.raises(ValueError) as e:
         VadOptions(**bad).validate("vad")
     assert f"vad.{next(iter(bad))}" in str(e.value)
+
+
+# -- degraded audio: level and bandwidth ------------------------------------------------
+def test_narrowband_probabilities_equal_the_package(vad, speech_files):
+    """Our 8 kHz frame loop gives the package's own 8 kHz probabilities."""
+    pytest.importorskip("silero_vad")
+    import torch
+    from silero_vad.utils_vad import OnnxWrapper
+
+    ref = OnnxWrapper(str(vad.narrowband_path))
+    x = resample(_speechy(speech_files)["pause"], SR, 8000)
+    want = ref.audio_forward(torch.from_numpy(x), 8000).numpy().reshape(-1)
+    np.testing.assert_allclose(vad.probabilities_8k(x), want, atol=1e-5)
+
+
+def test_narrowband_is_detected_from_the_spectrum(speech_files):
+    from training.channels import apply_condition
+
+    x, _ = sf.read(speech_files["flite-slt-1"], dtype="float32")
+    rng = np.random.default_rng(0)
+    assert not is_narrowband(x, SR)
+    for cond in ("telephone", "gsm", "amr"):
+        y, rate = apply_condition(cond, x, rng)
+        assert rate == 8000 and is_narrowband(y, rate)
+        assert is_narrowband(resample(y, rate, SR), SR), cond  # telephone audio sent at 16 kHz
+    assert not is_narrowband(np.zeros(SR, np.float32), SR) and not is_narrowband(x[:1000], SR)
+
+
+def test_quiet_speech_is_raised_before_vad_and_silence_is_not(vad, speech_files):
+    x = _speechy(speech_files)["pause"]
+    assert level_gain(x) == 1.0  # a normal level is left alone
+    quiet = (x * 10 ** (-30 / 20)).astype(np.float32)
+    raised = quiet * level_gain(quiet)  # its loudest frames (95th percentile of 32 ms RMS) now at -20 dBFS
+    power = np.mean(raised[: len(raised) // 512 * 512].reshape(-1, 512) ** 2, axis=1)
+    assert 10 * np.log10(np.percentile(power, 95)) == pytest.approx(-20.0, abs=0.01)
+    assert level_gain(np.zeros(SR, np.float32)) == 1.0 and level_gain(np.full(SR, 1e-6, np.float32)) == 1.0
+    base = sum(b - a for a, b in vad.segments(x, SR))
+    found = sum(b - a for a, b in vad.segments(quiet, SR))
+    assert abs(found - base) < 0.1 * SR
+    # low noise and tones at any level stay non-speech once raised
+    rng = np.random.default_rng(3)
+    for level in (1e-3, 3e-3, 1e-2):
+        assert vad.segments((level * rng.standard_normal(3 * SR)).astype(np.float32), SR) == []
+    t = np.arange(3 * SR) / SR
+    assert vad.segments((0.003 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), SR) == []
+
+
+def test_options_turn_each_step_off(vad, speech_files):
+    from training.channels import apply_condition
+
+    x, _ = sf.read(speech_files["espeak-en-1"], dtype="float32")
+    tel, rate = apply_condition("telephone", x, np.random.default_rng(0))
+    wide = resample(tel, rate, SR)
+    _, narrow = vad.analyse(wide, SR)
+    _, forced = vad.analyse(wide, SR, VadOptions(narrowband=False))
+    assert narrow and not forced
+    with pytest.raises(ValueError, match="vad.narrowband_threshold"):
+        VadOptions(narrowband_threshold=1.0).validate("vad")
