@@ -109,22 +109,3 @@ def test_robustness_names_unknown_conditions(mini_corpus, tmp_path, capsys):
         main(["--wav-scp", str(mini_corpus / "eval" / "wav.scp"), "--trials", str(mini_corpus / "eval" / "trials"),
               "--conditions", "clean,vinyl", "--out", str(tmp_path)])
     assert "unknown ['vinyl']" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_real_speech_set(tmp_path):
-    """Builds the real-recordings set from Debian's archive (skipped where it cannot be reached)."""
-    pytest.importorskip("G722")
-    if shutil.which("apt-get") is None or shutil.which("sox") is None:
-        pytest.skip("needs apt-get and sox")
-    from training.realspeech import build_real_set
-
-    try:
-        manifest = build_real_set(tmp_path / "real", per_speaker=3, cache=tmp_path / "cache")
-    except RuntimeError as e:
-        pytest.skip(f"Debian archive not reachable: {e}")
-    assert manifest["utterances"] == 21 and set(manifest["speakers"]) >= {"allison", "june", "armelle"}
-    lines = (tmp_path / "real" / "trials").read_text().splitlines()
-    assert sum(line.endswith(" target") for line in lines) == 7 * 3
-    rates = {sf.info(p.split(maxsplit=1)[1]).samplerate for p in (tmp_path / "real" / "wav.scp").read_text().splitlines()}
-    assert rates == {8000, 16000}

@@ -23,6 +23,11 @@ Conditions:
     pause        a 2 s pause inside the utterance
     quiet        25 dB quieter
     short        cut to its first 1.0 s of speech (as VAD finds it, with the service's settings)
+    short15      cut to its first 1.5 s of speech
+    white10      white noise at 10 dB SNR
+    babble10     babble (3-5 other talkers from ``bank``) at 10 dB SNR
+    noise_wp     white or pink noise at 5-20 dB SNR (a cohort channel group)
+    babble       babble at 5-20 dB SNR (a cohort channel group)
 """
 
 from __future__ import annotations
@@ -132,6 +137,12 @@ def _mic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (y * (_rms(x) / _rms(y))).astype(np.float32)
 
 
+def _noise_at(x: np.ndarray, rng: np.random.Generator, bank, kind: str, snr: float) -> tuple[np.ndarray, int]:
+    """``x`` plus ``kind`` noise at ``snr`` dB (signal power over the whole utterance)."""
+    noise = _noise(kind, len(x), rng, bank)
+    return (x + noise * _rms(x) / 10 ** (snr / 20)).astype(np.float32), SR
+
+
 def _short(x: np.ndarray, seconds: float = 1.0) -> np.ndarray:
     from models.vad import SileroVad, keep_speech
 
@@ -196,6 +207,12 @@ CONDITIONS: dict[str, Callable] = {
     "pause": _pause,
     "quiet": lambda x, rng, bank: (x * np.float32(10 ** (-25 / 20)), SR),
     "short": lambda x, rng, bank: (_short(x), SR),
+    "short15": lambda x, rng, bank: (_short(x, 1.5), SR),
+    "white10": lambda x, rng, bank: _noise_at(x, rng, bank, "white", 10.0),
+    "babble10": lambda x, rng, bank: _noise_at(x, rng, bank, "babble", 10.0),
+    "noise_wp": lambda x, rng, bank: _noise_at(x, rng, bank, ["white", "pink"][int(rng.integers(2))],
+                                               float(rng.uniform(5.0, 20.0))),
+    "babble": lambda x, rng, bank: _noise_at(x, rng, bank, "babble", float(rng.uniform(5.0, 20.0))),
 }
 
 # What calibration is fitted on: clean and every channel, so the map holds across them.
