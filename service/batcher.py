@@ -154,7 +154,7 @@ class DynamicBatcher:
             wait = self.estimated_wait(len(wave))
             raise Overloaded(f"model {self.name}: {len(self._queue)} utterances queued (max_queue={self.max_queue}); "
                              f"retry in {wait or 1.0:.1f} s", wait or 1.0)
-        self._check_wait(self.estimated_wait(len(wave)), deadline, now)
+        self._check_wait(self.estimated_wait(len(wave)), deadline, now, self.estimated_wait(0))
         item = _Item(wave, asyncio.get_running_loop().create_future(), now, deadline)
         item.future.add_done_callback(lambda f, it=item: self._on_done(it))
         self._queue.append(item)
@@ -178,17 +178,21 @@ class DynamicBatcher:
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
         wait = self.estimated_wait(None, pending)
-        self._check_wait(None if wait is None else wait + extra_s, deadline, time.monotonic())
+        ahead = self.estimated_wait(0, pending)
+        self._check_wait(None if wait is None else wait + extra_s, deadline, time.monotonic(),
+                         None if ahead is None else ahead + extra_s)
 
-    def _check_wait(self, wait: float | None, deadline: float | None, now: float) -> None:
+    def _check_wait(self, wait: float | None, deadline: float | None, now: float, queued: float | None) -> None:
+        """Refuse when ``wait`` (the work ahead and the request's own) misses the deadline, or when ``queued``
+        (the work ahead only: a request's own compute is never queueing) exceeds ``max_queue_wait``."""
         if wait is None:
             return
         if deadline is not None and now + wait > deadline:
             raise Overloaded(f"model {self.name}: the estimated queueing time {wait:.2f} s exceeds the request's "
                              f"deadline ({max(deadline - now, 0):.2f} s left); retry in {wait:.1f} s", wait)
-        if self.max_queue_wait_s is not None and wait > self.max_queue_wait_s:
-            raise Overloaded(f"model {self.name}: the estimated queueing time {wait:.2f} s exceeds max_queue_wait "
-                             f"({self.max_queue_wait_s:.2f} s); retry in {wait:.1f} s", wait)
+        if self.max_queue_wait_s is not None and queued is not None and queued > self.max_queue_wait_s:
+            raise Overloaded(f"model {self.name}: the estimated queueing time {queued:.2f} s exceeds max_queue_wait "
+                             f"({self.max_queue_wait_s:.2f} s); retry in {queued:.1f} s", queued)
 
     def _on_done(self, item: _Item) -> None:
         """A caller that went away (or timed out) leaves the queue at once: it neither blocks admission nor runs."""

@@ -9,7 +9,7 @@
     spkserve models   --target HOST:PORT
     spkserve load-model   --target HOST:PORT NAME   (load or reload a repository entry; admin)
     spkserve unload-model --target HOST:PORT NAME
-    spkserve repair-log --data-dir DIR [--dry-run]
+    spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
 
 Client commands print JSON (one object per line for ``embed``); a failed call exits with
 status 1 and prints the gRPC status name and message on stderr.
@@ -53,9 +53,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _repair(args: argparse.Namespace) -> int:
     """Repair every write-ahead log of a stopped server's data directory; print what was kept and lost."""
-    import fcntl
     import re
 
+    from service.store import StoreUnavailable
+    from service.store.keys import KeyRing
+    from service.store.naming import describe_damage
     from service.store.wal import repair_log
 
     data = Path(args.data_dir)
@@ -63,22 +65,33 @@ def _repair(args: argparse.Namespace) -> int:
     if not logs:
         print(f"spkserve repair-log: no wal-<generation>.log files in {data}", file=sys.stderr)
         return 2
-    keys = data / "keys.bin"
-    lock = open(keys, "rb") if keys.exists() else None
+    key_files = []
+    if args.config:
+        from service.config import ConfigError, load_config
+        from service.engine import configured_key_files
+
+        try:
+            key_files = configured_key_files(load_config(args.config))
+        except ConfigError as e:
+            print(f"spkserve repair-log: {e}", file=sys.stderr)
+            return 2
+    ring = None
+    if (data / "keys.bin").exists():
+        try:
+            ring = KeyRing(data / "keys.bin", key_files)  # holds the directory's lock while we work
+        except StoreUnavailable:
+            print(f"spkserve repair-log: a server is using {data}; stop it first", file=sys.stderr)
+            return 2
     try:
-        if lock is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                print(f"spkserve repair-log: a server is using {data}; stop it first", file=sys.stderr)
-                return 2
         reports = [repair_log(p, data / "damaged", dry_run=args.dry_run) for p in logs]
+        speakers = describe_damage(reports, data, ring)
     finally:
-        if lock is not None:
-            lock.close()
+        if ring is not None:
+            ring.close()
     lost = sum(len(r["damaged"]) for r in reports)
     _emit({"data_dir": str(data), "dry_run": args.dry_run, "logs": reports,
-           "records_kept": sum(r["records_kept"] for r in reports), "damaged_stretches": lost})
+           "records_kept": sum(r["records_kept"] for r in reports), "damaged_stretches": lost,
+           "speakers_affected": speakers})
     return 0
 
 
@@ -238,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("repair-log", help="repair a stopped server's damaged write-ahead log (keeps every intact record)")
     r.add_argument("--data-dir", required=True)
     r.add_argument("--dry-run", action="store_true", help="report what would be kept and lost, change nothing")
+    r.add_argument("--config", help="the server's configuration file: its key files name the speakers affected")
     return ap
 
 

@@ -16,6 +16,13 @@ __all__ = ["rpc"]
 
 log = logging.getLogger("spkserve.servicer")
 
+MAX_MESSAGE = 1024  # characters of an error message: client input is quoted short, this is the last guard
+
+
+def _bounded(message: str) -> str:
+    """An error message cut to ``MAX_MESSAGE`` characters (status details travel in a header of limited size)."""
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+
 
 def rpc(method):
     """Decorator: status mapping, latency and request counting for one RPC."""
@@ -39,7 +46,7 @@ def rpc(method):
             retry = getattr(exc, "retry_after_s", None)
             if retry:  # gRPC clients with a retry policy honour the server's pushback
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry * 1000))),))
-            await context.abort(code, message)
+            await context.abort(code, _bounded(message))
         finally:
             m = self.engine.metrics
             m.requests.labels(name, code.name).inc()

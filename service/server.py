@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 import signal
+import socket
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +30,8 @@ from service.interceptors import RequestGuard
 from service.metrics import Metrics
 from service.reflection import enable_reflection
 from service.servicer import SpeakerServicer
+from service.store import StoreUnavailable
+from service.store.keys import check_not_in_use
 
 __all__ = ["SpeakerServer", "serve", "SERVICE_NAME"]
 
@@ -35,6 +39,25 @@ log = logging.getLogger("spkserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
 STORE_HEALTH = "spkserve.store"  # SERVING while the speaker store accepts writes
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """OSError naming the option when ``host:port`` cannot be bound (asked before gRPC, whose own failure
+    prints a C-level log line and a traceback)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"option 'host': cannot resolve {host!r} ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise OSError(f"option 'port': cannot listen on {host}:{port}: {e.strerror.lower()} "
+                          "(another spkserve?)") from None
 
 
 class SpeakerServer:
@@ -60,7 +83,6 @@ class SpeakerServer:
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until models are ready); returns the port."""
         cfg = self.config
-        log.info("configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
         limit = cfg.max_message_mb * 1024 * 1024
         auth = None
         if cfg.auth_token or cfg.auth_tokens_file:
@@ -71,6 +93,9 @@ class SpeakerServer:
             auth = Authorizer(tokens, cfg.auth_token)
             log.info("authentication: %d tokens (%s)", len(auth.tokens), ", ".join(sorted(t.name for t in auth.tokens.values())))
         self.servicer.auth = auth
+        if cfg.index_backend == "faiss":
+            check_not_in_use(Path(cfg.data_dir))  # before binding: a second server stops with one line
+        _check_port_free(cfg.host, cfg.port)
         self._server = grpc.aio.server(
             interceptors=[RequestGuard(auth)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -81,14 +106,23 @@ class SpeakerServer:
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = self._server.add_secure_port(address, creds)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if cfg.tls_cert:
+                with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                self.port = self._server.add_secure_port(address, creds)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address ..."
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"option 'port': could not bind {address}")
+            raise OSError(f"option 'port': cannot listen on {address}: the address is in use (another spkserve?) "
+                          "or not available here")
+        log.info("configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
+        if auth is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("serving %s without authentication: every client that reaches this address can enroll, "
+                        "identify and delete speakers%s; set auth_token or auth_tokens_file", cfg.host,
+                        " and load or unload models (model_control = true)" if cfg.model_control else "")
         await self._server.start()
         if cfg.metrics_port >= 0:
             from prometheus_client import start_http_server
@@ -192,7 +226,11 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except (OSError, StoreUnavailable) as e:  # a busy port or data directory: one line, no traceback
+        log.error("cannot start: %s", e)
+        return 1
     waiter = asyncio.ensure_future(stop.wait())
     ready = asyncio.ensure_future(server.wait_ready())
     done, _ = await asyncio.wait({waiter, ready}, return_when=asyncio.FIRST_COMPLETED)

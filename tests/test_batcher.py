@@ -177,6 +177,25 @@ def test_admission_by_estimated_wait_refuses_at_once_with_a_retry_hint():
     run(main())
 
 
+def test_a_long_utterance_is_not_refused_for_its_own_compute():
+    """On an idle batcher a long input waits for nothing: max_queue_wait counts only the work ahead of it."""
+    model = FakeModel(delay=0.05)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=1000, max_queue_wait_s=0.5)
+        b.start()
+        await b.submit(np.zeros(1000, np.float32))  # measures the throughput: about 20,000 samples/s
+        long = np.zeros(100_000, np.float32)  # its own compute estimate: about 5 s, far over max_queue_wait
+        assert b.estimated_wait(len(long)) > 0.5 and b.estimated_wait(0) < 0.5
+        with pytest.raises(Overloaded, match="deadline"):  # its own compute still counts against its deadline
+            await b.submit(long, deadline=time.monotonic() + 0.5)
+        b.admit(None)  # admission before decoding lets it in
+        assert (await b.submit(long)).embedding.shape == (2,)  # and so does the queue: nothing is ahead of it
+        await b.close()
+
+    run(main())
+
+
 def test_abandoned_utterances_leave_the_queue_at_once_and_are_counted_by_reason():
     model = FakeModel()
     model.gate.clear()

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,50 @@ def store(request, tmp_path):
     s.close()
 
 
+_WRITER = """
+import os, sys
+import numpy as np
+from service.store.milvus import MilvusStore
+s = MilvusStore(sys.argv[1], db=sys.argv[2])
+v = np.eye(16, dtype=np.float32)[:2]
+s.enroll("c", "m", "a", v[:1], {"k": "v"}, speech=3.0)
+s.enroll("c", "m", "b", v[1:], speech=3.0)
+if sys.argv[3] == "kill":
+    os.kill(os.getpid(), 9)
+s.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["clean", "kill"])
+def test_milvus_store_reopens_its_collections_after_a_restart(tmp_path, how):
+    """Milvus Lite (and a restarted server) hold collections released after a restart: opening loads them."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("pymilvus")
+    from service.store.milvus import MilvusStore
+
+    uri = os.environ.get("SPKSERVE_TEST_MILVUS_URI") or str(tmp_path / "milvus.db")
+    if not uri.startswith("http"):
+        pytest.importorskip("milvus_lite")
+    db = _fresh_database(uri, "r") if uri.startswith("http") else ""
+    r = subprocess.run([sys.executable, "-c", _WRITER, uri, db, how], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == (-9 if how == "kill" else 0), r.stderr[-2000:]
+    if uri.startswith("http"):  # a restarted server: every collection released
+        from pymilvus import MilvusClient
+
+        client = MilvusClient(uri=uri, db_name=db)
+        for name in client.list_collections():
+            client.release_collection(name)
+    s = MilvusStore(uri, db=db)
+    try:
+        assert s.get("c", "a").metadata == {"k": "v"} and s.speaker_count("c") == 2
+        assert s.search("c", "m", np.eye(16, dtype=np.float32)[1], 1)[0][0].speaker_id == "b"
+    finally:
+        s.close()
+
+
 def test_appends_are_exact_and_records_complete(store):
     e = units(4)
     store.enroll("c", "m", "x", e[:2], {"a": "1"}, speech=2.0, model_version="1")
@@ -72,6 +117,23 @@ def test_appends_are_exact_and_records_complete(store):
     assert store.collection_binding("c") == ("m", "1")
     info = {i.name: i for i in store.collections()}["c"]
     assert (info.model, info.dim, info.speaker_count, info.model_version) == ("m", 16, 1, "1")
+
+
+def test_metadata_is_capped_per_speaker_after_merging(store):
+    """Appends merge metadata: the merged result is capped (64 keys, 4 KiB) and a refused append changes nothing."""
+    e = units(3, seed=7)
+    store.enroll("c", "m", "x", e[:1], {f"k{i}": "v" for i in range(60)})
+    with pytest.raises(InvalidArgument, match="metadata.*64 keys"):
+        store.enroll("c", "m", "x", e[1:2], {f"n{i}": "v" for i in range(10)})
+    rec = store.get("c", "x")
+    assert rec.count == 1 and len(rec.metadata) == 60
+    store.enroll("c", "m", "x", e[1:2], {"k0": "updated", "n0": "v"})  # overwriting counts once
+    assert len(store.get("c", "x").metadata) == 61
+    with pytest.raises(InvalidArgument, match="4,096 bytes"):
+        store.enroll("c", "m", "y", e[2:], {f"big{i}": "x" * 1000 for i in range(5)})
+    with pytest.raises(NotFound):
+        store.get("c", "y")
+    assert store.speaker_count("c") == 1
 
 
 def test_search_paging_and_errors(store):

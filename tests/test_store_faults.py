@@ -85,6 +85,41 @@ def test_mid_log_damage_stops_start_up_and_repair_keeps_every_intact_record(cras
     s.close()
 
 
+def test_repair_names_the_speakers_whose_records_were_set_aside(tmp_path, capsys):
+    s = enroll_many(tmp_path, n=5)
+    s.enroll("c", "m", "s002", units(1, seed=9), {"again": "1"})  # s002's second record
+    s.delete("c", "s004")
+    s.abandon()
+    wal = next(tmp_path.glob("wal-*.log"))
+    records = scan_log(wal).records
+    second = next(r for r in records if r.head.get("op") == "enroll" and r.head["slot"] == records[2].head["slot"]
+                  and r.offset != records[2].offset)
+    data = bytearray(wal.read_bytes())
+    for rec in (second, records[4], records[0]):  # s002's append; the deleted s004's (its key is gone); s000's only one
+        data[rec.offset + 200] ^= 0x01  # in the sealed payload: the record's head still reads
+    wal.write_bytes(bytes(data))
+    assert cli(["repair-log", "--data-dir", str(tmp_path), "--dry-run"]) == 0
+    affected = json.loads(capsys.readouterr().out)["speakers_affected"]
+    by_status = {a["status"]: a for a in affected}
+    assert by_status["re-enroll"]["speaker_id"] == "s002" and by_status["re-enroll"]["collection"] == "c"
+    assert by_status["deleted"]["speaker_id"] is None and by_status["unknown"]["speaker_id"] is None
+    assert len(affected) == 3
+
+
+def test_zeroed_last_record_is_possibly_acknowledged(crashed_log, caplog, capsys):
+    d, wal, records = crashed_log
+    data = bytearray(wal.read_bytes())
+    data[records[-1].offset:] = bytes(len(data) - records[-1].offset)  # the last record's blocks came back zeroed
+    wal.write_bytes(bytes(data))
+    assert cli(["repair-log", "--data-dir", str(d), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["logs"][0]["torn_tail"].startswith("possibly acknowledged")
+    s = LocalStore(d)
+    assert len(ids(s)) == 99
+    s.close()
+    assert any("possibly acknowledged" in r.getMessage() for r in caplog.records)
+    assert not any("never acknowledged" in r.getMessage() for r in caplog.records)
+
+
 def test_zero_tail_after_power_loss_is_a_torn_tail(crashed_log):
     d, wal, _ = crashed_log
     size = wal.stat().st_size

@@ -21,17 +21,24 @@ from typing import Callable
 
 import numpy as np
 
-from service.errors import FailedPrecondition, InvalidArgument, Unavailable
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["SpeakerRecord", "CollectionInfo", "IndexOptions", "SpeakerStore", "StoreUnavailable", "StoreCorrupt",
-           "StatsFn", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict", "check_binding"]
+           "StatsFn", "check_merged_metadata", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict", "check_binding"]
 
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_METADATA = 64
+_MAX_METADATA_BYTES = 4096  # per speaker, keys and values in UTF-8, after merging every enrollment's metadata
 # Unicode categories never allowed in ids and metadata keys: controls, format characters (the
 # bidirectional overrides, zero-width joiners ...), surrogates, private use, unassigned, and
 # line/paragraph separators. They make one id print like another.
 _BAD_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+# Letters and symbols that print as nothing (Hangul fillers, the Braille blank, the Mongolian vowel
+# separator): an id made of them looks empty, or like another id with them left out.
+_INVISIBLE = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800, 0x180E, 0x17B4, 0x17B5}
+# Scripts whose letters look like Latin ones: an id mixing two of them (Latin "a" next to Cyrillic "а")
+# is refused, because it can pass for another id.
+_CONFUSABLE_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC")
 
 StatsFn = Callable[[str, np.ndarray], "np.ndarray | None"]
 
@@ -72,11 +79,25 @@ def quoted(value: str, limit: int = 64) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
+def _describe(ch: str) -> str:
+    return f"U+{ord(ch):04X} ({unicodedata.name(ch, unicodedata.category(ch))})"
+
+
 def _bad_char(value: str) -> str | None:
     for ch in value:
-        if unicodedata.category(ch) in _BAD_CATEGORIES:
-            return f"U+{ord(ch):04X} ({unicodedata.name(ch, unicodedata.category(ch))})"
+        if unicodedata.category(ch) in _BAD_CATEGORIES or ord(ch) in _INVISIBLE:
+            return _describe(ch)
     return None
+
+
+def _scripts(value: str) -> set[str]:
+    """The confusable scripts (``_CONFUSABLE_SCRIPTS``) the letters of ``value`` come from."""
+    out = set()
+    for ch in value:
+        if unicodedata.category(ch).startswith("L"):
+            name = unicodedata.name(ch, "")
+            out.update(s for s in _CONFUSABLE_SCRIPTS if name.startswith(s + " "))
+    return out
 
 
 def validate_collection(name: str, field_name: str = "collection") -> str:
@@ -89,7 +110,16 @@ def validate_collection(name: str, field_name: str = "collection") -> str:
 
 
 def validate_speaker_id(speaker_id: str, field_name: str = "speaker_id") -> str:
-    """Return the speaker id or raise InvalidArgument (empty, too long, invisible or control characters)."""
+    """Return the speaker id in Unicode NFC, or raise InvalidArgument naming what is wrong with it.
+
+    One id has one spelling: the composed form (NFC) is the id, so "café" typed with a combining
+    accent is the same speaker as with a precomposed "é". Refused: empty or over 256 characters;
+    control, format (bidirectional overrides, zero-width) and invisible characters (Hangul fillers,
+    the Braille blank); surrounding whitespace; a combining mark with nothing to combine with;
+    compatibility forms that print like plain characters (fullwidth "Ａ", mathematical "𝐀",
+    ligatures: the id must equal its NFKC form); and letters of two look-alike scripts in one id
+    (Latin with Cyrillic or Greek, ...).
+    """
     if not speaker_id:
         raise InvalidArgument(field_name, "is empty")
     if len(speaker_id) > 256:
@@ -99,7 +129,19 @@ def validate_speaker_id(speaker_id: str, field_name: str = "speaker_id") -> str:
         raise InvalidArgument(field_name, f"{quoted(speaker_id)} contains the control or invisible character {bad}")
     if speaker_id != speaker_id.strip():
         raise InvalidArgument(field_name, f"{quoted(speaker_id)} starts or ends with whitespace")
-    return speaker_id
+    nfc = unicodedata.normalize("NFC", speaker_id)
+    if unicodedata.combining(nfc[0]) or unicodedata.category(nfc[0]) in ("Mn", "Mc", "Me"):
+        raise InvalidArgument(field_name, f"{quoted(speaker_id)} starts with the combining mark {_describe(nfc[0])}")
+    folded = unicodedata.normalize("NFKC", nfc)
+    if folded != nfc:
+        ch = next(c for c in nfc if unicodedata.normalize("NFKC", c) != c)
+        raise InvalidArgument(field_name, f"{quoted(speaker_id)} contains the compatibility character {_describe(ch)}, "
+                                          f"which prints like {quoted(unicodedata.normalize('NFKC', ch))}; use {quoted(folded)}")
+    scripts = _scripts(nfc)
+    if len(scripts) > 1:
+        raise InvalidArgument(field_name, f"{quoted(speaker_id)} mixes letters of the look-alike scripts "
+                                          f"{', '.join(sorted(scripts))}; use one script per id")
+    return nfc
 
 
 def validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -115,6 +157,16 @@ def validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
         if len(v) > 1024:
             raise InvalidArgument(f"metadata[{quoted(k)}]", f"value is {len(v)} characters long, at most 1024 allowed")
     return dict(metadata)
+
+
+def check_merged_metadata(old: dict[str, str], new: dict[str, str]) -> None:
+    """InvalidArgument when a speaker's metadata would exceed 64 keys or 4 KiB once ``new`` is merged into ``old``."""
+    merged = {**old, **new}
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in merged.items())
+    if len(merged) > _MAX_METADATA or size > _MAX_METADATA_BYTES:
+        raise InvalidArgument("metadata", f"the speaker would hold {len(merged)} keys and {size:,} bytes of metadata "
+                                          f"after this enrollment, at most {_MAX_METADATA} keys and "
+                                          f"{_MAX_METADATA_BYTES:,} bytes; nothing was enrolled")
 
 
 @dataclass
@@ -215,6 +267,13 @@ class SpeakerStore(abc.ABC):
     @abc.abstractmethod
     def collections(self) -> list[CollectionInfo]:
         """Summaries of all collections, sorted by name."""
+
+    def speaker_count(self, collection: str) -> int:
+        """How many speakers a collection holds (Identify's N). Raises NotFound."""
+        for info in self.collections():
+            if info.name == collection:
+                return info.speaker_count
+        raise NotFound(f"collection: {quoted(collection)} does not exist")
 
     @abc.abstractmethod
     def set_stats_fn(self, fn: StatsFn | None) -> None:

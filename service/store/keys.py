@@ -40,7 +40,29 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from service.store.base import StoreCorrupt, StoreUnavailable
 
-__all__ = ["KeyFile", "load_key_file", "KeyRing", "Sealed", "SLOT_SIZE"]
+__all__ = ["KeyFile", "load_key_file", "KeyRing", "Sealed", "SLOT_SIZE", "check_not_in_use"]
+
+
+def check_not_in_use(data_dir: Path) -> None:
+    """Raise StoreUnavailable when another process holds ``data_dir`` (its key file's lock); changes nothing.
+
+    The server asks before it binds its port, so a second server on a busy directory stops at once.
+    """
+    path = Path(data_dir) / "keys.bin"
+    if not path.exists():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # unreadable: the store's own open reports it with its context
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
+        raise StoreUnavailable(f"speaker store: {Path(data_dir)} is in use by another process "
+                               "(a running server or repair-log)") from None
+    finally:
+        os.close(fd)
 
 _MAGIC = b"SPKKEYS1"
 _HEADER = struct.Struct("<8sII")  # magic, slot size, reserved

@@ -38,7 +38,7 @@ import numpy as np
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store import legacy
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn,
-                                StoreUnavailable, check_binding, quoted, validate_metadata)
+                                StoreUnavailable, check_binding, check_merged_metadata, quoted, validate_metadata)
 from service.store.audio import RetainedAudio
 from service.store.faiss_index import CollectionIndex
 from service.store.keys import KeyFile, KeyRing, Sealed
@@ -141,6 +141,10 @@ class LocalStore(Recovery, SpeakerStore):
         with self._lock:
             return [self._collections[n].info() for n in sorted(self._collections)]
 
+    def speaker_count(self, collection: str) -> int:
+        with self._lock:
+            return len(self._collection(collection).speakers)
+
     @property
     def writable(self) -> bool:
         return self._writer is not None and not self._writer.broken and not self._pending_shred
@@ -191,6 +195,10 @@ class LocalStore(Recovery, SpeakerStore):
             self._check_writable()
             slot = self._slots.get((collection, speaker_id))
             created = slot is None
+            if not created:
+                check_merged_metadata(coll.speakers[speaker_id].metadata, metadata)
+            else:
+                check_merged_metadata({}, metadata)
             if created:
                 slot = self._keys.allocate()
                 key = self._keys.new_key(slot, collection)

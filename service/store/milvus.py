@@ -42,7 +42,7 @@ import numpy as np
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn, StoreUnavailable,
-                                check_binding, quoted, validate_metadata)
+                                check_binding, check_merged_metadata, quoted, validate_metadata)
 
 __all__ = ["MilvusStore", "drop_database", "milvus_name"]
 
@@ -140,6 +140,7 @@ class MilvusStore(SpeakerStore):
 
         if self.client.has_collection(name):
             self._check_schema(name, [f[0] for f in fields], vector_dim)
+            self._load(name)
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2048)
@@ -147,6 +148,13 @@ class MilvusStore(SpeakerStore):
             schema.add_field(fname, getattr(DataType, kind), **extra)
         schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vector_dim)
         self.client.create_collection(name, schema=schema, index_params=self.vector_index_params(index_type))
+
+    def _load(self, name: str) -> None:
+        """Load an existing Milvus collection for queries: after a restart (clean or kill -9) Milvus Lite and a
+        restarted server hold collections released, and every query on them fails until loaded."""
+        state = self.client.get_load_state(name).get("state")
+        if getattr(state, "name", str(state)) != "Loaded":
+            self.client.load_collection(name)
 
     def _check_schema(self, name: str, fields: list[str], vector_dim: int) -> None:
         """Refuse a Milvus collection of that name made by something else (other fields or dimension)."""
@@ -163,6 +171,11 @@ class MilvusStore(SpeakerStore):
         self._create(_REGISTRY, [("model", "VARCHAR", {"max_length": 256}), ("version", "VARCHAR", {"max_length": 256}),
                                  ("dim", "INT64", {}), ("index_type", "VARCHAR", {"max_length": 16})], 2)
         self._create(_TOMBSTONES, [("c", "VARCHAR", {"max_length": 256})], 2)
+        for row in self.client.query(_REGISTRY, filter='pk != ""', limit=_MAX_ROWS, output_fields=["pk"]):
+            for prefix in ("spkv_", "spkd_"):  # every bound collection's voiceprints and deltas
+                name = milvus_name(prefix, row["pk"])
+                if self.client.has_collection(name):
+                    self._load(name)
 
     def _binding(self, collection: str) -> tuple[str, str, int] | None:
         if collection in self._bindings:
@@ -281,6 +294,12 @@ class MilvusStore(SpeakerStore):
             out.append(CollectionInfo(r["pk"], r["model"], int(r["dim"]), int(n), r["index_type"], r["version"]))
         return out
 
+    def speaker_count(self, collection: str) -> int:
+        self._require(collection)
+        rows = self._call(self.client.query, milvus_name("spkv_", collection), filter='pk != ""',
+                          output_fields=["count(*)"], consistency_level="Strong")
+        return int(rows[0]["count(*)"])
+
     @property
     def writable(self) -> bool:
         """False after a failed Milvus call, until one succeeds (health shows it meanwhile)."""
@@ -325,6 +344,11 @@ class MilvusStore(SpeakerStore):
                     raise FailedPrecondition(f"speaker_id: {quoted(speaker_id)} was deleted from or opted out of "
                                              f"collection {quoted(collection)}; set allow_reenroll to enroll it again")
                 self._call(self.client.delete, _TOMBSTONES, filter=f"pk == {_q(collection + '/' + tomb)}")
+            current = self._deltas(collection, speaker_id) if b is not None else []
+            merged: dict[str, str] = {}
+            for row in sorted(current, key=lambda r: r["ts"]):
+                merged.update(row["meta"])
+            check_merged_metadata(merged, metadata)
             if b is None or (not b[1] and model_version):
                 self._call(self._bind, collection, model, model_version, int(embeddings.shape[1]))
             ts = int(time.time() * 1000)

@@ -39,6 +39,13 @@ def unpack(data: bytes, dtype) -> tuple[dict, np.ndarray]:
     return json.loads(data[4:4 + n]), np.frombuffer(data[4 + n:], dtype=dtype)
 
 
+def _zeros(path: Path, offset: int) -> bool:
+    """Whether the file holds only zero bytes from ``offset`` on."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return not f.read().strip(b"\x00")
+
+
 class Recovery:
     """Start-up and migration methods of ``LocalStore``."""
 
@@ -89,8 +96,14 @@ class Recovery:
                 if i != len(logs) - 1:
                     raise StoreCorrupt(f"{path} ends in an incomplete record at byte {scan.torn_tail[0]} but is not the "
                                        f"last log; run `spkserve repair-log --data-dir {self.dir}`")
-                log.warning("%s: cutting off %d bytes of an incomplete last record at byte %d (a crash mid-write; "
-                            "it was never acknowledged)", path, scan.torn_tail[1], scan.torn_tail[0])
+                if _zeros(path, scan.torn_tail[0]):
+                    log.warning("%s: cutting off %d zero bytes after the last intact record at byte %d; the file "
+                                "kept its length but not its data (power loss on a device that drops written data): "
+                                "the last enroll or delete was possibly acknowledged and is lost, so check the last "
+                                "speakers changed before the crash", path, scan.torn_tail[1], scan.torn_tail[0])
+                else:
+                    log.warning("%s: cutting off %d bytes of an incomplete last record at byte %d (a crash mid-write; "
+                                "it was never acknowledged)", path, scan.torn_tail[1], scan.torn_tail[0])
                 with open(path, "r+b") as f:
                     f.truncate(scan.torn_tail[0])
                     os.fsync(f.fileno())

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from service.store.base import StoreUnavailable
 
-__all__ = ["FILE_MAGIC", "encode_record", "Record", "Damage", "Scan", "scan_log", "LogWriter", "FileOps",
-           "repair_log", "fsync_dir", "MAX_RECORD"]
+__all__ = ["FILE_MAGIC", "encode_record", "Record", "Damage", "Scan", "scan_log", "readable_heads", "LogWriter",
+           "FileOps", "repair_log", "fsync_dir", "MAX_RECORD"]
 
 FILE_MAGIC = b"SPKWAL2\n"
 _REC_MAGIC = b"\xa5SPK"
@@ -176,21 +176,27 @@ def _next_record(data: bytes, pos: int, version: int) -> int | None:
 
 def _hint(data: bytes, pos: int, end: int) -> dict | None:
     """What a damaged stretch still says: the JSON head of a record whose blob is damaged, say."""
-    chunk = data[pos:end]
-    i = chunk.find(b'{"op"')
-    if i < 0:
-        return None
-    depth, j = 0, i
-    while j < len(chunk):
-        depth += {ord("{"): 1, ord("}"): -1}.get(chunk[j], 0)
-        j += 1
-        if depth == 0:
-            try:
-                head = json.loads(chunk[i:j])
-            except (ValueError, UnicodeDecodeError):
-                return None
-            return {k: head[k] for k in ("op", "c", "spk", "slot", "ts") if k in head}
-    return None
+    heads = readable_heads(data, pos, end)
+    return heads[0] if heads else None
+
+
+def readable_heads(data: bytes, pos: int, end: int) -> list[dict]:
+    """Every record head that still parses in ``data[pos:end]`` (op, collection, slot, time)."""
+    chunk, out, start = data[pos:end], [], 0
+    while (i := chunk.find(b'{"op"', start)) >= 0:
+        depth, j = 0, i
+        while j < len(chunk):
+            depth += {ord("{"): 1, ord("}"): -1}.get(chunk[j], 0)
+            j += 1
+            if depth == 0:
+                break
+        try:
+            head = json.loads(chunk[i:j])
+            out.append({k: head[k] for k in ("op", "c", "spk", "slot", "ts") if k in head})
+        except (ValueError, UnicodeDecodeError):
+            pass
+        start = i + 1
+    return out
 
 
 def _is_torn(data: bytes, pos: int, version: int) -> bool:
@@ -306,10 +312,14 @@ def repair_log(path: Path, damaged_dir: Path, dry_run: bool = False) -> dict:
     report = {"file": str(path), "records_kept": len(scan.records), "damaged": [], "torn_tail_bytes": 0}
     if scan.torn_tail:
         report["torn_tail_bytes"] = scan.torn_tail[1]
+        zeros = not data[scan.torn_tail[0]:].strip(b"\x00")
+        report["torn_tail"] = ("possibly acknowledged: zero bytes where the last record was (the file kept its length, "
+                               "not its data)" if zeros else "never acknowledged: a record cut short by a crash mid-write")
     for d in scan.damage:
         saved = damaged_dir / f"{Path(path).name}.{d.offset}-{d.end}.bin"
         report["damaged"].append({"offset": d.offset, "length": d.end - d.offset, "reason": d.reason,
-                                  "saved_to": str(saved), "still_readable": d.hint})
+                                  "saved_to": str(saved), "still_readable": d.hint,
+                                  "records_inside": readable_heads(data, d.offset, d.end)})
         if not dry_run:
             damaged_dir.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
