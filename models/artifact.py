@@ -23,11 +23,14 @@ from typing import Any
 
 __all__ = ["ModelCard", "ArtifactError", "load_card", "save_card", "scan_repository", "FORMAT_VERSION", "SCORE_SCALES"]
 
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # version 1 cards have no cohort, calibration, operating point or VAD section
+FORMAT_VERSION = 3
+# version 1 cards have no cohort, calibration, operating point or VAD section; version 2 cards have a
+# plain linear map and one cohort group; version 3 adds channel groups, quality terms and a FAR table
+_READABLE_VERSIONS = (1, 2, 3)
 _BATCHING = ("padded", "same_length")
 SCORE_SCALES = ("cosine", "normalized", "llr")
-_VAD_KEYS = ("threshold", "neg_threshold", "min_speech_ms", "min_silence_ms", "speech_pad_ms")
+_VAD_KEYS = ("threshold", "neg_threshold", "min_speech_ms", "min_silence_ms", "speech_pad_ms", "normalize_level",
+             "narrowband", "narrowband_threshold")
 
 
 class ArtifactError(ValueError):
@@ -128,7 +131,10 @@ class ModelCard:
             if not isinstance(self.vad, dict) or set(self.vad) - set(_VAD_KEYS):
                 raise bad("vad", f"must be an object with keys among {_VAD_KEYS}, got {self.vad!r}")
             for key, value in self.vad.items():
-                if value is not None and not _finite(value):
+                if key in ("normalize_level", "narrowband"):
+                    if not isinstance(value, bool):
+                        raise bad(f"vad.{key}", f"must be true or false, got {value!r}")
+                elif value is not None and not _finite(value):
                     raise bad(f"vad.{key}", f"must be a finite number, got {value!r}")
         return self
 
@@ -140,6 +146,18 @@ class ModelCard:
             size = self.cohort.get("size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 2:
                 raise bad("cohort.size", f"must be an integer >= 2, got {size!r}")
+            if self.cohort.get("groups_file") is not None:
+                groups = self.cohort.get("groups")
+                if not isinstance(self.cohort["groups_file"], str):
+                    raise bad("cohort.groups_file", f"must be a file name, got {self.cohort['groups_file']!r}")
+                if not (isinstance(groups, list) and groups and all(isinstance(g, str) for g in groups)):
+                    raise bad("cohort.groups", f"must list the channel groups' names, got {groups!r}")
+                narrow = self.cohort.get("narrowband_groups", [])
+                if not (isinstance(narrow, list) and set(narrow) <= set(groups)):
+                    raise bad("cohort.narrowband_groups", f"must be a list of names from cohort.groups, got {narrow!r}")
+                band = self.cohort.get("bandlimited_groups", [])
+                if not (isinstance(band, list) and set(band) <= set(narrow)):
+                    raise bad("cohort.bandlimited_groups", f"must be a list of names from cohort.narrowband_groups, got {band!r}")
         if self.calibration is not None:
             if self.cohort is None:
                 raise bad("calibration", "needs a cohort (it maps S-norm scores, which need one)")
@@ -149,8 +167,15 @@ class ModelCard:
             for key in ("scale", "offset"):
                 if not _finite(cal.get(key)):
                     raise bad(f"calibration.{key}", f"must be a finite number, got {cal.get(key)!r}")
+            for key in ("mismatch_scale", "mismatch_offset", "band_scale", "band_offset", "speech", "speech_reference"):
+                if key in cal and not _finite(cal[key]):
+                    raise bad(f"calibration.{key}", f"must be a finite number, got {cal[key]!r}")
             if cal["scale"] <= 0:
                 raise bad("calibration.scale", f"must be > 0, got {cal['scale']!r}")
+            if cal["scale"] + cal.get("mismatch_scale", 0.0) <= 0:
+                raise bad("calibration.mismatch_scale", f"makes the slope <= 0 for mismatched pairs, got {cal['mismatch_scale']!r}")
+            if cal["scale"] + cal.get("mismatch_scale", 0.0) + cal.get("band_scale", 0.0) <= 0:
+                raise bad("calibration.band_scale", f"makes the slope <= 0 for band-limited pairs, got {cal['band_scale']!r}")
         if self.operating_point is not None:
             op = self.operating_point
             scale = op.get("scale") if isinstance(op, dict) else None
@@ -162,6 +187,14 @@ class ModelCard:
                 raise bad("operating_point.scale", "is 'llr' but the card has no calibration")
             if scale == "normalized" and self.cohort is None:
                 raise bad("operating_point.scale", "is 'normalized' but the card has no cohort")
+            table = op.get("far_table")
+            if table is not None:
+                ok = isinstance(table, list) and all(
+                    isinstance(r, list) and len(r) == 2 and _finite(r[0]) and _finite(r[1]) and 0 < r[0] < 1 for r in table)
+                rates = [r[0] for r in table] if ok else []
+                if not ok or rates != sorted(rates):
+                    raise bad("operating_point.far_table", "must be [[false-accept rate in (0, 1), LLR threshold], ...] "
+                                                           "by increasing rate")
 
     def to_json(self) -> str:
         """The card as pretty-printed JSON."""
@@ -209,6 +242,9 @@ def load_card(model_dir: str | os.PathLike) -> ModelCard:
             raise ArtifactError(f"{path}: files.{variant} names {fname!r}, which does not exist")
     if card.cohort is not None and not (model_dir / card.cohort["file"]).is_file():
         raise ArtifactError(f"{path}: cohort.file names {card.cohort['file']!r}, which does not exist")
+    groups_file = (card.cohort or {}).get("groups_file")
+    if groups_file and not (model_dir / groups_file).is_file():
+        raise ArtifactError(f"{path}: cohort.groups_file names {groups_file!r}, which does not exist")
     return card
 
 

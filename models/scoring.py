@@ -1,25 +1,28 @@
-"""Score normalisation and calibration: cosine -> S-norm -> log-likelihood ratio.
+"""Score normalisation: cosine -> channel-matched S-norm -> calibrated log-likelihood ratio.
 
 A raw cosine between two speaker embeddings means different things for different voices,
 channels and amounts of speech, so a fixed cosine threshold calibrated on one kind of audio
 does not hold on another. Two standard steps make scores comparable:
 
-1. **S-norm** (symmetric score normalisation) against an impostor *cohort*, the voiceprints
-   of many training speakers stored with the model: each side's score against the cohort
-   gives a mean and a standard deviation, and
-   ``snorm = ((s - mu_e) / sd_e + (s - mu_t) / sd_t) / 2``. The full cohort is used
-   (adaptive top-N cohorts transferred worse from synthetic to real speech in our tests).
-2. **Calibration**: a linear logistic map ``llr = scale * snorm + offset`` fitted offline
-   (prior-weighted logistic regression, the usual Platt/FoCal recipe) on trials that were not
-   used for training, under many channel conditions. The result is a natural-log
-   likelihood ratio: ``llr > 0`` means the same-speaker hypothesis is the more likely one
-   at equal priors, and a Bayes decision for prior ``p`` and costs ``c_miss``, ``c_fa``
-   accepts when ``llr >= log(c_fa (1 - p) / (c_miss p))``.
+1. **S-norm** (symmetric score normalisation) against an impostor *cohort*, voiceprints of many
+   speakers stored with the model: each side's scores against the cohort give a mean and a
+   standard deviation, and ``snorm = ((s - mu_e) / sd_e + (s - mu_t) / sd_t) / 2``.
 
-Quality measures: ``cllr`` (the cost of the log-likelihood ratios, in bits: 0 is perfect, 1
-is a system that always says "don't know") and ``min_cllr`` (the same after the best
-possible monotone recalibration, via pool-adjacent-violators): their difference is the
-calibration loss.
+   A channel that both sides share (both on the telephone, both in the same noise) raises every
+   cosine between them, impostors included; against a cohort of clean voiceprints S-norm then
+   reads the channel as evidence for the same speaker (on real speech, impostor S-norm averaged
+   +1.8 with both sides through the telephone band). The cohort is therefore made of *channel
+   groups*: the same training speakers through each channel users send (clean, telephone band,
+   GSM, AMR-NB, Opus, MP3, white and babble noise, reverberation, ...). Each side is assigned
+   the group whose centroid (the mean of its voiceprints) it is closest to, and normalised
+   against that group only (*channel-matched S-norm*). Two sides that share a channel are then
+   each compared with impostors through the same channel, and impostor scores stay near 0.
+   A cohort without groups is one group (plain S-norm). Adaptive top-N S-norm was measured too:
+   it left impostors at -4.5 (clean) to -0.7 (telephone both sides) standard deviations.
+2. **Calibration** (``models.calibration``): S-norm and two quality measures (a bandwidth
+   mismatch between the sides and whether the narrowband side is band-limited, from their
+   channel groups, and the shorter side's speech) ->
+   a natural-log likelihood ratio.
 
 Only numpy: the service applies these maps at request time; the offline job fits them.
 """
@@ -30,27 +33,53 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["cohort_stats", "snorm", "snorm_inverse", "Calibration", "fit_calibration", "cllr", "min_cllr",
-           "pav", "threshold_for_far", "Scores", "ModelScorer", "SCALE_RANGES"]
+from models.calibration import Calibration, cllr, fit_calibration, min_cllr, pav, threshold_for_far
+
+__all__ = ["cohort_stats", "group_centroids", "snorm", "snorm_inverse", "Calibration", "fit_calibration", "cllr",
+           "min_cllr", "pav", "threshold_for_far", "Scores", "ModelScorer", "SCALE_RANGES"]
 
 _MIN_SD = 1e-4  # a cohort whose scores against a vector barely vary would blow S-norm up
 
 
-def cohort_stats(vectors: np.ndarray, cohort: np.ndarray) -> np.ndarray:
-    """Cohort statistics of unit vectors.
+def group_centroids(cohort: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """(G, D) unit mean of each channel group's voiceprints."""
+    onehot = np.zeros((len(groups), n_groups), np.float64)  # (M, G)
+    onehot[np.arange(len(groups)), groups] = 1.0
+    sums = onehot.T @ np.asarray(cohort, np.float64)  # (G, D)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def cohort_stats(vectors: np.ndarray, cohort: np.ndarray, groups: np.ndarray | None = None,
+                 centroids: np.ndarray | None = None, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Channel-matched cohort statistics of unit vectors.
 
     Args:
         vectors: (N, D) or (D,) unit embeddings.
         cohort: (M, D) unit cohort voiceprints.
+        groups: (M,) channel group of each voiceprint (None: one group).
+        centroids: (G, D) unit group centroids (``group_centroids``); required with ``groups``.
+        exclude: (N, M) bool, cohort entries left out for a row (e.g. the row's own speaker, offline).
 
     Returns:
-        (N, 2) float64 rows of (mean, std) of each vector's M cohort scores ((2,) for a (D,) input).
+        (N, 3) float64 rows of (mean, std, group) of each vector's scores against the members of
+        its nearest group ((3,) for a (D,) input).
     """
     v = np.asarray(vectors, dtype=np.float32)
     single = v.ndim == 1
-    scores = np.atleast_2d(v) @ np.asarray(cohort, dtype=np.float32).T  # (N, M)
-    scores = scores.astype(np.float64)
-    stats = np.stack([scores.mean(axis=1), np.maximum(scores.std(axis=1), _MIN_SD)], axis=1)  # (N, 2)
+    v = np.atleast_2d(v)
+    scores = (v @ np.asarray(cohort, dtype=np.float32).T).astype(np.float64)  # (N, M)
+    if groups is None:
+        member = np.ones((len(v), scores.shape[1]), bool)  # (N, M)
+        g = np.zeros(len(v), np.int64)
+    else:
+        g = np.argmax(v @ np.asarray(centroids, np.float32).T, axis=1)  # (N,)
+        member = groups[None, :] == g[:, None]  # (N, M)
+    if exclude is not None:
+        member = member & ~exclude
+    n = np.maximum(member.sum(axis=1), 1)  # (N,)
+    mean = np.where(member, scores, 0.0).sum(axis=1) / n
+    var = np.where(member, (scores - mean[:, None]) ** 2, 0.0).sum(axis=1) / n
+    stats = np.stack([mean, np.maximum(np.sqrt(var), _MIN_SD), g.astype(np.float64)], axis=1)  # (N, 3)
     return stats[0] if single else stats
 
 
@@ -76,137 +105,6 @@ def snorm_inverse(value: float, enroll_stats: np.ndarray, test_stats: np.ndarray
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """The map from S-norm scores to natural-log likelihood ratios: ``llr = scale * snorm + offset``."""
-
-    scale: float
-    offset: float
-
-    def __post_init__(self) -> None:
-        if not (np.isfinite(self.scale) and np.isfinite(self.offset)):
-            raise ValueError(f"calibration: scale and offset must be finite, got {self.scale!r}, {self.offset!r}")
-        if self.scale <= 0:
-            raise ValueError(f"calibration: scale must be > 0 (higher scores = more likely the same speaker), got {self.scale!r}")
-
-    def llr(self, normalized: np.ndarray | float) -> np.ndarray | float:
-        """Log-likelihood ratios of S-norm scores."""
-        out = self.scale * np.asarray(normalized, dtype=np.float64) + self.offset
-        return float(out) if out.ndim == 0 else out
-
-    def normalized(self, llr: float) -> float:
-        """The S-norm score with this log-likelihood ratio."""
-        return float((llr - self.offset) / self.scale)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-def fit_calibration(scores: np.ndarray, labels: np.ndarray, prior: float = 0.5, iterations: int = 50) -> Calibration:
-    """Prior-weighted linear logistic regression of labels on scores (Newton's method).
-
-    Target and non-target trials are weighted so that they count as ``prior`` and
-    ``1 - prior`` whatever their numbers; the fitted ``llr`` is then the log-likelihood ratio
-    (the prior's log-odds is removed from the logistic output), which minimises Cllr at that
-    prior.
-
-    Args:
-        scores: (N,) scores (here S-norm).
-        labels: (N,) 1 for same-speaker trials, 0 for different-speaker trials.
-        prior: effective target prior of the fit.
-    """
-    x = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"scores {x.shape} and labels {y.shape} must be equal-length vectors")
-    if not np.isfinite(x).all():
-        raise ValueError("scores contain NaN or inf")
-    n_t, n_n = int(y.sum()), int((~y).sum())
-    if n_t < 2 or n_n < 2:
-        raise ValueError(f"need at least 2 target and 2 non-target trials, got {n_t} / {n_n}")
-    if not 0.0 < prior < 1.0:
-        raise ValueError(f"prior must be in (0, 1), got {prior}")
-    w = np.where(y, prior / n_t, (1.0 - prior) / n_n)  # (N,)
-    logit_prior = np.log(prior / (1.0 - prior))
-    X = np.stack([x, np.ones_like(x)], axis=1)  # (N, 2)
-    theta = np.array([1.0 / max(x.std(), 1e-6), -x.mean() / max(x.std(), 1e-6)])
-    for _ in range(iterations):
-        p = _sigmoid(X @ theta + logit_prior)
-        grad = X.T @ (w * (p - y))
-        hess = (X * (w * p * (1 - p))[:, None]).T @ X + 1e-9 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        theta -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    return Calibration(float(theta[0]), float(theta[1]))
-
-
-def cllr(llr: np.ndarray, labels: np.ndarray) -> float:
-    """Cost of log-likelihood ratios (bits), the mean of the target and non-target log-losses."""
-    llr = np.asarray(llr, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    if not y.any() or y.all():
-        raise ValueError("cllr needs both target and non-target trials")
-    tar = np.logaddexp(0.0, -llr[y]).mean()
-    non = np.logaddexp(0.0, llr[~y]).mean()
-    return float(0.5 * (tar + non) / np.log(2.0))
-
-
-def pav(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Pool-adjacent-violators: the non-decreasing fit of labels ordered by score.
-
-    Returns:
-        (N,) posterior probabilities in the input order (tied scores share one value).
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64)
-    order = np.argsort(s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    # start from blocks of tied scores, then merge while a block's mean exceeds its successor's
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(s_sorted)) + 1])
-    sums = list(np.add.reduceat(y_sorted, starts))
-    counts = list(np.diff(np.concatenate([starts, [len(s_sorted)]])).astype(float))
-    out_sums, out_counts = [], []
-    for total, n in zip(sums, counts):
-        out_sums.append(total)
-        out_counts.append(n)
-        while len(out_sums) > 1 and out_sums[-2] / out_counts[-2] >= out_sums[-1] / out_counts[-1]:
-            t, c = out_sums.pop(), out_counts.pop()
-            out_sums[-1] += t
-            out_counts[-1] += c
-    fitted = np.repeat(np.array(out_sums) / np.array(out_counts), np.array(out_counts, dtype=int))
-    result = np.empty_like(fitted)
-    result[order] = fitted
-    return result
-
-
-def min_cllr(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Cllr after the optimal monotone recalibration of ``scores`` (PAV at equal priors)."""
-    y = np.asarray(labels).astype(bool)
-    post = np.clip(pav(scores, y), 1e-12, 1 - 1e-12)
-    n_t, n_n = int(y.sum()), int((~y).sum())
-    llr = np.log(post / (1 - post)) - np.log(n_t / n_n)
-    return cllr(llr, y)
-
-
-def threshold_for_far(scores: np.ndarray, labels: np.ndarray, far: float) -> tuple[float, float, float]:
-    """The lowest threshold whose false-accept rate is at most ``far``.
-
-    Returns:
-        (threshold, its false-accept rate, its false-reject rate); accept means ``score >= threshold``.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    non = np.sort(s[~y])[::-1]  # descending
-    allowed = int(np.floor(far * len(non)))  # non-targets we may accept
-    if allowed >= len(non):
-        thr = float(non[-1])
-    else:
-        thr = float(np.nextafter(non[allowed], np.inf))  # just above the first non-target we must reject
-    return thr, float((s[~y] >= thr).mean()), float((s[y] < thr).mean())
-
-
-@dataclass(frozen=True)
 class Scores:
     """One comparison on the three scales (``normalized``/``llr`` are None without a cohort/calibration)."""
 
@@ -225,16 +123,24 @@ SCALE_RANGES = {"cosine": (-1.0, 1.0), "normalized": (-1000.0, 1000.0), "llr": (
 
 
 class ModelScorer:
-    """A model's scoring: cohort statistics, S-norm, calibration and its default operating point.
+    """A model's scoring: channel-matched cohort statistics, S-norm, calibration, default operating point.
 
     Args:
         cohort: (M, D) unit cohort voiceprints, or None (then only cosine scores exist).
-        calibration: S-norm -> LLR map, or None.
+        calibration: S-norm (+ quality) -> LLR map, or None.
         scale: the scale of the default decision ("cosine", "normalized" or "llr").
         threshold: the default decision threshold on ``scale``.
+        groups: (M,) channel group index of each cohort voiceprint (None: one group).
+        group_names: the groups' names (``groups`` indexes them).
+        narrowband_groups: names of the groups that are narrowband channels.
+        far_table: [[false-accept rate, LLR threshold], ...] measured on real speech.
+        bandlimited_groups: names of the narrowband groups that are also band-limited below 300 Hz.
     """
 
-    def __init__(self, cohort: np.ndarray | None, calibration: Calibration | None, scale: str, threshold: float):
+    def __init__(self, cohort: np.ndarray | None, calibration: Calibration | None, scale: str, threshold: float,
+                 groups: np.ndarray | None = None, group_names: list[str] | None = None,
+                 narrowband_groups: list[str] | None = None, far_table: list[list[float]] | None = None,
+                 bandlimited_groups: list[str] | None = None):
         if calibration is not None and cohort is None:
             raise ValueError("a calibration needs a cohort")
         self.cohort = None if cohort is None else np.ascontiguousarray(cohort, dtype=np.float32)  # (M, D)
@@ -242,6 +148,41 @@ class ModelScorer:
         self.check_threshold(scale, threshold, "operating_point.threshold")
         self.scale = scale
         self.threshold = float(threshold)
+        self.groups, self.centroids = None, None
+        self.group_names = list(group_names or ["all"])
+        if groups is not None:
+            if self.cohort is None or groups.shape != (len(self.cohort),):
+                raise ValueError(f"cohort groups: expected one group per cohort row, got shape {groups.shape}")
+            if groups.min() < 0 or groups.max() >= len(self.group_names):
+                raise ValueError(f"cohort groups: indices must be in 0..{len(self.group_names) - 1}")
+            if len(np.unique(groups)) != len(self.group_names):
+                raise ValueError(f"cohort groups: every one of {self.group_names} needs members")
+            self.groups = groups.astype(np.int64)
+            self.centroids = group_centroids(self.cohort, self.groups, len(self.group_names))  # (G, D)
+        unknown = sorted(set(narrowband_groups or []) - set(self.group_names))
+        if unknown:
+            raise ValueError(f"cohort narrowband_groups: {unknown} are not groups ({self.group_names})")
+        self._narrow = np.array([g in set(narrowband_groups or []) for g in self.group_names] + [False])  # (G + 1,)
+        unknown = sorted(set(bandlimited_groups or []) - set(narrowband_groups or []))
+        if unknown:
+            raise ValueError(f"cohort bandlimited_groups: {unknown} are not narrowband groups")
+        self._band = np.array([g in set(bandlimited_groups or []) for g in self.group_names] + [False])  # (G + 1,)
+        self.far_table = [(float(r), float(t)) for r, t in (far_table or [])] if calibration is not None else []
+
+    def llr_for_far(self, rate: float, field: str = "target_false_accept_rate") -> float:
+        """The LLR threshold at false-accept rate ``rate``, interpolated in log-rate in ``far_table``.
+
+        Raises:
+            ValueError: no table, or ``rate`` outside the rates it measured (message names ``field``).
+        """
+        if not self.far_table:
+            raise ValueError(f"{field}: this model has no false-accept table (calibrate it on real speech)")
+        rates = np.log([r for r, _ in self.far_table])
+        lo, hi = self.far_table[0][0], self.far_table[-1][0]
+        if not (np.isfinite(rate) and lo <= rate <= hi):
+            raise ValueError(f"{field}: {rate!r} is outside the rates this model's calibration measured "
+                             f"({lo:g} to {hi:g})")
+        return float(np.interp(np.log(rate), rates, [t for _, t in self.far_table]))
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -262,24 +203,79 @@ class ModelScorer:
             raise ValueError(f"{field}: {value!r} is outside the {scale} scale's range [{lo:g}, {hi:g}]")
 
     def stats(self, vectors: np.ndarray) -> np.ndarray | None:
-        """(N, 2) or (2,) cohort statistics of unit vectors, or None without a cohort."""
-        return None if self.cohort is None else cohort_stats(vectors, self.cohort)
+        """(N, 3) or (3,) channel-matched cohort statistics (mean, std, group) of unit vectors, or None."""
+        if self.cohort is None:
+            return None
+        return cohort_stats(vectors, self.cohort, self.groups, self.centroids)
 
-    def score(self, cosine: float, enroll_stats: np.ndarray | None, test_stats: np.ndarray | None) -> Scores:
-        """A cosine score on every scale this model has."""
+    def narrowband(self, stats: np.ndarray | None) -> bool:
+        """Whether a side with these statistics is in a narrowband channel group."""
+        if stats is None or len(stats) < 3:
+            return False
+        return bool(self._narrow[int(stats[2])])
+
+    def narrowband_flags(self, stats: np.ndarray) -> np.ndarray:
+        """(N,) whether each row of (N, 3) ``stats`` is in a narrowband channel group."""
+        stats = np.atleast_2d(stats)
+        if stats.shape[1] < 3:
+            return np.zeros(len(stats), bool)
+        return self._narrow[stats[:, 2].astype(np.int64)]
+
+    def bandlimited_flags(self, stats: np.ndarray) -> np.ndarray:
+        """(N,) whether each row of (N, 3) ``stats`` is in a band-limited (telephone-band) group."""
+        stats = np.atleast_2d(stats)
+        if stats.shape[1] < 3:
+            return np.zeros(len(stats), bool)
+        return self._band[stats[:, 2].astype(np.int64)]
+
+    def pair_quality(self, a_stats: np.ndarray, b_stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mismatch, band) flags of pairs of (N, 3) statistics: one side narrowband; and it band-limited."""
+        na, nb = self.narrowband_flags(a_stats), self.narrowband_flags(b_stats)
+        mismatch = na != nb
+        band = mismatch & (self.bandlimited_flags(a_stats) | self.bandlimited_flags(b_stats))
+        return mismatch.astype(np.float64), band.astype(np.float64)
+
+    def group_name(self, stats: np.ndarray | None) -> str:
+        """The channel group of a side ("" without groups)."""
+        if stats is None or len(stats) < 3 or self.groups is None:
+            return ""
+        return self.group_names[int(stats[2])]
+
+    def _quality(self, a_stats, b_stats, a_speech, b_speech) -> tuple[float, float | None, float]:
+        """(bandwidth mismatch, shorter side's speech or None, band-limited mismatch) of a pair."""
+        mismatch, band = self.pair_quality(a_stats, b_stats)
+        known = [t for t in (a_speech, b_speech) if t is not None and t > 0]
+        return float(mismatch[0]), (min(known) if known else None), float(band[0])
+
+    def score(self, cosine: float, enroll_stats: np.ndarray | None, test_stats: np.ndarray | None,
+              enroll_speech: float | None = None, test_speech: float | None = None) -> Scores:
+        """A cosine score on every scale this model has.
+
+        Args:
+            cosine: the pair's cosine.
+            enroll_stats, test_stats: each side's ``stats`` (None: only the cosine).
+            enroll_speech, test_speech: each side's net speech in seconds (None: not known).
+        """
         cosine = float(np.clip(cosine, -1.0, 1.0))
         if self.cohort is None or enroll_stats is None or test_stats is None:
             return Scores(cosine)
         norm = snorm(cosine, enroll_stats, test_stats)
-        llr = None if self.calibration is None else self.calibration.llr(norm)
-        return Scores(cosine, norm, llr)
+        if self.calibration is None:
+            return Scores(cosine, norm)
+        mismatch, speech, band = self._quality(enroll_stats, test_stats, enroll_speech, test_speech)
+        return Scores(cosine, norm, self.calibration.llr(norm, mismatch, speech, band))
 
     def cosine_threshold(self, scale: str, threshold: float, enroll_stats: np.ndarray | None,
-                         test_stats: np.ndarray | None) -> float:
+                         test_stats: np.ndarray | None, enroll_speech: float | None = None,
+                         test_speech: float | None = None) -> float:
         """The cosine score at which this pair reaches ``threshold`` on ``scale`` (every map is increasing)."""
         if scale == "cosine" or enroll_stats is None or test_stats is None:
             return float(threshold)
-        norm = threshold if scale == "normalized" else self.calibration.normalized(threshold)
+        if scale == "normalized":
+            norm = threshold
+        else:
+            mismatch, speech, band = self._quality(enroll_stats, test_stats, enroll_speech, test_speech)
+            norm = self.calibration.normalized(threshold, mismatch, speech, band)
         return snorm_inverse(norm, enroll_stats, test_stats)
 
     @classmethod
@@ -287,13 +283,11 @@ class ModelScorer:
         """The scorer an artifact describes; raises ValueError naming the file or field at fault."""
         from pathlib import Path
 
-        cohort = None
+        cohort = groups = None
+        names, narrow, band = None, None, None
         if card.cohort is not None:
             path = Path(model_dir) / card.cohort["file"]
-            try:
-                cohort = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path}: cannot read the cohort ({e})") from None
+            cohort = _load_array(path, "the cohort")
             if cohort.ndim != 2 or cohort.shape[1] != card.embedding_dim:
                 raise ValueError(f"{path}: cohort has shape {cohort.shape}, expected (M, {card.embedding_dim}) "
                                  f"for the model's embedding size")
@@ -305,11 +299,29 @@ class ModelScorer:
             if (norms < 1e-6).any():
                 raise ValueError(f"{path}: cohort row {int(np.argmin(norms))} is the zero vector")
             cohort = cohort / norms[:, None]
+            if card.cohort.get("groups_file"):
+                gpath = Path(model_dir) / card.cohort["groups_file"]
+                groups = _load_array(gpath, "the cohort groups")
+                if groups.shape != (len(cohort),) or groups.dtype.kind not in "iu":
+                    raise ValueError(f"{gpath}: expected {len(cohort)} integer group indices, got {groups.dtype} {groups.shape}")
+                names = card.cohort.get("groups")
+                if not isinstance(names, list) or not names:
+                    raise ValueError("model.json cohort.groups: must list the channel groups' names")
+                narrow = card.cohort.get("narrowband_groups", [])
+                band = card.cohort.get("bandlimited_groups", [])
         calibration = None
         if card.calibration is not None:
-            calibration = Calibration(float(card.calibration["scale"]), float(card.calibration["offset"]))
+            calibration = Calibration.from_card(card.calibration)
         if card.operating_point is not None:
             scale, threshold = card.operating_point["scale"], float(card.operating_point["threshold"])
         else:
             scale, threshold = "cosine", float(card.threshold)
-        return cls(cohort, calibration, scale, threshold)
+        table = (card.operating_point or {}).get("far_table")
+        return cls(cohort, calibration, scale, threshold, groups, names, narrow, table, band)
+
+
+def _load_array(path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read {what} ({e})") from None

@@ -77,6 +77,7 @@ class ServerConfig:
     max_audio_seconds: float = 300.0
     max_message_mb: int = 64
     max_stream_mb: int = 256
+    max_stream_messages: int = 100_000  # messages of one EmbedStream (config + chunks)
     decode_workers: int = 2
     # voice activity detection (Silero VAD) before every embedding; the model's model.json
     # may carry its own VAD options, and [model_settings.<model>] overrides both
@@ -89,6 +90,14 @@ class ServerConfig:
     min_probe_speech_seconds: float = 1.0  # per audio probe of Verify/Identify, else VERDICT_NOT_ENOUGH_SPEECH
     min_enroll_speech_seconds: float = 3.0  # per speaker, in total, to be READY
     allow_unready_speakers: bool = False  # may Verify/Identify use speakers below min_enroll_speech_seconds
+    # one-talker check of Verify/Identify/Enroll audio: parts of the speech scored against each other
+    speaker_check: bool = True
+    speaker_check_min_seconds: float = 4.0  # only inputs with at least this much speech are checked
+    speaker_check_llr: float = -2.0  # two parts scoring below this calibrated LLR: multiple speakers
+    # a collection of at least this many speakers normalises scores against its own voiceprints (0: off)
+    collection_cohort_min_speakers: int = 0
+    collection_cohort_max_speakers: int = 5000  # voiceprints of a collection cohort, at most
+    collection_cohort_refresh_seconds: float = 60.0  # re-read it after this long (other replicas' changes)
     # decisions: empty scale = the model's operating point (model.json)
     decision_scale: str = ""
     decision_threshold: float = 0.0
@@ -112,6 +121,10 @@ class ServerConfig:
     retention_days: float = 0.0  # > 0: delete speakers unused (no enroll/verify/identify match) this long
     retention_check_seconds: float = 3600.0
     # security
+    # collections a tenant (a token's collections; the whole server without tokens) may create
+    max_collections_per_tenant: int = 1000
+    # LoadModel / UnloadModel / MigrateCollection without an admin token (off: PERMISSION_DENIED)
+    model_control: bool = False
     auth_token: str = ""  # non-empty: require "authorization: Bearer <token>" (an admin token)
     auth_tokens_file: str = ""  # TOML [[tokens]] with name, sha256, collections, permissions
     tls_cert: str = ""
@@ -144,12 +157,23 @@ class ServerConfig:
         need(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")
         need(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
         need(self.max_stream_mb >= 1, "max_stream_mb", "must be >= 1")
+        need(self.max_collections_per_tenant >= 1, "max_collections_per_tenant", "must be >= 1")
+        need(self.max_stream_messages >= 2, "max_stream_messages", "must be >= 2 (a config and a chunk)")
         need(self.decode_workers >= 1, "decode_workers", "must be >= 1")
         need(0 < self.vad_threshold < 1, "vad_threshold", "must be in (0, 1)")
         for name in ("vad_min_speech_ms", "vad_min_silence_ms", "vad_speech_pad_ms"):
             need(0 <= getattr(self, name) <= 60_000, name, "must be in 0..60000 ms")
         need(0 <= self.min_probe_speech_seconds <= 600, "min_probe_speech_seconds", "must be in 0..600")
         need(0 <= self.min_enroll_speech_seconds <= 3600, "min_enroll_speech_seconds", "must be in 0..3600")
+        need(4.0 <= self.speaker_check_min_seconds <= 600, "speaker_check_min_seconds", "must be in 4..600")
+        need(math.isfinite(self.speaker_check_llr) and -50 <= self.speaker_check_llr <= 50, "speaker_check_llr",
+             "must be in -50..50")
+        need(self.collection_cohort_min_speakers == 0 or self.collection_cohort_min_speakers >= 10,
+             "collection_cohort_min_speakers", "must be 0 (off) or >= 10 (fewer voiceprints estimate no spread)")
+        need(self.collection_cohort_max_speakers >= max(self.collection_cohort_min_speakers, 10),
+             "collection_cohort_max_speakers", "must be >= collection_cohort_min_speakers and >= 10")
+        need(0 < self.collection_cohort_refresh_seconds <= 86400 and math.isfinite(self.collection_cohort_refresh_seconds),
+             "collection_cohort_refresh_seconds", "must be in (0, 86400]")
         need(self.decision_scale in _SCALES, "decision_scale", f"must be one of {_SCALES[1:]} or empty")
         need(math.isfinite(self.decision_threshold), "decision_threshold", "must be a finite number")
         self._validate_model_settings()

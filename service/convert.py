@@ -55,7 +55,9 @@ def speech_pb(speech: Speech | None) -> pb.SpeechInfo | None:
         return None
     return pb.SpeechInfo(
         speech_seconds=speech.speech_seconds, audio_seconds=speech.audio_seconds, vad_applied=speech.vad_applied,
-        segments=[pb.SpeechSegment(start_seconds=a, end_seconds=b) for a, b in speech.segments])
+        segments=[pb.SpeechSegment(start_seconds=a, end_seconds=b) for a, b in speech.segments],
+        narrowband=speech.narrowband, multiple_speakers=speech.multiple_speakers,
+        self_consistency_llr=speech.self_consistency)
 
 
 def speaker_status(speech: float | None, required: float) -> int:

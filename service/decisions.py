@@ -30,9 +30,12 @@ class Side:
     Attributes:
         field: the request field it came from ("a", "probe", ...).
         vector: (D,) unit embedding, None when it was not embedded (too little speech).
-        stats: (2,) cohort statistics of ``vector``, None without a cohort.
+        stats: (3,) cohort statistics of ``vector`` (mean, std, channel group), None without a cohort.
         speech: VAD result, for audio.
         shortfall: why this side cannot be decided on ("" when it can).
+        speech_seconds: net speech behind ``vector`` (a quality measure of the calibration; None:
+            not known, as for an embedding that declares none).
+        ref: (collection, speaker id) of an enrolled speaker.
     """
 
     field: str
@@ -40,6 +43,12 @@ class Side:
     stats: np.ndarray | None = None
     speech: Speech | None = None
     shortfall: str = ""
+    speech_seconds: float | None = None
+    ref: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.speech_seconds is None and self.speech is not None:
+            self.speech_seconds = self.speech.speech_seconds
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,9 @@ def decide(scorer: ModelScorer, threshold: Threshold, a: Side, b: Side, nominal_
     reasons = [s.shortfall for s in (a, b) if s.shortfall]
     if reasons:
         return Decision(NOT_ENOUGH_SPEECH, None, threshold, nominal_cosine, "; ".join(reasons))
-    scores = scorer.score(float(np.dot(a.vector, b.vector)), a.stats, b.stats)
+    scores = scorer.score(float(np.dot(a.vector, b.vector)), a.stats, b.stats, a.speech_seconds, b.speech_seconds)
     accepted = scores.on(threshold.scale) >= threshold.value
-    cosine_threshold = scorer.cosine_threshold(threshold.scale, threshold.value, a.stats, b.stats)
+    cosine_threshold = scorer.cosine_threshold(threshold.scale, threshold.value, a.stats, b.stats, a.speech_seconds,
+                                               b.speech_seconds)
     return Decision(ACCEPT if accepted else REJECT, scores, threshold, cosine_threshold)
+

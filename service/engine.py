@@ -26,12 +26,14 @@ from models.audio import AudioLimits, condition, decode_encoded, decode_pcm
 from models.runtime import SpeakerModel
 from models.vad import SileroVad, VadOptions, keep_speech
 from service.batcher import BatchResult, BatchStats, DynamicBatcher
+from service.cohorts import CollectionCohorts
 from service.config import ConfigError, ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.store import IndexOptions, LocalStore, SpeakerStore, StoreUnavailable, load_key_file
+from service.store.base import quoted
 from service.metrics import Metrics
 
-__all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy"]
+__all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy", "configured_key_files"]
 
 log = logging.getLogger("spkserve.engine")
 
@@ -57,6 +59,9 @@ class Speech:
     segments: list[tuple[float, float]]  # kept (start, end) in seconds of the input
     vad_applied: bool
     decode_s: float  # decoding + resampling + VAD
+    narrowband: bool = False  # no energy above 4 kHz: VAD ran in its 8 kHz mode
+    multiple_speakers: bool = False  # set by the one-talker check
+    self_consistency: float | None = None  # its lowest LLR between parts (None: not checked)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,17 @@ def _commercial_only(dirs: list) -> list:
     return kept
 
 
+def configured_key_files(cfg: ServerConfig) -> list:
+    """A configuration's key files, tenant patterns first (the first match wraps a collection's keys)."""
+    try:
+        keys = [load_key_file(path, pattern) for pattern, path in sorted(cfg.tenant_key_files.items())]
+        if cfg.encryption_key_file:
+            keys.append(load_key_file(cfg.encryption_key_file, "*"))
+    except ValueError as e:
+        raise ConfigError(f"option 'encryption_key_file'/'tenant_key_files': {e}") from None
+    return keys
+
+
 class Engine:
     """Models, batchers and the speaker store of one server.
 
@@ -103,6 +119,8 @@ class Engine:
         self.policies: dict[str, ModelPolicy] = {}
         self.vad: SileroVad | None = None
         self.default_model = config.default_model
+        self.cohorts = CollectionCohorts(config.collection_cohort_min_speakers, config.collection_cohort_max_speakers,
+                                         config.collection_cohort_refresh_seconds)
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._preparing = 0  # inputs on or waiting for the decode pool (admission)
@@ -202,7 +220,7 @@ class Engine:
             dirs = {d.name: d for d in await asyncio.get_running_loop().run_in_executor(
                 None, scan_repository, self.config.model_repository)}
             if name not in dirs:
-                raise NotFound(f"model: {name!r} is not in the model repository (has {sorted(dirs)})")
+                raise NotFound(f"model: {quoted(name)} is not in the model repository (has {sorted(dirs)})")
             old, old_batcher = self.models.get(name), self.batchers.get(name)
             model, policy = await self._open_model(dirs[name])
             self._install(model, policy)
@@ -229,17 +247,10 @@ class Engine:
 
     def _key_files(self) -> list:
         """The configured key files, tenant patterns first (the first match wraps a collection's keys)."""
-        cfg = self.config
-        try:
-            keys = [load_key_file(path, pattern) for pattern, path in sorted(cfg.tenant_key_files.items())]
-            if cfg.encryption_key_file:
-                keys.append(load_key_file(cfg.encryption_key_file, "*"))
-        except ValueError as e:
-            raise ConfigError(f"option 'encryption_key_file'/'tenant_key_files': {e}") from None
-        return keys
+        return configured_key_files(self.config)
 
     def _voiceprint_stats(self, model_name: str, voiceprints: np.ndarray) -> np.ndarray | None:
-        """Cohort statistics (N, 2) of a collection's voiceprints, None when its model has no cohort."""
+        """Cohort statistics (N, 3) of a collection's voiceprints, None when its model has no cohort."""
         model = self.models.get(model_name)
         return None if model is None else model.scorer.stats(voiceprints)
 
@@ -310,7 +321,7 @@ class Engine:
         if model is None:
             if not self.models:
                 raise Unavailable("models are still loading")
-            raise NotFound(f"{field}: unknown model {name!r}; loaded models are {sorted(self.models)}")
+            raise NotFound(f"{field}: unknown model {quoted(name)}; loaded models are {sorted(self.models)}")
         return model
 
     def limits(self, model: SpeakerModel) -> AudioLimits:
@@ -331,10 +342,10 @@ class Engine:
         if vad is None or self.vad is None:
             return Speech(wave, len(wave) / rate, len(wave) / rate, [(0.0, len(wave) / rate)], False,
                           time.perf_counter() - t0)
-        segments = self.vad.segments(wave, rate, vad)
+        segments, narrow = self.vad.analyse(wave, rate, vad)
         speech = keep_speech(wave, segments)  # (T',)
         return Speech(speech, len(speech) / rate, len(wave) / rate, [(a / rate, b / rate) for a, b in segments], True,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, narrow)
 
     async def prepare(self, model: SpeakerModel, audio: AudioInput, deadline: float | None = None) -> Speech:
         """Decode, downmix, resample, check and VAD one input on the decode pool.

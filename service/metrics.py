@@ -52,6 +52,11 @@ class Metrics:
             "spkserve_speech_insufficient_total",
             "Inputs refused for their speech: no_speech, too_little_speech, speaker_not_ready",
             ["model", "method", "reason"], registry=r)
+        self.multiple_speakers = Counter("spkserve_multiple_speakers_total",
+                                         "Audio inputs whose parts did not match each other (a second talker)",
+                                         ["model", "method"], registry=r)
+        self.narrowband = Counter("spkserve_narrowband_inputs_total", "Audio inputs without energy above 4 kHz",
+                                  ["model", "method"], registry=r)
         self.verdicts = Counter("spkserve_verdicts_total", "Verify/Identify verdicts", ["model", "method", "verdict"],
                                 registry=r)
         self.decision_llr = Histogram("spkserve_decision_llr", "Calibrated scores (log-likelihood ratios) by verdict",

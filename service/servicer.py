@@ -16,15 +16,17 @@ import grpc
 import numpy as np
 
 from models.audio import AudioLimits, check_header, check_pcm_format, probe_header
+from models.consistency import self_consistency, speaker_chunks
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from service.convert import (SCALE_PB, to_pcm16, VERDICT_PB, audio_input, merge_timings, ms, pcm_encoding, scale_of,
                              speaker_pb, speech_pb)
+from service.cohorts import cohort_side_stats
 from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
                                speaker_shortfall, speech_shortfall)
 from service.engine import AudioInput, Engine, Speech
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Overloaded
 from service.rpc import rpc as _rpc
 from service.servicer_models import ModelRpcs
 from service.servicer_speakers import SpeakerRecordRpcs
@@ -64,6 +66,8 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
     def _observe_speech(self, model, method: str, speech: Speech, shortfall: str) -> None:
         m = self.engine.metrics
         m.speech_seconds.labels(model.name, method).observe(speech.speech_seconds)
+        if speech.narrowband:
+            m.narrowband.labels(model.name, method).inc()
         if shortfall:
             m.speech_insufficient.labels(model.name, method, "no_speech" if speech.speech_seconds == 0
                                          else "too_little_speech").inc()
@@ -75,6 +79,28 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
         return res.embedding, pb.Timings(decode_ms=ms(speech.decode_s), queue_ms=ms(res.queue_s),
                                          inference_ms=ms(res.inference_s), execution_provider=model.provider,
                                          total_ms=ms(speech.decode_s + time.perf_counter() - t0))
+
+    async def _check_speakers(self, model, speech: Speech, method: str, context) -> None:
+        """The one-talker check: embed parts of the speech and score them against each other (config speaker_check)."""
+        cfg = self.engine.config
+        if not cfg.speaker_check or model.scorer.calibration is None:
+            return
+        chunks = speaker_chunks(speech.wave, model.sample_rate, cfg.speaker_check_min_seconds)
+        if not chunks:
+            return
+        results = await asyncio.gather(*[self.engine.embed(model, c, _deadline(context)) for c in chunks])
+        llr = self_consistency(model.scorer, np.stack([r.embedding for r in results]),
+                               [len(c) / model.sample_rate for c in chunks])
+        speech.self_consistency = llr
+        speech.multiple_speakers = llr is not None and llr < cfg.speaker_check_llr
+        if speech.multiple_speakers:
+            self.engine.metrics.multiple_speakers.labels(model.name, method).inc()
+
+    async def _embed_checked(self, model, speech: Speech, method: str, context) -> tuple[np.ndarray, pb.Timings]:
+        """``_embed_speech`` with the one-talker check alongside."""
+        (vec, timings), _ = await asyncio.gather(self._embed_speech(model, speech, context),
+                                                 self._check_speakers(model, speech, method, context))
+        return vec, timings
 
     def _embeddable(self, model, speech: Speech, field: str) -> str:
         """Why VAD's output is too short for the model to embed ("" when it is long enough)."""
@@ -108,11 +134,14 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
             self._observe_speech(model, method, speech, short)
             if short:
                 return Side(field, speech=speech, shortfall=short), pb.Timings(decode_ms=ms(speech.decode_s))
-            vec, timings = await self._embed_speech(model, speech, context)
+            vec, timings = await self._embed_checked(model, speech, method, context)
             return Side(field, vec, model.scorer.stats(vec), speech), timings
         if kind == "embedding":
             vec = self.engine.unit_embedding(probe.embedding.values, model.dim, f"{field}.embedding.values")
-            return Side(field, vec, model.scorer.stats(vec)), pb.Timings()
+            declared = float(probe.embedding.speech_seconds)
+            if not (np.isfinite(declared) and declared >= 0):
+                raise InvalidArgument(f"{field}.embedding.speech_seconds", f"must be a finite number >= 0, got {declared!r}")
+            return Side(field, vec, model.scorer.stats(vec), speech_seconds=declared or None), pb.Timings()
         if kind == "speaker" and allow_speaker:
             coll = validate_collection(probe.speaker.collection, f"{field}.speaker.collection")
             spk = validate_speaker_id(probe.speaker.speaker_id, f"{field}.speaker.speaker_id")
@@ -130,14 +159,25 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
                 self.engine.metrics.speech_insufficient.labels(model.name, method, "speaker_not_ready").inc()
             stats = rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint)
             await self.engine.store_call(store.touch, coll, [spk])
-            return Side(field, rec.voiceprint, stats, shortfall=short), pb.Timings()
+            return Side(field, rec.voiceprint, stats, shortfall=short, speech_seconds=rec.speech, ref=(coll, spk)), pb.Timings()
         allowed = "audio, embedding or speaker" if allow_speaker else "audio or embedding"
         raise InvalidArgument(field, f"is empty: set one of {allowed}")
 
     def _threshold(self, model, request, field: str = "threshold") -> Threshold:
-        """The request's threshold on its scale, or the model's operating point."""
+        """The request's threshold on its scale, its target false-accept rate, or the model's operating point."""
         scale_field = f"{field}_scale"
         scale = scale_of(getattr(request, scale_field), scale_field)
+        if request.HasField("target_false_accept_rate"):
+            if request.HasField(field):
+                raise InvalidArgument("target_false_accept_rate", f"set {field} or target_false_accept_rate, not both")
+            if not model.scorer.far_table:
+                raise FailedPrecondition(f"target_false_accept_rate: model {model.name} has no false-accept table "
+                                         "(it was not calibrated on real speech); set threshold instead")
+            try:
+                return Threshold("llr", model.scorer.llr_for_far(request.target_false_accept_rate))
+            except ValueError as e:
+                name, _, message = str(e).partition(": ")
+                raise InvalidArgument(name, message) from None
         if not request.HasField(field):
             if getattr(request, scale_field) != pb.SCORE_SCALE_UNSPECIFIED:
                 raise InvalidArgument(scale_field, f"is set but {field} is not")
@@ -156,6 +196,18 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
             field_name, _, message = str(e).partition(": ")
             raise InvalidArgument(field_name, message) from None
         return Threshold(scale, float(value))
+
+    async def _in_domain(self, a: Side, b: Side) -> None:
+        """Normalise a pair against the collection of an enrolled side when it is its own cohort (service.cohorts)."""
+        if not self.engine.cohorts.enabled or a.vector is None or b.vector is None or a.stats is None:
+            return
+        coll = (a.ref or b.ref or (None,))[0]
+        cohort = None if coll is None else await self.engine.cohorts.get(self.engine, coll)
+        if cohort is None:
+            return
+        leave = {r[1] for r in (a.ref, b.ref) if r is not None and r[0] == coll}
+        a.stats = cohort_side_stats(cohort, a.stats, a.vector, leave)
+        b.stats = cohort_side_stats(cohort, b.stats, b.vector, leave)
 
     def _observe_decision(self, model, method: str, decision: Decision) -> None:
         m = self.engine.metrics
@@ -199,9 +251,12 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
         self._allow(context, "read")
         cfg = self.engine.config
         limit = cfg.max_stream_mb * 1024 * 1024
-        config, chunks, size, index, probed = None, [], 0, 0, False
+        config, buffer, index, probed, next_probe = None, bytearray(), 0, False, 4096
         async for msg in request_iterator:
             part = msg.WhichOneof("part")
+            if index >= cfg.max_stream_messages:
+                raise InvalidArgument("chunk", f"the stream exceeds {cfg.max_stream_messages:,} messages "
+                                               "(max_stream_messages); send chunks of a few KiB or more")
             if index == 0 and part != "config":
                 raise InvalidArgument("config", "the first message must carry config")
             if index > 0 and part == "config":
@@ -214,24 +269,29 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
                     width = {pb.PCM_S16LE: 2}.get(fmt.encoding, 4) * (fmt.channels or 1)
                     limit = min(limit, int((cfg.max_audio_seconds + 1) * fmt.sample_rate * width))
             elif part == "chunk":
-                size += len(msg.chunk)
+                if not msg.chunk:
+                    raise InvalidArgument("chunk", f"message {index} is an empty chunk")
+                buffer += msg.chunk
+                size = len(buffer)
                 if size > limit:
                     raise InvalidArgument("chunk", f"the stream exceeds {limit:,} bytes (max_stream_mb="
                                                    f"{cfg.max_stream_mb} MiB, max_audio_seconds={cfg.max_audio_seconds:g})")
-                chunks.append(msg.chunk)
-                if not probed and not config.HasField("pcm") and size >= 4096:
+                if not probed and not config.HasField("pcm") and size >= next_probe:
                     # an encoded stream's header declares rate, channels and length: refuse bombs early
-                    header = probe_header(b"".join(chunks))
+                    # (looked for at 4 KiB, 8 KiB, ... 1 MiB: never a copy of the buffer per chunk)
+                    header = probe_header(bytes(buffer))
                     if header is not None:
                         check_header("chunk", *header, AudioLimits(0.0, cfg.max_audio_seconds))
                     probed = header is not None or size >= 1 << 20
+                    next_probe = 2 * size
             else:
                 raise InvalidArgument("part", f"message {index} is empty: set config or chunk")
             index += 1
         if config is None:
             raise InvalidArgument("config", "the stream carried no messages")
         model = self.engine.model(config.model, "config.model")
-        data = b"".join(chunks)
+        data = bytes(buffer)
+        del buffer
         if config.HasField("pcm"):
             fmt = config.pcm
             audio = AudioInput(data, "chunk", pcm_encoding(fmt.encoding, "config.pcm.encoding"), fmt.sample_rate,
@@ -250,6 +310,7 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
         threshold = self._threshold(model, request)
         (a, ta), (b, tb) = await asyncio.gather(self._side(model, request.a, "a", "Verify", context),
                                                 self._side(model, request.b, "b", "Verify", context))
+        await self._in_domain(a, b)
         d = decide(model.scorer, threshold, a, b, model.card.threshold)
         self._observe_decision(model, "Verify", d)
         s = d.scores
@@ -306,7 +367,8 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
             if why:
                 field, _, message = why.partition(": ")
                 raise InvalidArgument(field, f"{message}; nothing was enrolled")
-        embedded = await asyncio.gather(*[self._embed_speech(model, sp, context) for sp in speeches])
+        embedded = await asyncio.gather(*[self._embed_checked(model, sp, "Enroll", context) for sp in speeches])
+        await self._collection_quota(coll, context)
         vectors = np.stack([e for e, _ in embedded] + given)  # (N, D)
         total_speech = sum(sp.speech_seconds for sp in speeches) + sum(declared)
         store = self.engine.store
@@ -315,6 +377,7 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
         rec, created = await self.engine.store_call(store.enroll, coll, model.name, spk, vectors,
                                                     dict(request.metadata), total_speech, request.allow_reenroll,
                                                     model.card.version, retained)
+        self.engine.cohorts.invalidate(coll)
         await self.engine.report_collection(coll)
         fields = [f"audio[{i}]" for i in range(len(speeches))] + [f"embeddings[{i}]" for i in range(len(given))]
         infos = [speech_pb(sp) for sp in speeches] + [pb.SpeechInfo(speech_seconds=s) for s in declared]
@@ -327,6 +390,22 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
         return pb.EnrollResponse(speaker=speaker, created=created, utterances=feedback, status=status,
                                  timings=merge_timings([t for _, t in embedded], time.perf_counter() - t0))
 
+    async def _collection_quota(self, coll: str, context) -> None:
+        """RESOURCE_EXHAUSTED before a tenant's collection beyond ``max_collections_per_tenant`` is created."""
+        try:
+            await self.engine.store_call(self.engine.store.collection_binding, coll)
+            return  # it exists: no new collection
+        except NotFound:
+            pass
+        names = {i.name for i in await self.engine.store_call(self.engine.store.collections)}
+        if self.auth is not None:
+            token = self.auth.token_of(context.invocation_metadata())
+            names = {n for n in names if token.covers(n)} if "admin" not in token.permissions else names
+        cap = self.engine.config.max_collections_per_tenant
+        if len(names) >= cap:
+            raise Overloaded(f"collection: creating {coll!r} would exceed max_collections_per_tenant ({cap}); "
+                             "delete unused collections' speakers or raise the option")
+
     def _consistency(self, model, rec, vectors: np.ndarray, fields: list[str],
                      infos: list[pb.SpeechInfo]) -> list[pb.UtteranceFeedback]:
         """Each new utterance scored against the mean of the speaker's other utterances."""
@@ -336,13 +415,18 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
             fb = pb.UtteranceFeedback(field=fields[i], speech=infos[i], consistent=True)
             others = rec.sum - vec.astype(np.float64)  # (D,) sum of every other utterance of the speaker
             norm = float(np.linalg.norm(others))
+            mine = infos[i].speech_seconds or None
             if rec.count > 1 and norm > 1e-9:
                 mean = (others / norm).astype(np.float32)
-                scores = model.scorer.score(float(np.dot(vec, mean)), model.scorer.stats(mean), model.scorer.stats(vec))
+                rest = (rec.speech - mine) if rec.speech is not None and mine is not None else None
+                scores = model.scorer.score(float(np.dot(vec, mean)), model.scorer.stats(mean), model.scorer.stats(vec),
+                                            rest if rest and rest > 0 else None, mine)
                 fb.consistency = scores.cosine
                 if scores.llr is not None:
                     fb.consistency_llr = scores.llr
                 fb.consistent = bool(scores.on(policy.scale) >= policy.threshold)
+            if infos[i].multiple_speakers:  # a second voice in the utterance: it should not be part of a voiceprint
+                fb.consistent = False
             out.append(fb)
         return out
 
@@ -362,9 +446,17 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
             min_score = self._checked(model, scale_of(request.min_score_scale, "min_score_scale"), request.min_score,
                                       "min_score", "min_score_scale")
         k = request.top_k or 5
+        rule = request.rule or pb.IDENTIFY_RULE_OPEN_SET
+        if rule not in (pb.IDENTIFY_RULE_OPEN_SET, pb.IDENTIFY_RULE_SINGLE_PAIR):
+            raise InvalidArgument("rule", f"unknown identify rule {request.rule}")
         probe, timings = await self._side(model, request.probe, "probe", "Identify", context, allow_speaker=False)
+        size = await self.engine.store_call(store.speaker_count, coll)
+        if rule == pb.IDENTIFY_RULE_OPEN_SET and threshold.scale != "llr":
+            rule = pb.IDENTIFY_RULE_SINGLE_PAIR  # a cosine or S-norm is no likelihood ratio: ln(N) means nothing there
+        if rule == pb.IDENTIFY_RULE_OPEN_SET and size > 1:
+            threshold = Threshold("llr", threshold.value + float(np.log(size)))
         base = dict(model=model.name, decision_scale=SCALE_PB[threshold.scale], decision_threshold=threshold.value,
-                    probe_speech=speech_pb(probe.speech))
+                    probe_speech=speech_pb(probe.speech), rule=rule, collection_size=size)
         if probe.shortfall:
             d = Decision(NOT_ENOUGH_SPEECH, None, threshold, model.card.threshold, probe.shortfall)
             self._observe_decision(model, "Identify", d)
@@ -378,9 +470,17 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
         hits = await self.engine.store_call(store.search, coll, model.name, probe.vector, fetch, keep,
                                             model.card.version)
         ranked = []
+        cohort = await self.engine.cohorts.get(self.engine, coll) if probe.stats is not None else None
         for rec, cosine in hits:
-            side = Side("candidate", rec.voiceprint, rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint))
-            ranked.append((rec, decide(model.scorer, threshold, side, probe, model.card.threshold), cosine))
+            side = Side("candidate", rec.voiceprint, rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint),
+                        speech_seconds=rec.speech, ref=(coll, rec.speaker_id))
+            pair_probe = probe
+            if cohort is not None:  # in-domain normalisation, leaving the candidate out of both sides' cohort
+                side.stats = cohort_side_stats(cohort, side.stats, side.vector, {rec.speaker_id})
+                pair_probe = Side(probe.field, probe.vector, cohort_side_stats(cohort, probe.stats, probe.vector,
+                                                                              {rec.speaker_id}),
+                                  probe.speech, speech_seconds=probe.speech_seconds)
+            ranked.append((rec, decide(model.scorer, threshold, side, pair_probe, model.card.threshold), cosine))
         ranked.sort(key=lambda t: -t[1].scores.on(threshold.scale))
         if min_score is not None:
             ranked = [t for t in ranked if t[1].scores.on(min_score.scale) >= min_score.value]

@@ -9,6 +9,7 @@ import numpy as np
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.convert import SCALE_PB, to_pcm16
+from service.auth import PermissionDenied
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.rpc import rpc as _rpc
 from service.store import validate_collection
@@ -30,7 +31,9 @@ class ModelRpcs:
             source=c.source, parameters=c.parameters, opset=c.opset, is_default=c.name == self.engine.default_model,
             cohort_size=0 if scorer.cohort is None else len(scorer.cohort), calibrated=scorer.calibration is not None,
             decision_scale=SCALE_PB[policy.scale], decision_threshold=policy.threshold, vad=policy.vad is not None,
-            min_probe_speech_seconds=policy.min_probe_speech, min_enroll_speech_seconds=policy.min_enroll_speech)
+            min_probe_speech_seconds=policy.min_probe_speech, min_enroll_speech_seconds=policy.min_enroll_speech,
+            false_accept_table=[pb.FalseAcceptPoint(false_accept_rate=r, llr_threshold=t) for r, t in scorer.far_table],
+            cohort_groups=scorer.group_names if scorer.groups is not None else [])
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -41,10 +44,18 @@ class ModelRpcs:
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         return self._model_info(self.engine.model(request.name, "name"))
 
+    def _model_control(self, context, method: str) -> None:
+        """Model control is off unless ``model_control`` is set or the call carries an admin token."""
+        if self.auth is None and not self.engine.config.model_control:
+            raise PermissionDenied(f"model_control: {method} is off on this server (like Triton's model-control-mode "
+                                   "none); set model_control = true (SPKSERVE_MODEL_CONTROL=true) or configure "
+                                   "tokens and call with an admin token")
+        self._allow(context, "admin")
+
     @_rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         """Load a repository entry, or reload it (new version) while the old one keeps serving until the swap."""
-        self._allow(context, "admin")
+        self._model_control(context, "LoadModel")
         if not _MODEL_NAME.fullmatch(request.model):
             raise InvalidArgument("model", f"{request.model[:64]!r} is not a repository entry name")
         model, previous = await self.engine.load_model(request.model)
@@ -55,7 +66,7 @@ class ModelRpcs:
     @_rpc
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
         """Stop serving a model: queued work finishes, new requests for it answer NOT_FOUND."""
-        self._allow(context, "admin")
+        self._model_control(context, "UnloadModel")
         model = await self.engine.unload_model(request.model)
         await self.on_models_changed()
         return pb.UnloadModelResponse(model=model.name, version=model.card.version)
@@ -65,7 +76,7 @@ class ModelRpcs:
         """Embed every speaker's retained enrollment speech with another model into a new collection."""
         from models.audio import resample
 
-        self._allow(context, "admin")
+        self._model_control(context, "MigrateCollection")
         source = validate_collection(request.collection)
         target = validate_collection(request.target_collection, "target_collection")
         engine, store = self.engine, self.engine.store
@@ -95,6 +106,11 @@ class ModelRpcs:
             offset += len(page)
             if offset >= total or not page:
                 break
+        if skipped and not migrated:
+            option = "on" if engine.config.retain_enrollment_audio else "off"
+            raise FailedPrecondition(f"retain_enrollment_audio: none of the {len(skipped)} speakers of {source!r} has "
+                                     f"retained enrollment speech (the option is {option} on this server; speakers "
+                                     "enrolled while it was off cannot be migrated: enroll them again); nothing was written")
         await engine.report_collection(target)
         return pb.MigrateCollectionResponse(target_collection=target, model=model.name,
                                             model_version=model.card.version, migrated=migrated, skipped=skipped)

@@ -13,6 +13,7 @@ from service.store import quoted, validate_collection, validate_speaker_id
 __all__ = ["SpeakerRecordRpcs"]
 
 _PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,8}")  # what ListSpeakers issues: a positive offset
+MAX_PAGE_BYTES = 2 << 20  # ListSpeakers pages stay under 2 MiB whatever their metadata
 
 
 class SpeakerRecordRpcs:
@@ -37,6 +38,7 @@ class SpeakerRecordRpcs:
         else:
             coll, spk, _ = await self._speaker_ref(request, context, "write")
         rec = await self.engine.store_call(self.engine.store.delete, coll, spk, request.opt_out)
+        self.engine.cohorts.invalidate(coll)
         await self.engine.report_collection(coll)
         if rec is None:
             return pb.DeleteSpeakerResponse()
@@ -63,10 +65,17 @@ class SpeakerRecordRpcs:
         store = self.engine.store
         model = await self.engine.store_call(store.collection_model, coll)
         page, total = await self.engine.store_call(store.list, coll, offset, size)
-        nxt = str(offset + size) if offset + size < total else ""
         required = self._required(model)
-        return pb.ListSpeakersResponse(speakers=[speaker_pb(coll, model, r, required) for r in page],
-                                       next_page_token=nxt, total_size=total)
+        speakers, used = [], 0
+        for r in page:  # a page also ends before MAX_PAGE_BYTES, under clients' 4 MiB default message limit
+            msg = speaker_pb(coll, model, r, required)
+            used += msg.ByteSize() + 8
+            if speakers and used > MAX_PAGE_BYTES:
+                break
+            speakers.append(msg)
+        end = offset + len(speakers)
+        nxt = str(end) if end < total else ""
+        return pb.ListSpeakersResponse(speakers=speakers, next_page_token=nxt, total_size=total)
 
     @_rpc
     async def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:

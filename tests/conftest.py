@@ -170,3 +170,22 @@ def mini_corpus(tmp_path_factory):
     trials = make_trials(rows["eval"], 3, 6, 0)
     (root / "eval" / "trials").write_text("".join(f"{a} {b} {'target' if t else 'nontarget'}\n" for a, b, t in trials))
     return root
+
+
+@pytest.fixture(scope="session")
+def mini_real(mini_corpus, tmp_path_factory):
+    """The real-speech pool's layout on the mini corpus' recordings: calibration (3 speakers), evaluation (2)."""
+    import random
+
+    from training.realspeech import make_trials
+
+    root = tmp_path_factory.mktemp("real")
+    for split, src in (("calibration", "train"), ("evaluation", "eval")):
+        d = root / split
+        d.mkdir()
+        for name in ("wav.scp", "utt2spk"):
+            (d / name).write_text((mini_corpus / src / name).read_text())
+        u2s = dict(line.split() for line in (d / "utt2spk").read_text().splitlines())
+        trials = make_trials(u2s, set(), random.Random(0), max_targets=50, nontargets_per_utt=8)
+        (d / "trials").write_text("".join(f"{a} {b} {t}\n" for a, b, t in trials))
+    return root

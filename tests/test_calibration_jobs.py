@@ -27,7 +27,8 @@ def test_every_condition_degrades_as_named(utterance):
         y, rate = apply_condition(name, utterance, rng, [utterance])
         assert y.dtype == np.float32 and np.isfinite(y).all() and rate in (8000, 16000), name
         dur = len(y) / rate
-        expect = {"silence_pad": seconds + 6, "noise_pad": seconds + 6, "pause": seconds + 2, "short": 1.0}.get(name, seconds)
+        expect = {"silence_pad": seconds + 6, "noise_pad": seconds + 6, "pause": seconds + 2, "short": 1.0,
+                  "short15": 1.5}.get(name, seconds)
         assert abs(dur - expect) < 0.05, (name, dur, expect)
     tel, rate = apply_condition("telephone", utterance, rng)
     spec = np.abs(np.fft.rfft(tel)) ** 2
@@ -37,6 +38,7 @@ def test_every_condition_degrades_as_named(utterance):
     assert not np.allclose(gsm[:1000], tel[:1000])
     noisy, _ = apply_condition("noise", utterance, rng, [utterance])
     assert 5 <= 10 * np.log10(np.mean(utterance ** 2) / np.mean((noisy - utterance) ** 2)) <= 25.5
+    rng = np.random.default_rng(0)  # the draws below, whatever the conditions above took
     mic, _ = apply_condition("mic", utterance, rng)  # same level, a different long-term spectrum
     assert abs(np.sqrt(np.mean(mic ** 2) / np.mean(utterance ** 2)) - 1) < 1e-3
     bands = [np.log10(np.add.reduceat(np.abs(np.fft.rfft(z)) ** 2, np.arange(0, len(z) // 2, len(z) // 32)))
@@ -51,41 +53,146 @@ def test_every_condition_degrades_as_named(utterance):
 def _uncalibrated_ge2e(tmp_path):
     d = tmp_path / "ge2e"
     shutil.copytree(REPOSITORY / "ge2e", d)
-    (d / "cohort.npy").unlink(missing_ok=True)
+    for f in ("cohort.npy", "cohort_groups.npy"):
+        (d / f).unlink(missing_ok=True)
     card = json.loads((d / "model.json").read_text())
     card.update(cohort=None, calibration=None, operating_point=None)
     (d / "model.json").write_text(json.dumps(card))
     return d
 
 
-def test_calibrate_writes_a_cohort_and_map_the_server_loads(mini_corpus, tmp_path):
-    from models.runtime import SpeakerModel
+@pytest.fixture(scope="module")
+def calibrated(mini_real, tmp_path_factory):
+    """ge2e calibrated on the mini pool (1.5 s crops: 0.3 s of speech is enough here)."""
     from training.calibrate import calibrate_model
 
-    d = _uncalibrated_ge2e(tmp_path)
-    report = calibrate_model(d, mini_corpus, draws=1, cohort_per_speaker=1, cohort_utts=3, heldout_split=None,
-                             log=lambda *_: None)
+    d = _uncalibrated_ge2e(tmp_path_factory.mktemp("cal"))
+    report = calibrate_model(d, mini_real, per_speaker=1, cohort_utts=2, min_probe_speech=0.3, log=lambda *_: None)
+    return d, report
+
+
+def test_calibrate_writes_channel_groups_and_a_map_the_server_loads(calibrated):
+    from models.runtime import SpeakerModel
+    from training.cohort import COHORT_GROUPS
+
+    d, report = calibrated
     model = SpeakerModel(d)
-    assert model.scorer.cohort.shape == (3, 256) and model.scorer.calibration.scale > 0
-    assert (model.scorer.scale, model.scorer.threshold) == ("llr", 3.0)
-    assert model.card.cohort["size"] == 3 and len(model.card.cohort["sha256"]) == 64
-    fitted = report["calibration_trials"]["snorm"]
-    assert 0 <= fitted["cllr"] and fitted["min_cllr"] <= fitted["cllr"] + 1e-9
-    assert report["operating_point"]["rule"].startswith("LLR >= 3")
-    cosine = calibrate_model(d, mini_corpus, draws=1, cohort_per_speaker=1, cohort_utts=3, heldout_split=None,
-                             operating_point="cosine-eer", write=False, log=lambda *_: None)
-    assert cosine["operating_point"]["scale"] == "cosine" and -1 <= cosine["operating_point"]["threshold"] <= 1
-    with pytest.raises(ValueError, match="operating-point"):
-        calibrate_model(d, mini_corpus, operating_point="median", write=False)
+    assert model.scorer.group_names == list(COHORT_GROUPS) and model.scorer.groups is not None
+    assert model.scorer.cohort.shape == (3 * len(COHORT_GROUPS), 256)  # 3 speakers x 9 groups x 1
+    assert (model.scorer.scale, model.scorer.threshold) == ("llr", 2.0) and model.card.format_version == 3
+    assert len(model.card.cohort["sha256"]) == 64 and model.card.cohort["narrowband_groups"] == ["telephone", "gsm", "amr"]
+    fitted = report["calibration_trials"]
+    assert 0 <= fitted["min_cllr"] <= fitted["cllr"] + 1e-9
+    assert report["operating_point"]["rule"].startswith("LLR >= 2")
+    assert set(report["per_family"]) <= set(report["calibration_trials"]["families"])
+    assert all(0 < r < 1 for r, _ in report["operating_point"]["far_table"])
 
 
-def test_calibrate_cli_refuses_bad_counts(mini_corpus, tmp_path, capsys):
-    from training.calibrate import main
+def test_calibrate_options_are_checked(mini_real, tmp_path, capsys):
+    from training.calibrate import calibrate_model, main, parse_operating_point
 
+    assert parse_operating_point("far:0.01") == ("far", 0.01) and parse_operating_point("cosine-eer")[0] == "cosine-eer"
+    for bad in ("median", "far:2", "llr:x", "llr:"):
+        with pytest.raises(ValueError, match="operating-point"):
+            parse_operating_point(bad)
     with pytest.raises(SystemExit):
-        main(["--corpus", str(mini_corpus), "--model-dir", str(tmp_path), "--draws", "0"])
-    assert "--draws must be >= 1" in capsys.readouterr().err
-    assert main(["--corpus", str(tmp_path / "nowhere"), "--model-dir", str(REPOSITORY / "ge2e"), "--dry-run"]) == 2
+        main(["--real", str(mini_real), "--model-dir", str(tmp_path), "--per-speaker", "0"])
+    assert "--per-speaker must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model-dir", str(REPOSITORY / "ge2e")])
+    assert "give --real" in capsys.readouterr().err
+    assert main(["--real", str(tmp_path / "nowhere"), "--model-dir", str(REPOSITORY / "ge2e"), "--dry-run"]) == 2
+    assert "calibration/wav.scp: missing" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="synthetic-weight"):
+        calibrate_model(REPOSITORY / "ge2e", mini_real, synthetic_weight=1.5, write=False)
+
+
+def _own_trials(mini_corpus, tmp_path, n_targets=25, n_non=25):
+    """An operator's wav.scp and trials over the mini corpus' 30 recordings."""
+    import itertools
+
+    scp = {}
+    for split in ("train", "eval"):
+        scp.update(dict(line.split() for line in (mini_corpus / split / "wav.scp").read_text().splitlines()))
+    utts = sorted(scp)
+    spk = {u: u.split("-")[0] for u in utts}
+    pairs = list(itertools.combinations(utts, 2))
+    tar = [p for p in pairs if spk[p[0]] == spk[p[1]]][:n_targets]
+    non = [p for p in pairs if spk[p[0]] != spk[p[1]]][:n_non]
+    (tmp_path / "wav.scp").write_text("".join(f"{u} {scp[u]}\n" for u in utts))
+    (tmp_path / "trials").write_text("".join(f"{a} {b} target\n" for a, b in tar) +
+                                     "".join(f"{a} {b} nontarget\n" for a, b in non))
+    return tmp_path / "wav.scp", tmp_path / "trials"
+
+
+def test_recalibrate_on_own_trials_writes_a_new_version(calibrated, mini_corpus, tmp_path):
+    from models.runtime import SpeakerModel
+    from training.recalibrate import recalibrate_on_trials
+
+    d, _ = calibrated
+    scp, trials = _own_trials(mini_corpus, tmp_path)
+    out = tmp_path / "repo" / "ge2e-mine"
+    report = recalibrate_on_trials(d, scp, trials, out, min_probe_speech=0.3, log=lambda *_: None)
+    model = SpeakerModel(out)
+    assert model.name == "ge2e-mine" and model.card.version.endswith("+recal")
+    assert model.card.calibration["refitted_from"].startswith("ge2e ")
+    assert report["n_target"] == 25 and report["n_nontarget"] == 25 and report["min_cllr"] <= report["cllr"] + 1e-9
+    np.testing.assert_array_equal(model.scorer.cohort, SpeakerModel(d).scorer.cohort)  # the cohort is kept
+    assert not (tmp_path / "repo" / "ge2e-mine.partial").exists()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("scp_line", r"wav.scp:3: expected '<utterance-id> <path>'"),
+    ("scp_missing", r"wav.scp:2: .*does not exist"),
+    ("scp_twice", r"wav.scp:31: utterance .* is listed twice \(first on line 1\)"),
+    ("trial_label", r"trials:4: expected '<utterance-id> <utterance-id> target\|nontarget'"),
+    ("trial_unknown", r"trials:1: utterance 'nobody' is not in the wav.scp"),
+    ("few", r"5 target and 25 non-target trials listed; at least 20 of each"),
+    ("one_class", r"0 target and 25 non-target trials listed"),
+    ("undecodable", r"wav.scp:1: cannot decode"),
+])
+def test_recalibrate_refuses_bad_input_naming_the_line(calibrated, mini_corpus, tmp_path, damage, match):
+    from training.recalibrate import recalibrate_on_trials
+
+    d, _ = calibrated
+    scp, trials = _own_trials(mini_corpus, tmp_path, n_targets=5 if damage == "few" else 0 if damage == "one_class" else 25)
+    lines, tlines = scp.read_text().splitlines(), trials.read_text().splitlines()
+    if damage == "scp_line":
+        lines[2] = lines[2].split()[0]
+    elif damage == "scp_missing":
+        lines[1] = lines[1].split()[0] + " /nonexistent/x.wav"
+    elif damage == "scp_twice":
+        lines.append(lines[0])
+    elif damage == "trial_label":
+        tlines[3] = tlines[3].replace("target", "same")
+    elif damage == "trial_unknown":
+        tlines[0] = "nobody " + tlines[0].split(maxsplit=1)[1]
+    elif damage == "undecodable":
+        bad = tmp_path / "junk.wav"
+        bad.write_bytes(b"not audio at all" * 10)
+        lines[0] = lines[0].split()[0] + f" {bad}"
+    scp.write_text("\n".join(lines) + "\n")
+    trials.write_text("\n".join(tlines) + "\n")
+    out = tmp_path / "out" / "ge2e-x"
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        recalibrate_on_trials(d, scp, trials, out, min_probe_speech=0.3, log=lambda *_: None)
+    assert not out.exists() and not (tmp_path / "out").exists()  # nothing written
+
+
+def test_decisions_report_on_the_evaluation_split(calibrated, mini_real, tmp_path, capsys):
+    from training.decisions import main
+
+    d, _ = calibrated
+    out = tmp_path / "dec"
+    assert main(["--real", str(mini_real), "--model", str(d), "--conditions", "clean,telephone-both,short-probe",
+                 "--identify-sizes", "1,50", "--min-probe-speech", "0.3", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["conditions"]) == ["clean", "telephone-both", "short-probe"]
+    clean = res["conditions"]["clean"]
+    assert {"far", "frr", "cllr", "min_cllr", "not_enough_speech", "impostor_normalized_mean"} <= set(clean)
+    assert res["identify"]["50"]["simulated"] == 50 - res["identify"]["50"]["enrolled_real"]
+    assert res["identify"]["50"]["threshold_open_set"] == pytest.approx(2 + np.log(50), abs=1e-3)
+    assert "| clean |" in capsys.readouterr().out and "| clean |" in (out / "results.md").read_text()
 
 
 def test_robustness_report(mini_corpus, tmp_path):

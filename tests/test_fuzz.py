@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -127,3 +128,23 @@ def test_fuzz_headers_tokens_ids_and_raw_messages(server, stub, speech_files):
     assert snapshot(stub) == before
     text_codes = server.server.metrics.requests.collect()[0].samples
     assert not [s for s in text_codes if s.labels.get("code") in ("INTERNAL", "UNKNOWN")]
+
+
+def test_long_client_values_are_never_echoed_whole(stub, speech_files):
+    """A 10,000-character model name answers NOT_FOUND with a short message, not 'Stream removed'."""
+    audio = pb.Audio(encoded=speech_files["flite-slt-1"].read_bytes())
+    for call in (lambda: stub.Embed(pb.EmbedRequest(model="m" * 10_000, audio=audio)),
+                 lambda: stub.GetModelInfo(pb.GetModelInfoRequest(name="x" * 50_000)),
+                 lambda: stub.Verify(pb.VerifyRequest(model="v" * 9000, a=pb.Probe(audio=audio), b=pb.Probe(audio=audio)))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert len(e.value.details()) < 300 and "..." in e.value.details()
+
+
+def test_error_messages_are_bounded():
+    from service.rpc import MAX_MESSAGE, _bounded
+
+    assert _bounded("short") == "short"
+    long = _bounded("x" * 100_000)
+    assert len(long) == MAX_MESSAGE and long.endswith("...")

@@ -277,7 +277,7 @@ def test_models_load_reload_and_unload_while_serving(model_repo, tmp_path):
 
     repo = tmp_path / "repo"
     shutil.copytree(model_repo, repo)
-    srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e"]))
+    srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e"], model_control=True))
     try:
         with grpc.insecure_channel(srv.target) as ch:
             s = pb_grpc.SpeakerServiceStub(ch)
@@ -320,7 +320,7 @@ def test_a_collection_is_bound_to_its_model_version(model_repo, tmp_path):
 
     repo = tmp_path / "repo"
     shutil.copytree(model_repo, repo)
-    srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"]))
+    srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"], model_control=True))
     vec = list(np.random.default_rng(0).normal(size=32))
     try:
         with grpc.insecure_channel(srv.target) as ch:
@@ -355,7 +355,7 @@ def test_a_collection_is_bound_to_its_model_version(model_repo, tmp_path):
 
 def test_migrate_a_collection_to_another_model_from_retained_speech(model_repo, tmp_path, speech_files):
     srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"],
-                                   retain_enrollment_audio=True))
+                                   retain_enrollment_audio=True, model_control=True))
     try:
         with grpc.insecure_channel(srv.target) as ch:
             s = pb_grpc.SpeakerServiceStub(ch)
@@ -381,3 +381,65 @@ def test_migrate_a_collection_to_another_model_from_retained_speech(model_repo, 
         assert all(p.stat().st_mode & 0o777 == 0o600 for p in audio_dir.iterdir())
     finally:
         srv.stop()
+
+
+def test_migrate_without_retained_speech_is_refused_naming_the_option(model_repo, tmp_path, speech_files):
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"], model_control=True))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            s.Enroll(pb.EnrollRequest(collection="src", speaker_id="slt",
+                                      audio=[pb.Audio(encoded=speech_files["flite-slt-1"].read_bytes())]))
+            with pytest.raises(grpc.RpcError) as e:
+                s.MigrateCollection(pb.MigrateCollectionRequest(collection="src", target_collection="dst",
+                                                                model="tiny-wavlm"))
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert e.value.details().startswith("retain_enrollment_audio:") and "option is off" in e.value.details()
+            assert "dst" not in {c.name for c in s.ListCollections(pb.ListCollectionsRequest()).collections}
+    finally:
+        srv.stop()
+
+
+def _serve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--metrics-port", "-1", *args],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_second_server_on_a_busy_data_dir_or_port_exits_with_one_line(model_repo, tmp_path):
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"]))
+    try:
+        r = _serve_cli("--data-dir", str(tmp_path / "data"), "--port", "0", "--model-repository", str(model_repo))
+        assert r.returncode == 1
+        lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+        assert len(lines) == 1 and "is in use by another process" in lines[0] and "cannot start" in lines[0]
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            r = _serve_cli("--data-dir", str(tmp_path / "other"), "--host", "127.0.0.1", "--port", str(port),
+                           "--model-repository", str(model_repo))
+        lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1, lines
+        assert f"option 'port': cannot listen on 127.0.0.1:{port}" in lines[0] and "Traceback" not in r.stderr
+    finally:
+        srv.stop()
+
+
+def test_model_control_is_off_by_default(model_repo, tmp_path, caplog):
+    """Without model_control or an admin token, LoadModel/UnloadModel/MigrateCollection are refused."""
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], host="0.0.0.0"))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            for call in (lambda: s.LoadModel(pb.LoadModelRequest(model="tiny-wavlm")),
+                         lambda: s.UnloadModel(pb.UnloadModelRequest(model="ge2e")),
+                         lambda: s.MigrateCollection(pb.MigrateCollectionRequest(collection="a", target_collection="b",
+                                                                                 model="ge2e"))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert e.value.details().startswith("model_control:") and "SPKSERVE_MODEL_CONTROL" in e.value.details()
+            assert [m.name for m in s.ListModels(pb.ListModelsRequest()).models] == ["ge2e"]  # nothing changed
+    finally:
+        srv.stop()
+    assert any("without authentication" in r.getMessage() for r in caplog.records)

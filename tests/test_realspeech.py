@@ -84,3 +84,17 @@ def test_pool_from_debian_packages(tmp_path):
         assert all(line.split()[0] in scp and line.split()[1] in scp for line in lines)
     assert json.loads((tmp_path / "real" / "manifest.json").read_text())["seed"] == 0
     assert POSSIBLY_SAME_PERSON  # the one link found by the GE2E centroid check is kept in the code
+
+    # the decision evaluation on this small real subset, with the served model: loose bounds that a
+    # broken VAD, cohort or calibration would fail (the full figures are in the docs)
+    from training.decisions import main as decisions
+
+    out = tmp_path / "dec"
+    assert decisions(["--real", str(tmp_path / "real"), "--model", "ge2e", "--conditions", "clean,telephone-both",
+                      "--identify-sizes", "5", "--one-talker", "0", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    clean, tel = res["conditions"]["clean"], res["conditions"]["telephone-both"]
+    assert clean["far"] <= 0.03 and clean["cllr"] < 0.6 and tel["far"] <= 0.05 and tel["cllr"] < 1.0
+    nes = res["not_enough_speech_by_channel"]
+    assert nes["telephone"] - nes["clean"] <= 0.20  # a few dozen utterances, many of them spelled letters
+    assert res["identify"]["5"]["stranger_false_match"] <= 0.1

@@ -208,11 +208,29 @@ def test_names_and_page_tokens_are_matched_exactly(stub, request_, field):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field)
 
 
-@pytest.mark.parametrize("speaker_id", ["admin\u202egnp.exe", "a\u200bb", " padded", "x\u2028y"])
+@pytest.mark.parametrize("speaker_id", [
+    "admin\u202egnp.exe", "a\u200bb", " padded", "x\u2028y",
+    "\u3164", "ab\u3164", "\u2800", "\u0301abc",  # Hangul filler, Braille blank, a lone combining mark
+    "\uff41lice", "\U0001d41alice", "\ufb01le",  # fullwidth, mathematical bold, a ligature
+    "p\u0430ypal", "\u03b1lpha-a",  # Latin mixed with a Cyrillic a, a Greek alpha with Latin
+])
 def test_invisible_and_control_characters_in_ids_are_refused(stub, speaker_id):
     code, details = code_of(lambda: stub.Enroll(pb.EnrollRequest(collection="scales", speaker_id=speaker_id, embeddings=[
         pb.Embedding(values=unit(1), speech_seconds=5.0)])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("speaker_id")
+
+
+def test_speaker_ids_are_one_spelling(stub):
+    """The composed and decomposed 'café' are one speaker; one script per id is fine in any script."""
+    vec = pb.Embedding(values=unit(3), speech_seconds=5.0)
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    stub.Enroll(pb.EnrollRequest(collection="nfc", speaker_id=decomposed, embeddings=[vec]))
+    r = stub.Enroll(pb.EnrollRequest(collection="nfc", speaker_id=composed, embeddings=[vec]))
+    assert not r.created and r.speaker.speaker_id == composed and r.speaker.utterance_count == 2
+    got = stub.GetSpeaker(pb.GetSpeakerRequest(collection="nfc", speaker_id=decomposed))
+    assert got.speaker_id == composed
+    for ok in ("\u0418\u0432\u0430\u043d-2", "\u674e\u5a1c", "o'brien.42"):  # Cyrillic, Han, Latin
+        stub.Enroll(pb.EnrollRequest(collection="nfc", speaker_id=ok, embeddings=[vec]))
 
 
 def test_long_names_are_not_echoed_back(stub):
@@ -229,3 +247,48 @@ def test_model_admin_needs_admin_permission(channel):
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
     code, _ = code_of(lambda: stub.UnloadModel(pb.UnloadModelRequest(model="ge2e"), metadata=as_("ops")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # admin passes the check; the default model stays
+
+
+def test_collections_per_tenant_are_capped(model_repo, tmp_path):
+    from tests.conftest import ServerThread, make_config
+
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], max_collections_per_tenant=2))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            enroll = lambda c, spk: s.Enroll(pb.EnrollRequest(collection=c, speaker_id=spk, embeddings=[  # noqa: E731
+                pb.Embedding(values=unit(5), speech_seconds=5.0)]))
+            enroll("one", "a")
+            enroll("two", "a")
+            enroll("two", "b")  # an existing collection: fine
+            code, details = code_of(lambda: enroll("three", "a"))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_collections_per_tenant (2)" in details
+            assert {c.name for c in s.ListCollections(pb.ListCollectionsRequest()).collections} == {"one", "two"}
+    finally:
+        srv.stop()
+
+
+def test_list_speakers_pages_by_bytes_too(model_repo, tmp_path, monkeypatch):
+    import service.servicer_speakers as speakers
+    from tests.conftest import ServerThread, make_config
+
+    monkeypatch.setattr(speakers, "MAX_PAGE_BYTES", 6000)
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"]))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            for i in range(10):
+                s.Enroll(pb.EnrollRequest(collection="big", speaker_id=f"s{i}", metadata={"note": "x" * 1000, "more": "y" * 500},
+                                          embeddings=[pb.Embedding(values=unit(i), speech_seconds=5.0)]))
+            seen, token, pages = [], "", 0
+            while True:
+                r = s.ListSpeakers(pb.ListSpeakersRequest(collection="big", page_size=100, page_token=token))
+                assert r.ByteSize() < 6000 + 2000 and r.total_size == 10
+                seen += [x.speaker_id for x in r.speakers]
+                pages += 1
+                token = r.next_page_token
+                if not token:
+                    break
+            assert sorted(seen) == [f"s{i}" for i in range(10)] and pages >= 3
+    finally:
+        srv.stop()

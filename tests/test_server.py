@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from tests.conftest import speech_clip, wav_bytes
 
 
@@ -53,7 +54,6 @@ def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files)
     """With VAD off the service embeds the whole file, as the Resemblyzer reference does."""
     import json
 
-    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
     from tests.conftest import REFERENCE, ServerThread, make_config
 
     ref = json.loads((REFERENCE / "ge2e_reference.json").read_text())["utterances"]
@@ -123,6 +123,38 @@ def test_embed_stream_bad_order(stub):
     expect_error(lambda: stub.EmbedStream(iter([pb.EmbedStreamRequest(config=pb.StreamConfig()),
                                                 pb.EmbedStreamRequest(config=pb.StreamConfig())])),
                  grpc.StatusCode.INVALID_ARGUMENT, "config")
+    expect_error(lambda: stub.EmbedStream(iter([pb.EmbedStreamRequest(config=pb.StreamConfig()),
+                                                pb.EmbedStreamRequest(chunk=b"RIFF"), pb.EmbedStreamRequest(chunk=b"")])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "chunk", "message 2 is an empty chunk")
+
+
+def test_embed_stream_caps_its_messages(model_repo, tmp_path, speech_files):
+    """Many tiny chunks are refused at max_stream_messages, not read for seconds and kept as objects."""
+    from tests.conftest import ServerThread, make_config
+
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], max_stream_messages=500))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            data = speech_files["flite-awb-1"].read_bytes()
+
+            def tiny():
+                yield pb.EmbedStreamRequest(config=pb.StreamConfig())
+                for i in range(0, len(data), 2):
+                    yield pb.EmbedStreamRequest(chunk=data[i:i + 2])
+
+            expect_error(lambda: s.EmbedStream(tiny()), grpc.StatusCode.INVALID_ARGUMENT, "chunk",
+                         "500 messages", "max_stream_messages")
+
+            def fine():  # the same file in 499 chunks is accepted
+                yield pb.EmbedStreamRequest(config=pb.StreamConfig())
+                step = -(-len(data) // 499)
+                for i in range(0, len(data), step):
+                    yield pb.EmbedStreamRequest(chunk=data[i:i + step])
+
+            assert len(s.EmbedStream(fine()).embedding) == 256
+    finally:
+        srv.stop()
 
 
 # -- bad audio ---------------------------------------------------------------------------

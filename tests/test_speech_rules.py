@@ -233,8 +233,10 @@ def test_voiceprints_keep_their_cohort_statistics(srv, stub, speech_files):
     stub.Enroll(pb.EnrollRequest(collection="stats", speaker_id="rms", audio=[
         pb.Audio(encoded=wav_bytes(wave(speech_files, "flite-rms-1")))] * 2))
     rec = store.get("stats", "rms")
-    cohort = srv.server.engine.models["ge2e"].scorer.cohort
-    np.testing.assert_allclose(rec.stats, cohort_stats(rec.voiceprint, cohort), rtol=1e-6)
+    scorer = srv.server.engine.models["ge2e"].scorer
+    want = cohort_stats(rec.voiceprint, scorer.cohort, scorer.groups, scorer.centroids)  # (mean, std, channel group)
+    np.testing.assert_allclose(rec.stats, want, rtol=1e-6)
+    assert scorer.group_name(rec.stats) in scorer.group_names
 
 
 @pytest.mark.parametrize("settings,words", [
