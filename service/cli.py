@@ -2,9 +2,10 @@
 
     spkserve serve [--config FILE] [--port N] [--metrics-port N] [--model-repository DIR] [--data-dir DIR]
     spkserve embed    --target HOST:PORT [--model NAME] FILE...
-    spkserve verify   --target HOST:PORT [--model NAME] [--threshold T [--scale cosine|normalized|llr]] FILE_A FILE_B
+    spkserve verify   --target HOST:PORT [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
+                      FILE_A FILE_B
     spkserve enroll   --target HOST:PORT [--collection C] --speaker ID FILE...
-    spkserve identify --target HOST:PORT [--collection C] [--top-k K] FILE
+    spkserve identify --target HOST:PORT [--collection C] [--top-k K] [--target-far R] [--single-pair] FILE
     spkserve delete   --target HOST:PORT [--collection C] --speaker ID
     spkserve models   --target HOST:PORT
     spkserve load-model   --target HOST:PORT NAME   (load or reload a repository entry; admin)
@@ -139,6 +140,8 @@ def _client(args: argparse.Namespace) -> int:
                 if args.threshold is not None:
                     req.threshold = args.threshold
                     req.threshold_scale = _SCALES[args.scale]
+                if args.target_far is not None:
+                    req.target_false_accept_rate = args.target_far
                 r = stub.Verify(req, **kw)
                 out = {"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model,
                        "verdict": pb.Verdict.Name(r.verdict).removeprefix("VERDICT_"),
@@ -146,7 +149,9 @@ def _client(args: argparse.Namespace) -> int:
                        "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
                        "decision_scale": pb.ScoreScale.Name(r.decision_scale).removeprefix("SCORE_SCALE_").lower(),
                        "decision_threshold": r.decision_threshold,
-                       "speech_seconds": [r.a_speech.speech_seconds, r.b_speech.speech_seconds]}
+                       "speech_seconds": [r.a_speech.speech_seconds, r.b_speech.speech_seconds],
+                       "multiple_speakers": [r.a_speech.multiple_speakers, r.b_speech.multiple_speakers],
+                       "narrowband": [r.a_speech.narrowband, r.b_speech.narrowband]}
                 if r.reason:
                     out["reason"] = r.reason
                 _emit(out)
@@ -159,16 +164,22 @@ def _client(args: argparse.Namespace) -> int:
                        "status": pb.EnrollmentStatus.Name(r.status).removeprefix("ENROLLMENT_STATUS_"),
                        "speech_seconds": r.speaker.speech_seconds,
                        "required_speech_seconds": r.speaker.required_speech_seconds,
-                       "utterances": [{"file": f, "speech_seconds": u.speech.speech_seconds, "consistent": u.consistent}
+                       "utterances": [{"file": f, "speech_seconds": u.speech.speech_seconds, "consistent": u.consistent,
+                                       "multiple_speakers": u.speech.multiple_speakers}
                                       for f, u in zip(args.files, r.utterances)]})
             elif args.command == "identify":
                 req = pb.IdentifyRequest(model=args.model or "", collection=args.collection,
-                                         probe=pb.Probe(audio=_audio(args.file)), top_k=args.top_k)
+                                         probe=pb.Probe(audio=_audio(args.file)), top_k=args.top_k,
+                                         rule=pb.IDENTIFY_RULE_SINGLE_PAIR if args.single_pair else pb.IDENTIFY_RULE_OPEN_SET)
+                if args.target_far is not None:
+                    req.target_false_accept_rate = args.target_far
                 r = stub.Identify(req, **kw)
                 _emit({"candidates": [{"speaker": c.speaker_id, "score": c.score} for c in r.candidates],
                        "is_match": r.is_match, "threshold": r.threshold, "model": r.model,
                        "verdict": pb.Verdict.Name(r.verdict).removeprefix("VERDICT_"),
                        "llr": [c.llr for c in r.candidates if c.HasField("llr")],
+                       "rule": pb.IdentifyRule.Name(r.rule).removeprefix("IDENTIFY_RULE_").lower(),
+                       "collection_size": r.collection_size, "decision_threshold": r.decision_threshold,
                        "speech_seconds": r.probe_speech.speech_seconds, **({"reason": r.reason} if r.reason else {})})
             elif args.command == "delete":
                 r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
@@ -230,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file_b", metavar="FILE_B")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's operating point)")
     p.add_argument("--scale", choices=sorted(_SCALES), default="cosine", help="the scale --threshold is on")
+    p.add_argument("--target-far", type=float, default=None,
+                   help="decide at this false-accept rate (e.g. 0.001), from the model's real-speech table")
     p = client("enroll", "enroll audio files as a speaker")
     p.add_argument("--collection", default="")
     p.add_argument("--speaker", required=True)
@@ -238,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("identify", "find the closest enrolled speakers")
     p.add_argument("--collection", default="")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--target-far", type=float, default=None, help="a pair's false-accept rate (see verify)")
+    p.add_argument("--single-pair", action="store_true",
+                   help="decide is_match by the pair threshold (closed-set), not the open-set rule")
     p.add_argument("file", metavar="FILE")
     p = client("delete", "delete an enrolled speaker")
     p.add_argument("--collection", default="")

@@ -75,7 +75,8 @@ class ServerConfig:
     inference_workers: int = 1
     # requests
     max_audio_seconds: float = 300.0
-    max_message_mb: int = 64
+    max_message_mb: int = 16  # one unary request; longer audio goes through EmbedStream
+    max_inflight_request_mb: int = 256  # request bytes held by all calls in progress, process-wide
     max_stream_mb: int = 256
     max_stream_messages: int = 100_000  # messages of one EmbedStream (config + chunks)
     decode_workers: int = 2
@@ -156,6 +157,8 @@ class ServerConfig:
         need(self.inference_workers >= 1, "inference_workers", "must be >= 1")
         need(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")
         need(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
+        need(self.max_inflight_request_mb >= self.max_message_mb, "max_inflight_request_mb",
+             "must be >= max_message_mb (one request must fit)")
         need(self.max_stream_mb >= 1, "max_stream_mb", "must be >= 1")
         need(self.max_collections_per_tenant >= 1, "max_collections_per_tenant", "must be >= 1")
         need(self.max_stream_messages >= 2, "max_stream_messages", "must be >= 2 (a config and a chunk)")

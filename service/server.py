@@ -26,7 +26,7 @@ from service.config import ServerConfig
 from service.auth import Authorizer, load_tokens
 from service.config import ConfigError
 from service.engine import Engine
-from service.interceptors import RequestGuard
+from service.interceptors import ByteBudget, RequestGuard
 from service.metrics import Metrics
 from service.reflection import enable_reflection
 from service.servicer import SpeakerServicer
@@ -79,6 +79,7 @@ class SpeakerServer:
         self._load_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self.load_error: BaseException | None = None
+        self.request_bytes = ByteBudget(config.max_inflight_request_mb << 20)  # held by calls in progress
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until models are ready); returns the port."""
@@ -97,7 +98,7 @@ class SpeakerServer:
             check_not_in_use(Path(cfg.data_dir))  # before binding: a second server stops with one line
         _check_port_free(cfg.host, cfg.port)
         self._server = grpc.aio.server(
-            interceptors=[RequestGuard(auth)],
+            interceptors=[RequestGuard(auth, self.request_bytes)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],
         )

@@ -146,6 +146,12 @@ def test_cli_interface(model_repo, tmp_path, speech_files):
         assert srv.cli("enroll", "--collection", "cli", "--speaker", "awb", f3, f3).returncode == 0
         ident = json.loads(srv.cli("identify", "--collection", "cli", "--top-k", "2", f2).stdout)
         assert ident["candidates"][0]["speaker"] == "slt" and set(ident["candidates"][0]) == {"speaker", "score"}
+        assert ident["rule"] == "open_set" and ident["collection_size"] == 2
+        single = json.loads(srv.cli("identify", "--collection", "cli", "--single-pair", f2).stdout)
+        assert single["rule"] == "single_pair" and single["decision_threshold"] < ident["decision_threshold"]
+        far = json.loads(srv.cli("verify", "--target-far", "0.01", f1, f2).stdout)
+        assert far["decision_scale"] == "llr" and far["multiple_speakers"] == [False, False]
+        assert far["decision_threshold"] != v["decision_threshold"]
         assert srv.cli("delete", "--collection", "cli", "--speaker", "slt").returncode == 0
         bad = srv.cli("delete", "--collection", "cli", "--speaker", "slt")
         assert bad.returncode != 0 and bad.stderr.startswith("NOT_FOUND:")
@@ -443,3 +449,81 @@ def test_model_control_is_off_by_default(model_repo, tmp_path, caplog):
     finally:
         srv.stop()
     assert any("without authentication" in r.getMessage() for r in caplog.records)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_unauthenticated_uploads_are_refused_before_they_are_received(model_repo, tmp_path):
+    """8 concurrent unauthenticated 60 MB requests (and 8 of 15 MB, under the message limit) raise the server's
+    peak memory by well under 300 MB: the token is checked before the request is read."""
+    import concurrent.futures as cf
+    import hashlib
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[tokens]]\nname = "ops"\nsha256 = "{hashlib.sha256(b"secret").hexdigest()}"\n'
+                      'permissions = ["admin"]\n')
+    (tmp_path / "data").mkdir()
+    srv = Proc(model_repo, tmp_path / "data", "--auth-tokens-file", str(tokens))
+    try:
+        before = _peak_rss_mb(srv.p.pid)
+        opts = [("grpc.max_send_message_length", 128 << 20)]
+        with grpc.insecure_channel(srv.target, options=opts) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+
+            def send(size: int) -> grpc.StatusCode:
+                try:
+                    s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=b"\0" * size)), timeout=60)
+                except grpc.RpcError as e:
+                    return e.code()
+                return grpc.StatusCode.OK
+
+            for size in (60 << 20, 15 << 20):
+                with cf.ThreadPoolExecutor(8) as pool:
+                    codes = list(pool.map(send, [size] * 8))
+                assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      grpc.StatusCode.UNAVAILABLE}, codes
+                assert grpc.StatusCode.OK not in codes
+        grown = _peak_rss_mb(srv.p.pid) - before
+        assert grown < 300, f"peak RSS grew {grown:.0f} MB"
+    finally:
+        assert srv.term() == 0
+
+
+def test_request_bytes_in_flight_are_capped(model_repo, tmp_path, speech_files):
+    """With max_inflight_request_mb = 1, an open stream holding 0.9 MB makes a 0.2 MB request wait its turn."""
+    import threading
+
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], max_message_mb=1,
+                                   max_inflight_request_mb=1))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            release = threading.Event()
+
+            def held():
+                yield pb.EmbedStreamRequest(config=pb.StreamConfig())
+                for _ in range(9):
+                    yield pb.EmbedStreamRequest(chunk=b"\1" * 100_000)
+                release.wait(30)
+
+            stream = s.EmbedStream.future(held())
+            end = time.monotonic() + 20
+            while srv.server.request_bytes.used < 900_000 and time.monotonic() < end:  # the chunks have arrived
+                time.sleep(0.05)
+            audio = pb.Audio(encoded=speech_files["flite-slt-1"].read_bytes() + b"\0" * 150_000)
+            with pytest.raises(grpc.RpcError) as e:
+                s.Embed(pb.EmbedRequest(audio=audio))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_inflight_request_mb (1 MiB)" in e.value.details()
+            release.set()
+            with pytest.raises(grpc.RpcError):
+                stream.result(timeout=30)  # the held stream is no audio: refused, and its bytes released
+            r = s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=speech_files["flite-slt-1"].read_bytes())))
+            assert len(r.embedding) == 256
+    finally:
+        srv.stop()
