@@ -20,6 +20,7 @@ __all__ = [
     "AudioError",
     "PCM_DTYPES",
     "decode_encoded",
+    "stream_windows",
     "decode_pcm",
     "to_mono",
     "resample",
@@ -161,6 +162,85 @@ def decode_encoded(data: bytes, field: str = "audio.encoded",
         raise AudioError(field, f"is truncated: header says {frames} frames, only {total} present")
     samples = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     return samples[:, None], sr  # (T, 1)
+
+
+def stream_windows(source, field: str, target_rate: int, max_seconds: float, pcm: tuple[str, int, int] | None = None,
+                   window_seconds: float = 60.0):
+    """Decode audio from a file object window by window, in bounded memory: yields (T,) float32 at ``target_rate``.
+
+    For recordings too long to hold decoded (an hour through ``EmbedStream``): only one window, a
+    decoding block and the resampler's state are in memory at a time. Checks as ``decode_encoded``
+    and ``decode_pcm`` do (header bounds, non-finite samples, truncation, ``max_seconds``).
+
+    Args:
+        source: a readable binary file object positioned at the start of the audio.
+        field: request field name used in error messages.
+        target_rate: the rate of the windows yielded.
+        max_seconds: longest audio accepted.
+        pcm: (encoding, sample rate, channels) for raw PCM; None for an encoded file.
+        window_seconds: length of the windows (the last one may be shorter).
+    """
+    import soundfile as sf
+    import soxr
+
+    def blocks():  # (n, C) float32 at the source rate
+        if pcm is not None:
+            encoding, rate, channels = pcm
+            dtype, scale = PCM_DTYPES[encoding]
+            width = np.dtype(dtype).itemsize * channels
+            step = int(_BLOCK_SECONDS * rate) * width
+            while data := source.read(step):
+                if len(data) % width:
+                    raise AudioError(f"{field}.data", f"does not end on a whole frame ({encoding} x {channels} channels)")
+                x = np.frombuffer(data, dtype=dtype).astype(np.float32).reshape(-1, channels)
+                yield x * np.float32(scale) if scale != 1.0 else x
+            return
+        try:
+            with sf.SoundFile(source) as f:
+                rate, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
+                check_header(field, rate, channels, frames, AudioLimits(0.0, max_seconds))
+                total = 0
+                while (part := f.read(int(_BLOCK_SECONDS * rate), dtype="float32", always_2d=True)).shape[0]:
+                    total += part.shape[0]
+                    yield part
+                if 0 < frames < _UNKNOWN_FRAMES and total < frames:
+                    raise AudioError(field, f"is truncated: header says {frames} frames, only {total} present")
+        except sf.LibsndfileError as e:
+            raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+
+    rate = pcm[1] if pcm is not None else None
+    if rate is None:
+        pos = source.tell()
+        try:
+            rate = int(sf.info(source).samplerate)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+        source.seek(pos)
+    resampler = None if rate == target_rate else soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ")
+    window = int(window_seconds * target_rate)
+    pending: list[np.ndarray] = []
+    have, seen = 0, 0
+    for part in blocks():
+        if not np.isfinite(part).all():
+            raise AudioError(field, f"contains {int((~np.isfinite(part)).sum())} non-finite (NaN or inf) samples")
+        seen += part.shape[0]
+        if seen / rate > max_seconds:
+            raise AudioError(field, f"is longer than the maximum {max_seconds:.1f} s")
+        mono = to_mono(part)  # (n,)
+        out = mono if resampler is None else resampler.resample_chunk(mono, last=False)
+        pending.append(out)
+        have += len(out)
+        while have >= window:
+            joined = np.concatenate(pending)
+            yield np.ascontiguousarray(joined[:window])
+            pending, have = [joined[window:]], len(joined) - window
+    if resampler is not None:
+        pending.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+    rest = np.concatenate(pending) if pending else np.zeros(0, np.float32)
+    if seen == 0:
+        raise AudioError(field, "contains no samples")
+    if len(rest):
+        yield np.ascontiguousarray(rest, dtype=np.float32)
 
 
 def _plain(e: Exception) -> str:

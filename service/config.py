@@ -78,6 +78,7 @@ class ServerConfig:
     max_message_mb: int = 16  # one unary request; longer audio goes through EmbedStream
     max_inflight_request_mb: int = 256  # request bytes held by all calls in progress, process-wide
     max_stream_mb: int = 256
+    max_stream_audio_seconds: float = 3600.0  # EmbedStream: longer than max_audio_seconds is embedded window by window
     max_stream_messages: int = 100_000  # messages of one EmbedStream (config + chunks)
     decode_workers: int = 2
     # voice activity detection (Silero VAD) before every embedding; the model's model.json
@@ -161,6 +162,8 @@ class ServerConfig:
              "must be >= max_message_mb (one request must fit)")
         need(self.max_stream_mb >= 1, "max_stream_mb", "must be >= 1")
         need(self.max_collections_per_tenant >= 1, "max_collections_per_tenant", "must be >= 1")
+        need(self.max_stream_audio_seconds >= self.max_audio_seconds, "max_stream_audio_seconds",
+             "must be >= max_audio_seconds")
         need(self.max_stream_messages >= 2, "max_stream_messages", "must be >= 2 (a config and a chunk)")
         need(self.decode_workers >= 1, "decode_workers", "must be >= 1")
         need(0 < self.vad_threshold < 1, "vad_threshold", "must be in (0, 1)")

@@ -324,6 +324,11 @@ class Engine:
             raise NotFound(f"{field}: unknown model {quoted(name)}; loaded models are {sorted(self.models)}")
         return model
 
+    @property
+    def decode_pool(self) -> ThreadPoolExecutor:
+        """The threads that decode and screen audio (blocking work, never on the event loop)."""
+        return self._decode_pool
+
     def limits(self, model: SpeakerModel) -> AudioLimits:
         """Duration limits for ``model``'s inputs."""
         return AudioLimits(model.card.min_audio_seconds, self.config.max_audio_seconds)

@@ -15,12 +15,11 @@ import time
 import grpc
 import numpy as np
 
-from models.audio import AudioLimits, check_header, check_pcm_format, probe_header
 from models.consistency import self_consistency, speaker_chunks
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.convert import (SCALE_PB, to_pcm16, VERDICT_PB, audio_input, merge_timings, ms, pcm_encoding, scale_of,
+from service.convert import (SCALE_PB, to_pcm16, VERDICT_PB, audio_input, merge_timings, ms, scale_of,
                              speaker_pb, speech_pb)
 from service.cohorts import cohort_side_stats
 from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
@@ -30,6 +29,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound, Overlo
 from service.rpc import rpc as _rpc
 from service.servicer_models import ModelRpcs
 from service.servicer_speakers import SpeakerRecordRpcs
+from service.servicer_streams import StreamRpcs
 from service.store import validate_collection, validate_speaker_id
 from service.store.base import version_conflict
 
@@ -46,7 +46,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServicer):
+class SpeakerServicer(StreamRpcs, SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServicer):
     """Implements spkserve.v1.SpeakerService on an Engine."""
 
     def __init__(self, engine: Engine):
@@ -242,63 +242,6 @@ class SpeakerServicer(SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServic
         if not request.HasField("audio"):
             raise InvalidArgument("audio", "is missing")
         emb, speech, timings = await self._embed_only(model, audio_input(request.audio, "audio"), "Embed", context)
-        return pb.EmbedResponse(embedding=emb.tolist(), model=model.name, model_version=model.card.version,
-                                speech_seconds=speech.speech_seconds, timings=timings, speech=speech_pb(speech))
-
-    @_rpc
-    async def EmbedStream(self, request_iterator, context) -> pb.EmbedResponse:
-        """Client-streamed audio: config first, then chunks (see the proto)."""
-        self._allow(context, "read")
-        cfg = self.engine.config
-        limit = cfg.max_stream_mb * 1024 * 1024
-        config, buffer, index, probed, next_probe = None, bytearray(), 0, False, 4096
-        async for msg in request_iterator:
-            part = msg.WhichOneof("part")
-            if index >= cfg.max_stream_messages:
-                raise InvalidArgument("chunk", f"the stream exceeds {cfg.max_stream_messages:,} messages "
-                                               "(max_stream_messages); send chunks of a few KiB or more")
-            if index == 0 and part != "config":
-                raise InvalidArgument("config", "the first message must carry config")
-            if index > 0 and part == "config":
-                raise InvalidArgument("config", f"sent again in message {index}; only the first message carries it")
-            if part == "config":
-                config = msg.config
-                if config.HasField("pcm"):  # the byte budget of max_audio_seconds, known up front
-                    fmt = config.pcm
-                    check_pcm_format(fmt.sample_rate, fmt.channels or 1, "config.pcm")
-                    width = {pb.PCM_S16LE: 2}.get(fmt.encoding, 4) * (fmt.channels or 1)
-                    limit = min(limit, int((cfg.max_audio_seconds + 1) * fmt.sample_rate * width))
-            elif part == "chunk":
-                if not msg.chunk:
-                    raise InvalidArgument("chunk", f"message {index} is an empty chunk")
-                buffer += msg.chunk
-                size = len(buffer)
-                if size > limit:
-                    raise InvalidArgument("chunk", f"the stream exceeds {limit:,} bytes (max_stream_mb="
-                                                   f"{cfg.max_stream_mb} MiB, max_audio_seconds={cfg.max_audio_seconds:g})")
-                if not probed and not config.HasField("pcm") and size >= next_probe:
-                    # an encoded stream's header declares rate, channels and length: refuse bombs early
-                    # (looked for at 4 KiB, 8 KiB, ... 1 MiB: never a copy of the buffer per chunk)
-                    header = probe_header(bytes(buffer))
-                    if header is not None:
-                        check_header("chunk", *header, AudioLimits(0.0, cfg.max_audio_seconds))
-                    probed = header is not None or size >= 1 << 20
-                    next_probe = 2 * size
-            else:
-                raise InvalidArgument("part", f"message {index} is empty: set config or chunk")
-            index += 1
-        if config is None:
-            raise InvalidArgument("config", "the stream carried no messages")
-        model = self.engine.model(config.model, "config.model")
-        data = bytes(buffer)
-        del buffer
-        if config.HasField("pcm"):
-            fmt = config.pcm
-            audio = AudioInput(data, "chunk", pcm_encoding(fmt.encoding, "config.pcm.encoding"), fmt.sample_rate,
-                               fmt.channels or 1)
-        else:
-            audio = AudioInput(data, "chunk")
-        emb, speech, timings = await self._embed_only(model, audio, "EmbedStream", context)
         return pb.EmbedResponse(embedding=emb.tolist(), model=model.name, model_version=model.card.version,
                                 speech_seconds=speech.speech_seconds, timings=timings, speech=speech_pb(speech))
 

@@ -181,3 +181,33 @@ def test_decode_errors_do_not_echo_object_addresses():
     with pytest.raises(AudioError) as e:
         decode_encoded(b"RIFX" + bytes(100))
     assert "0x" not in str(e.value) and "BytesIO" not in str(e.value)
+
+
+def test_stream_windows_equal_whole_decoding_and_check_their_input():
+    import io
+
+    import soundfile as sf
+
+    from models.audio import AudioError, condition, stream_windows
+
+    rng = np.random.default_rng(0)
+    x = (0.1 * rng.standard_normal(16000 * 130)).astype(np.float32)  # 130 s
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, format="FLAC")
+    buf.seek(0)
+    windows = list(stream_windows(buf, "chunk", 16000, 3600, window_seconds=60))
+    assert [len(w) for w in windows] == [960000, 960000, 160000]
+    np.testing.assert_allclose(np.concatenate(windows), x, atol=1e-4)  # FLAC's 16-bit quantisation
+    pcm = (x * 32767).astype("<i2").tobytes()
+    eight = list(stream_windows(io.BytesIO(pcm), "chunk", 8000, 3600, pcm=("PCM_S16LE", 16000, 1), window_seconds=60))
+    whole = condition(np.frombuffer(pcm, "<i2").astype(np.float32)[:, None] / 32768, 16000, 8000)
+    np.testing.assert_allclose(np.concatenate(eight), whole, atol=1e-5)  # one streaming resampler, as whole
+    with pytest.raises(AudioError, match="longer than the maximum 100.0 s"):
+        list(stream_windows(io.BytesIO(pcm), "chunk", 16000, 100, pcm=("PCM_S16LE", 16000, 1)))
+    with pytest.raises(AudioError, match="chunk.data: does not end on a whole frame"):
+        list(stream_windows(io.BytesIO(pcm[:-1]), "chunk", 16000, 3600, pcm=("PCM_S16LE", 16000, 1)))
+    with pytest.raises(AudioError, match="chunk: could not be decoded"):
+        list(stream_windows(io.BytesIO(b"not audio" * 1000), "chunk", 16000, 3600))
+    nan = np.full(1000, np.nan, "<f4").tobytes()
+    with pytest.raises(AudioError, match="non-finite"):
+        list(stream_windows(io.BytesIO(nan), "chunk", 16000, 3600, pcm=("PCM_F32LE", 16000, 1)))

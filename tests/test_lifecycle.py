@@ -527,3 +527,35 @@ def test_request_bytes_in_flight_are_capped(model_repo, tmp_path, speech_files):
             assert len(r.embedding) == 256
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_an_hour_through_embed_stream_in_bounded_memory(model_repo, tmp_path, speech_files):
+    """One hour of 16 kHz PCM (115 MB) is embedded window by window; the server's peak memory grows < 300 MB."""
+    import soundfile as sf
+
+    (tmp_path / "data").mkdir()
+    srv = Proc(model_repo, tmp_path / "data")
+    try:
+        voice, _ = sf.read(speech_files["espeak-en-1"], dtype="float32")  # 6 s of speech
+        period = np.concatenate([voice, np.zeros(4 * 16000, np.float32)])  # (10 s,)
+        pcm = (np.clip(period, -1, 1) * 32767).astype("<i2").tobytes()
+        n = int(3600 // (len(period) / 16000))
+        before = _peak_rss_mb(srv.p.pid)
+
+        def parts():
+            yield pb.EmbedStreamRequest(config=pb.StreamConfig(pcm=pb.PcmFormat(sample_rate=16000, encoding=pb.PCM_S16LE)))
+            for _ in range(n):  # just under an hour
+                yield pb.EmbedStreamRequest(chunk=pcm)
+
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            r = s.EmbedStream(parts(), timeout=600)
+            one = s.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=speech_files["espeak-en-1"].read_bytes())))
+        assert r.speech.audio_seconds == pytest.approx(n * len(period) / 16000, abs=0.1) and r.speech.audio_seconds > 3550
+        assert 0.5 * 3600 < r.speech_seconds < 0.7 * 3600  # the voice, not the pauses
+        assert float(np.dot(r.embedding, one.embedding)) > 0.95
+        grown = _peak_rss_mb(srv.p.pid) - before
+        assert grown < 300, f"peak RSS grew {grown:.0f} MB for an hour of audio"
+    finally:
+        assert srv.term() == 0
