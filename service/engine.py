@@ -170,7 +170,7 @@ class Engine:
         while True:
             try:
                 return await loop.run_in_executor(self._store_pool, lambda: MilvusStore(
-                    cfg.milvus_uri, cfg.milvus_token, cfg.milvus_db, opts))
+                    cfg.milvus_uri, cfg.milvus_token, cfg.milvus_db, opts, self._key_files()))
             except StoreUnavailable as e:
                 log.error("%s; retrying in %.0f s", e, delay)
                 await asyncio.sleep(delay)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.store.base import StoreCorrupt
 from service.store import LocalStore
 
 
@@ -403,3 +404,49 @@ def test_a_foreign_milvus_collection_is_refused_by_name(tmp_path):
     client.close()
     with pytest.raises(FailedPrecondition, match="'spkserve_tombstones' exists with another schema"):
         MilvusStore(path)
+
+
+def test_sealed_milvus_collections_hold_no_ids_in_the_clear(tmp_path):
+    """With a key file, ids are keyed hashes and ids + metadata encrypted: no id reaches Milvus' files or logs,
+    deletes included; another tenant's key file does not open the collection."""
+    pytest.importorskip("pymilvus")
+    from service.store.keys import KeyFile
+    from service.store.milvus import MilvusStore
+
+    uri = os.environ.get("SPKSERVE_TEST_MILVUS_URI") or str(tmp_path / "milvus.db")
+    if not uri.startswith("http"):
+        pytest.importorskip("milvus_lite")
+    db = _fresh_database(uri, "p") if uri.startswith("http") else ""
+    key = KeyFile("k", bytes(range(32)), "acme-*")
+    s = MilvusStore(uri, db=db, key_files=[key])
+    e = units(3, seed=11)
+    try:
+        s.enroll("acme-eu", "m", "Zorblax-Quentin", e[:1], {"note": "Szczebrzeszyn"}, speech=3.0)
+        s.enroll("acme-eu", "m", "Zorblax-Quentin", e[1:2], {"more": "x"}, speech=3.0)
+        s.enroll("acme-eu", "m", "Wilhelmina-Yarrow", e[2:], speech=3.0)
+        s.enroll("plain", "m", "Visible-Vincent", e[:1], speech=3.0)  # no key matches: in the clear
+        rec = s.get("acme-eu", "Zorblax-Quentin")
+        assert rec.count == 2 and rec.metadata == {"note": "Szczebrzeszyn", "more": "x"}
+        assert [r.speaker_id for r in s.list("acme-eu", 0, 10)[0]] == ["Wilhelmina-Yarrow", "Zorblax-Quentin"]
+        assert s.search("acme-eu", "m", e[2], 1)[0][0].speaker_id == "Wilhelmina-Yarrow"
+        s.delete("acme-eu", "Zorblax-Quentin")
+        with pytest.raises(NotFound):
+            s.get("acme-eu", "Zorblax-Quentin")
+        with pytest.raises(FailedPrecondition, match="deleted from or opted out"):
+            s.enroll("acme-eu", "m", "Zorblax-Quentin", e[:1])
+        assert {c.name: c.index_type for c in s.collections()}["acme-eu"] == "flat"
+    finally:
+        s.close()
+    if not uri.startswith("http"):  # every byte Milvus Lite wrote: no id, no metadata value
+        blob = b"".join(p.read_bytes() for p in Path(uri).rglob("*") if p.is_file())
+        for secret in (b"Zorblax", b"Wilhelmina", b"Szczebrzeszyn"):
+            assert secret not in blob
+        assert b"Visible-Vincent" in blob  # the unsealed collection, for contrast
+        modes = {p.stat().st_mode & 0o777 for p in Path(uri).rglob("*")}
+        assert modes <= {0o600, 0o700}, sorted(oct(m) for m in modes)
+    with pytest.raises(FailedPrecondition, match="no configured key file"):
+        MilvusStore(uri, db=db).get("acme-eu", "Wilhelmina-Yarrow")
+    other = MilvusStore(uri, db=db, key_files=[KeyFile("o", bytes(32), "*")])
+    with pytest.raises(StoreCorrupt, match="does not decrypt"):
+        other.list("acme-eu", 0, 10)
+    other.close()

@@ -24,15 +24,23 @@ Consistency: reads a client does right after its own write (get, list, the appen
 moment ago through another replica may be missed or still found for that moment), which is what
 keeps them fast on a Milvus server.
 
+Privacy (``service.store.milvus_privacy``): with a key file for a collection, its ids are stored
+as keyed hashes and its ids and metadata encrypted, so Milvus' rows, filters and delete logs hold
+no id in the clear; a delete triggers a compaction of the collection, after which Milvus drops the
+deleted rows from its segments (their files leave its storage at its next garbage collection,
+``dataCoord.gc``). Milvus Lite's files are created 0600 in 0700 directories.
+
 Differences from the local store: no per-speaker keys (deleted rows are removed from Milvus
-and gone after its compaction; encrypt Milvus' storage for data at rest), no retained audio,
-and retention counts from the last enrollment only (uses are not written back).
+and gone after its compaction; encrypt Milvus' storage for the voiceprints at rest), no retained
+audio, and retention counts from the last enrollment only (uses are not written back).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -43,47 +51,14 @@ import numpy as np
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn, StoreUnavailable,
                                 check_binding, check_merged_metadata, quoted, validate_metadata)
+from service.store.milvus_privacy import SEALED_SUFFIX, Sealer, protect_tree
+from service.store.milvus_schema import _MAX_ROWS, _REGISTRY, _TOMBSTONES, MilvusSchema, _q, drop_database, milvus_name
 
 __all__ = ["MilvusStore", "drop_database", "milvus_name"]
 
 log = logging.getLogger("spkserve.store.milvus")
 
-_REGISTRY, _TOMBSTONES = "spkserve_collections", "spkserve_tombstones"
-_MAX_ROWS = 16384  # Milvus' largest query page
-# spkserve's index_type -> Milvus index (searches pass both ef and nprobe; each index reads its own)
-_MILVUS_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
-
-
-def milvus_name(prefix: str, collection: str) -> str:
-    """A Milvus collection name for a spkserve collection (letters, digits and _ only)."""
-    return prefix + "".join(ch if ch.isalnum() and ch.isascii() else f"_{ord(ch):02x}" for ch in collection)
-
-
-def drop_database(uri: str, db: str) -> None:
-    """Drop the Milvus database `db` on the server at `uri` with every collection in it.
-
-    A Milvus server holds at most 64 databases; tests and benchmarks that make one per run
-    give it back with this. Irreversible: every speaker in `db` is gone.
-    """
-    from pymilvus import MilvusClient
-
-    if not db or db == "default":
-        raise InvalidArgument("db", f"must name a non-default database, got {db!r}")
-    client = MilvusClient(uri=uri, db_name=db)
-    try:
-        for name in client.list_collections():
-            client.drop_collection(name)
-        client.drop_database(db)
-    finally:
-        client.close()
-
-
-def _q(value: str) -> str:
-    """A string literal for a Milvus filter expression."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class MilvusStore(SpeakerStore):
+class MilvusStore(MilvusSchema, SpeakerStore):
     """All collections in one Milvus database. Thread-safe.
 
     Args:
@@ -91,12 +66,19 @@ class MilvusStore(SpeakerStore):
         token: ``user:password`` or an API key; empty for none.
         db: the Milvus database (empty: the default one).
         options: search index settings of new collections (flat, hnsw or ivf: FLAT, HNSW, IVF_FLAT).
+        key_files: ``KeyFile`` s; a new collection matching one is created sealed (see the module docstring).
     """
 
-    def __init__(self, uri: str, token: str = "", db: str = "", options: IndexOptions | None = None):
+    def __init__(self, uri: str, token: str = "", db: str = "", options: IndexOptions | None = None,
+                 key_files=()):
         from pymilvus import MilvusClient
 
         self.uri, self.db, self.options = uri, db, options or IndexOptions()
+        self.key_files = list(key_files)
+        self._sealers: dict[str, Sealer | None] = {}
+        self._lite = "://" not in uri
+        if self._lite:
+            os.umask(0o077)  # Milvus Lite writes its files in this process: 0600 files, 0700 directories
         self._last_error: str | None = None  # the last failed call's error, until a call succeeds
         kw = {"uri": uri}
         if token:
@@ -105,6 +87,8 @@ class MilvusStore(SpeakerStore):
             kw["db_name"] = db
         try:
             self.client = MilvusClient(**kw)
+            if self._lite:
+                protect_tree(uri)  # files of an older start, made under another umask
             self._ensure_registry()
         except FailedPrecondition:
             raise  # reached, but holds something else: retrying would not help
@@ -126,68 +110,39 @@ class MilvusStore(SpeakerStore):
         self._last_error = None
         return out
 
-    def vector_index_params(self, index_type: str = "flat"):
-        """Milvus index parameters of the ``vec`` field for spkserve's ``index_type``: flat -> FLAT,
-        hnsw -> HNSW (``hnsw_m``, efConstruction 200), ivf -> IVF_FLAT (``ivf_nlist``)."""
-        params = {"hnsw": {"M": self.options.hnsw_m, "efConstruction": 200},
-                  "ivf": {"nlist": self.options.ivf_nlist}}.get(index_type, {})
-        idx = self.client.prepare_index_params()
-        idx.add_index(field_name="vec", index_type=_MILVUS_INDEX[index_type], metric_type="IP", params=params)
-        return idx
-
-    def _create(self, name: str, fields: list[tuple], vector_dim: int, index_type: str = "flat") -> None:
-        from pymilvus import DataType, MilvusClient
-
-        if self.client.has_collection(name):
-            self._check_schema(name, [f[0] for f in fields], vector_dim)
-            self._load(name)
-            return
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2048)
-        for fname, kind, extra in fields:
-            schema.add_field(fname, getattr(DataType, kind), **extra)
-        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vector_dim)
-        self.client.create_collection(name, schema=schema, index_params=self.vector_index_params(index_type))
-
-    def _load(self, name: str) -> None:
-        """Load an existing Milvus collection for queries: after a restart (clean or kill -9) Milvus Lite and a
-        restarted server hold collections released, and every query on them fails until loaded."""
-        state = self.client.get_load_state(name).get("state")
-        if getattr(state, "name", str(state)) != "Loaded":
-            self.client.load_collection(name)
-
-    def _check_schema(self, name: str, fields: list[str], vector_dim: int) -> None:
-        """Refuse a Milvus collection of that name made by something else (other fields or dimension)."""
-        desc = self.client.describe_collection(name)
-        have = {f["name"]: f for f in desc["fields"]}
-        missing = sorted(set(fields + ["pk", "vec"]) - set(have))
-        dim = int((have.get("vec", {}).get("params") or {}).get("dim", -1))
-        if missing or dim != vector_dim:
-            raise FailedPrecondition(f"Milvus collection {name!r} exists with another schema (missing fields {missing}, "
-                                     f"vector dimension {dim}, expected {vector_dim}); it was not made by spkserve or "
-                                     "for another model: drop it or use another milvus_db")
-
-    def _ensure_registry(self) -> None:
-        self._create(_REGISTRY, [("model", "VARCHAR", {"max_length": 256}), ("version", "VARCHAR", {"max_length": 256}),
-                                 ("dim", "INT64", {}), ("index_type", "VARCHAR", {"max_length": 16})], 2)
-        self._create(_TOMBSTONES, [("c", "VARCHAR", {"max_length": 256})], 2)
-        for row in self.client.query(_REGISTRY, filter='pk != ""', limit=_MAX_ROWS, output_fields=["pk"]):
-            for prefix in ("spkv_", "spkd_"):  # every bound collection's voiceprints and deltas
-                name = milvus_name(prefix, row["pk"])
-                if self.client.has_collection(name):
-                    self._load(name)
-
     def _binding(self, collection: str) -> tuple[str, str, int] | None:
         if collection in self._bindings:
             return self._bindings[collection]
         rows = self._call(self.client.query, _REGISTRY, filter=f"pk == {_q(collection)}",
-                          output_fields=["model", "version", "dim"], consistency_level="Strong")
+                          output_fields=["model", "version", "dim", "index_type"], consistency_level="Strong")
         if not rows:
             return None
         b = (rows[0]["model"], rows[0]["version"], int(rows[0]["dim"]))
+        self._sealers[collection] = self._make_sealer(collection) if rows[0]["index_type"].endswith(SEALED_SUFFIX) else None
         if b[1]:
             self._bindings[collection] = b  # a versioned binding never changes
         return b
+
+    def _key_for(self, collection: str):
+        return next((k for k in self.key_files if fnmatch.fnmatchcase(collection, k.pattern)), None)
+
+    def _make_sealer(self, collection: str) -> Sealer:
+        key = self._key_for(collection)
+        if key is None:
+            raise FailedPrecondition(f"collection: {quoted(collection)} is sealed in Milvus with a key file, and no "
+                                     "configured key file (encryption_key_file, tenant_key_files) matches it")
+        return Sealer(key.key, collection)
+
+    def _sealer(self, collection: str) -> Sealer | None:
+        """The collection's sealer (None: ids in the clear); the collection must exist."""
+        if collection not in self._sealers:
+            self._bindings.pop(collection, None)  # read the registry row, which says whether it is sealed
+            self._require(collection)
+        return self._sealers.get(collection)
+
+    def _pk(self, collection: str, speaker_id: str) -> str:
+        sealer = self._sealer(collection)
+        return speaker_id if sealer is None else sealer.pk(speaker_id)
 
     def _bind(self, collection: str, model: str, version: str, dim: int) -> None:
         self._create(milvus_name("spkv_", collection), [
@@ -196,9 +151,13 @@ class MilvusStore(SpeakerStore):
         self._create(milvus_name("spkd_", collection), [
             ("spk", "VARCHAR", {"max_length": 2048}), ("sum", "JSON", {}), ("count", "INT64", {}),
             ("speech", "DOUBLE", {}), ("meta", "JSON", {}), ("ts", "INT64", {})], 2)
+        known = self._binding(collection)
+        sealed = self._sealers.get(collection) is not None if known else self._key_for(collection) is not None
         self._call(self.client.upsert, _REGISTRY, [{"pk": collection, "model": model, "version": version, "dim": dim,
-                                                    "index_type": self.options.index_type, "vec": [1.0, 0.0]}])
+                                                    "index_type": self.options.index_type + (SEALED_SUFFIX if sealed else ""),
+                                                    "vec": [1.0, 0.0]}])
         self._bindings.pop(collection, None)
+        self._sealers[collection] = self._make_sealer(collection) if sealed else None
 
     # -- reads ------------------------------------------------------------------------
     def _require(self, collection: str) -> tuple[str, str, int]:
@@ -207,8 +166,9 @@ class MilvusStore(SpeakerStore):
             raise NotFound(f"collection: {quoted(collection)} does not exist")
         return b
 
-    def _record(self, row: dict) -> SpeakerRecord:
-        return SpeakerRecord(row["pk"], np.asarray(row["sum"]["v"], dtype=np.float64), int(row["count"]), dict(row["meta"]),
+    def _record(self, row: dict, sealer: Sealer | None = None) -> SpeakerRecord:
+        speaker_id, meta = sealer.open(row["meta"]) if sealer is not None else (row["pk"], dict(row["meta"]))
+        return SpeakerRecord(speaker_id, np.asarray(row["sum"]["v"], dtype=np.float64), int(row["count"]), meta,
                              int(row["created"]), int(row["updated"]),
                              speech=None if row["speech"] < 0 else float(row["speech"]),
                              last_used_ms=int(row["updated"]))
@@ -217,11 +177,12 @@ class MilvusStore(SpeakerStore):
 
     def get(self, collection: str, speaker_id: str) -> SpeakerRecord:
         self._require(collection)
-        rows = self._call(self.client.query, milvus_name("spkv_", collection), filter=f"pk == {_q(speaker_id)}",
+        rows = self._call(self.client.query, milvus_name("spkv_", collection),
+                          filter=f"pk == {_q(self._pk(collection, speaker_id))}",
                           output_fields=self._FIELDS, consistency_level="Strong")
         if not rows:
             raise NotFound(f"speaker_id: {quoted(speaker_id)} is not enrolled in collection {quoted(collection)}")
-        rec = self._record(rows[0])
+        rec = self._record(rows[0], self._sealer(collection))
         rec.stats = self._stats(collection, [rec])
         return rec
 
@@ -235,21 +196,25 @@ class MilvusStore(SpeakerStore):
             r.stats = s
         return stats[0]
 
-    def _ids(self, collection: str) -> list[str]:
-        rows = self._call(self.client.query, milvus_name("spkv_", collection), filter='pk != ""',
-                          output_fields=["pk"], limit=_MAX_ROWS, consistency_level="Strong")
-        return sorted(r["pk"] for r in rows)
+    def _ids(self, collection: str, where: str = 'pk != ""') -> list[tuple[str, str]]:
+        """(speaker id, stored key) of the collection's rows matching ``where``, sorted by id."""
+        sealer = self._sealer(collection)
+        rows = self._call(self.client.query, milvus_name("spkv_", collection), filter=where,
+                          output_fields=["pk"] if sealer is None else ["pk", "meta"], limit=_MAX_ROWS,
+                          consistency_level="Strong")
+        return sorted((r["pk"] if sealer is None else sealer.open(r["meta"])[0], r["pk"]) for r in rows)
 
     def list(self, collection: str, offset: int, limit: int) -> tuple[list[SpeakerRecord], int]:
         self._require(collection)
         ids = self._ids(collection)
-        page = ids[offset:offset + limit]
+        page = [pk for _, pk in ids[offset:offset + limit]]
         if not page:
             return [], len(ids)
         rows = self._call(self.client.query, milvus_name("spkv_", collection),
                           filter=f"pk in [{', '.join(_q(i) for i in page)}]", output_fields=self._FIELDS,
                           consistency_level="Strong")
-        recs = sorted((self._record(r) for r in rows), key=lambda r: r.speaker_id)
+        sealer = self._sealer(collection)
+        recs = sorted((self._record(r, sealer) for r in rows), key=lambda r: r.speaker_id)
         self._stats(collection, recs)
         return recs, len(ids)
 
@@ -266,8 +231,9 @@ class MilvusStore(SpeakerStore):
                                                                               "nprobe": self.options.ivf_nprobe}},
                               consistency_level="Bounded")[0]
             out = []
+            sealer = self._sealer(collection)
             for h in hits:
-                rec = self._record({"pk": h["id"] if "id" in h else h["pk"], **h["entity"]})
+                rec = self._record({"pk": h["id"] if "id" in h else h["pk"], **h["entity"]}, sealer)
                 if keep is None or keep(rec):
                     out.append((rec, float(h["distance"])))
             if len(out) >= k or len(hits) < fetch or fetch >= _MAX_ROWS:
@@ -291,7 +257,8 @@ class MilvusStore(SpeakerStore):
         for r in sorted(rows, key=lambda r: r["pk"]):
             n = self._call(self.client.query, milvus_name("spkv_", r["pk"]), filter='pk != ""',
                            output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
-            out.append(CollectionInfo(r["pk"], r["model"], int(r["dim"]), int(n), r["index_type"], r["version"]))
+            kind = r["index_type"].removesuffix(SEALED_SUFFIX)
+            out.append(CollectionInfo(r["pk"], r["model"], int(r["dim"]), int(n), kind, r["version"]))
         return out
 
     def speaker_count(self, collection: str) -> int:
@@ -318,6 +285,11 @@ class MilvusStore(SpeakerStore):
         self._stats_fn = fn  # statistics are computed when records are read
 
     def _tombstone(self, collection: str, speaker_id: str) -> str:
+        sealer = self._sealers.get(collection) if self._binding(collection) is not None else None
+        if sealer is None and self._binding(collection) is None and self._key_for(collection) is not None:
+            sealer = Sealer(self._key_for(collection).key, collection)  # the collection will be created sealed
+        if sealer is not None:
+            return sealer.tombstone(speaker_id)
         return hashlib.sha256(collection.encode() + b"\0" + speaker_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     def _tombstoned(self, collection: str, tomb: str) -> bool:
@@ -352,15 +324,24 @@ class MilvusStore(SpeakerStore):
             if b is None or (not b[1] and model_version):
                 self._call(self._bind, collection, model, model_version, int(embeddings.shape[1]))
             ts = int(time.time() * 1000)
+            pk, sealer = self._pk(collection, speaker_id), self._sealer(collection)
             self._call(self.client.insert, milvus_name("spkd_", collection), [{
-                "pk": f"{speaker_id}/{uuid.uuid4().hex}", "spk": speaker_id, "sum": {"v": embeddings.sum(0).tolist()},
-                "count": int(len(embeddings)), "speech": float(speech), "meta": metadata, "ts": ts, "vec": [1.0, 0.0]}])
+                "pk": f"{pk}/{uuid.uuid4().hex}", "spk": pk, "sum": {"v": embeddings.sum(0).tolist()},
+                "count": int(len(embeddings)), "speech": float(speech),
+                "meta": metadata if sealer is None else sealer.seal(speaker_id, metadata), "ts": ts, "vec": [1.0, 0.0]}])
             return self._materialise(collection, speaker_id)
 
     def _deltas(self, collection: str, speaker_id: str) -> list[dict]:
-        return self._call(self.client.query, milvus_name("spkd_", collection), filter=f"spk == {_q(speaker_id)}",
+        """The speaker's enrollment rows, their metadata opened."""
+        sealer = self._sealer(collection)
+        rows = self._call(self.client.query, milvus_name("spkd_", collection),
+                          filter=f"spk == {_q(self._pk(collection, speaker_id))}",
                           output_fields=["pk", "sum", "count", "speech", "meta", "ts"], limit=_MAX_ROWS,
                           consistency_level="Strong")
+        if sealer is not None:
+            for r in rows:
+                r["meta"] = sealer.open(r["meta"])[1]
+        return rows
 
     def _materialise(self, collection: str, speaker_id: str) -> tuple[SpeakerRecord, bool]:
         """Recompute the speaker's row from all its deltas until no other writer added one meanwhile."""
@@ -373,12 +354,15 @@ class MilvusStore(SpeakerStore):
                 meta.update(d["meta"])
             speech = sum(float(d["speech"]) for d in deltas)
             # (sum as a JSON object: a Milvus server takes no JSON arrays at the top level)
-            row = {"pk": speaker_id, "sum": {"v": total.tolist()}, "count": int(sum(d["count"] for d in deltas)),
-                   "speech": speech, "meta": meta, "created": int(deltas[0]["ts"]), "updated": int(deltas[-1]["ts"]),
-                   "deltas": len(deltas), "vec": (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32).tolist()}
+            sealer = self._sealer(collection)
+            row = {"pk": self._pk(collection, speaker_id), "sum": {"v": total.tolist()},
+                   "count": int(sum(d["count"] for d in deltas)), "speech": speech,
+                   "meta": meta if sealer is None else sealer.seal(speaker_id, meta), "created": int(deltas[0]["ts"]),
+                   "updated": int(deltas[-1]["ts"]), "deltas": len(deltas),
+                   "vec": (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32).tolist()}
             self._call(self.client.upsert, name, [row])
             if len(self._deltas(collection, speaker_id)) == len(deltas):
-                rec = self._record(row)
+                rec = self._record(row, sealer)
                 self._stats(collection, [rec])
                 return rec, len(deltas) == 1
         raise StoreUnavailable(f"speaker store: speaker_id {quoted(speaker_id)} kept changing under concurrent "
@@ -395,8 +379,14 @@ class MilvusStore(SpeakerStore):
             tomb = self._tombstone(collection, speaker_id)
             self._call(self.client.upsert, _TOMBSTONES, [{"pk": f"{collection}/{tomb}", "c": collection, "vec": [1.0, 0.0]}])
             if rec is not None:
-                self._call(self.client.delete, milvus_name("spkd_", collection), filter=f"spk == {_q(speaker_id)}")
-                self._call(self.client.delete, milvus_name("spkv_", collection), filter=f"pk == {_q(speaker_id)}")
+                pk = self._pk(collection, speaker_id)
+                self._call(self.client.delete, milvus_name("spkd_", collection), filter=f"spk == {_q(pk)}")
+                self._call(self.client.delete, milvus_name("spkv_", collection), filter=f"pk == {_q(pk)}")
+                for prefix in ("spkd_", "spkv_"):  # drop the deleted rows from the segments now, not some day
+                    try:
+                        self.client.compact(milvus_name(prefix, collection))
+                    except Exception as e:  # noqa: BLE001 - compaction is an optimisation: the rows are deleted already
+                        log.warning("Milvus compaction of %s after a delete failed: %s", prefix + collection, e)
             return rec
 
     def touch(self, collection: str, speaker_ids: list[str]) -> None:
@@ -405,12 +395,12 @@ class MilvusStore(SpeakerStore):
     def expire(self, older_than_ms: int) -> int:
         n = 0
         for info in self.collections():
-            rows = self._call(self.client.query, milvus_name("spkv_", info.name), filter=f"updated < {int(older_than_ms)}",
-                              output_fields=["pk"], limit=_MAX_ROWS, consistency_level="Strong")
-            for r in rows:
-                self.delete(info.name, r["pk"])
+            for speaker_id, _ in self._ids(info.name, f"updated < {int(older_than_ms)}"):
+                self.delete(info.name, speaker_id)
                 n += 1
         return n
 
     def close(self) -> None:
         self.client.close()
+        if self._lite:
+            protect_tree(self.uri)

@@ -1,0 +1,105 @@
+"""The Milvus backend's schema: collection names, creation, loading and the registry (a mixin of ``MilvusStore``).
+
+Every spkserve collection is two Milvus collections (voiceprints ``spkv_<name>``, enrollment deltas
+``spkd_<name>``); two more hold the registry of spkserve collections and the tombstones. A
+collection made by something else under one of these names is refused, never written to. After
+a restart (Milvus Lite, or a restarted server) collections come back *released*; opening the
+store loads every one it uses.
+"""
+
+from __future__ import annotations
+
+from service.errors import FailedPrecondition, InvalidArgument
+
+__all__ = ["MilvusSchema", "milvus_name", "drop_database"]
+
+_REGISTRY, _TOMBSTONES = "spkserve_collections", "spkserve_tombstones"
+_MAX_ROWS = 16384  # Milvus' largest query page
+# spkserve's index_type -> Milvus index (searches pass both ef and nprobe; each index reads its own)
+_MILVUS_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
+
+
+def milvus_name(prefix: str, collection: str) -> str:
+    """A Milvus collection name for a spkserve collection (letters, digits and _ only)."""
+    return prefix + "".join(ch if ch.isalnum() and ch.isascii() else f"_{ord(ch):02x}" for ch in collection)
+
+
+def drop_database(uri: str, db: str) -> None:
+    """Drop the Milvus database `db` on the server at `uri` with every collection in it.
+
+    A Milvus server holds at most 64 databases; tests and benchmarks that make one per run
+    give it back with this. Irreversible: every speaker in `db` is gone.
+    """
+    from pymilvus import MilvusClient
+
+    if not db or db == "default":
+        raise InvalidArgument("db", f"must name a non-default database, got {db!r}")
+    client = MilvusClient(uri=uri, db_name=db)
+    try:
+        for name in client.list_collections():
+            client.drop_collection(name)
+        client.drop_database(db)
+    finally:
+        client.close()
+
+
+def _q(value: str) -> str:
+    """A string literal for a Milvus filter expression."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+
+class MilvusSchema:
+    """Schema methods of ``MilvusStore`` (uses its ``client`` and ``options``)."""
+
+    def vector_index_params(self, index_type: str = "flat"):
+        """Milvus index parameters of the ``vec`` field for spkserve's ``index_type``: flat -> FLAT,
+        hnsw -> HNSW (``hnsw_m``, efConstruction 200), ivf -> IVF_FLAT (``ivf_nlist``)."""
+        params = {"hnsw": {"M": self.options.hnsw_m, "efConstruction": 200},
+                  "ivf": {"nlist": self.options.ivf_nlist}}.get(index_type, {})
+        idx = self.client.prepare_index_params()
+        idx.add_index(field_name="vec", index_type=_MILVUS_INDEX[index_type], metric_type="IP", params=params)
+        return idx
+
+    def _create(self, name: str, fields: list[tuple], vector_dim: int, index_type: str = "flat") -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if self.client.has_collection(name):
+            self._check_schema(name, [f[0] for f in fields], vector_dim)
+            self._load(name)
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=2048)
+        for fname, kind, extra in fields:
+            schema.add_field(fname, getattr(DataType, kind), **extra)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vector_dim)
+        self.client.create_collection(name, schema=schema, index_params=self.vector_index_params(index_type))
+
+    def _load(self, name: str) -> None:
+        """Load an existing Milvus collection for queries: after a restart (clean or kill -9) Milvus Lite and a
+        restarted server hold collections released, and every query on them fails until loaded."""
+        state = self.client.get_load_state(name).get("state")
+        if getattr(state, "name", str(state)) != "Loaded":
+            self.client.load_collection(name)
+
+    def _check_schema(self, name: str, fields: list[str], vector_dim: int) -> None:
+        """Refuse a Milvus collection of that name made by something else (other fields or dimension)."""
+        desc = self.client.describe_collection(name)
+        have = {f["name"]: f for f in desc["fields"]}
+        missing = sorted(set(fields + ["pk", "vec"]) - set(have))
+        dim = int((have.get("vec", {}).get("params") or {}).get("dim", -1))
+        if missing or dim != vector_dim:
+            raise FailedPrecondition(f"Milvus collection {name!r} exists with another schema (missing fields {missing}, "
+                                     f"vector dimension {dim}, expected {vector_dim}); it was not made by spkserve or "
+                                     "for another model: drop it or use another milvus_db")
+
+    def _ensure_registry(self) -> None:
+        self._create(_REGISTRY, [("model", "VARCHAR", {"max_length": 256}), ("version", "VARCHAR", {"max_length": 256}),
+                                 ("dim", "INT64", {}), ("index_type", "VARCHAR", {"max_length": 16})], 2)
+        self._create(_TOMBSTONES, [("c", "VARCHAR", {"max_length": 256})], 2)
+        for row in self.client.query(_REGISTRY, filter='pk != ""', limit=_MAX_ROWS, output_fields=["pk"]):
+            for prefix in ("spkv_", "spkd_"):  # every bound collection's voiceprints and deltas
+                name = milvus_name(prefix, row["pk"])
+                if self.client.has_collection(name):
+                    self._load(name)
+
