@@ -105,9 +105,9 @@ def test_one_talker_check_flags_a_second_voice(stub, speech_files):
 
 
 def test_narrowband_input_is_reported(stub, speech_files):
-    from training.channels import apply_condition
+    from models.audio import resample
 
-    tel, rate = apply_condition("telephone", _wave(speech_files, "espeak-en-1"), np.random.default_rng(0))
+    tel, rate = resample(_wave(speech_files, "espeak-en-1"), SR, 8000), 8000  # an 8 kHz recording
     r = stub.Embed(pb.EmbedRequest(audio=_audio(tel, rate)))
     assert r.speech.narrowband and r.speech_seconds > 3
     assert not stub.Embed(pb.EmbedRequest(audio=_audio(_wave(speech_files, "espeak-en-1")))).speech.narrowband
