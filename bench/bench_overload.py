@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/bench_overload.py [--load 4] [--seconds 20] [--deadline 2] [--repeats 3]
         [--before DIR]
+    .venv/bin/python bench/bench_overload.py --concurrency 256 --deadline 1 [--seconds 20] [--repeats 3]
+
+The second form is the short-deadline storm: ``--concurrency`` callers in a closed loop, each call
+with a ``--deadline`` s deadline, against the server as it is; it prints goodput against the
+capacity measured first, the p50/p99 time to a refusal (RESOURCE_EXHAUSTED), and the share of the
+utterances the model ran whose caller had already given up (``spkserve_batch_wasted_total`` over
+the utterances run, read from the server's metrics).
 
 One run, two servers in turn on the same machine and the same audio (a 3 s real recording,
 resampled to 16 kHz): ``spkserve serve`` on ``ge2e``
@@ -34,10 +41,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_embed import free_port  # noqa: E402
 
 
-def start(code_root: Path, port: int, data: str, extra: dict) -> subprocess.Popen:
+def start(code_root: Path, port: int, data: str, extra: dict, metrics_port: int = -1) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(code_root), SPKSERVE_MODELS="ge2e", SPKSERVE_INTRA_OP_THREADS="1",
                **{f"SPKSERVE_{k.upper()}": str(v) for k, v in extra.items()})
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", "-1",
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                             "--metrics-port", str(metrics_port),
                              "--host", "127.0.0.1", "--data-dir", data, "--log-level", "WARNING",
                              "--model-repository", str(ROOT / "models" / "repository")],
                             cwd=code_root, env=env)
@@ -134,6 +142,77 @@ async def measure(code_root: Path, extra: dict, args, audio: bytes) -> list[dict
             proc.wait(30)
 
 
+async def storm(stub, request, callers: int, seconds: float, deadline: float) -> dict:
+    """``callers`` in a closed loop, every call with ``deadline``: OK count, refusal latencies, expiries."""
+    import grpc
+
+    ok, refusals, expired, other = 0, [], 0, 0
+    end = time.monotonic() + seconds
+
+    async def caller():
+        nonlocal ok, expired, other
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                await stub.Embed(request, timeout=deadline)
+                ok += 1
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refusals.append(time.monotonic() - t0)
+                    await asyncio.sleep(0.05)  # a client that honours the refusal a little
+                elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    expired += 1
+                else:
+                    other += 1
+
+    await asyncio.gather(*[caller() for _ in range(callers)])
+    refusals.sort()
+    pct = lambda q: refusals[min(len(refusals) - 1, int(q * len(refusals)))] if refusals else float("nan")  # noqa: E731
+    return {"goodput": ok / seconds, "refused": len(refusals), "refusal_p50": pct(0.5), "refusal_p99": pct(0.99),
+            "expired": expired, "other": other}
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+async def measure_storm(args, audio: bytes) -> list[dict]:
+    import urllib.request
+
+    import grpc
+
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    port, mport = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as data:
+        proc = start(ROOT, port, data, {}, mport)
+        try:
+            target = f"127.0.0.1:{port}"
+            await wait_ready(pb_grpc, target)
+            scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()  # noqa: E731
+            async with grpc.aio.insecure_channel(target) as ch:
+                stub = pb_grpc.SpeakerServiceStub(ch)
+                req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
+                rounds = []
+                for r in range(args.repeats):
+                    cap = await capacity(stub, req)
+                    before = scrape()
+                    res = await storm(stub, req, args.concurrency, args.seconds, args.deadline)
+                    await asyncio.sleep(1.0)
+                    after = scrape()
+                    run = _metric(after, "spkserve_batch_size_sum") - _metric(before, "spkserve_batch_size_sum")
+                    wasted = _metric(after, "spkserve_batch_wasted_total") - _metric(before, "spkserve_batch_wasted_total")
+                    res.update(capacity=cap, wasted_share=wasted / max(run, 1.0))
+                    rounds.append(res)
+                    print(f"  round {r + 1}: {res}", flush=True)
+                    await asyncio.sleep(2)
+                return rounds
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load", type=float, default=4.0)
@@ -141,6 +220,7 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before", type=Path, help="checkout of the older code to compare with")
+    ap.add_argument("--concurrency", type=int, default=0, help="the closed-loop storm with this many callers")
     args = ap.parse_args()
     import io
 
@@ -150,6 +230,15 @@ def main() -> int:
     buf = io.BytesIO()
     sf.write(buf, wav[: 3 * sr] if wav.ndim == 1 else wav[: 3 * sr, 0], sr, format="WAV")
     audio = buf.getvalue()
+    if args.concurrency:
+        rows = asyncio.run(measure_storm(args, audio))
+        med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+        print(f"\n| callers | deadline s | capacity req/s | goodput req/s | goodput / capacity | refusal p50 ms | "
+              f"refusal p99 ms | wasted inference |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+              f"| {args.concurrency} | {args.deadline:g} | {med('capacity'):.1f} | {med('goodput'):.1f} | "
+              f"{med('goodput') / med('capacity'):.2f} | {1000 * med('refusal_p50'):.0f} | {1000 * med('refusal_p99'):.0f} | "
+              f"{100 * med('wasted_share'):.1f}% |")
+        return 0
     setups = {"after (admission by estimated wait)": (ROOT, {})}
     if args.before:
         setups["before"] = (args.before.resolve(), {})

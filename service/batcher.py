@@ -54,7 +54,8 @@ class BatchStats:
     on_batch: Callable[[int, float], None] | None = None  # (batch size, inference seconds)
     on_queue_time: Callable[[float], None] | None = None  # seconds waited
     on_depth: Callable[[int], None] | None = None  # queue depth after a change
-    on_dropped: Callable[[str], None] | None = None  # reason: "cancelled" or "deadline"
+    on_dropped: Callable[[str], None] | None = None  # reason: "cancelled", "deadline" or "too_late"
+    on_wasted: Callable[[int], None] | None = None  # utterances embedded after their caller gave up
 
 
 @dataclass(eq=False)
@@ -230,7 +231,8 @@ class DynamicBatcher:
             self._stats.on_depth(len(self._queue))
 
     def _prune(self, now: float) -> None:
-        """Drop utterances whose caller has gone or whose deadline has passed."""
+        """Drop utterances whose caller has gone, whose deadline has passed, or that could not be run
+        before their deadline any more (their own run alone, at the measured throughput, would end after it)."""
         kept = []
         for it in self._queue:
             if it.future.done():  # cancelled by the caller (client gone, or its deadline passed)
@@ -239,6 +241,12 @@ class DynamicBatcher:
                 it.future.set_exception(DeadlineExceeded(f"deadline passed after {now - it.enqueued:.3f} s in the queue"))
                 if self._stats.on_dropped:
                     self._stats.on_dropped("deadline")
+            elif it.deadline is not None and self.samples_per_s and now + it.cost / self.samples_per_s >= it.deadline:
+                it.future.set_exception(DeadlineExceeded(
+                    f"its run ({it.cost / self.samples_per_s:.3f} s) would end after its deadline "
+                    f"({it.deadline - now:.3f} s left, after {now - it.enqueued:.3f} s in the queue)"))
+                if self._stats.on_dropped:
+                    self._stats.on_dropped("too_late")
             else:
                 kept.append(it)
         if len(kept) != len(self._queue):
@@ -343,6 +351,10 @@ class DynamicBatcher:
             self._avg_cost = cost if self._avg_cost is None else 0.8 * self._avg_cost + 0.2 * cost
             if self._stats.on_batch:
                 self._stats.on_batch(len(batch), took)
+        now = time.monotonic()
+        late = sum(1 for it in batch if it.future.done() or (it.deadline is not None and now > it.deadline))
+        if late and self._stats.on_wasted:
+            self._stats.on_wasted(late)
         for i, it in enumerate(batch):
             if it.future.done():
                 continue

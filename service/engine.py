@@ -287,6 +287,7 @@ class Engine:
             on_queue_time=lambda s: m.queue_time.labels(name).observe(s),
             on_depth=lambda d: m.queue_depth.labels(name).set(d),
             on_dropped=lambda why: m.dropped.labels(name, why).inc(),
+            on_wasted=lambda n: m.wasted.labels(name).inc(n),
         )
         batcher = DynamicBatcher(
             model.embed,

@@ -34,6 +34,9 @@ class Metrics:
         self.queue_depth = Gauge("spkserve_batch_queue_depth", "Utterances waiting for a batch", ["model"], registry=r)
         self.dropped = Counter("spkserve_batch_dropped_total", "Utterances dropped before inference",
                                ["model", "reason"], registry=r)
+        self.wasted = Counter("spkserve_batch_wasted_total",
+                              "Utterances embedded after their caller had gone or their deadline had passed",
+                              ["model"], registry=r)
         self.audio_seconds = Counter("spkserve_audio_seconds_total", "Seconds of audio embedded", ["model"], registry=r)
         self.speakers = Gauge("spkserve_index_speakers",
                               "Enrolled speakers per collection ('_all' unless collection labels are on)",
