@@ -81,6 +81,9 @@ class DynamicBatcher:
         max_wait_s: how long the oldest utterance may wait for company.
         max_queue: most waiting utterances; beyond it ``submit`` raises Overloaded.
         max_queue_wait_s: most estimated queueing time to admit (None: no limit).
+        deadline_margin: share of a request's remaining time kept free of estimated work when it is
+            admitted (estimates are averages, the answer must travel back, and a result that arrives a
+            moment late is work for nobody).
         min_fill: least share of a batch's padded samples that must be real audio (length
             bucketing; 0 batches in arrival order whatever the lengths).
         same_length_only: only equal-length utterances share a batch.
@@ -97,6 +100,7 @@ class DynamicBatcher:
         max_batch_samples: int = 16000 * 320,
         max_wait_s: float = 0.005,
         max_queue: int = 512,
+        deadline_margin: float = 0.3,
         max_queue_wait_s: float | None = 2.0,
         min_fill: float = 0.9,
         same_length_only: bool = False,
@@ -110,6 +114,7 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.max_queue_wait_s = max_queue_wait_s
+        self.deadline_margin = deadline_margin
         self.min_fill = min_fill
         self.workers = workers
         self.samples_per_s: float | None = None  # measured throughput of one worker (moving average)
@@ -188,7 +193,7 @@ class DynamicBatcher:
         (the work ahead only: a request's own compute is never queueing) exceeds ``max_queue_wait``."""
         if wait is None:
             return
-        if deadline is not None and now + wait > deadline:
+        if deadline is not None and now + wait > deadline - self.deadline_margin * (deadline - now):
             raise Overloaded(f"model {self.name}: the estimated queueing time {wait:.2f} s exceeds the request's "
                              f"deadline ({max(deadline - now, 0):.2f} s left); retry in {wait:.1f} s", wait)
         if self.max_queue_wait_s is not None and queued is not None and queued > self.max_queue_wait_s:
@@ -266,6 +271,9 @@ class DynamicBatcher:
         9 s of compute. Companions are taken nearest in length first (ties: older first), while
         the batch stays under both budgets and at least ``min_fill`` of its padded samples are
         real audio; the oldest utterance always leads, so none waits behind newer ones forever.
+        A batch is also kept short enough to end, at the measured throughput, before the nearest
+        deadline of its members: every member waits for the whole batch, and a large batch that
+        ends after its members' deadlines is work for nobody.
         """
         if not self._queue:
             return []
@@ -273,6 +281,8 @@ class DynamicBatcher:
         order = {id(it): i for i, it in enumerate(self._queue)}
         others = sorted(self._compatible(first)[1:], key=lambda it: (abs(it.cost - first.cost), order[id(it)]))
         batch, longest, total = [first], first.cost, first.cost
+        now, rate = time.monotonic(), self.samples_per_s
+        due = first.deadline if first.deadline is not None else float("inf")
         for it in others:
             if len(batch) >= self.max_batch_size:
                 break
@@ -280,8 +290,11 @@ class DynamicBatcher:
             n = len(batch) + 1
             if widest * n > self.max_batch_samples or (total + it.cost) < self.min_fill * widest * n:
                 continue
+            it_due = min(due, it.deadline if it.deadline is not None else float("inf"))
+            if rate and now + widest * n / rate > it_due - self.deadline_margin * (it_due - now):
+                continue  # with it, the batch would end after (or too near) a member's deadline
             batch.append(it)
-            longest, total = widest, total + it.cost
+            longest, total, due = widest, total + it.cost, it_due
         taken = set(map(id, batch))
         self._queue = [it for it in self._queue if id(it) not in taken]
         self._report_depth()

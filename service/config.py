@@ -74,6 +74,7 @@ class ServerConfig:
     max_queue_wait_ms: float = 2000.0  # refuse at once when the estimated queueing time is longer (0: no limit)
     inference_workers: int = 1
     # requests
+    deadline_margin: float = 0.3  # share of a call's remaining time kept free of estimated work at admission
     max_audio_seconds: float = 300.0
     max_message_mb: int = 16  # one unary request; longer audio goes through EmbedStream
     max_inflight_request_mb: int = 256  # request bytes held by all calls in progress, process-wide
@@ -157,6 +158,7 @@ class ServerConfig:
         need(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", "must be >= 0 (0: no limit)")
         need(self.inference_workers >= 1, "inference_workers", "must be >= 1")
         need(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")
+        need(0 <= self.deadline_margin < 1, "deadline_margin", "must be in [0, 1)")
         need(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
         need(self.max_inflight_request_mb >= self.max_message_mb, "max_inflight_request_mb",
              "must be >= max_message_mb (one request must fit)")

@@ -296,6 +296,7 @@ class Engine:
             max_wait_s=cfg.max_wait_ms / 1000.0,
             max_queue=cfg.max_queue,
             max_queue_wait_s=cfg.max_queue_wait_ms / 1000 or None,
+            deadline_margin=cfg.deadline_margin,
             min_fill=cfg.batch_min_fill,
             same_length_only=not model.padded_batching,
             workers=cfg.inference_workers,

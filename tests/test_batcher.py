@@ -291,7 +291,7 @@ def test_work_that_would_end_after_its_deadline_is_not_run_and_late_results_are_
     dropped, wasted = [], []
 
     async def main():
-        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=100,
+        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=100, deadline_margin=0.0,
                            stats=BatchStats(on_dropped=dropped.append, on_wasted=wasted.append))
         b.start()
         await b.submit(np.zeros(1000, np.float32))  # measured: about 3,300 samples/s
@@ -312,5 +312,27 @@ def test_work_that_would_end_after_its_deadline_is_not_run_and_late_results_are_
         await asyncio.sleep(0.6)
         assert sum(wasted) == 1
         await b.close()
+
+    run(main())
+
+
+
+def test_batches_end_before_their_members_deadlines():
+    """Companions that would make the batch end after a member's deadline wait for the next batch."""
+    model = FakeModel()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=32, max_wait_s=0.0, max_queue=100, deadline_margin=0.0)
+        b.samples_per_s = 10_000.0  # as measured: 1,000 samples take 0.1 s
+        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        from service.batcher import _Item
+
+        b._queue = [_Item(np.zeros(1000, np.float32), loop.create_future(), now, now + 0.25) for _ in range(5)]
+        batch = b._take_batch()
+        assert len(batch) == 2 and len(b._queue) == 3  # 3 x 0.1 s would end after the first one's 0.25 s
+        for it in b._queue:  # no deadlines: the budgets alone decide
+            it.deadline = None
+        assert len(b._take_batch()) == 3
 
     run(main())
