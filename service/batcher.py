@@ -140,12 +140,15 @@ class DynamicBatcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
 
-    async def submit(self, wave: np.ndarray, deadline: float | None = None) -> BatchResult:
+    async def submit(self, wave: np.ndarray, deadline: float | None = None, admitted: bool = False) -> BatchResult:
         """Queue one (T,) float32 utterance and wait for its embedding.
 
         Args:
             wave: mono waveform at the model's rate.
             deadline: ``time.monotonic()`` after which the result is no longer wanted.
+            admitted: a later part of a request already admitted (a window of a long recording):
+                the work queued ahead may be the request's own, so ``max_queue_wait`` is not
+                applied again (the deadline and ``max_queue`` still are).
 
         Raises:
             Overloaded: the queue is full.
@@ -160,7 +163,7 @@ class DynamicBatcher:
             wait = self.estimated_wait(len(wave))
             raise Overloaded(f"model {self.name}: {len(self._queue)} utterances queued (max_queue={self.max_queue}); "
                              f"retry in {wait or 1.0:.1f} s", wait or 1.0)
-        self._check_wait(self.estimated_wait(len(wave)), deadline, now, self.estimated_wait(0))
+        self._check_wait(self.estimated_wait(len(wave)), deadline, now, None if admitted else self.estimated_wait(0))
         item = _Item(wave, asyncio.get_running_loop().create_future(), now, deadline)
         item.future.add_done_callback(lambda f, it=item: self._on_done(it))
         self._queue.append(item)

@@ -7,13 +7,18 @@
     spkserve enroll   --target HOST:PORT [--collection C] --speaker ID FILE...
     spkserve identify --target HOST:PORT [--collection C] [--top-k K] [--target-far R] [--single-pair] FILE
     spkserve delete   --target HOST:PORT [--collection C] --speaker ID
+    spkserve diarize  [--target T] [--model M] [--num-speakers N | --min-speakers A --max-speakers B]
+                      [--collection C] [--format rttm|json] FILE...
     spkserve models   --target HOST:PORT
     spkserve load-model   --target HOST:PORT NAME   (load or reload a repository entry; admin)
     spkserve unload-model --target HOST:PORT NAME
     spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
 
-Client commands print JSON (one object per line for ``embed``); a failed call exits with
-status 1 and prints the gRPC status name and message on stderr.
+Client commands print JSON (one object per line for ``embed``); ``diarize`` prints RTTM by
+default, one line per segment: ``SPEAKER <file name without extension> 1 <start> <duration>
+<NA> <NA> <label> <NA> <NA>`` (labels ``SPEAKER_00``, ``SPEAKER_01``, ... or enrolled speaker
+ids), or one JSON object per file with ``--format json``. A failed call exits with status 1 and
+prints the gRPC status name and message on stderr.
 """
 
 from __future__ import annotations
@@ -117,6 +122,40 @@ def _audio(path: str):
         raise SystemExit(f"spkserve: cannot read {path}: {e.strerror}") from None
 
 
+def _diarize(stub, args: argparse.Namespace, path: str, kw: dict) -> None:
+    """Stream one file to DiarizeStream and print its RTTM lines or JSON object."""
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise SystemExit(f"spkserve: cannot read {path}: {e.strerror}") from None
+    options = pb.DiarizationOptions(num_speakers=args.num_speakers or 0, min_speakers=args.min_speakers or 0,
+                                    max_speakers=args.max_speakers or 0, collection=args.collection,
+                                    exclusive=args.exclusive)
+
+    def messages():
+        yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig(model=args.model or "", options=options))
+        while chunk := f.read(1 << 20):
+            yield pb.DiarizeStreamRequest(chunk=chunk)
+
+    with f:
+        r = stub.DiarizeStream(messages(), **kw)
+    file_id = Path(path).stem
+    if args.format == "rttm":
+        sys.stdout.write("".join(f"SPEAKER {file_id} 1 {s.start_seconds:.3f} {s.end_seconds - s.start_seconds:.3f} "
+                                 f"<NA> <NA> {s.speaker_label} <NA> <NA>\n" for s in r.segments))
+        sys.stdout.flush()
+        return
+    _emit({"file": path, "model": r.model, "model_version": r.model_version,
+           "speech_seconds": r.speech.speech_seconds, "audio_seconds": r.speech.audio_seconds,
+           "speakers": [{"label": s.speaker_label, "speech_seconds": round(s.speech_seconds, 3),
+                         "speaker_id": s.speaker_id or None, "llr": s.llr if s.HasField("llr") else None}
+                        for s in r.speakers],
+           "segments": [{"start": round(s.start_seconds, 3), "end": round(s.end_seconds, 3), "speaker": s.speaker_label,
+                         "confidence": round(s.confidence, 3)} for s in r.segments]})
+
+
 def _emit(obj: Any) -> None:
     print(json.dumps(obj), flush=True)
 
@@ -186,6 +225,9 @@ def _client(args: argparse.Namespace) -> int:
                                                                opt_out=args.opt_out), **kw)
                 _emit({"deleted": r.speaker.speaker_id if r.HasField("speaker") else None,
                        "collection": args.collection or "default", "opted_out": args.opt_out})
+            elif args.command == "diarize":
+                for f in args.files:
+                    _diarize(stub, args, f, kw)
             elif args.command == "load-model":
                 r = stub.LoadModel(pb.LoadModelRequest(model=args.name), **kw)
                 _emit({"model": r.model.name, "version": r.model.version, "replaced": r.replaced,
@@ -259,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default="")
     p.add_argument("--speaker", required=True)
     p.add_argument("--opt-out", action="store_true", help="also when not enrolled: refuse later enrollment of the id")
+    p = client("diarize", "who spoke when: speaker turns of recordings, as RTTM (default) or JSON")
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--num-speakers", type=int, default=None, help="the number of speakers, when known")
+    count.add_argument("--min-speakers", type=int, default=None, help="at least this many speakers (with --max-speakers)")
+    p.add_argument("--max-speakers", type=int, default=None, help="at most this many speakers")
+    p.add_argument("--collection", default="", help="label speakers with the enrolled speakers they match")
+    p.add_argument("--format", choices=["rttm", "json"], default="rttm")
+    p.add_argument("--exclusive", action="store_true", help="one speaker at a time (segments never overlap)")
+    p.add_argument("files", nargs="+", metavar="FILE")
     client("models", "list the served models")
     p = client("load-model", "load a model from the server's repository, or reload it (admin)")
     p.add_argument("name", metavar="NAME")
@@ -273,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spkserve`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "diarize" and args.num_speakers is not None and args.max_speakers is not None:
+        parser.error("diarize: --num-speakers cannot be combined with --max-speakers")
     if args.command == "serve":
         return _serve(args)
     if args.command == "repair-log":

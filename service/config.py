@@ -81,6 +81,7 @@ class ServerConfig:
     max_stream_mb: int = 256
     max_stream_audio_seconds: float = 3600.0  # EmbedStream: longer than max_audio_seconds is embedded window by window
     max_stream_messages: int = 100_000  # messages of one EmbedStream (config + chunks)
+    max_diarize_audio_seconds: float = 900.0  # unary Diarize (decoded in blocks; DiarizeStream: max_stream_audio_seconds)
     decode_workers: int = 2
     # voice activity detection (Silero VAD) before every embedding; the model's model.json
     # may carry its own VAD options, and [model_settings.<model>] overrides both
@@ -166,6 +167,8 @@ class ServerConfig:
         need(self.max_collections_per_tenant >= 1, "max_collections_per_tenant", "must be >= 1")
         need(self.max_stream_audio_seconds >= self.max_audio_seconds, "max_stream_audio_seconds",
              "must be >= max_audio_seconds")
+        need(0 < self.max_diarize_audio_seconds <= self.max_stream_audio_seconds, "max_diarize_audio_seconds",
+             "must be > 0 and <= max_stream_audio_seconds")
         need(self.max_stream_messages >= 2, "max_stream_messages", "must be >= 2 (a config and a chunk)")
         need(self.decode_workers >= 1, "decode_workers", "must be >= 1")
         need(0 < self.vad_threshold < 1, "vad_threshold", "must be in (0, 1)")

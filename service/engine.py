@@ -377,12 +377,13 @@ class Engine:
             self._preparing -= 1
             self._preparing_by_model[model.name] -= 1
 
-    async def embed(self, model: SpeakerModel, wave: np.ndarray, deadline: float | None = None) -> BatchResult:
-        """Embed one model-ready waveform through the model's batcher."""
+    async def embed(self, model: SpeakerModel, wave: np.ndarray, deadline: float | None = None,
+                    admitted: bool = False) -> BatchResult:
+        """Embed one model-ready waveform through the model's batcher (``admitted``: see ``Batcher.submit``)."""
         if self.models.get(model.name) is not model:
             raise Unavailable(f"model {model.name} v{model.card.version} was unloaded or replaced while this "
                               "request was being prepared; retry")
-        result = await self.batchers[model.name].submit(wave, deadline)
+        result = await self.batchers[model.name].submit(wave, deadline, admitted)
         self.metrics.audio_seconds.labels(model.name).inc(len(wave) / model.sample_rate)
         return result
 

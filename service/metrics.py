@@ -12,6 +12,7 @@ __all__ = ["Metrics"]
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _SPEECH_BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0, 300.0)
+_SPEAKER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16, 64)
 _LLR_BUCKETS = (-20.0, -10.0, -5.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
 
 
@@ -62,5 +63,9 @@ class Metrics:
                                   ["model", "method"], registry=r)
         self.verdicts = Counter("spkserve_verdicts_total", "Verify/Identify verdicts", ["model", "method", "verdict"],
                                 registry=r)
+        self.diarization_audio = Counter("spkserve_diarization_audio_seconds_total",
+                                         "Seconds of audio diarized", ["model"], registry=r)
+        self.diarization_speakers = Histogram("spkserve_diarization_speakers", "Speakers found per diarized recording",
+                                              ["model"], buckets=_SPEAKER_BUCKETS, registry=r)
         self.decision_llr = Histogram("spkserve_decision_llr", "Calibrated scores (log-likelihood ratios) by verdict",
                                       ["model", "method", "verdict"], buckets=_LLR_BUCKETS, registry=r)

@@ -27,6 +27,7 @@ from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Thresh
 from service.engine import AudioInput, Engine, Speech
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Overloaded
 from service.rpc import rpc as _rpc
+from service.servicer_diarize import DiarizeRpcs
 from service.servicer_models import ModelRpcs
 from service.servicer_speakers import SpeakerRecordRpcs
 from service.servicer_streams import StreamRpcs
@@ -46,7 +47,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class SpeakerServicer(StreamRpcs, SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServicer):
+class SpeakerServicer(StreamRpcs, DiarizeRpcs, SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServicer):
     """Implements spkserve.v1.SpeakerService on an Engine."""
 
     def __init__(self, engine: Engine):
@@ -373,6 +374,31 @@ class SpeakerServicer(StreamRpcs, SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerS
             out.append(fb)
         return out
 
+    async def _ranked(self, model, coll: str, probe: Side, threshold: Threshold, k: int) -> list:
+        """The enrolled speakers of ``coll`` closest to ``probe``: [(record, Decision, cosine)], best first on
+        ``threshold``'s scale (about ``k`` of them; speakers without enough speech left out)."""
+        store = self.engine.store
+        required = self.engine.policies[model.name].min_enroll_speech
+        keep = None if self.engine.config.allow_unready_speakers else (lambda r: is_ready(r.speech, required))
+        # S-norm can reorder near neighbours: fetch more than k by cosine, re-rank on the decision scale
+        fetch = k if model.scorer.cohort is None else max(4 * k, k + 16)
+        hits = await self.engine.store_call(store.search, coll, model.name, probe.vector, fetch, keep,
+                                            model.card.version)
+        ranked = []
+        cohort = await self.engine.cohorts.get(self.engine, coll) if probe.stats is not None else None
+        for rec, cosine in hits:
+            side = Side("candidate", rec.voiceprint, rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint),
+                        speech_seconds=rec.speech, ref=(coll, rec.speaker_id))
+            pair_probe = probe
+            if cohort is not None:  # in-domain normalisation, leaving the candidate out of both sides' cohort
+                side.stats = cohort_side_stats(cohort, side.stats, side.vector, {rec.speaker_id})
+                pair_probe = Side(probe.field, probe.vector, cohort_side_stats(cohort, probe.stats, probe.vector,
+                                                                              {rec.speaker_id}),
+                                  probe.speech, speech_seconds=probe.speech_seconds)
+            ranked.append((rec, decide(model.scorer, threshold, side, pair_probe, model.card.threshold), cosine))
+        ranked.sort(key=lambda t: -t[1].scores.on(threshold.scale))
+        return ranked
+
     @_rpc
     async def Identify(self, request: pb.IdentifyRequest, context) -> pb.IdentifyResponse:
         t0 = time.perf_counter()
@@ -406,25 +432,7 @@ class SpeakerServicer(StreamRpcs, SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerS
             timings.total_ms = ms(time.perf_counter() - t0)
             return pb.IdentifyResponse(is_match=False, threshold=model.card.threshold, timings=timings,
                                        verdict=pb.VERDICT_NOT_ENOUGH_SPEECH, reason=d.reason, **base)
-        required = self.engine.policies[model.name].min_enroll_speech
-        keep = None if self.engine.config.allow_unready_speakers else (lambda r: is_ready(r.speech, required))
-        # S-norm can reorder near neighbours: fetch more than k by cosine, re-rank on the decision scale
-        fetch = k if model.scorer.cohort is None else max(4 * k, k + 16)
-        hits = await self.engine.store_call(store.search, coll, model.name, probe.vector, fetch, keep,
-                                            model.card.version)
-        ranked = []
-        cohort = await self.engine.cohorts.get(self.engine, coll) if probe.stats is not None else None
-        for rec, cosine in hits:
-            side = Side("candidate", rec.voiceprint, rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint),
-                        speech_seconds=rec.speech, ref=(coll, rec.speaker_id))
-            pair_probe = probe
-            if cohort is not None:  # in-domain normalisation, leaving the candidate out of both sides' cohort
-                side.stats = cohort_side_stats(cohort, side.stats, side.vector, {rec.speaker_id})
-                pair_probe = Side(probe.field, probe.vector, cohort_side_stats(cohort, probe.stats, probe.vector,
-                                                                              {rec.speaker_id}),
-                                  probe.speech, speech_seconds=probe.speech_seconds)
-            ranked.append((rec, decide(model.scorer, threshold, side, pair_probe, model.card.threshold), cosine))
-        ranked.sort(key=lambda t: -t[1].scores.on(threshold.scale))
+        ranked = await self._ranked(model, coll, probe, threshold, k)
         if min_score is not None:
             ranked = [t for t in ranked if t[1].scores.on(min_score.scale) >= min_score.value]
         ranked = ranked[:k]

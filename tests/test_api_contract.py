@@ -45,6 +45,7 @@ def test_buf_breaking_catches_a_removed_field(tmp_path):
 def test_metrics_pass_promtool(server, stub, speech_files):
     promtool = _tool(PROMTOOL)
     stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=speech_files["flite-slt-1"].read_bytes())))
+    stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=speech_files["flite-slt-1"].read_bytes())))
     with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as r:
         text = r.read()
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)

@@ -559,3 +559,42 @@ def test_an_hour_through_embed_stream_in_bounded_memory(model_repo, tmp_path, sp
         assert grown < 300, f"peak RSS grew {grown:.0f} MB for an hour of audio"
     finally:
         assert srv.term() == 0
+
+
+@pytest.mark.slow
+def test_an_hour_through_diarize_stream_in_bounded_memory(model_repo, tmp_path, speech_files):
+    """One hour of a two-voice conversation (16 kHz PCM, 115 MB) is diarized in blocks: the server's peak memory
+    grows < 500 MB, both voices are found and the turns cover the hour; cancelled streams leave nothing behind."""
+    import soundfile as sf
+
+    (tmp_path / "data").mkdir()
+    srv = Proc(model_repo, tmp_path / "data")
+    try:
+        a, _ = sf.read(speech_files["flite-slt-1"], dtype="float32")
+        b, _ = sf.read(speech_files["flite-awb-1"], dtype="float32")
+        gap = np.zeros(int(0.7 * 16000), np.float32)
+        period = np.concatenate([a, gap, b, gap])
+        pcm = (np.clip(period, -1, 1) * 32767).astype("<i2").tobytes()
+        n = int(3600 // (len(period) / 16000))
+        before = _peak_rss_mb(srv.p.pid)
+
+        def parts(count):
+            yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig(
+                pcm=pb.PcmFormat(sample_rate=16000, encoding=pb.PCM_S16LE)))
+            for _ in range(count):
+                yield pb.DiarizeStreamRequest(chunk=pcm)
+
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            for _ in range(3):  # cancelled mid-way, while windows are in the batcher
+                call = s.DiarizeStream.future(parts(n), timeout=600)
+                time.sleep(3.0)
+                call.cancel()
+            r = s.DiarizeStream(parts(n), timeout=600)
+        assert r.speech.audio_seconds == pytest.approx(n * len(period) / 16000, abs=0.1) and r.speech.audio_seconds > 3550
+        assert len(r.speakers) == 2 and len(r.segments) > 0.9 * 2 * n
+        assert r.segments[-1].end_seconds > 3500
+        grown = _peak_rss_mb(srv.p.pid) - before
+        assert grown < 500, f"peak RSS grew {grown:.0f} MB for an hour of audio"
+    finally:
+        assert srv.term() == 0

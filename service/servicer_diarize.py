@@ -1,0 +1,149 @@
+"""``Diarize`` and ``DiarizeStream`` (a mixin of ``SpeakerServicer``): who spoke when.
+
+Both run ``service.diarize`` on the request's audio: a unary request up to
+``max_diarize_audio_seconds`` (its bytes are also bounded by ``max_message_mb``), a stream up to
+``max_stream_audio_seconds``. With a collection, every speaker found is compared with the
+collection's enrolled speakers by the open-set rule of Identify (the pair threshold + ln(N) on
+the calibrated scale, at the model's operating point); a speaker that passes takes the enrolled
+id as its label (one enrolled id labels one speaker at most: the better-scoring one), the others
+keep ``SPEAKER_nn``.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+
+from models.audio import check_pcm_format
+from models.diarization import DiarizationOptions
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service.convert import ms, pcm_encoding
+from service.decisions import Side, Threshold
+from service.diarize import Diarization, diarize_source
+from service.errors import InvalidArgument
+from service.rpc import rpc as _rpc
+from service.store import validate_collection
+
+__all__ = ["DiarizeRpcs", "diarization_options"]
+
+_MAX_SPEAKERS = 64
+
+
+def diarization_options(o: pb.DiarizationOptions, field: str) -> DiarizationOptions:
+    """Checked ``DiarizationOptions`` of a request (INVALID_ARGUMENT naming ``field.<option>``)."""
+    for name in ("num_speakers", "min_speakers", "max_speakers"):
+        value = getattr(o, name)
+        if not 0 <= value <= _MAX_SPEAKERS:
+            raise InvalidArgument(f"{field}.{name}", f"must be in 1..{_MAX_SPEAKERS} (0: not set), got {value}")
+    if o.num_speakers and (o.min_speakers or o.max_speakers):
+        raise InvalidArgument(f"{field}.num_speakers", "set either num_speakers or min_speakers/max_speakers, not both")
+    lo, hi = o.min_speakers or 1, o.max_speakers or max(16, o.min_speakers)
+    if lo > hi:
+        raise InvalidArgument(f"{field}.min_speakers", f"{lo} is more than max_speakers ({hi})")
+    return DiarizationOptions(num_speakers=o.num_speakers or None, min_speakers=lo, max_speakers=hi).validate()
+
+
+class DiarizeRpcs:
+    """Mixin of ``SpeakerServicer`` (uses its ``engine``, ``_allow``, ``_receive``, ``_collection_model`` and
+    ``_ranked``)."""
+
+    async def _diarize(self, request_model: str, options: pb.DiarizationOptions, opts_field: str, source, field: str,
+                       max_seconds: float, pcm, context, method: str) -> pb.DiarizeResponse:
+        t0 = time.perf_counter()
+        opts = diarization_options(options, opts_field)
+        coll = validate_collection(options.collection) if options.collection else ""
+        self._allow(context, "read", coll or None)
+        if coll:
+            await self.engine.store_call(self.engine.store.collection_model, coll)  # NotFound before any inference
+            model = await self._collection_model(request_model, coll)
+        else:
+            model = self.engine.model(request_model, "model" if method == "Diarize" else "config.model")
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        result = await diarize_source(self.engine, model, source, field, max_seconds, pcm, deadline, opts)
+        labels, ids, llrs, threshold = await self._label(model, coll, result)
+        m = self.engine.metrics
+        m.diarization_audio.labels(model.name).inc(result.audio_seconds)
+        m.diarization_speakers.labels(model.name).observe(len(labels))
+        m.speech_seconds.labels(model.name, method).observe(result.speech_seconds)
+        speakers = []
+        for i, label in enumerate(labels):
+            sp = pb.DiarizedSpeaker(speaker_label=label, speech_seconds=float(result.speaker_seconds[i]),
+                                    speaker_id=ids[i], llr=llrs[i])
+            if options.include_embeddings:
+                sp.embedding.extend(result.prints[i].tolist())
+            speakers.append(sp)
+        segments = [pb.DiarizationSegment(start_seconds=round(t.start, 3), end_seconds=round(t.end, 3),
+                                          speaker_label=labels[t.speaker], confidence=t.confidence)
+                    for t in result.turns]
+        long = len(result.segments) > 10_000
+        speech = pb.SpeechInfo(speech_seconds=result.speech_seconds, audio_seconds=result.audio_seconds,
+                               vad_applied=result.vad_applied, narrowband=result.narrowband,
+                               segments=[] if long else [pb.SpeechSegment(start_seconds=a, end_seconds=b)
+                                                         for a, b in result.segments])
+        timings = pb.Timings(decode_ms=ms(result.decode_s), queue_ms=ms(result.queue_s),
+                             inference_ms=ms(result.inference_s), total_ms=ms(time.perf_counter() - t0),
+                             execution_provider=model.provider)
+        return pb.DiarizeResponse(segments=segments, speakers=speakers, model=model.name,
+                                  model_version=model.card.version, speech=speech, timings=timings,
+                                  match_threshold=threshold)
+
+    async def _label(self, model, coll: str, result: Diarization):
+        """(labels, enrolled ids, best LLRs, open-set LLR threshold) of the speakers found."""
+        k = len(result.speaker_seconds)
+        labels = [f"SPEAKER_{i:02d}" for i in range(k)]
+        ids: list[str] = [""] * k
+        llrs: list[float | None] = [None] * k
+        if not coll or k == 0:
+            return labels, ids, llrs, None
+        scorer = model.scorer
+        size = await self.engine.store_call(self.engine.store.speaker_count, coll)
+        threshold = Threshold(scorer.scale, scorer.threshold)
+        if threshold.scale == "llr" and size > 1:  # the open-set rule of Identify
+            threshold = Threshold("llr", threshold.value + float(np.log(size)))
+        best: dict[str, tuple[float, int]] = {}
+        for i in range(k):
+            vec = result.prints[i]
+            probe = Side(f"speaker {labels[i]}", vec, scorer.stats(vec), speech_seconds=float(result.speaker_seconds[i]))
+            ranked = await self._ranked(model, coll, probe, threshold, 1)
+            if not ranked:
+                continue
+            rec, decision, _ = ranked[0]
+            llrs[i] = decision.scores.llr
+            score = decision.scores.on(threshold.scale)
+            if decision.accepted and (rec.speaker_id not in best or score > best[rec.speaker_id][0]):
+                best[rec.speaker_id] = (score, i)
+        for speaker_id, (_, i) in best.items():
+            labels[i] = ids[i] = speaker_id
+        return labels, ids, llrs, threshold.value if threshold.scale == "llr" else None
+
+    @_rpc
+    async def Diarize(self, request: pb.DiarizeRequest, context) -> pb.DiarizeResponse:
+        """Who spoke when in one recording (see the proto)."""
+        kind = request.audio.WhichOneof("source")
+        if kind == "encoded":
+            source, field, pcm = io.BytesIO(request.audio.encoded), "audio.encoded", None
+        elif kind == "pcm":
+            fmt = request.audio.pcm.format
+            pcm = (pcm_encoding(fmt.encoding, "audio.pcm.format.encoding"), fmt.sample_rate, fmt.channels or 1)
+            source, field = io.BytesIO(request.audio.pcm.data), "audio.pcm"
+        else:
+            raise InvalidArgument("audio", "is empty: set audio.encoded or audio.pcm")
+            check_pcm_format(fmt.sample_rate, fmt.channels or 1, "audio.pcm.format")
+        return await self._diarize(request.model, request.options, "options", source, field,
+                                   self.engine.config.max_diarize_audio_seconds, pcm, context, "Diarize")
+
+    @_rpc
+    async def DiarizeStream(self, request_iterator, context) -> pb.DiarizeResponse:
+        """Who spoke when in audio uploaded in chunks (see the proto)."""
+        self._allow(context, "read")
+        config, spool, _ = await self._receive(request_iterator)
+        with spool:
+            pcm = None
+            if config.HasField("pcm"):
+                fmt = config.pcm
+                pcm = (pcm_encoding(fmt.encoding, "config.pcm.encoding"), fmt.sample_rate, fmt.channels or 1)
+            return await self._diarize(config.model, config.options, "config.options", spool, "chunk",
+                                       self.engine.config.max_stream_audio_seconds, pcm, context, "DiarizeStream")

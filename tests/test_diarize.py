@@ -1,0 +1,301 @@
+"""Diarization: the clustering steps (models.diarization), Diarize / DiarizeStream over gRPC, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from models.diarization import DiarizationOptions, Turn, cluster, diarize_embedded, speech_windows, to_rttm
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from tests.conftest import REFERENCE, ServerThread, make_config, wav_bytes
+
+SR = 16000
+
+
+# -- pure steps ---------------------------------------------------------------------------
+def _blobs(sizes: list[int], dim: int = 32, spread: float = 0.15, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) unit vectors in len(sizes) tight groups around unrelated (orthogonal) directions, and their (N,)
+    group."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.standard_normal((dim, dim)))[0][:len(sizes)]
+    rows, truth = [], []
+    for g, n in enumerate(sizes):
+        rows.append(centres[g] + spread * np.linalg.norm(centres[g]) * rng.standard_normal((n, dim)) / np.sqrt(dim))
+        truth += [g] * n
+    x = np.concatenate(rows)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.array(truth)
+
+
+def _agrees(labels: np.ndarray, truth: np.ndarray) -> float:
+    """Share of items whose label is their group's most common label."""
+    hits = sum(np.bincount(labels[truth == g]).max() for g in np.unique(truth))
+    return hits / len(truth)
+
+
+@pytest.mark.parametrize("sizes", [[40, 40], [30, 50, 20], [25, 25, 25, 25]])
+def test_cluster_finds_the_number_of_speakers(sizes):
+    emb, truth = _blobs(sizes)
+    labels, k = cluster(emb, np.full(len(emb), 1.0), DiarizationOptions())
+    assert k == len(sizes)
+    assert _agrees(labels, truth) > 0.95
+
+
+def test_cluster_one_speaker_stays_one():
+    """Centring a one-speaker recording leaves noise; the raw voiceprints keep it one speaker."""
+    emb, _ = _blobs([120], spread=0.2)
+    labels, k = cluster(emb, np.full(len(emb), 1.0), DiarizationOptions())
+    assert k == 1 and set(labels.tolist()) == {0}
+
+
+def test_cluster_given_number_and_bounds():
+    emb, truth = _blobs([40, 40, 40])
+    assert cluster(emb, np.ones(len(emb)), DiarizationOptions(num_speakers=2))[1] == 2
+    assert cluster(emb, np.ones(len(emb)), DiarizationOptions(max_speakers=2))[1] == 2
+    assert cluster(emb, np.ones(len(emb)), DiarizationOptions(min_speakers=4))[1] == 4
+
+
+def test_cluster_long_recordings_group_windows():
+    """Past MAX_TREE_ITEMS windows the tree is built on runs of windows (bounded memory), still right."""
+    from models import diarization
+
+    emb, truth = _blobs([1500, 1700], dim=16)
+    order = np.argsort(np.random.default_rng(1).permutation(len(emb)) // 50, kind="stable")  # turns of 50 windows
+    labels, k = cluster(emb[order], np.ones(len(emb)), DiarizationOptions())
+    assert len(emb) > diarization.MAX_TREE_ITEMS and k == 2
+    assert _agrees(labels, truth[order]) > 0.95
+
+
+@pytest.mark.parametrize("field,kw", [("num_speakers", dict(num_speakers=0)), ("num_speakers", dict(num_speakers=65)),
+                                      ("min_speakers", dict(min_speakers=5, max_speakers=3)),
+                                      ("max_speakers", dict(max_speakers=70))])
+def test_options_name_the_bad_field(field, kw):
+    with pytest.raises(ValueError, match=field):
+        DiarizationOptions(**kw).validate()
+
+
+def test_windows_turns_and_rttm():
+    opts = DiarizationOptions()
+    wins = speech_windows([(0, 5 * SR), (6 * SR, 6 * SR + 4000)], SR, opts)
+    assert wins[0] == (0, SR) and wins[-1] == (6 * SR, 6 * SR + 4000)
+    assert max(b for _, b in wins[:-1]) == 5 * SR  # the region's end is covered
+    # two speakers: windows of the first 5 s say A, the short region says B
+    emb = np.array([[1.0, 0.0]] * (len(wins) - 1) + [[0.0, 1.0]], np.float32)
+    turns, _, k = diarize_embedded(wins, emb, SR, DiarizationOptions(num_speakers=2))
+    assert k == 2 and [t.speaker for t in turns] == [0, 1]
+    assert turns[0].start == 0.0 and abs(turns[0].end - 5.0) < 0.02 and abs(turns[1].start - 6.0) < 0.02
+    rttm = to_rttm([Turn(1.0, 2.5, 1)], ["SPEAKER_00", "alice"], "call-7")
+    assert rttm == "SPEAKER call-7 1 1.000 1.500 <NA> <NA> alice <NA> <NA>\n"
+
+
+def test_no_windows_no_turns():
+    turns, labels, k = diarize_embedded([], np.zeros((0, 8), np.float32), SR, DiarizationOptions())
+    assert turns == [] and k == 0
+
+
+# -- over gRPC ----------------------------------------------------------------------------
+def _voice(name: str) -> np.ndarray:
+    wave, sr = sf.read(REFERENCE / "audio" / f"{name}.wav", dtype="float32")
+    assert sr == SR
+    return wave
+
+
+def conversation(names: list[str], turns: int, pause: float = 0.6, seed: int = 0) -> tuple[np.ndarray, list]:
+    """Turns of the reference voices ``names`` in rotation with pauses: (16 kHz wave, [(start, end, name)])."""
+    rng = np.random.default_rng(seed)
+    parts, ref, t = [np.zeros(int(0.5 * SR), np.float32)], [], 0.5
+    for i in range(turns):
+        name = names[i % len(names)]
+        x = _voice(name)
+        parts += [x, np.zeros(int(pause * SR), np.float32)]
+        ref.append((t, t + len(x) / SR, name))
+        t += len(x) / SR + pause
+    wave = np.concatenate(parts)
+    return wave + np.float32(0.002) * rng.standard_normal(len(wave)).astype(np.float32), ref
+
+
+def frame_error(ref: list, segments) -> float:
+    """Share of reference speech (10 ms frames) given to the wrong speaker or missed, best label mapping."""
+    n = int(max(e for _, e, _ in ref) * 100) + 1
+    names = sorted({r[2] for r in ref})
+    truth = np.full(n, -1)
+    for a, b, name in ref:
+        truth[int(a * 100):int(b * 100)] = names.index(name)
+    labels = sorted({s.speaker_label for s in segments})
+    hyp = np.full(n, -1)
+    for s in segments:
+        hyp[int(s.start_seconds * 100):int(s.end_seconds * 100)] = labels.index(s.speaker_label)
+    speech = truth >= 0
+    best = 0
+    from itertools import permutations
+    for perm in permutations(range(max(len(labels), len(names))), len(names)):
+        best = max(best, sum(int(((truth == g) & (hyp == perm[g])).sum()) for g in range(len(names))))
+    return 1 - best / speech.sum()
+
+
+@pytest.fixture(scope="module")
+def two_voices():
+    return conversation(["flite-slt-1", "flite-awb-1"], 12)
+
+
+def test_diarize_two_speakers(stub, two_voices):
+    wave, ref = two_voices
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(wave)),
+                                       options=pb.DiarizationOptions(include_embeddings=True)), timeout=60)
+    assert [s.speaker_label for s in r.speakers] == ["SPEAKER_00", "SPEAKER_01"]
+    assert r.segments[0].speaker_label == "SPEAKER_00"
+    assert frame_error(ref, r.segments) < 0.15
+    assert all(len(s.embedding) == 256 and abs(np.linalg.norm(s.embedding) - 1) < 1e-3 for s in r.speakers)
+    assert abs(sum(s.speech_seconds for s in r.speakers) - sum(s.end_seconds - s.start_seconds for s in r.segments)) < 1e-6
+    starts = [s.start_seconds for s in r.segments]
+    assert starts == sorted(starts) and all(0.5 <= s.confidence <= 1 for s in r.segments)
+    assert r.model == "ge2e" and r.speech.speech_seconds > 0 and abs(r.speech.audio_seconds - len(wave) / SR) < 0.01
+
+
+def test_diarize_one_speaker_one_label(stub):
+    wave, _ = conversation(["flite-rms-1"], 8)
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(wave))), timeout=60)
+    assert {s.speaker_label for s in r.segments} == {"SPEAKER_00"} and len(r.speakers) == 1
+
+
+def test_diarize_silence_is_no_error(stub):
+    rng = np.random.default_rng(0)
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(0.001 * rng.standard_normal(10 * SR)))),
+                     timeout=60)
+    assert len(r.segments) == 0 and len(r.speakers) == 0
+    assert r.speech.speech_seconds == 0 and abs(r.speech.audio_seconds - 10) < 0.01
+
+
+def test_diarize_stream_equals_unary_and_pcm(stub, two_voices):
+    wave, _ = two_voices
+    data = wav_bytes(wave)
+    unary = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=data)), timeout=60)
+
+    def chunks():
+        yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig())
+        for i in range(0, len(data), 7777):
+            yield pb.DiarizeStreamRequest(chunk=data[i:i + 7777])
+
+    streamed = stub.DiarizeStream(chunks(), timeout=60)
+    assert [(s.start_seconds, s.end_seconds, s.speaker_label) for s in streamed.segments] == \
+           [(s.start_seconds, s.end_seconds, s.speaker_label) for s in unary.segments]
+    pcm = (np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(pcm=pb.RawPcm(data=pcm, format=pb.PcmFormat(
+        encoding=pb.PCM_S16LE, sample_rate=SR, channels=1)))), timeout=60)
+    assert len(r.speakers) == 2
+
+
+def test_diarize_telephone_band(stub):
+    """An 8 kHz mu-law copy of the conversation still gives two speakers."""
+    import soxr
+
+    wave, ref = conversation(["flite-slt-1", "flite-awb-1"], 10, seed=3)
+    narrow = soxr.resample(wave, SR, 8000).astype(np.float32)
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(narrow, 8000, subtype="ULAW"))), timeout=60)
+    assert len(r.speakers) == 2 and r.speech.narrowband
+    assert frame_error(ref, r.segments) < 0.25
+
+
+@pytest.mark.parametrize("options,field", [
+    (dict(num_speakers=65), "options.num_speakers"), (dict(num_speakers=-1), "options.num_speakers"),
+    (dict(min_speakers=4, max_speakers=2), "options.min_speakers"), (dict(max_speakers=100), "options.max_speakers"),
+    (dict(num_speakers=2, max_speakers=3), "options.num_speakers"), (dict(collection="bad name!"), "collection")])
+def test_diarize_bad_options(stub, two_voices, options, field):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(two_voices[0][:SR])),
+                                       options=pb.DiarizationOptions(**options)), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+
+
+def test_diarize_bad_audio_and_unknown_collection(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=b"RIFF....WAVEfmt not audio")), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "audio.encoded" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Diarize(pb.DiarizeRequest(), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "audio" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(np.zeros(SR, np.float32))),
+                                       options=pb.DiarizationOptions(collection="never-made")), timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_diarize_labels_enrolled_speakers(stub, two_voices):
+    """With a collection, the enrolled speaker's cluster takes its id; the stranger keeps SPEAKER_nn."""
+    stub.Enroll(pb.EnrollRequest(collection="diar-test", speaker_id="alice",
+                                 audio=[pb.Audio(encoded=wav_bytes(_voice("flite-slt-2")))]), timeout=60)
+    stub.Enroll(pb.EnrollRequest(collection="diar-test", speaker_id="bob",
+                                 audio=[pb.Audio(encoded=wav_bytes(_voice("flite-kal-1")))]), timeout=60)
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(two_voices[0])),
+                                       options=pb.DiarizationOptions(collection="diar-test")), timeout=60)
+    labels = {s.speaker_label: s for s in r.speakers}
+    assert "alice" in labels and labels["alice"].speaker_id == "alice" and labels["alice"].HasField("llr")
+    assert labels["alice"].llr >= r.match_threshold
+    others = [s for s in r.speakers if s.speaker_label != "alice"]
+    assert len(others) == 1 and others[0].speaker_label.startswith("SPEAKER_") and others[0].speaker_id == ""
+    assert {s.speaker_label for s in r.segments} == set(labels)
+
+
+def test_diarize_metrics(server, stub, two_voices):
+    import urllib.request
+
+    stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(two_voices[0]))), timeout=60)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    assert 'spkserve_diarization_audio_seconds_total{model="ge2e"}' in text
+    assert 'spkserve_diarization_speakers_bucket{le="2.0",model="ge2e"}' in text
+    assert 'spkserve_grpc_requests_total{code="OK",method="Diarize"}' in text
+
+
+def test_diarize_limits_and_deadline(model_repo, tmp_path, two_voices):
+    """Past max_diarize_audio_seconds: INVALID_ARGUMENT naming the field; a deadline shorter than the work:
+    refused (RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED), not run to the end."""
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], max_diarize_audio_seconds=10))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(two_voices[0]))), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "audio.encoded" in e.value.details() and "10" in e.value.details()
+            long = np.tile(two_voices[0], 8)
+
+            def chunks():
+                yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig())
+                yield pb.DiarizeStreamRequest(chunk=wav_bytes(long))
+
+            with pytest.raises(grpc.RpcError) as e:
+                stub.DiarizeStream(chunks(), timeout=0.3)
+            assert e.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+            r = stub.DiarizeStream(chunks(), timeout=120)  # the stream's own limit is max_stream_audio_seconds
+            assert len(r.speakers) == 2
+    finally:
+        srv.stop()
+
+
+def test_cli_diarize_rttm_and_json(server, two_voices, tmp_path):
+    path = tmp_path / "call-42.wav"
+    sf.write(path, two_voices[0], SR)
+    base = [sys.executable, "-m", "service.cli", "diarize", "--target", server.target]
+    out = subprocess.run(base + [str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines and all(line.split()[:3] == ["SPEAKER", "call-42", "1"] and line.split()[5:7] == ["<NA>", "<NA>"]
+                         and line.split()[8:] == ["<NA>", "<NA>"] for line in lines)
+    assert {line.split()[7] for line in lines} == {"SPEAKER_00", "SPEAKER_01"}
+    out = subprocess.run(base + ["--format", "json", "--num-speakers", "2", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    import json
+    obj = json.loads(out.stdout)
+    assert obj["file"] == str(path) and len(obj["speakers"]) == 2 and obj["segments"][0]["speaker"] == "SPEAKER_00"
+    bad = subprocess.run(base + ["--min-speakers", "5", "--max-speakers", "2", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "min_speakers" in bad.stderr
+    both = subprocess.run(base + ["--num-speakers", "2", "--min-speakers", "1", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
