@@ -69,7 +69,7 @@ class DiarizationOptions:
     merge_gap_s: float = 0.5
     smooth: int = 3
 
-    def validate(self) -> "DiarizationOptions":
+    def validate(self) -> DiarizationOptions:
         """ValueError naming the option for values out of range."""
         if self.num_speakers is not None and not 1 <= self.num_speakers <= 64:
             raise ValueError(f"num_speakers: must be in 1..64, got {self.num_speakers}")

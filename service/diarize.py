@@ -21,7 +21,14 @@ from typing import IO
 import numpy as np
 
 from models.audio import AudioError, stream_windows
-from models.diarization import DiarizationOptions, Turn, diarization_vad, diarize_embedded, speakers_of, speech_windows
+from models.diarization import (
+    DiarizationOptions,
+    Turn,
+    diarization_vad,
+    diarize_embedded,
+    speakers_of,
+    speech_windows,
+)
 
 __all__ = ["BLOCK_SECONDS", "WINDOWS_IN_FLIGHT", "Diarization", "diarize_source"]
 
@@ -120,7 +127,7 @@ async def diarize_source(engine, model, source: IO[bytes], field: str, max_secon
         if pending is not None and not pending.done():
             try:
                 await asyncio.wrap_future(pending)
-            except BaseException:  # noqa: BLE001 - the call is ending anyway
+            except BaseException:
                 pass
         blocks.close()
     if audio_total == 0:

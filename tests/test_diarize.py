@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from models.diarization import DiarizationOptions, Turn, cluster, diarize_embedded, speech_windows, to_rttm
+from models.diarization import (
+    DiarizationOptions,
+    Turn,
+    cluster,
+    diarize_embedded,
+    speech_windows,
+    to_rttm,
+)
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from tests.conftest import REFERENCE, ServerThread, make_config, wav_bytes
 
@@ -53,7 +60,7 @@ def test_cluster_one_speaker_stays_one():
 
 
 def test_cluster_given_number_and_bounds():
-    emb, truth = _blobs([40, 40, 40])
+    emb, _ = _blobs([40, 40, 40])
     assert cluster(emb, np.ones(len(emb)), DiarizationOptions(num_speakers=2))[1] == 2
     assert cluster(emb, np.ones(len(emb)), DiarizationOptions(max_speakers=2))[1] == 2
     assert cluster(emb, np.ones(len(emb)), DiarizationOptions(min_speakers=4))[1] == 4
@@ -93,7 +100,7 @@ def test_windows_turns_and_rttm():
 
 
 def test_no_windows_no_turns():
-    turns, labels, k = diarize_embedded([], np.zeros((0, 8), np.float32), SR, DiarizationOptions())
+    turns, _, k = diarize_embedded([], np.zeros((0, 8), np.float32), SR, DiarizationOptions())
     assert turns == [] and k == 0
 
 

@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from models.audio import stream_windows
-from models.diarization import DiarizationOptions, Turn, diarization_vad, diarize_embedded, speech_windows, to_rttm
+from models.diarization import (
+    DiarizationOptions,
+    Turn,
+    diarization_vad,
+    diarize_embedded,
+    speech_windows,
+    to_rttm,
+)
 from models.runtime import SpeakerModel
 from models.vad import SileroVad
 from training.realembed import model_vad_options
@@ -136,8 +143,9 @@ def _pool(per: dict) -> dict:
 
 def table(results: dict) -> str:
     """The pooled figures as a Markdown table."""
-    lines = ["| speakers | channel | recordings | minutes | DER % | missed | false alarm | confusion | JER % "
-             "| count exact % | x real time |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ("| speakers | channel | recordings | minutes | DER % | missed | false alarm | confusion | JER % "
+              "| count exact % | x real time |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, res in results.items():
         for ch, a in res["pooled"].items():
             lines.append(f"| {mode} | {ch} | {a['recordings']} | {a['minutes']:.0f} | {a['total']:.1f} | {a['missed']:.1f} "
