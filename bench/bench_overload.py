@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -114,33 +115,40 @@ async def open_loop(stub, request, rate: float, seconds: float, deadline: float,
             "refused": refused, "expired": expired, "other": other}
 
 
-async def measure(code_root: Path, extra: dict, args, audio: bytes) -> list[dict]:
+@contextlib.asynccontextmanager
+async def served(code_root: Path, extra: dict, metrics_port: int = -1):
+    """A server of ``code_root``'s code in its own process, stopped on exit: yields a SpeakerService stub."""
     import grpc
 
-    from service._proto.spkserve.v1 import speaker_pb2 as pb
     from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
-        proc = start(code_root, port, data, extra)
+        proc = start(code_root, port, data, extra, metrics_port)
         try:
             target = f"127.0.0.1:{port}"
             await wait_ready(pb_grpc, target)
             async with grpc.aio.insecure_channel(target) as ch:
-                stub = pb_grpc.SpeakerServiceStub(ch)
-                req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
-                rounds = []
-                for r in range(args.repeats):
-                    cap = await capacity(stub, req)
-                    res = await open_loop(stub, req, args.load * cap, args.seconds, args.deadline, seed=r)
-                    res["capacity"] = cap
-                    rounds.append(res)
-                    print(f"  round {r + 1}: {res}", flush=True)
-                    await asyncio.sleep(2)
-                return rounds
+                yield pb_grpc.SpeakerServiceStub(ch)
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+async def measure(code_root: Path, extra: dict, args, audio: bytes) -> list[dict]:
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+
+    async with served(code_root, extra) as stub:
+        req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
+        rounds = []
+        for r in range(args.repeats):
+            cap = await capacity(stub, req)
+            res = await open_loop(stub, req, args.load * cap, args.seconds, args.deadline, seed=r)
+            res["capacity"] = cap
+            rounds.append(res)
+            print(f"  round {r + 1}: {res}", flush=True)
+            await asyncio.sleep(2)
+        return rounds
 
 
 async def storm(stub, request, callers: int, seconds: float, deadline: float) -> dict:
@@ -182,38 +190,26 @@ def _metric(text: str, name: str) -> float:
 async def measure_storm(args, audio: bytes, code_root: Path = ROOT) -> list[dict]:
     import urllib.request
 
-    import grpc
-
     from service._proto.spkserve.v1 import speaker_pb2 as pb
-    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 
-    port, mport = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as data:
-        proc = start(code_root, port, data, {}, mport)
-        try:
-            target = f"127.0.0.1:{port}"
-            await wait_ready(pb_grpc, target)
-            scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()  # noqa: E731
-            async with grpc.aio.insecure_channel(target) as ch:
-                stub = pb_grpc.SpeakerServiceStub(ch)
-                req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
-                rounds = []
-                for r in range(args.repeats):
-                    cap = await capacity(stub, req)
-                    before = scrape()
-                    res = await storm(stub, req, args.concurrency, args.seconds, args.deadline)
-                    await asyncio.sleep(1.0)
-                    after = scrape()
-                    run = _metric(after, "spkserve_batch_size_sum") - _metric(before, "spkserve_batch_size_sum")
-                    # wasted: utterances the model ran that did not become an answer the client took in time
-                    res.update(capacity=cap, wasted_share=max(0.0, run - res["goodput"] * args.seconds) / max(run, 1.0))
-                    rounds.append(res)
-                    print(f"  round {r + 1}: {res}", flush=True)
-                    await asyncio.sleep(2)
-                return rounds
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    mport = free_port()
+    scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()  # noqa: E731
+    async with served(code_root, {}, mport) as stub:
+        req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
+        rounds = []
+        for r in range(args.repeats):
+            cap = await capacity(stub, req)
+            before = scrape()
+            res = await storm(stub, req, args.concurrency, args.seconds, args.deadline)
+            await asyncio.sleep(1.0)
+            after = scrape()
+            run = _metric(after, "spkserve_batch_size_sum") - _metric(before, "spkserve_batch_size_sum")
+            # wasted: utterances the model ran that did not become an answer the client took in time
+            res.update(capacity=cap, wasted_share=max(0.0, run - res["goodput"] * args.seconds) / max(run, 1.0))
+            rounds.append(res)
+            print(f"  round {r + 1}: {res}", flush=True)
+            await asyncio.sleep(2)
+        return rounds
 
 
 def main() -> int:
@@ -239,8 +235,8 @@ def main() -> int:
         for name, root in roots.items():
             print(name, flush=True)
             results[name] = asyncio.run(measure_storm(args, audio, root))
-        print(f"\n| code | callers | deadline s | capacity req/s | goodput req/s | goodput / capacity | refusal p50 ms | "
-              f"refusal p99 ms | wasted inference |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| code | callers | deadline s | capacity req/s | goodput req/s | goodput / capacity | refusal p50 ms | "
+              "refusal p99 ms | wasted inference |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, rows in results.items():
             med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
             print(f"| {name} | {args.concurrency} | {args.deadline:g} | {med('capacity'):.1f} | {med('goodput'):.1f} | "

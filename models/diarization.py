@@ -33,8 +33,8 @@ import numpy as np
 
 from models.vad import VadOptions
 
-__all__ = ["DiarizationOptions", "Turn", "speech_windows", "cluster", "resegment", "diarize_embedded", "speakers_of", "diarization_vad",
-           "to_rttm", "FRAME_S"]
+__all__ = ["FRAME_S", "DiarizationOptions", "Turn", "cluster", "diarization_vad", "diarize_embedded", "resegment",
+           "speakers_of", "speech_windows", "to_rttm"]
 
 FRAME_S = 0.01
 MAX_TREE_ITEMS = 2000  # the tree's distance matrix holds MAX_TREE_ITEMS**2 / 2 doubles (16 MB)
@@ -105,12 +105,15 @@ class Turn:
     windows: list[int] = field(default_factory=list)
 
 
-def speech_windows(regions: list[tuple[int, int]], rate: int, opts: DiarizationOptions,
-                   offset: int = 0) -> list[tuple[int, int]]:
-    """Windows (start, end) in samples over the speech ``regions``, each shifted by ``offset`` samples."""
+def speech_windows(regions: list[tuple[int, int]], rate: int, opts: DiarizationOptions, offset: int = 0,
+                   min_samples: int = 1) -> list[tuple[int, int]]:
+    """Windows (start, end) in samples over the speech ``regions``, each shifted by ``offset`` samples; regions
+    shorter than ``min_samples`` (too short for the model) give none."""
     win, hop = int(opts.window_s * rate), int(opts.hop_s * rate)
     out = []
     for a, b in ((a + offset, b + offset) for a, b in regions):
+        if b - a < min_samples:
+            continue
         if b - a <= win:
             out.append((a, b))
             continue
@@ -240,8 +243,8 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
 
 
 def diarize_embedded(windows: list[tuple[int, int]], emb: np.ndarray, rate: int,
-                     opts: DiarizationOptions) -> tuple[list[Turn], np.ndarray, int]:
-    """Cluster and resegment embedded windows: (turns, (N,) window labels, number of speakers).
+                     opts: DiarizationOptions) -> tuple[list[Turn], int]:
+    """Cluster and resegment embedded windows: (turns, number of speakers).
 
     Args:
         windows: (start, end) samples of each window (``speech_windows``).
@@ -250,7 +253,7 @@ def diarize_embedded(windows: list[tuple[int, int]], emb: np.ndarray, rate: int,
         opts: as for ``cluster``.
     """
     if not windows:
-        return [], np.zeros(0, np.int64), 0
+        return [], 0
     seconds = np.array([(b - a) / rate for a, b in windows])  # (N,)
     labels, k = cluster(emb, seconds, opts)
     turns = resegment(windows, labels, _centered(emb) if k > 1 else emb, rate, opts)
@@ -258,7 +261,7 @@ def diarize_embedded(windows: list[tuple[int, int]], emb: np.ndarray, rate: int,
     remap = {old: new for new, old in enumerate(used)}
     for t in turns:
         t.speaker = remap[t.speaker]
-    return turns, labels, len(used)
+    return turns, len(used)
 
 
 def speakers_of(turns: list[Turn], emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

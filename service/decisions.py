@@ -17,7 +17,7 @@ import numpy as np
 from models.scoring import ModelScorer, Scores
 from service.engine import Speech
 
-__all__ = ["Side", "Threshold", "Decision", "decide", "speech_shortfall", "speaker_shortfall", "is_ready",
+__all__ = ["Side", "Threshold", "Decision", "decide", "open_set_threshold", "speech_shortfall", "speaker_shortfall", "is_ready",
            "ACCEPT", "REJECT", "NOT_ENOUGH_SPEECH"]
 
 ACCEPT, REJECT, NOT_ENOUGH_SPEECH = "accept", "reject", "not_enough_speech"
@@ -114,3 +114,14 @@ def decide(scorer: ModelScorer, threshold: Threshold, a: Side, b: Side, nominal_
                                                b.speech_seconds)
     return Decision(ACCEPT if accepted else REJECT, scores, threshold, cosine_threshold)
 
+
+
+def open_set_threshold(threshold: Threshold, size: int) -> Threshold:
+    """The threshold a probe's best of ``size`` enrolled speakers must reach (Identify's open-set rule).
+
+    Each enrolled speaker is then 1/N as likely a priori: the pair threshold + ln(N) on the calibrated
+    LLR scale. Cosine and S-norm thresholds are no likelihood ratios and are returned unchanged.
+    """
+    if threshold.scale != "llr" or size <= 1:
+        return threshold
+    return Threshold("llr", threshold.value + float(np.log(size)))

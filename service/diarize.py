@@ -68,6 +68,7 @@ async def diarize_source(engine, model, source: IO[bytes], field: str, max_secon
     policy = engine.policies[model.name]
     vad_opts = None if policy.vad is None or engine.vad is None else diarization_vad(policy.vad)
     blocks = stream_windows(source, field, rate, max_seconds, pcm, BLOCK_SECONDS)
+    min_samples = int(rate * max(model.card.min_audio_seconds, 0.1))
     decode_s = 0.0
 
     def next_block(offset: int):
@@ -80,21 +81,19 @@ async def diarize_source(engine, model, source: IO[bytes], field: str, max_secon
             regions, narrow = ([(0, len(wave))] if len(wave) else []), False
         else:
             regions, narrow = engine.vad.analyse(wave, rate, vad_opts)
-        wins = speech_windows(regions, rate, opts)
-        waves = [wave[a:b] for a, b in wins if b - a >= rate * max(model.card.min_audio_seconds, 0.1)]
-        kept = [(a + offset, b + offset) for a, b in wins if b - a >= rate * max(model.card.min_audio_seconds, 0.1)]
-        return kept, waves, [(a + offset, b + offset) for a, b in regions], len(wave), narrow
+        wins = speech_windows(regions, rate, opts, offset, min_samples)
+        return wins, [wave[a - offset:b - offset] for a, b in wins], [(a + offset, b + offset) for a, b in regions], \
+            len(wave), narrow
 
     windows: list[tuple[int, int]] = []
     embs: list[np.ndarray] = []
     regions: list[tuple[int, int]] = []
     audio_total, narrow_blocks, n_blocks = 0, 0, 0
     queue_s = inference_s = 0.0
-    first = True
 
-    async def embed(wave: np.ndarray, admitted: bool) -> np.ndarray:
+    async def embed(wave: np.ndarray) -> np.ndarray:
         nonlocal queue_s, inference_s
-        res = await engine.embed(model, wave, deadline, admitted=admitted)
+        res = await engine.embed(model, wave, deadline, admitted=True)  # admitted above, as a whole
         queue_s, inference_s = max(queue_s, res.queue_s), inference_s + res.inference_s / max(res.batch_size, 1)
         return res.embedding
 
@@ -114,8 +113,7 @@ async def diarize_source(engine, model, source: IO[bytes], field: str, max_secon
             regions += block_regions
             for i in range(0, len(waves), WINDOWS_IN_FLIGHT):
                 part = waves[i:i + WINDOWS_IN_FLIGHT]
-                tasks = [asyncio.ensure_future(embed(w, admitted=not (first and j == 0))) for j, w in enumerate(part)]
-                first = False
+                tasks = [asyncio.ensure_future(embed(w)) for w in part]
                 try:
                     embs += await asyncio.gather(*tasks)
                 finally:
@@ -134,7 +132,7 @@ async def diarize_source(engine, model, source: IO[bytes], field: str, max_secon
         raise AudioError(field, "holds no audio samples")
     emb = np.stack(embs) if embs else np.zeros((0, model.dim), np.float32)  # (N, D)
     t0 = time.perf_counter()
-    turns, _, k = await loop.run_in_executor(engine.decode_pool, diarize_embedded, windows, emb, rate, opts)
+    turns, k = await loop.run_in_executor(engine.decode_pool, diarize_embedded, windows, emb, rate, opts)
     seconds, prints = speakers_of(turns, emb, k)
     decode_s += time.perf_counter() - t0
     return Diarization(turns, seconds, prints, sum(b - a for a, b in regions) / rate, audio_total / rate,

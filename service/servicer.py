@@ -23,6 +23,7 @@ from service.convert import (SCALE_PB, to_pcm16, VERDICT_PB, audio_input, merge_
                              speaker_pb, speech_pb)
 from service.cohorts import cohort_side_stats
 from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready,
+                               open_set_threshold,
                                speaker_shortfall, speech_shortfall)
 from service.engine import AudioInput, Engine, Speech
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Overloaded
@@ -422,8 +423,8 @@ class SpeakerServicer(StreamRpcs, DiarizeRpcs, SpeakerRecordRpcs, ModelRpcs, pb_
         size = await self.engine.store_call(store.speaker_count, coll)
         if rule == pb.IDENTIFY_RULE_OPEN_SET and threshold.scale != "llr":
             rule = pb.IDENTIFY_RULE_SINGLE_PAIR  # a cosine or S-norm is no likelihood ratio: ln(N) means nothing there
-        if rule == pb.IDENTIFY_RULE_OPEN_SET and size > 1:
-            threshold = Threshold("llr", threshold.value + float(np.log(size)))
+        if rule == pb.IDENTIFY_RULE_OPEN_SET:
+            threshold = open_set_threshold(threshold, size)
         base = dict(model=model.name, decision_scale=SCALE_PB[threshold.scale], decision_threshold=threshold.value,
                     probe_speech=speech_pb(probe.speech), rule=rule, collection_size=size)
         if probe.shortfall:

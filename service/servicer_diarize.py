@@ -14,35 +14,43 @@ from __future__ import annotations
 import io
 import time
 
-import numpy as np
-
 from models.audio import check_pcm_format
 from models.diarization import DiarizationOptions
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.convert import ms, pcm_encoding
-from service.decisions import Side, Threshold
+from service.decisions import Side, Threshold, open_set_threshold
 from service.diarize import Diarization, diarize_source
 from service.errors import InvalidArgument
 from service.rpc import rpc as _rpc
 from service.store import validate_collection
 
-__all__ = ["DiarizeRpcs", "diarization_options"]
-
-_MAX_SPEAKERS = 64
+__all__ = ["DiarizeRpcs", "diarization_options", "one_id_each"]
 
 
 def diarization_options(o: pb.DiarizationOptions, field: str) -> DiarizationOptions:
     """Checked ``DiarizationOptions`` of a request (INVALID_ARGUMENT naming ``field.<option>``)."""
-    for name in ("num_speakers", "min_speakers", "max_speakers"):
-        value = getattr(o, name)
-        if not 0 <= value <= _MAX_SPEAKERS:
-            raise InvalidArgument(f"{field}.{name}", f"must be in 1..{_MAX_SPEAKERS} (0: not set), got {value}")
     if o.num_speakers and (o.min_speakers or o.max_speakers):
         raise InvalidArgument(f"{field}.num_speakers", "set either num_speakers or min_speakers/max_speakers, not both")
-    lo, hi = o.min_speakers or 1, o.max_speakers or max(16, o.min_speakers)
-    if lo > hi:
-        raise InvalidArgument(f"{field}.min_speakers", f"{lo} is more than max_speakers ({hi})")
-    return DiarizationOptions(num_speakers=o.num_speakers or None, min_speakers=lo, max_speakers=hi).validate()
+    opts = DiarizationOptions(num_speakers=o.num_speakers or None, min_speakers=o.min_speakers or 1,
+                              max_speakers=o.max_speakers or max(16, o.min_speakers))
+    try:
+        return opts.validate()
+    except ValueError as e:  # "<option>: <what is wrong>"
+        name, _, message = str(e).partition(": ")
+        raise InvalidArgument(f"{field}.{name}", message) from None
+
+
+def one_id_each(matches: list[tuple[str, float] | None]) -> list[str]:
+    """The enrolled id each speaker takes ("" for none) from its accepted match (id, score): an id matched by
+    several speakers goes to the best-scoring one only (the first of equals)."""
+    best: dict[str, tuple[float, int]] = {}
+    for i, m in enumerate(matches):
+        if m is not None and (m[0] not in best or m[1] > best[m[0]][0]):
+            best[m[0]] = (m[1], i)
+    out = [""] * len(matches)
+    for speaker_id, (_, i) in best.items():
+        out[i] = speaker_id
+    return out
 
 
 class DiarizeRpcs:
@@ -100,10 +108,8 @@ class DiarizeRpcs:
             return labels, ids, llrs, None
         scorer = model.scorer
         size = await self.engine.store_call(self.engine.store.speaker_count, coll)
-        threshold = Threshold(scorer.scale, scorer.threshold)
-        if threshold.scale == "llr" and size > 1:  # the open-set rule of Identify
-            threshold = Threshold("llr", threshold.value + float(np.log(size)))
-        best: dict[str, tuple[float, int]] = {}
+        threshold = open_set_threshold(Threshold(scorer.scale, scorer.threshold), size)
+        matches: list[tuple[str, float] | None] = [None] * k
         for i in range(k):
             vec = result.prints[i]
             probe = Side(f"speaker {labels[i]}", vec, scorer.stats(vec), speech_seconds=float(result.speaker_seconds[i]))
@@ -112,11 +118,11 @@ class DiarizeRpcs:
                 continue
             rec, decision, _ = ranked[0]
             llrs[i] = decision.scores.llr
-            score = decision.scores.on(threshold.scale)
-            if decision.accepted and (rec.speaker_id not in best or score > best[rec.speaker_id][0]):
-                best[rec.speaker_id] = (score, i)
-        for speaker_id, (_, i) in best.items():
-            labels[i] = ids[i] = speaker_id
+            if decision.accepted:
+                matches[i] = (rec.speaker_id, decision.scores.on(threshold.scale))
+        for i, speaker_id in enumerate(one_id_each(matches)):
+            if speaker_id:
+                labels[i] = ids[i] = speaker_id
         return labels, ids, llrs, threshold.value if threshold.scale == "llr" else None
 
     @_rpc

@@ -92,7 +92,7 @@ def test_windows_turns_and_rttm():
     assert max(b for _, b in wins[:-1]) == 5 * SR  # the region's end is covered
     # two speakers: windows of the first 5 s say A, the short region says B
     emb = np.array([[1.0, 0.0]] * (len(wins) - 1) + [[0.0, 1.0]], np.float32)
-    turns, _, k = diarize_embedded(wins, emb, SR, DiarizationOptions(num_speakers=2))
+    turns, k = diarize_embedded(wins, emb, SR, DiarizationOptions(num_speakers=2))
     assert k == 2 and [t.speaker for t in turns] == [0, 1]
     assert turns[0].start == 0.0 and abs(turns[0].end - 5.0) < 0.02 and abs(turns[1].start - 6.0) < 0.02
     rttm = to_rttm([Turn(1.0, 2.5, 1)], ["SPEAKER_00", "alice"], "call-7")
@@ -100,7 +100,7 @@ def test_windows_turns_and_rttm():
 
 
 def test_no_windows_no_turns():
-    turns, _, k = diarize_embedded([], np.zeros((0, 8), np.float32), SR, DiarizationOptions())
+    turns, k = diarize_embedded([], np.zeros((0, 8), np.float32), SR, DiarizationOptions())
     assert turns == [] and k == 0
 
 
@@ -306,3 +306,33 @@ def test_cli_diarize_rttm_and_json(server, two_voices, tmp_path):
     both = subprocess.run(base + ["--num-speakers", "2", "--min-speakers", "1", str(path)], capture_output=True,
                           text=True, timeout=120)
     assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_diarize_own_windows_are_not_queueing(model_repo, tmp_path, two_voices):
+    """A recording's windows wait behind each other in the batcher; on an idle server that is the request's own
+    work, not queueing: a max_queue_wait far below it does not refuse the call."""
+    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], max_queue_wait_ms=5))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+            for _ in range(3):  # measured throughput first: the estimate needs it
+                stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(two_voices[0][:3 * SR]))), timeout=30)
+            r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(np.tile(two_voices[0], 2)))),
+                             timeout=60)
+            assert len(r.speakers) == 2 and r.timings.queue_ms > 5
+    finally:
+        srv.stop()
+
+
+def test_one_enrolled_id_labels_one_speaker():
+    from service.decisions import Threshold, open_set_threshold
+    from service.servicer_diarize import one_id_each
+
+    assert one_id_each([("alice", 3.0), None, ("alice", 5.0), ("bob", 2.0)]) == ["", "", "alice", "bob"]
+    assert one_id_each([("alice", 3.0), ("alice", 3.0)]) == ["alice", ""]
+    assert one_id_each([]) == []
+    assert open_set_threshold(Threshold("llr", 2.0), 100).value == pytest.approx(2.0 + np.log(100))
+    assert open_set_threshold(Threshold("llr", 2.0), 1).value == 2.0
+    assert open_set_threshold(Threshold("cosine", 0.7), 100).value == 0.7

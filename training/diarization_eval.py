@@ -53,14 +53,14 @@ def diarize_path(path: Path, model: SpeakerModel, vad: SileroVad, opts: Diarizat
     with open(path, "rb") as f:
         for block in stream_windows(f, "audio", rate, 4 * 3600.0, None, BLOCK_SECONDS):
             segments, _ = vad.analyse(block, rate, vad_opts)
-            wins = speech_windows(segments, rate, opts)
+            wins = speech_windows(segments, rate, opts, min_samples=int(rate * max(model.card.min_audio_seconds, 0.1)))
             for i in range(0, len(wins), batch_windows):  # (B, D) per batch of windows
                 part = wins[i:i + batch_windows]
                 embs.append(model.embed([block[a:b] for a, b in part]))
             windows += [(a + offset, b + offset) for a, b in wins]
             offset += len(block)
     emb = np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32)  # (N, D)
-    turns, _, k = diarize_embedded(windows, emb, rate, opts)
+    turns, k = diarize_embedded(windows, emb, rate, opts)
     return turns, k, offset / rate
 
 
