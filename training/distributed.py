@@ -80,6 +80,14 @@ def all_reduce_stats(stats) -> None:
     t = torch.from_numpy(stats.frames).to(device)
     dist.all_reduce(t)
     stats.frames = t.cpu().numpy().astype(np.int64)
+    if stats.utterances is not None:  # per-utterance counts back in the unsharded order
+        rank, world = rank_and_world()
+        parts: list = [None] * world
+        dist.all_gather_object(parts, stats.utterances)
+        merged: list = [None] * sum(len(p) for p in parts)
+        for r, p in enumerate(parts):
+            merged[r::world] = p
+        stats.utterances = merged
 
 
 def gather_shards(part: np.ndarray, n: int) -> np.ndarray:

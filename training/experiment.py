@@ -6,19 +6,23 @@
     .venv/bin/python -m training.experiment --out DIR --gate-only [--downstream-condition telephone]
                                                     # is this testbed able to show anything? (minutes)
 
-Two protocols, every row labelled with its ``protocol``:
+Every row is labelled with its ``protocol``:
 - ``superb`` (default, the published one; ``training.protocol_superb``): the SSL-pretrained upstream
   (a ``save_pretrained`` directory; default the committed ``models/checkpoints/ssl-distilled``, the
-  first testbed here whose FFNs carry speaker information, see the README; the masked-prediction-only
-  ``models/checkpoints/ssl-pretrained`` it was made from stays as a testbed that fails the gate) is
-  pruned, and for each pruned upstream a fresh SUPERB-style downstream is trained per seed on its
-  frozen features: identification accuracy on held-out utterances of the training speakers,
-  verification EER/minDCF on the unseen evaluation speakers. Rows: unpruned, all FFN neurons
-  removed, random (several draws), norm-only ("baseline"), protected (sets computed once, and
-  recomputed per layer); a sensitivity gate; paired differences with 95% intervals
-  (``summary.json``).
-- ``finetuned`` (``training.protocol_finetuned``): prune a speaker-fine-tuned model and score it
-  with its own head (optionally after a short distillation).
+  first testbed here whose FFNs carry speaker information, see the README) is pruned, and for each
+  pruned upstream a fresh SUPERB-style downstream is trained per head seed on its frozen features:
+  identification accuracy on held-out utterances of the training speakers, verification
+  EER/minDCF on the unseen evaluation speakers. Methods: unpruned, all_ffn (every FFN neuron
+  removed), random, baseline (norm-only), protected, shuffled_protect; speaker neurons identified
+  on several calibration draws.
+- ``ssl_stage`` (run inside the superb job at ``ssl_stage_ratios``; ``training.ssl_stage``): the
+  pruned upstream first continues its own pretraining objective for a fixed budget.
+- ``finetuned`` (``--protocol finetuned``, ``training.protocol_finetuned``): prune a speaker-fine-tuned
+  model and score it with its own head (optionally after a short distillation).
+
+The design is declared in the config before the run (``primary_protocol``, ``primary_ratio``,
+``metric``, ``sesoi``) and ``summary.json`` (``training.summary``) gives the verdict: ``benefit``,
+``no_benefit`` or ``inconclusive``.
 
 Bad input stops before the long work with a message that says what to change: a checkpoint that
 is not an SSL encoder, a corpus without enough speakers, a seed count below what the gate needs,
@@ -41,7 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.ssl import SSLSpeakerModel
 from training.common import load_split
 from training.corpus import read_scp
 from training.distributed import finish, init, is_main
@@ -65,7 +68,7 @@ class ExperimentConfig:
     protocol: str = "superb"  # superb | finetuned
     checkpoint: str | None = None  # None: the protocol's committed default
     corpus: str = str(ROOT / "corpus")
-    ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9, 0.97])
+    ratios: list[float] = field(default_factory=lambda: [0.9, 0.97])
     k_ssl: int = 3
     k_ivec: int = 2
     ssl_layer: int = -1  # hidden state used for SSL clusters; -1: the middle one
@@ -75,11 +78,22 @@ class ExperimentConfig:
     ubm_components: int = 64
     ivector_rank: int = 100
     seed: int = 0
-    # superb protocol
-    seeds: int = 5
-    random_seeds: int = 3
+    # superb protocol: the declared design (primary comparison, smallest effect of interest)
+    primary_protocol: str = "superb"  # superb | ssl_stage: whose protected-minus-baseline decides the verdict
+    primary_ratio: float = 0.9
+    sesoi: float = 1.0  # points of the metric (see the README: about the paper's effect scaled to this testbed)
+    seeds: int = 16  # head seeds per upstream
+    calibration_draws: int = 3  # neuron identification on this many different calibration subsets
+    random_seeds: int = 3  # random-pruning draws (each with every head seed)
+    permutations: int = 50  # label permutations for the speaker-neuron count's null distribution
+    ivector_utts: int = 0  # utterances training the i-vector extractor (0: the whole training split)
+    ssl_stage_ratios: list[float] = field(default_factory=lambda: [0.9])  # [] skips the SSL-stage protocol
+    ssl_stage_steps: int = 150
+    ssl_stage_head_steps: int = 100
+    ssl_stage_lr: float = 1e-4
+    ssl_stage_utts: int = 2000
     metric: str = "sid_acc"
-    gate_factor: float = 5.0
+    gate_factor: float = 5.0  # the attempts table's older gate (headroom >= factor x unpruned seed SD)
     utts_per_speaker: int = 8
     crop_seconds: float = 3.0
     held_out: float = 0.25
@@ -147,6 +161,22 @@ def check_config(cfg: ExperimentConfig) -> None:
             if cfg.downstream_condition not in CONDITIONS:
                 raise ValueError(f"downstream_condition {cfg.downstream_condition!r} is not a condition; "
                                  f"use one of {sorted(CONDITIONS)}")
+        if not cfg.sesoi > 0:
+            raise GateError(f"sesoi must be positive (points of {cfg.metric}), got {cfg.sesoi}")
+        if cfg.primary_protocol not in ("superb", "ssl_stage"):
+            raise ValueError(f"primary_protocol must be 'superb' or 'ssl_stage', got {cfg.primary_protocol!r}")
+        if not cfg.gate_only:
+            if cfg.primary_ratio not in cfg.ratios:
+                raise ValueError(f"primary_ratio {cfg.primary_ratio} is not in ratios {cfg.ratios}")
+            if cfg.primary_protocol == "ssl_stage" and cfg.primary_ratio not in cfg.ssl_stage_ratios:
+                raise ValueError(f"primary_ratio {cfg.primary_ratio} is not in ssl_stage_ratios {cfg.ssl_stage_ratios}")
+            extra = sorted(set(cfg.ssl_stage_ratios) - set(cfg.ratios))
+            if extra:
+                raise ValueError(f"ssl_stage_ratios {extra} are not in ratios {cfg.ratios}: every SSL-stage ratio is "
+                                 "also run under the published protocol")
+        for name in ("calibration_draws", "permutations", "ssl_stage_steps"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
         if cfg.utts_per_speaker < 2:
             raise ValueError(f"utts_per_speaker must be at least 2 (one to train, one held out), got {cfg.utts_per_speaker}")
 
@@ -185,8 +215,9 @@ def _corpus(cfg: ExperimentConfig) -> Path:
     return corpus
 
 
-def _calibration(cfg: ExperimentConfig, corpus: Path) -> Calibration:
-    rng = np.random.default_rng(cfg.seed)
+def _calibration(cfg: ExperimentConfig, corpus: Path, draw: int = 0) -> Calibration:
+    """Calibration draw ``draw``: ``calib_utts`` training utterances sampled with seed ``seed + draw``."""
+    rng = np.random.default_rng(cfg.seed + draw)
     all_utts = sorted(read_scp(corpus / "train" / "wav.scp")) if (corpus / "train" / "wav.scp").is_file() else []
     pick = sorted(rng.choice(all_utts, min(cfg.calib_utts, len(all_utts)), replace=False)) if all_utts else None
     utts, waves, utt2spk = load_split(corpus, "train", pick, progress=False)
@@ -238,7 +269,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
 
         load_downstream_data(corpus, cfg.utts_per_speaker, cfg.crop_seconds, cfg.min_speakers, cfg.seed,
                              load=False)  # check first
-        return run_superb(cfg, model, ckpt, calib, t0)[0]
+        return run_superb(cfg, model, ckpt, lambda d: calib if d == 0 else _calibration(cfg, corpus, d), t0)[0]
     from training.protocol_finetuned import run_finetuned
 
     return run_finetuned(cfg, model, ckpt, calib, t0)
@@ -255,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     ap.add_argument("--corpus")
     ap.add_argument("--ratios", type=float, nargs="+")
+    ap.add_argument("--ssl-stage-ratios", type=float, nargs="*", help="superb: ratios also run under the SSL-stage "
+                                                                      "protocol (none: skip it)")
+    ap.add_argument("--primary-protocol", choices=("superb", "ssl_stage"))
     ap.add_argument("--scope", choices=("layer", "global"))
     ap.add_argument("--variant", choices=("once", "recompute"))
     ap.add_argument("--no-recovery", action="store_true")
@@ -263,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--downstream-condition", help="superb: pass the downstream's audio through this channel "
                                                    "(training.channels: telephone, gsm, amr, opus, mp3, noise, reverb...)")
     for f in ("k_ssl", "k_ivec", "ssl_layer", "calib_utts", "recovery_steps", "eval_max_utts", "seed", "ubm_components",
-              "ivector_rank", "seeds", "random_seeds", "utts_per_speaker", "min_speakers", "head_epochs"):
+              "ivector_rank", "seeds", "random_seeds", "utts_per_speaker", "min_speakers", "head_epochs",
+              "calibration_draws", "permutations", "ivector_utts", "ssl_stage_steps", "ssl_stage_head_steps",
+              "ssl_stage_utts"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
-    for f in ("sigma", "gate_factor", "crop_seconds", "held_out", "top_fraction"):
+    for f in ("sigma", "gate_factor", "crop_seconds", "held_out", "top_fraction", "sesoi", "primary_ratio",
+              "ssl_stage_lr"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=float)
     args = ap.parse_args(argv)
     flags = ("save_upstreams", "gate_only")

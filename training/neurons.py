@@ -67,7 +67,8 @@ class ActivationStats:
         top_fraction: share of a frame's neurons counted active (0.01 -> tau = round(0.01 * ffn)).
     """
 
-    def __init__(self, model: SSLSpeakerModel, n_utt_labels: int, n_frame_labels: int, top_fraction: float = 0.01):
+    def __init__(self, model: SSLSpeakerModel, n_utt_labels: int, n_frame_labels: int, top_fraction: float = 0.01,
+                 per_utterance: bool = False):
         if not 0 < top_fraction < 1:
             raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
         self.model = model
@@ -78,6 +79,9 @@ class ActivationStats:
         self.frames = np.zeros((n_utt_labels, n_frame_labels), dtype=np.int64)
         self.top_fraction = top_fraction
         self._acts: list[torch.Tensor | None] = [None] * len(self.layers)
+        # with per_utterance: each utterance's own counts, [(S, ffn) per layer] and frames (S,), so that
+        # the statistics under any other utterance labelling (a permutation null) need no new pass
+        self.utterances: list[tuple[list[np.ndarray], np.ndarray]] | None = [] if per_utterance else None
 
     def _hook(self, i: int):
         def grab(module, inputs):
@@ -95,17 +99,42 @@ class ActivationStats:
             for h in handles:
                 h.remove()
         t = len(frame_labels)
+        n_frame_labels = self.frames.shape[1]
+        own = [np.zeros((n_frame_labels, w), dtype=np.int32) for w in self.widths]  # this utterance's counts
         for i, act in enumerate(self._acts):
             a = act[0, :t].abs()  # (T', ffn)
             if a.shape[0] != t:
                 raise ValueError(f"{t} frame labels for {a.shape[0]} frames")
             top = torch.topk(a.float(), self.taus[i], dim=1).indices.cpu().numpy()  # (T', tau)
             for s in np.unique(frame_labels):
-                idx = top[frame_labels == s].ravel()
-                self.counts[i][utt_label, s] += np.bincount(idx, minlength=self.widths[i])
-        for s, n in zip(*np.unique(frame_labels, return_counts=True)):
-            self.frames[utt_label, s] += n
+                own[i][s] = np.bincount(top[frame_labels == s].ravel(), minlength=self.widths[i])
+            self.counts[i][utt_label] += own[i]
+        frames = np.bincount(frame_labels, minlength=n_frame_labels)  # (S,)
+        self.frames[utt_label] += frames
+        if self.utterances is not None:
+            self.utterances.append((own, frames))
         self._acts = [None] * len(self.layers)
+
+    def relabelled(self, utt_labels: np.ndarray, n_utt_labels: int) -> "ActivationStats":
+        """The statistics this pass would give under another utterance labelling (N,), in update order.
+
+        Raises:
+            ValueError: the pass did not keep per-utterance counts, or the label count differs.
+        """
+        if self.utterances is None:
+            raise ValueError("relabelled needs ActivationStats(per_utterance=True)")
+        if len(utt_labels) != len(self.utterances):
+            raise ValueError(f"{len(utt_labels)} labels for {len(self.utterances)} utterances")
+        out = object.__new__(ActivationStats)
+        out.model, out.layers, out.widths, out.taus = self.model, self.layers, self.widths, self.taus
+        out.top_fraction, out._acts, out.utterances = self.top_fraction, [None] * len(self.layers), None
+        out.counts = [np.zeros((n_utt_labels, c.shape[1], w), dtype=np.int64) for c, w in zip(self.counts, self.widths)]
+        out.frames = np.zeros((n_utt_labels, self.frames.shape[1]), dtype=np.int64)
+        for label, (own, frames) in zip(utt_labels, self.utterances):
+            for i, c in enumerate(own):
+                out.counts[i][label] += c
+            out.frames[label] += frames
+        return out
 
     def probabilities(self) -> list[np.ndarray]:
         """P(active | utterance label, frame label) per layer: [(C, S, ffn)]."""

@@ -66,7 +66,7 @@ from training.pretrain_data import (feature_targets, frames_of, kmeans_targets, 
                                     through_channels)
 
 __all__ = ["PretrainConfig", "SMALL_WAVLM", "utterance_contrast_loss", "CONTRAST_HEADS", "projection_head",
-           "MaskedPredictor", "pretrain", "publish", "main"]
+           "MaskedPredictor", "sample_batch", "crop_samples", "pretrain_step", "pretrain", "publish", "main"]
 
 # 4-layer WavLM, hidden 256, FFN 1024, thin early convolutions (about 4 M parameters)
 SMALL_WAVLM = dict(
@@ -160,6 +160,60 @@ def utterance_contrast_loss(z: torch.Tensor, temperature: float) -> torch.Tensor
     return nn.functional.cross_entropy(sim, sibling)
 
 
+def sample_batch(waves: list[np.ndarray], labels: list[np.ndarray], cfg: PretrainConfig,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One training batch: crops (B, T) float32 at random gains and their frame targets (B, T') int64.
+
+    With ``contrast_weight`` rows 2k and 2k+1 are two crops of one utterance.
+    """
+    crop = crop_samples(cfg.crop_seconds)
+    n_frames = frames_of(crop)
+    idx = rng.integers(0, len(waves), cfg.batch_size)
+    if cfg.contrast_weight > 0:
+        idx[1::2] = idx[0::2]
+    batch = np.zeros((cfg.batch_size, crop), dtype=np.float32)
+    tgt = np.zeros((cfg.batch_size, n_frames), dtype=np.int64)
+    for b, i in enumerate(idx):
+        start_frame = int(rng.integers(0, len(labels[i]) - n_frames + 1))
+        s = start_frame * 320
+        seg = waves[i][s:s + crop]
+        batch[b, :len(seg)] = seg * float(rng.uniform(0.5, 1.5))
+        tgt[b] = labels[i][start_frame:start_frame + n_frames]
+    return batch, tgt
+
+
+def crop_samples(seconds: float) -> int:
+    """Crop length in samples for ``seconds``, trimmed to a whole number of encoder frames."""
+    crop = int(seconds * 16000)
+    return crop - (crop - 400) % 320
+
+
+def pretrain_step(model: "MaskedPredictor", opt: torch.optim.Optimizer, waves: list[np.ndarray],
+                  labels: list[np.ndarray], cfg: PretrainConfig, rng: np.random.Generator,
+                  teacher: nn.Module | None, center: torch.Tensor | None, bf16: bool) -> tuple[float, float]:
+    """One optimiser step of the pretraining objective (masked prediction, plus the contrast and the
+    distillation when their weights are set); returns (loss, masked-frame accuracy)."""
+    batch, tgt = sample_batch(waves, labels, cfg, rng)  # (B, T), (B, T')
+    speaker = teacher_targets(teacher, batch) if teacher is not None else None  # (B, D), clean crops
+    mix_utterances(batch, waves, cfg.mix_prob, rng)  # targets stay the primary crop's
+    through_channels(batch, cfg.channel_prob, rng, waves)  # and the clean crop's
+    mask = torch.from_numpy(span_mask(cfg.batch_size, tgt.shape[1], cfg.mask_prob, cfg.mask_length, rng))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits, z, d = model(torch.from_numpy(batch), mask)  # (B, T', K), (B, 128) / (B, T', D) or None
+    loss = nn.functional.cross_entropy(logits.float()[mask], torch.from_numpy(tgt)[mask])
+    if z is not None:
+        loss = loss + cfg.contrast_weight * utterance_contrast_loss(z, cfg.contrast_temperature)
+    if d is not None:
+        loss = loss + cfg.distill_weight * frame_distill_loss(d, speaker, center)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    with torch.no_grad():
+        acc = (logits.float()[mask].argmax(-1) == torch.from_numpy(tgt)[mask]).float().mean().item()
+    return float(loss.item()), acc
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining; returns the path of the final encoder checkpoint."""
     from tqdm import tqdm
@@ -190,8 +244,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out = start_run(cfg.out, cfg, cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    crop = int(cfg.crop_seconds * 16000)
-    crop -= (crop - 400) % 320  # a whole number of frames
+    crop = crop_samples(cfg.crop_seconds)
     _, all_waves, _ = load_split(cfg.corpus, "train")
     waves = [w for w in all_waves if len(w) >= crop]
     if len(waves) < cfg.batch_size:
@@ -230,47 +283,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
     state = RunState(out, {"model": model, "opt": opt}, cfg.seed)
     rng = state.rng
 
-    n_frames = frames_of(crop)
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step")
     t_start = time.monotonic() - state.elapsed * 60
     bf16 = cpu_bf16(cfg.bf16, "pretrain")
     while state.step < cfg.max_steps and (time.monotonic() - t_start) / 60 < cfg.max_minutes:
-        idx = rng.integers(0, len(waves), cfg.batch_size)
-        if cfg.contrast_weight > 0:
-            idx[1::2] = idx[0::2]  # rows 2k and 2k+1: two crops of one utterance
-        batch = np.zeros((cfg.batch_size, crop), dtype=np.float32)
-        tgt = np.zeros((cfg.batch_size, n_frames), dtype=np.int64)
-        for b, i in enumerate(idx):
-            start_frame = int(rng.integers(0, len(labels[i]) - n_frames + 1))
-            s = start_frame * 320
-            seg = waves[i][s:s + crop]
-            batch[b, :len(seg)] = seg * float(rng.uniform(0.5, 1.5))
-            tgt[b] = labels[i][start_frame:start_frame + n_frames]
-        speaker = teacher_targets(teacher, batch) if teacher is not None else None  # (B, D), clean crops
-        mix_utterances(batch, waves, cfg.mix_prob, rng)  # targets stay the primary crop's
-        through_channels(batch, cfg.channel_prob, rng, waves)  # and the clean crop's
-        mask = torch.from_numpy(span_mask(cfg.batch_size, n_frames, cfg.mask_prob, cfg.mask_length, rng))
         for g in opt.param_groups:
             g["lr"] = lr_at(state.step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, z, d = model(torch.from_numpy(batch), mask)  # (B, T', K), (B, 128) / (B, T', D) or None
-        loss = nn.functional.cross_entropy(logits.float()[mask], torch.from_numpy(tgt)[mask])
-        if z is not None:
-            loss = loss + cfg.contrast_weight * utterance_contrast_loss(z, cfg.contrast_temperature)
-        if d is not None:
-            loss = loss + cfg.distill_weight * frame_distill_loss(d, speaker, center)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        with torch.no_grad():
-            acc = (logits.float()[mask].argmax(-1) == torch.from_numpy(tgt)[mask]).float().mean().item()
-        state.history.append((state.step, float(loss.item()), acc))
+        loss, acc = pretrain_step(model, opt, waves, labels, cfg, rng, teacher, center, bf16)
+        state.history.append((state.step, loss, acc))
         state.step += 1
         state.elapsed = (time.monotonic() - t_start) / 60
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", min=f"{state.elapsed:.1f}")
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", min=f"{state.elapsed:.1f}")
         if state.step % cfg.checkpoint_every == 0:
             state.save()
     bar.close()

@@ -20,29 +20,36 @@ import numpy as np
 import torch
 
 from models.ssl import SSLSpeakerModel, ffn_layers
+from training.clusters import IVectorModel
 from training.distributed import all_reduce_stats, shard
 from training.features import mfcc
 from training.ivector import IVectorExtractor, baum_welch, length_norm, train_ubm
 from training.neurons import ActivationStats, NeuronSets, kmeans_labels, neuron_sets, ssl_frames
 from training.prune import PrunePlan, apply_plan, neuron_scores, plan_pruning, slice_ffn
 
-__all__ = ["cluster_labels", "neuron_sets_for", "speaker_neuron_sets", "specificity", "protect", "prune_recompute",
+__all__ = ["cluster_labels", "neuron_sets_for", "null_speaker_counts", "shuffled_protect", "speaker_neuron_sets", "specificity", "protect", "prune_recompute",
            "random_keep", "remove_all_ffn", "load_speaker_model", "kept_sets"]
 
 
-def cluster_labels(model: SSLSpeakerModel, waves: list[np.ndarray], cfg: Any) -> tuple[np.ndarray, list[np.ndarray], dict]:
+def cluster_labels(model: SSLSpeakerModel, waves: list[np.ndarray], cfg: Any,
+                   ivectors: IVectorModel | None = None) -> tuple[np.ndarray, list[np.ndarray], dict]:
     """(utterance labels (N,), frame labels [(T_i,)], report) for the calibration waveforms.
 
     ``cfg`` has k_ivec, k_ssl, ssl_layer (-1: middle hidden state), ubm_components, ivector_rank, seed.
+    ``ivectors``: an extractor trained on the whole training split (``training.clusters``); without
+    it one is trained on the calibration waveforms themselves.
     """
-    feats = [mfcc(w, cmn=False) for w in waves]
-    allf = np.concatenate(feats)
     rng = np.random.default_rng(cfg.seed)
-    sample = allf[rng.choice(len(allf), min(100_000, len(allf)), replace=False)]
-    ubm = train_ubm(sample, min(cfg.ubm_components, max(2, len(sample) // 50)), 8, cfg.seed)
-    stats_bw = [baum_welch(ubm, f) for f in feats]
-    rank = min(cfg.ivector_rank, len(waves) - 1)
-    ivecs = length_norm(IVectorExtractor(ubm, rank, cfg.seed).fit(stats_bw, 4).transform(stats_bw))
+    if ivectors is not None:
+        ivecs = ivectors.ivectors(waves)  # (N, R)
+    else:
+        feats = [mfcc(w, cmn=False) for w in waves]
+        allf = np.concatenate(feats)
+        sample = allf[rng.choice(len(allf), min(100_000, len(allf)), replace=False)]
+        ubm = train_ubm(sample, min(cfg.ubm_components, max(2, len(sample) // 50)), 8, cfg.seed)
+        stats_bw = [baum_welch(ubm, f) for f in feats]
+        rank = min(cfg.ivector_rank, len(waves) - 1)
+        ivecs = length_norm(IVectorExtractor(ubm, rank, cfg.seed).fit(stats_bw, 4).transform(stats_bw))
     utt_labels, _ = kmeans_labels(ivecs, cfg.k_ivec, cfg.seed, "utterances (i-vectors)")
     n_states = model.encoder.config.num_hidden_layers + 1
     layer = cfg.ssl_layer if cfg.ssl_layer >= 0 else n_states // 2
@@ -63,12 +70,15 @@ def cluster_labels(model: SSLSpeakerModel, waves: list[np.ndarray], cfg: Any) ->
 
 
 def neuron_sets_for(model: SSLSpeakerModel, waves: list[np.ndarray], utt_labels: np.ndarray,
-                    frame_labels: list[np.ndarray], cfg: Any) -> tuple[NeuronSets, ActivationStats]:
+                    frame_labels: list[np.ndarray], cfg: Any,
+                    per_utterance: bool = False) -> tuple[NeuronSets, ActivationStats]:
     """Activation statistics of ``model`` under fixed labels -> neuron sets (sigma, top_fraction from ``cfg``).
 
     Under torchrun each rank counts its shard of the utterances; the counts are summed across ranks.
+    ``per_utterance`` keeps each utterance's counts too (for ``null_speaker_counts``).
     """
-    stats = ActivationStats(model, int(max(utt_labels.max() + 1, cfg.k_ivec)), cfg.k_ssl, cfg.top_fraction)
+    stats = ActivationStats(model, int(max(utt_labels.max() + 1, cfg.k_ivec)), cfg.k_ssl, cfg.top_fraction,
+                            per_utterance)
     for w, u, fl in shard(list(zip(waves, utt_labels, frame_labels))):
         stats.update(w, int(u), fl)
     all_reduce_stats(stats)
@@ -81,6 +91,22 @@ def speaker_neuron_sets(model: SSLSpeakerModel, waves: list[np.ndarray], cfg: An
     utt_labels, frame_labels, report = cluster_labels(model, waves, cfg)
     sets, stats = neuron_sets_for(model, waves, utt_labels, frame_labels, cfg)
     return sets, stats, report
+
+
+def null_speaker_counts(stats: ActivationStats, utt_labels: np.ndarray, sigma: float, permutations: int,
+                        seed: int) -> list[int]:
+    """Total speaker neurons marked under ``permutations`` random permutations of the utterance labels
+    (the same statistics pass, relabelled): the null distribution of the speaker-neuron count."""
+    rng = np.random.default_rng(seed)
+    n_labels = stats.frames.shape[0]
+    return [int(sum(neuron_sets(stats.relabelled(rng.permutation(utt_labels), n_labels), sigma).counts()))
+            for _ in range(permutations)]
+
+
+def shuffled_protect(protected: list[list[int]], widths: list[int], seed: int) -> list[list[int]]:
+    """The ``shuffled_protect`` control: per layer, a uniformly random neuron set of the protected set's size."""
+    rng = np.random.default_rng(seed)
+    return [sorted(int(i) for i in rng.choice(w, len(p), replace=False)) for p, w in zip(protected, widths)]
 
 
 def specificity(stats: ActivationStats, sets: NeuronSets) -> list[np.ndarray]:

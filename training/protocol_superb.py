@@ -5,18 +5,21 @@ Stages (each prints what it did):
    ``crop_seconds``) for speaker identification, the evaluation split's utterances and trials
    (unseen speakers) for verification, optionally passed through a channel
    (``downstream_condition``: telephone, codecs, noise...); checked before any long work;
-2. calibration clusters and activation statistics of the unpruned upstream -> speaker neurons
-   (``neurons.json``, ``neurons.png``), with a label-shuffled control count (how many
-   "speaker neurons" the same statistics mark when the i-vector clusters are random), and the
-   kept neuron sets of every method and ratio (the recompute-per-layer variant's statistics
-   passes included, so under torchrun every collective happens here);
-3. controls: the unpruned upstream and the upstream with every FFN neuron removed, each with a
-   fresh head per seed -> the sensitivity gate (stops here if it cannot be computed);
-4. for every ratio: norm-only ("baseline"), protected with sets computed once, protected with
-   sets recomputed per layer, and random pruning (``random_seeds`` draws); one head per seed
-   (skipped with ``gate_only``, as are stage 2's kept sets: a cheap check of a testbed);
-5. ``results.json`` (rows), ``summary.json`` (gate and paired comparisons), ``results.md``
-   and plots (``training.report``).
+2. controls: the unpruned upstream and the upstream with every FFN neuron removed, a fresh head per
+   seed (the gate; ``gate_only`` stops here);
+3. an i-vector extractor trained on the training split, then for each of ``calibration_draws``
+   calibration subsets: i-vector and SSL clusters (their speaker and pitch-class purity recorded),
+   activation statistics, speaker neurons, the count's null distribution over ``permutations``
+   label permutations, and the kept sets of ``protected`` and ``shuffled_protect`` (a random
+   neuron set of the same size protected instead) per ratio;
+4. for every ratio: norm-only ("baseline"), protected (every draw); at the primary ratio also
+   shuffled_protect (every draw) and random pruning (``random_seeds`` draws); one head per seed;
+5. the SSL-stage protocol (``training.ssl_stage``) at ``ssl_stage_ratios``: norm-only and protected
+   upstreams continue their own pretraining objective for one fixed budget, then the frozen
+   downstream;
+6. ``results.json`` (rows), ``controls.json`` (neuron counts, nulls, cluster purity, SSL-stage runs),
+   ``summary.json`` (``training.summary``: the gate, controls, the declared primary comparison and
+   its verdict), ``results.md`` and plots (``training.report``).
 
 A head seed fixes the head's initialisation, its minibatch order and which utterances of each
 training speaker are held out for identification, so rows with the same seed are paired.
@@ -27,25 +30,28 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.evaluation import cosine_scores, evaluate_scores, read_trials
-from models.ssl import SSLSpeakerModel, ffn_layers, save_checkpoint
+from models.ssl import SSLSpeakerModel, ffn_layers
+from training.clusters import IVectorModel, cluster_purity, pitch_class, pitch_hz, train_ivector_extractor
 from training.common import load_split
 from training.corpus import read_scp
 from training.distributed import gather_shards, is_main, shard
 from training.downstream import HeadConfig, crop, layer_means, sid_accuracy, split_by_speaker, train_head, verification
 from training.features import logmel_stats
 from training.neurons import plot_neuron_counts
-from training.protection import (cluster_labels, neuron_sets_for, protect, prune_recompute, random_keep,
-                                 remove_all_ffn, specificity)
+from training.protection import (cluster_labels, neuron_sets_for, null_speaker_counts, protect, random_keep,
+                                 remove_all_ffn, shuffled_protect, specificity)
 from training.prune import PrunePlan, apply_plan, neuron_scores, plan_pruning
-from training.stats import gate, jaccard, paired_difference
+from training.summary import gate_of, summarize
 
-__all__ = ["DownstreamData", "load_downstream_data", "run_superb"]
+__all__ = ["DownstreamData", "DrawSets", "load_downstream_data", "run_superb"]
 
 
 def _log(msg: str) -> None:
@@ -126,8 +132,9 @@ def _through(condition: str, waves: list[np.ndarray], rng: np.random.Generator) 
 
 
 def _upstream_rows(model: SSLSpeakerModel, data: DownstreamData, seeds: list[int], cfg: Any, hcfg: HeadConfig,
-                   base: dict) -> tuple[list[dict], np.ndarray]:
-    """Features of one upstream, a fresh head per seed; returns (rows, SID features)."""
+                   base: dict) -> list[dict]:
+    """Features of one upstream, a fresh head per seed -> one row per seed (``base`` gives protocol,
+    method, ratio, calibration_draw and random_draw)."""
     t = time.monotonic()
     waves = data.sid_waves + data.eval_waves
     feats = gather_shards(layer_means(model, shard(waves)), len(waves))  # (N, L+1, H)
@@ -139,12 +146,12 @@ def _upstream_rows(model: SSLSpeakerModel, data: DownstreamData, seeds: list[int
         train, test = split_by_speaker(data.sid_labels, cfg.held_out, s)
         head = train_head(x_sid[train], data.sid_labels[train], len(data.speakers), s, hcfg)
         eer, mindcf = verification(head, x_eval, data.eval_utts, data.trials)
-        rows.append({"protocol": "superb", **base, "seed": s,
+        rows.append({"protocol": "superb", "calibration_draw": None, **base, "seed": s,
                      "sid_acc": sid_accuracy(head, x_sid[test], data.sid_labels[test]), "eer": eer, "mindcf": mindcf,
                      "params": params, "rtf": rtf,
                      "ffn_widths": [ff.intermediate_dense.out_features for ff in ffn_layers(model.encoder)],
                      "layer_weights": [round(w, 4) for w in head.layer_weights()]})
-    return rows, x_sid
+    return rows
 
 
 def _logmel_eer(data: DownstreamData) -> float:
@@ -155,18 +162,64 @@ def _logmel_eer(data: DownstreamData) -> float:
     return float(evaluate_scores(scores, labels).eer)
 
 
-def _shuffled_control(model: SSLSpeakerModel, waves: list[np.ndarray], utt_labels: np.ndarray,
-                      frame_labels: list[np.ndarray], cfg: Any) -> list[int]:
-    """Speaker neurons per layer when the utterance clusters are randomly permuted (chance level)."""
-    rng = np.random.default_rng(cfg.seed + 7)
-    sets, _ = neuron_sets_for(model, waves, rng.permutation(utt_labels), frame_labels, cfg)
-    return sets.counts()
+@dataclass
+class DrawSets:
+    """What one calibration draw decides: the kept neurons of every method per ratio, and its controls."""
+
+    kept: dict[float, dict[str, list[np.ndarray]]]  # ratio -> {"protected", "shuffled_protect"} -> per layer
+    neuron_count: int
+    null: list[int]
+    truncated: dict[str, bool]
+    purity: dict
 
 
-def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calib: Any, t0: float) -> tuple[list[dict], dict]:
-    """Stages 1-5 (see the module docstring); returns (rows, summary), also written to ``cfg.out``."""
+def _speaker_pitch(utts: list[str], waves: list[np.ndarray], utt2spk: dict[str, str]) -> dict[str, str]:
+    """Each calibration speaker's estimated pitch class (median F0 over its utterances)."""
+    per: dict[str, list[float]] = {}
+    for u, w in zip(utts, waves):
+        per.setdefault(utt2spk[u], []).append(pitch_hz(w))
+    return {s: pitch_class(float(np.nanmedian(f)) if np.isfinite(f).any() else float("nan")) for s, f in per.items()}
+
+
+def _draw_sets(model: SSLSpeakerModel, calib: Any, draw: int, ivectors: IVectorModel, cfg: Any,
+               scores: list[np.ndarray], ratios: list[float], out: Path) -> DrawSets:
+    """Stage 2 for one calibration draw: clusters (with their purity), statistics, speaker neurons, the
+    permutation null of their count, and the protected / shuffled-protect kept sets per ratio."""
+    utt_labels, frame_labels, clusters = cluster_labels(model, calib.waves, cfg, ivectors)
+    sets, stats = neuron_sets_for(model, calib.waves, utt_labels, frame_labels, cfg, per_utterance=True)
+    null = null_speaker_counts(stats, utt_labels, cfg.sigma, cfg.permutations, cfg.seed + 100 + draw)
+    pitch = _speaker_pitch(calib.utts, calib.waves, calib.utt2spk)
+    spk = [calib.utt2spk[u] for u in calib.utts]
+    frame_spk = [s for s, fl in zip(spk, frame_labels) for _ in range(len(fl))]
+    purity = {"ivector": cluster_purity(utt_labels, spk, [pitch[s] for s in spk], 20, cfg.seed + draw),
+              "ssl_frames": cluster_purity(np.concatenate(frame_labels), frame_spk, [pitch[s] for s in frame_spk],
+                                           20, cfg.seed + draw),
+              "pitch_classes": {c: sum(v == c for v in pitch.values()) for c in ("low", "high", "unknown")},
+              "ivector_cluster_utterances": clusters["ivector_cluster_utterances"],
+              "ssl_cluster_frame_share": clusters["ssl_cluster_frame_share"]}
+    spec = specificity(stats, sets)
+    widths = [len(x) for x in scores]
+    kept, truncated = {}, {}
+    for ratio in ratios:
+        prot, truncated[str(ratio)] = protect(sets, spec, widths, ratio)
+        kept[ratio] = {"protected": plan_pruning(scores, ratio, prot, "layer").keep,
+                       "shuffled_protect": plan_pruning(scores, ratio, shuffled_protect(prot, widths,
+                                                                                        cfg.seed + 200 + draw),
+                                                        "layer").keep}
+    if is_main() and draw == 0:
+        sets.save(out / "neurons.json", stats)
+        plot_neuron_counts(sets, out / "neurons.png", f"speaker neurons per layer (sigma={cfg.sigma}, k_ssl={cfg.k_ssl})")
+    _log(f"draw {draw}: speaker neurons {sets.counts()} (total {sum(sets.counts())}); label-permutation null "
+         f"p95 {np.percentile(null, 95):.0f}; i-vector clusters speaker consistency "
+         f"{purity['ivector']['speaker_consistency']} (chance {purity['ivector']['speaker_consistency_chance']}), "
+         f"pitch-class purity {purity['ivector']['pitch_class_purity']}")
+    return DrawSets(kept, int(sum(sets.counts())), null, truncated, purity)
+
+
+def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calibration: Callable[[int], Any],
+               t0: float) -> tuple[list[dict], dict]:
+    """Stages 1-6 (see the module docstring); returns (rows, summary), also written to ``cfg.out``."""
     from training import report
-    from training.analysis import layer_probe
 
     out = Path(cfg.out)
     seeds = list(range(cfg.seeds))
@@ -174,118 +227,110 @@ def run_superb(cfg: Any, model: SSLSpeakerModel, ckpt: dict, calib: Any, t0: flo
     _log("stage 1: downstream data")
     data = load_downstream_data(cfg.corpus, cfg.utts_per_speaker, cfg.crop_seconds, cfg.min_speakers, cfg.seed,
                                 cfg.downstream_condition)
-    ratios = [] if cfg.gate_only else list(cfg.ratios)
+    ratios = [] if cfg.gate_only else sorted(set(cfg.ratios))
     _log(f"{len(data.sid_waves)} SID utterances of {len(data.speakers)} speakers, {len(data.eval_utts)} evaluation "
          f"utterances, {len(data.trials)} trials; {data.seconds / 60:.1f} min of audio per upstream")
 
-    _log("stage 2: clusters, activation statistics, speaker neurons")
-    utt_labels, frame_labels, clusters = cluster_labels(model, calib.waves, cfg)
-    sets, stats = neuron_sets_for(model, calib.waves, utt_labels, frame_labels, cfg)
-    spec = specificity(stats, sets)
-    shuffled = _shuffled_control(model, calib.waves, utt_labels, frame_labels, cfg)
-    if is_main():
-        sets.save(out / "neurons.json", stats)
-        plot_neuron_counts(sets, out / "neurons.png", f"speaker neurons per layer (sigma={cfg.sigma}, k_ssl={cfg.k_ssl})")
-        (out / "clusters.json").write_text(json.dumps({k: v for k, v in clusters.items() if k != "utt_labels"},
-                                                      indent=1) + "\n")
-    _log(f"speaker neurons per layer {sets.counts()} of {stats.widths}; with shuffled clusters {shuffled}")
-    scores = neuron_scores(model)
-    widths = [len(s) for s in scores]
-    kept: dict[float, dict[str, list[np.ndarray]]] = {}
-    truncation = {}
-    for ratio in ratios:  # every statistics pass (the recompute variant's too) happens here, on every rank
-        prot, trunc = protect(sets, spec, widths, ratio)
-        kept[ratio] = {"baseline": plan_pruning(scores, ratio, None, "layer").keep,
-                       "protected-once": plan_pruning(scores, ratio, prot, "layer").keep}
-        kept[ratio]["protected-recompute"], trunc_r = prune_recompute(copy.deepcopy(model), calib.waves, utt_labels,
-                                                                      frame_labels, cfg, ratio)
-        truncation[str(ratio)] = {"once": trunc, "recompute": trunc_r}
-
-    _log("stage 3: controls and the sensitivity gate")
     rows: list[dict] = []
-    probes: dict[str, list[float]] = {}
-    r_unpruned, x = _upstream_rows(model, data, seeds, cfg, hcfg, {"method": "unpruned", "ratio": 0.0, "variant": None})
-    probes["unpruned"] = layer_probe(x, data.sid_labels, cfg.seed)
-    none = remove_all_ffn(copy.deepcopy(model))
-    r_all, x = _upstream_rows(none, data, seeds, cfg, hcfg, {"method": "all_ffn", "ratio": 1.0, "variant": None})
-    probes["all_ffn"] = layer_probe(x, data.sid_labels, cfg.seed)
-    rows += r_unpruned + r_all
-    g = gate([r[cfg.metric] for r in r_unpruned], [r[cfg.metric] for r in r_all], cfg.metric, cfg.gate_factor)
-    _log(f"gate: headroom {g['headroom']:.2f} vs noise {g['noise']:.2f} ({cfg.metric}): "
-         f"{'testable' if g['testable'] else 'NOT testable'}")
+    _log("stage 2: controls (unpruned, every FFN neuron removed)")
+    rows += _upstream_rows(model, data, seeds, cfg, hcfg, {"method": "unpruned", "ratio": 0.0})
+    rows += _upstream_rows(remove_all_ffn(copy.deepcopy(model)), data, seeds, cfg, hcfg,
+                           {"method": "all_ffn", "ratio": 1.0})
+    controls: dict = {}
+    if ratios:
+        _log(f"stage 3: i-vector extractor on the training split, then {cfg.calibration_draws} calibration draws")
+        ivectors = train_ivector_extractor(cfg.corpus, cfg.ubm_components, cfg.ivector_rank, cfg.seed,
+                                           cfg.ivector_utts or None)
+        scores = neuron_scores(model)
+        draws = [_draw_sets(model, calibration(d), d, ivectors, cfg, scores, ratios, out)
+                 for d in range(cfg.calibration_draws)]
+        controls = {"neuron_count": draws[0].neuron_count, "neuron_count_null": draws[0].null,
+                    "per_draw": [{"draw": d, "neuron_count": x.neuron_count,
+                                  "null_p95": float(np.percentile(x.null, 95)), "truncated": x.truncated,
+                                  "clusters": x.purity} for d, x in enumerate(draws)],
+                    "ivector_extractor_utterances": ivectors.utterances}
+        _log("stage 4: pruned upstreams")
+        for ratio in ratios:
+            controls_here = ratio == cfg.primary_ratio
+            rows += _upstream_rows(apply_plan(copy.deepcopy(model), _plan(plan_pruning(scores, ratio, None, "layer")
+                                                                            .keep, ratio)),
+                                   data, seeds, cfg, hcfg, {"method": "baseline", "ratio": ratio})
+            for d, x in enumerate(draws):
+                for method in ("protected", "shuffled_protect") if controls_here else ("protected",):
+                    up = apply_plan(copy.deepcopy(model), _plan(x.kept[ratio][method], ratio))
+                    rows += _upstream_rows(up, data, seeds, cfg, hcfg,
+                                           {"method": method, "ratio": ratio, "calibration_draw": d})
+            for j in range(cfg.random_seeds if controls_here else 0):
+                up = apply_plan(copy.deepcopy(model), _plan(random_keep([len(x) for x in scores], ratio, 1000 + j),
+                                                            ratio))
+                rows += _upstream_rows(up, data, seeds, cfg, hcfg, {"method": "random", "ratio": ratio,
+                                                                   "random_draw": j})
+            _log(f"ratio {ratio}: " + ", ".join(f"{r['method']} {cfg.metric} {np.mean([q[cfg.metric] for q in rows if q['method'] == r['method'] and q['ratio'] == ratio]):.2f}"
+                                                for r in rows if r["ratio"] == ratio and r["seed"] == 0
+                                                and r.get("calibration_draw") in (None, 0)
+                                                and r.get("random_draw") in (None, 0)))
+        if cfg.ssl_stage_ratios:
+            rows += _ssl_stage_rows(cfg, model, ckpt, data, seeds, hcfg, scores, draws, controls)
 
-    _log("stage 4: pruned upstreams" if ratios else "stage 4 skipped (--gate-only)")
-    overlap = []
-    for ratio in ratios:
-        k = kept[ratio]
-        for method, variant, name in (("baseline", None, "baseline"), ("protected", "once", "protected-once"),
-                                      ("protected", "recompute", "protected-recompute")):
-            up = apply_plan(copy.deepcopy(model), _plan(k[name], ratio))
-            r, x = _upstream_rows(up, data, seeds, cfg, hcfg, {"method": method, "ratio": ratio, "variant": variant})
-            rows += r
-            if ratio == max(ratios):
-                probes[f"{name}-r{round(ratio * 100)}"] = layer_probe(x, data.sid_labels, cfg.seed)
-                if cfg.save_upstreams and is_main():  # for training.analysis (pruned vs unpruned)
-                    (out / "upstreams").mkdir(exist_ok=True)
-                    save_checkpoint(up.cpu(), out / "upstreams" / f"{name}-r{round(ratio * 100)}.pt")
-        random_sets = []
-        for j in range(cfg.random_seeds):
-            keep = random_keep(widths, ratio, 1000 + j)
-            random_sets.append(keep)
-            r, _ = _upstream_rows(apply_plan(copy.deepcopy(model), _plan(keep, ratio)), data, [seeds[j % len(seeds)]],
-                                  cfg, hcfg, {"method": "random", "ratio": ratio, "variant": None})
-            rows += r
-        overlap.append({"ratio": ratio,
-                        "baseline_vs_protected_once": jaccard(k["baseline"], k["protected-once"]),
-                        "baseline_vs_protected_recompute": jaccard(k["baseline"], k["protected-recompute"]),
-                        "protected_once_vs_recompute": jaccard(k["protected-once"], k["protected-recompute"]),
-                        "baseline_vs_random": float(np.mean([jaccard(k["baseline"], r) for r in random_sets]))
-                        if random_sets else None})
-        _log(f"ratio {ratio}: " + ", ".join(f"{_name(r)} {cfg.metric} {r[cfg.metric]:.2f}" for r in rows
-                                             if r["ratio"] == ratio and r["seed"] == 0))
-
-    summary = _summary(rows, g, cfg, ratios, overlap, truncation)
-    summary.update(logmel_eer=_logmel_eer(data), speaker_neurons=sets.counts(), speaker_neurons_shuffled=shuffled,
-                   ffn_widths=stats.widths, layer_probe_sid_acc=probes, minutes=(time.monotonic() - t0) / 60,
-                   data={"sid_utterances": len(data.sid_waves), "speakers": len(data.speakers),
-                         "eval_utterances": len(data.eval_utts), "trials": len(data.trials),
-                         "crop_seconds": cfg.crop_seconds, "condition": cfg.downstream_condition},
-                   gate_only=cfg.gate_only,
-                   upstream=ckpt)
-    unpruned_eer = float(np.mean([r["eer"] for r in r_unpruned]))
-    summary["ssl_beats_logmel"] = bool(unpruned_eer < summary["logmel_eer"])
     if is_main():
         (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "controls.json").write_text(json.dumps(controls, indent=1) + "\n")
+    declared = _declared(cfg)
+    summary = (summarize(rows, declared, controls) if ratios else
+               {"gate_only": True, "metric": cfg.metric, "sesoi": cfg.sesoi, "gate": gate_of(rows, declared)})
+    summary["run"] = {"minutes": (time.monotonic() - t0) / 60, "logmel_eer": _logmel_eer(data),
+                      "data": {"sid_utterances": len(data.sid_waves), "speakers": len(data.speakers),
+                               "eval_utterances": len(data.eval_utts), "trials": len(data.trials),
+                               "crop_seconds": cfg.crop_seconds, "condition": cfg.downstream_condition},
+                      "upstream": ckpt}
+    if is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        report.write_results_page(rows, summary, out)
-    _log(f"done in {summary['minutes']:.1f} min: {out / 'summary.json'}")
+        report.write_results_page(rows, summary, controls, out)
+    _log(f"done in {summary['run']['minutes']:.1f} min: {out / 'summary.json'}")
     return rows, summary
+
+
+def _declared(cfg: Any) -> dict:
+    """The part of the config the summary reads (declared before the run)."""
+    return {"metric": cfg.metric, "sesoi": cfg.sesoi, "primary_protocol": cfg.primary_protocol,
+            "primary_ratio": cfg.primary_ratio}
+
+
+def _ssl_stage_rows(cfg: Any, model: SSLSpeakerModel, ckpt: dict, data: DownstreamData, seeds: list[int],
+                    hcfg: HeadConfig, scores: list[np.ndarray], draws: list[DrawSets], controls: dict) -> list[dict]:
+    """Stage 5: norm-only and protected upstreams (every calibration draw) through continued pretraining
+    of the same budget, then the frozen downstream."""
+    from training.ssl_stage import SSLStage, SSLStageConfig
+
+    scfg = SSLStageConfig(cfg.ssl_stage_steps, cfg.ssl_stage_head_steps, cfg.ssl_stage_lr, cfg.ssl_stage_utts,
+                          cfg.seed)
+    _log(f"stage 5: SSL-stage protocol ({scfg.steps} continued-pretraining steps per upstream)")
+    stage = SSLStage(model, ckpt, cfg.corpus, scfg)
+    controls["ssl_stage"] = {"heads": stage.head_summary, "budget": {"steps": scfg.steps, "lr": scfg.lr,
+                                                                    "head_steps": scfg.head_steps,
+                                                                    "utterances": scfg.utterances}, "runs": []}
+    rows = []
+    for ratio in sorted(set(cfg.ssl_stage_ratios)):
+        jobs = [("baseline", None, plan_pruning(scores, ratio, None, "layer").keep)]
+        jobs += [("protected", d, _kept_for(x, ratio)) for d, x in enumerate(draws)]
+        for method, d, keep in jobs:
+            up = apply_plan(copy.deepcopy(model), _plan(keep, ratio))
+            run = stage.recover(up)
+            controls["ssl_stage"]["runs"].append({"method": method, "ratio": ratio, "calibration_draw": d, **run})
+            r = _upstream_rows(up, data, seeds, cfg, hcfg, {"protocol": "ssl_stage", "method": method,
+                                                             "ratio": ratio, "calibration_draw": d})
+            rows += r
+            _log(f"ssl_stage {method} r{ratio} draw {d}: loss {run['final_loss']:.3f}, {cfg.metric} "
+                 f"{np.mean([q[cfg.metric] for q in r]):.2f}")
+    return rows
+
+
+def _kept_for(x: DrawSets, ratio: float) -> list[np.ndarray]:
+    if ratio not in x.kept:
+        raise ValueError(f"ssl_stage ratio {ratio} is not in ratios {sorted(x.kept)}; every SSL-stage ratio must also "
+                         "be run under the published protocol")
+    return x.kept[ratio]["protected"]
 
 
 def _plan(keep: list[np.ndarray], ratio: float) -> PrunePlan:
     return PrunePlan([np.asarray(k) for k in keep], [0] * len(keep), [0] * len(keep), ratio, "layer")
-
-
-def _name(r: dict) -> str:
-    return r["method"] + (f"-{r['variant']}" if r.get("variant") else "")
-
-
-def _summary(rows: list[dict], g: dict, cfg: Any, ratios: list[float], overlap: list[dict], truncation: dict) -> dict:
-    """The gate, paired protected-minus-baseline differences per ratio (both variants), overlaps."""
-    def per_seed(method: str, variant: str | None, ratio: float) -> dict[int, float]:
-        return {r["seed"]: r[cfg.metric] for r in rows
-                if r["method"] == method and r.get("variant") == variant and r["ratio"] == ratio}
-
-    comparisons, recompute = [], []
-    for ratio in ratios:
-        base = per_seed("baseline", None, ratio)
-        for variant, dest in (("once", comparisons), ("recompute", recompute)):
-            prot = per_seed("protected", variant, ratio)
-            common = sorted(set(base) & set(prot))
-            d = paired_difference([prot[s] for s in common], [base[s] for s in common])
-            dest.append({"ratio": ratio, "protected_minus_baseline": d["mean"], "ci95": d["ci95"], "n_seeds": d["n"]})
-    return {"testable": g["testable"], "headroom": g["headroom"], "noise": g["noise"], "metric": cfg.metric,
-            "gate_factor": g["factor"], "comparisons": comparisons, "comparisons_recompute": recompute,
-            "kept_overlap_jaccard": overlap, "protected_truncated": truncation, "seeds": cfg.seeds,
-            "random_seeds": cfg.random_seeds}
-

@@ -1,8 +1,8 @@
-"""The results page of the published-protocol experiment: ``results.md`` and its plots.
+"""The results page of the compression experiment: ``results.md`` and its plot.
 
-The page states the sensitivity gate's verdict first, in words, before any comparison: when
-the testbed cannot discriminate, the comparisons below it are reported but say nothing about
-the method.
+The page states the verdict first, in the words ``summary.json`` gives it (``benefit``,
+``no_benefit``, ``inconclusive``) and why, then the gate and controls that qualify it, then the
+comparisons and tables; the attempts table lists every other testbed tried.
 """
 
 from __future__ import annotations
@@ -90,59 +90,98 @@ def _attempts(out: Path) -> list[str]:
     return lines
 
 
-def write_results_page(rows: list[dict], summary: dict, out: Path) -> Path:
-    """Write ``results.md`` (gate verdict, table of means ± std over seeds, comparisons, overlaps) and plots."""
-    m = summary["metric"]
-    verdict = ("**The testbed can discriminate**" if summary["testable"] else
-               "**The testbed cannot discriminate between pruning methods**")
-    lines = [
-        "# Compression experiment: the published protocol (prune the SSL upstream, retrain the downstream)", "",
-        f"{verdict}: removing every FFN neuron costs {summary['headroom']:.2f} points of {_LABEL[m]} against a "
-        f"seed-to-seed standard deviation of {summary['noise']:.2f} (gate: headroom >= {summary['gate_factor']:g} x "
-        f"noise; measured ratio {summary['headroom'] / max(summary['noise'], 1e-12):.1f}).",
-        "" if summary["testable"] else
-        "Differences between pruning methods below are therefore not evidence for or against protection.", "",
-        f"The same gate on every metric (the verdict above uses {m}): {_gates(rows, summary['gate_factor'])}.", "",
-        "Run with `--gate-only`: the controls and the gate only, no pruned upstreams.\n" if summary.get("gate_only") else "",
-        f"Downstream audio passed through the `{summary['data']['condition']}` channel.\n"
-        if summary.get("data", {}).get("condition") else "",
-        f"Log-mel mean/std baseline on the same unseen-speaker trials: EER {summary['logmel_eer']:.2f}%; the unpruned "
-        f"SSL upstream with its downstream {'beats' if summary['ssl_beats_logmel'] else 'does not beat'} it.", "",
-        f"Speaker neurons per layer {summary['speaker_neurons']} of {summary['ffn_widths']}; with randomly shuffled "
-        f"i-vector clusters the same statistics mark {summary['speaker_neurons_shuffled']} (chance level).", "",
-        f"Seeds: {summary['seeds']} heads per upstream (random pruning: {summary['random_seeds']} draws). "
-        f"Total time {summary['minutes']:.1f} min.", "",
-        "| method | variant | removed | SID acc % | EER % | minDCF | params | RTF | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for (method, variant, ratio), rs in _groups(rows).items():
-        cells = []
-        for k, fmt in (("sid_acc", "{:.1f} ± {:.1f}"), ("eer", "{:.2f} ± {:.2f}"), ("mindcf", "{:.3f} ± {:.3f}")):
-            cells.append(fmt.format(*mean_std([r[k] for r in rs])))
-        lines.append(f"| {method} | {variant or ''} | {ratio:.0%} | {' | '.join(cells)} | {rs[0]['params']:,} | "
-                     f"{np.mean([r['rtf'] for r in rs]):.4f} | {len(rs)} |")
-    lines += ["", f"Paired differences, protected minus norm-only ({_LABEL[m]}; mean over seeds, 95% t interval):", "",
-              "| removed | once | 95% CI | recompute per layer | 95% CI |", "|---:|---:|---|---:|---|"]
-    for a, b in zip(summary["comparisons"], summary["comparisons_recompute"]):
-        lines.append(f"| {a['ratio']:.0%} | {a['protected_minus_baseline']:+.2f} | [{a['ci95'][0]:+.2f}, {a['ci95'][1]:+.2f}] | "
-                     f"{b['protected_minus_baseline']:+.2f} | [{b['ci95'][0]:+.2f}, {b['ci95'][1]:+.2f}] |")
-    lines += ["", "Overlap (Jaccard, mean over layers) of the neurons each method keeps:", "",
-              "| removed | norm-only vs protected once | norm-only vs recompute | once vs recompute | norm-only vs random |",
-              "|---:|---:|---:|---:|---:|"]
-    for o in summary["kept_overlap_jaccard"]:
-        rnd = f"{o['baseline_vs_random']:.3f}" if o["baseline_vs_random"] is not None else "-"
-        lines.append(f"| {o['ratio']:.0%} | {o['baseline_vs_protected_once']:.3f} | "
-                     f"{o['baseline_vs_protected_recompute']:.3f} | {o['protected_once_vs_recompute']:.3f} | {rnd} |")
-    lines += ["", "Where speaker information lives: linear-probe SID accuracy (%) per hidden state "
-              "(0 = CNN features) of each upstream's mean-pooled features:", ""]
-    for name, acc in summary["layer_probe_sid_acc"].items():
-        lines.append(f"- {name}: {acc}")
-    weights = {}
+def _ci(c: dict | None) -> str:
+    if not c:
+        return "-"
+    return f"{c['diff']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+
+
+def _method_table(rows: list[dict]) -> list[str]:
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["method"] in ("unpruned", "all_ffn"):
-            weights.setdefault(r["method"], []).append(r["layer_weights"])
-    lines += ["", "Layer weights the downstream learned (mean over seeds):", ""]
-    for k, w in weights.items():
-        lines.append(f"- {k}: {np.round(np.mean(w, 0), 3).tolist()}")
+        groups.setdefault((r["protocol"], r["method"], r["ratio"]), []).append(r)
+    lines = ["| protocol | method | removed | SID acc % | EER % | minDCF | params | RTF | rows (draws x seeds) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (proto, method, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "superb", kv[0][2],
+                                                                               kv[0][1])):
+        cells = [fmt.format(*mean_std([r[k] for r in rs])) for k, fmt in
+                 (("sid_acc", "{:.1f} ± {:.1f}"), ("eer", "{:.2f} ± {:.2f}"), ("mindcf", "{:.3f} ± {:.3f}"))]
+        draws = len({(r.get("calibration_draw"), r.get("random_draw")) for r in rs})
+        lines.append(f"| {proto} | {method} | {ratio:.0%} | {' | '.join(cells)} | {rs[0]['params']:,} | "
+                     f"{np.mean([r['rtf'] for r in rs]):.4f} | {len(rs)} ({draws} x {len(rs) // draws}) |")
+    return lines
+
+
+def write_results_page(rows: list[dict], summary: dict, controls: dict, out: Path) -> Path:
+    """Write ``results.md`` (the verdict in words first, then the gate, controls, comparisons, the table
+    of means ± SD per method, cluster purity) and the metric-vs-ratio plot."""
+    run = summary.get("run", {})
+    lines = ["# Compression experiment: does protecting speaker neurons help FFN pruning?", ""]
+    condition = run.get("data", {}).get("condition")
+    if condition:
+        lines += [f"Downstream audio passed through the `{condition}` channel.", ""]
+    if summary.get("gate_only"):
+        g = summary["gate"]
+        lines += ["Run with `--gate-only`: the controls only, no pruned upstreams.", "",
+                  f"Gate: removing every FFN neuron costs {g['headroom']:.2f} points of {_LABEL[summary['metric']]}, "
+                  f"95% CI [{g['headroom_ci95'][0]:.2f}, {g['headroom_ci95'][1]:.2f}] (passes at >= {g['threshold']:g}: "
+                  f"{'yes' if g['passes'] else 'no'}).", "", *_method_table(rows)]
+        path = out / "results.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    m, sesoi, p, g, c = summary["metric"], summary["sesoi"], summary["primary"], summary["gate"], summary["controls"]
+    lines += [f"**Verdict: {summary['verdict']}**: {summary['verdict_reason']}.", "",
+              f"Declared before the run: primary comparison protected minus norm-only under the `{p['protocol']}` "
+              f"protocol at {p['ratio']:.0%} of FFN neurons removed, on {_LABEL[m]}; smallest effect of interest "
+              f"(sesoi) {sesoi:g} point(s). Verdict rule: `benefit` if the 95% interval lies above 0, `no_benefit` if "
+              f"it lies below sesoi, else `inconclusive`; a failing gate or norm-only not beating random makes it "
+              "`inconclusive`.", "",
+              f"Primary: {_ci(p)} ({p['n_calibration_draws']} calibration draws x {p['n_seeds']} head seeds, "
+              f"Satterthwaite df {p['df']:.1f}; half-width {p['ci_half_width']:.2f}, "
+              f"{'within' if p['powered'] else 'wider than'} sesoi; calibration-draw SD {p['calibration_draw_sd']:.2f}).",
+              "",
+              f"Gate: removing every FFN neuron costs {g['headroom']:.2f} points, 95% CI [{g['headroom_ci95'][0]:.2f}, "
+              f"{g['headroom_ci95'][1]:.2f}], paired SD {g['paired_sd']:.2f}; lower bound "
+              f"{'>=' if g['passes'] else '<'} 2 x sesoi = {g['threshold']:g}: "
+              f"{'passes' if g['passes'] else 'fails'}.", "",
+              "Controls (positive favours the first-named method):", "",
+              f"- norm-only minus random at {p['ratio']:.0%}: {_ci(c['norm_minus_random'])} "
+              f"({'norm-only beats random: the testbed tells pruning criteria apart' if c['norm_beats_random'] else 'norm-only does not beat random'});",
+              f"- shuffled protection (a random set of the protected size) minus norm-only: "
+              f"{_ci(c['shuffled_protect_minus_baseline'])};",
+              f"- speaker neurons (calibration draw 0): {c['neuron_count']} against the 95th percentile "
+              f"{c['neuron_count_null_p95']} of {c['permutations']} label permutations "
+              f"({'above' if c['neurons_above_null'] else 'not above'} chance).", "",
+              "Secondary comparisons (protected minus norm-only):", "",
+              "| protocol | removed | diff [95% CI] | verdict |", "|---|---:|---|---|"]
+    for sec in summary["secondary"]:
+        lines.append(f"| {sec['protocol']} | {sec['ratio']:.0%} | {_ci(sec)} | {sec['verdict']} |")
+    lines += ["", "Clusters per calibration draw (speaker consistency: share of a speaker's items in its most common "
+              "cluster; pitch class estimated from median F0, < 165 Hz 'low'; chance levels from shuffled labels):",
+              "", "| draw | speaker neurons | null p95 | i-vector consistency (chance) | i-vector pitch purity (chance) "
+              "| speaker-like | SSL-frame consistency (chance) |", "|---:|---:|---:|---|---|---|---|"]
+    for d in controls.get("per_draw", []):
+        iv, fr = d["clusters"]["ivector"], d["clusters"]["ssl_frames"]
+        lines.append(f"| {d['draw']} | {d['neuron_count']} | {d['null_p95']:.0f} | {iv['speaker_consistency']} "
+                     f"({iv['speaker_consistency_chance']}) | {iv['pitch_class_purity']} "
+                     f"({iv['pitch_class_purity_chance']}) | {'yes' if iv['speaker_like'] else 'no'} | "
+                     f"{fr['speaker_consistency']} ({fr['speaker_consistency_chance']}) |")
+    not_like = [d["draw"] for d in controls.get("per_draw", []) if not d["clusters"]["ivector"]["speaker_like"]]
+    if not_like:
+        lines += ["", f"The i-vector clusters of draw(s) {not_like} are **not speaker-like** (speakers split across "
+                  "clusters): the 'speaker neurons' of those draws are neurons specific to acoustic clusters, "
+                  "not to speakers."]
+    ssl = controls.get("ssl_stage")
+    if ssl:
+        lines += ["", f"SSL-stage budget: {ssl['budget']['steps']} continued-pretraining steps per pruned upstream "
+                  f"(peak lr {ssl['budget']['lr']:g}), pretraining heads fitted for {ssl['budget']['head_steps']} steps "
+                  f"on the frozen unpruned upstream (final loss {ssl['heads']['final_loss']:.3f}); final loss per run: "
+                  + ", ".join(f"{r['method']}{'' if r['calibration_draw'] is None else ' d' + str(r['calibration_draw'])}"
+                              f" {r['final_loss']:.3f}" for r in ssl["runs"]) + "."]
+    lines += ["", "Every method (mean ± SD over all its rows):", "", *_method_table(rows)]
+    if run:
+        lines += ["", f"Log-mel mean/std baseline on the same unseen-speaker trials: EER {run['logmel_eer']:.2f}%. "
+                  f"Total time {run['minutes']:.1f} min."]
     lines += _attempts(out)
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
@@ -158,12 +197,11 @@ def plot_metric(rows: list[dict], metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    rows = [r for r in rows if r.get("protocol", "superb") == "superb"]
     groups = _groups(rows)
-    for label, (method, variant), color in (("norm-only", ("baseline", None), "tab:blue"),
-                                            ("protected (once)", ("protected", "once"), "tab:red"),
-                                            ("protected (recompute)", ("protected", "recompute"), "tab:orange"),
-                                            ("random", ("random", None), "tab:gray")):
-        pts = sorted((k[2], *mean_std([r[metric] for r in rs])) for k, rs in groups.items() if k[:2] == (method, variant))
+    for label, method, color in (("norm-only", "baseline", "tab:blue"), ("protected", "protected", "tab:red"),
+                                 ("shuffled protect", "shuffled_protect", "tab:orange"), ("random", "random", "tab:gray")):
+        pts = sorted((k[2], *mean_std([r[metric] for r in rs])) for k, rs in groups.items() if k[0] == method)
         if pts:
             x, mu, sd = map(np.array, zip(*pts))
             ax.errorbar(x, mu, yerr=sd, marker="o", capsize=3, color=color, label=label)
