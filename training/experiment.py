@@ -89,7 +89,7 @@ class ExperimentConfig:
     ivector_utts: int = 0  # utterances training the i-vector extractor (0: the whole training split)
     ssl_stage_ratios: list[float] = field(default_factory=lambda: [0.9])  # [] skips the SSL-stage protocol
     ssl_stage_steps: int = 150
-    ssl_stage_head_steps: int = 100
+    ssl_stage_head_steps: int = 200
     ssl_stage_lr: float = 1e-4
     ssl_stage_utts: int = 2000
     metric: str = "sid_acc"

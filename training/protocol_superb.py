@@ -302,8 +302,8 @@ def _ssl_stage_rows(cfg: Any, model: SSLSpeakerModel, ckpt: dict, data: Downstre
     of the same budget, then the frozen downstream."""
     from training.ssl_stage import SSLStage, SSLStageConfig
 
-    scfg = SSLStageConfig(cfg.ssl_stage_steps, cfg.ssl_stage_head_steps, cfg.ssl_stage_lr, cfg.ssl_stage_utts,
-                          cfg.seed)
+    scfg = SSLStageConfig(steps=cfg.ssl_stage_steps, head_steps=cfg.ssl_stage_head_steps, lr=cfg.ssl_stage_lr,
+                          utterances=cfg.ssl_stage_utts, seed=cfg.seed)
     _log(f"stage 5: SSL-stage protocol ({scfg.steps} continued-pretraining steps per upstream)")
     stage = SSLStage(model, ckpt, cfg.corpus, scfg)
     controls["ssl_stage"] = {"heads": stage.head_summary, "budget": {"steps": scfg.steps, "lr": scfg.lr,

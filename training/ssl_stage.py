@@ -36,8 +36,9 @@ class SSLStageConfig:
     """The fixed budget every pruned upstream gets (declared in the experiment config)."""
 
     steps: int = 150  # continued-pretraining steps per pruned upstream
-    head_steps: int = 100  # steps fitting the pretraining heads on the frozen unpruned upstream
-    lr: float = 1e-4  # peak learning rate (10% linear warm-up, cosine to 0)
+    head_steps: int = 200  # steps fitting the pretraining heads on the frozen unpruned upstream
+    lr: float = 1e-4  # peak learning rate of continued pretraining (10% linear warm-up, cosine to 0)
+    head_lr: float = 1e-3  # peak learning rate of the head fit (fresh linear layers)
     utterances: int = 2000  # training utterances the stream draws from (seeded sample)
     seed: int = 0
 
@@ -105,9 +106,11 @@ class SSLStage:
                                contrast_head=o.contrast_head,
                                distill_dim=self.teacher.embedding_dim if self.teacher is not None else 0)
 
-    def _train(self, predictor: MaskedPredictor, params: list[torch.nn.Parameter], steps: int, seed: int) -> dict:
-        """``steps`` steps of the objective on ``params`` (warm-up then cosine); returns loss/accuracy summary."""
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.objective.weight_decay)
+    def _train(self, predictor: MaskedPredictor, params: list[torch.nn.Parameter], steps: int, seed: int,
+               lr: float) -> dict:
+        """``steps`` steps of the objective on ``params`` (warm-up then cosine from ``lr``); returns a
+        loss/accuracy summary."""
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.objective.weight_decay)
         rng = np.random.default_rng(seed)
         warm = max(1, steps // 10)
         history, t0 = [], time.monotonic()
@@ -115,7 +118,7 @@ class SSLStage:
         for step in range(steps):
             frac = (step + 1) / warm if step < warm else 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, steps - warm)))
             for g in opt.param_groups:
-                g["lr"] = self.cfg.lr * float(frac)
+                g["lr"] = lr * float(frac)
             history.append(pretrain_step(predictor, opt, self.waves, self.labels, self.objective, rng, self.teacher,
                                          self.center, False))
         predictor.eval()
@@ -130,7 +133,7 @@ class SSLStage:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
         heads = [p for n, p in predictor.named_parameters() if not n.startswith("encoder.")]
-        summary = self._train(predictor, heads, self.cfg.head_steps, self.cfg.seed + 1)
+        summary = self._train(predictor, heads, self.cfg.head_steps, self.cfg.seed + 1, self.cfg.head_lr)
         state = {n: t.detach().clone() for n, t in predictor.state_dict().items() if not n.startswith("encoder.")}
         return state, summary
 
@@ -144,7 +147,7 @@ class SSLStage:
         if self.objective.freeze_feature_encoder:
             model.encoder.freeze_feature_encoder()
         params = [p for p in predictor.parameters() if p.requires_grad]
-        summary = self._train(predictor, params, self.cfg.steps, self.cfg.seed + 2)  # one stream for every method
+        summary = self._train(predictor, params, self.cfg.steps, self.cfg.seed + 2, self.cfg.lr)  # one stream for all
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
