@@ -38,7 +38,7 @@ def main() -> None:
     from models.consistency import speaker_chunks
     from models.runtime import SpeakerModel
     from models.vad import SileroVad, VadOptions
-    from training.channels import apply_condition
+    from training.data.channels import apply_condition
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)

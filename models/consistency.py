@@ -4,7 +4,7 @@ An input that holds a second voice (a handover in a call, two people at one micr
 embedding of neither. Splitting its speech into 2-4 consecutive parts, embedding them and
 scoring them against each other on the calibrated scale shows it: one talker's parts match each
 other, two talkers' do not. The service runs it on Verify, Identify and Enroll audio
-(``speaker_check``); ``training.decisions`` measures how often it fires on real speech.
+(``speaker_check``); ``training.evaluation.decisions`` measures how often it fires on real speech.
 """
 
 from __future__ import annotations

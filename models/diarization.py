@@ -1,7 +1,7 @@
 """Speaker diarization from window embeddings: who spoke when.
 
 The steps after VAD and embedding, free of any server or framework (``service.diarize`` runs
-them on the service's VAD, models and batcher; ``training.diarization_eval`` scores them):
+them on the service's VAD, models and batcher; ``training.evaluation.diarization_eval`` scores them):
 
 1. **Windows** (``speech_windows``): every speech region is cut into windows of
    ``window_s`` every ``hop_s``; a region shorter than a window is one window.
@@ -14,7 +14,7 @@ them on the service's VAD, models and batcher; ``training.diarization_eval`` sco
    ``one_speaker_cosine`` or more, the recording is one speaker (centring a one-speaker recording
    leaves only noise, which the cut splits; the raw voiceprints show it is one voice). The defaults were tuned for
    the default model (``ge2e``) on conversations of the calibration speakers of the real-speech
-   pool; ``training.diarization_eval`` measures them on speakers never used for tuning.
+   pool; ``training.evaluation.diarization_eval`` measures them on speakers never used for tuning.
 3. **Resegmentation** (``resegment``): each window is re-assigned to the closest cluster
    voiceprint, labels are smoothed over neighbouring windows, every 10 ms frame of speech takes the
    label of the windows covering it (a tie goes to the closer voiceprint), runs of one label become

@@ -20,7 +20,7 @@ frame with probability >= ``threshold``; it ends where the probability first fel
 ``min_silence_ms``; segments of ``min_speech_ms`` or less are dropped; each kept segment is
 widened by ``speech_pad_ms`` on both sides (neighbours closer than two pads split the gap).
 
-Degraded audio (measured on the real-speech pool, ``training.decisions``): telephone-band input
+Degraded audio (measured on the real-speech pool, ``training.evaluation.decisions``): telephone-band input
 resampled to 16 kHz lost speech to the wideband network (10.8% of 3-7 s utterances under 1 s of
 speech, against 0.6% clean), and 25 dB quieter audio lost it too (5.1%). Two steps fix that:
 

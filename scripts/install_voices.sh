@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the recorded TTS voices the corpus builder (training/corpus.py) uses, from Debian's
+# Install the recorded TTS voices the corpus builder (training/data/corpus.py) uses, from Debian's
 # archive: flite, festival with its voices in every language Debian packages (English, Catalan,
 # Czech, Finnish, Italian, Russian, Hindi, Marathi, Telugu), espeak-ng, sox, and MBROLA with its
 # voices (contrib/non-free: reached through an apt source list of our own, /etc is not edited).
@@ -19,7 +19,7 @@ festvox="festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
 if [ "$small" = 1 ]; then  # sw2 is a reserved voice; italp16k reads Latin-1 text
   voices="mbrola-us1 mbrola-us2 mbrola-en1 mbrola-fr1 mbrola-sw2"
   festvox="$festvox festvox-italp16k"
-else  # the festival voices training/corpus.py knows (FESTIVAL_VOICES)
+else  # the festival voices training/data/corpus.py knows (FESTIVAL_VOICES)
   voices=$(apt-cache "${apt_opts[@]}" search '^mbrola-' | awk '{print $1}' | grep '^mbrola-' | tr '\n' ' ')
   festvox="$festvox festvox-ca-ona-hts festvox-czech-dita festvox-czech-krb festvox-czech-machac festvox-czech-ph
     festvox-suopuhe-lj festvox-suopuhe-mv festvox-italp16k festvox-itapc16k festvox-ru festvox-hi-nsk festvox-mr-nsk

@@ -9,7 +9,7 @@ own voiceprints instead, each side leaving out the speakers being compared. At m
 from the store when first needed and again after an Enroll or DeleteSpeaker on that collection
 through this server, or after ``collection_cohort_refresh_seconds`` (changes made through other
 replicas). The calibration map is the model's (fitted with its own cohort); re-fit it on your
-own trials for a fully in-domain score (``python -m training.calibrate --trials``).
+own trials for a fully in-domain score (``python -m training.evaluation.calibrate --trials``).
 
 Statistics keep the model's channel group of each side (the calibration's bandwidth term);
 only the mean and standard deviation come from the collection.

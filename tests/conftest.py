@@ -145,7 +145,7 @@ def stub(server):
 @pytest.fixture(scope="session")
 def mini_corpus(tmp_path_factory):
     """Kaldi-style corpus: 5 recorded voices x 6 noisy crops/gains; 3 train, 2 eval speakers."""
-    from training.corpus import make_trials
+    from training.data.corpus import make_trials
 
     root = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
@@ -177,7 +177,7 @@ def mini_real(mini_corpus, tmp_path_factory):
     """The real-speech pool's layout on the mini corpus' recordings: calibration (3 speakers), evaluation (2)."""
     import random
 
-    from training.realspeech import make_trials
+    from training.data.realspeech import make_trials
 
     root = tmp_path_factory.mktemp("real")
     for split, src in (("calibration", "train"), ("evaluation", "eval")):

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.conftest import TINY_ENCODER  # noqa: E402
-from training.analysis import broad_classes, linear_cka, main, neuron_correspondence, purity  # noqa: E402
+from training.experiment.analysis import broad_classes, linear_cka, main, neuron_correspondence, purity  # noqa: E402
 
 
 def test_linear_cka_properties():

@@ -19,7 +19,7 @@ def utterance(speech_files) -> np.ndarray:
 
 
 def test_every_condition_degrades_as_named(utterance):
-    from training.channels import CONDITIONS, apply_condition, apply_conditions
+    from training.data.channels import CONDITIONS, apply_condition, apply_conditions
 
     rng = np.random.default_rng(0)
     seconds = len(utterance) / 16000
@@ -64,7 +64,7 @@ def _uncalibrated_ge2e(tmp_path):
 @pytest.fixture(scope="module")
 def calibrated(mini_real, tmp_path_factory):
     """ge2e calibrated on the mini pool (1.5 s crops: 0.3 s of speech is enough here)."""
-    from training.calibrate import calibrate_model
+    from training.evaluation.calibrate import calibrate_model
 
     d = _uncalibrated_ge2e(tmp_path_factory.mktemp("cal"))
     report = calibrate_model(d, mini_real, per_speaker=1, cohort_utts=2, min_probe_speech=0.3, log=lambda *_: None)
@@ -73,7 +73,7 @@ def calibrated(mini_real, tmp_path_factory):
 
 def test_calibrate_writes_channel_groups_and_a_map_the_server_loads(calibrated):
     from models.runtime import SpeakerModel
-    from training.cohort import COHORT_GROUPS
+    from training.evaluation.cohort import COHORT_GROUPS
 
     d, report = calibrated
     model = SpeakerModel(d)
@@ -89,7 +89,7 @@ def test_calibrate_writes_channel_groups_and_a_map_the_server_loads(calibrated):
 
 
 def test_calibrate_options_are_checked(mini_real, tmp_path, capsys):
-    from training.calibrate import calibrate_model, main, parse_operating_point
+    from training.evaluation.calibrate import calibrate_model, main, parse_operating_point
 
     assert parse_operating_point("far:0.01") == ("far", 0.01) and parse_operating_point("cosine-eer")[0] == "cosine-eer"
     for bad in ("median", "far:2", "llr:x", "llr:"):
@@ -127,7 +127,7 @@ def _own_trials(mini_corpus, tmp_path, n_targets=25, n_non=25):
 
 def test_recalibrate_on_own_trials_writes_a_new_version(calibrated, mini_corpus, tmp_path):
     from models.runtime import SpeakerModel
-    from training.recalibrate import recalibrate_on_trials
+    from training.evaluation.recalibrate import recalibrate_on_trials
 
     d, _ = calibrated
     scp, trials = _own_trials(mini_corpus, tmp_path)
@@ -152,7 +152,7 @@ def test_recalibrate_on_own_trials_writes_a_new_version(calibrated, mini_corpus,
     ("undecodable", r"wav.scp:1: cannot decode"),
 ])
 def test_recalibrate_refuses_bad_input_naming_the_line(calibrated, mini_corpus, tmp_path, damage, match):
-    from training.recalibrate import recalibrate_on_trials
+    from training.evaluation.recalibrate import recalibrate_on_trials
 
     d, _ = calibrated
     scp, trials = _own_trials(mini_corpus, tmp_path, n_targets=5 if damage == "few" else 0 if damage == "one_class" else 25)
@@ -180,7 +180,7 @@ def test_recalibrate_refuses_bad_input_naming_the_line(calibrated, mini_corpus, 
 
 
 def test_decisions_report_on_the_evaluation_split(calibrated, mini_real, tmp_path, capsys):
-    from training.decisions import main
+    from training.evaluation.decisions import main
 
     d, _ = calibrated
     out = tmp_path / "dec"
@@ -196,7 +196,7 @@ def test_decisions_report_on_the_evaluation_split(calibrated, mini_real, tmp_pat
 
 
 def test_robustness_report(mini_corpus, tmp_path):
-    from training.robustness import main
+    from training.evaluation.robustness import main
 
     out = tmp_path / "robust"
     assert main(["--wav-scp", str(mini_corpus / "eval" / "wav.scp"), "--trials", str(mini_corpus / "eval" / "trials"),
@@ -210,7 +210,7 @@ def test_robustness_report(mini_corpus, tmp_path):
 
 
 def test_robustness_names_unknown_conditions(mini_corpus, tmp_path, capsys):
-    from training.robustness import main
+    from training.evaluation.robustness import main
 
     with pytest.raises(SystemExit):
         main(["--wav-scp", str(mini_corpus / "eval" / "wav.scp"), "--trials", str(mini_corpus / "eval" / "trials"),

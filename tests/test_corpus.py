@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from training.corpus import (RESERVED, Voice, _Job, _render, _sentence_table, build_corpus, discover_voices,
-                             make_trials, read_scp, sentences)
+from training.data.corpus import (
+    RESERVED,
+    Voice,
+    _Job,
+    _render,
+    _sentence_table,
+    build_corpus,
+    discover_voices,
+    make_trials,
+    read_scp,
+    sentences,
+)
 
 needs_voices = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("sox") is None,
                                   reason="TTS voices not installed (bash scripts/install_voices.sh --small)")

@@ -10,9 +10,9 @@ import soundfile as sf
 
 pytest.importorskip("pyannote.metrics")
 
-from training.conversations import build_conversations, reference_regions
-from training.diarization_eval import main as eval_main
-from training.diarization_eval import read_rttm, score
+from training.data.conversations import build_conversations, reference_regions
+from training.evaluation.diarization_eval import main as eval_main
+from training.evaluation.diarization_eval import read_rttm, score
 
 
 def test_score_parts():

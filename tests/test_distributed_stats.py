@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 
 from models.ssl import SSLSpeakerConfig, build_model
 from tests.conftest import TINY_ENCODER
+from training.compression.neurons import ActivationStats, neuron_sets
 from training.distributed import all_reduce_stats, finish, shard
-from training.neurons import ActivationStats, neuron_sets
 
 
 def _data():

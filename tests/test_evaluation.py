@@ -56,7 +56,7 @@ def test_evaluate_job_reports_each_system_and_names_a_missing_split(mini_corpus,
     import json
 
     from tests.conftest import REPOSITORY
-    from training.evaluate import main
+    from training.evaluation.evaluate import main
 
     assert main(["--corpus", str(mini_corpus), "--models", "ge2e", "--repository", str(REPOSITORY),
                  "--out", str(tmp_path / "eval")]) == 0

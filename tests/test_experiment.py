@@ -104,7 +104,7 @@ def test_bad_calibration_data_is_named_before_work_starts(mini_corpus, tmp_path,
 def test_default_superb_upstream_is_the_committed_distilled_encoder():
     """The published protocol's default checkpoint exists, passes the SSL-encoder check and carries
     provenance that says it was distilled (so results are never presented as purely self-supervised)."""
-    from training.experiment import DEFAULT_CHECKPOINTS, ExperimentConfig, _check_checkpoint
+    from training.experiment.run import DEFAULT_CHECKPOINTS, ExperimentConfig, _check_checkpoint
 
     path = _check_checkpoint(ExperimentConfig(out="unused"))
     assert path == DEFAULT_CHECKPOINTS["superb"] and path.name == "ssl-distilled"

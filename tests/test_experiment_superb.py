@@ -95,7 +95,7 @@ def test_tiny_superb_protocol_writes_the_interface(tiny_run):
 
 
 def test_the_summary_is_what_the_rows_give(tiny_run):
-    from training.summary import summarize
+    from training.experiment.summary import summarize
 
     out = tiny_run
     rows, cfg, controls, summary = (json.loads((out / f).read_text()) for f in
@@ -160,7 +160,7 @@ def test_a_checkpoint_that_is_not_an_ssl_encoder_is_refused(mini_corpus, tmp_pat
 
 
 def test_crossed_interval_counts_draw_and_seed_variance():
-    from training.stats import crossed_difference, paired_difference, paired_gate, verdict
+    from training.experiment.stats import crossed_difference, paired_difference, paired_gate, verdict
 
     rng = np.random.default_rng(0)
     seeds = rng.normal(0, 1.0, 12)  # a per-seed effect shared by every draw
@@ -183,7 +183,7 @@ def test_crossed_interval_counts_draw_and_seed_variance():
 
 
 def test_gate_and_paired_statistics():
-    from training.stats import GateError, gate, jaccard, paired_difference
+    from training.experiment.stats import GateError, gate, jaccard, paired_difference
 
     g = gate([80.0, 82.0, 81.0], [60.0, 61.0, 59.0], "sid_acc")
     assert g["testable"] and g["headroom"] == pytest.approx(21.0) and g["noise"] == pytest.approx(1.0)
@@ -224,7 +224,7 @@ def test_torchrun_two_processes_give_the_single_process_neuron_sets(tiny_run, mi
 
 
 def test_the_results_page_lists_every_attempt(tmp_path):
-    from training.report import _attempts
+    from training.experiment.report import _attempts
 
     assert _attempts(tmp_path) == []
     (tmp_path / "attempts" / "tele").mkdir(parents=True)

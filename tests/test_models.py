@@ -14,7 +14,13 @@ torch = pytest.importorskip("torch")
 from models.artifact import ArtifactError, ModelCard  # noqa: E402
 from models.export import export_model  # noqa: E402
 from models.ssl import (  # noqa: E402
-    SSLSpeakerConfig, XVectorSpeakerModel, build_encoder, build_model, ffn_layers, load_checkpoint, load_encoder,
+    SSLSpeakerConfig,
+    XVectorSpeakerModel,
+    build_encoder,
+    build_model,
+    ffn_layers,
+    load_checkpoint,
+    load_encoder,
     save_checkpoint,
 )
 from tests.conftest import REFERENCE, REPOSITORY, TINY_ENCODER  # noqa: E402

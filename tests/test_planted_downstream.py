@@ -20,10 +20,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from models.ssl import SSLSpeakerConfig, build_model, ffn_layers  # noqa: E402
-from training.downstream import HeadConfig, layer_means, sid_accuracy, split_by_speaker, train_head  # noqa: E402
-from training.neurons import ActivationStats, neuron_sets  # noqa: E402
-from training.protection import neuron_sets_for, protect, prune_recompute, specificity  # noqa: E402
-from training.prune import PrunePlan, apply_plan, neuron_scores, plan_pruning  # noqa: E402
+from training.compression.neurons import ActivationStats, neuron_sets  # noqa: E402
+from training.compression.protection import neuron_sets_for, protect, prune_recompute, specificity  # noqa: E402
+from training.compression.prune import PrunePlan, apply_plan, neuron_scores, plan_pruning  # noqa: E402
+from training.experiment.downstream import HeadConfig, layer_means, sid_accuracy, split_by_speaker, train_head  # noqa: E402
 
 H, FFN = 32, 128
 ENCODER = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=FFN,

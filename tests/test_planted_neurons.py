@@ -10,8 +10,8 @@ import torch
 
 from models.ssl import SSLSpeakerConfig, build_model, ffn_layers
 from tests.conftest import TINY_ENCODER
-from training.neurons import ActivationStats, neuron_sets
-from training.prune import neuron_scores, plan_pruning
+from training.compression.neurons import ActivationStats, neuron_sets
+from training.compression.prune import neuron_scores, plan_pruning
 
 LAYER, PLANTED = 1, {0: [3, 17], 1: [5, 29]}  # cluster -> neurons of the layer
 
@@ -90,3 +90,35 @@ def test_control_the_same_model_unplanted_does_not_own_those_neurons():
     assert len(as_planted) < 4, as_planted
     with pytest.raises(ValueError, match="sigma"):
         neuron_sets(ActivationStats(model, 2, 1), sigma=0.0)
+
+
+def test_label_permutations_give_the_null_without_a_new_pass():
+    """Per-utterance counts: relabelling with the true labels reproduces the pass; under permuted labels
+    the planted neurons are no longer speaker neurons, so the null count sits below the planted one."""
+    from training.compression.protection import null_speaker_counts
+
+    torch.manual_seed(0)
+    model = build_model(SSLSpeakerConfig(family="wavlm", encoder=dict(TINY_ENCODER), embedding_dim=32)).eval()
+    utts = _utterances(np.random.default_rng(0))
+    _plant(model, utts)
+    stats = ActivationStats(model, n_utt_labels=2, n_frame_labels=1, top_fraction=0.02, per_utterance=True)
+    for wave, cluster in utts:
+        states, _ = model.frames(torch.from_numpy(wave)[None], torch.tensor([len(wave)]))
+        stats.update(wave, cluster, np.zeros(states[0].shape[1], dtype=np.int64))
+    labels = np.array([c for _, c in utts])
+    same = stats.relabelled(labels, 2)
+    assert all((a == b).all() for a, b in zip(same.counts, stats.counts)) and (same.frames == stats.frames).all()
+    true = neuron_sets(stats, 0.8)
+    assert set(PLANTED[0] + PLANTED[1]) <= set(true.speaker[LAYER])
+    rng = np.random.default_rng(1)
+    planted_hits = []
+    for _ in range(10):
+        sets = neuron_sets(stats.relabelled(rng.permutation(labels), 2), 0.8)
+        planted_hits.append(len(set(PLANTED[0] + PLANTED[1]) & set(sets.speaker[LAYER])))
+    assert np.mean(planted_hits) < 2, planted_hits
+    null = null_speaker_counts(stats, labels, 0.8, 20, 0)
+    assert len(null) == 20 and np.percentile(null, 95) < sum(true.counts())
+    with pytest.raises(ValueError, match="labels for"):
+        stats.relabelled(labels[:-1], 2)
+    with pytest.raises(ValueError, match="per_utterance=True"):
+        ActivationStats(model, 2, 1).relabelled(labels, 2)

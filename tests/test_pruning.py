@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from models.ssl import SSLSpeakerConfig, build_model, ffn_layers  # noqa: E402
-from training.ivector import IVectorExtractor, baum_welch, length_norm, train_ubm  # noqa: E402
-from training.neurons import ActivationStats, kmeans_labels, neuron_sets  # noqa: E402
-from training.prune import PruneError, apply_plan, neuron_scores, plan_pruning  # noqa: E402
 from tests.conftest import TINY_ENCODER  # noqa: E402
+from training.compression.ivector import IVectorExtractor, baum_welch, length_norm, train_ubm  # noqa: E402
+from training.compression.neurons import ActivationStats, kmeans_labels, neuron_sets  # noqa: E402
+from training.compression.prune import PruneError, apply_plan, neuron_scores, plan_pruning  # noqa: E402
 
 
 def tiny(seed=0, widths=None):

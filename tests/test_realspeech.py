@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from training.realspeech import assign_splits, build_utterances, make_trials, trim_silence
-from training.realspeech_sources import POSSIBLY_SAME_PERSON, RESERVED_PACKAGES, SOURCES, fetch_packages
+from training.data.realspeech import assign_splits, build_utterances, make_trials, trim_silence
+from training.data.realspeech_sources import POSSIBLY_SAME_PERSON, RESERVED_PACKAGES, SOURCES, fetch_packages
 
 
 def test_no_source_uses_a_reserved_package():
@@ -60,7 +60,7 @@ def test_pool_from_debian_packages(tmp_path):
     pytest.importorskip("G722")
     if shutil.which("apt-get") is None or shutil.which("sox") is None:
         pytest.skip("needs apt-get and sox")
-    from training.realspeech import build_pool
+    from training.data.realspeech import build_pool
 
     try:
         manifest = build_pool(tmp_path / "real", ["asterisk", "klettres"], per_speaker=6,
@@ -87,7 +87,7 @@ def test_pool_from_debian_packages(tmp_path):
 
     # the decision evaluation on this small real subset, with the served model: loose bounds that a
     # broken VAD, cohort or calibration would fail (the full figures are in the docs)
-    from training.decisions import main as decisions
+    from training.evaluation.decisions import main as decisions
 
     out = tmp_path / "dec"
     assert decisions(["--real", str(tmp_path / "real"), "--model", "ge2e", "--conditions", "clean,telephone-both",

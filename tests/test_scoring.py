@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 
 from models.artifact import ArtifactError, load_card
-from models.scoring import (Calibration, ModelScorer, cllr, cohort_stats, fit_calibration, min_cllr, pav, snorm,
-                            snorm_inverse, threshold_for_far)
+from models.scoring import (
+    Calibration,
+    ModelScorer,
+    cllr,
+    cohort_stats,
+    fit_calibration,
+    min_cllr,
+    pav,
+    snorm,
+    snorm_inverse,
+    threshold_for_far,
+)
 from tests.conftest import REPOSITORY
 
 

@@ -246,10 +246,10 @@ def test_voiceprints_keep_their_cohort_statistics(srv, stub, speech_files):
     ({"tiny-wavlm": {"decision_scale": "llr", "decision_threshold": 0.0}}, ["tiny-wavlm", "decision_threshold", "llr"]),
 ])
 def test_bad_model_settings_stop_startup(model_repo, tmp_path, settings, words):
+    import asyncio
+
     from service.config import ConfigError
     from service.server import SpeakerServer
-
-    import asyncio
 
     async def start():
         s = SpeakerServer(make_config(model_repo, tmp_path, model_settings=settings))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.store import IndexOptions, LocalStore as SpeakerStore, validate_collection, validate_speaker_id
+from service.store import IndexOptions, validate_collection, validate_speaker_id
+from service.store import LocalStore as SpeakerStore
 
 
 def units(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.store.base import StoreCorrupt
 from service.store import LocalStore
+from service.store.base import StoreCorrupt
 
 
 def units(n, dim=16, seed=0):

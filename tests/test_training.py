@@ -14,8 +14,8 @@ from tests.conftest import TINY_ENCODER  # noqa: E402
 
 def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tmp_path):
     from models.ssl import load_checkpoint, load_encoder
-    from training.finetune import FinetuneConfig, finetune
-    from training.pretrain import PretrainConfig, pretrain
+    from training.pretraining.finetune import FinetuneConfig, finetune
+    from training.pretraining.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(corpus=str(mini_corpus), out=str(tmp_path / "pt"), encoder=dict(TINY_ENCODER),
                          n_clusters=8, batch_size=2, max_steps=2, checkpoint_every=1, crop_seconds=1.0, bf16=False,
@@ -30,14 +30,14 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
     assert json.loads((tmp_path / "pt" / "config.json").read_text())["max_steps"] == 4
     family, _ = load_encoder(encoder_dir)
     assert family == "wavlm"
-    from training.pretrain import publish
+    from training.pretraining.pretrain import publish
 
-    published = publish(tmp_path / "pt", tmp_path / "published", "python -m training.pretrain ...")
+    published = publish(tmp_path / "pt", tmp_path / "published", "python -m training.pretraining.pretrain ...")
     prov = json.loads((published / "provenance.json").read_text())
-    assert prov["command"] == "python -m training.pretrain ..." and prov["summary"]["steps"] == 4
+    assert prov["command"] == "python -m training.pretraining.pretrain ..." and prov["summary"]["steps"] == 4
     assert prov["kind"] == "SSL-pretrained encoder (no speaker supervision)"
     assert prov["config"]["max_steps"] == 4 and load_encoder(published)[0] == "wavlm"
-    from training.pretrain import main
+    from training.pretraining.pretrain import main
 
     assert main(["--corpus", str(mini_corpus), "--out", str(tmp_path / "cli"), "--max-steps", "0", "--layers", "1",
                  "--n-clusters", "4", "--crop-seconds", "1.0", "--batch-size", "2", "--no-bf16",
@@ -59,7 +59,7 @@ def test_pretrain_resumes_and_finetune_produces_a_loadable_model(mini_corpus, tm
 
 def test_second_iteration_continues_from_the_encoder_on_its_own_feature_clusters(mini_corpus, tmp_path):
     from models.ssl import build_encoder, load_encoder
-    from training.pretrain import PretrainConfig, pretrain
+    from training.pretraining.pretrain import PretrainConfig, pretrain
 
     base = dict(corpus=str(mini_corpus), n_clusters=6, batch_size=2, crop_seconds=1.0, bf16=False)
     first = pretrain(PretrainConfig(out=str(tmp_path / "it1"), encoder=dict(TINY_ENCODER), max_steps=1, **base))
@@ -85,7 +85,7 @@ def test_second_iteration_continues_from_the_encoder_on_its_own_feature_clusters
 
 
 def test_pretrain_bad_corpus(tmp_path):
-    from training.pretrain import main
+    from training.pretraining.pretrain import main
 
     assert main(["--corpus", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
 
@@ -103,8 +103,8 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, capsys):
 
 
 def test_utterance_mixing_overlays_another_voice_at_the_stated_energy_ratio():
-    from training.pretrain import PretrainConfig, pretrain
-    from training.pretrain_data import mix_utterances
+    from training.pretraining.pretrain import PretrainConfig, pretrain
+    from training.pretraining.pretrain_data import mix_utterances
 
     rng = np.random.default_rng(0)
     clean = np.sin(np.linspace(0, 400, 8000, dtype=np.float32))[None].repeat(64, 0)  # (64, T) primary crops
@@ -126,7 +126,7 @@ def test_utterance_mixing_overlays_another_voice_at_the_stated_energy_ratio():
 
 
 def test_utterance_contrast_pulls_sibling_crops_together():
-    from training.pretrain import PretrainConfig, pretrain, utterance_contrast_loss
+    from training.pretraining.pretrain import PretrainConfig, pretrain, utterance_contrast_loss
 
     pairs = torch.eye(8).repeat_interleave(2, 0)  # (16, 8): rows 2k, 2k+1 identical, pairs orthogonal
     assert utterance_contrast_loss(pairs, 0.1).item() < 1e-3
@@ -142,7 +142,7 @@ def test_utterance_contrast_pulls_sibling_crops_together():
 
 def test_contrast_head_linear_is_one_map_and_unknown_heads_are_refused():
     from models.ssl import build_encoder
-    from training.pretrain import MaskedPredictor, PretrainConfig, main, pretrain, projection_head
+    from training.pretraining.pretrain import MaskedPredictor, PretrainConfig, main, pretrain, projection_head
 
     encoder = build_encoder("wavlm", dict(TINY_ENCODER))
     h = encoder.config.hidden_size
@@ -164,8 +164,8 @@ def test_contrast_head_linear_is_one_map_and_unknown_heads_are_refused():
 
 
 def test_channel_augmentation_changes_some_crops_and_keeps_their_length():
-    from training.pretrain import PretrainConfig, pretrain
-    from training.pretrain_data import through_channels
+    from training.pretraining.pretrain import PretrainConfig, pretrain
+    from training.pretraining.pretrain_data import through_channels
 
     clean = np.random.default_rng(0).normal(scale=0.1, size=(40, 16000)).astype(np.float32)  # (40, T)
     assert np.array_equal(through_channels(clean.copy(), 0.0, np.random.default_rng(1)), clean)
@@ -180,7 +180,7 @@ def test_channel_augmentation_changes_some_crops_and_keeps_their_length():
 
 
 def test_frame_distill_loss_scores_every_frame_against_its_crop_target():
-    from training.distill import frame_distill_loss
+    from training.pretraining.distill import frame_distill_loss
 
     target = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)  # (B, D)
     aligned = target.unsqueeze(1).expand(3, 5, 16) * 4.0  # (B, T', D): every frame points at its target
@@ -198,7 +198,7 @@ def test_frame_distill_loss_scores_every_frame_against_its_crop_target():
 
 
 def test_teacher_center_is_the_mean_embedding_of_random_crops():
-    from training.distill import teacher_center, teacher_targets
+    from training.pretraining.distill import teacher_center, teacher_targets
 
     class Spectrum(torch.nn.Module):  # a teacher whose embedding visibly depends on the crop
         def forward(self, wave, lengths):  # (B, T), (B,) -> (B, 256) unit vectors of the magnitude spectrum
@@ -224,8 +224,8 @@ def test_teacher_center_is_the_mean_embedding_of_random_crops():
 def test_distillation_pretraining_trains_the_transformer_with_a_frozen_front_end(mini_corpus, tmp_path):
     from models.ge2e import GE2E
     from models.ssl import build_encoder
-    from training.distill import load_teacher, teacher_targets
-    from training.pretrain import PretrainConfig, main, pretrain, publish
+    from training.pretraining.distill import load_teacher, teacher_targets
+    from training.pretraining.pretrain import PretrainConfig, main, pretrain, publish
 
     torch.manual_seed(0)
     teacher_pt = tmp_path / "teacher.pt"

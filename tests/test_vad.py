@@ -147,7 +147,7 @@ def test_narrowband_is_detected_from_the_spectrum(speech_files):
 
 def test_telephone_codecs_are_narrowband(speech_files):
     pytest.importorskip("scipy")  # the channel simulation (training extra)
-    from training.channels import apply_condition
+    from training.data.channels import apply_condition
 
     x, _ = sf.read(speech_files["flite-slt-1"], dtype="float32")
     rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from training.corpus import read_scp
-from training.features import load_wave
+from training.data.corpus import read_scp
+from training.data.features import load_wave
 
 __all__ = ["start_run", "load_split", "RunState", "cpu_bf16"]
 
@@ -56,7 +56,7 @@ def load_split(corpus: str | Path, split: str = "train", utts: list[str] | None 
     """
     d = Path(corpus) / split
     if not (d / "wav.scp").is_file():
-        raise FileNotFoundError(f"{d / 'wav.scp'}: missing (build the corpus with python -m training.corpus)")
+        raise FileNotFoundError(f"{d / 'wav.scp'}: missing (build the corpus with python -m training.data.corpus)")
     scp = read_scp(d / "wav.scp")
     utt2spk = read_scp(d / "utt2spk") if (d / "utt2spk").is_file() else {}
     if not scp:

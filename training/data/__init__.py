@@ -1,0 +1,1 @@
+"""Data: the synthetic corpus, real-speech pools, channels, conversations and acoustic features."""

@@ -1,0 +1,393 @@
+"""Whether the service's answers hold on real speech: FA / FR / Cllr per channel, and open-set Identify.
+
+    .venv/bin/python -m training.evaluation.decisions --real corpus-real --model ge2e --out runs/decisions
+
+Runs the real-speech pool's *evaluation* speakers (never used to fit anything) through the
+channels of ``EVAL_SPECS`` and scores every trial exactly as the service does: VAD with the
+model's options, NOT_ENOUGH_SPEECH under ``--min-probe-speech`` seconds, channel-matched S-norm
+against the model's cohort, the calibrated LLR with its quality terms, and the model's default
+operating point. Prints one table (and writes ``results.json`` / ``results.md``):
+
+* per condition: false accepts and false rejects at the operating point (of the trials where
+  both sides had enough speech), the share answered NOT_ENOUGH_SPEECH, actual and minimum Cllr,
+  EER, and the impostors' mean normalised score;
+* per channel: the share of single recordings with too little speech (VAD on degraded audio);
+* the one-talker check: how often one speaker, one speaker with babble behind, and two speakers
+  in turn are flagged ``multiple_speakers``;
+* open-set Identify: for collections of ``--identify-sizes`` speakers, how often a probe of a
+  speaker who is *not* enrolled comes back ``is_match`` (stranger false match), and how often an
+  enrolled speaker's probe is not matched to them (true-match miss), with the collection-size
+  rule (LLR >= operating point + ln N) and, for comparison, the single-pair rule. Collections
+  hold real evaluation speakers (3 clean utterances each); beyond them they are filled with
+  *simulated* voiceprints, drawn from a Gaussian fitted to the real calibration speakers'
+  voiceprints (shrunk towards a scaled identity; the report compares their scores against
+  strangers with real impostors').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.calibration import cllr, min_cllr
+from models.evaluation import evaluate_scores, read_trials
+from models.runtime import SpeakerModel
+from models.vad import SileroVad
+from training.evaluation.realembed import Rendered, load_kaldi_split, render_and_embed
+
+__all__ = ["EVAL_SPECS", "EVAL_LABELS", "score_pairs", "llr_matrix", "one_talker_rates", "evaluate_conditions", "open_set_identify", "simulated_voiceprints",
+           "markdown", "main"]
+
+REPO = Path(__file__).resolve().parents[2] / "models" / "repository"
+
+# condition -> (enrolment side, probe side): both sides through a channel, or the probe only
+EVAL_SPECS = {
+    "clean": ("clean", "clean"),
+    "telephone-both": ("telephone", "telephone"),
+    "telephone-probe": ("clean", "telephone"),
+    "gsm-both": ("gsm", "gsm"),
+    "opus-both": ("opus", "opus"),
+    "mp3-both": ("mp3", "mp3"),
+    "white10-both": ("white10", "white10"),
+    "babble10-both": ("babble10", "babble10"),
+    "reverb-probe": ("clean", "reverb"),
+    "quiet-probe": ("clean", "quiet"),
+    "silence-both": ("silence_pad", "silence_pad"),
+    "short-probe": ("clean", "short15"),
+}
+EVAL_LABELS = {
+    "clean": "clean", "telephone-both": "telephone band (300-3400 Hz, 8 kHz mu-law), both sides",
+    "telephone-probe": "telephone band, probe only", "gsm-both": "GSM 06.10, both sides",
+    "opus-both": "Opus 9-20 kbit/s, both sides", "mp3-both": "MP3, low bitrate, both sides",
+    "white10-both": "white noise 10 dB SNR, both sides", "babble10-both": "babble 10 dB SNR, both sides",
+    "reverb-probe": "reverberation, probe only", "quiet-probe": "25 dB quieter, probe only",
+    "silence-both": "3 s silence before and after, both sides", "short-probe": "probe cut to 1.5 s of speech",
+}
+
+
+def score_pairs(model: SpeakerModel, a: Rendered, b: Rendered, ia: np.ndarray, ib: np.ndarray,
+                stats_a: np.ndarray, stats_b: np.ndarray, speech_a: np.ndarray | None = None,
+                speech_b: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Cosine, normalised and LLR scores of pairs (a[ia[k]], b[ib[k]]) as the service computes them."""
+    scorer = model.scorer
+    cos = np.clip(np.einsum("nd,nd->n", a.emb[ia], b.emb[ib]).astype(np.float64), -1, 1)
+    sa, sb = stats_a[ia], stats_b[ib]
+    norm = 0.5 * ((cos - sa[:, 0]) / sa[:, 1] + (cos - sb[:, 0]) / sb[:, 1])
+    out = {"cosine": cos, "normalized": norm}
+    if scorer.calibration is not None:
+        ta = (a.speech if speech_a is None else speech_a)[ia]
+        tb = (b.speech if speech_b is None else speech_b)[ib]
+        mismatch, band = scorer.pair_quality(sa, sb)
+        out["llr"] = scorer.calibration.llr(norm, mismatch, np.minimum(ta, tb), band)
+    return out
+
+
+def llr_matrix(scorer, probes: np.ndarray, probe_stats: np.ndarray, probe_speech: np.ndarray, prints: np.ndarray,
+               print_stats: np.ndarray, print_speech: np.ndarray) -> np.ndarray:
+    """(P, N) calibrated LLRs of every probe against every voiceprint, as the service scores each pair."""
+    cos = probes @ prints.T  # (P, N)
+    norm = 0.5 * ((cos - print_stats[None, :, 0]) / print_stats[None, :, 1]
+                  + (cos - probe_stats[:, None, 0]) / probe_stats[:, None, 1])
+    n_p, n_v = scorer.narrowband_flags(probe_stats), scorer.narrowband_flags(print_stats)
+    b_p, b_v = scorer.bandlimited_flags(probe_stats), scorer.bandlimited_flags(print_stats)
+    mism = n_p[:, None] != n_v[None, :]
+    band = mism & (b_p[:, None] | b_v[None, :])
+    return scorer.calibration.llr(norm, mism.astype(np.float64), np.minimum(probe_speech[:, None], print_speech[None, :]),
+                                  band.astype(np.float64))
+
+
+def _figures(sc: dict, lab: np.ndarray, scale: str, threshold: float) -> dict:
+    r = {}
+    if lab.any() and (~lab).any():
+        r["eer"] = round(evaluate_scores(sc["cosine"], lab).eer, 2)
+        dec = sc[scale] >= threshold
+        r.update(far=round(float(dec[~lab].mean()), 4), frr=round(float((~dec[lab]).mean()), 4))
+        if "llr" in sc:
+            r.update(cllr=round(cllr(sc["llr"], lab), 3), min_cllr=round(min_cllr(sc["llr"], lab), 3))
+        r["impostor_normalized_mean"] = round(float(sc["normalized"][~lab].mean()), 2)
+    return r
+
+
+def evaluate_conditions(model: SpeakerModel, rendered: dict[str, Rendered], ia: np.ndarray, ib: np.ndarray,
+                        labels: np.ndarray, specs: dict[str, tuple[str, str]]) -> dict:
+    """Figures per condition of ``specs`` (see the module docstring)."""
+    scale, threshold = model.scorer.scale, model.scorer.threshold
+    stats = {c: model.scorer.stats(r.emb) for c, r in rendered.items()}
+    out = {}
+    for name, (ce, cp) in specs.items():
+        a, b = rendered[ce], rendered[cp]
+        decided = a.ok[ia] & b.ok[ib]
+        sc = score_pairs(model, a, b, ia[decided], ib[decided], stats[ce], stats[cp])
+        r = {"trials": int(len(labels)), "not_enough_speech": round(float(1 - decided.mean()), 4)}
+        r.update(_figures(sc, labels[decided], scale, threshold))
+        out[name] = r
+    return out
+
+
+def simulated_voiceprints(real: np.ndarray, n: int, rng: np.random.Generator, shrink: float = 0.5) -> np.ndarray:
+    """(n, D) unit vectors from a Gaussian fitted to (K, D) unit ``real`` voiceprints.
+
+    The covariance is the sample covariance shrunk by ``shrink`` towards the identity scaled to
+    the same total variance (K voiceprints cannot estimate a D x D covariance on their own).
+    """
+    mu = real.mean(axis=0)
+    centred = real - mu
+    cov = centred.T @ centred / max(len(real) - 1, 1)  # (D, D)
+    d = real.shape[1]
+    cov = (1 - shrink) * cov + shrink * np.eye(d) * np.trace(cov) / d
+    draws = rng.multivariate_normal(mu, cov, size=n, method="cholesky")
+    return (draws / np.linalg.norm(draws, axis=1, keepdims=True)).astype(np.float32)
+
+
+def open_set_identify(model: SpeakerModel, clean: Rendered, spk: np.ndarray, sizes: list[int], distractors: np.ndarray,
+                      rng: np.random.Generator, draws: int = 10, real_enrolled: int = 10) -> dict:
+    """Stranger false-match and true-match miss rates of Identify for collections of ``sizes`` speakers."""
+    scorer = model.scorer
+    op = scorer.threshold
+    speakers = sorted(set(spk.tolist()))
+    if len(speakers) < 2:
+        raise ValueError("open-set Identify needs at least two speakers (enrolled and strangers)")
+    out = {}
+    dstats = scorer.stats(distractors) if len(distractors) else np.zeros((0, 3))
+    for n in sizes:
+        k = max(1, min(n, real_enrolled, len(speakers) - 1))  # at least one speaker left as the strangers
+        fm_open = fm_single = miss_open = miss_single = stranger_total = genuine_total = 0
+        for _ in range(draws):
+            enrolled = rng.choice(speakers, size=k, replace=False)
+            prints, owners, enrolled_rows, speech = [], [], set(), []
+            for s in enrolled:
+                rows = np.flatnonzero((spk == s) & clean.ok)
+                pick = rng.choice(rows, size=min(3, len(rows) - 1), replace=False)
+                enrolled_rows.update(pick.tolist())
+                v = clean.emb[pick].astype(np.float64).sum(axis=0)
+                prints.append(v / np.linalg.norm(v))
+                owners.append(s)
+                speech.append(float(clean.speech[pick].sum()))
+            filler = n - k
+            vp = np.stack(prints).astype(np.float32)
+            st = scorer.stats(vp)
+            if filler > 0:
+                pick = rng.choice(len(distractors), size=filler, replace=len(distractors) < filler)
+                vp = np.concatenate([vp, distractors[pick]])
+                st = np.concatenate([st, dstats[pick]])
+                speech += [float(np.median(speech))] * filler
+                owners += [""] * filler
+            owners_a, speech_a = np.array(owners), np.array(speech)
+            probes = np.array([i for i in np.flatnonzero(clean.ok) if i not in enrolled_rows])
+            llr = llr_matrix(scorer, clean.emb[probes], scorer.stats(clean.emb[probes]), clean.speech[probes],
+                             vp, st, speech_a)  # (P, N)
+            best = llr.argmax(axis=1)
+            top = llr[np.arange(len(probes)), best]
+            genuine = np.isin(spk[probes], enrolled)
+            right = owners_a[best] == spk[probes]
+            for rule, thr in (("open", op + np.log(n)), ("single", op)):
+                match = top >= thr
+                fm = int((match & ~genuine).sum())
+                miss = int((genuine & ~(match & right)).sum())
+                if rule == "open":
+                    fm_open, miss_open = fm_open + fm, miss_open + miss
+                else:
+                    fm_single, miss_single = fm_single + fm, miss_single + miss
+            stranger_total += int((~genuine).sum())
+            genuine_total += int(genuine.sum())
+        out[str(n)] = {"enrolled_real": k, "simulated": max(n - k, 0), "threshold_open_set": round(op + np.log(n), 3),
+                       "stranger_false_match": round(fm_open / max(stranger_total, 1), 4),
+                       "true_match_miss": round(miss_open / max(genuine_total, 1), 4),
+                       "stranger_false_match_single_pair_rule": round(fm_single / max(stranger_total, 1), 4),
+                       "true_match_miss_single_pair_rule": round(miss_single / max(genuine_total, 1), 4),
+                       "stranger_probes": stranger_total, "genuine_probes": genuine_total}
+    return out
+
+
+def one_talker_rates(model: SpeakerModel, vad: SileroVad, split, rng: np.random.Generator, n: int = 150,
+                     threshold: float = -2.0, min_seconds: float = 4.0, seed: int = 0) -> dict:
+    """How often the one-talker check flags real inputs: one speaker, babble behind, two speakers in turn.
+
+    Inputs are utterances (and pairs of utterances, one after the other) of the evaluation split,
+    screened by VAD as served; only those with ``min_seconds`` of speech are checked, as the service does.
+    """
+    from models.audio import condition
+    from models.consistency import self_consistency, speaker_chunks
+    from models.vad import keep_speech
+    from training.data.channels import apply_conditions
+    from training.evaluation.realembed import model_vad_options
+
+    opts = model_vad_options(model.card)
+    waves = split.waves16k()
+    spk = np.array(split.spk)
+
+    def flagged(x: np.ndarray) -> bool | None:
+        wav = condition(x[:, None], 16000, model.sample_rate)
+        speech = keep_speech(wav, vad.segments(wav, model.sample_rate, opts))
+        chunks = speaker_chunks(speech, model.sample_rate, min_seconds)
+        if not chunks:
+            return None
+        llr = self_consistency(model.scorer, model.embed_many(chunks), [len(c) / model.sample_rate for c in chunks])
+        return llr is not None and llr < threshold
+
+    kinds = {"one speaker, one utterance": [], "one speaker, two utterances": [], "babble 10 dB behind": [],
+             "two speakers in turn": []}
+    for i in rng.choice(len(waves), size=min(n, len(waves)), replace=False):
+        same = np.flatnonzero((spk == spk[i]) & (np.arange(len(spk)) != i))
+        other = np.flatnonzero(spk != spk[i])
+        babble, _ = apply_conditions(["babble10"], waves[i], np.random.default_rng([seed, int(i)]), waves[::8])
+        inputs = {"one speaker, one utterance": waves[i], "babble 10 dB behind": babble,
+                  "one speaker, two utterances": np.concatenate([waves[i], waves[rng.choice(same)]]) if len(same) else None,
+                  "two speakers in turn": np.concatenate([waves[i], waves[rng.choice(other)]])}
+        for kind, x in inputs.items():
+            if x is not None and (f := flagged(np.asarray(x, np.float32))) is not None:
+                kinds[kind].append(f)
+    return {k: {"checked": len(v), "flagged": round(float(np.mean(v)), 4) if v else None} for k, v in kinds.items()}
+
+
+def markdown(res: dict) -> str:
+    """The results as the README/BENCHMARKS tables."""
+    lines = [f"Model `{res['model']}`, operating point {res['operating_point']}; {res['pool']} "
+             f"({res['speakers']} speakers, {res['utterances']} utterances, {res['target_trials']} target / "
+             f"{res['nontarget_trials']} non-target trials); FA/FR of the trials with enough speech on both sides.", "",
+             "| condition | FA | FR | NOT_ENOUGH_SPEECH | Cllr (actual / min) | EER % | impostor normalised mean |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in res["conditions"].items():
+        lines.append(f"| {EVAL_LABELS.get(name, name)} | {100 * r.get('far', float('nan')):.2f}% | {100 * r.get('frr', float('nan')):.1f}% | "
+                     f"{100 * r['not_enough_speech']:.1f}% | {r.get('cllr', '')} / {r.get('min_cllr', '')} | "
+                     f"{r.get('eer', '')} | {r.get('impostor_normalized_mean', '')} |")
+    lines += ["", "Single recordings with too little speech (VAD): " + ", ".join(
+        f"{c} {100 * v:.1f}%" for c, v in res["not_enough_speech_by_channel"].items())]
+    if res.get("identify"):
+        lines += ["", "| enrolled speakers | real + simulated | threshold (LLR) | stranger is_match | true-match miss | "
+                      "stranger is_match, single-pair rule |", "|---:|---|---:|---:|---:|---:|"]
+        for n, r in res["identify"].items():
+            lines.append(f"| {n} | {r['enrolled_real']} + {r['simulated']} | {r['threshold_open_set']} | "
+                         f"{100 * r['stranger_false_match']:.2f}% | {100 * r['true_match_miss']:.1f}% | "
+                         f"{100 * r['stranger_false_match_single_pair_rule']:.2f}% |")
+        chk = res.get("simulated_check")
+        one = res.get("one_talker")
+        if one:
+            lines += ["", "One-talker check (inputs with at least 4 s of speech): " + "; ".join(
+                f"{k}: {100 * v['flagged']:.1f}% flagged of {v['checked']}" for k, v in one.items() if v["checked"])]
+        if chk:
+            lines += ["", f"Simulated voiceprints against stranger probes: mean LLR {chk['simulated_llr_mean']}, "
+                          f"99th percentile {chk['simulated_llr_p99']}; real impostor voiceprints: {chk['real_llr_mean']}, "
+                          f"{chk['real_llr_p99']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _simulation_check(model, clean: Rendered, spk: np.ndarray, distractors: np.ndarray) -> dict:
+    """Stranger-probe LLRs against simulated voiceprints vs against real other speakers' voiceprints."""
+    speakers = sorted(set(spk.tolist()))
+    real = []
+    for s in speakers:
+        rows = np.flatnonzero((spk == s) & clean.ok)[:3]
+        v = clean.emb[rows].astype(np.float64).sum(axis=0)
+        real.append(v / np.linalg.norm(v))
+    real = np.stack(real).astype(np.float32)
+    rows = np.flatnonzero(clean.ok)
+    pst = model.scorer.stats(clean.emb[rows])
+
+    def llrs(prints: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+        llr = llr_matrix(model.scorer, clean.emb[rows], pst, clean.speech[rows], prints, model.scorer.stats(prints),
+                         np.full(len(prints), 10.0))
+        return llr[~own] if own is not None else llr.ravel()
+
+    own = spk[rows][:, None] == np.array(speakers)[None, :]
+    r, s = llrs(real, own), llrs(distractors[:200], None)
+    return {"real_llr_mean": round(float(r.mean()), 2), "real_llr_p99": round(float(np.percentile(r, 99)), 2),
+            "simulated_llr_mean": round(float(s.mean()), 2), "simulated_llr_p99": round(float(np.percentile(s, 99)), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m training.evaluation.decisions", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", required=True, type=Path, help="the real-speech pool (python -m training.data.realspeech)")
+    ap.add_argument("--split", default="evaluation")
+    ap.add_argument("--model", default="ge2e", help="a repository entry (name or directory)")
+    ap.add_argument("--repository", type=Path, default=REPO)
+    ap.add_argument("--conditions", default=",".join(EVAL_SPECS), help="a subset of the conditions, comma-separated")
+    ap.add_argument("--identify-sizes", default="5,100,10000")
+    ap.add_argument("--min-probe-speech", type=float, default=1.0)
+    ap.add_argument("--max-utts", type=int, default=0, help="evaluate a seeded subset of utterances (0: all)")
+    ap.add_argument("--one-talker", type=int, default=150, help="utterances for the one-talker check's rates (0: skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    names = [c for c in args.conditions.split(",") if c]
+    unknown = [c for c in names if c not in EVAL_SPECS]
+    if unknown:
+        ap.error(f"--conditions: unknown {unknown}; known: {list(EVAL_SPECS)}")
+    try:
+        sizes = [int(x) for x in args.identify_sizes.split(",") if x]
+        if any(n < 1 for n in sizes):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--identify-sizes: expected positive integers, got {args.identify_sizes!r}")
+    t0 = time.time()
+    path = Path(args.model) if Path(args.model).is_dir() else args.repository / args.model
+    try:
+        model = SpeakerModel(path, ["CPUExecutionProvider"])
+        split = load_kaldi_split(args.real / args.split)
+        trials = read_trials(args.real / args.split / "trials")
+    except (OSError, ValueError) as e:
+        print(f"decisions: {e}", file=sys.stderr)
+        return 2
+    if model.scorer.calibration is None:
+        print(f"decisions: model {model.name} has no calibration (python -m training.evaluation.calibrate)", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    keep = set(split.utts)
+    if args.max_utts and args.max_utts < len(split.utts):
+        keep = set(rng.choice(split.utts, size=args.max_utts, replace=False).tolist())
+    index = {u: i for i, u in enumerate(split.utts)}
+    trials = [t for t in trials if t[0] in keep and t[1] in keep]
+    ia = np.array([index[a] for a, _, _ in trials])
+    ib = np.array([index[b] for _, b, _ in trials])
+    labels = np.array([lab for *_, lab in trials], bool)
+    specs = {n: EVAL_SPECS[n] for n in names}
+    vad = SileroVad()
+    rendered = {}
+    for c in dict.fromkeys(c for pair in list(specs.values()) + [("clean", "telephone"), ("gsm", "clean")] for c in pair):
+        rendered[c] = render_and_embed(model, vad, split, [c], args.min_probe_speech, args.seed)
+        print(f"  rendered {c} ({time.time() - t0:.0f} s)", flush=True)
+    spk = np.array(split.spk)
+    res = {"model": model.name, "version": model.card.version,
+           "operating_point": f"{model.scorer.scale} >= {model.scorer.threshold:g}",
+           "pool": f"{args.real}/{args.split}", "speakers": len(set(split.spk)), "utterances": len(split.utts),
+           "target_trials": int(labels.sum()), "nontarget_trials": int((~labels).sum()),
+           "conditions": evaluate_conditions(model, rendered, ia, ib, labels, specs),
+           "not_enough_speech_by_channel": {c: round(float(1 - r.ok.mean()), 4) for c, r in rendered.items()}}
+    if sizes:
+        cal = load_kaldi_split(args.real / "calibration") if (args.real / "calibration" / "wav.scp").is_file() else None
+        base = rendered["clean"]
+        if cal is not None:
+            cr = render_and_embed(model, vad, cal, ["clean"], args.min_probe_speech, args.seed)
+            cspk = np.array(cal.spk)
+            means = []
+            for s in sorted(set(cal.spk)):
+                rows = (cspk == s) & cr.ok
+                if rows.any():
+                    v = cr.emb[rows].astype(np.float64).mean(axis=0)
+                    means.append(v / np.linalg.norm(v))
+            distractors = simulated_voiceprints(np.stack(means), max(sizes), rng)
+            res["simulated_check"] = _simulation_check(model, base, spk, distractors)
+        else:
+            distractors = np.zeros((0, model.dim), np.float32)
+        res["identify"] = open_set_identify(model, base, spk, sizes, distractors, rng)
+    if args.one_talker:
+        res["one_talker"] = one_talker_rates(model, vad, split, rng, n=args.one_talker, seed=args.seed)
+    res["seconds"] = round(time.time() - t0, 1)
+    table = markdown(res)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        (args.out / "results.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

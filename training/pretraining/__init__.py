@@ -1,0 +1,1 @@
+"""Pretraining: SSL pretraining of the testbed encoders, speaker-teacher distillation, speaker fine-tuning."""
