@@ -26,7 +26,7 @@ RUN PYTHON=python3 bash scripts/setup.sh \
 # the metrics port is published by the container runtime; keep it on a private network
 ENV SPKSERVE_DATA_DIR=/data SPKSERVE_HOST=0.0.0.0 SPKSERVE_METRICS_HOST=0.0.0.0
 VOLUME ["/data"]
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD .venv/bin/python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
 c=grpc.insecure_channel('127.0.0.1:50051'); \

@@ -94,7 +94,8 @@ class Server:
                **{f"SPKSERVE_{k.upper()}": str(v) for k, v in opts.items()}}
         self.p = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), "--model-repository", str(repo), "--data-dir", self.tmp.name, "--log-level", "WARNING"],
+             "--metrics-port", str(self.metrics_port), "--http-port", "0", "--model-repository", str(repo),
+             "--data-dir", self.tmp.name, "--log-level", "WARNING"],
             cwd=ROOT, env=env)
         self.target = f"127.0.0.1:{self.port}"
         import grpc

@@ -59,7 +59,7 @@ def serve(repo: Path, data: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "SPKSERVE_FSYNC": "false", "SPKSERVE_MODELS": "ge2e"}
     p = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                          "--metrics-port", "-1", "--model-repository", str(repo), "--data-dir", str(data),
+                          "--metrics-port", "-1", "--http-port", "0", "--model-repository", str(repo), "--data-dir", str(data),
                           "--log-level", "WARNING"], cwd=ROOT, env=env)
     target = f"127.0.0.1:{port}"
     end = time.monotonic() + 300

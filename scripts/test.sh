@@ -10,6 +10,13 @@ bash scripts/install_tools.sh   # buf and promtool for the API and metrics check
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v flite >/dev/null; then
   bash scripts/install_voices.sh --small || echo "test.sh: could not install TTS voices; corpus tests will skip" >&2
 fi
+# a headless browser for the web console's test (Debian's chromium), when we may install it
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get -qq update >/dev/null 2>&1 \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } \
+    || echo "test.sh: could not install chromium; the console's browser test will skip" >&2
+fi
 .venv/bin/python -m pytest -q "$@"
 if [ $# -eq 0 ]; then
   # the service's tests again under the oldest and newest supported CPython (no torch there)

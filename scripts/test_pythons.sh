@@ -10,7 +10,7 @@ versions=("${@:-3.10 3.13}")
 read -r -a versions <<< "${versions[*]}"
 tests=(tests/test_server.py tests/test_security.py tests/test_store.py tests/test_store_faults.py tests/test_batcher.py
        tests/test_audio_config.py tests/test_speech_rules.py tests/test_vad.py tests/test_scoring.py tests/test_fuzz.py
-       tests/test_lifecycle.py tests/test_decision_rules.py tests/test_diarize.py)
+       tests/test_lifecycle.py tests/test_decision_rules.py tests/test_diarize.py tests/test_http_api.py)
 repo=.cache/test-model-repo
 rm -rf "$repo" && mkdir -p "$repo"
 .venv/bin/python - "$repo" <<'PY'
@@ -41,7 +41,7 @@ for v in "${versions[@]}"; do
   venv=".venv-py$v"
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e . pytest hypothesis
+  "$venv/bin/python" -m pip install -q -e . pytest hypothesis requests
   echo "== service tests on $("$venv/bin/python" --version) =="
   # pytest.ini names a torch warning class to ignore; without torch that filter only warns
   SPKSERVE_TEST_MODEL_REPO="$PWD/$repo" "$venv/bin/python" -m pytest -q -p no:cacheprovider \

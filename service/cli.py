@@ -1,6 +1,6 @@
 """The ``spkserve`` command: run the server, or call one from the shell.
 
-    spkserve serve [--config FILE] [--port N] [--metrics-port N] [--model-repository DIR] [--data-dir DIR]
+    spkserve serve [--config FILE] [--port N] [--http-port N] [--metrics-port N] [--model-repository DIR] [--data-dir DIR]
     spkserve embed    --target HOST:PORT [--model NAME] FILE...
     spkserve verify   --target HOST:PORT [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
                       FILE_A FILE_B
@@ -43,7 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
     overrides = {
-        "port": args.port, "metrics_port": args.metrics_port, "model_repository": args.model_repository,
+        "port": args.port, "metrics_port": args.metrics_port, "http_port": args.http_port,
+        "model_repository": args.model_repository,
         "data_dir": args.data_dir, "host": args.host, "default_model": args.default_model,
         "auth_token": args.auth_token, "auth_tokens_file": args.auth_tokens_file, "log_level": args.log_level,
         "metrics_host": args.metrics_host, "index_backend": args.index_backend, "milvus_uri": args.milvus_uri,
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="TOML file of options (see service/config.py)")
     s.add_argument("--port", type=int)
     s.add_argument("--metrics-port", type=int)
+    s.add_argument("--http-port", type=int, help="HTTP/JSON API and web console (default 8080; 0: off)")
     s.add_argument("--host")
     s.add_argument("--model-repository")
     s.add_argument("--default-model")

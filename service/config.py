@@ -52,6 +52,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051  # 0 picks a free port
     metrics_port: int = 9090  # 0 picks a free port, -1 disables the metrics endpoint
+    http_port: int = 8080  # the HTTP/JSON API and web console (same tokens, limits, TLS); 0 turns it off
+    http_host: str = ""  # empty: the same address as host
     metrics_host: str = "127.0.0.1"  # the metrics endpoint has no authentication: local only unless set
     metrics_collection_labels: bool = False  # per-collection series (collection names are visible to scrapers)
     model_repository: str = field(default_factory=default_model_repository)
@@ -148,6 +150,8 @@ class ServerConfig:
 
         need(0 <= self.port <= 65535, "port", "must be in 0..65535")
         need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in -1..65535")
+        need(0 <= self.http_port <= 65535, "http_port", "must be in 0..65535 (0: no HTTP API)")
+        need(self.http_port == 0 or self.http_port != self.port, "http_port", "must differ from port")
         need(self.model_variant in _VARIANTS, "model_variant", f"must be one of {_VARIANTS}")
         need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0")
         need(self.inter_op_threads >= 1, "inter_op_threads", "must be >= 1")

@@ -13,7 +13,22 @@ __all__ = [
     "Unavailable",
     "DeadlineExceeded",
     "status_of",
+    "HTTP_STATUS",
+    "http_status",
 ]
+
+# The HTTP status of each gRPC status code (the HTTP/JSON API answers from the same errors)
+HTTP_STATUS = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 409, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
+    "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status answering a call that ended with gRPC ``code``."""
+    return HTTP_STATUS[code.name]
 
 
 class ServiceError(Exception):

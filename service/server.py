@@ -22,9 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.config import ServerConfig
 from service.auth import Authorizer, load_tokens
-from service.config import ConfigError
+from service.config import ConfigError, ServerConfig
 from service.engine import Engine
 from service.interceptors import ByteBudget, RequestGuard
 from service.metrics import Metrics
@@ -41,7 +40,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
 STORE_HEALTH = "spkserve.store"  # SERVING while the speaker store accepts writes
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, option: str = "port") -> None:
     """OSError naming the option when ``host:port`` cannot be bound (asked before gRPC, whose own failure
     prints a C-level log line and a traceback)."""
     if port == 0:
@@ -56,7 +55,7 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind(addr)
         except OSError as e:
-            raise OSError(f"option 'port': cannot listen on {host}:{port}: {e.strerror.lower()} "
+            raise OSError(f"option '{option}': cannot listen on {host}:{port}: {e.strerror.lower()} "
                           "(another spkserve?)") from None
 
 
@@ -73,6 +72,8 @@ class SpeakerServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None  # uvicorn.Server of the HTTP/JSON API
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self._ready = asyncio.Event()
@@ -97,6 +98,8 @@ class SpeakerServer:
         if cfg.index_backend == "faiss":
             check_not_in_use(Path(cfg.data_dir))  # before binding: a second server stops with one line
         _check_port_free(cfg.host, cfg.port)
+        if cfg.http_port:
+            _check_port_free(cfg.http_host or cfg.host, cfg.http_port, "http_port")
         self._server = grpc.aio.server(
             interceptors=[RequestGuard(auth, self.request_bytes)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -131,11 +134,45 @@ class SpeakerServer:
             self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host,
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
-        log.info("listening on %s:%d (%s), metrics on %s", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext",
+        if cfg.http_port:
+            self.http_port = await self._start_http()
+        log.info("listening on %s:%d (%s), HTTP on %s, metrics on %s", cfg.host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext", self._http_address(),
                  f"{cfg.metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off")
         await self.health.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._load_task = asyncio.get_running_loop().create_task(self._load())
         return self.port
+
+    def _http_address(self) -> str:
+        cfg = self.config
+        return f"{cfg.http_host or cfg.host}:{self.http_port}" if self.http_port else "off"
+
+    async def _start_http(self) -> int:
+        """Serve the HTTP/JSON API (``service.http_api``) from this event loop; returns its port."""
+        import uvicorn
+
+        from service.http_api import build_app
+
+        cfg = self.config
+        host = cfg.http_host or cfg.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, cfg.http_port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"option 'http_port': cannot listen on {host}:{cfg.http_port}: {e.strerror.lower()}") from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
+                                ssl_certfile=cfg.tls_cert or None, ssl_keyfile=cfg.tls_key or None,
+                                timeout_graceful_shutdown=cfg.grace_seconds, server_header=False)
+        config.load()
+        self._http = uvicorn.Server(config)
+        self._http.lifespan = config.lifespan_class(config)
+        await self._http.startup(sockets=[sock])
+        return sock.getsockname()[1]
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -156,8 +193,8 @@ class SpeakerServer:
             log.info("serving model %s v%s (dim %d, %d Hz) on %s%s", m.name, m.card.version, m.dim, m.sample_rate,
                      m.provider, " [default]" if m.name == self.engine.default_model else "")
         cfg = self.config
-        log.info("ready: gRPC on %s:%d (%s), metrics on %s, models %s (default %s)", cfg.host, self.port,
-                 "TLS" if cfg.tls_cert else "plaintext",
+        log.info("ready: gRPC on %s:%d (%s), HTTP on %s, metrics on %s, models %s (default %s)", cfg.host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext", self._http_address(),
                  f"{cfg.metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "off",
                  ", ".join(sorted(self.engine.models)), self.engine.default_model)
         await self._model_health()
@@ -202,8 +239,10 @@ class SpeakerServer:
         await self.health.enter_graceful_shutdown()
         if self.config.shutdown_delay_seconds > 0 and self.servicer.ready:
             await asyncio.sleep(self.config.shutdown_delay_seconds)
-        if self._server is not None:
-            await self._server.stop(grace)
+        stopping = [self._server.stop(grace)] if self._server is not None else []
+        if self._http is not None:
+            stopping.append(self._http.shutdown())
+        await asyncio.gather(*stopping)
         self.servicer.ready = False
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()

@@ -115,7 +115,7 @@ def make_config(model_repo: Path, data_dir: Path, **overrides):
 
     # the reference utterances have 1.5-3 s of speech each: tests enroll single ones, so the
     # enrolment minimum is 1 s here (tests/test_speech_rules.py checks the shipped defaults)
-    base = dict(host="127.0.0.1", port=0, metrics_port=0, model_repository=str(model_repo), data_dir=str(data_dir),
+    base = dict(host="127.0.0.1", port=0, metrics_port=0, http_port=0, model_repository=str(model_repo), data_dir=str(data_dir),
                 default_model="ge2e", max_wait_ms=5.0, intra_op_threads=1, grace_seconds=5.0,
                 shutdown_delay_seconds=0.0, min_enroll_speech_seconds=1.0)
     base.update(overrides)

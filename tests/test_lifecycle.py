@@ -39,10 +39,11 @@ class Proc:
     """``spkserve serve`` in a subprocess."""
 
     def __init__(self, repo: Path, data: Path, *extra: str, env: dict | None = None):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.log = open(data.parent / f"server-{self.port}.log", "w")
         self.p = subprocess.Popen(
             SPKSERVE + ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                        "--http-port", str(self.http_port),
                         "--model-repository", str(repo), "--data-dir", str(data), *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self.target = f"127.0.0.1:{self.port}"
@@ -164,7 +165,7 @@ def test_cli_interface(model_repo, tmp_path, speech_files):
 def test_serve_rejects_bad_config(model_repo, tmp_path):
     r = subprocess.run(SPKSERVE + ["serve", "--port", "99999"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "port" in r.stderr
-    r = subprocess.run(SPKSERVE + ["serve", "--port", "0", "--metrics-port", "-1", "--model-repository",
+    r = subprocess.run(SPKSERVE + ["serve", "--port", "0", "--metrics-port", "-1", "--http-port", "0", "--model-repository",
                                    str(tmp_path / "none"), "--data-dir", str(tmp_path / "d")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "does not exist" in r.stderr
@@ -407,7 +408,7 @@ def test_migrate_without_retained_speech_is_refused_naming_the_option(model_repo
 
 
 def _serve_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--metrics-port", "-1", *args],
+    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--metrics-port", "-1", "--http-port", "0", *args],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
 
 

@@ -1,0 +1,237 @@
+"""The HTTP/JSON API and web console, served beside gRPC from the same process, event loop and Engine.
+
+Every ``/v1`` route is one RPC of ``spkserve.v1.SpeakerService``: the body (multipart audio
+upload or proto3 JSON, ``service.http_forms``) becomes the RPC's request message and the
+servicer's own method answers it (``service.http_context``), so tokens, scopes, admission,
+limits, metrics and errors are exactly the gRPC ones. Responses are the RPC's response message
+in proto3 JSON; errors are ``{"error": {"code", "message"}}`` with the mapped HTTP status
+(``Retry-After`` on 429). A request without a valid bearer token is refused before its body is
+read; a body over ``max_message_mb`` answers 413 as soon as it passes the limit.
+
+Also: ``GET /health/live`` (the process answers), ``GET /health/ready`` (models loaded: 200, else
+503), ``GET /openapi.json``, ``GET /docs``, the web console at ``GET /`` and the shipped sample clips
+at ``GET /samples/NAME`` (``slt-1.wav``, ``slt-2.wav``: one voice; ``awb-1.wav``: another).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+
+import grpc
+from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service.errors import ServiceError, status_of
+from service.http_context import HttpAbort, HttpCallContext, error_body
+from service.http_forms import assign_field, attach_files, form_message, json_message, read_body
+from service.openapi import docs_page, openapi_document
+
+__all__ = ["Route", "ROUTES", "build_app"]
+
+log = logging.getLogger("spkserve.http")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["SpeakerService"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route: the RPC it calls, where its uploaded files and path parameters go."""
+
+    method: str
+    path: str
+    rpc: str
+    summary: str
+    tag: str
+    files: dict[str, str] = field(default_factory=dict)  # form file field -> dotted Audio field of the request
+    path_fields: tuple[str, ...] = ()  # path parameters, each a field of the request of the same name
+
+
+_SPEAKER = ("collection", "speaker_id")
+ROUTES = (
+    Route("POST", "/v1/embed", "Embed", "Embed one recording", "audio", {"audio": "audio"}),
+    Route("POST", "/v1/verify", "Verify", "Are two recordings (or enrolled speakers) the same speaker?", "audio",
+          {"a": "a.audio", "b": "b.audio"}),
+    Route("POST", "/v1/diarize", "Diarize", "Who spoke when in one recording", "audio", {"audio": "audio"}),
+    Route("POST", "/v1/collections/{collection}/speakers/{speaker_id}/enroll", "Enroll",
+          "Enroll (or add recordings to) a speaker", "speakers", {"audio": "audio"}, _SPEAKER),
+    Route("POST", "/v1/collections/{collection}/identify", "Identify", "Who in the collection is speaking?",
+          "speakers", {"audio": "probe.audio"}, ("collection",)),
+    Route("GET", "/v1/collections/{collection}/speakers/{speaker_id}", "GetSpeaker", "An enrolled speaker",
+          "speakers", path_fields=_SPEAKER),
+    Route("DELETE", "/v1/collections/{collection}/speakers/{speaker_id}", "DeleteSpeaker",
+          "Delete a speaker (optOut=true: also refuse its id from now on)", "speakers", path_fields=_SPEAKER),
+    Route("GET", "/v1/collections", "ListCollections", "The collections this token can see", "speakers"),
+    Route("GET", "/v1/collections/{collection}/speakers", "ListSpeakers", "Speakers of a collection, a page at a time",
+          "speakers", path_fields=("collection",)),
+    Route("GET", "/v1/models", "ListModels", "The models this server serves", "models"),
+)
+
+
+def _request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id", "")
+    return rid if 0 < len(rid) <= 128 and rid.isprintable() else uuid.uuid4().hex
+
+
+def _timeout(request: Request) -> float | None:
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"x-request-timeout: must be seconds in (0, 3600], got {raw[:20]!r}")
+    return value
+
+
+async def _message(request: Request, route: Route, message, limit: int) -> int:
+    """Fill the request message from the body (POST) or query (GET/DELETE); returns the body size."""
+    if route.method != "POST":
+        for key, value in request.query_params.multi_items():
+            _assign_query(message, key, value)
+        return 0
+    body = await read_body(request, limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            async with request.form(max_files=256, max_fields=256, max_part_size=limit) as form:
+                form_message(form, message, route.files)
+                await attach_files(form, message, route.files)
+        except HttpAbort:
+            raise
+        except Exception as e:  # noqa: BLE001 - a malformed multipart body (python-multipart, starlette)
+            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"body: not a valid multipart form ({e})") from None
+    elif ctype in ("application/json", ""):
+        json_message(body, message)
+    else:
+        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"content-type: must be multipart/form-data or application/json, got {ctype[:60]!r}")
+    return len(body)
+
+
+def _assign_query(message, key: str, value: str) -> None:
+    data: dict = {}
+    assign_field(data, message.DESCRIPTOR, key, value)
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as e:
+        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{key}: {e}") from None
+
+
+def _endpoint(route: Route):
+    request_type = getattr(pb, SERVICE.methods_by_name[route.rpc].input_type.name)
+
+    async def call(request: Request) -> Response:
+        server = request.app.state.server
+        rid = _request_id(request)
+        metadata = [("x-request-id", rid)]
+        if "authorization" in request.headers:
+            metadata.append(("authorization", request.headers["authorization"]))
+        t0, status, held = time.perf_counter(), 200, 0
+        try:
+            servicer = server.servicer
+            if servicer.auth is not None:  # before the body is read
+                servicer.auth.token_of(metadata)
+            ctx = HttpCallContext(metadata, _timeout(request))
+            message = request_type()
+            size = await _message(request, route, message, server.config.max_message_mb << 20)
+            if not server.request_bytes.take(size):
+                raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"request: its {size:,} bytes would take the requests in progress past "
+                                f"max_inflight_request_mb ({server.config.max_inflight_request_mb} MiB); retry shortly", 1.0)
+            held = size
+            for name in route.path_fields:
+                setattr(message, name, request.path_params[name])
+            reply = await getattr(servicer, route.rpc)(message, ctx)
+            return JSONResponse(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True),
+                                headers={"x-request-id": rid})
+        except HttpAbort as e:
+            status = e.status
+            return JSONResponse(error_body(e.code, e.message), status_code=e.status,
+                                headers={**e.headers(), "x-request-id": rid})
+        except ServiceError as e:  # raised before the servicer (authentication)
+            code, message_text = status_of(e)
+            abort = HttpAbort(code, message_text)
+            status = abort.status
+            return JSONResponse(error_body(code, f"authorization: {message_text}" if code.name == "UNAUTHENTICATED"
+                                           else message_text), status_code=status, headers={"x-request-id": rid})
+        finally:
+            if held:
+                server.request_bytes.give(held)
+            log.debug("%s %s %d %.1f ms id=%s", route.method, route.path, status, (time.perf_counter() - t0) * 1e3, rid)
+
+    call.__name__ = route.rpc
+    return call
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spkserve")
+    except PackageNotFoundError:  # a source checkout that was not installed
+        return "0+source"
+
+
+def _console() -> str:
+    return resources.files("service").joinpath("static/console.html").read_text(encoding="utf-8")
+
+
+def build_app(server) -> Starlette:
+    """The Starlette app of one ``SpeakerServer`` (its config, servicer, byte budget)."""
+    doc = openapi_document(ROUTES, SERVICE, _version())
+    docs, console = docs_page(doc), _console()
+
+    async def live(_request: Request) -> Response:
+        return JSONResponse({"status": "SERVING"})
+
+    async def ready(request: Request) -> Response:
+        ok = request.app.state.server.servicer.ready
+        return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
+
+    async def openapi(_request: Request) -> Response:
+        return JSONResponse(doc)
+
+    async def docs_route(_request: Request) -> Response:
+        return HTMLResponse(docs)
+
+    async def console_route(_request: Request) -> Response:
+        return HTMLResponse(console)
+
+    samples = resources.files("service").joinpath("static/samples")
+    sample_names = sorted(p.name for p in samples.iterdir() if p.name.endswith(".wav"))
+
+    async def sample(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in sample_names:  # only the shipped files: no paths
+            return JSONResponse(error_body("NOT_FOUND", f"name: no sample {name[:60]!r}; samples: {sample_names}"),
+                                status_code=404)
+        return Response(samples.joinpath(name).read_bytes(), media_type="audio/wav")
+
+    async def not_found(request: Request, _exc) -> Response:
+        return JSONResponse(error_body("NOT_FOUND", f"path: no route {request.method} {request.url.path}"),
+                            status_code=404, headers={"x-request-id": _request_id(request)})
+
+    async def not_allowed(request: Request, _exc) -> Response:
+        return JSONResponse(error_body("UNIMPLEMENTED", f"method: {request.method} is not allowed on {request.url.path}"),
+                            status_code=405, headers={"x-request-id": _request_id(request)})
+
+    routes = [StarletteRoute(r.path, _endpoint(r), methods=[r.method]) for r in ROUTES]
+    routes += [StarletteRoute("/health/live", live, methods=["GET"]),
+               StarletteRoute("/health/ready", ready, methods=["GET"]),
+               StarletteRoute("/openapi.json", openapi, methods=["GET"]),
+               StarletteRoute("/docs", docs_route, methods=["GET"]),
+               StarletteRoute("/samples/{name}", sample, methods=["GET"]),
+               StarletteRoute("/", console_route, methods=["GET"])]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+    app.state.server = server
+    return app

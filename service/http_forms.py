@@ -1,0 +1,171 @@
+"""HTTP request bodies -> RPC request messages.
+
+Two body kinds are accepted on every POST route:
+- ``application/json``: the RPC's request message in proto3 JSON (``lowerCamelCase`` names,
+  bytes as base64), as ``google.protobuf.json_format`` reads it;
+- ``multipart/form-data``: audio files in the route's file fields (``audio``, or ``a`` and ``b``),
+  every other field a scalar of the request message by its JSON or proto name, nested fields
+  dotted (``options.numSpeakers``, ``metadata.team``).
+
+Bodies are read with a cap (``max_message_mb``, the gRPC limit): a larger body answers 413 with the
+option's name, before any of it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+
+from service.http_context import HttpAbort
+
+__all__ = ["read_body", "json_message", "form_message", "attach_files", "assign_field", "is_repeated", "TooLarge"]
+
+
+class TooLarge(HttpAbort):
+    """A request body over the size limit (HTTP 413)."""
+
+    def __init__(self, limit: int):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"request body: larger than max_message_mb ({limit >> 20} MiB); send longer audio "
+                         "through the gRPC EmbedStream / DiarizeStream calls, or raise max_message_mb")
+        self.status = 413
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The whole body, refused (``TooLarge``) as soon as it passes ``limit`` bytes (or announces it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's form parser reads the cached body
+    return body
+
+
+def is_repeated(f: FieldDescriptor) -> bool:
+    """Whether a field is repeated (protobuf >= 5.28 says so directly; older ones by its label)."""
+    flag = getattr(f, "is_repeated", None)
+    return bool(flag) if flag is not None else f.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _bad(field: str, why: str) -> HttpAbort:
+    return HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {why}")
+
+
+def json_message(body: bytes, message):
+    """Fill ``message`` (a request message) from a proto3-JSON body; 400 naming what is wrong."""
+    try:
+        data = json.loads(body or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad("body", f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise _bad("body", f"must be a JSON object ({type(message).__name__}), got {type(data).__name__}")
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as e:
+        raise _bad("body", str(e)) from None
+    return message
+
+
+def _field(descriptor, name: str, path: str) -> FieldDescriptor:
+    for f in descriptor.fields:
+        if name in (f.name, f.json_name):
+            return f
+    raise _bad(path, f"{descriptor.name} has no field {name!r}")
+
+
+def _scalar(f: FieldDescriptor, value: str, path: str):
+    """A form field's text as the JSON value of field ``f``."""
+    t = f.type
+    try:
+        if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+            return float(value)
+        if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+                 FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64):
+            return int(value)
+    except ValueError:
+        raise _bad(path, f"must be a number, got {value[:40]!r}") from None
+    if t == FieldDescriptor.TYPE_BOOL:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise _bad(path, f"must be true or false, got {value[:40]!r}")
+        return value.lower() in ("true", "1")
+    if t == FieldDescriptor.TYPE_ENUM:
+        return int(value) if value.isdigit() else value
+    if t == FieldDescriptor.TYPE_MESSAGE or t == FieldDescriptor.TYPE_BYTES:
+        raise _bad(path, "is not a form field (send it as a file or in a JSON body)")
+    return value
+
+
+def assign_field(data: dict, descriptor, dotted: str, value: str) -> None:
+    """Set the dotted field ``dotted`` of JSON dict ``data`` (of message ``descriptor``) from text; 400 naming it."""
+    parts = dotted.split(".")
+    node, desc = data, descriptor
+    for i, part in enumerate(parts):
+        path = ".".join(parts[:i + 1])
+        f = _field(desc, part, path)
+        last = i == len(parts) - 1
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:  # map<string, string>
+            if i != len(parts) - 2:
+                raise _bad(path, "give one key: name.KEY")
+            node.setdefault(f.json_name, {})[parts[-1]] = value
+            return
+        if last:
+            node[f.json_name] = _scalar(f, value, path)
+            return
+        if f.message_type is None:
+            raise _bad(path, "is not a message (nothing can be nested in it)")
+        node, desc = node.setdefault(f.json_name, {}), f.message_type
+
+
+def form_message(form, message, files: dict[str, str]):
+    """Fill ``message`` from a parsed multipart form.
+
+    ``files`` maps each file field of the route to the dotted message path its audio goes to
+    (a repeated ``Audio`` field takes every file of that name). Unknown fields answer 400.
+    """
+    data: dict = {}
+    for key, value in form.multi_items():
+        if key in files:
+            continue
+        if not isinstance(value, str):
+            raise _bad(key, f"is a file; this route takes files only in {sorted(files)}")
+        assign_field(data, message.DESCRIPTOR, key, value)
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as e:
+        raise _bad("form", str(e)) from None
+    return message
+
+
+async def attach_files(form, message, files: dict[str, str]) -> int:
+    """Put every uploaded file of ``files``' fields into ``message`` as encoded ``Audio``; returns the count.
+
+    A singular destination takes exactly one file; a repeated one (``EnrollRequest.audio``) takes all.
+    """
+    count = 0
+    for name, dotted in files.items():
+        uploads = form.getlist(name)
+        if not uploads:
+            continue
+        node, parts = message, dotted.split(".")
+        for part in parts[:-1]:
+            node = getattr(node, part)
+        fd = node.DESCRIPTOR.fields_by_name[parts[-1]]
+        if not is_repeated(fd) and len(uploads) > 1:
+            raise _bad(name, f"give one file, got {len(uploads)}")
+        for up in uploads:
+            if isinstance(up, str):
+                raise _bad(name, "must be a file upload (multipart filename=...), got a text field")
+            data = await up.read()
+            target = getattr(node, parts[-1])
+            (target.add() if is_repeated(fd) else target).encoded = data
+            count += 1
+    return count
