@@ -153,11 +153,11 @@ def decode_encoded(data: bytes, field: str = "audio.encoded",
                 if cap is not None and total > cap:
                     raise AudioError(field, f"is longer than the maximum {limits.max_seconds:.1f} s")
     except sf.LibsndfileError as e:
-        raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+        raise undecodable(field, e) from None
     except (RuntimeError, TypeError, ValueError) as e:
         if isinstance(e, AudioError):
             raise
-        raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+        raise undecodable(field, e) from None
     if 0 < frames < _UNKNOWN_FRAMES and total < frames:
         raise AudioError(field, f"is truncated: header says {frames} frames, only {total} present")
     samples = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
@@ -206,7 +206,7 @@ def stream_windows(source, field: str, target_rate: int, max_seconds: float, pcm
                 if 0 < frames < _UNKNOWN_FRAMES and total < frames:
                     raise AudioError(field, f"is truncated: header says {frames} frames, only {total} present")
         except sf.LibsndfileError as e:
-            raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+            raise undecodable(field, e) from None
 
     rate = pcm[1] if pcm is not None else None
     if rate is None:
@@ -214,7 +214,7 @@ def stream_windows(source, field: str, target_rate: int, max_seconds: float, pcm
         try:
             rate = int(sf.info(source).samplerate)
         except (sf.LibsndfileError, RuntimeError) as e:
-            raise AudioError(field, f"could not be decoded as audio ({_plain(e)})") from None
+            raise undecodable(field, e) from None
         source.seek(pos)
     resampler = None if rate == target_rate else soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ")
     window = int(window_seconds * target_rate)
@@ -241,6 +241,19 @@ def stream_windows(source, field: str, target_rate: int, max_seconds: float, pcm
         raise AudioError(field, "contains no samples")
     if len(rest):
         yield np.ascontiguousarray(rest, dtype=np.float32)
+
+
+_COMMON_FORMATS = ("WAV", "FLAC", "OGG", "MP3", "AIFF", "CAF", "W64", "RF64")
+
+
+def undecodable(field: str, e: BaseException) -> AudioError:
+    """The error for bytes libsndfile cannot read: what it said, the containers it reads here, and how to convert."""
+    import soundfile as sf
+
+    have = [f for f in _COMMON_FORMATS if f in sf.available_formats()]
+    return AudioError(field, f"could not be decoded as audio ({_plain(e)}); readable containers: {', '.join(have)} "
+                             "(OGG: Vorbis or Opus); not MP4/M4A/AAC, WebM or video: convert first, e.g. "
+                             "`ffmpeg -i INPUT -ac 1 -ar 16000 out.wav`")
 
 
 def _plain(e: Exception) -> str:

@@ -1,20 +1,25 @@
 """The ``spkserve`` command: run the server, or call one from the shell.
 
     spkserve serve [--config FILE] [--port N] [--http-port N] [--metrics-port N] [--model-repository DIR] [--data-dir DIR]
-    spkserve embed    --target HOST:PORT [--model NAME] FILE...
-    spkserve verify   --target HOST:PORT [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
-                      FILE_A FILE_B
-    spkserve enroll   --target HOST:PORT [--collection C] --speaker ID FILE...
-    spkserve identify --target HOST:PORT [--collection C] [--top-k K] [--target-far R] [--single-pair] FILE
-    spkserve delete   --target HOST:PORT [--collection C] --speaker ID
-    spkserve diarize  [--target T] [--model M] [--num-speakers N | --min-speakers A --max-speakers B]
-                      [--collection C] [--format rttm|json] FILE...
-    spkserve models   --target HOST:PORT
-    spkserve load-model   --target HOST:PORT NAME   (load or reload a repository entry; admin)
-    spkserve unload-model --target HOST:PORT NAME
+    spkserve embed    [--model NAME] [--stream] FILE...
+    spkserve verify   [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
+                      FILE_A FILE_B  |  --speaker ID [--collection C] FILE
+    spkserve enroll   [--collection C] --speaker ID [--allow-reenroll] FILE...
+    spkserve identify [--collection C] [--top-k K] [--target-far R] [--single-pair] FILE
+    spkserve delete   [--collection C] --speaker ID [--opt-out]
+    spkserve get-speaker [--collection C] --speaker ID [--include-voiceprint]
+    spkserve list-speakers [--collection C] [--page-size N] [--page-token T | --all]
+    spkserve list-collections
+    spkserve compare  EMBEDDINGS_A EMBEDDINGS_B    (files of `spkserve embed` lines)
+    spkserve migrate  --collection C --to NEW [--model M]   (admin)
+    spkserve diarize  [--model M] [--num-speakers N | --min-speakers A --max-speakers B]
+                      [--collection C] [--format rttm|json] [--exclusive] FILE...
+    spkserve models | model-info [NAME]
+    spkserve load-model NAME | unload-model NAME   (admin)
     spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
 
-Client commands print JSON (one object per line for ``embed``); ``diarize`` prints RTTM by
+Client commands take ``--target`` (``$SPKSERVE_TARGET``, default localhost:50051), ``--token``
+(``$SPKSERVE_TOKEN``), ``--tls-ca`` and ``--timeout``, and print JSON (one object per line for ``embed``); ``diarize`` prints RTTM by
 default, one line per segment: ``SPEAKER <file name without extension> 1 <start> <duration>
 <NA> <NA> <label> <NA> <NA>`` (labels ``SPEAKER_00``, ``SPEAKER_01``, ... or enrolled speaker
 ids), or one JSON object per file with ``--format json``. A failed call exits with status 1 and
@@ -27,15 +32,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
 
-import grpc
 
 __all__ = ["main", "build_parser"]
 
-_SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,154 +99,9 @@ def _repair(args: argparse.Namespace) -> int:
         if ring is not None:
             ring.close()
     lost = sum(len(r["damaged"]) for r in reports)
-    _emit({"data_dir": str(data), "dry_run": args.dry_run, "logs": reports,
+    print(json.dumps({"data_dir": str(data), "dry_run": args.dry_run, "logs": reports,
            "records_kept": sum(r["records_kept"] for r in reports), "damaged_stretches": lost,
-           "speakers_affected": speakers})
-    return 0
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    opts = [("grpc.max_send_message_length", 256 * 1024 * 1024), ("grpc.max_receive_message_length", 256 * 1024 * 1024)]
-    if args.tls_ca:
-        creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
-        return grpc.secure_channel(args.target, creds, options=opts)
-    return grpc.insecure_channel(args.target, options=opts)
-
-
-def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {args.token}")] if args.token else []
-
-
-def _audio(path: str):
-    from service._proto.spkserve.v1 import speaker_pb2 as pb
-
-    try:
-        return pb.Audio(encoded=Path(path).read_bytes())
-    except OSError as e:
-        raise SystemExit(f"spkserve: cannot read {path}: {e.strerror}") from None
-
-
-def _diarize(stub, args: argparse.Namespace, path: str, kw: dict) -> None:
-    """Stream one file to DiarizeStream and print its RTTM lines or JSON object."""
-    from service._proto.spkserve.v1 import speaker_pb2 as pb
-
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise SystemExit(f"spkserve: cannot read {path}: {e.strerror}") from None
-    options = pb.DiarizationOptions(num_speakers=args.num_speakers or 0, min_speakers=args.min_speakers or 0,
-                                    max_speakers=args.max_speakers or 0, collection=args.collection,
-                                    exclusive=args.exclusive)
-
-    def messages():
-        yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig(model=args.model or "", options=options))
-        while chunk := f.read(1 << 20):
-            yield pb.DiarizeStreamRequest(chunk=chunk)
-
-    with f:
-        r = stub.DiarizeStream(messages(), **kw)
-    file_id = Path(path).stem
-    if args.format == "rttm":
-        sys.stdout.write("".join(f"SPEAKER {file_id} 1 {s.start_seconds:.3f} {s.end_seconds - s.start_seconds:.3f} "
-                                 f"<NA> <NA> {s.speaker_label} <NA> <NA>\n" for s in r.segments))
-        sys.stdout.flush()
-        return
-    _emit({"file": path, "model": r.model, "model_version": r.model_version,
-           "speech_seconds": r.speech.speech_seconds, "audio_seconds": r.speech.audio_seconds,
-           "speakers": [{"label": s.speaker_label, "speech_seconds": round(s.speech_seconds, 3),
-                         "speaker_id": s.speaker_id or None, "llr": s.llr if s.HasField("llr") else None}
-                        for s in r.speakers],
-           "segments": [{"start": round(s.start_seconds, 3), "end": round(s.end_seconds, 3), "speaker": s.speaker_label,
-                         "confidence": round(s.confidence, 3)} for s in r.segments]})
-
-
-def _emit(obj: Any) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-def _client(args: argparse.Namespace) -> int:
-    from service._proto.spkserve.v1 import speaker_pb2 as pb
-    from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-
-    with _channel(args) as channel:
-        stub = pb_grpc.SpeakerServiceStub(channel)
-        kw = {"metadata": _metadata(args), "timeout": args.timeout}
-        try:
-            if args.command == "embed":
-                for f in args.files:
-                    r = stub.Embed(pb.EmbedRequest(model=args.model or "", audio=_audio(f)), **kw)
-                    _emit({"file": f, "model": r.model, "model_version": r.model_version,
-                           "speech_seconds": r.speech_seconds, "embedding": list(r.embedding)})
-            elif args.command == "verify":
-                req = pb.VerifyRequest(model=args.model or "", a=pb.Probe(audio=_audio(args.file_a)),
-                                       b=pb.Probe(audio=_audio(args.file_b)))
-                if args.threshold is not None:
-                    req.threshold = args.threshold
-                    req.threshold_scale = _SCALES[args.scale]
-                if args.target_far is not None:
-                    req.target_false_accept_rate = args.target_far
-                r = stub.Verify(req, **kw)
-                out = {"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model,
-                       "verdict": pb.Verdict.Name(r.verdict).removeprefix("VERDICT_"),
-                       "llr": r.llr if r.HasField("llr") else None,
-                       "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
-                       "decision_scale": pb.ScoreScale.Name(r.decision_scale).removeprefix("SCORE_SCALE_").lower(),
-                       "decision_threshold": r.decision_threshold,
-                       "speech_seconds": [r.a_speech.speech_seconds, r.b_speech.speech_seconds],
-                       "multiple_speakers": [r.a_speech.multiple_speakers, r.b_speech.multiple_speakers],
-                       "narrowband": [r.a_speech.narrowband, r.b_speech.narrowband]}
-                if r.reason:
-                    out["reason"] = r.reason
-                _emit(out)
-            elif args.command == "enroll":
-                r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection,
-                                                 speaker_id=args.speaker, audio=[_audio(f) for f in args.files],
-                                                 allow_reenroll=args.allow_reenroll), **kw)
-                _emit({"collection": r.speaker.collection, "speaker": r.speaker.speaker_id, "created": r.created,
-                       "utterance_count": r.speaker.utterance_count, "model": r.speaker.model,
-                       "status": pb.EnrollmentStatus.Name(r.status).removeprefix("ENROLLMENT_STATUS_"),
-                       "speech_seconds": r.speaker.speech_seconds,
-                       "required_speech_seconds": r.speaker.required_speech_seconds,
-                       "utterances": [{"file": f, "speech_seconds": u.speech.speech_seconds, "consistent": u.consistent,
-                                       "multiple_speakers": u.speech.multiple_speakers}
-                                      for f, u in zip(args.files, r.utterances)]})
-            elif args.command == "identify":
-                req = pb.IdentifyRequest(model=args.model or "", collection=args.collection,
-                                         probe=pb.Probe(audio=_audio(args.file)), top_k=args.top_k,
-                                         rule=pb.IDENTIFY_RULE_SINGLE_PAIR if args.single_pair else pb.IDENTIFY_RULE_OPEN_SET)
-                if args.target_far is not None:
-                    req.target_false_accept_rate = args.target_far
-                r = stub.Identify(req, **kw)
-                _emit({"candidates": [{"speaker": c.speaker_id, "score": c.score} for c in r.candidates],
-                       "is_match": r.is_match, "threshold": r.threshold, "model": r.model,
-                       "verdict": pb.Verdict.Name(r.verdict).removeprefix("VERDICT_"),
-                       "llr": [c.llr for c in r.candidates if c.HasField("llr")],
-                       "rule": pb.IdentifyRule.Name(r.rule).removeprefix("IDENTIFY_RULE_").lower(),
-                       "collection_size": r.collection_size, "decision_threshold": r.decision_threshold,
-                       "speech_seconds": r.probe_speech.speech_seconds, **({"reason": r.reason} if r.reason else {})})
-            elif args.command == "delete":
-                r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
-                                                               opt_out=args.opt_out), **kw)
-                _emit({"deleted": r.speaker.speaker_id if r.HasField("speaker") else None,
-                       "collection": args.collection or "default", "opted_out": args.opt_out})
-            elif args.command == "diarize":
-                for f in args.files:
-                    _diarize(stub, args, f, kw)
-            elif args.command == "load-model":
-                r = stub.LoadModel(pb.LoadModelRequest(model=args.name), **kw)
-                _emit({"model": r.model.name, "version": r.model.version, "replaced": r.replaced,
-                       "previous_version": r.previous_version or None, "execution_provider": r.model.execution_provider})
-            elif args.command == "unload-model":
-                r = stub.UnloadModel(pb.UnloadModelRequest(model=args.name), **kw)
-                _emit({"unloaded": r.model, "version": r.version})
-            elif args.command == "models":
-                r = stub.ListModels(pb.ListModelsRequest(), **kw)
-                _emit({"default_model": r.default_model, "models": [
-                    {"name": m.name, "version": m.version, "embedding_dim": m.embedding_dim, "sample_rate": m.sample_rate,
-                     "execution_provider": m.execution_provider, "threshold": m.threshold} for m in r.models]})
-        except grpc.RpcError as e:
-            print(f"{e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+           "speakers_affected": speakers}), flush=True)
     return 0
 
 
@@ -271,25 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--target", default="localhost:50051", help="HOST:PORT of the server")
-        p.add_argument("--token", default=None, help="bearer token")
+        p.add_argument("--target", default=os.environ.get("SPKSERVE_TARGET", "localhost:50051"),
+                       help="HOST:PORT of the server (default $SPKSERVE_TARGET or localhost:50051)")
+        p.add_argument("--token", default=os.environ.get("SPKSERVE_TOKEN"), help="bearer token (default $SPKSERVE_TOKEN)")
         p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) for a TLS server")
         p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
         p.add_argument("--model", default="", help="model name (default: the server's default)")
         return p
 
-    p = client("embed", "embed audio files")
+    def speaker(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--collection", default="", help="collection (default: 'default')")
+        p.add_argument("--speaker", required=required, metavar="ID")
+
+    p = client("embed", "embed audio files (files over 8 MiB, or all with --stream, go through EmbedStream)")
+    p.add_argument("--stream", action="store_true", help="send every file through EmbedStream")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p = client("verify", "score two audio files")
-    p.add_argument("file_a", metavar="FILE_A")
-    p.add_argument("file_b", metavar="FILE_B")
+    p = client("verify", "score two audio files, or one against an enrolled speaker (--speaker)")
+    speaker(p, required=False)
+    p.add_argument("files", nargs="+", metavar="FILE", help="FILE_A FILE_B, or one FILE with --speaker")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's operating point)")
-    p.add_argument("--scale", choices=sorted(_SCALES), default="cosine", help="the scale --threshold is on")
+    p.add_argument("--scale", choices=["cosine", "llr", "normalized"], default="cosine", help="the scale --threshold is on")
     p.add_argument("--target-far", type=float, default=None,
                    help="decide at this false-accept rate (e.g. 0.001), from the model's real-speech table")
     p = client("enroll", "enroll audio files as a speaker")
-    p.add_argument("--collection", default="")
-    p.add_argument("--speaker", required=True)
+    speaker(p)
     p.add_argument("--allow-reenroll", action="store_true", help="enroll an id that was deleted or opted out")
     p.add_argument("files", nargs="+", metavar="FILE")
     p = client("identify", "find the closest enrolled speakers")
@@ -300,9 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decide is_match by the pair threshold (closed-set), not the open-set rule")
     p.add_argument("file", metavar="FILE")
     p = client("delete", "delete an enrolled speaker")
-    p.add_argument("--collection", default="")
-    p.add_argument("--speaker", required=True)
+    speaker(p)
     p.add_argument("--opt-out", action="store_true", help="also when not enrolled: refuse later enrollment of the id")
+    p = client("get-speaker", "an enrolled speaker's record")
+    speaker(p)
+    p.add_argument("--include-voiceprint", action="store_true", help="also print the voiceprint")
+    p = client("list-speakers", "the speakers of a collection")
+    p.add_argument("--collection", default="")
+    p.add_argument("--page-size", type=int, default=0, help="speakers per page (0: the server's 100)")
+    p.add_argument("--page-token", default="", help="continue from a previous page")
+    p.add_argument("--all", action="store_true", help="follow every page")
+    client("list-collections", "the collections this token can see")
+    p = client("compare", "cosine scores between two files of embeddings (lines printed by `spkserve embed`)")
+    p.add_argument("file_a", metavar="EMBEDDINGS_A")
+    p.add_argument("file_b", metavar="EMBEDDINGS_B")
+    p = client("migrate", "re-embed a collection's speakers with another model into a new collection (admin)")
+    p.add_argument("--collection", default="", help="the source collection")
+    p.add_argument("--to", required=True, metavar="COLLECTION", help="the new collection (must not exist)")
     p = client("diarize", "who spoke when: speaker turns of recordings, as RTTM (default) or JSON")
     count = p.add_mutually_exclusive_group()
     count.add_argument("--num-speakers", type=int, default=None, help="the number of speakers, when known")
@@ -313,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclusive", action="store_true", help="one speaker at a time (segments never overlap)")
     p.add_argument("files", nargs="+", metavar="FILE")
     client("models", "list the served models")
+    p = client("model-info", "one served model (default: the default model)")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
     p = client("load-model", "load a model from the server's repository, or reload it (admin)")
     p.add_argument("name", metavar="NAME")
     p = client("unload-model", "stop serving a model (admin)")
@@ -334,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "repair-log":
         return _repair(args)
-    return _client(args)
+    from service.cli_client import run_client
+
+    return run_client(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""The ``spkserve`` client verbs: one for every RPC, against a real server, with friendly errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REFERENCE
+
+AUDIO = REFERENCE / "audio"
+
+
+def _run(capsys, *argv: str) -> tuple[int, list[dict], str]:
+    from service.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, [json.loads(line) for line in out.out.splitlines() if line.startswith("{")], out.err
+
+
+def test_every_rpc_has_a_verb():
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service.cli import build_parser
+    from service.cli_client import VERBS
+
+    by_rpc = {"Embed": "embed", "EmbedStream": "embed", "Verify": "verify", "Compare": "compare", "Enroll": "enroll",
+              "Identify": "identify", "DeleteSpeaker": "delete", "GetSpeaker": "get-speaker",
+              "ListSpeakers": "list-speakers", "ListCollections": "list-collections", "ListModels": "models",
+              "GetModelInfo": "model-info", "LoadModel": "load-model", "UnloadModel": "unload-model",
+              "MigrateCollection": "migrate", "Diarize": "diarize", "DiarizeStream": "diarize"}
+    rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["SpeakerService"].methods}
+    assert rpcs == set(by_rpc), rpcs ^ set(by_rpc)  # a new RPC needs a verb (and this table)
+    parser_verbs = set(build_parser()._subparsers._group_actions[0].choices)
+    assert set(by_rpc.values()) <= set(VERBS) <= parser_verbs
+
+
+def test_records_compare_and_verify_against_an_enrolled_speaker(server, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPKSERVE_TARGET", server.target)  # no --target: the environment's
+    slt1, slt2, awb = (str(AUDIO / f"{n}.wav") for n in ("flite-slt-1", "flite-slt-2", "flite-awb-1"))
+    code, out, _ = _run(capsys, "enroll", "--collection", "cli", "--speaker", "slt", slt1)
+    assert code == 0 and out[0]["created"]
+    assert _run(capsys, "enroll", "--collection", "cli", "--speaker", "awb", awb)[0] == 0
+    code, out, _ = _run(capsys, "get-speaker", "--collection", "cli", "--speaker", "slt", "--include-voiceprint")
+    assert code == 0 and out[0]["speaker"] == "slt" and len(out[0]["voiceprint"]) == 256
+    code, out, _ = _run(capsys, "list-speakers", "--collection", "cli", "--page-size", "1")
+    assert len(out[0]["speakers"]) == 1 and out[0]["next_page_token"] and out[0]["total_size"] == 2
+    code, out, _ = _run(capsys, "list-speakers", "--collection", "cli", "--page-size", "1", "--all")
+    assert {s["speaker"] for s in out[0]["speakers"]} == {"slt", "awb"} and out[0]["next_page_token"] is None
+    code, out, _ = _run(capsys, "list-collections")
+    assert {"name": "cli", "speaker_count": 2}.items() <= next(c for c in out[0]["collections"] if c["name"] == "cli").items()
+    same = _run(capsys, "verify", "--collection", "cli", "--speaker", "slt", slt2)[1][0]
+    other = _run(capsys, "verify", "--collection", "cli", "--speaker", "awb", slt2)[1][0]
+    assert same["score"] > other["score"]
+    # compare: the embeddings `spkserve embed` printed (plain and streamed give the same vectors)
+    code, plain, _ = _run(capsys, "embed", slt1, slt2)
+    code, streamed, _ = _run(capsys, "embed", "--stream", slt1)
+    assert streamed[0]["embedding"] == pytest.approx(plain[0]["embedding"], abs=1e-5)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(o) for o in plain) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(plain[1]) + "\n")
+    code, out, _ = _run(capsys, "compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    assert code == 0 and out[0]["rows"] == 2 and out[0]["cols"] == 1 and out[0]["scores"][1][0] == pytest.approx(1.0, abs=1e-4)
+    (tmp_path / "bad.jsonl").write_text("hello\n")
+    with pytest.raises(SystemExit, match="line 1: not a `spkserve embed` JSON line"):
+        _run(capsys, "compare", str(tmp_path / "bad.jsonl"), str(tmp_path / "b.jsonl"))
+    code, out, _ = _run(capsys, "model-info")
+    assert code == 0 and out[0]["name"] == "ge2e" and out[0]["embedding_dim"] == 256
+    code, out, err = _run(capsys, "migrate", "--collection", "cli", "--to", "cli2")
+    assert code == 1 and err.startswith("PERMISSION_DENIED")  # admin only (model_control is off)
+    with pytest.raises(SystemExit, match="give one FILE"):
+        _run(capsys, "verify", "--speaker", "slt", slt1, slt2)
+
+
+def test_friendly_errors(server, capsys, tmp_path):
+    code, _, err = _run(capsys, "models", "--target", "127.0.0.1:1", "--timeout", "5")
+    assert code == 1 and "cannot reach 127.0.0.1:1: is `spkserve serve` running?" in err
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * (17 << 20))  # over the server's 16 MiB message limit
+    code, _, err = _run(capsys, "verify", "--target", server.target, str(big), str(big))
+    assert code == 1 and err.startswith("RESOURCE_EXHAUSTED") and "max_message_mb" in err and "EmbedStream" in err
+    mp4 = tmp_path / "clip.m4a"
+    mp4.write_bytes(b"\0\0\0\x18ftypM4A " + b"\0" * 4000)
+    code, _, err = _run(capsys, "embed", "--target", server.target, str(mp4))
+    assert code == 1 and err.startswith("INVALID_ARGUMENT") and "WAV, FLAC" in err and "ffmpeg" in err
+    with pytest.raises(SystemExit, match="cannot read"):
+        _run(capsys, "embed", "--target", server.target, str(tmp_path / "missing.wav"))
