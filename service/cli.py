@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -50,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         "model_repository": args.model_repository,
         "data_dir": args.data_dir, "host": args.host, "default_model": args.default_model,
         "auth_token": args.auth_token, "auth_tokens_file": args.auth_tokens_file, "log_level": args.log_level,
+        "log_format": args.log_format,
         "metrics_host": args.metrics_host, "index_backend": args.index_backend, "milvus_uri": args.milvus_uri,
     }
     try:
@@ -57,7 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"spkserve serve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
     return asyncio.run(serve(config))
 
 
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index-backend", choices=["faiss", "milvus"], help="speaker store (default faiss)")
     s.add_argument("--milvus-uri", help="Milvus server URI or Milvus Lite file (index_backend milvus)")
     s.add_argument("--log-level")
+    s.add_argument("--log-format", choices=["text", "json"], help="text (default) or JSON lines")
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)

@@ -140,6 +140,8 @@ class ServerConfig:
     grace_seconds: float = 8.0  # in-flight calls get this long to finish after shutdown starts
     shutdown_delay_seconds: float = 1.0  # NOT_SERVING but still answering, so balancers move away first
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line, access-log fields as keys)
+    access_log: bool = True  # one line per call on logger spkserve.access (no audio, speaker ids or collections)
 
     def validate(self) -> "ServerConfig":
         """Check ranges and choices; raise ConfigError naming the option."""
@@ -151,6 +153,7 @@ class ServerConfig:
         need(0 <= self.port <= 65535, "port", "must be in 0..65535")
         need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in -1..65535")
         need(0 <= self.http_port <= 65535, "http_port", "must be in 0..65535 (0: no HTTP API)")
+        need(self.log_format in ("text", "json"), "log_format", "must be 'text' or 'json'")
         need(self.http_port == 0 or self.http_port != self.port, "http_port", "must differ from port")
         need(self.model_variant in _VARIANTS, "model_variant", f"must be one of {_VARIANTS}")
         need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0")

@@ -15,7 +15,6 @@ at ``GET /samples/NAME`` (``slt-1.wav``, ``slt-2.wav``: one voice; ``awb-1.wav``
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,14 +28,13 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
-from service.errors import ServiceError, status_of
+from service.errors import ServiceError, http_status, status_of
 from service.http_context import HttpAbort, HttpCallContext, error_body
 from service.http_forms import assign_field, attach_files, form_message, json_message, read_body
+from service.logs import access
 from service.openapi import docs_page, openapi_document
 
 __all__ = ["Route", "ROUTES", "build_app"]
-
-log = logging.getLogger("spkserve.http")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SpeakerService"]
 
@@ -136,7 +134,7 @@ def _endpoint(route: Route):
         metadata = [("x-request-id", rid)]
         if "authorization" in request.headers:
             metadata.append(("authorization", request.headers["authorization"]))
-        t0, status, held = time.perf_counter(), 200, 0
+        t0, status, held, code = time.perf_counter(), 200, 0, None  # code: an error answered before the RPC ran
         try:
             servicer = server.servicer
             if servicer.auth is not None:  # before the body is read
@@ -151,23 +149,28 @@ def _endpoint(route: Route):
             held = size
             for name in route.path_fields:
                 setattr(message, name, request.path_params[name])
+            code = "reached"  # from here the RPC's own wrapper logs the call
             reply = await getattr(servicer, route.rpc)(message, ctx)
             return JSONResponse(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True),
                                 headers={"x-request-id": rid})
         except HttpAbort as e:
-            status = e.status
+            status, code = e.status, (code or e.code.name)
             return JSONResponse(error_body(e.code, e.message), status_code=e.status,
                                 headers={**e.headers(), "x-request-id": rid})
         except ServiceError as e:  # raised before the servicer (authentication)
-            code, message_text = status_of(e)
-            abort = HttpAbort(code, message_text)
-            status = abort.status
-            return JSONResponse(error_body(code, f"authorization: {message_text}" if code.name == "UNAUTHENTICATED"
-                                           else message_text), status_code=status, headers={"x-request-id": rid})
+            grpc_code, text = status_of(e)
+            status, code = http_status(grpc_code), grpc_code.name
+            if code == "UNAUTHENTICATED":
+                text = f"authorization: {text}"
+            return JSONResponse(error_body(code, text), status_code=status, headers={"x-request-id": rid})
         finally:
             if held:
                 server.request_bytes.give(held)
-            log.debug("%s %s %d %.1f ms id=%s", route.method, route.path, status, (time.perf_counter() - t0) * 1e3, rid)
+            elapsed = time.perf_counter() - t0
+            server.metrics.http_requests.labels(route.rpc, str(status)).inc()
+            server.metrics.http_latency.labels(route.rpc).observe(elapsed)
+            if code not in (None, "reached") and server.config.access_log:
+                access(route.rpc, code, elapsed, 0.0, "-", rid, "http")
 
     call.__name__ = route.rpc
     return call

@@ -47,6 +47,7 @@ class HttpCallContext:
         self._metadata = tuple(metadata)
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.retry_after_s: float | None = None
+        self.transport = "http"  # for the access log
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         """The request's metadata: lower-case (key, value) pairs."""
@@ -55,6 +56,9 @@ class HttpCallContext:
     def time_remaining(self) -> float | None:
         """Seconds left before the request's deadline, or None without one."""
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def send_initial_metadata(self, metadata) -> None:
+        """Nothing to send: the HTTP response carries ``x-request-id`` itself."""
 
     def set_trailing_metadata(self, metadata) -> None:
         """Keeps the retry hint (``grpc-retry-pushback-ms``) for the ``Retry-After`` header."""

@@ -5,7 +5,15 @@ Names follow ``spkserve_<scope>_<what>``; the endpoint is a plain HTTP ``/metric
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 __all__ = ["Metrics"]
 
@@ -22,10 +30,17 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("spkserve_grpc_requests_total", "gRPC requests by method and status code",
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # process_*, python_* (CPU, memory, fds, GC)
+            r.register(collector)
+        self.requests = Counter("spkserve_grpc_requests_total",
+                                "Requests by RPC and gRPC status code (HTTP/JSON calls counted under their RPC too)",
                                 ["method", "code"], registry=r)
-        self.latency = Histogram("spkserve_grpc_request_duration_seconds", "gRPC request latency",
+        self.latency = Histogram("spkserve_grpc_request_duration_seconds", "Request latency by RPC (gRPC and HTTP)",
                                  ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.http_requests = Counter("spkserve_http_requests_total", "HTTP/JSON API requests by route and HTTP status",
+                                     ["route", "status"], registry=r)
+        self.http_latency = Histogram("spkserve_http_request_duration_seconds", "HTTP/JSON API request latency",
+                                      ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("spkserve_batch_size", "Utterances per inference batch",
                                     ["model"], buckets=_BATCH_BUCKETS, registry=r)
         self.queue_time = Histogram("spkserve_batch_queue_duration_seconds", "Time an utterance waited for its batch",

@@ -1,4 +1,5 @@
-"""The wrapper every RPC of the servicer runs in: status mapping, retry hints, latency and counts."""
+"""The wrapper every RPC of the servicer runs in: status mapping, retry hints, request ids, latency, counts
+and the access log (gRPC and HTTP calls alike)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import grpc
 
 from service.errors import Unavailable, status_of
+from service.logs import access, request_id
 
 __all__ = ["rpc"]
 
@@ -24,18 +26,44 @@ def _bounded(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
 
 
+def _audio_seconds(reply) -> float:
+    """Decoded audio seconds a reply reports (its SpeechInfo fields and per-utterance feedback)."""
+    total = 0.0
+    for fd, value in reply.ListFields() if reply is not None else ():
+        kind = fd.message_type.name if fd.message_type is not None else ""
+        if kind == "SpeechInfo":
+            total += value.audio_seconds
+        elif kind == "UtteranceFeedback":
+            total += sum(u.speech.audio_seconds for u in value)
+    return total
+
+
+def _tenant(servicer, metadata) -> str:
+    if servicer.auth is None:
+        return "-"
+    try:
+        return servicer.auth.token_of(metadata).name
+    except Exception:  # noqa: BLE001 - an unauthenticated call never reaches a handler; be safe anyway
+        return "?"
+
+
 def rpc(method):
-    """Decorator: status mapping, latency and request counting for one RPC."""
+    """Decorator: status mapping, request id, latency, request counting and the access log for one RPC."""
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self, request: Any, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
+        metadata = context.invocation_metadata()
+        rid = request_id(metadata)
+        reply = None
         try:
+            await context.send_initial_metadata((("x-request-id", rid),))
             if not self.ready:
                 raise Unavailable("server is starting or shutting down")
-            return await method(self, request, context)
+            reply = await method(self, request, context)
+            return reply
         except asyncio.CancelledError:  # the client went away
             code = grpc.StatusCode.CANCELLED
             raise
@@ -49,8 +77,12 @@ def rpc(method):
             await context.abort(code, _bounded(message))
         finally:
             m = self.engine.metrics
+            elapsed = time.perf_counter() - t0
             m.requests.labels(name, code.name).inc()
-            m.latency.labels(name).observe(time.perf_counter() - t0)
+            m.latency.labels(name).observe(elapsed)
+            if self.engine.config.access_log:
+                access(name, code.name, elapsed, _audio_seconds(reply), _tenant(self, metadata), rid,
+                       getattr(context, "transport", "grpc"))
 
     return wrapper
 
