@@ -17,7 +17,7 @@ gpu=0
 milvus=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="serve,train,test" ;;
+    --dev) extras="serve,train,test,otel" ;;
     --gpu) gpu=1 ;;
     --milvus) milvus=1 ;;
     *) echo "setup.sh: unknown argument '$arg' (expected --dev, --gpu, --milvus)" >&2; exit 2 ;;

@@ -141,6 +141,7 @@ class ServerConfig:
     shutdown_delay_seconds: float = 1.0  # NOT_SERVING but still answering, so balancers move away first
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, access-log fields as keys)
+    otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://otel:4317); empty: off
     access_log: bool = True  # one line per call on logger spkserve.access (no audio, speaker ids or collections)
 
     def validate(self) -> "ServerConfig":

@@ -32,6 +32,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavai
 from service.store import IndexOptions, LocalStore, SpeakerStore, StoreUnavailable, load_key_file
 from service.store.base import quoted
 from service.metrics import Metrics
+from service.tracing import Tracing
 
 __all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy", "configured_key_files"]
 
@@ -62,6 +63,7 @@ class Speech:
     narrowband: bool = False  # no energy above 4 kHz: VAD ran in its 8 kHz mode
     multiple_speakers: bool = False  # set by the one-talker check
     self_consistency: float | None = None  # its lowest LLR between parts (None: not checked)
+    vad_s: float = 0.0  # the VAD's share of decode_s
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics):
         self.config = config
         self.metrics = metrics
+        self.tracing = Tracing()  # started by the server when otlp_endpoint is set
         self.models: dict[str, SpeakerModel] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.store: SpeakerStore | None = None
@@ -349,10 +352,12 @@ class Engine:
         if vad is None or self.vad is None:
             return Speech(wave, len(wave) / rate, len(wave) / rate, [(0.0, len(wave) / rate)], False,
                           time.perf_counter() - t0)
+        t_vad = time.perf_counter()
         segments, narrow = self.vad.analyse(wave, rate, vad)
         speech = keep_speech(wave, segments)  # (T',)
+        done = time.perf_counter()
         return Speech(speech, len(speech) / rate, len(wave) / rate, [(a / rate, b / rate) for a, b in segments], True,
-                      time.perf_counter() - t0, narrow)
+                      done - t0, narrow, vad_s=done - t_vad)
 
     async def prepare(self, model: SpeakerModel, audio: AudioInput, deadline: float | None = None) -> Speech:
         """Decode, downmix, resample, check and VAD one input on the decode pool.
@@ -370,6 +375,10 @@ class Engine:
         self._preparing_by_model[model.name] = self._preparing_by_model.get(model.name, 0) + 1
         try:
             speech = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._prepare_sync, model, audio)
+            if self.tracing.on:
+                start = self.tracing.record("vad", speech.vad_s, speech_seconds=speech.speech_seconds)
+                self.tracing.record("decode", speech.decode_s - speech.vad_s, end_ns=start, field=audio.field,
+                                    audio_seconds=speech.audio_seconds)
             # the work itself (decode + VAD), not the wait for a decode thread: the backlog adds that
             self._prepare_s = speech.decode_s if self._prepare_s is None else 0.8 * self._prepare_s + 0.2 * speech.decode_s
             return speech
@@ -384,6 +393,9 @@ class Engine:
             raise Unavailable(f"model {model.name} v{model.card.version} was unloaded or replaced while this "
                               "request was being prepared; retry")
         result = await self.batchers[model.name].submit(wave, deadline, admitted)
+        if self.tracing.on:
+            start = self.tracing.record("inference", result.inference_s, model=model.name, batch_size=result.batch_size)
+            self.tracing.record("queue", result.queue_s, end_ns=start, model=model.name)
         self.metrics.audio_seconds.labels(model.name).inc(len(wave) / model.sample_rate)
         return result
 
@@ -416,7 +428,8 @@ class Engine:
         if self.store is None:
             raise Unavailable("the speaker store is still opening")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+            with self.tracing.span("store", operation=getattr(fn, "__name__", "call")):
+                return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
         except StoreUnavailable:
             self.metrics.store_errors.labels("write").inc()
             raise

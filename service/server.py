@@ -31,6 +31,7 @@ from service.reflection import enable_reflection
 from service.servicer import SpeakerServicer
 from service.store import StoreUnavailable
 from service.store.keys import check_not_in_use
+from service.tracing import TracingUnavailable
 
 __all__ = ["SpeakerServer", "serve", "SERVICE_NAME"]
 
@@ -62,10 +63,11 @@ def _check_port_free(host: str, port: int, option: str = "port") -> None:
 class SpeakerServer:
     """One spkserve server; ``await start()``, ``await wait_ready()``, ``await stop()``."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, span_exporter=None):
         self.config = config
         self.metrics = Metrics()
         self.engine = Engine(config, self.metrics)
+        self._span_exporter = span_exporter  # tests: an in-memory OpenTelemetry exporter instead of OTLP
         self.servicer = SpeakerServicer(self.engine)
         self.servicer.on_models_changed = self._model_health
         self._model_health_names: set[str] = set()
@@ -100,8 +102,11 @@ class SpeakerServer:
         _check_port_free(cfg.host, cfg.port)
         if cfg.http_port:
             _check_port_free(cfg.http_host or cfg.host, cfg.http_port, "http_port")
+        if cfg.otlp_endpoint or self._span_exporter is not None:
+            self.engine.tracing.start(cfg.otlp_endpoint, exporter=self._span_exporter)
+        traced = self.engine.tracing.grpc_interceptor()
         self._server = grpc.aio.server(
-            interceptors=[RequestGuard(auth, self.request_bytes)],
+            interceptors=([traced] if traced is not None else []) + [RequestGuard(auth, self.request_bytes)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],
         )
@@ -165,7 +170,7 @@ class SpeakerServer:
             raise OSError(f"option 'http_port': cannot listen on {host}:{cfg.http_port}: {e.strerror.lower()}") from None
         sock.listen(2048)
         sock.setblocking(False)
-        config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
+        config = uvicorn.Config(self.engine.tracing.asgi(build_app(self)), log_config=None, access_log=False, lifespan="off",
                                 ssl_certfile=cfg.tls_cert or None, ssl_keyfile=cfg.tls_key or None,
                                 timeout_graceful_shutdown=cfg.grace_seconds, server_header=False)
         config.load()
@@ -249,6 +254,7 @@ class SpeakerServer:
         for task in self._tasks:
             task.cancel()
         await self.engine.close()
+        self.engine.tracing.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -268,7 +274,7 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-    except (OSError, StoreUnavailable) as e:  # a busy port or data directory: one line, no traceback
+    except (OSError, StoreUnavailable, TracingUnavailable) as e:  # a busy port or data directory: one line
         log.error("cannot start: %s", e)
         return 1
     waiter = asyncio.ensure_future(stop.wait())

@@ -87,13 +87,13 @@ def model_repo(tmp_path_factory) -> Path:
 class ServerThread:
     """A real SpeakerServer on its own event loop in a background thread."""
 
-    def __init__(self, config):
+    def __init__(self, config, **kwargs):
         from service.server import SpeakerServer
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = SpeakerServer(config)
+        self.server = SpeakerServer(config, **kwargs)
         self.port = self.call(self.server.start())
         self.call(self.server.wait_ready(120))
         self.target = f"127.0.0.1:{self.port}"
