@@ -8,8 +8,10 @@ FROM ${BASE}
 ARG ORT=onnxruntime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive
 
+# one Python: the base image's (python:*-slim has it; a CUDA base gets Debian/Ubuntu's)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libsndfile1 python3 python3-venv python3-pip ca-certificates \
+ && apt-get install -y --no-install-recommends libsndfile1 ca-certificates \
+ && if ! command -v python3 >/dev/null; then apt-get install -y --no-install-recommends python3 python3-venv; fi \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 spkserve \
  && mkdir /data && chown spkserve:spkserve /data
@@ -27,9 +29,8 @@ RUN PYTHON=python3 bash scripts/setup.sh \
 ENV SPKSERVE_DATA_DIR=/data SPKSERVE_HOST=0.0.0.0 SPKSERVE_METRICS_HOST=0.0.0.0
 VOLUME ["/data"]
 EXPOSE 50051 8080 9090
+# grpc.health.v1 on the configured port, over TLS when tls_cert is set ($SPKSERVE_CONFIG / SPKSERVE_* variables)
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-  CMD .venv/bin/python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
-c=grpc.insecure_channel('127.0.0.1:50051'); \
-sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=3).status==h.HealthCheckResponse.SERVING else 1)"
+  CMD [".venv/bin/python", "-m", "service.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT [".venv/bin/spkserve", "serve"]

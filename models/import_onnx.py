@@ -12,6 +12,11 @@ graph's embedding out), checks parity against ``kaldi-native-fbank`` + the origi
 ONNX Runtime on recorded speech (cosine >= 0.999, else it stops), and writes ``model.onnx`` and
 ``model.json``. Input and output names are found in the graph when there is one candidate.
 
+Without torch: the front ends of the usual configurations (80 bins at 16 kHz, with and without
+mean normalisation: WeSpeaker and 3D-Speaker) ship prebuilt in ``models/assets`` (``fbank-*.onnx``,
+made by ``build_front_ends()``), so importing needs only onnx, onnxruntime and kaldi-native-fbank
+(``pip install 'spkserve[import]'``); another configuration is built with torch.
+
 Batching: these networks pool over every frame they get, padding included, so the artifact is
 ``batching: same_length`` (the server batches only equal-length inputs; exact, never padded).
 """
@@ -50,6 +55,44 @@ def _io(model, name: str | None, kind: str) -> str:
 
 def _dims(value) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+FRONT_OPSET = 17  # the shipped front ends' opset; the joined graph takes the higher of this and the model's
+SHIPPED_FRONT_ENDS = [(80, 16000, True), (80, 16000, False)]  # (num_bins, sample_rate, cmn): WeSpeaker, 3D-Speaker
+
+
+def front_end_asset(num_bins: int, sample_rate: int, cmn: bool) -> Path:
+    """Where the prebuilt fbank front end of this configuration lives (``models/assets``)."""
+    return ASSETS / f"fbank-{num_bins}-{sample_rate}-{'cmn' if cmn else 'raw'}.onnx"
+
+
+def build_front_ends() -> list[Path]:
+    """Export the shipped front-end configurations into ``models/assets`` (needs torch)."""
+    paths = []
+    for bins, rate, cmn in SHIPPED_FRONT_ENDS:
+        _front_end(bins, rate, cmn, FRONT_OPSET, front_end_asset(bins, rate, cmn))
+        paths.append(front_end_asset(bins, rate, cmn))
+    return paths
+
+
+def _front_end_model(num_bins: int, sample_rate: int, cmn: bool, tmp: Path):
+    """The front end as an ONNX model at ``FRONT_OPSET``: the shipped file, else built with torch."""
+    import onnx
+
+    asset = front_end_asset(num_bins, sample_rate, cmn)
+    if asset.is_file():
+        return onnx.load(str(asset))
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        shipped = ", ".join(f"--num-bins {b} --sample-rate {r}{'' if c else ' --no-cmn'}" for b, r, c in SHIPPED_FRONT_ENDS)
+        raise ImportError_(f"--num-bins {num_bins} --sample-rate {sample_rate}{'' if cmn else ' --no-cmn'}: no shipped "
+                           f"front end for this configuration (shipped: {shipped}); building one needs torch "
+                           "(pip install 'spkserve[train]')") from None
+    path = tmp / "front.onnx"
+    _front_end(num_bins, sample_rate, cmn, FRONT_OPSET, path)
+    return onnx.load(str(path))
 
 
 def _front_end(num_bins: int, sample_rate: int, cmn: bool, opset: int, path: Path) -> None:
@@ -98,6 +141,7 @@ def import_fbank_model(onnx_path: Path, out_dir: Path, *, name: str | None = Non
 
     from models.artifact import ModelCard, save_card
 
+    onnx_path = Path(onnx_path)
     if not 8000 <= sample_rate <= 48000:
         raise ImportError_(f"--sample-rate must be in 8000..48000 Hz, got {sample_rate}")
     if not 20 <= num_bins <= 128:
@@ -114,13 +158,14 @@ def import_fbank_model(onnx_path: Path, out_dir: Path, *, name: str | None = Non
     if len(in_dims) != 3 or (isinstance(in_dims[2], int) and in_dims[2] not in (0, num_bins)):
         raise ImportError_(f"input {inp!r} has shape {in_dims}; expected (batch, frames, {num_bins}) fbank features "
                            "(set --num-bins to the model's feature size)")
-    opset = max(13, next((o.version for o in net.opset_import if o.domain in ("", "ai.onnx")), 13))
-    if opset != next((o.version for o in net.opset_import if o.domain in ("", "ai.onnx")), opset):
+    net_opset = next((o.version for o in net.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = max(FRONT_OPSET, net_opset)
+    if net_opset != opset:
         net = version_converter.convert_version(net, opset)
     with tempfile.TemporaryDirectory() as tmp:
-        front_path = Path(tmp) / "front.onnx"
-        _front_end(num_bins, sample_rate, cmn, opset, front_path)
-        front = onnx.load(str(front_path))
+        front = _front_end_model(num_bins, sample_rate, cmn, Path(tmp))
+    if opset != FRONT_OPSET:
+        front = version_converter.convert_version(front, opset)
     net = compose.add_prefix(net, prefix="net/")
     merged = compose.merge_models(front, net, io_map=[("fbank_feats", "net/" + inp)],
                                   outputs=["net/" + out], producer_name="spkserve.models.import_onnx")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ["cpu", "cuda"]
+OVERLAYS = ["cpu", "cuda", "single"]
 
 
 def build(overlay: str) -> list[dict]:
@@ -36,6 +36,10 @@ def test_manifests_validate_against_the_kubernetes_schema(overlay, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     kinds = {d["kind"] for d in docs}
+    if overlay == "single":  # one pod owns the embedded store: no autoscaler, no disruption budget
+        assert {"Deployment", "Service", "PersistentVolumeClaim", "ServiceMonitor"} <= kinds
+        assert not kinds & {"HorizontalPodAutoscaler", "PodDisruptionBudget"}
+        return
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"} <= kinds
 
 
@@ -51,7 +55,16 @@ def test_deployment_agrees_with_the_server(overlay):
     cfg_file = Path("/tmp") / f"spkserve-{overlay}.toml"
     cfg_file.write_text(config["data"]["spkserve.toml"])
     cfg = load_config(cfg_file, env={})  # every option in the ConfigMap is a real, valid option
-    assert cfg.index_backend == "milvus" and cfg.metrics_host == "0.0.0.0"
+    assert cfg.metrics_host == "0.0.0.0"
+    if overlay == "single":  # the embedded store on the claim, one pod at a time
+        assert cfg.index_backend == "faiss" and cfg.data_dir == "/data"
+        assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+        mount = next(m for m in box["volumeMounts"] if m["mountPath"] == cfg.data_dir)
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    else:
+        assert cfg.index_backend == "milvus"
     assert pod["terminationGracePeriodSeconds"] > cfg.shutdown_delay_seconds + cfg.grace_seconds
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert box[probe]["grpc"]["port"] == cfg.port  # grpc.health.v1, the server's overall status
@@ -59,6 +72,8 @@ def test_deployment_agrees_with_the_server(overlay):
     assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's user
     entry = next(ln for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.startswith("ENTRYPOINT"))
     assert '"serve"' in entry and box["args"][:2] == ["--config", "/etc/spkserve/spkserve.toml"]
+    if overlay == "single":
+        return
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
     assert any(m.get("pods", {}).get("metric", {}).get("name") == "spkserve_batch_queue_depth" for m in hpa["spec"]["metrics"])
     if overlay == "cuda":

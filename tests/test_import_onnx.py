@@ -81,3 +81,43 @@ def test_bad_graphs_and_options_are_refused_before_writing(tmp_path):
     assert import_fbank_model(src, tmp_path / "out", num_bins=40)["min_cosine"] >= 0.999
     with pytest.raises(ImportError_, match="--force"):
         import_fbank_model(src, tmp_path / "out", num_bins=40)
+
+
+def test_import_needs_no_torch_for_the_shipped_front_ends(tmp_path):
+    """The 80-bin 16 kHz front ends ship prebuilt: an import runs with torch unavailable (as in the
+    `import` extra), gives the same artifact outputs, and another configuration says what it needs."""
+    import subprocess
+    import sys
+
+    from models.import_onnx import SHIPPED_FRONT_ENDS, front_end_asset
+
+    assert all(front_end_asset(*c).is_file() for c in SHIPPED_FRONT_ENDS)
+    src = export(tmp_path, "feats", "embs")
+    src40 = export(tmp_path, "x40", "embs", bins=40)
+    code = f"""
+import sys, json
+sys.modules["torch"] = None  # import torch fails, as on a machine without it
+from models.import_onnx import import_fbank_model, ImportError_
+r = import_fbank_model({str(src)!r}, {str(tmp_path / "a")!r}, license="Apache-2.0", commercial_use=True)
+assert "torch" not in sys.modules or sys.modules["torch"] is None
+try:
+    import_fbank_model({str(src40)!r}, {str(tmp_path / "b")!r}, num_bins=40)
+except ImportError_ as e:
+    print("REFUSED", e)
+print("COSINE", r["min_cosine"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED --num-bins 40" in proc.stdout and "needs torch" in proc.stdout
+    assert float(proc.stdout.split("COSINE")[1]) >= 0.999
+    # the shipped front end is what torch builds today
+    import onnxruntime as ort
+
+    from models.import_onnx import FRONT_OPSET, _front_end
+
+    _front_end(80, 16000, True, FRONT_OPSET, tmp_path / "fresh.onnx")
+    wave, _ = sf.read(REFERENCE_AUDIO / "flite-slt-1.wav", dtype="float32")
+    feeds = {"waveform": wave[None], "lengths": np.array([len(wave)], dtype=np.int64)}
+    shipped = ort.InferenceSession(str(front_end_asset(80, 16000, True)), providers=["CPUExecutionProvider"])
+    fresh = ort.InferenceSession(str(tmp_path / "fresh.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(shipped.run(None, feeds)[0], fresh.run(None, feeds)[0], atol=1e-4)

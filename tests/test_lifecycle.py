@@ -249,6 +249,17 @@ def test_tls(model_repo, tmp_path, speech_files):
         with grpc.insecure_channel(srv.target) as ch:  # plaintext to a TLS port fails
             with pytest.raises(grpc.RpcError):
                 pb_grpc.SpeakerServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=3)
+        # the container's health check follows the configured port and TLS (one config, env or file)
+        from service.healthcheck import main as healthcheck
+
+        env = {"SPKSERVE_PORT": str(srv.port), "SPKSERVE_TLS_CERT": str(cert), "SPKSERVE_TLS_KEY": str(key)}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            assert healthcheck([]) == 0
+            mp.delenv("SPKSERVE_TLS_CERT")
+            mp.delenv("SPKSERVE_TLS_KEY")
+            assert healthcheck(["--timeout", "2"]) == 1  # plaintext to the TLS port: not healthy
     finally:
         srv.stop()
 
