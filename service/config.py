@@ -49,55 +49,56 @@ def default_model_repository() -> str:
 class ServerConfig:
     """All server options. Sizes are per model unless said otherwise."""
 
-    host: str = "0.0.0.0"
-    port: int = 50051  # 0 picks a free port
+    host: str = "0.0.0.0"  # address of the gRPC (and, unless http_host says otherwise, HTTP) listener
+    port: int = 50051  # gRPC (0 picks a free port)
     metrics_port: int = 9090  # 0 picks a free port, -1 disables the metrics endpoint
     http_port: int = 8080  # the HTTP/JSON API and web console (same tokens, limits, TLS); 0 turns it off
     http_host: str = ""  # empty: the same address as host
     metrics_host: str = "127.0.0.1"  # the metrics endpoint has no authentication: local only unless set
     metrics_collection_labels: bool = False  # per-collection series (collection names are visible to scrapers)
-    model_repository: str = field(default_factory=default_model_repository)
+    model_repository: str = field(default_factory=default_model_repository)  # one directory per model (model.onnx + model.json)
     models: list[str] = field(default_factory=list)  # empty: every model in the repository
-    default_model: str = "ge2e"
+    default_model: str = "ge2e"  # the model of requests that name none
     model_variant: str = "fp32"  # which file of each model: fp32 or int8
-    data_dir: str = "data"
+    data_dir: str = "data"  # speakers (index, write-ahead log, keys) of the embedded store
     # ONNX Runtime
+    # execution providers in order of preference (missing ones are skipped)
     providers: list[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
-    inter_op_threads: int = 1
+    inter_op_threads: int = 1  # ONNX Runtime threads across graph nodes
     ort_spinning: bool = False  # idle ORT threads spin-wait; off leaves CPU to request handling
-    warmup: bool = True
+    warmup: bool = True  # run each model once per batch shape class before SERVING
     # dynamic batching
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # utterances in one inference batch
     max_batch_seconds: float = 320.0  # padded audio seconds in one batch
     max_wait_ms: float = 0.0  # with one worker, batches fill while the previous one runs; waiting adds latency
     max_queue: int = 512  # waiting utterances before RESOURCE_EXHAUSTED
     batch_min_fill: float = 0.9  # least share of a batch's padded samples that is real audio (length bucketing)
     max_queue_wait_ms: float = 2000.0  # refuse at once when the estimated queueing time is longer (0: no limit)
-    inference_workers: int = 1
+    inference_workers: int = 1  # batches that run concurrently per model
     # requests
     deadline_margin: float = 0.3  # share of a call's remaining time kept free of estimated work at admission
-    max_audio_seconds: float = 300.0
+    max_audio_seconds: float = 300.0  # longest audio of one input (EmbedStream: max_stream_audio_seconds)
     max_message_mb: int = 16  # one unary request; longer audio goes through EmbedStream
     max_inflight_request_mb: int = 256  # request bytes held by all calls in progress, process-wide
-    max_stream_mb: int = 256
+    max_stream_mb: int = 256  # bytes of one EmbedStream/DiarizeStream upload
     max_stream_audio_seconds: float = 3600.0  # EmbedStream: longer than max_audio_seconds is embedded window by window
     max_stream_messages: int = 100_000  # messages of one EmbedStream (config + chunks)
     max_diarize_audio_seconds: float = 900.0  # unary Diarize (decoded in blocks; DiarizeStream: max_stream_audio_seconds)
-    decode_workers: int = 2
+    decode_workers: int = 2  # threads decoding, resampling and running VAD
     # voice activity detection (Silero VAD) before every embedding; the model's model.json
     # may carry its own VAD options, and [model_settings.<model>] overrides both
-    vad: bool = True
-    vad_threshold: float = 0.5
-    vad_min_speech_ms: float = 250.0
-    vad_min_silence_ms: float = 100.0
-    vad_speech_pad_ms: float = 30.0
+    vad: bool = True  # embed only the speech Silero VAD finds
+    vad_threshold: float = 0.5  # speech probability above which a frame is speech
+    vad_min_speech_ms: float = 250.0  # shorter speech bursts are dropped
+    vad_min_silence_ms: float = 100.0  # shorter pauses do not split speech
+    vad_speech_pad_ms: float = 30.0  # kept around each speech segment
     # net-speech rules
     min_probe_speech_seconds: float = 1.0  # per audio probe of Verify/Identify, else VERDICT_NOT_ENOUGH_SPEECH
     min_enroll_speech_seconds: float = 3.0  # per speaker, in total, to be READY
     allow_unready_speakers: bool = False  # may Verify/Identify use speakers below min_enroll_speech_seconds
     # one-talker check of Verify/Identify/Enroll audio: parts of the speech scored against each other
-    speaker_check: bool = True
+    speaker_check: bool = True  # flag inputs whose parts sound like different speakers
     speaker_check_min_seconds: float = 4.0  # only inputs with at least this much speech are checked
     speaker_check_llr: float = -2.0  # two parts scoring below this calibrated LLR: multiple speakers
     # a collection of at least this many speakers normalises scores against its own voiceprints (0: off)
@@ -105,27 +106,27 @@ class ServerConfig:
     collection_cohort_max_speakers: int = 5000  # voiceprints of a collection cohort, at most
     collection_cohort_refresh_seconds: float = 60.0  # re-read it after this long (other replicas' changes)
     # decisions: empty scale = the model's operating point (model.json)
-    decision_scale: str = ""
-    decision_threshold: float = 0.0
+    decision_scale: str = ""  # cosine | normalized | llr: the scale of decision_threshold
+    decision_threshold: float = 0.0  # on decision_scale, replacing the model's operating point
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {option: value}
     # speaker index
     index_backend: str = "faiss"  # faiss: embedded FAISS + write-ahead log in data_dir; milvus: a shared Milvus
     milvus_uri: str = ""  # http://host:19530 (a server) or a local file path (Milvus Lite)
     milvus_token: str = ""  # user:password or an API key
     milvus_db: str = ""  # empty: Milvus' default database
-    index_type: str = "flat"
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
-    ivf_nlist: int = 1024
-    ivf_nprobe: int = 32
+    index_type: str = "flat"  # flat (exact) | hnsw | ivf, for new collections
+    hnsw_m: int = 32  # HNSW graph degree
+    hnsw_ef_search: int = 128  # HNSW search breadth (recall vs speed)
+    ivf_nlist: int = 1024  # IVF cells
+    ivf_nprobe: int = 32  # IVF cells searched per query
     snapshot_every: int = 10000  # WAL records between snapshots
-    fsync: bool = True
+    fsync: bool = True  # every acknowledged write is on disk (off: faster, a crash may lose the last writes)
     # data protection
     encryption_key_file: str = ""  # wraps every speaker's key (encryption at rest); 64 hex chars, mode 0600
     tenant_key_files: dict[str, str] = field(default_factory=dict)  # collection pattern ('acme-*') -> key file
     retain_enrollment_audio: bool = False  # keep enrollment speech (encrypted per speaker) for MigrateCollection
     retention_days: float = 0.0  # > 0: delete speakers unused (no enroll/verify/identify match) this long
-    retention_check_seconds: float = 3600.0
+    retention_check_seconds: float = 3600.0  # how often retention_days is applied
     # security
     # collections a tenant (a token's collections; the whole server without tokens) may create
     max_collections_per_tenant: int = 1000
@@ -133,13 +134,13 @@ class ServerConfig:
     model_control: bool = False
     auth_token: str = ""  # non-empty: require "authorization: Bearer <token>" (an admin token)
     auth_tokens_file: str = ""  # TOML [[tokens]] with name, sha256, collections, permissions
-    tls_cert: str = ""
-    tls_key: str = ""
+    tls_cert: str = ""  # PEM certificate: gRPC and HTTP over TLS (with tls_key)
+    tls_key: str = ""  # PEM private key of tls_cert
     # lifecycle
     # delay + grace stay under docker stop's default 10 s (and Kubernetes' 30 s) before SIGKILL
     grace_seconds: float = 8.0  # in-flight calls get this long to finish after shutdown starts
     shutdown_delay_seconds: float = 1.0  # NOT_SERVING but still answering, so balancers move away first
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
     log_format: str = "text"  # text | json (one object per line, access-log fields as keys)
     otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://otel:4317); empty: off
     access_log: bool = True  # one line per call on logger spkserve.access (no audio, speaker ids or collections)

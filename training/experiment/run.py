@@ -9,7 +9,7 @@
 Every row is labelled with its ``protocol``:
 - ``superb`` (default, the published one; ``training.experiment.superb``): the SSL-pretrained upstream
   (a ``save_pretrained`` directory; default the committed ``models/checkpoints/ssl-distilled``, the
-  first testbed here whose FFNs carry speaker information, see the README) is pruned, and for each
+  first testbed here whose FFNs carry speaker information, see training/README.md) is pruned, and for each
   pruned upstream a fresh SUPERB-style downstream is trained per head seed on its frozen features:
   identification accuracy on held-out utterances of the training speakers, verification
   EER/minDCF on the unseen evaluation speakers. Methods: unpruned, all_ffn (every FFN neuron
@@ -81,7 +81,7 @@ class ExperimentConfig:
     # superb protocol: the declared design (primary comparison, smallest effect of interest)
     primary_protocol: str = "superb"  # superb | ssl_stage: whose protected-minus-baseline decides the verdict
     primary_ratio: float = 0.9
-    sesoi: float = 1.0  # points of the metric (see the README: about the paper's effect scaled to this testbed)
+    sesoi: float = 1.0  # points of the metric (training/README.md: about the paper's effect scaled to this testbed)
     seeds: int = 16  # head seeds per upstream
     calibration_draws: int = 3  # neuron identification on this many different calibration subsets
     random_seeds: int = 3  # random-pruning draws (each with every head seed)
