@@ -7,8 +7,8 @@
 
 Prints wall time and peak resident memory of the whole job. ``finetuned``: neuron statistics,
 pruning at 50% with and without protection, ONNX export and evaluation of each model.
-``superb`` (the published protocol): statistics (the recompute-per-layer variant's too), then
-the unpruned, all-FFN-removed, norm-only, both protected and one random upstream at 50%, each
+``superb`` (the published protocol): i-vector extractor and statistics (one calibration draw),
+then the unpruned, all-FFN-removed, norm-only, protected, shuffled-protection and one random upstream at 50%, each
 with its feature pass and 2 downstream heads, on 2 utterances per training speaker and the
 trials among ``--eval-utts`` evaluation utterances (a view of the corpus in a temporary directory); also the
 seconds of audio per upstream and the feature pass's real-time factor, from which a full
@@ -57,9 +57,10 @@ def main() -> None:
         else:
             cfg = ExperimentConfig(out=str(Path(tmp) / "exp"), protocol="superb", checkpoint=str(Path(tmp) / "base"),
                                    corpus=str(corpus_view(Path(args.corpus), Path(tmp) / "corpus", args.eval_utts)),
-                                   ratios=[0.5], calib_utts=args.calib_utts, seeds=2, random_seeds=1,
+                                   ratios=[0.5], primary_ratio=0.5, ssl_stage_ratios=[], calibration_draws=1,
+                                   permutations=5, calib_utts=args.calib_utts, seeds=2, random_seeds=1,
                                    utts_per_speaker=2, device="cpu")
-            keys = ("method", "variant", "ratio", "seed", "params", "rtf")
+            keys = ("method", "calibration_draw", "ratio", "seed", "params", "rtf")
         rows = run_experiment(cfg)
         minutes = (time.monotonic() - t0) / 60
         out = Path(tmp) / "exp"
@@ -67,7 +68,8 @@ def main() -> None:
         extra = {}
         if args.protocol == "superb":
             summary = json.loads((out / "summary.json").read_text())
-            extra = {"data": summary["data"], "upstreams": len({(r["method"], r.get("variant")) for r in rows})}
+            extra = {"data": summary["run"]["data"],
+                     "upstreams": len({(r["method"], r.get("calibration_draw"), r.get("random_draw")) for r in rows})}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     print(json.dumps({"family": args.family, "protocol": args.protocol, "encoder_params": n_params,
                       "minutes": round(minutes, 2), "peak_rss_gb": round(peak_gb, 2),
