@@ -247,3 +247,20 @@ def test_the_results_page_lists_every_attempt(tmp_path):
             for sid, eer in zip(sids, eers)]
     (tmp_path / "attempts" / "tele" / "results.json").write_text(json.dumps(rows))
     assert _attempts(tmp_path)[-1].endswith("| 26.7 / 32.2 | sid_acc 5.0, eer 2.0, mindcf - |")
+
+
+def test_the_committed_summary_is_what_the_committed_rows_give():
+    """training/results/summary.json is exactly what training.experiment.summary computes from the
+    committed results.json, config.json (the declared design) and controls.json."""
+    from pathlib import Path
+
+    from training.experiment.summary import summarize
+
+    res = Path(__file__).resolve().parents[1] / "training" / "results"
+    rows, cfg, controls, summary = (json.loads((res / f).read_text()) for f in
+                                    ("results.json", "config.json", "controls.json", "summary.json"))
+    summary.pop("run")
+    assert summarize(rows, cfg, controls) == summary
+    assert summary["verdict"] in ("benefit", "no_benefit", "inconclusive")
+    page = (res.parent / "README.md").read_text()
+    assert f"**Verdict: {summary['verdict']}.**" in page  # the write-up states the verdict in its words
