@@ -57,7 +57,22 @@ def rpc(method):
         code = grpc.StatusCode.OK
         metadata = context.invocation_metadata()
         rid = request_id(metadata)
-        reply = None
+        reply, done = None, False
+
+        def finish() -> None:
+            """Metrics and the access line, once, before the status leaves (abort sends it at once)."""
+            nonlocal done
+            if done:
+                return
+            done = True
+            m = self.engine.metrics
+            elapsed = time.perf_counter() - t0
+            m.requests.labels(name, code.name).inc()
+            m.latency.labels(name).observe(elapsed)
+            if self.engine.config.access_log:
+                access(name, code.name, elapsed, _audio_seconds(reply), _tenant(self, metadata), rid,
+                       getattr(context, "transport", "grpc"))
+
         try:
             await context.send_initial_metadata((("x-request-id", rid),))
             if not self.ready:
@@ -74,15 +89,10 @@ def rpc(method):
             retry = getattr(exc, "retry_after_s", None)
             if retry:  # gRPC clients with a retry policy honour the server's pushback
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry * 1000))),))
+            finish()
             await context.abort(code, _bounded(message))
         finally:
-            m = self.engine.metrics
-            elapsed = time.perf_counter() - t0
-            m.requests.labels(name, code.name).inc()
-            m.latency.labels(name).observe(elapsed)
-            if self.engine.config.access_log:
-                access(name, code.name, elapsed, _audio_seconds(reply), _tenant(self, metadata), rid,
-                       getattr(context, "transport", "grpc"))
+            finish()
 
     return wrapper
 

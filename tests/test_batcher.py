@@ -262,8 +262,14 @@ def test_overload_answers_resource_exhausted_with_a_retry_pushback_trailer():
     from service.metrics import Metrics
     from service.rpc import rpc
 
-    class Context:
-        trailer = None
+    class Context:  # what the rpc wrapper uses of grpc.aio.ServicerContext
+        trailer = initial = None
+
+        def invocation_metadata(self):
+            return (("x-request-id", "r-1"),)
+
+        async def send_initial_metadata(self, md):
+            self.initial = md
 
         def set_trailing_metadata(self, md):
             self.trailer = md
@@ -273,7 +279,8 @@ def test_overload_answers_resource_exhausted_with_a_retry_pushback_trailer():
 
     class Servicer:
         ready = True
-        engine = SimpleNamespace(metrics=Metrics())
+        auth = None
+        engine = SimpleNamespace(metrics=Metrics(), config=SimpleNamespace(access_log=True))
 
         @rpc
         async def Embed(self, request, context):
@@ -282,6 +289,7 @@ def test_overload_answers_resource_exhausted_with_a_retry_pushback_trailer():
     ctx = Context()
     run(Servicer().Embed(None, ctx))
     assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and ctx.trailer == (("grpc-retry-pushback-ms", "1500"),)
+    assert ctx.initial == (("x-request-id", "r-1"),)  # the caller's request id comes back
 
 
 def test_work_that_would_end_after_its_deadline_is_not_run_and_late_results_are_counted():
