@@ -15,6 +15,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tests.conftest import REFERENCE, ServerThread, make_config  # noqa: E402
 
 
+def _settled(exporter, ready, timeout: float = 10.0):
+    """The finished spans once ``ready(spans)`` holds: a server span ends just after its response is
+    sent, so the client can see the answer a moment before the span is exported."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not ready(exporter.get_finished_spans()) and time.monotonic() < end:
+        time.sleep(0.05)
+    return exporter.get_finished_spans()
+
+
 def test_a_call_is_one_trace_with_a_span_per_stage(model_repo, tmp_path):
     import grpc
     import requests
@@ -32,7 +43,7 @@ def test_a_call_is_one_trace_with_a_span_per_stage(model_repo, tmp_path):
         with grpc.insecure_channel(srv.target) as ch:
             stub = pb_grpc.SpeakerServiceStub(ch)
             stub.Enroll(pb.EnrollRequest(collection="t", speaker_id="slt", audio=[pb.Audio(encoded=audio)]))
-        spans = exporter.get_finished_spans()
+        spans = _settled(exporter, lambda sp: any(s.name.endswith("SpeakerService/Enroll") for s in sp))
         root = next(s for s in spans if s.name.endswith("SpeakerService/Enroll"))
         children = {s.name for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id}
         assert {"decode", "vad", "queue", "inference", "store"} <= children, children
@@ -46,7 +57,7 @@ def test_a_call_is_one_trace_with_a_span_per_stage(model_repo, tmp_path):
         r = requests.post(f"http://127.0.0.1:{srv.server.http_port}/v1/embed", files={"audio": ("a.wav", audio)},
                           timeout=60)
         assert r.status_code == 200
-        http_spans = exporter.get_finished_spans()
+        http_spans = _settled(exporter, lambda sp: any(s.parent is None for s in sp))
         server_span = next(s for s in http_spans if s.parent is None)
         assert "/v1/embed" in server_span.name
         assert {"decode", "inference"} <= {s.name for s in http_spans if s.context.trace_id == server_span.context.trace_id}
