@@ -102,6 +102,8 @@ def test_the_summary_is_what_the_rows_give(tiny_run):
                                     ("results.json", "config.json", "controls.json", "summary.json"))
     summary.pop("run")
     assert summarize(rows, cfg, controls) == summary
+    with pytest.raises(ValueError, match=r"\['pruned'\] are not among"):  # a row of no known method is refused
+        summarize(rows + [{**rows[0], "method": "pruned"}], cfg, controls)
 
 
 @pytest.mark.parametrize("extra, message", [

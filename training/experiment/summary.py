@@ -79,6 +79,9 @@ def summarize(rows: list[dict], config: dict, controls: dict) -> dict:
     Raises:
         ValueError: the rows lack the primary comparison or the gate's controls.
     """
+    unknown = sorted({r["method"] for r in rows} - set(METHODS))
+    if unknown:
+        raise ValueError(f"results: method(s) {unknown} are not among {list(METHODS)}")
     metric, sesoi = config["metric"], float(config["sesoi"])
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
     p_proto, p_ratio = config["primary_protocol"], float(config["primary_ratio"])
