@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VadOptions", "SileroVad", "speech_segments", "keep_speech", "is_narrowband", "level_gain",
+__all__ = ["VadOptions", "SileroVad", "speech_segments", "pad_segments", "keep_speech", "is_narrowband", "level_gain",
            "DEFAULT_VAD_MODEL", "NARROWBAND_VAD_MODEL", "VAD_SAMPLE_RATE"]
 
 DEFAULT_VAD_MODEL = Path(__file__).resolve().parent / "assets" / "silero_vad_16k_sequence.onnx"
@@ -145,10 +145,23 @@ def speech_segments(probs: np.ndarray, n_samples: int, options: VadOptions = Vad
     if start is not None and n_samples - start > min_speech:
         raw.append([start, n_samples])
 
-    # pad every segment; neighbours closer than two pads meet in the middle of their gap
+    return pad_segments(raw, n_samples, pad)
+
+
+def pad_segments(raw: list[list[int]], n_samples: int, pad: float, prev_end: int | None = None) -> list[tuple[int, int]]:
+    """Pad raw ``[start, end]`` speech segments (in place): neighbours closer than two pads meet in the middle.
+
+    Args:
+        raw: sorted, non-overlapping raw segments (sample positions), modified in place.
+        n_samples: length of the audio (no segment ends beyond it).
+        pad: padding in samples.
+        prev_end: raw end of the segment before ``raw[0]``, when there is one (a stream's
+            earlier, already padded segment): ``raw[0]``'s start is padded as its neighbour.
+    """
     for i, seg in enumerate(raw):
         if i == 0:
-            seg[0] = int(max(0, seg[0] - pad))
+            gap = None if prev_end is None else seg[0] - prev_end
+            seg[0] = int(max(0, seg[0] - (pad if gap is None or gap >= 2 * pad else gap // 2)))
         if i + 1 < len(raw):
             nxt = raw[i + 1]
             gap = nxt[0] - seg[1]
