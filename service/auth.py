@@ -8,7 +8,7 @@ The token file (``auth_tokens_file``) is TOML::
     collections = ["acme", "acme-*"]      # names; a trailing * matches a prefix
     permissions = ["read", "write"]       # read, write, admin
 
-``read``: Embed, EmbedStream, Verify, Compare, Identify, Diarize, DiarizeStream, GetSpeaker, ListSpeakers, ListCollections
+``read``: Embed, EmbedStream, Verify, VerifyStream, Compare, Identify, Diarize, DiarizeStream, GetSpeaker, ListSpeakers, ListCollections
 (only the token's collections are listed). ``write``: Enroll, DeleteSpeaker. ``admin``: everything
 on every collection. The single ``auth_token`` option is an admin token. Calls without a known
 token answer UNAUTHENTICATED; a call outside its token's scope answers PERMISSION_DENIED naming

@@ -4,6 +4,7 @@
     spkserve embed    [--model NAME] [--stream] FILE...
     spkserve verify   [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
                       FILE_A FILE_B  |  --speaker ID [--collection C] FILE
+    spkserve verify-stream --collection C --speaker ID [--chunk-ms 500] [--realtime] [--interim-seconds S] FILE
     spkserve enroll   [--collection C] --speaker ID [--allow-reenroll] FILE...
     spkserve identify [--collection C] [--top-k K] [--target-far R] [--single-pair] FILE
     spkserve delete   [--collection C] --speaker ID [--opt-out]
@@ -19,7 +20,8 @@
     spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
 
 Client commands take ``--target`` (``$SPKSERVE_TARGET``, default localhost:50051), ``--token``
-(``$SPKSERVE_TOKEN``), ``--tls-ca`` and ``--timeout``, and print JSON (one object per line for ``embed``); ``diarize`` prints RTTM by
+(``$SPKSERVE_TOKEN``), ``--tls-ca`` and ``--timeout``, and print JSON (one object per line for ``embed``, one per
+result for ``verify-stream``, the last with ``"final": true``); ``diarize`` prints RTTM by
 default, one line per segment: ``SPEAKER <file name without extension> 1 <start> <duration>
 <NA> <NA> <label> <NA> <NA>`` (labels ``SPEAKER_00``, ``SPEAKER_01``, ... or enrolled speaker
 ids), or one JSON object per file with ``--format json``. A failed call exits with status 1 and
@@ -154,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=["cosine", "llr", "normalized"], default="cosine", help="the scale --threshold is on")
     p.add_argument("--target-far", type=float, default=None,
                    help="decide at this false-accept rate (e.g. 0.001), from the model's real-speech table")
+    p = client("verify-stream", "verify a recording live against an enrolled speaker: streams FILE in chunks and "
+                                "prints each provisional result, then the final one")
+    p.add_argument("--collection", required=True, help="the enrolled speaker's collection")
+    p.add_argument("--speaker", required=True, metavar="ID")
+    p.add_argument("--chunk-ms", type=float, default=500.0, help="audio per message (default 500 ms)")
+    p.add_argument("--realtime", action="store_true", help="send at the audio's pace, as a live call would")
+    p.add_argument("--interim-seconds", type=float, default=0.0, help="new speech per provisional result (default 1 s)")
+    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's operating point)")
+    p.add_argument("--scale", choices=["cosine", "llr", "normalized"], default="cosine", help="the scale --threshold is on")
+    p.add_argument("file", metavar="FILE")
     p = client("enroll", "enroll audio files as a speaker")
     speaker(p)
     p.add_argument("--allow-reenroll", action="store_true", help="enroll an id that was deleted or opted out")

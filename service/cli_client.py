@@ -121,6 +121,51 @@ def _verify(stub, args, kw) -> None:
     _emit(out)
 
 
+def _verify_stream(stub, args, kw) -> None:
+    import time
+
+    import soundfile as sf
+
+    _check_readable(args.file)
+    if not 10 <= args.chunk_ms <= 10_000:
+        raise SystemExit(f"spkserve verify-stream: --chunk-ms must be in 10..10000, got {args.chunk_ms:g}")
+    try:  # decoded here: any format libsndfile reads goes to the server as 16-bit PCM
+        samples, rate = sf.read(args.file, dtype="int16", always_2d=True)  # (T, C)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise SystemExit(f"spkserve verify-stream: {args.file}: not readable audio ({e})") from None
+    channels = samples.shape[1]
+    data = samples.astype("<i2").tobytes()
+    step = max(1, int(rate * args.chunk_ms / 1000)) * 2 * channels
+    config = pb.VerifyStreamConfig(
+        model=args.model or "", interim_seconds=args.interim_seconds,
+        reference=pb.Probe(speaker=pb.SpeakerRef(collection=args.collection, speaker_id=args.speaker)),
+        pcm=pb.PcmFormat(sample_rate=rate, encoding=pb.PCM_S16LE, channels=channels))
+    if args.threshold is not None:
+        config.threshold = args.threshold
+        config.threshold_scale = SCALES[args.scale]
+
+    def messages():
+        yield pb.VerifyStreamRequest(config=config)
+        t0 = time.monotonic()
+        for i in range(0, len(data), step):
+            if args.realtime:
+                time.sleep(max(0.0, t0 + i / (2 * channels * rate) - time.monotonic()))
+            yield pb.VerifyStreamRequest(chunk=data[i:i + step])
+
+    if args.realtime:  # the deadline covers the audio's own duration
+        kw = {**kw, "timeout": kw["timeout"] + len(samples) / rate}
+    for r in stub.VerifyStream(messages(), **kw):
+        out = {"final": r.final, "audio_seconds": round(r.audio_seconds, 3), "speech_seconds": round(r.speech_seconds, 3),
+               "verdict": _name(pb.Verdict, r.verdict, "VERDICT_"), "score": r.score,
+               "llr": r.llr if r.HasField("llr") else None,
+               "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
+               "speaker_changed": r.speaker_changed, "recent_llr": r.recent_llr if r.HasField("recent_llr") else None,
+               "change_seconds": [round(t, 3) for t in r.change_seconds], "model": r.model}
+        if r.reason:
+            out["reason"] = r.reason
+        _emit(out)
+
+
 def _enroll(stub, args, kw) -> None:
     r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection, speaker_id=args.speaker,
                                      audio=[_audio(f) for f in args.files], allow_reenroll=args.allow_reenroll), **kw)
@@ -266,7 +311,7 @@ def _unload_model(stub, args, kw) -> None:
     _emit({"unloaded": r.model, "version": r.version})
 
 
-VERBS = {"embed": _embed, "verify": _verify, "enroll": _enroll, "identify": _identify, "delete": _delete,
+VERBS = {"embed": _embed, "verify": _verify, "verify-stream": _verify_stream, "enroll": _enroll, "identify": _identify, "delete": _delete,
          "get-speaker": _get_speaker, "list-speakers": _list_speakers, "list-collections": _list_collections,
          "compare": _compare, "migrate": _migrate, "diarize": _diarize, "models": _models, "model-info": _model_info,
          "load-model": _load_model, "unload-model": _unload_model}

@@ -101,6 +101,11 @@ class ServerConfig:
     speaker_check: bool = True  # flag inputs whose parts sound like different speakers
     speaker_check_min_seconds: float = 4.0  # only inputs with at least this much speech are checked
     speaker_check_llr: float = -2.0  # two parts scoring below this calibrated LLR: multiple speakers
+    # live verification (VerifyStream)
+    stream_idle_timeout_seconds: float = 30.0  # a live stream that sends nothing this long is ended
+    live_change_window_seconds: float = 2.0  # recent speech scored against the earlier for a speaker change
+    live_change_min_base_seconds: float = 3.0  # earlier speech needed before a change can be flagged
+    live_change_llr: float = -1.0  # recent vs earlier speech below this calibrated LLR: speaker changed
     # a collection of at least this many speakers normalises scores against its own voiceprints (0: off)
     collection_cohort_min_speakers: int = 0
     collection_cohort_max_speakers: int = 5000  # voiceprints of a collection cohort, at most
@@ -187,6 +192,11 @@ class ServerConfig:
         need(0 <= self.min_enroll_speech_seconds <= 3600, "min_enroll_speech_seconds", "must be in 0..3600")
         need(4.0 <= self.speaker_check_min_seconds <= 600, "speaker_check_min_seconds", "must be in 4..600")
         need(math.isfinite(self.speaker_check_llr) and -50 <= self.speaker_check_llr <= 50, "speaker_check_llr",
+             "must be in -50..50")
+        need(0 < self.stream_idle_timeout_seconds <= 3600, "stream_idle_timeout_seconds", "must be in (0, 3600]")
+        need(0.5 <= self.live_change_window_seconds <= 60, "live_change_window_seconds", "must be in 0.5..60")
+        need(0 <= self.live_change_min_base_seconds <= 600, "live_change_min_base_seconds", "must be in 0..600")
+        need(math.isfinite(self.live_change_llr) and -50 <= self.live_change_llr <= 50, "live_change_llr",
              "must be in -50..50")
         need(self.collection_cohort_min_speakers == 0 or self.collection_cohort_min_speakers >= 10,
              "collection_cohort_min_speakers", "must be 0 (off) or >= 10 (fewer voiceprints estimate no spread)")

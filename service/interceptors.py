@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import grpc
@@ -172,7 +173,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 if budget is not None:
                     budget.give(held[0])
 
-        fn = guarded_stream if streaming_out else guarded
+        # a streaming response comes from an async generator (reflection) or from context.write (VerifyStream)
+        fn = guarded_stream if streaming_out and inspect.isasyncgenfunction(behavior) else guarded
         make = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(streaming_in, streaming_out)]

@@ -82,5 +82,8 @@ class Metrics:
                                          "Seconds of audio diarized", ["model"], registry=r)
         self.diarization_speakers = Histogram("spkserve_diarization_speakers", "Speakers found per diarized recording",
                                               ["model"], buckets=_SPEAKER_BUCKETS, registry=r)
+        self.live_streams = Gauge("spkserve_live_streams", "VerifyStream calls in progress", ["model"], registry=r)
+        self.live_speaker_changes = Counter("spkserve_live_speaker_changes_total",
+                                            "Speaker changes flagged in live streams", ["model"], registry=r)
         self.decision_llr = Histogram("spkserve_decision_llr", "Calibrated scores (log-likelihood ratios) by verdict",
                                       ["model", "method", "verdict"], buckets=_LLR_BUCKETS, registry=r)

@@ -29,6 +29,7 @@ from service.engine import AudioInput, Engine, Speech
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Overloaded
 from service.rpc import rpc as _rpc
 from service.servicer_diarize import DiarizeRpcs
+from service.servicer_live import LiveRpcs
 from service.servicer_models import ModelRpcs
 from service.servicer_speakers import SpeakerRecordRpcs
 from service.servicer_streams import StreamRpcs
@@ -48,7 +49,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class SpeakerServicer(StreamRpcs, DiarizeRpcs, SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServicer):
+class SpeakerServicer(StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerRecordRpcs, ModelRpcs, pb_grpc.SpeakerServiceServicer):
     """Implements spkserve.v1.SpeakerService on an Engine."""
 
     def __init__(self, engine: Engine):

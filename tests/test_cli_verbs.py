@@ -28,7 +28,8 @@ def test_every_rpc_has_a_verb():
               "Identify": "identify", "DeleteSpeaker": "delete", "GetSpeaker": "get-speaker",
               "ListSpeakers": "list-speakers", "ListCollections": "list-collections", "ListModels": "models",
               "GetModelInfo": "model-info", "LoadModel": "load-model", "UnloadModel": "unload-model",
-              "MigrateCollection": "migrate", "Diarize": "diarize", "DiarizeStream": "diarize"}
+              "MigrateCollection": "migrate", "Diarize": "diarize", "DiarizeStream": "diarize",
+              "VerifyStream": "verify-stream"}
     rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["SpeakerService"].methods}
     assert rpcs == set(by_rpc), rpcs ^ set(by_rpc)  # a new RPC needs a verb (and this table)
     parser_verbs = set(build_parser()._subparsers._group_actions[0].choices)

@@ -1,0 +1,257 @@
+"""VerifyStream: live verification over a bidirectional stream, against a real server, and its CLI verb."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+from tests.conftest import REFERENCE, ServerThread, make_config, wav_bytes
+
+SR = 16000
+
+
+def _read(name: str) -> np.ndarray:
+    return sf.read(REFERENCE / "audio" / f"{name}.wav", dtype="float32")[0]
+
+
+def _pcm(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _config(speaker: str = "slt", collection: str = "live", **kw) -> pb.VerifyStreamConfig:
+    kw.setdefault("pcm", pb.PcmFormat(sample_rate=SR, encoding=pb.PCM_S16LE))
+    return pb.VerifyStreamConfig(reference=pb.Probe(speaker=pb.SpeakerRef(collection=collection, speaker_id=speaker)), **kw)
+
+
+def _messages(config, data: bytes, step: int = 16000):
+    if config is not None:
+        yield pb.VerifyStreamRequest(config=config)
+    for i in range(0, len(data), step):
+        yield pb.VerifyStreamRequest(chunk=data[i:i + step])
+
+
+def _status(fn) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value
+
+
+@pytest.fixture(scope="module")
+def live(model_repo, tmp_path_factory):
+    """A server whose speaker-change threshold separates the reference voices (the default is tuned on human speech)."""
+    srv = ServerThread(make_config(model_repo, tmp_path_factory.mktemp("live"), models=["ge2e"], live_change_llr=3.0,
+                                   stream_idle_timeout_seconds=1.0, max_stream_audio_seconds=400,
+                                   max_diarize_audio_seconds=400))
+    ch = grpc.insecure_channel(srv.target)
+    stub = pb_grpc.SpeakerServiceStub(ch)
+    for spk, name in (("slt", "flite-slt-1"), ("awb", "flite-awb-1")):
+        stub.Enroll(pb.EnrollRequest(collection="live", speaker_id=spk, audio=[pb.Audio(encoded=wav_bytes(_read(name)))]))
+    yield srv, stub
+    ch.close()
+    srv.stop()
+
+
+def test_interim_results_then_a_final_equal_to_verify(live):
+    _, stub = live
+    x = np.concatenate([np.zeros(SR // 2, np.float32), _read("flite-slt-2"), np.zeros(SR // 2, np.float32), _read("flite-slt-2")])
+    results = list(stub.VerifyStream(_messages(_config(), _pcm(x), 8000)))
+    interim, final = results[:-1], results[-1]
+    assert final.final and not any(r.final for r in interim) and len(interim) >= 4
+    speech = [r.speech_seconds for r in interim]
+    assert speech == sorted(speech) and all(b - a >= 0.99 for a, b in zip(speech, speech[1:-1]))
+    assert all(r.audio_seconds <= len(x) / SR + 1e-6 for r in results)
+    assert all(r.verdict == pb.VERDICT_ACCEPT for r in interim if r.speech_seconds >= 1.0)
+    assert not final.speaker_changed and list(final.change_seconds) == []
+    whole = stub.Verify(pb.VerifyRequest(a=pb.Probe(speaker=pb.SpeakerRef(collection="live", speaker_id="slt")),
+                                         b=pb.Probe(audio=pb.Audio(encoded=wav_bytes(x)))))
+    assert final.verdict == whole.verdict == pb.VERDICT_ACCEPT
+    assert final.llr == pytest.approx(whole.llr, abs=0.05) and final.score == pytest.approx(whole.score, abs=0.005)
+    assert final.speech_seconds == pytest.approx(whole.b_speech.speech_seconds, abs=0.1)
+    other = list(stub.VerifyStream(_messages(_config("awb"), _pcm(x))))[-1]
+    assert other.verdict == pb.VERDICT_REJECT and other.llr < final.llr
+
+
+def test_not_enough_speech_until_the_probe_minimum(live):
+    _, stub = live
+    x = np.concatenate([np.zeros(SR, np.float32), _read("flite-slt-2")[:int(0.8 * SR)], np.zeros(SR // 2, np.float32)])
+    results = list(stub.VerifyStream(_messages(_config(), _pcm(x))))
+    assert results[-1].final and results[-1].verdict == pb.VERDICT_NOT_ENOUGH_SPEECH
+    assert "at least 1.00 s needed" in results[-1].reason
+    silence = list(stub.VerifyStream(_messages(_config(), bytes(4 * SR))))
+    assert len(silence) == 1 and silence[0].verdict == pb.VERDICT_NOT_ENOUGH_SPEECH and silence[0].speech_seconds == 0
+
+
+def test_speaker_change_is_flagged_and_the_final_says_so(live):
+    _, stub = live
+    slt, awb = _read("flite-slt-2"), _read("flite-awb-1")
+    x = np.concatenate([slt, slt, slt, awb, awb, awb])
+    switch = 3 * len(slt) / SR
+    results = list(stub.VerifyStream(_messages(_config(), _pcm(x))))
+    flagged = [r.audio_seconds for r in results if not r.final and r.speaker_changed]
+    assert flagged and switch < flagged[0] < switch + 4.0
+    final = results[-1]
+    assert final.speaker_changed and len(final.change_seconds) >= 1 and final.change_seconds[0] == flagged[0]
+    assert all(not r.speaker_changed for r in results if r.audio_seconds < switch)
+    same = list(stub.VerifyStream(_messages(_config(), _pcm(np.concatenate([slt] * 6)))))
+    assert not any(r.speaker_changed for r in same) and list(same[-1].change_seconds) == []
+
+
+@pytest.mark.parametrize("subtype,rate", [("PCM_16", 16000), ("ULAW", 8000), ("FLOAT", 22050)])
+def test_wav_streams_and_telephone_audio(live, subtype, rate):
+    _, stub = live
+    from models.audio import resample
+
+    x = np.concatenate([_read("flite-slt-2")] * 2)
+    x = resample(x, SR, rate)
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="WAV", subtype=subtype)
+    config = pb.VerifyStreamConfig(reference=pb.Probe(speaker=pb.SpeakerRef(collection="live", speaker_id="slt")))
+    results = list(stub.VerifyStream(_messages(config, buf.getvalue(), 3001)))
+    assert results[-1].final and results[-1].verdict == pb.VERDICT_ACCEPT
+    assert results[-1].narrowband == (rate == 8000)
+
+
+def test_reference_as_audio_or_embedding_and_threshold(live):
+    _, stub = live
+    x = _pcm(_read("flite-slt-2"))
+    ref_audio = pb.Probe(audio=pb.Audio(encoded=wav_bytes(_read("flite-slt-1"))))
+    by_audio = list(stub.VerifyStream(_messages(pb.VerifyStreamConfig(
+        reference=ref_audio, pcm=pb.PcmFormat(sample_rate=SR, encoding=pb.PCM_S16LE)), x)))[-1]
+    emb = stub.Embed(pb.EmbedRequest(audio=pb.Audio(encoded=wav_bytes(_read("flite-slt-1")))))
+    by_emb = list(stub.VerifyStream(_messages(pb.VerifyStreamConfig(
+        reference=pb.Probe(embedding=pb.Embedding(values=emb.embedding, speech_seconds=emb.speech_seconds)),
+        pcm=pb.PcmFormat(sample_rate=SR, encoding=pb.PCM_S16LE)), x)))[-1]
+    assert by_audio.verdict == by_emb.verdict == pb.VERDICT_ACCEPT
+    assert by_audio.score == pytest.approx(by_emb.score, abs=1e-4)
+    strict = list(stub.VerifyStream(_messages(_config(threshold=0.999, threshold_scale=pb.SCORE_SCALE_COSINE), x)))[-1]
+    assert strict.verdict == pb.VERDICT_REJECT and strict.decision_threshold == pytest.approx(0.999)
+    coarse = list(stub.VerifyStream(_messages(_config(interim_seconds=2.0), _pcm(np.concatenate([_read("flite-slt-2")] * 3)))))
+    assert [round(r.speech_seconds) for r in coarse[:-1]][:3] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("build,code,field", [
+    (lambda: _messages(None, bytes(32000)), grpc.StatusCode.INVALID_ARGUMENT, "config: the first message must carry config"),
+    (lambda: iter([pb.VerifyStreamRequest(config=_config()), pb.VerifyStreamRequest(config=_config())]),
+     grpc.StatusCode.INVALID_ARGUMENT, "config: sent again in message 1"),
+    (lambda: iter([]), grpc.StatusCode.INVALID_ARGUMENT, "config: the stream carried no messages"),
+    (lambda: iter([pb.VerifyStreamRequest(config=_config())]), grpc.StatusCode.INVALID_ARGUMENT, "chunk: the stream carried no audio"),
+    (lambda: _messages(_config("nobody"), bytes(32000)), grpc.StatusCode.NOT_FOUND, "nobody"),
+    (lambda: _messages(_config(collection="nowhere"), bytes(32000)), grpc.StatusCode.NOT_FOUND, "nowhere"),
+    (lambda: _messages(pb.VerifyStreamConfig(pcm=pb.PcmFormat(sample_rate=SR, encoding=pb.PCM_S16LE)), bytes(32000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "config.reference: is missing"),
+    (lambda: _messages(_config(pcm=pb.PcmFormat(sample_rate=0, encoding=pb.PCM_S16LE)), bytes(32000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "config.pcm.sample_rate"),
+    (lambda: _messages(_config(pcm=pb.PcmFormat(sample_rate=SR, encoding=9)), bytes(32000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "config.pcm.encoding"),
+    (lambda: _messages(_config(pcm=None), wav_bytes(np.zeros(SR, np.float32), fmt="FLAC")),
+     grpc.StatusCode.INVALID_ARGUMENT, "chunk: is not a WAV stream"),
+    (lambda: _messages(_config(interim_seconds=0.1), bytes(32000)), grpc.StatusCode.INVALID_ARGUMENT, "config.interim_seconds"),
+    (lambda: _messages(_config(threshold_scale=pb.SCORE_SCALE_LLR), bytes(32000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "config.threshold_scale"),
+    (lambda: _messages(_config(model="nope"), bytes(32000)), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda: iter([pb.VerifyStreamRequest(config=_config()), pb.VerifyStreamRequest(chunk=b"")]),
+     grpc.StatusCode.INVALID_ARGUMENT, "chunk: message 1 is an empty chunk"),
+    (lambda: iter([pb.VerifyStreamRequest(config=_config()), pb.VerifyStreamRequest(chunk=b"\x00\x00\x00")]),
+     grpc.StatusCode.INVALID_ARGUMENT, "unfinished sample frame"),
+    (lambda: _messages(_config(), bytes(2 * SR * 401), 2 * SR * 20), grpc.StatusCode.INVALID_ARGUMENT,
+     "longer than the maximum 400.0 s (max_stream_audio_seconds)"),
+])
+def test_bad_streams_get_the_status_naming_the_field(live, build, code, field):
+    _, stub = live
+    e = _status(lambda: list(stub.VerifyStream(build())))
+    assert e.code() == code and field in e.details(), e.details()
+
+
+def test_idle_stream_is_ended_naming_the_option(live):
+    _, stub = live
+
+    def slow():
+        yield pb.VerifyStreamRequest(config=_config())
+        yield pb.VerifyStreamRequest(chunk=bytes(3200))
+        time.sleep(2.5)
+        yield pb.VerifyStreamRequest(chunk=bytes(3200))
+
+    e = _status(lambda: list(stub.VerifyStream(slow())))
+    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "stream_idle_timeout_seconds" in e.details()
+    assert "chunk" in e.details()
+
+
+def test_no_chunk_after_half_close_and_cancel_frees_the_stream(live):
+    srv, _ = live
+    gauge = srv.server.engine.metrics.live_streams.labels("ge2e")
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+            call = stub.VerifyStream()
+            await call.write(pb.VerifyStreamRequest(config=_config()))
+            await call.write(pb.VerifyStreamRequest(chunk=_pcm(_read("flite-slt-2"))))
+            await call.done_writing()
+            with pytest.raises(asyncio.InvalidStateError, match="half closed"):  # the library refuses a chunk after it
+                await call.write(pb.VerifyStreamRequest(chunk=bytes(3200)))
+            results = [r async for r in call]
+            assert results[-1].final
+            # a client that goes away mid-stream: the server's stream ends and frees its state
+            call = stub.VerifyStream()
+            await call.write(pb.VerifyStreamRequest(config=_config()))
+            await call.write(pb.VerifyStreamRequest(chunk=_pcm(np.concatenate([_read("flite-slt-2")] * 2))))
+            await call.read()  # an interim result: the server holds the stream
+            assert gauge._value.get() == 1
+            call.cancel()
+            for _ in range(100):
+                if gauge._value.get() == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert gauge._value.get() == 0
+
+    asyncio.run(scenario())
+    metrics = srv.server.engine.metrics
+    text = __import__("prometheus_client").generate_latest(metrics.registry).decode()
+    assert 'spkserve_grpc_requests_total{code="CANCELLED",method="VerifyStream"}' in text
+    assert 'spkserve_live_speaker_changes_total{model="ge2e"}' in text
+
+
+def test_tenancy_and_scoped_tokens_as_verify(model_repo, tmp_path):
+    from tests.test_security import as_, write_tokens
+
+    write_tokens(tmp_path / "tokens.toml")
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], auth_tokens_file=str(tmp_path / "tokens.toml")))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+            stub.Enroll(pb.EnrollRequest(collection="acme", speaker_id="slt",
+                                         audio=[pb.Audio(encoded=wav_bytes(_read("flite-slt-1")))]), metadata=as_("acme-rw"))
+            x = _pcm(_read("flite-slt-2"))
+            ok = list(stub.VerifyStream(_messages(_config(collection="acme"), x), metadata=as_("acme-ro")))
+            assert ok[-1].final and ok[-1].verdict == pb.VERDICT_ACCEPT
+            e = _status(lambda: list(stub.VerifyStream(_messages(_config(collection="acme"), x))))
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+            e = _status(lambda: list(stub.VerifyStream(_messages(_config(collection="acme"), x), metadata=as_("globex"))))
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "acme" in e.details()
+    finally:
+        srv.stop()
+
+
+def test_cli_verify_stream_prints_one_line_per_result(live, tmp_path, capsys):
+    from service.cli import main
+
+    srv, _ = live
+    path = tmp_path / "call.flac"  # any format the CLI can read: it sends PCM
+    sf.write(path, np.concatenate([_read("flite-slt-2")] * 2), SR, format="FLAC")
+    code = main(["verify-stream", "--target", srv.target, "--collection", "live", "--speaker", "slt", "--chunk-ms", "250",
+                 str(path)])
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert code in (0, None) and len(lines) >= 3
+    assert all({"speech_seconds", "llr", "verdict", "final", "speaker_changed"} <= set(ln) for ln in lines)
+    assert lines[-1]["final"] is True and not any(ln["final"] for ln in lines[:-1]) and lines[-1]["verdict"] == "ACCEPT"
+    code = main(["verify-stream", "--target", srv.target, "--collection", "live", "--speaker", "nobody", str(path)])
+    assert code == 1 and capsys.readouterr().err.startswith("NOT_FOUND")
