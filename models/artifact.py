@@ -261,8 +261,11 @@ def save_card(card: ModelCard, model_dir: str | os.PathLike) -> Path:
 
 
 def scan_repository(repo_dir: str | os.PathLike) -> list[Path]:
-    """The model directories (those holding a model.json) of a repository, sorted by name."""
+    """The model directories (those holding a model.json) of a repository, sorted by name.
+
+    Hidden directories (``.pull/``: models being pulled) are never models.
+    """
     repo_dir = Path(repo_dir)
     if not repo_dir.is_dir():
         raise ArtifactError(f"{repo_dir}: model repository directory does not exist")
-    return sorted(p for p in repo_dir.iterdir() if (p / "model.json").is_file())
+    return sorted(p for p in repo_dir.iterdir() if not p.name.startswith(".") and (p / "model.json").is_file())

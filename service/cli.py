@@ -18,6 +18,7 @@
     spkserve models | model-info [NAME]
     spkserve load-model NAME | unload-model NAME   (admin)
     spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
+    spkserve pull --list | NAME [--repository DIR] [--from FILE_OR_URL] [--real POOL] [--no-calibrate] [--force]
 
 Client commands take ``--target`` (``$SPKSERVE_TARGET``, default localhost:50051), ``--token``
 (``$SPKSERVE_TOKEN``), ``--tls-ca`` and ``--timeout``, and print JSON (one object per line for ``embed``, one per
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", required=True)
     r.add_argument("--dry-run", action="store_true", help="report what would be kept and lost, change nothing")
     r.add_argument("--config", help="the server's configuration file: its key files name the speakers affected")
+    from models.pull import add_arguments
+
+    add_arguments(sub.add_parser("pull", help="download a catalogued community model, import, check and calibrate it "
+                                              "into the model repository (--list: the catalogue)"))
     return ap
 
 
@@ -228,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "repair-log":
         return _repair(args)
+    if args.command == "pull":
+        from models.pull import run
+
+        return run(args)
     from service.cli_client import run_client
 
     return run_client(args)
