@@ -17,7 +17,8 @@
   (server run with alerts off) to choose ``live_change_llr`` offline on the calibration split.
 
 ``load``: ``--streams`` concurrent streams at real-time pace (a chunk every ``--chunk-ms``),
-each ``--seconds`` long, of reference speech with pauses; reports the interim latency (time
+each 0.75-1.25 x ``--seconds`` long and starting within the first 5 s, of reference speech with
+pauses; reports the interim latency (time
 from sending the chunk that completes the speech an interim covers to receiving it: p50, p95)
 and the CPU the server used. Prints Markdown; ``--json`` writes the figures.
 """
@@ -85,14 +86,14 @@ def wav(x: np.ndarray, rate: int) -> bytes:
 
 
 async def stream(stub, pb, ref_audio, x: np.ndarray, rate: int, chunk_ms: float = 500, realtime: bool = False,
-                 sent_at: list | None = None) -> list:
+                 sent_at: list | None = None, interim_seconds: float = 0.0) -> list:
     """Results of one VerifyStream of (x, rate) as PCM chunks (``sent_at``: (stream seconds, time) per chunk)."""
     data = pcm16(x)
     step = int(rate * chunk_ms / 1000) * 2
 
     async def messages():
         yield pb.VerifyStreamRequest(config=pb.VerifyStreamConfig(
-            reference=ref_audio, pcm=pb.PcmFormat(sample_rate=rate, encoding=pb.PCM_S16LE)))
+            reference=ref_audio, pcm=pb.PcmFormat(sample_rate=rate, encoding=pb.PCM_S16LE), interim_seconds=interim_seconds))
         t0 = time.monotonic()
         for i in range(0, len(data), step):
             if realtime:
@@ -105,6 +106,19 @@ async def stream(stub, pb, ref_audio, x: np.ndarray, rate: int, chunk_ms: float 
     async for r in stub.VerifyStream(messages(), timeout=600):
         out.append((time.monotonic(), r))
     return out
+
+
+async def retrying(make, attempts: int = 20):
+    """Await ``make()``, retrying on RESOURCE_EXHAUSTED after the pause the server asks for (a polite client)."""
+    import grpc
+
+    for i in range(attempts):
+        try:
+            return await make()
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or i == attempts - 1:
+                raise
+            await asyncio.sleep(1.0 + 0.5 * i)
 
 
 async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int, seed: int, trace: bool) -> dict:
@@ -126,10 +140,14 @@ async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int
             xb, rate = channel(waves[b], ch_name, r)
             ref = pb.Probe(audio=pb.Audio(encoded=wav(waves[a], SR)))
             async with sem:
-                results = await stream(stub, pb, ref, xb, rate)
-                v = await stub.Verify(pb.VerifyRequest(a=ref, b=pb.Probe(audio=pb.Audio(encoded=wav(xb, rate)))))
+                results = await retrying(lambda: stream(stub, pb, ref, xb, rate))
+                v = await retrying(lambda: stub.Verify(pb.VerifyRequest(a=ref, b=pb.Probe(audio=pb.Audio(encoded=wav(xb, rate))))))
             final = results[-1][1]
+            last = [r for _, r in results[:-1] if r.HasField("llr")]
             return dict(trial=(a, b), channel=ch_name, final=int(final.verdict), verify=int(v.verdict),
+                        last_interim_llr=last[-1].llr if last else None, final_score=final.score,
+                        last_interim_score=last[-1].score if last else None, final_threshold=final.threshold,
+                        speech=(final.speech_seconds, last[-1].speech_seconds if last else 0.0),
                         final_llr=final.llr if final.HasField("llr") else None, verify_llr=v.llr if v.HasField("llr") else None)
 
         picks = rng.choice(len(trials), size=min(n_trials, len(trials)), replace=False)
@@ -156,7 +174,7 @@ async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int
             x, rate = channel(x, ch_name, r)
             ref = pb.Probe(audio=pb.Audio(encoded=wav(waves[by_spk[a][0]], SR)))
             async with sem:
-                results = await stream(stub, pb, ref, x, rate)
+                results = await retrying(lambda: stream(stub, pb, ref, x, rate))
             final = results[-1][1]
             trace_rows = [(res.audio_seconds, res.recent_llr) for _, res in results
                           if not res.final and res.HasField("recent_llr")]
@@ -211,7 +229,7 @@ def summarize(trial_rows: list[dict], stream_rows: list[dict]) -> dict:
     return out
 
 
-async def load(target: str, streams: int, seconds: float, chunk_ms: float) -> dict:
+async def load(target: str, streams: int, seconds: float, chunk_ms: float, interim_seconds: float = 0.0) -> dict:
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -230,11 +248,12 @@ async def load(target: str, streams: int, seconds: float, chunk_ms: float) -> di
             while total < seconds * SR:  # speech with pauses, as a caller talks
                 parts += [clips[int(rng.integers(len(clips)))], np.zeros(int(rng.uniform(0.2, 1.0) * SR), np.float32)]
                 total += len(parts[-2]) + len(parts[-1])
-            x = np.concatenate(parts)[:int(seconds * SR)]
+            x = np.concatenate(parts)[:int(seconds * rng.uniform(0.75, 1.25) * SR)]  # calls of different lengths
             ref = pb.Probe(audio=pb.Audio(encoded=wav(clips[i % len(clips)], SR)))
-            await asyncio.sleep(rng.uniform(0, chunk_ms / 1000))  # streams do not start in lockstep
+            await asyncio.sleep(rng.uniform(0, 5.0))  # calls do not start (or end) in lockstep
             sent: list = []
-            results = await stream(stub, pb, ref, x, SR, chunk_ms, realtime=True, sent_at=sent)
+            results = await stream(stub, pb, ref, x, SR, chunk_ms, realtime=True, sent_at=sent,
+                                   interim_seconds=interim_seconds)
             for t_recv, r in results:
                 if r.final:
                     continue
@@ -246,7 +265,8 @@ async def load(target: str, streams: int, seconds: float, chunk_ms: float) -> di
         await asyncio.gather(*[one(i) for i in range(streams)])
         wall = time.monotonic() - t0
     lat = np.array(latencies)
-    return dict(streams=streams, seconds=seconds, chunk_ms=chunk_ms, wall_s=wall, interims=len(lat),
+    return dict(streams=streams, seconds=seconds, chunk_ms=chunk_ms, interim_seconds=interim_seconds or 1.0,
+                wall_s=wall, interims=len(lat),
                 p50_ms=float(np.percentile(lat, 50) * 1000), p95_ms=float(np.percentile(lat, 95) * 1000),
                 p99_ms=float(np.percentile(lat, 99) * 1000), client_cpu_s=time.process_time() - c0)
 
@@ -275,6 +295,7 @@ def main() -> None:
     lo.add_argument("--streams", type=int, default=100)
     lo.add_argument("--seconds", type=float, default=30)
     lo.add_argument("--chunk-ms", type=float, default=500)
+    lo.add_argument("--interim-seconds", type=float, default=0.0, help="config.interim_seconds (0: the default, 1 s)")
     for p in (a, lo):
         p.add_argument("--repository", type=Path, default=ROOT / "models" / "repository")
         p.add_argument("--threads", type=int, default=2)
@@ -299,7 +320,7 @@ def main() -> None:
                 args.json.write_text(json.dumps({**out, "rows": rows}, indent=1, default=str))
         else:
             c0 = cpu_seconds(server.p.pid)
-            out = asyncio.run(load(server.target, args.streams, args.seconds, args.chunk_ms))
+            out = asyncio.run(load(server.target, args.streams, args.seconds, args.chunk_ms, args.interim_seconds))
             out["server_cpu_cores"] = (cpu_seconds(server.p.pid) - c0) / out["wall_s"]
             print(json.dumps(out, indent=1))
             if args.json:

@@ -25,6 +25,8 @@ from service.errors import InvalidArgument
 __all__ = ["RequestGuard", "ByteBudget", "OPEN_METHODS"]
 
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
+# request streams whose messages are used up as they arrive (EmbedStream/DiarizeStream spool theirs and hold them)
+CONSUMED_AS_THEY_ARRIVE = ("/spkserve.v1.SpeakerService/VerifyStream",)
 
 
 class _Malformed:
@@ -89,10 +91,18 @@ def _safe(deserializer, method: str, budget: ByteBudget | None):
     return parse
 
 
-async def _checked_stream(iterator, held: list[int]):
+async def _checked_stream(iterator, held: list[int], budget: ByteBudget | None = None, consumed: bool = False):
+    """The messages of a request stream, checked; ``consumed``: each one's bytes are released once the next is asked
+    for (a live stream is processed as it arrives and holds nothing of it, however long it runs)."""
+    last = 0
     async for msg in iterator:
+        if consumed and last and budget is not None:
+            budget.give(last)
+            held[0] -= last
+            last = 0
         if isinstance(msg, _Sized):
             held[0] += msg.size
+            last = msg.size
             msg = msg.msg
         if isinstance(msg, _Malformed):
             raise InvalidArgument("request", msg.message.partition(": ")[2])
@@ -145,7 +155,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         async def checked(request_or_iterator, context, held: list[int]):
             """The request (stream) once parsing passed and it fits the budget; else the call is aborted."""
             if streaming_in:
-                return _checked_stream(request_or_iterator, held)
+                return _checked_stream(request_or_iterator, held, budget, method in CONSUMED_AS_THEY_ARRIVE)
             msg = request_or_iterator
             if isinstance(msg, _Sized):
                 held[0], msg = msg.size, msg.msg

@@ -4,6 +4,9 @@ What ``VerifyStream`` does with the audio of one call, without protobuf:
 
 1. Each chunk is decoded once (``models.audio_stream.ChunkDecoder``) and run through Silero VAD
    once, its state carried from chunk to chunk (``models.vad_stream.VadStream``).
+   A stream is admitted once, when it starts (``VerifyStream`` refuses a new stream while the
+   model's queue is too long): its later windows are never refused for the queue's length, so
+   an overload slows running calls down instead of cutting them off.
 2. Speech before the VAD's *horizon* (where its segments are final) is *committed*. Every
    ``interim_seconds`` of new committed speech, one *window* is embedded: the last
    ``max(change_window_seconds, interim_seconds)`` of speech (the new speech and the end of
@@ -21,9 +24,12 @@ What ``VerifyStream`` does with the audio of one call, without protobuf:
    (the verified speaker), so a takeover keeps being flagged and a return clears it. (Means
    of 1 s pieces were tried as the recent speech first: averaging short embeddings pulls every
    speaker toward one mean, and different real speakers still scored LLR +2 against each other.)
-5. The final result (client half-close) embeds the stream's whole speech once more in one
-   pass, as ``Verify`` embeds a recording (the one recomputation; streams with more speech than
-   ``max_audio_seconds`` use the windows' mean), and says whether any change was detected.
+5. The final result (client half-close) is decided on the windows' mean, unless that scores
+   within ``final_margin`` (cosine) of the threshold: then the stream's whole speech is embedded
+   once more in one pass, exactly as ``Verify`` embeds a recording, and decided on that (the one
+   recomputation; not for streams with more speech than ``max_audio_seconds``). Far from the
+   threshold the two embeddings give the same verdict; near it, only the whole-speech one
+   matches ``Verify``. The final result also says whether any change was detected.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class LiveOptions:
     change_window_seconds: float = 2.0  # recent speech compared with the base
     change_min_base_seconds: float = 3.0  # base speech needed before a change can be flagged
     change_llr: float = -1.0  # recent vs base below this calibrated LLR: speaker changed
+    final_margin: float = 2.0  # the final result re-embeds the whole speech when the windows' mean scores this
+    #                            close (cosine) to the threshold (2.0: always)
 
 
 @dataclass
@@ -115,6 +123,7 @@ class LiveVerification:
         self._base_until: int | None = None  # windows in the base once a change was flagged
         self._changed = False
         self.changes: list[float] = []
+        self.recomputed = False  # the final result embedded the whole speech once more
 
     # -- audio in -------------------------------------------------------------------
     async def push(self, wave: np.ndarray) -> list[LiveUpdate]:
@@ -166,7 +175,8 @@ class LiveVerification:
             self._recent = np.concatenate([self._recent, new])[-span:]
             self._embedded_n += new.size
             windows.append((self._recent, new.size, self._embedded_n))
-        results = await asyncio.gather(*[self.engine.embed(self.model, w, self.deadline) for w, _, _ in windows])
+        results = await asyncio.gather(*[self.engine.embed(self.model, w, self.deadline, admitted=True)
+                                         for w, _, _ in windows])
         position = self._committed / self.rate
         updates = []
         for (w, added, end), r in zip(windows, results):
@@ -223,9 +233,13 @@ class LiveVerification:
         if self._audio:
             self._commit(self.samples)
         updates = await self._interims(last=True)
-        vector = None
-        if self._speech_n and self._speech_n / self.rate <= self.engine.config.max_audio_seconds:
-            speech = np.concatenate(self._speech)
+        final = self._update(final=True)  # on the windows' mean
+        scores = final.decision.scores
+        near = scores is not None and abs(scores.cosine - final.decision.cosine_threshold) < self.options.final_margin
+        if near and self._speech_n / self.rate <= self.engine.config.max_audio_seconds:
+            speech = np.concatenate(self._speech)  # close to the threshold: decide on the whole speech, as Verify does
             if speech.size >= self.model.card.min_audio_seconds * self.rate:
-                vector = (await self.engine.embed(self.model, speech, self.deadline)).embedding
-        return updates, self._update(final=True, vector=vector)
+                vector = (await self.engine.embed(self.model, speech, self.deadline, admitted=True)).embedding
+                final = self._update(final=True, vector=vector)
+                self.recomputed = True
+        return updates, final

@@ -68,8 +68,12 @@ class LiveRpcs:
             pcm = (pcm_encoding(fmt.encoding, "config.pcm.encoding"), fmt.sample_rate, fmt.channels or 1)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
+        batcher = self.engine.batchers.get(model.name)
+        if batcher is not None:
+            batcher.admit(deadline)  # a new stream waits for no queue: refused now (RESOURCE_EXHAUSTED) when it is long
         reference, _ = await self._side(model, ref, "config.reference", "VerifyStream", context)
-        options = LiveOptions(interim, cfg.live_change_window_seconds, cfg.live_change_min_base_seconds, cfg.live_change_llr)
+        options = LiveOptions(interim, cfg.live_change_window_seconds, cfg.live_change_min_base_seconds, cfg.live_change_llr,
+                              cfg.live_final_margin)
         narrow = True if pcm is not None and pcm[1] <= 8000 else None
         live = LiveVerification(self.engine, model, reference, threshold, options, narrow, deadline)
         return live, ChunkDecoder("chunk", model.sample_rate, pcm, cfg.max_stream_audio_seconds)

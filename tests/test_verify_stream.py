@@ -49,6 +49,7 @@ def _status(fn) -> grpc.RpcError:
 def live(model_repo, tmp_path_factory):
     """A server whose speaker-change threshold separates the reference voices (the default is tuned on human speech)."""
     srv = ServerThread(make_config(model_repo, tmp_path_factory.mktemp("live"), models=["ge2e"], live_change_llr=3.0,
+                                   live_final_margin=2.0,  # the final always re-embeds the whole speech here
                                    stream_idle_timeout_seconds=1.0, max_stream_audio_seconds=400,
                                    max_diarize_audio_seconds=400))
     ch = grpc.insecure_channel(srv.target)
@@ -78,6 +79,25 @@ def test_interim_results_then_a_final_equal_to_verify(live):
     assert final.speech_seconds == pytest.approx(whole.b_speech.speech_seconds, abs=0.1)
     other = list(stub.VerifyStream(_messages(_config("awb"), _pcm(x))))[-1]
     assert other.verdict == pb.VERDICT_REJECT and other.llr < final.llr
+
+
+def test_final_far_from_the_threshold_keeps_the_windows_mean(model_repo, tmp_path):
+    """live_final_margin 0: never re-embedded, so the final is the windows' mean; the verdict is still Verify's."""
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], live_final_margin=0.0))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+            stub.Enroll(pb.EnrollRequest(collection="live", speaker_id="slt", audio=[pb.Audio(encoded=wav_bytes(_read("flite-slt-1")))]))
+            x = np.concatenate([_read("flite-slt-2")] * 3)
+            results = list(stub.VerifyStream(_messages(_config(), _pcm(x))))
+            whole = stub.Verify(pb.VerifyRequest(a=pb.Probe(speaker=pb.SpeakerRef(collection="live", speaker_id="slt")),
+                                                 b=pb.Probe(audio=pb.Audio(encoded=wav_bytes(x)))))
+            final, last = results[-1], results[-2]
+            assert final.verdict == whole.verdict == pb.VERDICT_ACCEPT
+            assert final.score == pytest.approx(last.score, abs=1e-6)  # the windows' mean, as the last interim
+            assert abs(final.score - whole.score) > 1e-4  # (not the whole-speech embedding)
+    finally:
+        srv.stop()
 
 
 def test_not_enough_speech_until_the_probe_minimum(live):
@@ -183,6 +203,23 @@ def test_idle_stream_is_ended_naming_the_option(live):
     e = _status(lambda: list(stub.VerifyStream(slow())))
     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "stream_idle_timeout_seconds" in e.details()
     assert "chunk" in e.details()
+
+
+def test_a_long_live_stream_holds_no_request_bytes(model_repo, tmp_path):
+    """max_inflight_request_mb bounds bytes held, and a live stream holds none of what it already used: 3 MiB through
+    a server whose whole in-flight budget is 1 MiB."""
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], max_message_mb=1, max_inflight_request_mb=1))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+            ref = pb.Probe(audio=pb.Audio(encoded=wav_bytes(_read("flite-slt-1"))))
+            x = _pcm(np.concatenate([_read("flite-slt-2")] * 33))  # about 3.2 MB
+            results = list(stub.VerifyStream(_messages(pb.VerifyStreamConfig(
+                reference=ref, pcm=pb.PcmFormat(sample_rate=SR, encoding=pb.PCM_S16LE)), x, 32000)))
+            assert len(x) > 3 << 20 and results[-1].final and results[-1].verdict == pb.VERDICT_ACCEPT
+            assert srv.server.request_bytes.used == 0
+    finally:
+        srv.stop()
 
 
 def test_no_chunk_after_half_close_and_cancel_frees_the_stream(live):

@@ -134,7 +134,7 @@ def _pairs(spk: np.ndarray, rng: np.random.Generator, nontargets_per_utt: int = 
 def calibrate_model(model_dir: Path, real: Path, corpus: Path | None = None, *, seed: int = 0, per_speaker: int = 3,
                     cohort_utts: int = 3, synthetic_speakers: int = 60, synthetic_trial_utts: int = 240,
                     synthetic_weight: float = 0.25, min_probe_speech: float = 1.0, operating_point: str = "llr:2",
-                    write: bool = True, log=print) -> dict:
+                    max_per_speaker: int = 0, write: bool = True, log=print) -> dict:
     """Build the cohort, fit the map, choose the operating point (see the module docstring).
 
     Returns:
@@ -151,8 +151,20 @@ def calibrate_model(model_dir: Path, real: Path, corpus: Path | None = None, *, 
     vad = SileroVad()
     t0 = time.time()
     split = load_kaldi_split(Path(real) / "calibration")
-    index = {u: i for i, u in enumerate(split.utts)}
     listed = read_trials(Path(real) / "calibration" / "trials")
+    if max_per_speaker:  # a quicker fit: the first N utterances of every speaker, and the trials among them
+        if max_per_speaker < 3:
+            raise ValueError(f"--max-per-speaker must be 0 (all) or >= 3, got {max_per_speaker}")
+        seen: dict[str, int] = {}
+        keep = []
+        for i, spk in enumerate(split.spk):
+            seen[spk] = seen.get(spk, 0) + 1
+            if seen[spk] <= max_per_speaker:
+                keep.append(i)
+        split = type(split)([split.utts[i] for i in keep], [split.spk[i] for i in keep], [split.audio[i] for i in keep])
+        kept = set(split.utts)
+        listed = [t for t in listed if t[0] in kept and t[1] in kept]
+    index = {u: i for i, u in enumerate(split.utts)}
     unknown = [a for a, b, _ in listed if a not in index or b not in index]
     if unknown:
         raise ValueError(f"{Path(real) / 'calibration' / 'trials'}: utterance {unknown[0]!r} is not in wav.scp")
@@ -268,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-speakers", type=int, default=60)
     ap.add_argument("--synthetic-weight", type=float, default=0.25)
     ap.add_argument("--min-probe-speech", type=float, default=1.0)
+    ap.add_argument("--max-per-speaker", type=int, default=0,
+                    help="use at most this many utterances of each real calibration speaker (0: all; quicker fits)")
     ap.add_argument("--operating-point", default=None, help="llr:THRESHOLD (default llr:2), far:RATE or cosine-eer")
     ap.add_argument("--report", type=Path, help="also write the report here")
     ap.add_argument("--dry-run", action="store_true", help="fit and report, change nothing")
@@ -290,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             report = calibrate_model(args.model_dir, args.real, args.corpus, seed=args.seed, per_speaker=args.per_speaker,
                                      cohort_utts=args.cohort_utts, synthetic_speakers=args.synthetic_speakers,
                                      synthetic_weight=args.synthetic_weight, min_probe_speech=args.min_probe_speech,
+                                     max_per_speaker=args.max_per_speaker,
                                      operating_point=args.operating_point or "llr:2", write=not args.dry_run)
     except (FileNotFoundError, ValueError) as e:
         print(f"calibrate: {e}", file=sys.stderr)
