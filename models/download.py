@@ -67,7 +67,8 @@ def _open(url: str, offset: int, timeout: float):
     req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
-    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - http(s) and file URLs are what we fetch
+    # a fresh opener reads HTTPS_PROXY / HTTP_PROXY / NO_PROXY now (urlopen's shared one read them once)
+    return urllib.request.build_opener().open(req, timeout=timeout)
 
 
 def fetch_file(source: str, dest: Path, sha256: str | None = None, size: int | None = None, *, retries: int = 3,

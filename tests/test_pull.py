@@ -30,6 +30,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        if self.path.startswith("http://"):  # asked as a proxy: the request line holds the whole URL
+            self.ranges.append("proxied " + self.path)
+            self.path = "/" + self.path.split("/", 3)[3]
         data = self.files.get(self.path)
         if data is None:
             self.send_error(404, "Not Found")
@@ -158,6 +161,19 @@ def test_bad_downloads_leave_nothing_behind(http_server, tiny_onnx, tmp_path, mo
     assert not repo.exists() or list(repo.iterdir()) == []  # nothing half-written in the repository
     if case == "checksum":
         assert not list((tmp_path / "cache").rglob("*.onnx*"))  # the bad file is gone too
+
+
+def test_downloads_go_through_the_configured_proxy(http_server, tiny_onnx, tmp_path, monkeypatch):
+    base, handler = http_server
+    handler.files["/p/tiny.onnx"] = tiny_onnx
+    handler.ranges.clear()
+    monkeypatch.setenv("HTTP_PROXY", base)  # the test server answers as the proxy
+    monkeypatch.setenv("http_proxy", base)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    got = fetch_file("http://models.example.invalid/p/tiny.onnx", tmp_path / "tiny.onnx",
+                     hashlib.sha256(tiny_onnx).hexdigest(), len(tiny_onnx), log=lambda m: None)
+    assert got.read_bytes() == tiny_onnx and handler.ranges == ["proxied http://models.example.invalid/p/tiny.onnx"]
 
 
 def test_fetch_file_resume_and_size(http_server, tmp_path):
