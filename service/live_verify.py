@@ -151,9 +151,11 @@ class LiveVerification:
         if speech.size:
             self._pending.append(speech)
             self._pending_n += speech.size
-            if (self._speech_n + speech.size) / self.rate <= self.engine.config.max_audio_seconds:
-                self._speech.append(speech)
             self._speech_n += speech.size
+            if self._speech_n / self.rate <= self.engine.config.max_audio_seconds:
+                self._speech.append(speech)
+            else:  # too long to embed in one pass: the final keeps the windows' mean, so none of it is kept
+                self._speech = []
         self._audio = [audio[horizon - self._audio_from:]]
         self._audio_from = self._committed = horizon
 

@@ -292,3 +292,31 @@ def test_cli_verify_stream_prints_one_line_per_result(live, tmp_path, capsys):
     assert lines[-1]["final"] is True and not any(ln["final"] for ln in lines[:-1]) and lines[-1]["verdict"] == "ACCEPT"
     code = main(["verify-stream", "--target", srv.target, "--collection", "live", "--speaker", "nobody", str(path)])
     assert code == 1 and capsys.readouterr().err.startswith("NOT_FOUND")
+
+
+def test_speech_beyond_max_audio_seconds_is_not_kept(model_repo, tmp_path):
+    """A stream with more speech than max_audio_seconds keeps no copy of it (the final uses the windows' mean)."""
+    from service.decisions import Side, Threshold
+    from service.live_verify import LiveOptions, LiveVerification
+
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], max_audio_seconds=5.0, live_final_margin=2.0))
+    try:
+        engine = srv.server.engine
+        model = engine.models["ge2e"]
+        ref = np.zeros(model.dim, np.float32)
+        ref[0] = 1.0
+        side = Side("reference", ref, model.scorer.stats(ref), speech_seconds=10.0)
+
+        async def run():
+            live = LiveVerification(engine, model, side, Threshold("llr", 2.0), LiveOptions())
+            for _ in range(4):
+                await live.push(_read("flite-slt-2"))
+            kept = sum(x.size for x in live._speech)
+            _, final = await live.finish()
+            return live, kept, final
+
+        live, kept, final = srv.call(run())
+        assert live._speech_n / SR > 5.0 and kept == 0
+        assert final.final and not live.recomputed and final.speech_seconds == pytest.approx(live._speech_n / SR)
+    finally:
+        srv.stop()
