@@ -158,6 +158,8 @@ def pull(name: str, repository: Path, *, source: str | None = None, catalog: dic
                                             family=f"{name} (fbank ONNX)", force=True)
             except ImportError_ as e:
                 raise PullError(f"import failed: {e}") from None
+            except ImportError as e:  # onnx / kaldi-native-fbank missing
+                raise PullError(f"import needs {e.name or 'onnx'}: pip install -e '.[pull]'") from None
         else:
             flag = "--commercial-use" if entry.commercial_use else "--no-commercial-use"
             _run([sys.executable, "-m", "models.export", "xvector", "--pretrained", str(fetched), "--out", str(staging),

@@ -189,6 +189,19 @@ def test_fetch_file_resume_and_size(http_server, tmp_path):
         fetch_file(f"{base}/r/blob", tmp_path / "b2", None, len(data) + 1, retries=0, log=lambda m: None)
 
 
+def test_missing_import_extras_are_named(tiny_onnx, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("SPKSERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as where the pull extras are not installed
+    src = tmp_path / "m.onnx"
+    src.write_bytes(tiny_onnx)
+    catalog = load_catalog(_catalog(tmp_path, "https://unreachable.invalid/m.onnx", tiny_onnx))
+    with pytest.raises(PullError, match=r"import needs onnx: pip install -e '\.\[pull\]'"):
+        pull("tiny", tmp_path / "repo", source=str(src), catalog=catalog, calibrate=False, log=lambda m: None)
+    assert not (tmp_path / "repo" / "tiny").exists()
+
+
 def test_noncommercial_model_is_pulled_with_a_warning_and_served_only_when_named(tiny_onnx, tmp_path, monkeypatch):
     from service.config import load_config
     from service.engine import _commercial_only
