@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["VadOptions", "SileroVad", "speech_segments", "pad_segments", "keep_speech", "is_narrowband", "level_gain",
+           "gain_for_powers",
            "DEFAULT_VAD_MODEL", "NARROWBAND_VAD_MODEL", "VAD_SAMPLE_RATE"]
 
 DEFAULT_VAD_MODEL = Path(__file__).resolve().parent / "assets" / "silero_vad_16k_sequence.onnx"
@@ -184,7 +185,11 @@ def _frame_power(wave: np.ndarray, frame: int = 512) -> np.ndarray:
 
 def level_gain(wave: np.ndarray) -> float:
     """The linear gain that brings the loudest frames of (T,) ``wave`` to the VAD's working level (>= 1)."""
-    power = _frame_power(wave)
+    return gain_for_powers(_frame_power(wave))
+
+
+def gain_for_powers(power: np.ndarray) -> float:
+    """``level_gain`` from (F,) mean squares of 512-sample frames (what a stream accumulates as it goes)."""
     if power.size == 0:
         return 1.0
     level_db = 10 * np.log10(np.percentile(power, 95) + 1e-20)

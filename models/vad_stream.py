@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.vad import (_CONTEXT, _FRAME, _LEVEL_FLOOR_DB, _LEVEL_MAX_GAIN_DB, _LEVEL_TARGET_DB, _NB_CONTEXT,
-                        _NB_FRAME, _STATE, VAD_SAMPLE_RATE, SileroVad, VadOptions, is_narrowband, pad_segments)
+from models.vad import (_CONTEXT, _FRAME, _NB_CONTEXT, _NB_FRAME, _STATE, VAD_SAMPLE_RATE, SileroVad, VadOptions,
+                        gain_for_powers, is_narrowband, pad_segments)
 
 __all__ = ["SegmentTracker", "VadStream"]
 
@@ -254,11 +254,7 @@ class VadStream:
             return
         allp = np.concatenate(self._powers)
         self._powers, self._gain_at = [allp], self._power_n
-        level_db = 10 * np.log10(np.percentile(allp, 95) + 1e-20)
-        if level_db < _LEVEL_FLOOR_DB or level_db >= _LEVEL_TARGET_DB:
-            self.gain = 1.0
-        else:
-            self.gain = float(10 ** (min(_LEVEL_TARGET_DB - level_db, _LEVEL_MAX_GAIN_DB) / 20))
+        self.gain = gain_for_powers(allp)
 
     def _run_16k(self, frames: np.ndarray) -> np.ndarray:
         """(F, 512) -> (F,) probabilities, state carried."""
