@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.vad import (_CONTEXT, _FRAME, _NB_CONTEXT, _NB_FRAME, _STATE, VAD_SAMPLE_RATE, SileroVad, VadOptions,
-                        gain_for_powers, is_narrowband, pad_segments)
+from models.vad import (_FRAME, _NB_FRAME, VAD_SAMPLE_RATE, SileroVad, VadOptions, VadState, gain_for_powers,
+                        is_narrowband, pad_segments)
 
 __all__ = ["SegmentTracker", "VadStream"]
 
@@ -152,8 +152,7 @@ class VadStream:
         self._resampler = None
         self._tail = np.zeros(0, np.float32)  # network input not yet a whole frame
         self.rate = VAD_SAMPLE_RATE
-        self._h = self._c = self._state = None
-        self._context = None
+        self._state: VadState | None = None  # the network's context and LSTM state
         self.tracker: SegmentTracker | None = None
         self.probs: list[np.ndarray] = []
         self.finished = False
@@ -164,16 +163,12 @@ class VadStream:
         self.rate = 8000 if self.narrowband else VAD_SAMPLE_RATE
         if self.sample_rate != self.rate:
             self._resampler = self._soxr.ResampleStream(self.sample_rate, self.rate, 1, dtype="float32", quality="HQ")
+        self._state = VadState.zeros(1, self.rate)
         if self.narrowband:
-            self._state = np.zeros((2, 1, 128), dtype=np.float32)
-            self._context = np.zeros(_NB_CONTEXT, dtype=np.float32)
             opts = VadOptions(**{**self.options.__dict__, "threshold": self.options.narrowband_threshold,
                                  "neg_threshold": None})
             self.tracker = SegmentTracker(opts, 8000, _NB_FRAME)
         else:
-            self._h = np.zeros(_STATE, dtype=np.float32)
-            self._c = np.zeros(_STATE, dtype=np.float32)
-            self._context = np.zeros(_CONTEXT, dtype=np.float32)
             self.tracker = SegmentTracker(self.options)
 
     def push(self, wave: np.ndarray) -> None:
@@ -238,7 +233,8 @@ class VadStream:
         self._update_gain(x[:whole])
         if self.options.normalize_level:
             frames = frames * np.float32(self.gain)
-        probs = self._run_8k(frames) if self.narrowband else self._run_16k(frames)
+        probs, self._state = self.vad.run_frames(frames[None], self.rate, self._state)
+        probs = probs[0]  # (F,)
         self.probs.append(probs)
         self.tracker.push(probs)
 
@@ -255,32 +251,6 @@ class VadStream:
         allp = np.concatenate(self._powers)
         self._powers, self._gain_at = [allp], self._power_n
         self.gain = gain_for_powers(allp)
-
-    def _run_16k(self, frames: np.ndarray) -> np.ndarray:
-        """(F, 512) -> (F,) probabilities, state carried."""
-        out = []
-        for first in range(0, frames.shape[0], self.vad.max_frames):
-            part = frames[first:first + self.vad.max_frames]
-            block = np.empty((part.shape[0], _CONTEXT + _FRAME), dtype=np.float32)  # (F, 576)
-            block[0, :_CONTEXT] = self._context
-            block[1:, :_CONTEXT] = part[:-1, -_CONTEXT:]
-            block[:, _CONTEXT:] = part
-            self._context = part[-1, -_CONTEXT:].copy()
-            probs, self._h, self._c = self.vad.session.run(["speech_probs", "hn", "cn"],
-                                                           {"input": block, "h": self._h, "c": self._c})
-            out.append(np.asarray(probs, dtype=np.float32).reshape(-1))
-        return np.concatenate(out)
-
-    def _run_8k(self, frames: np.ndarray) -> np.ndarray:
-        """(F, 256) -> (F,) probabilities of the 8 kHz frame graph, state carried."""
-        sr = np.array(8000, dtype=np.int64)
-        out = np.empty(frames.shape[0], dtype=np.float32)
-        for i, f in enumerate(frames):
-            block = np.concatenate([self._context, f])[None]  # (1, 288)
-            prob, self._state = self.vad.narrowband_session.run(None, {"input": block, "state": self._state, "sr": sr})
-            out[i] = prob.reshape(-1)[0]
-            self._context = f[-_NB_CONTEXT:]
-        return out
 
     def finish(self) -> None:
         """The stream ended: decide the bandwidth if still undecided and run the last, partial frame."""

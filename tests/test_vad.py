@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from models.audio import resample
-from models.vad import SileroVad, VadOptions, is_narrowband, keep_speech, level_gain, speech_segments
+from models.vad import DEFAULT_VAD_MODEL, NARROWBAND_VAD_MODEL, SileroVad, VadOptions, is_narrowband, keep_speech, level_gain, speech_segments
 
 SR = 16000
 
@@ -36,9 +36,10 @@ def test_probabilities_equal_the_package(vad, speech_files):
     pytest.importorskip("silero_vad")
     from silero_vad.sequence_vad import SileroVADSequence
 
-    ref = SileroVADSequence(str(vad.path))
+    ref = SileroVADSequence(str(DEFAULT_VAD_MODEL))
     for name, x in _speechy(speech_files).items():
-        np.testing.assert_allclose(vad.probabilities(x), ref.audio_forward(x), atol=1e-6, err_msg=name)
+        # the batched graph sums in another order (GEMMs, not per-frame convolutions): float32 rounding only
+        np.testing.assert_allclose(vad.probabilities(x), ref.audio_forward(x), atol=2e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("opts", [
@@ -50,7 +51,7 @@ def test_segments_equal_the_package(vad, speech_files, opts):
     pytest.importorskip("silero_vad")
     from silero_vad.sequence_vad import SileroVADSequence, get_speech_timestamps_sequence
 
-    ref = SileroVADSequence(str(vad.path))
+    ref = SileroVADSequence(str(DEFAULT_VAD_MODEL))
     ours = VadOptions(threshold=opts.get("threshold", 0.5), min_speech_ms=opts.get("min_speech_duration_ms", 250),
                       min_silence_ms=opts.get("min_silence_duration_ms", 100), speech_pad_ms=opts.get("speech_pad_ms", 30))
     for name, x in _speechy(speech_files).items():
@@ -131,7 +132,7 @@ def test_narrowband_probabilities_equal_the_package(vad, speech_files):
     import torch
     from silero_vad.utils_vad import OnnxWrapper
 
-    ref = OnnxWrapper(str(vad.narrowband_path))
+    ref = OnnxWrapper(str(NARROWBAND_VAD_MODEL))
     x = resample(_speechy(speech_files)["pause"], SR, 8000)
     want = ref.audio_forward(torch.from_numpy(x), 8000).numpy().reshape(-1)
     np.testing.assert_allclose(vad.probabilities_8k(x), want, atol=1e-5)
