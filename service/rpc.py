@@ -52,6 +52,14 @@ def rpc(method):
     name = method.__name__
 
     @functools.wraps(method)
+    def _client_gone(context) -> bool:
+        """Whether the call was cancelled by its client (the HTTP gateway's context has no such state)."""
+        cancelled = getattr(context, "cancelled", None)
+        try:
+            return bool(cancelled()) if callable(cancelled) else False
+        except Exception:  # noqa: BLE001 - a context that cannot tell: treat the error as the call's own
+            return False
+
     async def wrapper(self, request: Any, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -83,6 +91,9 @@ def rpc(method):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
+            if _client_gone(context):  # e.g. a stream's write failed because the client cancelled meanwhile
+                code = grpc.StatusCode.CANCELLED
+                raise asyncio.CancelledError() from None
             code, message = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)

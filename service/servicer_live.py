@@ -103,6 +103,7 @@ class LiveRpcs:
         loop = asyncio.get_running_loop()
         gauge = self.engine.metrics.live_streams.labels(live.model.name)
         gauge.inc()
+        self.engine.metrics.live_speaker_changes.labels(live.model.name)  # exported from the first stream on, at 0
         changes = 0
         try:
             size, index, limit = 0, 1, cfg.max_stream_mb * 1024 * 1024
