@@ -64,7 +64,7 @@ class ServerConfig:
     # ONNX Runtime
     # execution providers in order of preference (missing ones are skipped)
     providers: list[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    intra_op_threads: int = 0  # 0: auto (CPU: cores / inference_workers; GPU: ONNX Runtime's default)
     inter_op_threads: int = 1  # ONNX Runtime threads across graph nodes
     ort_spinning: bool = False  # idle ORT threads spin-wait; off leaves CPU to request handling
     warmup: bool = True  # run each model once per batch shape class before SERVING
@@ -75,7 +75,7 @@ class ServerConfig:
     max_queue: int = 512  # waiting utterances before RESOURCE_EXHAUSTED
     batch_min_fill: float = 0.9  # least share of a batch's padded samples that is real audio (length bucketing)
     max_queue_wait_ms: float = 2000.0  # refuse at once when the estimated queueing time is longer (0: no limit)
-    inference_workers: int = 1  # batches that run concurrently per model
+    inference_workers: int = 0  # batches that run concurrently per model; 0: auto (CPU: min(cores, 4); GPU: 1)
     # requests
     deadline_margin: float = 0.3  # share of a call's remaining time kept free of estimated work at admission
     max_audio_seconds: float = 300.0  # longest audio of one input (EmbedStream: max_stream_audio_seconds)
@@ -85,6 +85,7 @@ class ServerConfig:
     max_stream_audio_seconds: float = 3600.0  # EmbedStream: longer than max_audio_seconds is embedded window by window
     max_stream_messages: int = 100_000  # messages of one EmbedStream (config + chunks)
     max_diarize_audio_seconds: float = 900.0  # unary Diarize (decoded in blocks; DiarizeStream: max_stream_audio_seconds)
+    store_workers: int = 0  # threads calling the speaker store; 0: auto (a Milvus server: 16; else 1)
     decode_workers: int = 2  # threads decoding, resampling and running VAD
     # voice activity detection (Silero VAD) before every embedding; the model's model.json
     # may carry its own VAD options, and [model_settings.<model>] overrides both
@@ -172,7 +173,7 @@ class ServerConfig:
         need(self.max_queue >= 1, "max_queue", "must be >= 1")
         need(0 <= self.batch_min_fill <= 1, "batch_min_fill", "must be in 0..1")
         need(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", "must be >= 0 (0: no limit)")
-        need(self.inference_workers >= 1, "inference_workers", "must be >= 1")
+        need(self.inference_workers >= 0, "inference_workers", "must be >= 0 (0: auto)")
         need(self.max_audio_seconds > 0, "max_audio_seconds", "must be > 0")
         need(0 <= self.deadline_margin < 1, "deadline_margin", "must be in [0, 1)")
         need(self.max_message_mb >= 1, "max_message_mb", "must be >= 1")
@@ -186,6 +187,7 @@ class ServerConfig:
              "must be > 0 and <= max_stream_audio_seconds")
         need(self.max_stream_messages >= 2, "max_stream_messages", "must be >= 2 (a config and a chunk)")
         need(self.decode_workers >= 1, "decode_workers", "must be >= 1")
+        need(0 <= self.store_workers <= 256, "store_workers", "must be in 0..256 (0: auto)")
         need(0 < self.vad_threshold < 1, "vad_threshold", "must be in (0, 1)")
         for name in ("vad_min_speech_ms", "vad_min_silence_ms", "vad_speech_pad_ms"):
             need(0 <= getattr(self, name) <= 60_000, name, "must be in 0..60000 ms")
@@ -253,6 +255,21 @@ class ServerConfig:
         """This configuration with ``[model_settings.<model>]`` applied."""
         table = self.model_settings.get(model)
         return dataclasses.replace(self, **table) if table else self
+
+    def inference_threads(self, gpu: bool, cores: int | None = None) -> tuple[int, int]:
+        """``(inference_workers, intra_op_threads)`` for one model, the automatic (0) settings resolved.
+
+        On CPU the default is several single-threaded batches at once rather than one batch
+        split across cores: VAD and decoding run beside inference, and an ONNX Runtime thread
+        pool as wide as the machine then waits on whichever of its threads they displaced (on 2
+        cores, 2 workers x 1 thread served more utterances/s than 1 x 2 with VAD on, for about 10% more
+        latency on an idle server; BENCHMARKS.md section 15). A GPU runs one batch at a time.
+        """
+        if not cores:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = self.inference_workers or (1 if gpu else min(cores, 4))
+        threads = self.intra_op_threads or (0 if gpu else max(1, cores // workers))
+        return workers, threads
 
     def redacted(self) -> dict[str, Any]:
         """The options as a dict with secrets masked, for the start-up log."""

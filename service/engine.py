@@ -23,7 +23,7 @@ import numpy as np
 
 from models.artifact import ArtifactError, scan_repository
 from models.audio import AudioLimits, condition, decode_encoded, decode_pcm
-from models.runtime import SpeakerModel
+from models.runtime import SpeakerModel, available_providers
 from models.vad import SileroVad, VadOptions, keep_speech
 from service.batcher import BatchResult, BatchStats, DynamicBatcher
 from service.cohorts import CollectionCohorts
@@ -37,6 +37,13 @@ from service.tracing import Tracing
 __all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy", "configured_key_files"]
 
 log = logging.getLogger("spkserve.engine")
+
+
+def gpu_available(providers: list[str]) -> bool:
+    """Whether the first of ``providers`` this onnxruntime build offers is an accelerator (not the CPU)."""
+    have = set(available_providers())
+    first = next((p for p in providers if p in have), "CPUExecutionProvider")
+    return first != "CPUExecutionProvider"
 
 
 @dataclass
@@ -125,7 +132,11 @@ class Engine:
         self.cohorts = CollectionCohorts(config.collection_cohort_min_speakers, config.collection_cohort_max_speakers,
                                          config.collection_cohort_refresh_seconds)
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
-        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
+        # the embedded store writes its log one call at a time; Milvus calls mostly wait on the server,
+        # so many run at once (writes to one speaker still take turns inside the store)
+        server = config.index_backend == "milvus" and "://" in config.milvus_uri  # not Milvus Lite's one file
+        store_workers = config.store_workers or (16 if server else 1)
+        self._store_pool = ThreadPoolExecutor(store_workers, thread_name_prefix="store")
         self._preparing = 0  # inputs on or waiting for the decode pool (admission)
         self._preparing_by_model: dict[str, int] = {}
         self._prepare_s: float | None = None  # moving average of one input's decode + VAD time
@@ -182,11 +193,14 @@ class Engine:
     async def _open_model(self, model_dir) -> tuple[SpeakerModel, "ModelPolicy"]:
         """Load, warm up and check one repository entry (off the event loop); nothing is served yet."""
         cfg, loop = self.config, asyncio.get_running_loop()
+        workers, threads = cfg.inference_threads(gpu_available(cfg.providers))
         model = await loop.run_in_executor(None, lambda: SpeakerModel(
-            model_dir, cfg.providers, cfg.model_variant, cfg.intra_op_threads, cfg.inter_op_threads, cfg.ort_spinning))
+            model_dir, cfg.providers, cfg.model_variant, threads, cfg.inter_op_threads, cfg.ort_spinning))
         if cfg.warmup:
             took = await loop.run_in_executor(None, model.warmup)
             log.info("warmed up %s v%s in %.3f s", model.name, model.card.version, took)
+        log.info("model %s on %s: %d inference workers x %s ONNX Runtime threads", model.name, model.provider, workers,
+                 threads or "default")
         policy = self._policy(model)
         if policy.vad is not None and self.vad is None:
             self.vad = await loop.run_in_executor(None, SileroVad)
@@ -302,7 +316,7 @@ class Engine:
             deadline_margin=cfg.deadline_margin,
             min_fill=cfg.batch_min_fill,
             same_length_only=not model.padded_batching,
-            workers=cfg.inference_workers,
+            workers=cfg.inference_threads(model.provider != "CPUExecutionProvider")[0],
             stats=stats,
             name=name,
         )

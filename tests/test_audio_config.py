@@ -116,6 +116,23 @@ def test_config_precedence_and_errors(tmp_path):
     assert load_config(env={}, overrides={"auth_token": "x"}).redacted()["auth_token"] == "***"
 
 
+@pytest.mark.parametrize("opts, gpu, cores, want", [
+    ({}, False, 2, (2, 1)),  # CPU: several single-threaded batches, one per core
+    ({}, False, 16, (4, 4)),  # at most 4 workers; the cores are split between them
+    ({}, True, 16, (1, 0)),  # GPU: one batch at a time, ONNX Runtime's own thread default
+    ({"inference_workers": 1}, False, 8, (1, 8)),  # one worker takes all cores
+    ({"intra_op_threads": 3}, False, 2, (2, 3)),  # explicit settings win
+    ({"inference_workers": 3, "intra_op_threads": 2}, True, 8, (3, 2)),
+])
+def test_inference_threads_resolve_the_automatic_settings(opts, gpu, cores, want):
+    assert load_config(env={}, overrides=opts).inference_threads(gpu, cores) == want
+
+
+def test_inference_workers_must_not_be_negative():
+    with pytest.raises(ConfigError, match="inference_workers"):
+        load_config(env={}, overrides={"inference_workers": -1})
+
+
 def _flac_declaring(seconds: float, channels: int, sr: int = 16000) -> bytes:
     """A small FLAC of digital silence: it compresses to almost nothing whatever its length."""
     import io
