@@ -228,6 +228,58 @@ def test_concurrent_appends_to_one_speaker_lose_nothing(store, tmp_path):
     np.testing.assert_allclose(rec.sum, e.astype(np.float64).sum(0), atol=1e-5)
 
 
+def test_many_threads_enroll_and_delete_at_once(store):
+    """One store used by many threads at once (a server's store pool): every speaker exact, deletes final."""
+    e = units(64, seed=9)
+    errors = []
+
+    def worker(k):
+        try:
+            for j in range(4):
+                store.enroll("c", "m", f"own{k}", e[8 * k + j:8 * k + j + 1], metadata={f"k{j}": str(j)})
+                store.enroll("c", "m", "shared", e[8 * k + 4 + j:8 * k + 5 + j])
+            if k % 2:
+                store.delete("c", f"own{k}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    shared = store.get("c", "shared")
+    assert shared.count == 32
+    np.testing.assert_allclose(shared.sum, sum(e[8 * k + 4:8 * k + 8].astype(np.float64).sum(0) for k in range(8)), atol=1e-5)
+    for k in range(8):
+        if k % 2:
+            with pytest.raises(NotFound):
+                store.get("c", f"own{k}")
+        else:
+            rec = store.get("c", f"own{k}")
+            assert rec.count == 4 and rec.metadata == {f"k{j}": str(j) for j in range(4)}
+            np.testing.assert_allclose(rec.sum, e[8 * k:8 * k + 4].astype(np.float64).sum(0), atol=1e-5)
+    assert store.speaker_count("c") == 5
+
+
+def test_milvus_lock_table_frees_its_locks():
+    pytest.importorskip("pymilvus")
+    from service.store.milvus import _LockTable
+
+    table, order = _LockTable(), []
+
+    def hold(key, tag):
+        with table.hold(key):
+            order.append(("in", tag))
+            time.sleep(0.05)
+            order.append(("out", tag))
+
+    threads = [threading.Thread(target=hold, args=("a", i)) for i in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(order[i][0] == "in" and order[i + 1] == ("out", order[i][1]) for i in range(0, 6, 2))  # one at a time
+    assert table._locks == {}
+
+
 def test_server_on_milvus_enrolls_identifies_and_deletes(model_repo, tmp_path):
     pytest.importorskip("milvus_lite")
     import grpc

@@ -37,6 +37,7 @@ audio, and retention counts from the last enrollment only (uses are not written 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import logging
@@ -57,6 +58,29 @@ from service.store.milvus_schema import _MAX_ROWS, _REGISTRY, _TOMBSTONES, Milvu
 __all__ = ["MilvusStore", "drop_database", "milvus_name"]
 
 log = logging.getLogger("spkserve.store.milvus")
+
+class _LockTable:
+    """One lock per key, created on first use and dropped when no thread holds or waits for it."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[object, list] = {}  # key -> [lock, users]
+
+    @contextlib.contextmanager
+    def hold(self, key):
+        """Hold ``key``'s lock for the ``with`` block."""
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
+
 
 class MilvusStore(MilvusSchema, SpeakerStore):
     """All collections in one Milvus database. Thread-safe.
@@ -94,7 +118,10 @@ class MilvusStore(MilvusSchema, SpeakerStore):
             raise  # reached, but holds something else: retrying would not help
         except Exception as e:  # noqa: BLE001 - pymilvus raises many kinds
             raise StoreUnavailable(f"speaker store: Milvus at {uri} is not reachable ({type(e).__name__}: {e})") from None
-        self._lock = threading.RLock()  # one thread of this process at a time; other replicas see above
+        # Writes to one speaker take turns within this process (other replicas: the append protocol above);
+        # different speakers are written at once, as their calls mostly wait on the server's consistency.
+        self._speaker_locks = _LockTable()
+        self._schema_lock = threading.RLock()  # creating or rebinding a collection
         self._stats_fn: StatsFn | None = None
         self._bindings: dict[str, tuple[str, str, int]] = {}
 
@@ -306,7 +333,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
             raise InvalidArgument("embeddings", "must be finite (N, D) values")
         if audio:
             raise FailedPrecondition("the milvus speaker store keeps no enrollment audio (retain_enrollment_audio)")
-        with self._lock:
+        with self._speaker_locks.hold((collection, speaker_id)):
             b = self._binding(collection)
             if b is not None:
                 check_binding(collection, b[0], b[2], b[1], model, embeddings.shape[1], model_version, probe=False)
@@ -322,7 +349,12 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                 merged.update(row["meta"])
             check_merged_metadata(merged, metadata)
             if b is None or (not b[1] and model_version):
-                self._call(self._bind, collection, model, model_version, int(embeddings.shape[1]))
+                with self._schema_lock:
+                    b = self._binding(collection)  # another thread may have bound it meanwhile
+                    if b is not None:
+                        check_binding(collection, b[0], b[2], b[1], model, embeddings.shape[1], model_version, probe=False)
+                    if b is None or (not b[1] and model_version):
+                        self._call(self._bind, collection, model, model_version, int(embeddings.shape[1]))
             ts = int(time.time() * 1000)
             pk, sealer = self._pk(collection, speaker_id), self._sealer(collection)
             self._call(self.client.insert, milvus_name("spkd_", collection), [{
@@ -369,7 +401,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                                "appends; its enrollment is stored, retry to see the result")
 
     def delete(self, collection: str, speaker_id: str, opt_out: bool = False) -> SpeakerRecord | None:
-        with self._lock:
+        with self._speaker_locks.hold((collection, speaker_id)):
             try:
                 rec = self.get(collection, speaker_id)
             except NotFound:
