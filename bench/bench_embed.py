@@ -12,7 +12,11 @@ Everything is measured in one run on the same model and the same audio:
    VAD's share of the service's cost shows as a ratio measured in the same run;
 5. Silero VAD alone (``models.vad``, one thread): seconds of VAD per second of audio at 3, 10
    and 60 s inputs.
-Each figure is the median of ``--repeats`` runs; latencies are p50/p99 over all requests of
+6. interleaved rounds (``--pairs``): raw ORT at its best batch, then servers with VAD on, VAD off,
+   and VAD on with one ORT thread per batch and two inference workers, each at concurrency 32;
+   the ratios are medians of per-round ratios (robust to a shared machine's drift), with each
+   server's CPU per request read from /proc.
+Each figure of 1-5 is the median of ``--repeats`` runs; latencies are p50/p99 over all requests of
 the median run. Prints Markdown tables.
 """
 
@@ -158,6 +162,61 @@ def run_load(target, model, data, concurrency, requests, repeats):
     return rate, float(np.percentile(lat, 50) * 1000), float(np.percentile(lat, 99) * 1000)
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(repo: Path, model: str, wave: np.ndarray, data: bytes, threads: int, best_bs: int, requests: int,
+                pairs: int) -> None:
+    """The headline ratios from alternating runs: raw best batch, then each server, ``pairs`` times.
+
+    On a shared machine throughput drifts by 20-40% between minutes; alternating short runs and
+    taking the median of the per-round ratios cancels most of it. Server CPU per request comes
+    from /proc (the whole process: gRPC, decode, VAD, batching, inference).
+    """
+    import resource
+
+    from models.runtime import SpeakerModel
+
+    model_rt = SpeakerModel(repo / model, ["CPUExecutionProvider"], intra_op_threads=threads)
+    model_rt.warmup()
+    servers = {"VAD on": Server(repo, threads), "VAD off": Server(repo, threads, vad="false"),
+               "VAD on, 1 ORT thread x 2 inference workers": Server(repo, 1, inference_workers=2)}
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+    raw_rates, client_cpu = [], []
+    try:
+        for srv in servers.values():
+            asyncio.run(load(srv.target, model, data, 32, 64))  # connect and warm up
+        for _ in range(pairs):
+            n_batches = max(4, 128 // best_bs)
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                model_rt.embed([wave] * best_bs)
+            raw_rates.append(n_batches * best_bs / (time.perf_counter() - t0))
+            for name, srv in servers.items():
+                c0, cc0 = _proc_cpu(srv.p.pid), resource.getrusage(resource.RUSAGE_SELF)
+                rate, _ = asyncio.run(load(srv.target, model, data, 32, requests))
+                cc1 = resource.getrusage(resource.RUSAGE_SELF)
+                rows[name].append((rate, (_proc_cpu(srv.p.pid) - c0) / requests))
+                client_cpu.append((cc1.ru_utime + cc1.ru_stime - cc0.ru_utime - cc0.ru_stime) / requests)
+    finally:
+        for srv in servers.values():
+            srv.close()
+    med = statistics.median
+    print(f"\nInterleaved: {pairs} rounds of raw ORT (batch {best_bs}) then each server at concurrency 32 "
+          f"({requests} requests); medians of the per-round ratios")
+    print("\n| server | utterances/s | / raw best, same round | / VAD off, same round | server CPU ms per request |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in rows.items():
+        vs_raw = med([r / raw for (r, _), raw in zip(runs, raw_rates)])
+        vs_off = med([r / off for (r, _), (off, _) in zip(runs, rows["VAD off"])])
+        print(f"| {name} | {med([r for r, _ in runs]):.1f} | {vs_raw:.2f} | {vs_off:.2f} | {med([c for _, c in runs]) * 1000:.1f} |")
+    print(f"| raw ORT in-process, batch {best_bs} | {med(raw_rates):.1f} | 1.00 | | |")
+    print(f"\nload client CPU per request: {med(client_cpu) * 1000:.2f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ge2e")
@@ -166,6 +225,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=192, help="requests per load run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--pairs", type=int, default=5, help="rounds of the interleaved comparison (0: skip it)")
     args = ap.parse_args()
 
     wave = utterance(args.seconds)
@@ -214,6 +274,8 @@ def main() -> None:
     print("|---:|---:|---:|")
     for seconds, took in vad_cost.items():
         print(f"| {seconds:.0f} s | {took * 1000:.2f} | {took / seconds:.5f} |")
+    if args.pairs:
+        interleaved(repo, args.model, wave, data, args.threads, best_bs, args.requests, args.pairs)
 
 
 if __name__ == "__main__":
