@@ -11,7 +11,8 @@ HNSW M=32), then ``--queries`` probes (a stored voiceprint plus noise, one at a 
 each store's ``search`` (top 10). Reported: p50/p99 latency, recall@10 against exact search,
 hit@1 (the probed speaker first). Then enrollment throughput through ``MilvusStore.enroll``
 (delta insert, recompute, verify) with one writer process and with two (two replicas writing
-at once), against the embedded store's.
+at once), each enrolling one speaker at a time and ``--enroll-threads`` at once (what a server's
+store pool does under concurrent Enroll calls), against the embedded store's.
 """
 
 from __future__ import annotations
@@ -100,16 +101,27 @@ def populate_milvus(uri: str, vecs: np.ndarray, index: str) -> str:
     return db
 
 
-def _writer(args) -> int:
-    uri, db, start, n = args
+def _writer(args) -> tuple[int, list[float]]:
+    """One replica: ``threads`` concurrent enrollers (a server's store pool) over ``n`` new speakers; returns (n, latencies)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uri, db, start, n, threads = args
     store = milvus_store(uri, db, "flat")
     rng = np.random.default_rng(start)
-    for i in range(start, start + n):
-        store.enroll("enr", "m", f"w{i:06d}", unit(rng.normal(size=(1, DIM))), model_version="1")
-    return n
+    vecs = unit(rng.normal(size=(n, 1, DIM)))
+
+    def one(i: int) -> float:
+        t0 = time.perf_counter()
+        store.enroll("enr", "m", f"w{start + i:06d}", vecs[i], model_version="1")
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(threads) as pool:
+        latencies = list(pool.map(one, range(n)))
+    return n, latencies
 
 
-def enroll_rate(uri: str, writers: int, n: int) -> float:
+def enroll_rate(uri: str, writers: int, n: int, threads: int = 1) -> tuple[float, float]:
+    """(enrolls/s over all writers, median latency of one enroll in s)."""
     from pymilvus import MilvusClient
 
     from service.store.milvus import drop_database
@@ -117,11 +129,12 @@ def enroll_rate(uri: str, writers: int, n: int) -> float:
     db = f"e{uuid.uuid4().hex[:10]}"
     MilvusClient(uri=uri).create_database(db)
     try:
-        _writer((uri, db, 10 ** 6, 1))  # create the collections first
+        _writer((uri, db, 10 ** 6, 1, 1))  # create the collections first
         t0 = time.perf_counter()
         with mp.get_context("spawn").Pool(writers) as pool:
-            done = sum(pool.map(_writer, [(uri, db, k * n, n) for k in range(writers)]))
-        return done / (time.perf_counter() - t0)
+            results = pool.map(_writer, [(uri, db, k * n, n, threads) for k in range(writers)])
+        rate = sum(r[0] for r in results) / (time.perf_counter() - t0)
+        return rate, float(np.median([t for r in results for t in r[1]]))
     finally:
         drop_database(uri, db)
 
@@ -135,6 +148,8 @@ def main() -> int:
     ap.add_argument("--indexes", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw", "ivf"],
                     help="Milvus indexes, built one after the other on the same inserted rows")
     ap.add_argument("--no-enroll", action="store_true", help="skip the enrollment throughput part")
+    ap.add_argument("--enroll-threads", type=int, default=16,
+                    help="concurrent enrollments per writer (a server's store pool: store_workers)")
     args = ap.parse_args()
     from service.store import LocalStore
     from service.store.milvus import drop_database
@@ -188,13 +203,15 @@ def main() -> int:
             local.enroll("enr", "m", f"w{i}", unit(rng.normal(size=(1, DIM))))
         local_rate = args.enrolls / (time.perf_counter() - t0)
         local.close()
-    one, two = enroll_rate(args.uri, 1, args.enrolls), enroll_rate(args.uri, 2, args.enrolls)
-    print("\n| enrollment | enrolls/s |")
-    print("|---|---:|")
-    print(f"| embedded store, fsync on | {local_rate:.1f} |")
-    print(f"| Milvus server, 1 writer | {one:.1f} |")
-    print(f"| Milvus server, 2 writers (two replicas) | {two:.1f} |")
-    print(f"\n2 writers / 1 writer on Milvus: {two / one:.2f}")
+    t = args.enroll_threads
+    runs = {(w, th): enroll_rate(args.uri, w, args.enrolls, th) for w in (1, 2) for th in (1, t)}
+    print("\n| enrollment | enrolls/s | per replica | median ms per enroll |")
+    print("|---|---:|---:|---:|")
+    print(f"| embedded store, fsync on | {local_rate:.1f} | {local_rate:.1f} | {1000 / local_rate:.0f} |")
+    for (w, th), (rate, lat) in runs.items():
+        print(f"| Milvus server, {w} writer{'s' if w > 1 else ''} (replicas) x {th} concurrent | {rate:.1f} | "
+              f"{rate / w:.1f} | {lat * 1000:.0f} |")
+    print(f"\n2 writers / 1 writer on Milvus, {t} concurrent each: {runs[(2, t)][0] / runs[(1, t)][0]:.2f}")
     return 0
 
 

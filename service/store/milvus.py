@@ -13,11 +13,19 @@ hence one dimension each, and a tenant is dropped or migrated as a whole):
   from all its deltas.
 
 Appends without compare-and-set: a writer inserts its delta, then recomputes the speaker's row
-from every delta it can read (strong consistency) and upserts it, then reads the deltas again;
+from every delta it can read and upserts it, then reads the deltas again with strong consistency;
 if their number changed (another replica appended meanwhile) it recomputes and upserts again.
+The first recomputation reads with session consistency (this client's own delta, without waiting
+for the server's clock); only the strongly consistent check accepts a row.
 The last upsert of every writer therefore comes after it saw all deltas written before its own
 check, and the row converges to the sum of all deltas: an acknowledged append is never lost,
 even when two replicas append to one speaker at once.
+
+Throughput: a strongly consistent read waits for the server's time tick (about 200 ms on a
+default Milvus), so an enroll costs two such waits (the tombstone and metadata reads side by
+side before the write, the check after it); writes to different speakers run at once (one lock
+per speaker in this process, and the server's store pool of ``store_workers`` threads), so a
+replica's enrollments per second grow with the Enroll calls in flight.
 
 Consistency: reads a client does right after its own write (get, list, the appends above) use
 ``Strong``; Identify's searches use ``Bounded`` staleness (a speaker enrolled or deleted a
@@ -45,6 +53,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -122,6 +131,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         # different speakers are written at once, as their calls mostly wait on the server's consistency.
         self._speaker_locks = _LockTable()
         self._schema_lock = threading.RLock()  # creating or rebinding a collection
+        self._reads = ThreadPoolExecutor(8, thread_name_prefix="milvus-read")  # reads issued side by side
         self._stats_fn: StatsFn | None = None
         self._bindings: dict[str, tuple[str, str, int]] = {}
 
@@ -338,12 +348,14 @@ class MilvusStore(MilvusSchema, SpeakerStore):
             if b is not None:
                 check_binding(collection, b[0], b[2], b[1], model, embeddings.shape[1], model_version, probe=False)
             tomb = self._tombstone(collection, speaker_id)
-            if self._tombstoned(collection, tomb):
+            # the two strongly consistent reads before the write wait for the server together
+            tombstoned = self._reads.submit(self._tombstoned, collection, tomb)
+            current = self._deltas(collection, speaker_id) if b is not None else []
+            if tombstoned.result():
                 if not allow_reenroll:
                     raise FailedPrecondition(f"speaker_id: {quoted(speaker_id)} was deleted from or opted out of "
                                              f"collection {quoted(collection)}; set allow_reenroll to enroll it again")
                 self._call(self.client.delete, _TOMBSTONES, filter=f"pk == {_q(collection + '/' + tomb)}")
-            current = self._deltas(collection, speaker_id) if b is not None else []
             merged: dict[str, str] = {}
             for row in sorted(current, key=lambda r: r["ts"]):
                 merged.update(row["meta"])
@@ -363,13 +375,13 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                 "meta": metadata if sealer is None else sealer.seal(speaker_id, metadata), "ts": ts, "vec": [1.0, 0.0]}])
             return self._materialise(collection, speaker_id)
 
-    def _deltas(self, collection: str, speaker_id: str) -> list[dict]:
-        """The speaker's enrollment rows, their metadata opened."""
+    def _deltas(self, collection: str, speaker_id: str, consistency: str = "Strong") -> list[dict]:
+        """The speaker's enrollment rows, their metadata opened (``Session``: this client's own writes at least)."""
         sealer = self._sealer(collection)
         rows = self._call(self.client.query, milvus_name("spkd_", collection),
                           filter=f"spk == {_q(self._pk(collection, speaker_id))}",
                           output_fields=["pk", "sum", "count", "speech", "meta", "ts"], limit=_MAX_ROWS,
-                          consistency_level="Strong")
+                          consistency_level=consistency)
         if sealer is not None:
             for r in rows:
                 r["meta"] = sealer.open(r["meta"])[1]
@@ -378,8 +390,11 @@ class MilvusStore(MilvusSchema, SpeakerStore):
     def _materialise(self, collection: str, speaker_id: str) -> tuple[SpeakerRecord, bool]:
         """Recompute the speaker's row from all its deltas until no other writer added one meanwhile."""
         name = milvus_name("spkv_", collection)
-        for _ in range(20):
-            deltas = sorted(self._deltas(collection, speaker_id), key=lambda d: (d["ts"], d["pk"]))
+        for attempt in range(20):
+            # the first computation reads with session consistency (it sees this client's own delta without
+            # waiting for the server); the row is accepted only after a strong read finds the same deltas
+            deltas = sorted(self._deltas(collection, speaker_id, "Session" if attempt == 0 else "Strong"),
+                            key=lambda d: (d["ts"], d["pk"]))
             total = np.sum([np.asarray(d["sum"]["v"], dtype=np.float64) for d in deltas], axis=0)  # (D,)
             meta: dict[str, str] = {}
             for d in deltas:
@@ -433,6 +448,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         return n
 
     def close(self) -> None:
+        self._reads.shutdown(wait=True)
         self.client.close()
         if self._lite:
             protect_tree(self.uri)
