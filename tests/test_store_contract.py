@@ -261,11 +261,10 @@ def test_many_threads_enroll_and_delete_at_once(store):
     assert store.speaker_count("c") == 5
 
 
-def test_milvus_lock_table_frees_its_locks():
-    pytest.importorskip("pymilvus")
-    from service.store.milvus import _LockTable
+def test_lock_table_serialises_one_key_and_frees_its_locks():
+    from service.store.locks import LockTable
 
-    table, order = _LockTable(), []
+    table, order = LockTable(), []
 
     def hold(key, tag):
         with table.hold(key):

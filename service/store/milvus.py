@@ -45,7 +45,6 @@ audio, and retention counts from the last enrollment only (uses are not written 
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import logging
@@ -61,35 +60,13 @@ import numpy as np
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn, StoreUnavailable,
                                 check_binding, check_merged_metadata, quoted, validate_metadata)
+from service.store.locks import LockTable
 from service.store.milvus_privacy import SEALED_SUFFIX, Sealer, protect_tree
 from service.store.milvus_schema import _MAX_ROWS, _REGISTRY, _TOMBSTONES, MilvusSchema, _q, drop_database, milvus_name
 
 __all__ = ["MilvusStore", "drop_database", "milvus_name"]
 
 log = logging.getLogger("spkserve.store.milvus")
-
-class _LockTable:
-    """One lock per key, created on first use and dropped when no thread holds or waits for it."""
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._locks: dict[object, list] = {}  # key -> [lock, users]
-
-    @contextlib.contextmanager
-    def hold(self, key):
-        """Hold ``key``'s lock for the ``with`` block."""
-        with self._guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._locks[key]
-
 
 class MilvusStore(MilvusSchema, SpeakerStore):
     """All collections in one Milvus database. Thread-safe.
@@ -129,7 +106,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
             raise StoreUnavailable(f"speaker store: Milvus at {uri} is not reachable ({type(e).__name__}: {e})") from None
         # Writes to one speaker take turns within this process (other replicas: the append protocol above);
         # different speakers are written at once, as their calls mostly wait on the server's consistency.
-        self._speaker_locks = _LockTable()
+        self._speaker_locks = LockTable()
         self._schema_lock = threading.RLock()  # creating or rebinding a collection
         self._reads = ThreadPoolExecutor(8, thread_name_prefix="milvus-read")  # reads issued side by side
         self._stats_fn: StatsFn | None = None
