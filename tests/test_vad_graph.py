@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -34,11 +36,19 @@ def inputs(speech_files):
     }
 
 
-def _original_16k(x: np.ndarray) -> np.ndarray:
-    """Silero's own 16 kHz sequence graph over (T,), one call per 512 frames, state carried."""
+@functools.lru_cache(maxsize=None)
+def _session(path: str):
+    """One ONNX Runtime session (one thread, as the service's VAD) per graph file."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(DEFAULT_VAD_MODEL), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _original_16k(x: np.ndarray) -> np.ndarray:
+    """Silero's own 16 kHz sequence graph over (T,), one call per 512 frames, state carried."""
+    sess = _session(str(DEFAULT_VAD_MODEL))
     n = -(-x.size // 512)
     frames = np.zeros((n, 512), np.float32)
     frames.reshape(-1)[:x.size] = x
@@ -55,9 +65,7 @@ def _original_16k(x: np.ndarray) -> np.ndarray:
 
 def _original_8k(x: np.ndarray) -> np.ndarray:
     """Silero's own frame graph in its 8 kHz mode, frame by frame."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(NARROWBAND_VAD_MODEL), providers=["CPUExecutionProvider"])
+    sess = _session(str(NARROWBAND_VAD_MODEL))
     n = -(-x.size // 256)
     padded = np.zeros(32 + n * 256, np.float32)
     padded[32:32 + x.size] = x
