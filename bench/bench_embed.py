@@ -12,8 +12,9 @@ Everything is measured in one run on the same model and the same audio:
    VAD's share of the service's cost shows as a ratio measured in the same run;
 5. Silero VAD alone (``models.vad``, one thread): seconds of VAD per second of audio at 3, 10
    and 60 s inputs.
-6. interleaved rounds (``--pairs``): raw ORT at its best batch, then servers with VAD on, VAD off,
-   and VAD on with one ORT thread per batch and two inference workers, each at concurrency 32;
+6. interleaved rounds (``--pairs``): raw ORT at its best batch, then servers with VAD on, VAD off
+   (both with the default inference threads: on CPU one single-threaded batch per core, up to 4),
+   and VAD on with one inference worker using every core (the default before), each at concurrency 32;
    the ratios are medians of per-round ratios (robust to a shared machine's drift), with each
    server's CPU per request read from /proc.
 Each figure of 1-5 is the median of ``--repeats`` runs; latencies are p50/p99 over all requests of
@@ -91,10 +92,11 @@ def bench_vad(repeats: int) -> dict[float, float]:
 
 
 class Server:
-    def __init__(self, repo: Path, threads: int, **opts):
+    def __init__(self, repo: Path, threads: int | None, **opts):
+        """``threads``: ONNX Runtime intra-op threads per batch (None: the server's automatic setting)."""
         self.port, self.metrics_port = free_port(), free_port()
         self.tmp = tempfile.TemporaryDirectory()
-        env = {**os.environ, "SPKSERVE_INTRA_OP_THREADS": str(threads), "SPKSERVE_FSYNC": "false",
+        env = {**os.environ, **({"SPKSERVE_INTRA_OP_THREADS": str(threads)} if threads else {}), "SPKSERVE_FSYNC": "false",
                **{f"SPKSERVE_{k.upper()}": str(v) for k, v in opts.items()}}
         self.p = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -182,8 +184,8 @@ def interleaved(repo: Path, model: str, wave: np.ndarray, data: bytes, threads: 
 
     model_rt = SpeakerModel(repo / model, ["CPUExecutionProvider"], intra_op_threads=threads)
     model_rt.warmup()
-    servers = {"VAD on": Server(repo, threads), "VAD off": Server(repo, threads, vad="false"),
-               "VAD on, 1 ORT thread x 2 inference workers": Server(repo, 1, inference_workers=2)}
+    servers = {"VAD on (defaults)": Server(repo, None), "VAD off": Server(repo, None, vad="false"),
+               f"VAD on, 1 inference worker x {threads} ORT threads": Server(repo, threads, inference_workers=1)}
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
     raw_rates, client_cpu = [], []
     try:
@@ -211,7 +213,7 @@ def interleaved(repo: Path, model: str, wave: np.ndarray, data: bytes, threads: 
     print("|---|---:|---:|---:|---:|")
     for name, runs in rows.items():
         vs_raw = med([r / raw for (r, _), raw in zip(runs, raw_rates)])
-        vs_off = med([r / off for (r, _), (off, _) in zip(runs, rows["VAD off"])])
+        vs_off = med([r / off for (r, _), (off, _) in zip(runs, rows["VAD off"])])  # noqa: B023
         print(f"| {name} | {med([r for r, _ in runs]):.1f} | {vs_raw:.2f} | {vs_off:.2f} | {med([c for _, c in runs]) * 1000:.1f} |")
     print(f"| raw ORT in-process, batch {best_bs} | {med(raw_rates):.1f} | 1.00 | | |")
     print(f"\nload client CPU per request: {med(client_cpu) * 1000:.2f} ms")
@@ -224,7 +226,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="utterance length")
     ap.add_argument("--requests", type=int, default=192, help="requests per load run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="ONNX Runtime intra-op threads of raw ORT (the servers use their defaults)")
     ap.add_argument("--pairs", type=int, default=5, help="rounds of the interleaved comparison (0: skip it)")
     args = ap.parse_args()
 
@@ -237,24 +240,25 @@ def main() -> None:
     raw = bench_raw(repo / args.model, wave, args.threads, args.repeats)
     best_bs = max(raw, key=raw.get)
     rows = [("raw ORT in-process, batch " + str(bs), r, None, None) for bs, r in raw.items()]
-    srv = Server(repo, args.threads)
+    srv = Server(repo, None)
     try:
         results = {c: run_load(srv.target, args.model, data, c, args.requests, args.repeats) for c in (1, 8, 32)}
     finally:
         srv.close()
-    srv = Server(repo, args.threads, max_batch_size=1)
+    srv = Server(repo, None, max_batch_size=1)
     try:
         nobatch = run_load(srv.target, args.model, data, 32, args.requests, args.repeats)
     finally:
         srv.close()
-    srv = Server(repo, args.threads, vad="false")
+    srv = Server(repo, None, vad="false")
     try:
         novad = run_load(srv.target, args.model, data, 32, args.requests, args.repeats)
     finally:
         srv.close()
     vad_cost = bench_vad(args.repeats)
 
-    print(f"\nmodel {args.model}, {args.seconds:.1f} s utterances (WAV), {args.threads} ORT threads, "
+    print(f"\nmodel {args.model}, {args.seconds:.1f} s utterances (WAV), raw ORT {args.threads} threads, servers on their "
+          f"default inference threads, "
           f"{os.cpu_count()} cores, median of {args.repeats} runs\n")
     print("| setup | utterances/s | vs raw best | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|---:|")

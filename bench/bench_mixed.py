@@ -109,7 +109,7 @@ def main() -> int:
         for label, opts in (("service, VAD off, bucketing on", {"vad": "false", **fill}),
                             ("service, VAD off, bucketing off", {"vad": "false", "batch_min_fill": 0}),
                             ("service, VAD on, bucketing on", fill)):
-            srv = Server(repo, args.threads, models=args.model, max_queue_wait_ms=0, **opts)  # closed loop: no refusals
+            srv = Server(repo, None, models=args.model, max_queue_wait_ms=0, **opts)  # closed loop: no refusals
             try:
                 rates = [asyncio.run(served(srv.target, args.model, files, lengths, 32)) for _ in range(args.repeats)]
             finally:
