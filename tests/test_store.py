@@ -103,6 +103,35 @@ def test_index_types_find_the_right_speaker_and_honour_deletes(tmp_path, kind):
     assert len(odd) == 10 and all(int(x[1:]) % 2 == 1 for x in odd)
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_on_voiceprints_in_one_cone_keep_exact_scores_and_ranking(kind):
+    """Voiceprints sharing a large common direction (as speaker embeddings do): the approximate index,
+    built on mean-centred vectors, answers the raw inner product and agrees with exact search."""
+    from service.store.base import SpeakerRecord
+    from service.store.faiss_index import CollectionIndex
+
+    rng = np.random.default_rng(5)
+    dim, n = 32, 4000
+    common = rng.standard_normal(dim)
+    vecs = common * 1.2 + rng.standard_normal((n, dim)) / np.sqrt(dim)  # (N, D) pairwise cosine about 0.6
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    opts = IndexOptions(index_type=kind, ivf_nlist=16, ivf_nprobe=16, hnsw_ef_search=256)
+    coll, exact = CollectionIndex("c", "m", dim, opts), CollectionIndex("c", "m", dim, IndexOptions())
+    for i, v in enumerate(vecs[:-10]):
+        for c in (coll, exact):
+            c.upsert(SpeakerRecord(f"s{i}", v.astype(np.float64), 1))
+    coll.search(vecs[0], 1)  # built here; the last ten arrive after the build
+    for i, v in enumerate(vecs[-10:], start=n - 10):
+        for c in (coll, exact):
+            c.upsert(SpeakerRecord(f"s{i}", v.astype(np.float64), 1))
+    probes = vecs[[3, 500, n - 1]] + rng.standard_normal((3, dim)).astype(np.float32) * 0.05
+    for q in probes / np.linalg.norm(probes, axis=1, keepdims=True):
+        got, want = coll.search(q, 5), exact.search(q, 5)
+        assert [r.speaker_id for r, _ in got] == [r.speaker_id for r, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
+        assert abs(got[0][1] - float(q @ vecs[int(got[0][0].speaker_id[1:])])) < 1e-5
+
+
 def test_speech_and_cohort_statistics_survive_restart(tmp_path):
     cohort = units(30, seed=9)
 
