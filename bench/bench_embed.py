@@ -187,6 +187,7 @@ def interleaved(repo: Path, model: str, wave: np.ndarray, data: bytes, threads: 
     servers = {"VAD on (defaults)": Server(repo, None), "VAD off": Server(repo, None, vad="false"),
                f"VAD on, 1 inference worker x {threads} ORT threads": Server(repo, threads, inference_workers=1)}
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+    idle: dict[str, list[float]] = {name: [] for name in servers}  # p50 ms at concurrency 1
     raw_rates, client_cpu = [], []
     try:
         for srv in servers.values():
@@ -203,19 +204,22 @@ def interleaved(repo: Path, model: str, wave: np.ndarray, data: bytes, threads: 
                 cc1 = resource.getrusage(resource.RUSAGE_SELF)
                 rows[name].append((rate, (_proc_cpu(srv.p.pid) - c0) / requests))
                 client_cpu.append((cc1.ru_utime + cc1.ru_stime - cc0.ru_utime - cc0.ru_stime) / requests)
+                idle[name].append(float(np.percentile(asyncio.run(load(srv.target, model, data, 1, 30))[1], 50)) * 1000)
     finally:
         for srv in servers.values():
             srv.close()
     med = statistics.median
     print(f"\nInterleaved: {pairs} rounds of raw ORT (batch {best_bs}) then each server at concurrency 32 "
           f"({requests} requests); medians of the per-round ratios")
-    print("\n| server | utterances/s | / raw best, same round | / VAD off, same round | server CPU ms per request |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| server | utterances/s | / raw best, same round | / VAD off, same round | server CPU ms per request | "
+          "p50 ms at concurrency 1 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, runs in rows.items():
         vs_raw = med([r / raw for (r, _), raw in zip(runs, raw_rates)])
         vs_off = med([r / off for (r, _), (off, _) in zip(runs, rows["VAD off"])])  # noqa: B023
-        print(f"| {name} | {med([r for r, _ in runs]):.1f} | {vs_raw:.2f} | {vs_off:.2f} | {med([c for _, c in runs]) * 1000:.1f} |")
-    print(f"| raw ORT in-process, batch {best_bs} | {med(raw_rates):.1f} | 1.00 | | |")
+        print(f"| {name} | {med([r for r, _ in runs]):.1f} | {vs_raw:.2f} | {vs_off:.2f} | {med([c for _, c in runs]) * 1000:.1f} | "
+              f"{med(idle[name]):.1f} |")
+    print(f"| raw ORT in-process, batch {best_bs} | {med(raw_rates):.1f} | 1.00 | | | |")
     print(f"\nload client CPU per request: {med(client_cpu) * 1000:.2f} ms")
 
 
