@@ -121,9 +121,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"])
-    ap.add_argument("--hnsw-m", type=int, default=16)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--ef-construction", type=int, default=40)
     ap.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128])
-    ap.add_argument("--nlist", type=int, default=4096)
+    ap.add_argument("--nlist", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -167,9 +168,10 @@ def main() -> None:
 
     print("| index | setting | build s | p50 ms | p99 ms | recall@10 | hit@1 vs exact | probed speaker first | MB per 1M |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    for kind in args.kinds:
+    builds = [(kind, nlist) for kind in args.kinds for nlist in (args.nlist if kind == "ivf" else [0])]
+    for kind, nlist in builds:
         opts = IndexOptions(index_type=kind, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search[0],
-                            ivf_nlist=args.nlist, ivf_nprobe=args.nprobe[0])
+                            ivf_nlist=nlist or 1, ivf_nprobe=args.nprobe[0], hnsw_ef_construction=args.ef_construction)
         coll = CollectionIndex("bench", "ge2e", vecs.shape[1], opts)
         for i, v in enumerate(vecs):
             coll.upsert(SpeakerRecord(str(i), v.astype(np.float64), 1))
@@ -179,11 +181,11 @@ def main() -> None:
         mb = faiss.serialize_index(coll._index).nbytes / 2 ** 20 * 1e6 / args.size
         if kind == "hnsw":
             inner = faiss.downcast_index(coll._index.index)
-            settings = [(f"M={args.hnsw_m}, efSearch={ef}", lambda ef=ef: setattr(inner.hnsw, "efSearch", ef))
-                        for ef in args.ef_search]
+            settings = [(f"M={args.hnsw_m}, efConstruction={args.ef_construction}, efSearch={ef}",
+                         lambda ef=ef: setattr(inner.hnsw, "efSearch", ef)) for ef in args.ef_search]
         elif kind == "ivf":
-            settings = [(f"nlist={args.nlist}, nprobe={n}", lambda n=n: setattr(coll._index, "nprobe", n))
-                        for n in args.nprobe]
+            settings = [(f"nlist={nlist}, nprobe={n}", lambda n=n: setattr(coll._index, "nprobe", n))
+                        for n in args.nprobe if n <= nlist]
         else:
             settings = [("exact inner product", lambda: None)]
         for label, apply in settings:

@@ -124,6 +124,7 @@ class ServerConfig:
     index_type: str = "flat"  # flat (exact) | hnsw | ivf, for new collections
     hnsw_m: int = 32  # HNSW graph degree
     hnsw_ef_search: int = 128  # HNSW search breadth (recall vs speed)
+    hnsw_ef_construction: int = 0  # HNSW build breadth (graph quality vs build time); 0: faiss 40, Milvus 200
     ivf_nlist: int = 1024  # IVF cells
     ivf_nprobe: int = 32  # IVF cells searched per query
     snapshot_every: int = 10000  # WAL records between snapshots
@@ -221,6 +222,8 @@ class ServerConfig:
             need(not self.retain_enrollment_audio, "retain_enrollment_audio", "is not supported with index_backend = 'milvus'")
         need(self.hnsw_m >= 4, "hnsw_m", "must be >= 4")
         need(self.hnsw_ef_search >= 1, "hnsw_ef_search", "must be >= 1")
+        need(self.hnsw_ef_construction == 0 or self.hnsw_ef_construction >= self.hnsw_m, "hnsw_ef_construction",
+             "must be 0 (the backend's default) or >= hnsw_m")
         need(self.ivf_nlist >= 1, "ivf_nlist", "must be >= 1")
         need(self.ivf_nprobe >= 1, "ivf_nprobe", "must be >= 1")
         need(self.snapshot_every >= 1, "snapshot_every", "must be >= 1")

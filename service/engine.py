@@ -147,7 +147,8 @@ class Engine:
         """Open the store, load and warm up every model, start the batchers."""
         cfg = self.config
         loop = asyncio.get_running_loop()
-        opts = IndexOptions(cfg.index_type, cfg.hnsw_m, cfg.hnsw_ef_search, cfg.ivf_nlist, cfg.ivf_nprobe)
+        opts = IndexOptions(cfg.index_type, cfg.hnsw_m, cfg.hnsw_ef_search, cfg.ivf_nlist, cfg.ivf_nprobe,
+                            cfg.hnsw_ef_construction)
         self.store = await self._open_store(opts)
         dirs = await loop.run_in_executor(None, scan_repository, cfg.model_repository)
         if cfg.models:

@@ -128,6 +128,23 @@ def test_inference_threads_resolve_the_automatic_settings(opts, gpu, cores, want
     assert load_config(env={}, overrides=opts).inference_threads(gpu, cores) == want
 
 
+def test_hnsw_build_breadth_is_checked_and_reaches_the_index():
+    import faiss
+
+    from service.store.base import IndexOptions, SpeakerRecord
+    from service.store.faiss_index import CollectionIndex
+
+    with pytest.raises(ConfigError, match="hnsw_ef_construction"):
+        load_config(env={}, overrides={"hnsw_ef_construction": 8})  # below hnsw_m (32)
+    assert load_config(env={}).hnsw_ef_construction == 0  # the backend's own default
+    cfg = load_config(env={"SPKSERVE_HNSW_EF_CONSTRUCTION": "80"})
+    assert cfg.hnsw_ef_construction == 80
+    coll = CollectionIndex("c", "m", 4, IndexOptions(index_type="hnsw", hnsw_ef_construction=cfg.hnsw_ef_construction))
+    coll.upsert(SpeakerRecord("a", np.ones(4), 1))
+    coll.search(np.ones(4, np.float32) / 2, 1)  # builds the index
+    assert faiss.downcast_index(coll._index.index).hnsw.efConstruction == 80
+
+
 def test_inference_workers_must_not_be_negative():
     with pytest.raises(ConfigError, match="inference_workers"):
         load_config(env={}, overrides={"inference_workers": -1})

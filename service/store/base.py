@@ -178,6 +178,7 @@ class IndexOptions:
     hnsw_ef_search: int = 128
     ivf_nlist: int = 1024
     ivf_nprobe: int = 32
+    hnsw_ef_construction: int = 0  # HNSW build breadth; 0: the backend's default (faiss 40, Milvus 200)
 
 
 @dataclass

@@ -49,6 +49,8 @@ class CollectionIndex:
             vecs = vecs - self._centre  # (N, D): the same ranking for every query (module docstring)
         if kind == "hnsw":
             index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(self.dim, self.options.hnsw_m, faiss.METRIC_INNER_PRODUCT))
+            if self.options.hnsw_ef_construction:
+                faiss.downcast_index(index.index).hnsw.efConstruction = self.options.hnsw_ef_construction
             faiss.downcast_index(index.index).hnsw.efSearch = self.options.hnsw_ef_search
         elif kind == "ivf":
             quantizer = faiss.IndexFlatIP(self.dim)

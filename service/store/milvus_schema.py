@@ -54,8 +54,8 @@ class MilvusSchema:
 
     def vector_index_params(self, index_type: str = "flat"):
         """Milvus index parameters of the ``vec`` field for spkserve's ``index_type``: flat -> FLAT,
-        hnsw -> HNSW (``hnsw_m``, efConstruction 200), ivf -> IVF_FLAT (``ivf_nlist``)."""
-        params = {"hnsw": {"M": self.options.hnsw_m, "efConstruction": 200},
+        hnsw -> HNSW (``hnsw_m``, ``hnsw_ef_construction`` or 200), ivf -> IVF_FLAT (``ivf_nlist``)."""
+        params = {"hnsw": {"M": self.options.hnsw_m, "efConstruction": self.options.hnsw_ef_construction or 200},
                   "ivf": {"nlist": self.options.ivf_nlist}}.get(index_type, {})
         idx = self.client.prepare_index_params()
         idx.add_index(field_name="vec", index_type=_MILVUS_INDEX[index_type], metric_type="IP", params=params)
