@@ -55,6 +55,14 @@ def utterance(seconds: float) -> np.ndarray:
     return np.tile(wave, reps)[: int(seconds * 16000)]
 
 
+def raw_rate(model, wave: np.ndarray, batch: int, n_batches: int) -> float:
+    """Utterances per second of ``n_batches`` in-process batches of ``batch`` copies of ``wave``."""
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        model.embed([wave] * batch)
+    return n_batches * batch / (time.perf_counter() - t0)
+
+
 def bench_raw(model_dir: Path, wave: np.ndarray, threads: int, repeats: int) -> dict[int, float]:
     from models.runtime import SpeakerModel
 
@@ -64,11 +72,7 @@ def bench_raw(model_dir: Path, wave: np.ndarray, threads: int, repeats: int) -> 
     for bs in (1, 4, 8, 16, 32):
         rates = []
         for _ in range(repeats):
-            n_batches = max(2, 64 // bs)
-            t0 = time.perf_counter()
-            for _ in range(n_batches):
-                model.embed([wave] * bs)
-            rates.append(n_batches * bs / (time.perf_counter() - t0))
+            rates.append(raw_rate(model, wave, bs, max(2, 64 // bs)))
         out[bs] = statistics.median(rates)
     return out
 
@@ -193,11 +197,7 @@ def interleaved(repo: Path, model: str, wave: np.ndarray, data: bytes, threads: 
         for srv in servers.values():
             asyncio.run(load(srv.target, model, data, 32, 64))  # connect and warm up
         for _ in range(pairs):
-            n_batches = max(4, 128 // best_bs)
-            t0 = time.perf_counter()
-            for _ in range(n_batches):
-                model_rt.embed([wave] * best_bs)
-            raw_rates.append(n_batches * best_bs / (time.perf_counter() - t0))
+            raw_rates.append(raw_rate(model_rt, wave, best_bs, max(4, 128 // best_bs)))
             for name, srv in servers.items():
                 c0, cc0 = _proc_cpu(srv.p.pid), resource.getrusage(resource.RUSAGE_SELF)
                 rate, _ = asyncio.run(load(srv.target, model, data, 32, requests))
