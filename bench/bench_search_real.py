@@ -16,10 +16,11 @@ first prints how the simulated scores compare with the real ones (same-speaker a
 different-speaker cosine, mean and percentiles), so the structure can be judged.
 
 Then every index is built on the same voiceprints through the store's ``CollectionIndex`` and
-swept over its search-time setting (HNSW ``efSearch``, IVF ``nprobe``); each row gives one
-query at a time latency (p50, p99), recall@10 against exact search, hit@1 against exact
-search's first answer and the probed speaker's rank-1 rate, and memory (the index's
-serialised size per million voiceprints).
+swept over its search-time settings (HNSW ``efSearch``; IVF ``nprobe``; ``ivf_pq`` ``nprobe``
+and ``rerank``); each row gives one query at a time latency (p50, p99), recall@10 against exact
+search, hit@1 against exact search's first answer and the probed speaker's rank-1 rate, and
+memory: the index's serialised size per million voiceprints (for ``ivf_pq``, its codes plus the
+float32 voiceprints it re-scores candidates with).
 """
 
 from __future__ import annotations
@@ -120,12 +121,13 @@ def main() -> None:
     ap.add_argument("--real", type=Path, required=True, help="the real-speech pool (calibration/ and evaluation/)")
     ap.add_argument("--size", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=300)
-    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw"])
+    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf", "ivf_pq", "hnsw"])
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=40)
     ap.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--nlist", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    ap.add_argument("--rerank", type=int, nargs="+", default=[16, 32, 64], help="ivf_pq: candidates re-scored per result")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -168,7 +170,7 @@ def main() -> None:
 
     print("| index | setting | build s | p50 ms | p99 ms | recall@10 | hit@1 vs exact | probed speaker first | MB per 1M |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    builds = [(kind, nlist) for kind in args.kinds for nlist in (args.nlist if kind == "ivf" else [0])]
+    builds = [(kind, nlist) for kind in args.kinds for nlist in (args.nlist if kind.startswith("ivf") else [0])]
     for kind, nlist in builds:
         opts = IndexOptions(index_type=kind, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search[0],
                             ivf_nlist=nlist or 1, ivf_nprobe=args.nprobe[0], hnsw_ef_construction=args.ef_construction)
@@ -178,7 +180,8 @@ def main() -> None:
         t1 = time.perf_counter()
         coll.search(probes[0], 1)  # builds the index
         build = time.perf_counter() - t1
-        mb = faiss.serialize_index(coll._index).nbytes / 2 ** 20 * 1e6 / args.size
+        held = faiss.serialize_index(coll._index).nbytes + (coll._units.mat.nbytes if coll._units is not None else 0)
+        mb = held / 2 ** 20 * 1e6 / args.size
         if kind == "hnsw":
             inner = faiss.downcast_index(coll._index.index)
             settings = [(f"M={args.hnsw_m}, efConstruction={args.ef_construction}, efSearch={ef}",
@@ -186,6 +189,11 @@ def main() -> None:
         elif kind == "ivf":
             settings = [(f"nlist={nlist}, nprobe={n}", lambda n=n: setattr(coll._index, "nprobe", n))
                         for n in args.nprobe if n <= nlist]
+        elif kind == "ivf_pq":
+            def ivf_pq(n: int, r: int) -> None:
+                coll._index.nprobe, coll.options.ivf_pq_rerank = n, r
+            settings = [(f"nlist={nlist}, nprobe={n}, rerank={r}", lambda n=n, r=r: ivf_pq(n, r))
+                        for n in args.nprobe if n <= nlist for r in args.rerank]
         else:
             settings = [("exact inner product", lambda: None)]
         for label, apply in settings:

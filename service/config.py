@@ -30,7 +30,7 @@ MODEL_SETTING_KEYS = ("vad", "vad_threshold", "vad_min_speech_ms", "vad_min_sile
                       "min_probe_speech_seconds", "min_enroll_speech_seconds", "decision_scale", "decision_threshold")
 _SCALES = ("", "cosine", "normalized", "llr")
 
-_INDEX_TYPES = ("flat", "hnsw", "ivf")
+_INDEX_TYPES = ("flat", "hnsw", "ivf", "ivf_pq")
 _VARIANTS = ("fp32", "int8")
 
 
@@ -121,12 +121,13 @@ class ServerConfig:
     milvus_uri: str = ""  # http://host:19530 (a server) or a local file path (Milvus Lite)
     milvus_token: str = ""  # user:password or an API key
     milvus_db: str = ""  # empty: Milvus' default database
-    index_type: str = "flat"  # flat (exact) | hnsw | ivf, for new collections
+    index_type: str = "flat"  # flat (exact) | hnsw | ivf | ivf_pq (IVF of 4-bit codes, re-ranked exactly), for new collections
     hnsw_m: int = 32  # HNSW graph degree
     hnsw_ef_search: int = 128  # HNSW search breadth (recall vs speed)
     hnsw_ef_construction: int = 0  # HNSW build breadth (graph quality vs build time); 0: faiss 40, Milvus 200
     ivf_nlist: int = 1024  # IVF cells
     ivf_nprobe: int = 32  # IVF cells searched per query
+    ivf_pq_rerank: int = 64  # ivf_pq: candidates re-scored exactly per result wanted (recall vs speed)
     snapshot_every: int = 10000  # WAL records between snapshots
     fsync: bool = True  # every acknowledged write is on disk (off: faster, a crash may lose the last writes)
     # data protection
@@ -220,12 +221,14 @@ class ServerConfig:
             need(scheme in ("", "http", "https", "tcp", "grpc"), "milvus_uri",
                  "must be http(s)://host:port (a Milvus server) or a file path (Milvus Lite)")
             need(not self.retain_enrollment_audio, "retain_enrollment_audio", "is not supported with index_backend = 'milvus'")
+            need(self.index_type != "ivf_pq", "index_type", "ivf_pq is an index of the faiss backend; with Milvus use hnsw or ivf")
         need(self.hnsw_m >= 4, "hnsw_m", "must be >= 4")
         need(self.hnsw_ef_search >= 1, "hnsw_ef_search", "must be >= 1")
         need(self.hnsw_ef_construction == 0 or self.hnsw_ef_construction >= self.hnsw_m, "hnsw_ef_construction",
              "must be 0 (the backend's default) or >= hnsw_m")
         need(self.ivf_nlist >= 1, "ivf_nlist", "must be >= 1")
         need(self.ivf_nprobe >= 1, "ivf_nprobe", "must be >= 1")
+        need(self.ivf_pq_rerank >= 1, "ivf_pq_rerank", "must be >= 1")
         need(self.snapshot_every >= 1, "snapshot_every", "must be >= 1")
         need(self.retention_days >= 0 and math.isfinite(self.retention_days), "retention_days", "must be >= 0")
         need(self.retention_check_seconds >= 1, "retention_check_seconds", "must be >= 1")

@@ -147,8 +147,9 @@ class Engine:
         """Open the store, load and warm up every model, start the batchers."""
         cfg = self.config
         loop = asyncio.get_running_loop()
-        opts = IndexOptions(cfg.index_type, cfg.hnsw_m, cfg.hnsw_ef_search, cfg.ivf_nlist, cfg.ivf_nprobe,
-                            cfg.hnsw_ef_construction)
+        opts = IndexOptions(index_type=cfg.index_type, hnsw_m=cfg.hnsw_m, hnsw_ef_search=cfg.hnsw_ef_search,
+                            ivf_nlist=cfg.ivf_nlist, ivf_nprobe=cfg.ivf_nprobe,
+                            hnsw_ef_construction=cfg.hnsw_ef_construction, ivf_pq_rerank=cfg.ivf_pq_rerank)
         self.store = await self._open_store(opts)
         dirs = await loop.run_in_executor(None, scan_repository, cfg.model_repository)
         if cfg.models:

@@ -82,7 +82,7 @@ def test_errors(tmp_path):
     assert validate_collection("") == "default"
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivf_pq"])
 def test_index_types_find_the_right_speaker_and_honour_deletes(tmp_path, kind):
     n, dim = 3000, 32
     vecs = units(n, dim, seed=3)
@@ -130,6 +130,68 @@ def test_approximate_indexes_on_voiceprints_in_one_cone_keep_exact_scores_and_ra
         assert [r.speaker_id for r, _ in got] == [r.speaker_id for r, _ in want]
         np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
         assert abs(got[0][1] - float(q @ vecs[int(got[0][0].speaker_id[1:])])) < 1e-5
+
+
+def test_ivf_pq_rescores_its_candidates_exactly_and_reranking_restores_the_order_codes_confuse():
+    """Voiceprints in one cone with near-tied neighbours: 4-bit codes alone misorder the ten best;
+    re-scoring the candidates exactly gives exact search's top ten and its scores (every list probed:
+    what probing fewer lists costs is IVF's, measured in bench/bench_search_real.py)."""
+    from service.store.base import SpeakerRecord
+    from service.store.faiss_index import CollectionIndex
+
+    rng = np.random.default_rng(11)
+    dim, n = 64, 8000
+    common = rng.standard_normal(dim)
+    vecs = common / np.linalg.norm(common) * 1.22 + rng.standard_normal((n, dim)) / np.sqrt(dim)  # (N, D) cosine ~0.6
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    exact = CollectionIndex("c", "m", dim, IndexOptions())
+    few = CollectionIndex("c", "m", dim, IndexOptions(index_type="ivf_pq", ivf_nlist=16, ivf_nprobe=16, ivf_pq_rerank=1))
+    many = CollectionIndex("c", "m", dim, IndexOptions(index_type="ivf_pq", ivf_nlist=16, ivf_nprobe=16, ivf_pq_rerank=64))
+    for i, v in enumerate(vecs):
+        for c in (exact, few, many):
+            c.upsert(SpeakerRecord(f"s{i}", v.astype(np.float64), 1))
+    probes = vecs[:20] + rng.standard_normal((20, dim)).astype(np.float32) * 0.1
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    agree_few = agree_many = 0
+    for q in probes:
+        want = exact.search(q, 10)
+        got_few, got_many = few.search(q, 10), many.search(q, 10)
+        agree_few += [r.speaker_id for r, _ in got_few] == [r.speaker_id for r, _ in want]
+        agree_many += [r.speaker_id for r, _ in got_many] == [r.speaker_id for r, _ in want]
+        for rec, score in got_few + got_many:  # scores are always the exact inner product
+            assert abs(score - float(q @ rec.voiceprint)) < 1e-5
+    assert many.info().index_type == "ivf_pq"
+    assert agree_many >= 18 and agree_few < agree_many
+
+
+def test_ivf_pq_answers_like_exact_search_through_updates_and_deletes_after_its_build():
+    from service.store.base import SpeakerRecord
+    from service.store.faiss_index import CollectionIndex
+
+    rng = np.random.default_rng(12)
+    dim = 32
+    exact = CollectionIndex("c", "m", dim, IndexOptions())
+    pq = CollectionIndex("c", "m", dim, IndexOptions(index_type="ivf_pq", ivf_nlist=16, ivf_nprobe=16, ivf_pq_rerank=200))
+
+    def put(i: int) -> None:
+        v = units(1, dim, seed=int(rng.integers(1 << 30)))[0].astype(np.float64)
+        for c in (exact, pq):
+            c.upsert(SpeakerRecord(f"s{i}", v, 1))
+
+    for i in range(700):
+        put(i)
+    pq.search(units(1, dim, seed=1)[0], 1)  # built here
+    assert pq.info().index_type == "ivf_pq"
+    for i in rng.choice(700, 300, replace=False).tolist() + list(range(700, 760)):
+        put(i)  # moved after the build, and new speakers
+    for i in rng.choice(760, 100, replace=False).tolist():
+        for c in (exact, pq):
+            if f"s{i}" in c.speakers:
+                c.remove(f"s{i}")
+    for q in units(20, dim, seed=2):
+        got, want = pq.search(q, 5), exact.search(q, 5)
+        assert [r.speaker_id for r, _ in got] == [r.speaker_id for r, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
 
 
 def test_speech_and_cohort_statistics_survive_restart(tmp_path):

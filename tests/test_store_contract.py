@@ -157,8 +157,8 @@ def test_search_paging_and_errors(store):
         store.get("c", "nope")
 
 
-@pytest.mark.parametrize("backend", ["local", "milvus"])
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("backend, kind", [(b, k) for b in ("local", "milvus") for k in ("flat", "hnsw", "ivf")]
+                         + [("local", "ivf_pq")])
 def test_every_index_type_finds_the_probed_speaker(backend, kind, tmp_path):
     """flat, hnsw and ivf on both backends (Milvus: FLAT, HNSW, IVF_FLAT); reported by collections()."""
     from service.store import IndexOptions

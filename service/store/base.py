@@ -173,12 +173,13 @@ def check_merged_metadata(old: dict[str, str], new: dict[str, str]) -> None:
 class IndexOptions:
     """Search index settings of new collections."""
 
-    index_type: str = "flat"  # flat | hnsw | ivf
+    index_type: str = "flat"  # flat | hnsw | ivf | ivf_pq
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     ivf_nlist: int = 1024
     ivf_nprobe: int = 32
     hnsw_ef_construction: int = 0  # HNSW build breadth; 0: the backend's default (faiss 40, Milvus 200)
+    ivf_pq_rerank: int = 64  # ivf_pq: candidates re-scored exactly per result wanted
 
 
 @dataclass

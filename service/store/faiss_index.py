@@ -2,7 +2,14 @@
 
 Exact inner product (``IndexFlatIP``) by default; HNSW (deletes are filtered at search time
 and the graph rebuilt once too many are stale) or IVF (switched on once there are enough
-voiceprints to train it) for large collections.
+voiceprints to train it) for large collections. ``ivf_pq`` is IVF whose lists hold 4-bit
+product-quantised codes (FAISS's fast-scan kernels, half a byte per dimension) scanned for
+``ivf_pq_rerank`` times the results wanted; those candidates are then re-scored exactly from the
+voiceprints the collection keeps anyway, so its scores are exact and its index is a tenth of
+IVF's. Voiceprints of speakers crowd together, so the ten best matches of a probe are near-ties
+that coarse methods confuse: scanning cheap codes of many lists and re-ranking a few hundred
+candidates exactly reaches the same recall as scanning fewer lists' full vectors, several times
+faster (BENCHMARKS.md).
 
 The approximate indexes hold the voiceprints minus their mean at build time. Speaker embeddings
 share a large common direction (different speakers' voiceprints have cosine about 0.6 with
@@ -23,6 +30,39 @@ from service.store.base import CollectionInfo, IndexOptions, SpeakerRecord
 __all__ = ["CollectionIndex"]
 
 
+class _UnitRows:
+    """Unit voiceprints (float32) by index label in one contiguous matrix, for exact re-scoring;
+    rows of removed labels are reused."""
+
+    def __init__(self, vecs: np.ndarray, labels: np.ndarray):
+        self.mat = np.array(vecs, dtype=np.float32)  # (capacity, D)
+        self.row = {int(lab): i for i, lab in enumerate(labels.tolist())}
+        self.free: list[int] = []
+
+    def put(self, label: int, vec: np.ndarray) -> None:
+        """Store ``vec`` (D,) for ``label``."""
+        if self.free:
+            i = self.free.pop()
+        else:
+            i = len(self.row)
+            if i == len(self.mat):
+                self.mat = np.concatenate([self.mat, np.empty((max(len(self.mat), 16), self.mat.shape[1]), np.float32)])
+        self.mat[i] = vec
+        self.row[label] = i
+
+    def drop(self, label: int) -> None:
+        """Forget ``label`` (absent: nothing)."""
+        i = self.row.pop(label, None)
+        if i is not None:
+            self.free.append(i)
+
+    def take(self, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The present ``labels`` (n,) int64 and their vectors (n, D)."""
+        kept = np.array([lab for lab in labels if lab in self.row], dtype=np.int64)
+        rows = np.fromiter((self.row[lab] for lab in kept.tolist()), dtype=np.int64, count=len(kept))
+        return kept, self.mat[rows]
+
+
 class CollectionIndex:
     """Speakers of one collection and their search index."""
 
@@ -37,6 +77,7 @@ class CollectionIndex:
         self._dirty = True
         self._built_kind = ""
         self._centre: np.ndarray | None = None  # (D,) subtracted from voiceprints in approximate indexes
+        self._units: _UnitRows | None = None  # ivf_pq: the voiceprints its candidates are re-scored with
 
     def _build(self) -> None:
         import faiss
@@ -44,6 +85,7 @@ class CollectionIndex:
         ids = np.fromiter((r.label for r in self.speakers.values()), dtype=np.int64, count=len(self.speakers))
         vecs = np.stack([r.voiceprint for r in self.speakers.values()]) if self.speakers else np.zeros((0, self.dim), np.float32)
         kind = self._index_kind()
+        self._units = _UnitRows(vecs, ids) if kind == "ivf_pq" else None
         self._centre = vecs.mean(axis=0).astype(np.float32) if kind != "flat" and len(vecs) else None
         if self._centre is not None:
             vecs = vecs - self._centre  # (N, D): the same ranking for every query (module docstring)
@@ -52,9 +94,14 @@ class CollectionIndex:
             if self.options.hnsw_ef_construction:
                 faiss.downcast_index(index.index).hnsw.efConstruction = self.options.hnsw_ef_construction
             faiss.downcast_index(index.index).hnsw.efSearch = self.options.hnsw_ef_search
-        elif kind == "ivf":
+        elif kind in ("ivf", "ivf_pq"):
             quantizer = faiss.IndexFlatIP(self.dim)
-            index = faiss.IndexIVFFlat(quantizer, self.dim, self.options.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
+            if kind == "ivf":
+                index = faiss.IndexIVFFlat(quantizer, self.dim, self.options.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
+            else:  # two dimensions per 4-bit code (one each when the dimension is odd)
+                codes = self.dim // 2 if self.dim % 2 == 0 else self.dim
+                index = faiss.IndexIVFPQFastScan(quantizer, self.dim, self.options.ivf_nlist, codes, 4,
+                                                 faiss.METRIC_INNER_PRODUCT)
             index.train(vecs)
             index.nprobe = self.options.ivf_nprobe
         else:  # flat, or IVF with too few points to train (exact search is cheap there)
@@ -66,7 +113,7 @@ class CollectionIndex:
     def _index_kind(self) -> str:
         """The index searches use: IVF only once there are enough points to train it."""
         kind = self.options.index_type
-        if kind == "ivf" and len(self.speakers) < 39 * self.options.ivf_nlist:
+        if kind in ("ivf", "ivf_pq") and len(self.speakers) < 39 * self.options.ivf_nlist:
             return "flat"
         return kind
 
@@ -82,8 +129,11 @@ class CollectionIndex:
         if self._index_kind() != self._built_kind:
             self._dirty = True  # e.g. an IVF collection grew large enough to train
         if not self._dirty and self._index is not None:
-            vec = rec.voiceprint[None] if self._centre is None else rec.voiceprint[None] - self._centre  # (1, D)
+            unit = rec.voiceprint  # (D,)
+            vec = unit[None] if self._centre is None else unit[None] - self._centre  # (1, D)
             self._index.add_with_ids(vec.astype(np.float32), np.array([rec.label], dtype=np.int64))
+            if self._units is not None:
+                self._units.put(rec.label, unit)
 
     def remove(self, speaker_id: str) -> SpeakerRecord:
         """Remove a speaker; returns its record."""
@@ -93,6 +143,8 @@ class CollectionIndex:
 
     def _remove_from_index(self, label: int) -> None:
         self.by_label.pop(label, None)
+        if self._units is not None:
+            self._units.drop(label)
         if self._dirty or self._index is None:
             return
         if self._built_kind == "hnsw":
@@ -110,10 +162,13 @@ class CollectionIndex:
         if self._dirty or self._index is None:
             self._build()
         fetch = k
+        rerank = self.options.ivf_pq_rerank if self._built_kind == "ivf_pq" else 1
         while True:
-            n = min(fetch + self._stale, len(self.speakers) + self._stale)
+            n = min(fetch * rerank + self._stale, len(self.speakers) + self._stale)
             scores, labels = self._index.search(query[None].astype(np.float32), n)  # (1, n)
-            if self._centre is not None:
+            if self._built_kind == "ivf_pq":
+                scores, labels = self._exact(query, labels[0])
+            elif self._centre is not None:
                 scores = scores + float(query.astype(np.float32) @ self._centre)  # back to the raw inner product
             out = []
             for s, lab in zip(scores[0], labels[0]):
@@ -128,6 +183,13 @@ class CollectionIndex:
             if n >= len(self.speakers) + self._stale:
                 return out
             fetch *= 4  # filtered records took places: look further
+
+    def _exact(self, query: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates re-scored by the exact inner product, best first: scores (1, n) and labels (1, n)."""
+        labels, vecs = self._units.take(labels.tolist())  # (n,), (n, D)
+        scores = vecs @ query.astype(np.float32)  # (n,)
+        order = np.argsort(-scores, kind="stable")
+        return scores[order][None], labels[order][None]
 
     def info(self) -> CollectionInfo:
         """Summary of this collection."""

@@ -55,6 +55,8 @@ class MilvusSchema:
     def vector_index_params(self, index_type: str = "flat"):
         """Milvus index parameters of the ``vec`` field for spkserve's ``index_type``: flat -> FLAT,
         hnsw -> HNSW (``hnsw_m``, ``hnsw_ef_construction`` or 200), ivf -> IVF_FLAT (``ivf_nlist``)."""
+        if index_type not in _MILVUS_INDEX:
+            raise ValueError(f"index_type {index_type!r}: not an index of the Milvus backend (one of {sorted(_MILVUS_INDEX)})")
         params = {"hnsw": {"M": self.options.hnsw_m, "efConstruction": self.options.hnsw_ef_construction or 200},
                   "ivf": {"nlist": self.options.ivf_nlist}}.get(index_type, {})
         idx = self.client.prepare_index_params()
