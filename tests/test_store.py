@@ -105,15 +105,15 @@ def test_index_types_find_the_right_speaker_and_honour_deletes(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_indexes_on_voiceprints_in_one_cone_keep_exact_scores_and_ranking(kind):
-    """Voiceprints sharing a large common direction (as speaker embeddings do): the approximate index,
-    built on mean-centred vectors, answers the raw inner product and agrees with exact search."""
+    """Voiceprints sharing a large common direction (as speaker embeddings do): the approximate index
+    answers the raw inner product and agrees with exact search."""
     from service.store.base import SpeakerRecord
     from service.store.faiss_index import CollectionIndex
 
     rng = np.random.default_rng(5)
     dim, n = 32, 4000
     common = rng.standard_normal(dim)
-    vecs = common * 1.2 + rng.standard_normal((n, dim)) / np.sqrt(dim)  # (N, D) pairwise cosine about 0.6
+    vecs = common / np.linalg.norm(common) * 1.22 + rng.standard_normal((n, dim)) / np.sqrt(dim)  # (N, D) cosine ~0.6
     vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
     opts = IndexOptions(index_type=kind, ivf_nlist=16, ivf_nprobe=16, hnsw_ef_search=256)
     coll, exact = CollectionIndex("c", "m", dim, opts), CollectionIndex("c", "m", dim, IndexOptions())

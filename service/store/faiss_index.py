@@ -4,19 +4,18 @@ Exact inner product (``IndexFlatIP``) by default; HNSW (deletes are filtered at 
 and the graph rebuilt once too many are stale) or IVF (switched on once there are enough
 voiceprints to train it) for large collections. ``ivf_pq`` is IVF whose lists hold 4-bit
 product-quantised codes (FAISS's fast-scan kernels, half a byte per dimension) scanned for
-``ivf_pq_rerank`` times the results wanted; those candidates are then re-scored exactly from the
-voiceprints the collection keeps anyway, so its scores are exact and its index is a tenth of
-IVF's. Voiceprints of speakers crowd together, so the ten best matches of a probe are near-ties
+``ivf_pq_rerank`` times the results wanted; those candidates are then re-scored exactly from a
+float32 copy of the voiceprints, so its scores are exact (its memory is about IVF's: codes are a
+fourteenth of it, the copy the rest). Voiceprints of speakers crowd together, so the ten best matches of a probe are near-ties
 that coarse methods confuse: scanning cheap codes of many lists and re-ranking a few hundred
 candidates exactly reaches the same recall as scanning fewer lists' full vectors, several times
 faster (BENCHMARKS.md).
 
-The approximate indexes hold the voiceprints minus their mean at build time. Speaker embeddings
-share a large common direction (different speakers' voiceprints have cosine about 0.6 with
-``ge2e``), which crowds every point into one narrow cone where IVF's lists and HNSW's graph
-separate them poorly; subtracting a fixed vector ``mu`` changes every score of one query by the
-same ``q . mu``, so the ranking is exactly that of the raw inner product, and the score is
-restored by adding ``q . mu`` back.
+Every index holds the unit voiceprints themselves. Subtracting their mean (the same ranking for
+a query, since every score moves by ``q . mu``) was tried and measured on voiceprints with the
+structure of real ones: it leaves vectors of unequal norms, for which the inner product is no
+longer a metric, and HNSW's recall@10 fell from 0.94 to 0.70 (200k voiceprints, efSearch 256);
+IVF's also fell slightly (0.965 -> 0.955).
 """
 
 from __future__ import annotations
@@ -76,7 +75,6 @@ class CollectionIndex:
         self._stale = 0  # HNSW entries of deleted/updated speakers still in the graph
         self._dirty = True
         self._built_kind = ""
-        self._centre: np.ndarray | None = None  # (D,) subtracted from voiceprints in approximate indexes
         self._units: _UnitRows | None = None  # ivf_pq: the voiceprints its candidates are re-scored with
 
     def _build(self) -> None:
@@ -86,9 +84,6 @@ class CollectionIndex:
         vecs = np.stack([r.voiceprint for r in self.speakers.values()]) if self.speakers else np.zeros((0, self.dim), np.float32)
         kind = self._index_kind()
         self._units = _UnitRows(vecs, ids) if kind == "ivf_pq" else None
-        self._centre = vecs.mean(axis=0).astype(np.float32) if kind != "flat" and len(vecs) else None
-        if self._centre is not None:
-            vecs = vecs - self._centre  # (N, D): the same ranking for every query (module docstring)
         if kind == "hnsw":
             index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(self.dim, self.options.hnsw_m, faiss.METRIC_INNER_PRODUCT))
             if self.options.hnsw_ef_construction:
@@ -130,8 +125,7 @@ class CollectionIndex:
             self._dirty = True  # e.g. an IVF collection grew large enough to train
         if not self._dirty and self._index is not None:
             unit = rec.voiceprint  # (D,)
-            vec = unit[None] if self._centre is None else unit[None] - self._centre  # (1, D)
-            self._index.add_with_ids(vec.astype(np.float32), np.array([rec.label], dtype=np.int64))
+            self._index.add_with_ids(unit[None], np.array([rec.label], dtype=np.int64))
             if self._units is not None:
                 self._units.put(rec.label, unit)
 
@@ -168,8 +162,6 @@ class CollectionIndex:
             scores, labels = self._index.search(query[None].astype(np.float32), n)  # (1, n)
             if self._built_kind == "ivf_pq":
                 scores, labels = self._exact(query, labels[0])
-            elif self._centre is not None:
-                scores = scores + float(query.astype(np.float32) @ self._centre)  # back to the raw inner product
             out = []
             for s, lab in zip(scores[0], labels[0]):
                 spk = self.by_label.get(int(lab))
