@@ -6,10 +6,10 @@ voiceprints to train it) for large collections. ``ivf_pq`` is IVF whose lists ho
 product-quantised codes (FAISS's fast-scan kernels, half a byte per dimension) scanned for
 ``ivf_pq_rerank`` times the results wanted; those candidates are then re-scored exactly from a
 float32 copy of the voiceprints, so its scores are exact (its memory is about IVF's: codes are a
-fourteenth of it, the copy the rest). Voiceprints of speakers crowd together, so the ten best matches of a probe are near-ties
-that coarse methods confuse: scanning cheap codes of many lists and re-ranking a few hundred
-candidates exactly reaches the same recall as scanning fewer lists' full vectors, several times
-faster (BENCHMARKS.md).
+fourteenth of it, the copy the rest). Voiceprints of speakers crowd together, so the ten best
+matches of a probe are near-ties that coarse methods confuse: scanning cheap codes of many lists
+and re-ranking a few hundred candidates exactly reaches IVF's recall several times faster
+(BENCHMARKS.md).
 
 Every index holds the unit voiceprints themselves. Subtracting their mean (the same ranking for
 a query, since every score moves by ``q . mu``) was tried and measured on voiceprints with the
