@@ -13,6 +13,11 @@ One run, the same model and audio throughout (speech tiled to length):
   concurrency 32 with length bucketing (``batch_min_fill`` 0.9, the default) and without
   (``batch_min_fill`` 0), and with VAD on (the default) for reference.
 Figures are audio seconds embedded per second (median of ``--repeats``). Prints Markdown.
+
+``--interleaved N`` then runs N rounds on the mixed workload with the three servers started
+once: each round times raw ONNX Runtime (sorted, at the best batch found above) and then each
+server, and the table gives the medians of the per-round ratios, so that a shared, noisy machine
+moves both sides of every ratio together.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_embed import Server, utterance  # noqa: E402
 
 
-def raw(model, waves: list[np.ndarray], sort: bool, repeats: int) -> dict[int, float]:
+def raw(model, waves: list[np.ndarray], sort: bool, repeats: int, sizes=(1, 4, 8, 16, 32)) -> dict[int, float]:
+    """Audio seconds per second of in-process batches of each size (median of ``repeats``)."""
     audio = sum(len(w) for w in waves) / 16000
     order = sorted(waves, key=len) if sort else waves
     out = {}
-    for bs in (1, 4, 8, 16, 32):
+    for bs in sizes:
         rates = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -71,6 +77,35 @@ async def served(target: str, model: str, files: list[bytes], seconds: list[floa
         return sum(seconds) / (time.perf_counter() - t0)
 
 
+SETUPS = (("service, VAD off, bucketing on", {"vad": "false"}),
+          ("service, VAD off, bucketing off", {"vad": "false", "batch_min_fill": 0}),
+          ("service, VAD on, bucketing on", {}))
+
+
+def interleaved(repo: Path, model, name: str, waves: list[np.ndarray], files: list[bytes], lengths: list[float],
+                best_bs: int, rounds: int, fill: dict) -> None:
+    """Per-round ratios of each server to raw ORT (sorted, ``best_bs``) on one workload; prints a table."""
+    servers = {label: Server(repo, None, models=model.name, max_queue_wait_ms=0, **{**fill, **opts})
+               for label, opts in SETUPS}
+    ratios: dict[str, list[float]] = {label: [] for label in servers}
+    try:
+        for srv in servers.values():
+            asyncio.run(served(srv.target, model.name, files[:8], lengths[:8], 8))  # connect and warm up
+        for _ in range(rounds):
+            base = raw(model, waves, True, 1, sizes=(best_bs,))[best_bs]
+            for label, srv in servers.items():
+                ratios[label].append(asyncio.run(served(srv.target, model.name, files, lengths, 32)) / base)
+    finally:
+        for srv in servers.values():
+            srv.close()
+    print(f"\nInterleaved, {name}: {rounds} rounds of raw ORT (batches of {best_bs} sorted by length) then each "
+          "server at concurrency 32; medians of the per-round ratios\n")
+    print("| setup | / raw best, same round | per round |")
+    print("|---|---:|---|")
+    for label, r in ratios.items():
+        print(f"| {label} | {statistics.median(r):.2f} | {', '.join(f'{x:.2f}' for x in r)} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ge2e")
@@ -79,6 +114,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-fill", type=float, default=None, help="batch_min_fill of the bucketing runs (default: the server's)")
     ap.add_argument("--only", choices=["mixed", "equal"], help="run one workload")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="N", help="then N interleaved rounds on the mixed workload")
     args = ap.parse_args()
     from models.runtime import SpeakerModel
 
@@ -106,9 +142,10 @@ def main() -> int:
         rows.append((name, f"raw ORT, batches of {best_bs} sorted by length (best)", best))
         rows.append((name, f"raw ORT, batches of {best_bs} in arrival order", arrival[best_bs]))
         print(f"  {name}: raw sorted {by_len}, arrival {arrival}", flush=True)
-        for label, opts in (("service, VAD off, bucketing on", {"vad": "false", **fill}),
-                            ("service, VAD off, bucketing off", {"vad": "false", "batch_min_fill": 0}),
-                            ("service, VAD on, bucketing on", fill)):
+        if args.interleaved and name.startswith("mixed"):
+            interleaved(repo, model, name, waves, files, lengths, best_bs, args.interleaved, fill)
+        for label, opts in SETUPS:
+            opts = {**fill, **opts}
             srv = Server(repo, None, models=args.model, max_queue_wait_ms=0, **opts)  # closed loop: no refusals
             try:
                 rates = [asyncio.run(served(srv.target, args.model, files, lengths, 32)) for _ in range(args.repeats)]
