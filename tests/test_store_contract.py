@@ -501,3 +501,13 @@ def test_sealed_milvus_collections_hold_no_ids_in_the_clear(tmp_path):
     with pytest.raises(StoreCorrupt, match="does not decrypt"):
         other.list("acme-eu", 0, 10)
     other.close()
+
+
+def test_the_milvus_backend_refuses_an_index_it_does_not_have_by_name():
+    from types import SimpleNamespace
+
+    from service.store import IndexOptions
+    from service.store.milvus_schema import MilvusSchema
+
+    with pytest.raises(ValueError, match="index_type 'ivf_pq': not an index of the Milvus backend"):
+        MilvusSchema.vector_index_params(SimpleNamespace(options=IndexOptions()), "ivf_pq")
