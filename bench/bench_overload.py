@@ -6,7 +6,8 @@
 
 The second form is the short-deadline storm: ``--concurrency`` callers in a closed loop, each call
 with a ``--deadline`` s deadline, waiting the server's ``grpc-retry-pushback-ms`` after a refusal
-(as gRPC clients with a retry policy do), against the server as it is; it prints goodput against the
+(as gRPC clients with a retry policy do), against the server as it is (and, with ``--before DIR``, an older checkout's, the two measured in
+alternate rounds); it prints goodput against the
 capacity measured first, the p50/p99 time to a refusal (RESOURCE_EXHAUSTED), and the share of the
 utterances the model ran whose caller had already given up (``spkserve_batch_wasted_total`` over
 the utterances run, read from the server's metrics).
@@ -44,7 +45,7 @@ from bench_embed import free_port  # noqa: E402
 
 
 def start(code_root: Path, port: int, data: str, extra: dict, metrics_port: int = -1) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(code_root), SPKSERVE_MODELS="ge2e", SPKSERVE_INTRA_OP_THREADS="1",
+    env = dict(os.environ, PYTHONPATH=str(code_root), SPKSERVE_MODELS="ge2e", SPKSERVE_INTRA_OP_THREADS="1", SPKSERVE_HTTP_PORT="0",
                **{f"SPKSERVE_{k.upper()}": str(v) for k, v in extra.items()})
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                              "--metrics-port", str(metrics_port),
@@ -187,28 +188,34 @@ def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-async def measure_storm(args, audio: bytes, code_root: Path = ROOT) -> list[dict]:
+async def measure_storm(args, audio: bytes, roots: dict[str, Path]) -> dict[str, list[dict]]:
+    """Storm rounds against every code root's server, interleaved: all servers are started once, and each round
+    measures each in turn (capacity, then the storm), so the machine's drift falls on all of them alike."""
     import urllib.request
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
 
-    mport = free_port()
-    scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()  # noqa: E731
-    async with served(code_root, {}, mport) as stub:
-        req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
-        rounds = []
+    req = pb.EmbedRequest(audio=pb.Audio(encoded=audio))
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {}
+        for name, root in roots.items():
+            mport = free_port()
+            servers[name] = (await stack.enter_async_context(served(root, {}, mport)), mport)
+        rounds: dict[str, list[dict]] = {name: [] for name in roots}
         for r in range(args.repeats):
-            cap = await capacity(stub, req)
-            before = scrape()
-            res = await storm(stub, req, args.concurrency, args.seconds, args.deadline)
-            await asyncio.sleep(1.0)
-            after = scrape()
-            run = _metric(after, "spkserve_batch_size_sum") - _metric(before, "spkserve_batch_size_sum")
-            # wasted: utterances the model ran that did not become an answer the client took in time
-            res.update(capacity=cap, wasted_share=max(0.0, run - res["goodput"] * args.seconds) / max(run, 1.0))
-            rounds.append(res)
-            print(f"  round {r + 1}: {res}", flush=True)
-            await asyncio.sleep(2)
+            for name, (stub, mport) in servers.items():
+                scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()  # noqa: E731
+                cap = await capacity(stub, req)
+                before = scrape()
+                res = await storm(stub, req, args.concurrency, args.seconds, args.deadline)
+                await asyncio.sleep(1.0)
+                after = scrape()
+                run = _metric(after, "spkserve_batch_size_sum") - _metric(before, "spkserve_batch_size_sum")
+                # wasted: utterances the model ran that did not become an answer the client took in time
+                res.update(capacity=cap, wasted_share=max(0.0, run - res["goodput"] * args.seconds) / max(run, 1.0))
+                rounds[name].append(res)
+                print(f"  round {r + 1}, {name}: {res}", flush=True)
+                await asyncio.sleep(2)
         return rounds
 
 
@@ -231,16 +238,13 @@ def main() -> int:
     audio = buf.getvalue()
     if args.concurrency:
         roots = {"this checkout": ROOT, **({"before": args.before.resolve()} if args.before else {})}
-        results = {}
-        for name, root in roots.items():
-            print(name, flush=True)
-            results[name] = asyncio.run(measure_storm(args, audio, root))
+        results = asyncio.run(measure_storm(args, audio, roots))
         print("\n| code | callers | deadline s | capacity req/s | goodput req/s | goodput / capacity | refusal p50 ms | "
               "refusal p99 ms | wasted inference |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, rows in results.items():
             med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
             print(f"| {name} | {args.concurrency} | {args.deadline:g} | {med('capacity'):.1f} | {med('goodput'):.1f} | "
-                  f"{med('goodput') / med('capacity'):.2f} | {1000 * med('refusal_p50'):.0f} | "
+                  f"{statistics.median(r['goodput'] / r['capacity'] for r in rows):.2f} | {1000 * med('refusal_p50'):.0f} | "
                   f"{1000 * med('refusal_p99'):.0f} | {100 * med('wasted_share'):.1f}% |")
         return 0
     setups = {"after (admission by estimated wait)": (ROOT, {})}

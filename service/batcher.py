@@ -13,8 +13,14 @@ at once. The batch runs on a thread pool; the event loop never runs the model.
 Admission by estimated wait: the batcher measures its throughput (padded samples per second
 of inference, a moving average) and estimates how long a new utterance would wait behind the
 audio already queued. A request whose deadline would pass before it is served, or that would
-wait longer than ``max_queue_wait``, is refused at once (Overloaded, with the estimated wait as
-a retry hint) instead of waiting to fail.
+wait longer than ``max_queue_wait``, is refused at once (Overloaded, with a retry hint) instead
+of waiting to fail. Retry hints are staggered: each refused caller is given the next free *turn*
+after the work queued ahead and after the turns promised to the callers refused before it, one
+average utterance's service time apart. Callers that honour the hint (gRPC clients with a retry
+policy, ``grpc-retry-pushback-ms``) then come back at the rate the model serves them instead of
+all at once, so a storm of callers is not refused over and over (each refusal still costs the
+receive and parse of its audio). Hints never hold anyone back: admission looks only at the
+real queue.
 
 The batcher knows nothing of protobuf or gRPC: it takes numpy arrays and callables.
 """
@@ -119,6 +125,7 @@ class DynamicBatcher:
         self.workers = workers
         self.samples_per_s: float | None = None  # measured throughput of one worker (moving average)
         self._avg_cost: float | None = None  # moving average of utterance length in samples
+        self._next_turn = 0.0  # time.monotonic() of the next retry turn not yet promised to a refused caller
         self.same_length_only = same_length_only
         self.name = name
         self._stats = stats or BatchStats()
@@ -160,9 +167,9 @@ class DynamicBatcher:
         now = time.monotonic()
         self._prune(now)
         if len(self._queue) >= self.max_queue:
-            wait = self.estimated_wait(len(wave))
+            retry = self._retry_after(self.estimated_wait(0) or 1.0, now)
             raise Overloaded(f"model {self.name}: {len(self._queue)} utterances queued (max_queue={self.max_queue}); "
-                             f"retry in {wait or 1.0:.1f} s", wait or 1.0)
+                             f"retry in {retry:.1f} s", retry)
         self._check_wait(self.estimated_wait(len(wave)), deadline, now, None if admitted else self.estimated_wait(0))
         item = _Item(wave, asyncio.get_running_loop().create_future(), now, deadline)
         item.future.add_done_callback(lambda f, it=item: self._on_done(it))
@@ -197,11 +204,24 @@ class DynamicBatcher:
         if wait is None:
             return
         if deadline is not None and now + wait > deadline - self.deadline_margin * (deadline - now):
+            retry = self._retry_after(queued if queued is not None else wait, now)
             raise Overloaded(f"model {self.name}: the estimated queueing time {wait:.2f} s exceeds the request's "
-                             f"deadline ({max(deadline - now, 0):.2f} s left); retry in {wait:.1f} s", wait)
+                             f"deadline ({max(deadline - now, 0):.2f} s left); retry in {retry:.1f} s", retry)
         if self.max_queue_wait_s is not None and queued is not None and queued > self.max_queue_wait_s:
+            retry = self._retry_after(queued - self.max_queue_wait_s, now)
             raise Overloaded(f"model {self.name}: the estimated queueing time {queued:.2f} s exceeds max_queue_wait "
-                             f"({self.max_queue_wait_s:.2f} s); retry in {queued:.1f} s", queued)
+                             f"({self.max_queue_wait_s:.2f} s); retry in {retry:.1f} s", retry)
+
+    MAX_RETRY_S = 30.0  # the longest retry hint given (the turns of a long line of refused callers)
+
+    def _retry_after(self, ahead: float, now: float) -> float:
+        """Seconds until a refused caller's turn: after ``ahead`` (the work queued before it) and after the
+        turns promised to the callers refused before it, one average utterance's service time apart
+        (so callers that honour their hints return at the rate the model serves them)."""
+        step = (self._avg_cost or 0.0) / (self.samples_per_s * self.workers) if self.samples_per_s else 0.0
+        turn = min(max(now + max(ahead, 0.0), self._next_turn), now + self.MAX_RETRY_S)
+        self._next_turn = turn + step
+        return max(turn - now, step, 0.001)
 
     def _on_done(self, item: _Item) -> None:
         """A caller that went away (or timed out) leaves the queue at once: it neither blocks admission nor runs."""

@@ -177,6 +177,45 @@ def test_admission_by_estimated_wait_refuses_at_once_with_a_retry_hint():
     run(main())
 
 
+def test_retry_hints_are_staggered_so_refused_callers_return_at_the_rate_they_are_served():
+    """A storm of refused callers is told successive turns, one utterance's service time apart, not one
+    instant for all (which would bring them back together to be refused again)."""
+    model = FakeModel(delay=0.05)  # 1,000 samples per 50 ms
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=1000, max_queue_wait_s=1.0)
+        b.start()
+        await b.submit(np.zeros(1000, np.float32))  # measures the throughput: about 20 utterances/s
+        model.gate.clear()
+        queued = [asyncio.ensure_future(b.submit(np.zeros(1000, np.float32))) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        step = 1000 / b.samples_per_s  # one utterance's service time
+        ahead = b.estimated_wait(0)
+        hints = []
+        for _ in range(20):  # 20 callers refused in one burst: each deadline too near
+            with pytest.raises(Overloaded) as e:
+                await b.submit(np.zeros(1000, np.float32), deadline=time.monotonic() + 0.1)
+            hints.append(e.value.retry_after_s)
+            assert f"retry in {e.value.retry_after_s:.1f} s" in str(e.value)
+        assert hints[0] == pytest.approx(ahead, abs=0.05)  # the first: when the work ahead is done
+        gaps = np.diff(hints)
+        assert np.all(gaps > 0) and np.allclose(gaps, step, rtol=0.2)  # then one turn each, in order
+        model.gate.set()
+        await asyncio.gather(*queued)
+        await asyncio.sleep(hints[-1] + 0.05)  # the promised turns are over: a new refusal starts afresh
+        model.gate.clear()
+        queued = [asyncio.ensure_future(b.submit(np.zeros(1000, np.float32))) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded) as e:
+            await b.submit(np.zeros(1000, np.float32), deadline=time.monotonic() + 0.1)
+        assert e.value.retry_after_s == pytest.approx(b.estimated_wait(0), abs=0.05)
+        model.gate.set()
+        await asyncio.gather(*queued)
+        await b.close()
+
+    run(main())
+
+
 def test_a_long_utterance_is_not_refused_for_its_own_compute():
     """On an idle batcher a long input waits for nothing: max_queue_wait counts only the work ahead of it."""
     model = FakeModel(delay=0.05)
