@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 
 from training.data.realspeech import assign_splits, build_utterances, make_trials, trim_silence
-from training.data.realspeech_sources import POSSIBLY_SAME_PERSON, RESERVED_PACKAGES, SOURCES, fetch_packages
+from training.data.realspeech_sources import (POSSIBLY_SAME_PERSON, RESERVED_PACKAGES, SAME_SPLIT_AS, SOURCES,
+                                               fetch_packages)
 
 
 def test_no_source_uses_a_reserved_package():
@@ -42,6 +43,35 @@ def test_splits_are_speaker_disjoint_and_keep_linked_groups_together():
     for src in ("asterisk", "tuxpaint", "klettres"):  # every source in both splits
         assert {split[f"{src}-{i}"] for i in range(5)} == {"calibration", "evaluation"}
     assert assign_splits(speakers, links, seed=0) == split  # seeded
+
+
+def test_a_voice_found_inside_another_speakers_set_takes_its_split_and_moves_no_one_else():
+    speakers = [f"{src}-{i}" for src in ("asterisk", "tuxpaint", "klettres") for i in range(5)]
+    before = assign_splits(speakers, set(), seed=0)
+    for parent in ("tuxpaint-1", "tuxpaint-2"):
+        after = assign_splits(speakers + [parent + "-b"], set(), seed=0, same_split_as={parent + "-b": parent})
+        assert after[parent + "-b"] == before[parent]
+        assert {s: after[s] for s in speakers} == before  # nobody else moved
+    assert assign_splits(speakers, set(), seed=0, same_split_as={"tuxpaint-9-b": "tuxpaint-9"}) == before  # absent
+
+
+def test_tuxpaint_french_descriptions_are_two_speakers_by_their_vorbis_tags(tmp_path):
+    """The French set's tagged and untagged recordings are two people (see realspeech_sources); other
+    languages' sets stay one speaker whatever their tags."""
+    sr = 16000
+    stamps = tmp_path / "usr" / "share" / "tuxpaint" / "stamps" / "animals"
+    stamps.mkdir(parents=True)
+    tone = (0.1 * np.sin(2 * np.pi * 150 * np.arange(sr) / sr)).astype(np.float32)
+    for i, (lang, tagged) in enumerate([("fr", True), ("fr", True), ("fr", False), ("ca", True), ("ca", False)]):
+        with sf.SoundFile(stamps / f"s{i}_desc_{lang}.ogg", "w", sr, 1, format="OGG", subtype="VORBIS") as f:
+            if tagged:
+                f.tracknumber = str(i + 1)
+            f.write(tone)
+    got = SOURCES["tuxpaint"].speakers(tmp_path)
+    assert {k: [p.name for p in v[1]] for k, v in got.items()} == {
+        "tuxpaint-fr": ["s0_desc_fr.ogg", "s1_desc_fr.ogg"], "tuxpaint-fr-b": ["s2_desc_fr.ogg"],
+        "tuxpaint-ca": ["s3_desc_ca.ogg", "s4_desc_ca.ogg"]}
+    assert SAME_SPLIT_AS["tuxpaint-fr-b"] == "tuxpaint-fr"
 
 
 def test_trials_never_pair_linked_speakers_as_impostors():

@@ -6,7 +6,7 @@ Scores and decisions are calibrated and judged on this pool (``training.evaluati
 ``training.evaluation.decisions``). The recordings come from the packages ``training.data.realspeech_sources``
 lists: about 45 speakers in 30 languages, volunteers and voice talents, wideband and
 telephone-band. Most files are single words, letters or short phrases, so each speaker's
-clips are trimmed of their silent ends and concatenated, in a seeded random order with 0.15-0.4 s
+clips are trimmed of their silent ends and concatenated, in a random order seeded per speaker, with 0.15-0.4 s
 of silence between them, into utterances of 3-7 s of audio (a clip longer than that, like most
 telephone prompts, is an utterance on its own). A speaker's clips are used at the rate most of
 them have (minority rates in a directory may be other recordings); utterances keep 16 kHz, or
@@ -14,7 +14,8 @@ them have (minority rates in a directory may be other recordings); utterances ke
 
 Speakers are split into ``calibration`` (fit cohorts and score maps there) and ``evaluation``
 (report there, never tune there), about 60/40 within each source, seeded, with linked groups
-(``POSSIBLY_SAME_PERSON``) kept together. Each split is a Kaldi directory: ``wav.scp``,
+(``POSSIBLY_SAME_PERSON``) kept together and a voice found inside another speaker's recordings in
+its parent's split (``SAME_SPLIT_AS``). Each split is a Kaldi directory: ``wav.scp``,
 ``utt2spk``, ``spk2utt``, ``trials`` (same-speaker pairs, at most ``--max-targets`` per speaker,
 and ``--nontargets-per-utt`` different-speaker pairs per utterance, never between linked groups).
 ``manifest.json`` lists every speaker with its source, language, split, utterances and seconds.
@@ -36,7 +37,7 @@ import soundfile as sf
 
 from models.audio import resample
 from training.data.corpus import write_kaldi_dir
-from training.data.realspeech_sources import POSSIBLY_SAME_PERSON, SOURCES, decode_clip, fetch_packages
+from training.data.realspeech_sources import POSSIBLY_SAME_PERSON, SAME_SPLIT_AS, SOURCES, decode_clip, fetch_packages
 
 __all__ = ["SPLITS", "trim_silence", "build_utterances", "assign_splits", "make_trials", "build_pool", "main"]
 
@@ -97,11 +98,14 @@ def _components(speakers: list[str], links: set[tuple[str, str]]) -> list[list[s
 
 
 def assign_splits(speakers: list[str], links: set[tuple[str, str]], seed: int,
-                  evaluation_share: float = 0.4) -> dict[str, str]:
-    """Speaker -> "calibration" or "evaluation": per source (the id's prefix), linked speakers together."""
+                  evaluation_share: float = 0.4, same_split_as: dict[str, str] | None = None) -> dict[str, str]:
+    """Speaker -> "calibration" or "evaluation": per source (the id's prefix), linked speakers together;
+    a speaker of ``same_split_as`` (found inside another's recordings) takes its parent's split and plays
+    no part in the draw, so finding one moves no other speaker between splits."""
     rng = random.Random(seed)
+    follow = {s: p for s, p in (same_split_as or {}).items() if s in speakers and p in speakers}
     by_source: dict[str, list[list[str]]] = {}
-    for group in _components(speakers, links):
+    for group in _components([s for s in speakers if s not in follow], links):
         by_source.setdefault(group[0].split("-", 1)[0], []).append(group)
     out = {}
     for source in sorted(by_source):
@@ -114,6 +118,7 @@ def assign_splits(speakers: list[str], links: set[tuple[str, str]], seed: int,
             split = "evaluation" if taken < want else "calibration"
             taken += len(g) if split == "evaluation" else 0
             out.update({s: split for s in g})
+    out.update({s: out[p] for s, p in follow.items()})
     return out
 
 
@@ -164,8 +169,9 @@ def build_pool(out: Path, sources: list[str] | None = None, per_speaker: int = 4
             out_sr = 16000 if rate >= 16000 else 8000
             clips = [trim_silence(w, sr) for w, sr in decoded if sr == rate]
             clips = [resample(c, rate, out_sr) if rate != out_sr else c for c in clips if len(c) >= 0.15 * rate]
-            rng.shuffle(clips)
-            utts = build_utterances(clips, out_sr, rng)[:per_speaker]
+            own = random.Random(f"{seed}:{spk}")  # each speaker's own draw: adding a speaker changes no other's
+            own.shuffle(clips)
+            utts = build_utterances(clips, out_sr, own)[:per_speaker]
             if len(utts) < min_utterances:
                 log(f"realspeech: {spk}: {len(utts)} utterances, fewer than {min_utterances}: left out")
                 continue
@@ -177,7 +183,7 @@ def build_pool(out: Path, sources: list[str] | None = None, per_speaker: int = 4
             speakers[spk] = {"source": sname, "language": lang, "utterances": len(utts), "sample_rate": out_sr,
                              "seconds": round(sum(len(w) for w in utts) / out_sr, 1)}
     links = {(a, b) for a, b in POSSIBLY_SAME_PERSON if a in speakers and b in speakers}
-    split_of = assign_splits(sorted(speakers), links, seed)
+    split_of = assign_splits(sorted(speakers), links, seed, same_split_as=SAME_SPLIT_AS)
     for spk, split in split_of.items():
         speakers[spk]["split"] = split
     counts = {}
