@@ -1,6 +1,7 @@
 """Conversations built from real recorded speech, with reference RTTMs, for scoring diarization.
 
     .venv/bin/python -m training.data.conversations --real corpus-real --split evaluation --out corpus-conv [--n 30]
+        [--speakers 2-6]
 
 Each conversation takes 2-6 speakers of a split of the real-speech pool (``training.data.realspeech``:
 the *evaluation* speakers by default, never used to tune anything) and lays their utterances
@@ -9,7 +10,8 @@ one after another as turns: a pause of 0.2-1.2 s between turns, and for 10-20% o
 speaker has a level of its own (within +-6 dB), the turn order is random (never the same
 speaker twice in a row), and the whole mixture goes through a channel: clean for most,
 the telephone band (300-3400 Hz, 8 kHz mu-law) for a quarter, noise at 15 dB SNR for a sixth.
-Durations are 1-10 minutes (most 1-4).
+Durations are 1-10 minutes (most 1-4). ``--speakers 1-1`` builds single-speaker recordings the
+same way (turns of one voice with pauses, no overlap), to check that one voice stays one speaker.
 
 The reference of a turn is where its source utterance has speech: frames within 35 dB of the
 utterance's loudest, gaps under 0.3 s bridged (an energy rule on the clean source, independent
@@ -70,13 +72,13 @@ def build_conversation(split: Split, waves: list[np.ndarray], speakers: list[str
     placed, ref = [], []
     t, prev = 0.0, None
     while t < seconds:
-        choices = [s for s in speakers if s != prev]
+        choices = [s for s in speakers if s != prev] or speakers  # one speaker: turns of the same voice
         s = choices[int(rng.integers(len(choices)))]
         idx = pools[s][used[s] % len(pools[s])]
         used[s] += 1
         x = waves[idx] * gains[s]
         start = t + rng.uniform(0.2, 1.2)
-        if prev is not None and rng.uniform() < overlap_share:
+        if prev is not None and len(speakers) > 1 and rng.uniform() < overlap_share:
             start = max(0.0, t - rng.uniform(0.3, 1.0))  # talks over the end of the previous turn
         placed.append((start, x))
         ref += [(start + a, start + b, s) for a, b in reference_regions(waves[idx])]
@@ -93,21 +95,26 @@ def build_conversation(split: Split, waves: list[np.ndarray], speakers: list[str
     return mix, ref
 
 
-def build_conversations(real: Path, split: str, out: Path, n: int = 30, seed: int = 0, log=print) -> dict:
-    """Write ``n`` conversations of ``real/split`` to ``out`` (see the module docstring); returns the manifest."""
+def build_conversations(real: Path, split: str, out: Path, n: int = 30, seed: int = 0, log=print,
+                        speakers_range: tuple[int, int] = (2, 6)) -> dict:
+    """Write ``n`` conversations of ``real/split`` to ``out`` (see the module docstring), each of
+    ``speakers_range`` speakers (inclusive; ``(1, 1)``: single-speaker recordings); returns the manifest."""
     from training.data.channels import apply_condition
 
     data = load_kaldi_split(Path(real) / split)
     waves = data.waves16k()
     speakers = sorted(set(data.spk))
-    if len(speakers) < 2:
-        raise ValueError(f"{real}/{split}: needs at least 2 speakers, has {len(speakers)}")
+    lo, hi = speakers_range
+    if not 1 <= lo <= hi:
+        raise ValueError(f"speakers: need 1 <= min <= max, got {lo}-{hi}")
+    if len(speakers) < lo:
+        raise ValueError(f"{real}/{split}: needs at least {lo} speakers, has {len(speakers)}")
     rng = np.random.default_rng(seed)
     (out / "wav").mkdir(parents=True, exist_ok=True)
     (out / "rttm").mkdir(exist_ok=True)
     manifest = {"source": f"{real}/{split}", "seed": seed, "conversations": {}}
     for i in range(n):
-        k = int(rng.integers(2, min(6, len(speakers)) + 1))
+        k = int(rng.integers(lo, min(hi, len(speakers)) + 1))
         who = sorted(rng.choice(speakers, size=k, replace=False).tolist())
         minutes = float(rng.choice([rng.uniform(1, 4), rng.uniform(4, 10)], p=[0.8, 0.2]))
         share = float(rng.uniform(0.10, 0.20))
@@ -139,11 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speakers", default="2-6", help="speakers per recording, MIN-MAX (1-1: single-speaker recordings)")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be >= 1")
     try:
-        build_conversations(args.real, args.split, args.out, args.n, args.seed)
+        lo, _, hi = args.speakers.partition("-")
+        speakers_range = (int(lo), int(hi or lo))
+    except ValueError:
+        ap.error(f"--speakers: expected MIN-MAX, got {args.speakers!r}")
+    try:
+        build_conversations(args.real, args.split, args.out, args.n, args.seed, speakers_range=speakers_range)
     except (OSError, ValueError) as e:
         print(f"conversations: {e}", file=sys.stderr)
         return 2

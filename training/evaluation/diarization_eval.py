@@ -37,7 +37,7 @@ from models.runtime import SpeakerModel
 from models.vad import SileroVad
 from training.evaluation.realembed import model_vad_options
 
-__all__ = ["diarize_path", "score", "evaluate", "main"]
+__all__ = ["diarize_path", "embed_path", "score", "evaluate", "main"]
 
 BLOCK_SECONDS = 60.0
 
@@ -45,6 +45,14 @@ BLOCK_SECONDS = 60.0
 def diarize_path(path: Path, model: SpeakerModel, vad: SileroVad, opts: DiarizationOptions,
                  batch_windows: int = 64) -> tuple[list[Turn], int, float]:
     """Diarize one file as the service does: (turns, number of speakers, seconds of audio)."""
+    windows, emb, seconds = embed_path(path, model, vad, opts, batch_windows)
+    turns, k = diarize_embedded(windows, emb, model.sample_rate, opts)
+    return turns, k, seconds
+
+
+def embed_path(path: Path, model: SpeakerModel, vad: SileroVad, opts: DiarizationOptions,
+               batch_windows: int = 64) -> tuple[list[tuple[int, int]], np.ndarray, float]:
+    """The steps before clustering, as the service runs them: (windows in samples, (N, D) embeddings, seconds)."""
     vad_opts = diarization_vad(model_vad_options(model.card))
     rate = model.sample_rate
     windows: list[tuple[int, int]] = []
@@ -60,8 +68,7 @@ def diarize_path(path: Path, model: SpeakerModel, vad: SileroVad, opts: Diarizat
             windows += [(a + offset, b + offset) for a, b in wins]
             offset += len(block)
     emb = np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32)  # (N, D)
-    turns, k = diarize_embedded(windows, emb, rate, opts)
-    return turns, k, offset / rate
+    return windows, emb, offset / rate
 
 
 def _annotation(rows: list[tuple[float, float, str]], uri: str):
@@ -161,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conversations", required=True, type=Path, help="output of training.data.conversations")
     ap.add_argument("--model", default="ge2e", help="model name in --repository, or a model directory")
     ap.add_argument("--repository", type=Path, default=Path("models/repository"))
-    ap.add_argument("--stop-distance", type=float, default=None, help="override the cut of the tree (tuning)")
     ap.add_argument("--one-speaker-cosine", type=float, default=None, help="override the one-speaker cosine (tuning)")
     ap.add_argument("--window", type=float, default=None, help="override the window length in seconds (tuning)")
     ap.add_argument("--modes", default="unknown,given", help="comma list of unknown, given")
@@ -172,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = SpeakerModel(path, ["CPUExecutionProvider"])
         opts = DiarizationOptions()
-        if args.stop_distance is not None:
-            opts = replace(opts, stop_distance=args.stop_distance)
         if args.one_speaker_cosine is not None:
             opts = replace(opts, one_speaker_cosine=args.one_speaker_cosine)
         if args.window is not None:
