@@ -16,16 +16,18 @@ them on the service's VAD, models and batcher; ``training.evaluation.diarization
    embeddings) have a cosine of ``one_speaker_cosine`` or more, the recording is one speaker
    (centring a one-speaker recording leaves only noise, which the eigengap splits; the raw
    voiceprints show it is one voice). On conversations of the real-speech pool's calibration
-   speakers the eigengap replaced a fixed cut of the tree (DER 24.0% -> 17.6%; one distance
+   speakers the eigengap replaced a fixed cut of the tree (DER 24.0% -> 17.9%; one distance
    cannot suit recordings whose channel pulls every voice together and clean ones alike), and
    single-speaker recordings cut from them stayed one speaker about as often (172 of 187, 175 before).
    ``min_speaker_s`` and ``one_speaker_cosine`` were chosen there, on the pooled DER of the
    conversations and of those single-speaker recordings (``training.evaluation.diarization_eval``
-   measures both on speakers never used for tuning). Recordings with fewer than ``MIN_GRAPH_ITEMS``
-   distinct windows (about 40 s of speech) are too small a graph for the eigengap: their tree
+   measures both on speakers never used for tuning). Windows that are near-copies of one another
+   (``DISTINCT_COSINE``: repeated audio) count once in the graph. Recordings with fewer than
+   ``MIN_GRAPH_ITEMS`` distinct windows (about 40 s of speech) are too small a graph for the eigengap: their tree
    is cut at a fixed ``stop_distance`` instead. Recordings with more windows than
-   ``MAX_TREE_ITEMS`` are clustered as runs of consecutive windows, and the eigengap looks at
-   every r-th window only (at most ``MAX_GRAPH_ITEMS``), which bounds memory and time.
+   ``MAX_TREE_ITEMS`` build the tree on every r-th window (the others join the closest of its
+   clusters), and the eigengap looks at every r-th window only (at most ``MAX_GRAPH_ITEMS``),
+   which bounds memory and time.
 3. **Resegmentation** (``resegment``): each window is re-assigned to the closest cluster
    voiceprint, labels are smoothed over neighbouring windows, every 10 ms frame of speech takes the
    label of the windows covering it (a tie goes to the closer voiceprint), runs of one label become
@@ -170,22 +172,13 @@ def _fold_small(cen: np.ndarray, labels: np.ndarray, seconds: np.ndarray, min_s:
     return _relabel(labels)[0]
 
 
-def _grouped(x: np.ndarray, max_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of consecutive rows of (N, D) ``x`` averaged so that at most ``max_items`` remain:
-    ((M, D) unit rows, (N,) the run of each row). Turns last seconds, so a run is one speaker."""
-    n = len(x)
-    size = -(-n // max_items)
-    of = np.arange(n) // size  # (N,)
-    if size == 1:
-        return x, of
-    sums = np.zeros((int(of[-1]) + 1, x.shape[1]), np.float64)
-    np.add.at(sums, of, x)
-    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12), of
+DISTINCT_COSINE = 0.97  # windows this close to one kept before are copies of it (repeated audio)
 
 
-def _distinct(x: np.ndarray, same: float = 0.99) -> np.ndarray:
+def _distinct(x: np.ndarray, same: float | None = None) -> np.ndarray:
     """(M, D) unit rows less near-copies (cosine >= ``same`` to a row kept before): repeated audio, such as a
     prompt played again, gives identical windows, which would fill each other's neighbour lists."""
+    same = DISTINCT_COSINE if same is None else same
     keep: list[int] = []
     for i in range(len(x)):
         if not keep or float((x[keep] @ x[i]).max()) < same:
@@ -246,11 +239,18 @@ def cluster(emb: np.ndarray, seconds: np.ndarray, opts: DiarizationOptions) -> t
     from scipy.cluster.hierarchy import fcluster, linkage
 
     cen = _centered(emb)  # (N, D)
-    items, of = _grouped(cen, MAX_TREE_ITEMS)  # (M, D), (N,)
+    items = cen[::-(-n // MAX_TREE_ITEMS)]  # (M, D): every r-th window when there are too many for the tree
     tree = linkage(items, method="average", metric="cosine")
 
+    def spread(sub: np.ndarray) -> np.ndarray:
+        """(N,) labels of all windows from the (M,) labels of the tree's: each to its closest cluster."""
+        if len(items) == n:
+            return sub
+        prints = _voiceprints(items, sub, int(sub.max()) + 1)  # (k, D)
+        return (cen @ prints.T).argmax(axis=1)
+
     def cut(k: int) -> np.ndarray:
-        return (fcluster(tree, t=min(k, len(items)), criterion="maxclust").astype(np.int64) - 1)[of]
+        return spread(fcluster(tree, t=min(k, len(items)), criterion="maxclust").astype(np.int64) - 1)
 
     if opts.num_speakers is not None:
         return _relabel(cut(opts.num_speakers))
@@ -259,7 +259,7 @@ def cluster(emb: np.ndarray, seconds: np.ndarray, opts: DiarizationOptions) -> t
         labels = _relabel(cut(estimate_speakers(cen, lo, hi)))[0]
         min_s, one_voice = opts.min_speaker_s, opts.one_speaker_cosine
     else:  # too few windows for the eigengap: the tree's fixed cut
-        labels = _relabel((fcluster(tree, t=opts.stop_distance, criterion="distance").astype(np.int64) - 1)[of])[0]
+        labels = _relabel(spread(fcluster(tree, t=opts.stop_distance, criterion="distance").astype(np.int64) - 1))[0]
         min_s, one_voice = opts.short_min_speaker_s, opts.short_one_speaker_cosine
     labels = _fold_small(cen, labels, seconds, min_s, lo)
     if lo == 1 and labels.max() > 0 and _one_voice(emb, labels, one_voice):

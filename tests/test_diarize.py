@@ -67,7 +67,8 @@ def test_cluster_given_number_and_bounds():
 
 
 def test_cluster_long_recordings_group_windows():
-    """Past MAX_TREE_ITEMS windows the tree is built on runs of windows (bounded memory), still right."""
+    """Past MAX_TREE_ITEMS windows the tree is built on every r-th window and the rest join its clusters
+    (bounded memory), still right."""
     from models import diarization
 
     emb, truth = _blobs([1500, 1700], dim=16)
