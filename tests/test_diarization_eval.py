@@ -47,3 +47,20 @@ def test_conversations_and_eval_end_to_end(mini_real, tmp_path, capsys):
     pooled = res["pooled"]["all"]
     assert 0 <= pooled["total"] < 60 and pooled["count_exact"] == 100 and pooled["x_realtime"] > 1
     assert "| given | all | 2 |" in capsys.readouterr().out
+
+
+def test_single_speaker_recordings_have_one_voice_and_no_overlap(mini_real, tmp_path):
+    """``--speakers 1-1``: turns of one voice with pauses (to check that one voice stays one speaker)."""
+    from training.data.conversations import main as conv_main
+
+    out = tmp_path / "one"
+    assert conv_main(["--real", str(mini_real), "--split", "evaluation", "--out", str(out), "--n", "2",
+                      "--speakers", "1-1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())["conversations"]
+    for cid, meta in manifest.items():
+        rows = sorted(read_rttm(out / "rttm" / f"{cid}.rttm"))
+        assert len(meta["speakers"]) == 1 and {s for *_, s in rows} == set(meta["speakers"])
+        assert all(b[0] >= a[1] - 1e-6 for a, b in zip(rows, rows[1:]))  # never over itself
+    assert conv_main(["--real", str(mini_real), "--out", str(tmp_path / "x"), "--speakers", "3-2"]) == 2
+    with pytest.raises(SystemExit):
+        conv_main(["--real", str(mini_real), "--out", str(tmp_path / "y"), "--speakers", "two"])
