@@ -6,9 +6,9 @@
 
 The second form is the short-deadline storm: ``--concurrency`` callers in a closed loop, each call
 with a ``--deadline`` s deadline, waiting the server's ``grpc-retry-pushback-ms`` after a refusal
-(as gRPC clients with a retry policy do), against the server as it is (and, with ``--before DIR``, an older checkout's, the two measured in
-alternate rounds); it prints goodput against the
-capacity measured first, the p50/p99 time to a refusal (RESOURCE_EXHAUSTED), and the share of the
+(as gRPC clients with a retry policy do), against the server as it is (and, with ``--before DIR``,
+an older checkout's, the two measured in alternate rounds); it prints goodput against the capacity
+measured first, the p50/p99 time to a refusal (RESOURCE_EXHAUSTED), and the share of the
 utterances the model ran whose caller had already given up (``spkserve_batch_wasted_total`` over
 the utterances run, read from the server's metrics).
 
@@ -45,7 +45,8 @@ from bench_embed import free_port  # noqa: E402
 
 
 def start(code_root: Path, port: int, data: str, extra: dict, metrics_port: int = -1) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(code_root), SPKSERVE_MODELS="ge2e", SPKSERVE_INTRA_OP_THREADS="1", SPKSERVE_HTTP_PORT="0",
+    env = dict(os.environ, PYTHONPATH=str(code_root), SPKSERVE_MODELS="ge2e", SPKSERVE_INTRA_OP_THREADS="1",
+               SPKSERVE_HTTP_PORT="0",
                **{f"SPKSERVE_{k.upper()}": str(v) for k, v in extra.items()})
     return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                              "--metrics-port", str(metrics_port),
@@ -204,7 +205,8 @@ async def measure_storm(args, audio: bytes, roots: dict[str, Path]) -> dict[str,
         rounds: dict[str, list[dict]] = {name: [] for name in roots}
         for r in range(args.repeats):
             for name, (stub, mport) in servers.items():
-                scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()  # noqa: E731
+                url = f"http://127.0.0.1:{mport}/metrics"
+                scrape = lambda: urllib.request.urlopen(url).read().decode()  # noqa: E731
                 cap = await capacity(stub, req)
                 before = scrape()
                 res = await storm(stub, req, args.concurrency, args.seconds, args.deadline)
@@ -244,7 +246,8 @@ def main() -> int:
         for name, rows in results.items():
             med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
             print(f"| {name} | {args.concurrency} | {args.deadline:g} | {med('capacity'):.1f} | {med('goodput'):.1f} | "
-                  f"{statistics.median(r['goodput'] / r['capacity'] for r in rows):.2f} | {1000 * med('refusal_p50'):.0f} | "
+                  f"{statistics.median(r['goodput'] / r['capacity'] for r in rows):.2f} | "
+                  f"{1000 * med('refusal_p50'):.0f} | "
                   f"{1000 * med('refusal_p99'):.0f} | {100 * med('wasted_share'):.1f}% |")
         return 0
     setups = {"after (admission by estimated wait)": (ROOT, {})}

@@ -47,7 +47,7 @@ import numpy as np
 from models.vad import VadOptions
 
 __all__ = ["FRAME_S", "DiarizationOptions", "Turn", "cluster", "diarization_vad", "diarize_embedded",
-           "estimate_speakers", "resegment", "speakers_of", "speech_windows", "to_rttm"]
+           "estimate_speakers", "graph_items", "resegment", "speakers_of", "speech_windows", "to_rttm"]
 
 FRAME_S = 0.01
 MAX_TREE_ITEMS = 2000  # the tree's distance matrix holds MAX_TREE_ITEMS**2 / 2 doubles (16 MB)
@@ -179,15 +179,22 @@ def _distinct(x: np.ndarray, same: float | None = None) -> np.ndarray:
     """(M, D) unit rows less near-copies (cosine >= ``same`` to a row kept before): repeated audio, such as a
     prompt played again, gives identical windows, which would fill each other's neighbour lists."""
     same = DISTINCT_COSINE if same is None else same
-    keep: list[int] = []
+    copy = np.zeros(len(x), bool)  # (M,) near-copy of a row kept before
     for i in range(len(x)):
-        if not keep or float((x[keep] @ x[i]).max()) < same:
-            keep.append(i)
-    return x[keep]
+        if not copy[i]:
+            copy[i + 1:] |= x[i + 1:] @ x[i] >= same
+    return x[~copy]
 
 
-def estimate_speakers(cen: np.ndarray, lo: int, hi: int) -> int:
-    """The number of speakers of (N, D) recording-centred unit embeddings by the normalised maximum eigengap.
+def graph_items(cen: np.ndarray) -> np.ndarray:
+    """The (M, D) windows the eigengap looks at: every r-th of (N, D) ``cen`` (at most ``MAX_GRAPH_ITEMS``;
+    averaged runs would blend turns), near-copies dropped."""
+    return _distinct(cen[::-(-len(cen) // MAX_GRAPH_ITEMS)])
+
+
+def estimate_speakers(x: np.ndarray, lo: int, hi: int) -> int:
+    """The number of speakers of (M, D) recording-centred unit embeddings (``graph_items``) by the normalised
+    maximum eigengap.
 
     For each pruning p (``PRUNINGS``), every row keeps its ``p * N`` most similar items (cosine) as
     edges of weight 1, the graph is made symmetric, and the eigenvalues of its Laplacian are found;
@@ -195,7 +202,6 @@ def estimate_speakers(cen: np.ndarray, lo: int, hi: int) -> int:
     the graph falls into. The pruning with the smallest ``p / gap`` (the clearest structure for the
     fewest edges) gives the number of groups (up to 16, or ``hi`` when more), held to ``lo..hi``.
     """
-    x = _distinct(cen[::-(-len(cen) // MAX_GRAPH_ITEMS)])  # every r-th window: averaged runs would blend turns
     n = len(x)
     top = min(max(hi, 16), n - 1)  # groups looked for (then held to lo..hi)
     if top < 1:
@@ -255,8 +261,9 @@ def cluster(emb: np.ndarray, seconds: np.ndarray, opts: DiarizationOptions) -> t
     if opts.num_speakers is not None:
         return _relabel(cut(opts.num_speakers))
     lo, hi = min(opts.min_speakers, n), min(opts.max_speakers, n)
-    if len(_distinct(items)) >= MIN_GRAPH_ITEMS:
-        labels = _relabel(cut(estimate_speakers(cen, lo, hi)))[0]
+    graph = graph_items(cen)  # (G, D)
+    if len(graph) >= MIN_GRAPH_ITEMS:
+        labels = _relabel(cut(estimate_speakers(graph, lo, hi)))[0]
         min_s, one_voice = opts.min_speaker_s, opts.one_speaker_cosine
     else:  # too few windows for the eigengap: the tree's fixed cut
         labels = _relabel(spread(fcluster(tree, t=opts.stop_distance, criterion="distance").astype(np.int64) - 1))[0]

@@ -78,6 +78,18 @@ def test_cluster_long_recordings_group_windows():
     assert _agrees(labels, truth[order]) > 0.95
 
 
+def test_repeated_audio_counts_once_in_the_eigengaps_graph():
+    """Windows of a clip played again (near-copies) are one item of the graph; distinct windows all stay."""
+    from models.diarization import MAX_GRAPH_ITEMS, graph_items
+
+    emb, _ = _blobs([30, 30], dim=64, spread=0.5)
+    repeated = np.tile(emb, (8, 1)) + 1e-4 * np.random.default_rng(2).standard_normal((480, 64)).astype(np.float32)
+    repeated /= np.linalg.norm(repeated, axis=1, keepdims=True)
+    assert len(graph_items(emb)) == 60 and len(graph_items(repeated)) == 60
+    many, _ = _blobs([3000, 3000], dim=64, spread=0.5)
+    assert len(graph_items(many)) <= MAX_GRAPH_ITEMS
+
+
 @pytest.mark.parametrize("field,kw", [("num_speakers", dict(num_speakers=0)), ("num_speakers", dict(num_speakers=65)),
                                       ("min_speakers", dict(min_speakers=5, max_speakers=3)),
                                       ("max_speakers", dict(max_speakers=70))])

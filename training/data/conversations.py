@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--speakers", default="2-6", help="speakers per recording, MIN-MAX (1-1: single-speaker recordings)")
+    ap.add_argument("--speakers", default="2-6",
+                    help="speakers per recording, MIN-MAX (1-1: single-speaker recordings)")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be >= 1")
