@@ -2,7 +2,9 @@
 
 A live call arrives in chunks of a few hundred milliseconds. ``VadStream`` runs every new
 32 ms frame through the network once, carrying the LSTM state and the 64-sample context
-across chunks exactly as ``SileroVad.probabilities`` carries them across its blocks, and
+across chunks and starting it afresh where ``SileroVad.probabilities`` does (``run_refreshing``:
+a second state warms up over the last ``warmup_s`` before each refresh; the same probabilities
+on the same frames, however the audio is chunked: tested), and
 ``SegmentTracker`` turns the probabilities into segments one frame at a time with the rules
 of ``models.vad.speech_segments`` (the same segments on the same probabilities: tested).
 
@@ -26,12 +28,14 @@ and never see it change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from models.vad import (_FRAME, _NB_FRAME, VAD_SAMPLE_RATE, SileroVad, VadOptions, VadState, gain_for_powers,
                         is_narrowband, pad_segments)
 
-__all__ = ["SegmentTracker", "VadStream"]
+__all__ = ["RefreshingState", "SegmentTracker", "VadStream", "run_refreshing"]
 
 _DECIDE_LEVEL_DB = -60.0  # held audio quieter than this (95th percentile frame power) cannot tell its bandwidth
 
@@ -123,6 +127,57 @@ class SegmentTracker:
         return max(0, self.processed - int(self.pad))
 
 
+@dataclass
+class RefreshingState:
+    """A stream's network state under ``SileroVad``'s refresh rule (see ``SileroVad.probabilities_batch``).
+
+    Attributes:
+        main: the state scoring the current block.
+        warm: the fresh state warming up over the last frames before the next block (None outside them).
+        frame: frames run so far.
+    """
+
+    main: VadState
+    warm: VadState | None
+    frame: int
+
+
+def run_refreshing(vad: SileroVad, frames: np.ndarray, rate: int,
+                   state: RefreshingState | None) -> tuple[np.ndarray, RefreshingState]:
+    """Probabilities of a stream's next frames, (F, frame) -> (F,), equal to what ``vad.probabilities_batch``
+    gives the same frames of the whole input: every ``block`` frames the state starts afresh, having run
+    over the ``warm`` frames before the block (those frames run through both states, as one batch of two)."""
+    block, warm = vad.refresh_frames(rate)
+    state = state or RefreshingState(VadState.zeros(1, rate), None, 0)
+    main, fresh, t = state.main, state.warm, state.frame
+    out: list[np.ndarray] = []
+    done = 0
+    while done < len(frames):
+        if block and t and t % block == 0:
+            main, fresh = fresh, None  # the warmed state takes over at the block's first frame
+        if block and (t + warm) % block == 0 and t + warm > 0:
+            fresh = VadState.zeros(1, rate)
+        stop = len(frames)
+        if block:  # run up to the next event: a warm-up starts or a block starts
+            boundary = (t // block + 1) * block
+            warm_from = boundary - warm if boundary - warm > t else boundary + block - warm
+            stop = min(stop, done + min(boundary, warm_from) - t)
+        part = frames[done:stop]  # (F', frame)
+        if fresh is None:
+            probs, main = vad.run_frames(part[None], rate, main)
+        else:
+            both = VadState(*(np.concatenate([a, b], axis=axis) for a, b, axis in
+                              ((main.context, fresh.context, 0), (main.h, fresh.h, 1), (main.c, fresh.c, 1))))
+            probs, after = vad.run_frames(np.stack([part, part]), rate, both)
+            main = VadState(after.context[:1], after.h[:, :1], after.c[:, :1])
+            fresh = VadState(after.context[1:], after.h[:, 1:], after.c[:, 1:])
+        out.append(probs[0])
+        t += stop - done
+        done = stop
+    probs = np.concatenate(out) if out else np.zeros(0, np.float32)
+    return probs, RefreshingState(main, fresh, t)
+
+
 class VadStream:
     """Silero VAD over audio that arrives in chunks.
 
@@ -152,7 +207,7 @@ class VadStream:
         self._resampler = None
         self._tail = np.zeros(0, np.float32)  # network input not yet a whole frame
         self.rate = VAD_SAMPLE_RATE
-        self._state: VadState | None = None  # the network's context and LSTM state
+        self._state: RefreshingState | None = None  # the network's context and LSTM state(s)
         self.tracker: SegmentTracker | None = None
         self.probs: list[np.ndarray] = []
         self.finished = False
@@ -163,7 +218,7 @@ class VadStream:
         self.rate = 8000 if self.narrowband else VAD_SAMPLE_RATE
         if self.sample_rate != self.rate:
             self._resampler = self._soxr.ResampleStream(self.sample_rate, self.rate, 1, dtype="float32", quality="HQ")
-        self._state = VadState.zeros(1, self.rate)
+        self._state = None
         if self.narrowband:
             opts = VadOptions(**{**self.options.__dict__, "threshold": self.options.narrowband_threshold,
                                  "neg_threshold": None})
@@ -233,8 +288,7 @@ class VadStream:
         self._update_gain(x[:whole])
         if self.options.normalize_level:
             frames = frames * np.float32(self.gain)
-        probs, self._state = self.vad.run_frames(frames[None], self.rate, self._state)
-        probs = probs[0]  # (F,)
+        probs, self._state = run_refreshing(self.vad, frames, self.rate, self._state)  # (F,)
         self.probs.append(probs)
         self.tracker.push(probs)
 

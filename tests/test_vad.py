@@ -14,7 +14,7 @@ SR = 16000
 
 @pytest.fixture(scope="module")
 def vad() -> SileroVad:
-    return SileroVad()
+    return SileroVad(refresh_s=None)  # the network as Silero runs it (the refresh has tests of its own)
 
 
 def _speechy(speech_files) -> dict[str, np.ndarray]:

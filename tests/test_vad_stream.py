@@ -214,3 +214,67 @@ def test_stream_limits_and_bad_samples():
         d.finish()
     with pytest.raises(AudioError, match="chunk.encoding"):
         ChunkDecoder("chunk", SR, ("PCM_U8", SR, 1))
+
+
+def _sparse_telephone(words: int = 50) -> np.ndarray:
+    """Short stretches of the reference voices (0.4-0.8 s) between pauses (0.6-1.4 s), through the simulated
+    telephone channel (300-3400 Hz, 8 kHz mu-law): 8 kHz samples."""
+    from tests.conftest import speech_clip
+    from training.data.channels import apply_condition
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for i in range(words):
+        parts += [speech_clip(float(rng.uniform(0.4, 0.8)), seed=i), np.zeros(int(rng.uniform(0.6, 1.4) * SR), np.float32)]
+    x8, rate = apply_condition("telephone", np.concatenate(parts), np.random.default_rng(1))
+    assert rate == 8000
+    return x8
+
+
+@pytest.mark.parametrize("rate", [16000, 8000])
+def test_refresh_keeps_short_inputs_and_scores_each_block_from_a_warmed_fresh_state(rate):
+    """Inputs up to one block are scored exactly as without the refresh; in longer ones every block's frames
+    are what the network gives on that block alone, preceded by its warm-up audio."""
+    frame = 512 if rate == SR else 256
+    plain, fresh = SileroVad(refresh_s=None), SileroVad(refresh_s=2.048, warmup_s=0.512)
+    block, warm = fresh.refresh_frames(rate)
+    assert (block, warm) == (64, 16)
+    wave = _talk() if rate == SR else resample(_talk(), SR, rate)
+    short = wave[:block * frame]
+    np.testing.assert_array_equal(fresh.probabilities_batch([short], rate)[0], plain.probabilities_batch([short], rate)[0])
+    got = fresh.probabilities_batch([wave], rate)[0]
+    assert got.shape == plain.probabilities_batch([wave], rate)[0].shape
+    for first in range(block, got.size, block):
+        alone = plain.probabilities_batch([wave[(first - warm) * frame:(first + block) * frame]], rate)[0][warm:]
+        np.testing.assert_allclose(got[first:first + block], alone[:got.size - first], atol=1e-5, err_msg=str(first))
+
+
+def test_stream_refreshes_as_the_whole_file_does():
+    """Frames pushed in chunks of any size get the refreshed whole-input probabilities, at both rates."""
+    from models.vad_stream import run_refreshing
+
+    vad = SileroVad(refresh_s=1.0, warmup_s=0.3)
+    rng = np.random.default_rng(5)
+    for rate, frame in ((16000, 512), (8000, 256)):
+        wave = _talk() if rate == SR else _sparse_telephone(10)
+        want = vad.probabilities_batch([wave], rate)[0]
+        frames = np.zeros((want.size, frame), np.float32)
+        frames.reshape(-1)[:wave.size] = wave
+        got, state, i = [], None, 0
+        while i < want.size:
+            k = int(rng.integers(1, 50))
+            probs, state = run_refreshing(vad, frames[i:i + k], rate, state)
+            got.append(probs)
+            i += k
+        np.testing.assert_allclose(np.concatenate(got), want, atol=1e-5, err_msg=str(rate))
+
+
+def test_refresh_keeps_sparse_telephone_speech_that_the_carried_state_loses():
+    """Silero's state carried over a long recording of short words and long pauses drifts until it scores
+    speech as silence (its 8 kHz network on telephone speech worst); the refresh keeps finding it."""
+    x8 = _sparse_telephone()  # 83 s, 50 words
+    (plain, narrow), (fresh, _) = SileroVad(refresh_s=None).analyse(x8, 8000), SileroVad().analyse(x8, 8000)
+    late = lambda segs: sum(b - max(a, 20 * 8000) for a, b in segs if b > 20 * 8000) / 8000  # noqa: E731
+    assert narrow
+    assert len(fresh) >= 48 and len(plain) <= 42, (len(fresh), len(plain))  # words found (one segment each)
+    assert late(fresh) > 1.3 * late(plain), (late(fresh), late(plain))  # seconds of speech found after 20 s
