@@ -20,8 +20,9 @@ them on the service's VAD, models and batcher; ``training.evaluation.diarization
    cannot suit recordings whose channel pulls every voice together and clean ones alike), and
    single-speaker recordings cut from them stayed one speaker about as often (172 of 187, 175 before).
    ``min_speaker_s`` and ``one_speaker_cosine`` were chosen there, on the pooled DER of the
-   conversations and of those single-speaker recordings (``training.evaluation.diarization_eval``
-   measures both on speakers never used for tuning). Windows that are near-copies of one another
+   conversations and of those single-speaker recordings (``training.evaluation.diarization_tune``
+   prints that sweep; ``training.evaluation.diarization_eval`` measures both on speakers never
+   used for tuning). Windows that are near-copies of one another
    (``DISTINCT_COSINE``: repeated audio) count once in the graph. Recordings with fewer than
    ``MIN_GRAPH_ITEMS`` distinct windows (about 40 s of speech) are too small a graph for the eigengap: their tree
    is cut at a fixed ``stop_distance`` instead. Recordings with more windows than

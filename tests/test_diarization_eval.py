@@ -64,3 +64,38 @@ def test_single_speaker_recordings_have_one_voice_and_no_overlap(mini_real, tmp_
     assert conv_main(["--real", str(mini_real), "--out", str(tmp_path / "x"), "--speakers", "3-2"]) == 2
     with pytest.raises(SystemExit):
         conv_main(["--real", str(mini_real), "--out", str(tmp_path / "y"), "--speakers", "two"])
+
+
+def test_tuning_sweep_reuses_cached_embeddings_and_ranks_the_rules(mini_real, tmp_path, capsys):
+    """``diarization_tune``: one row per rule combination, best pooled DER first, embeddings cached once."""
+    from training.evaluation.diarization_tune import main as tune_main
+
+    conv = tmp_path / "conv"
+    build_conversations(mini_real, "evaluation", conv, n=2, seed=0, log=lambda *_: None)
+    cache = tmp_path / "cache.npz"
+    args = ["--conversations", str(conv), "--min-speaker-s", "7.5", "--one-speaker-cosine", "0.1,0.87", "--cache", str(cache)]
+    assert tune_main(args) == 0
+    first = capsys.readouterr().out
+    assert first.count("embedded conv:") == 2 and cache.is_file()
+    rows = [line for line in first.splitlines() if line.startswith("| 7.5")]
+    assert len(rows) == 2 and "(default)" in "".join(rows)
+    by_cos = {float(r.split("|")[2]): r for r in rows}
+    assert "(0)" in by_cos[0.1].split("|")[3]  # every pair of voices "one voice": no 2-speaker count is exact
+    pooled = [float(r.rstrip(" |").split("|")[-1]) for r in rows]
+    assert pooled == sorted(pooled)
+    assert tune_main(args) == 0  # from the cache: nothing embedded again, the same table
+    again = capsys.readouterr().out
+    assert "embedded" not in again and [line for line in again.splitlines() if line.startswith("| 7.5")] == rows
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--one-speaker-cosine", ""], "--one-speaker-cosine"),
+    (["--cache", "x.pkl"], "--cache"),
+    (["--min-speaker-s", "7.5", "--one-speaker-cosine", "0.9"], None),
+])
+def test_tuning_sweep_refuses_bad_arguments(tmp_path, capsys, extra, field):
+    from training.evaluation.diarization_tune import main as tune_main
+
+    missing = tmp_path / "nothing"
+    assert tune_main(["--conversations", str(missing)] + extra) == 2
+    assert (field or "--conversations") in capsys.readouterr().err
