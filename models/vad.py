@@ -354,8 +354,8 @@ class SileroVad:
         Shorter inputs are padded with zeros after their end; Silero is causal, so the padding
         changes none of their frames. Inputs longer than ``refresh_s`` are cut into blocks of it,
         each run from a fresh state over ``warmup_s`` of the audio before it (the module
-        docstring says why); the blocks of all inputs run together, at most ``_BATCH_FRAMES``
-        frames per call.
+        docstring says why); blocks of equal length run together (no padding), at most
+        ``_BATCH_FRAMES`` frames per call.
         """
         frame, _ = _FRAMES[rate]
         waves = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
@@ -371,16 +371,21 @@ class SileroVad:
                 pieces.append(w[(first - lead) * frame:(first + (block or n)) * frame])
                 keep.append((i, first, lead))
         out = [np.empty(n, np.float32) for n in counts]
-        size = max(1, _BATCH_FRAMES // max(block + warm, 1)) if block else len(pieces)
-        for g in range(0, len(pieces), size):
-            group = pieces[g:g + size]
-            lengths = [-(-p.size // frame) for p in group]
-            frames = np.zeros((len(group), max(lengths), frame), dtype=np.float32)  # (B, F, frame)
-            for row, p in zip(frames, group):
-                row.reshape(-1)[:p.size] = p
-            probs, _ = self.run_frames(frames, rate)  # (B, F)
-            for (i, first, lead), row, n in zip(keep[g:g + size], probs, lengths):
-                out[i][first:first + n - lead] = row[lead:n]
+        groups: dict[int, list[int]] = {}  # the blocks of split inputs by length (no padding); whole inputs together
+        for j, (i, _, _) in enumerate(keep):
+            groups.setdefault(-(-pieces[j].size // frame) if block and counts[i] > block else -1, []).append(j)
+        for members in groups.values():
+            size = max(1, _BATCH_FRAMES // max(-(-pieces[members[0]].size // frame), 1))
+            for g in range(0, len(members), size):
+                part = members[g:g + size]
+                lengths = [-(-pieces[j].size // frame) for j in part]
+                frames = np.zeros((len(part), max(lengths), frame), dtype=np.float32)  # (B, F, frame)
+                for row, j in zip(frames, part):
+                    row.reshape(-1)[:pieces[j].size] = pieces[j]
+                probs, _ = self.run_frames(frames, rate)  # (B, F)
+                for j, row, n in zip(part, probs, lengths):
+                    i, first, lead = keep[j]
+                    out[i][first:first + n - lead] = row[lead:n]
         return out
 
     def refresh_frames(self, rate: int) -> tuple[int, int]:
