@@ -73,7 +73,8 @@ def test_tuning_sweep_reuses_cached_embeddings_and_ranks_the_rules(mini_real, tm
     conv = tmp_path / "conv"
     build_conversations(mini_real, "evaluation", conv, n=2, seed=0, log=lambda *_: None)
     cache = tmp_path / "cache.npz"
-    args = ["--conversations", str(conv), "--min-speaker-s", "7.5", "--one-speaker-cosine", "0.1,0.87", "--cache", str(cache)]
+    args = ["--conversations", str(conv), "--min-speaker-s", "7.5", "--one-speaker-cosine", "0.1,0.87",
+            "--cache", str(cache)]
     assert tune_main(args) == 0
     first = capsys.readouterr().out
     assert first.count("embedded conv:") == 2 and cache.is_file()

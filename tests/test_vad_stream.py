@@ -225,7 +225,8 @@ def _sparse_telephone(words: int = 50) -> np.ndarray:
     rng = np.random.default_rng(0)
     parts = []
     for i in range(words):
-        parts += [speech_clip(float(rng.uniform(0.4, 0.8)), seed=i), np.zeros(int(rng.uniform(0.6, 1.4) * SR), np.float32)]
+        word = speech_clip(float(rng.uniform(0.4, 0.8)), seed=i)
+        parts += [word, np.zeros(int(rng.uniform(0.6, 1.4) * SR), np.float32)]
     x8, rate = apply_condition("telephone", np.concatenate(parts), np.random.default_rng(1))
     assert rate == 8000
     return x8
@@ -241,7 +242,8 @@ def test_refresh_keeps_short_inputs_and_scores_each_block_from_a_warmed_fresh_st
     assert (block, warm) == (64, 16)
     wave = _talk() if rate == SR else resample(_talk(), SR, rate)
     short = wave[:block * frame]
-    np.testing.assert_array_equal(fresh.probabilities_batch([short], rate)[0], plain.probabilities_batch([short], rate)[0])
+    np.testing.assert_array_equal(fresh.probabilities_batch([short], rate)[0],
+                                  plain.probabilities_batch([short], rate)[0])
     got = fresh.probabilities_batch([wave], rate)[0]
     assert got.shape == plain.probabilities_batch([wave], rate)[0].shape
     for first in range(block, got.size, block):

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(prog="python -m training.evaluation.diarization_tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--conversations", required=True, type=Path, nargs="+", help="outputs of training.data.conversations")
+    ap.add_argument("--conversations", required=True, type=Path, nargs="+",
+                    help="outputs of training.data.conversations")
     ap.add_argument("--model", default="ge2e", help="model name in --repository, or a model directory")
     ap.add_argument("--repository", type=Path, default=Path("models/repository"))
     ap.add_argument("--min-speaker-s", type=_floats, default=[5.0, 7.5, 10.0])
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             replace(base, min_speaker_s=ms, one_speaker_cosine=cos).validate()
         for conv in args.conversations:
             if not (conv / "manifest.json").is_file():
-                raise ValueError(f"--conversations: {conv} has no manifest.json (build it with training.data.conversations)")
+                raise ValueError(f"--conversations: {conv} has no manifest.json "
+                                 "(build it with training.data.conversations)")
         model = SpeakerModel(path, ["CPUExecutionProvider"])
     except (OSError, ValueError) as e:
         print(f"diarization_tune: {e}", file=sys.stderr)
