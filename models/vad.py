@@ -54,6 +54,7 @@ Only numpy and onnxruntime are imported (and soxr for inputs that are not at 16 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -218,6 +219,14 @@ def gain_for_powers(power: np.ndarray) -> float:
     return float(10 ** (min(_LEVEL_TARGET_DB - level_db, _LEVEL_MAX_GAIN_DB) / 20))
 
 
+@functools.lru_cache(maxsize=8)
+def _hann(frame: int) -> np.ndarray:
+    """(frame,) float32 Hann window, made once per frame length."""
+    w = np.hanning(frame).astype(np.float32)
+    w.flags.writeable = False
+    return w
+
+
 def is_narrowband(wave: np.ndarray, sample_rate: int) -> bool:
     """Whether (T,) ``wave`` carries no speech energy above 4 kHz (telephone band, 8 kHz codecs).
 
@@ -231,10 +240,11 @@ def is_narrowband(wave: np.ndarray, sample_rate: int) -> bool:
     n = wave.size // frame
     if n < 4:
         return False
-    frames = wave[:n * frame].reshape(n, frame) * np.hanning(frame).astype(np.float32)  # (F, L)
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (F, L // 2 + 1)
+    frames = wave[:n * frame].reshape(n, frame) * _hann(frame)  # (F, L) float32
+    spec = np.fft.rfft(frames, axis=1)  # (F, L // 2 + 1), complex64 on NumPy 2 (half the time of complex128)
+    power = spec.real ** 2 + spec.imag ** 2  # (F, L // 2 + 1), without abs()'s square root
     energy = power.sum(axis=1)
-    spectrum = power[energy >= np.median(energy)].sum(axis=0)
+    spectrum = power[energy >= np.median(energy)].sum(axis=0, dtype=np.float64)
     hz = np.fft.rfftfreq(frame, 1.0 / sample_rate)
     low = spectrum[(hz >= 200) & (hz < 3800)].sum()
     high = spectrum[(hz >= 4200) & (hz < min(7600, sample_rate / 2))].sum()
