@@ -221,7 +221,6 @@ class ServerConfig:
             need(scheme in ("", "http", "https", "tcp", "grpc"), "milvus_uri",
                  "must be http(s)://host:port (a Milvus server) or a file path (Milvus Lite)")
             need(not self.retain_enrollment_audio, "retain_enrollment_audio", "is not supported with index_backend = 'milvus'")
-            need(self.index_type != "ivf_pq", "index_type", "ivf_pq is an index of the faiss backend; with Milvus use hnsw or ivf")
         need(self.hnsw_m >= 4, "hnsw_m", "must be >= 4")
         need(self.hnsw_ef_search >= 1, "hnsw_ef_search", "must be >= 1")
         need(self.hnsw_ef_construction == 0 or self.hnsw_ef_construction >= self.hnsw_m, "hnsw_ef_construction",

@@ -157,10 +157,9 @@ def test_search_paging_and_errors(store):
         store.get("c", "nope")
 
 
-@pytest.mark.parametrize("backend, kind", [(b, k) for b in ("local", "milvus") for k in ("flat", "hnsw", "ivf")]
-                         + [("local", "ivf_pq")])
+@pytest.mark.parametrize("backend, kind", [(b, k) for b in ("local", "milvus") for k in ("flat", "hnsw", "ivf", "ivf_pq")])
 def test_every_index_type_finds_the_probed_speaker(backend, kind, tmp_path):
-    """flat, hnsw and ivf on both backends (Milvus: FLAT, HNSW, IVF_FLAT); reported by collections()."""
+    """flat, hnsw, ivf and ivf_pq on both backends (Milvus: FLAT, HNSW, IVF_FLAT, SCANN); reported by collections()."""
     from service.store import IndexOptions
 
     opts = IndexOptions(index_type=kind, ivf_nlist=1, ivf_nprobe=1)  # local IVF trains from 39 x nlist points
@@ -509,5 +508,18 @@ def test_the_milvus_backend_refuses_an_index_it_does_not_have_by_name():
     from service.store import IndexOptions
     from service.store.milvus_schema import MilvusSchema
 
-    with pytest.raises(ValueError, match="index_type 'ivf_pq': not an index of the Milvus backend"):
-        MilvusSchema.vector_index_params(SimpleNamespace(options=IndexOptions()), "ivf_pq")
+    with pytest.raises(ValueError, match="index_type 'lsh': not an index of the Milvus backend"):
+        MilvusSchema.vector_index_params(SimpleNamespace(options=IndexOptions()), "lsh")
+
+
+def test_milvus_search_parameters_suit_every_index_and_limit():
+    """HNSW's ef is never below the results asked; SCANN re-scores rerank x limit candidates."""
+    from types import SimpleNamespace
+
+    from service.store import IndexOptions
+    from service.store.milvus_schema import MilvusSchema
+
+    fake = SimpleNamespace(options=IndexOptions(hnsw_ef_search=128, ivf_nprobe=256, ivf_pq_rerank=64))
+    assert MilvusSchema.search_params(fake, 10)["params"] == {"ef": 128, "nprobe": 256, "reorder_k": 640}
+    assert MilvusSchema.search_params(fake, 400)["params"] == {"ef": 400, "nprobe": 256, "reorder_k": 16384}
+    assert MilvusSchema.search_params(fake, 400)["metric_type"] == "IP"

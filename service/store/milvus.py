@@ -9,7 +9,7 @@ hence one dimension each, and a tenant is dropped or migrated as a whole):
   (JSON ``{"v": [...]}``: a server takes JSON objects, not arrays), its count, speech and metadata. Rows are only ever inserted, so two replicas
   appending to the same speaker never overwrite each other.
 - ``spkv_<name>``: one row per speaker, the *materialised* voiceprint (unit vector, FLAT or
-  HNSW or IVF_FLAT inner-product index, from ``index_type``) with the exact running sum, count, speech and metadata, recomputed
+  HNSW or IVF_FLAT or SCANN inner-product index, from ``index_type``) with the exact running sum, count, speech and metadata, recomputed
   from all its deltas.
 
 Appends without compare-and-set: a writer inserts its delta, then recomputes the speaker's row
@@ -75,7 +75,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         uri: a Milvus server (``http://host:19530``) or a local file for Milvus Lite.
         token: ``user:password`` or an API key; empty for none.
         db: the Milvus database (empty: the default one).
-        options: search index settings of new collections (flat, hnsw or ivf: FLAT, HNSW, IVF_FLAT).
+        options: search index settings of new collections (flat, hnsw, ivf or ivf_pq: FLAT, HNSW, IVF_FLAT, SCANN).
         key_files: ``KeyFile`` s; a new collection matching one is created sealed (see the module docstring).
     """
 
@@ -241,8 +241,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         while True:
             hits = self._call(self.client.search, milvus_name("spkv_", collection), data=[query.astype(np.float32).tolist()],
                               anns_field="vec", limit=min(fetch, _MAX_ROWS), output_fields=self._FIELDS[1:],
-                              search_params={"metric_type": "IP", "params": {"ef": self.options.hnsw_ef_search,
-                                                                              "nprobe": self.options.ivf_nprobe}},
+                              search_params=self.search_params(min(fetch, _MAX_ROWS)),
                               consistency_level="Bounded")[0]
             out = []
             sealer = self._sealer(collection)

@@ -15,8 +15,10 @@ __all__ = ["MilvusSchema", "milvus_name", "drop_database"]
 
 _REGISTRY, _TOMBSTONES = "spkserve_collections", "spkserve_tombstones"
 _MAX_ROWS = 16384  # Milvus' largest query page
-# spkserve's index_type -> Milvus index (searches pass both ef and nprobe; each index reads its own)
-_MILVUS_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
+# spkserve's index_type -> Milvus index (searches pass ef, nprobe and reorder_k; each index reads its own).
+# ivf_pq -> SCANN: IVF lists of 4-bit fast-scan codes whose best reorder_k candidates are re-scored on
+# the raw vectors (SCANN's default with_raw_data), the same design as the faiss backend's ivf_pq.
+_MILVUS_INDEX = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivf_pq": "SCANN"}
 
 
 def milvus_name(prefix: str, collection: str) -> str:
@@ -54,14 +56,26 @@ class MilvusSchema:
 
     def vector_index_params(self, index_type: str = "flat"):
         """Milvus index parameters of the ``vec`` field for spkserve's ``index_type``: flat -> FLAT,
-        hnsw -> HNSW (``hnsw_m``, ``hnsw_ef_construction`` or 200), ivf -> IVF_FLAT (``ivf_nlist``)."""
+        hnsw -> HNSW (``hnsw_m``, ``hnsw_ef_construction`` or 200), ivf -> IVF_FLAT (``ivf_nlist``),
+        ivf_pq -> SCANN (``ivf_nlist``; it keeps the raw vectors for the exact re-scoring by default, and
+        Milvus 2.3 refuses that flag when set, as pymilvus sends it as the string "True")."""
         if index_type not in _MILVUS_INDEX:
             raise ValueError(f"index_type {index_type!r}: not an index of the Milvus backend (one of {sorted(_MILVUS_INDEX)})")
         params = {"hnsw": {"M": self.options.hnsw_m, "efConstruction": self.options.hnsw_ef_construction or 200},
-                  "ivf": {"nlist": self.options.ivf_nlist}}.get(index_type, {})
+                  "ivf": {"nlist": self.options.ivf_nlist},
+                  "ivf_pq": {"nlist": self.options.ivf_nlist}}.get(index_type, {})  # SCANN keeps raw data by default
         idx = self.client.prepare_index_params()
         idx.add_index(field_name="vec", index_type=_MILVUS_INDEX[index_type], metric_type="IP", params=params)
         return idx
+
+    def search_params(self, limit: int) -> dict:
+        """Milvus search parameters for `limit` results, read by whichever index a collection has:
+        HNSW's ``ef`` (``hnsw_ef_search``, at least `limit`: a search for k results keeps k candidates at least), the IVF
+        indexes' ``nprobe`` (``ivf_nprobe``) and SCANN's ``reorder_k`` (``ivf_pq_rerank`` x `limit`
+        candidates re-scored exactly, at most Milvus' 16384 rows)."""
+        return {"metric_type": "IP", "params": {"ef": max(self.options.hnsw_ef_search, limit),
+                                                "nprobe": self.options.ivf_nprobe,
+                                                "reorder_k": min(limit * self.options.ivf_pq_rerank, _MAX_ROWS)}}
 
     def _create(self, name: str, fields: list[tuple], vector_dim: int, index_type: str = "flat") -> None:
         from pymilvus import DataType, MilvusClient
