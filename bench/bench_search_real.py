@@ -21,6 +21,16 @@ and ``rerank``); each row gives one query at a time latency (p50, p99), recall@1
 search, hit@1 against exact search's first answer and the probed speaker's rank-1 rate, and
 memory: the index's serialised size per million voiceprints (for ``ivf_pq``, its codes plus the
 float32 voiceprints it re-scores candidates with).
+
+With ``--milvus URI`` the same voiceprints and probes go to a Milvus server too, once per index
+in ``--milvus-kinds``: one bare collection (INT64 id, vector) in a database of its own, bulk
+inserted, indexed with the store's own index parameters (``MilvusStore.vector_index_params``:
+hnsw -> HNSW, ivf -> IVF_FLAT, ivf_pq -> SCANN) and searched one query at a time with the
+store's own search parameters (``search_params``), swept like the FAISS indexes. Build time is
+from ``create_index`` until the collection is loaded; the memory column of these rows is the
+server's whole resident memory (the ``milvus`` processes, MB) with the collection loaded, printed
+with the figure before the insert: the server keeps memory it freed, so the difference is not the
+index's size. The database is dropped afterwards.
 """
 
 from __future__ import annotations
@@ -121,13 +131,15 @@ def main() -> None:
     ap.add_argument("--real", type=Path, required=True, help="the real-speech pool (calibration/ and evaluation/)")
     ap.add_argument("--size", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=300)
-    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf", "ivf_pq", "hnsw"])
+    ap.add_argument("--kinds", nargs="*", default=["flat", "ivf", "ivf_pq", "hnsw"], help="FAISS indexes (none: Milvus only)")
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=40)
     ap.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--nlist", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--nprobe", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ap.add_argument("--rerank", type=int, nargs="+", default=[16, 32, 64], help="ivf_pq: candidates re-scored per result")
+    ap.add_argument("--milvus", default="", help="a Milvus server's URI: measure its indexes too")
+    ap.add_argument("--milvus-kinds", nargs="+", default=["ivf", "ivf_pq", "hnsw"], help="store index types on Milvus")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -155,13 +167,16 @@ def main() -> None:
     print(f"\n{args.size:,} voiceprints generated, exact top 10 found ({time.perf_counter() - t0:.0f} s)\n", flush=True)
 
     def measure(coll) -> tuple[float, float, float, float, float]:
-        coll.search(probes[0], 10)
+        return measure_ids(lambda p: [int(r.speaker_id) for r, _ in coll.search(p, 10)])
+
+    def measure_ids(search) -> tuple[float, float, float, float, float]:
+        search(probes[0])
         times, tops = [], []
         for p in probes:
             t1 = time.perf_counter()
-            hits = coll.search(p, 10)
+            ids = search(p)
             times.append(time.perf_counter() - t1)
-            tops.append([int(r.speaker_id) for r, _ in hits])
+            tops.append(ids)
         recall = float(np.mean([len(set(t) & set(e.tolist())) / 10 for t, e in zip(tops, exact)]))
         hit1 = float(np.mean([bool(t) and t[0] == int(e[0]) for t, e in zip(tops, exact)]))
         own = float(np.mean([bool(t) and t[0] == int(q) for t, q in zip(tops, enrolled)]))
@@ -202,6 +217,89 @@ def main() -> None:
             print(f"| {kind} | {label} | {build:.0f} | {p50:.2f} | {p99:.2f} | {recall:.3f} | {hit1:.3f} | {own:.3f} | "
                   f"{mb:.0f} |", flush=True)
         coll = None  # free the index before the next one is built
+    if args.milvus:
+        for kind, nlist in [(k, n) for k in args.milvus_kinds for n in (args.nlist if k.startswith("ivf") else [0])]:
+            milvus_sweep(args, kind, nlist, vecs, measure_ids)
+
+
+def milvus_rss_mb() -> float:
+    """Resident memory of the Milvus server's processes on this machine, MB."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"milvus" in (proc / "cmdline").read_bytes():
+                status = (proc / "status").read_text()
+                total += int(status.split("VmRSS:")[1].split()[0]) if "VmRSS:" in status else 0
+        except (OSError, IndexError):
+            continue
+    return total / 1024
+
+
+def milvus_sweep(args, kind: str, nlist: int, vecs: np.ndarray, measure_ids) -> None:
+    """Insert `vecs` into a bare Milvus collection indexed as the store indexes `kind`, sweep its search settings."""
+    from pymilvus import DataType, MilvusClient
+
+    from service.store.base import IndexOptions
+    from service.store.milvus import MilvusStore, drop_database
+    from service.store.milvus_schema import _MILVUS_INDEX
+
+    db, name = "bench_search_real", "voiceprints"
+    if db in MilvusClient(uri=args.milvus).list_databases():
+        drop_database(args.milvus, db)
+    MilvusClient(uri=args.milvus).create_database(db)
+    opts = IndexOptions(index_type=kind, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search[0], ivf_nlist=nlist or 1,
+                        ivf_nprobe=args.nprobe[0], hnsw_ef_construction=args.ef_construction)
+    store = MilvusStore(args.milvus, db=db, options=opts)
+    client = store.client
+    try:
+        rss0 = milvus_rss_mb()
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.INT64, is_primary=True)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=vecs.shape[1])
+        client.create_collection(name, schema=schema)
+        for first in range(0, len(vecs), 10_000):
+            block = vecs[first:first + 10_000]
+            client.insert(name, [{"pk": first + i, "vec": v} for i, v in enumerate(block.tolist())])
+        client.flush(name)
+        t1 = time.perf_counter()
+        client.create_index(name, store.vector_index_params(kind))
+        while True:
+            info = client.describe_index(name, "vec")
+            if info.get("state") == "Finished" and int(info.get("indexed_rows", 0)) >= len(vecs):
+                break
+            if info.get("state") == "Failed" or time.perf_counter() - t1 > 3600:
+                raise SystemExit(f"Milvus {kind}: the index was not built: {info}")
+            time.sleep(2)
+        client.load_collection(name)
+        build = time.perf_counter() - t1
+        rss1 = milvus_rss_mb()
+        print(f"(Milvus {kind}: the server's resident memory {rss0:.0f} MB before the insert, {rss1:.0f} MB with the "
+              f"collection loaded; index built and loaded in {build:.0f} s)", flush=True)
+
+        def search(p: np.ndarray) -> list[int]:
+            hits = client.search(name, data=[p.tolist()], anns_field="vec", limit=10,
+                                 search_params=store.search_params(10), consistency_level="Bounded")[0]
+            return [int(h["id"]) for h in hits]
+
+        if kind == "hnsw":
+            settings = [(f"M={args.hnsw_m}, efConstruction={args.ef_construction}, ef={ef}",
+                         {"hnsw_ef_search": ef}) for ef in args.ef_search]
+        elif kind == "ivf":
+            settings = [(f"nlist={nlist}, nprobe={n}", {"ivf_nprobe": n}) for n in args.nprobe if n <= nlist]
+        elif kind == "ivf_pq":
+            settings = [(f"nlist={nlist}, nprobe={n}, reorder_k={r} x 10", {"ivf_nprobe": n, "ivf_pq_rerank": r})
+                        for n in args.nprobe if n <= nlist for r in args.rerank]
+        else:
+            settings = [("exact inner product", {})]
+        for label, values in settings:
+            for key, value in values.items():
+                setattr(store.options, key, value)
+            p50, p99, recall, hit1, own = measure_ids(search)
+            print(f"| Milvus {kind} ({_MILVUS_INDEX[kind]}) | {label} | {build:.0f} | {p50:.2f} | {p99:.2f} | {recall:.3f} | {hit1:.3f} | {own:.3f} | "
+                  f"{rss1:.0f} (server) |", flush=True)
+    finally:
+        store.close()
+        drop_database(args.milvus, db)
 
 
 if __name__ == "__main__":
