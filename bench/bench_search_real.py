@@ -244,9 +244,11 @@ def milvus_sweep(args, kind: str, nlist: int, vecs: np.ndarray, measure_ids) -> 
     from service.store.milvus_schema import _MILVUS_INDEX
 
     db, name = "bench_search_real", "voiceprints"
-    if db in MilvusClient(uri=args.milvus).list_databases():
+    admin = MilvusClient(uri=args.milvus)
+    if db in admin.list_databases():
         drop_database(args.milvus, db)
-    MilvusClient(uri=args.milvus).create_database(db)
+    admin.create_database(db)
+    admin.close()
     opts = IndexOptions(index_type=kind, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search[0], ivf_nlist=nlist or 1,
                         ivf_nprobe=args.nprobe[0], hnsw_ef_construction=args.ef_construction)
     store = MilvusStore(args.milvus, db=db, options=opts)
@@ -262,7 +264,7 @@ def milvus_sweep(args, kind: str, nlist: int, vecs: np.ndarray, measure_ids) -> 
             client.insert(name, [{"pk": first + i, "vec": v} for i, v in enumerate(block.tolist())])
         client.flush(name)
         t1 = time.perf_counter()
-        client.create_index(name, store.vector_index_params(kind))
+        client.create_index(name, store.vector_index_params(kind), sync=False)  # polled below, with a deadline
         while True:
             info = client.describe_index(name, "vec")
             if info.get("state") == "Finished" and int(info.get("indexed_rows", 0)) >= len(vecs):
@@ -295,8 +297,8 @@ def milvus_sweep(args, kind: str, nlist: int, vecs: np.ndarray, measure_ids) -> 
             for key, value in values.items():
                 setattr(store.options, key, value)
             p50, p99, recall, hit1, own = measure_ids(search)
-            print(f"| Milvus {kind} ({_MILVUS_INDEX[kind]}) | {label} | {build:.0f} | {p50:.2f} | {p99:.2f} | {recall:.3f} | {hit1:.3f} | {own:.3f} | "
-                  f"{rss1:.0f} (server) |", flush=True)
+            print(f"| Milvus {kind} ({_MILVUS_INDEX[kind]}) | {label} | {build:.0f} | {p50:.2f} | {p99:.2f} | "
+                  f"{recall:.3f} | {hit1:.3f} | {own:.3f} | {rss1:.0f} (server) |", flush=True)
     finally:
         store.close()
         drop_database(args.milvus, db)

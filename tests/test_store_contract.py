@@ -523,3 +523,45 @@ def test_milvus_search_parameters_suit_every_index_and_limit():
     assert MilvusSchema.search_params(fake, 10)["params"] == {"ef": 128, "nprobe": 256, "reorder_k": 640}
     assert MilvusSchema.search_params(fake, 400)["params"] == {"ef": 400, "nprobe": 256, "reorder_k": 16384}
     assert MilvusSchema.search_params(fake, 400)["metric_type"] == "IP"
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivf_pq"])
+def test_milvus_server_builds_every_index_and_searches_it(kind):
+    """The store's index parameters build on a Milvus server (a sealed, indexed segment, not only the growing
+    one that small collections are searched in) and its search parameters find a stored vector first."""
+    import time
+
+    pytest.importorskip("pymilvus")
+    uri = os.environ.get("SPKSERVE_TEST_MILVUS_URI")
+    if not uri:
+        pytest.skip("needs a Milvus server (SPKSERVE_TEST_MILVUS_URI; scripts/milvus_server.sh start)")
+    from pymilvus import DataType, MilvusClient
+
+    from service.store import IndexOptions
+    from service.store.milvus import MilvusStore
+
+    store = MilvusStore(uri, db=_fresh_database(uri, "i"), options=IndexOptions(index_type=kind, ivf_nlist=16,
+                                                                                 ivf_nprobe=16))
+    try:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.INT64, is_primary=True)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=32)
+        store.client.create_collection("v", schema=schema)
+        x = units(3000, dim=32, seed=4)
+        store.client.insert("v", [{"pk": i, "vec": v} for i, v in enumerate(x.tolist())])
+        store.client.flush("v")
+        store.client.create_index("v", store.vector_index_params(kind), sync=False)  # the loop below waits, with a deadline
+        deadline = time.monotonic() + 180
+        while True:  # a build Milvus rejects is retried for ever (state InProgress): the deadline catches it
+            info = store.client.describe_index("v", "vec")
+            if info.get("state") == "Finished" and int(info.get("indexed_rows", 0)) >= len(x):
+                break
+            assert info.get("state") != "Failed" and time.monotonic() < deadline, info
+            time.sleep(1)
+        store.client.load_collection("v")
+        for i in (0, 1234, 2999):
+            hits = store.client.search("v", data=[x[i].tolist()], anns_field="vec", limit=5,
+                                       search_params=store.search_params(5), consistency_level="Strong")[0]
+            assert int(hits[0]["id"]) == i
+    finally:
+        store.close()
