@@ -197,22 +197,19 @@ def main() -> None:
         build = time.perf_counter() - t1
         held = faiss.serialize_index(coll._index).nbytes + (coll._units.mat.nbytes if coll._units is not None else 0)
         mb = held / 2 ** 20 * 1e6 / args.size
-        if kind == "hnsw":
-            inner = faiss.downcast_index(coll._index.index)
-            settings = [(f"M={args.hnsw_m}, efConstruction={args.ef_construction}, efSearch={ef}",
-                         lambda ef=ef: setattr(inner.hnsw, "efSearch", ef)) for ef in args.ef_search]
-        elif kind == "ivf":
-            settings = [(f"nlist={nlist}, nprobe={n}", lambda n=n: setattr(coll._index, "nprobe", n))
-                        for n in args.nprobe if n <= nlist]
-        elif kind == "ivf_pq":
-            def ivf_pq(n: int, r: int) -> None:
-                coll._index.nprobe, coll.options.ivf_pq_rerank = n, r
-            settings = [(f"nlist={nlist}, nprobe={n}, rerank={r}", lambda n=n, r=r: ivf_pq(n, r))
-                        for n in args.nprobe if n <= nlist for r in args.rerank]
-        else:
-            settings = [("exact inner product", lambda: None)]
-        for label, apply in settings:
-            apply()
+        inner = faiss.downcast_index(coll._index.index) if kind == "hnsw" else None
+
+        def apply(values: dict) -> None:
+            """Set the built FAISS index's search-time settings (and the store's ivf_pq rerank) from ``values``."""
+            for key, value in values.items():
+                setattr(coll.options, key, value)
+            if "hnsw_ef_search" in values:
+                inner.hnsw.efSearch = values["hnsw_ef_search"]
+            if "ivf_nprobe" in values:
+                coll._index.nprobe = values["ivf_nprobe"]
+
+        for label, values in sweep_settings(args, kind, nlist, "efSearch", "rerank={r}"):
+            apply(values)
             p50, p99, recall, hit1, own = measure(coll)
             print(f"| {kind} | {label} | {build:.0f} | {p50:.2f} | {p99:.2f} | {recall:.3f} | {hit1:.3f} | {own:.3f} | "
                   f"{mb:.0f} |", flush=True)
@@ -220,6 +217,22 @@ def main() -> None:
     if args.milvus:
         for kind, nlist in [(k, n) for k in args.milvus_kinds for n in (args.nlist if k.startswith("ivf") else [0])]:
             milvus_sweep(args, kind, nlist, vecs, measure_ids)
+
+
+def sweep_settings(args, kind: str, nlist: int, ef_name: str, rerank_label: str) -> list[tuple[str, dict]]:
+    """The search-time settings swept for one index: (label, {IndexOptions field: value}) per row.
+
+    ``ef_name`` and ``rerank_label`` (formatted with ``r``) name the settings as the backend does.
+    """
+    if kind == "hnsw":
+        return [(f"M={args.hnsw_m}, efConstruction={args.ef_construction}, {ef_name}={ef}", {"hnsw_ef_search": ef})
+                for ef in args.ef_search]
+    if kind == "ivf":
+        return [(f"nlist={nlist}, nprobe={n}", {"ivf_nprobe": n}) for n in args.nprobe if n <= nlist]
+    if kind == "ivf_pq":
+        return [(f"nlist={nlist}, nprobe={n}, {rerank_label.format(r=r)}", {"ivf_nprobe": n, "ivf_pq_rerank": r})
+                for n in args.nprobe if n <= nlist for r in args.rerank]
+    return [("exact inner product", {})]
 
 
 def milvus_rss_mb() -> float:
@@ -283,17 +296,7 @@ def milvus_sweep(args, kind: str, nlist: int, vecs: np.ndarray, measure_ids) -> 
                                  search_params=store.search_params(10), consistency_level="Bounded")[0]
             return [int(h["id"]) for h in hits]
 
-        if kind == "hnsw":
-            settings = [(f"M={args.hnsw_m}, efConstruction={args.ef_construction}, ef={ef}",
-                         {"hnsw_ef_search": ef}) for ef in args.ef_search]
-        elif kind == "ivf":
-            settings = [(f"nlist={nlist}, nprobe={n}", {"ivf_nprobe": n}) for n in args.nprobe if n <= nlist]
-        elif kind == "ivf_pq":
-            settings = [(f"nlist={nlist}, nprobe={n}, reorder_k={r} x 10", {"ivf_nprobe": n, "ivf_pq_rerank": r})
-                        for n in args.nprobe if n <= nlist for r in args.rerank]
-        else:
-            settings = [("exact inner product", {})]
-        for label, values in settings:
+        for label, values in sweep_settings(args, kind, nlist, "ef", "reorder_k={r} x 10"):
             for key, value in values.items():
                 setattr(store.options, key, value)
             p50, p99, recall, hit1, own = measure_ids(search)
