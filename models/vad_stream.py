@@ -6,7 +6,7 @@ across chunks and starting it afresh where ``SileroVad.probabilities`` does (``r
 a second state warms up over the last ``warmup_s`` before each refresh; the same probabilities
 on the same frames, however the audio is chunked: tested), and
 ``SegmentTracker`` turns the probabilities into segments one frame at a time with the rules
-of ``models.vad.speech_segments`` (the same segments on the same probabilities: tested).
+of ``models.vad_rules.speech_segments`` (the same segments on the same probabilities: tested).
 
 What a stream cannot know in advance, it estimates from the audio so far:
 
@@ -293,7 +293,7 @@ class VadStream:
         self.tracker.push(probs)
 
     def _update_gain(self, x: np.ndarray) -> None:
-        """Refresh the running level estimate (``models.vad.level_gain`` on the network input so far) as it grows by 10%."""
+        """Refresh the running level estimate (``models.vad_rules.level_gain`` on the network input so far) as it grows by 10%."""
         x = np.concatenate([self._gain_tail, x]) if self._gain_tail.size else x
         whole = x.size // _FRAME * _FRAME  # level_gain's 512-sample frames, whatever the rate
         self._gain_tail = x[whole:].copy()
