@@ -14,11 +14,17 @@ import grpc
 from service.errors import Unavailable, status_of
 from service.logs import access, request_id
 
-__all__ = ["rpc"]
+__all__ = ["call_deadline", "rpc"]
 
 log = logging.getLogger("spkserve.servicer")
 
 MAX_MESSAGE = 1024  # characters of an error message: client input is quoted short, this is the last guard
+
+
+def call_deadline(context) -> float | None:
+    """The call's absolute deadline on ``time.monotonic``'s clock (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _bounded(message: str) -> str:

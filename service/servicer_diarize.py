@@ -21,6 +21,7 @@ from service.convert import ms, pcm_encoding
 from service.decisions import Side, Threshold, open_set_threshold
 from service.diarize import Diarization, diarize_source
 from service.errors import InvalidArgument
+from service.rpc import call_deadline
 from service.rpc import rpc as _rpc
 from service.store import validate_collection
 
@@ -68,9 +69,7 @@ class DiarizeRpcs:
             model = await self._collection_model(request_model, coll)
         else:
             model = self.engine.model(request_model, "model" if method == "Diarize" else "config.model")
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        result = await diarize_source(self.engine, model, source, field, max_seconds, pcm, deadline, opts)
+        result = await diarize_source(self.engine, model, source, field, max_seconds, pcm, call_deadline(context), opts)
         labels, ids, llrs, threshold = await self._label(model, coll, result)
         m = self.engine.metrics
         m.diarization_audio.labels(model.name).inc(result.audio_seconds)
