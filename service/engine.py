@@ -24,14 +24,15 @@ import numpy as np
 from models.artifact import ArtifactError, scan_repository
 from models.audio import AudioLimits, condition, decode_encoded, decode_pcm
 from models.runtime import SpeakerModel, available_providers
-from models.vad import SileroVad, VadOptions, keep_speech
-from service.batcher import BatchResult, BatchStats, DynamicBatcher
+from models.vad import SileroVad, keep_speech
+from service.batcher import BatchResult, DynamicBatcher
 from service.cohorts import CollectionCohorts
 from service.config import ConfigError, ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.store import IndexOptions, LocalStore, SpeakerStore, StoreUnavailable, load_key_file
 from service.store.base import quoted
 from service.metrics import Metrics
+from service.model_setup import ModelPolicy, make_batcher, model_policy
 from service.tracing import Tracing
 
 __all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy", "configured_key_files"]
@@ -71,17 +72,6 @@ class Speech:
     multiple_speakers: bool = False  # set by the one-talker check
     self_consistency: float | None = None  # its lowest LLR between parts (None: not checked)
     vad_s: float = 0.0  # the VAD's share of decode_s
-
-
-@dataclass(frozen=True)
-class ModelPolicy:
-    """How one model's inputs are screened and its scores decided (server options + model.json)."""
-
-    vad: VadOptions | None  # None: VAD off, all audio counts as speech
-    min_probe_speech: float  # seconds per Verify/Identify audio probe
-    min_enroll_speech: float  # seconds per speaker, in total
-    scale: str  # default decision scale
-    threshold: float  # default decision threshold on ``scale``
 
 
 def _commercial_only(dirs: list) -> list:
@@ -203,7 +193,7 @@ class Engine:
             log.info("warmed up %s v%s in %.3f s", model.name, model.card.version, took)
         log.info("model %s on %s: %d inference workers x %s ONNX Runtime threads", model.name, model.provider, workers,
                  threads or "default")
-        policy = self._policy(model)
+        policy = model_policy(self.config, model)
         if policy.vad is not None and self.vad is None:
             self.vad = await loop.run_in_executor(None, SileroVad)
         return model, policy
@@ -213,7 +203,7 @@ class Engine:
         old = self.models.get(model.name)
         self.policies[model.name] = policy
         self.models[model.name] = model
-        self.batchers[model.name] = self._make_batcher(model)
+        self.batchers[model.name] = make_batcher(self.config, self.metrics, model)
         if old is not None:
             self._retire_labels(old)
         self.metrics.model_info.labels(model.name, model.card.version, model.provider, str(model.dim),
@@ -272,58 +262,6 @@ class Engine:
         """Cohort statistics (N, 3) of a collection's voiceprints, None when its model has no cohort."""
         model = self.models.get(model_name)
         return None if model is None else model.scorer.stats(voiceprints)
-
-    def _policy(self, model: SpeakerModel) -> ModelPolicy:
-        """The model's screening and decision rules: server options < model.json < [model_settings.<model>]."""
-        cfg = self.config.for_model(model.name)
-        table = self.config.model_settings.get(model.name, {})
-        vad = None
-        if cfg.vad:
-            opts = {"threshold": cfg.vad_threshold, "min_speech_ms": cfg.vad_min_speech_ms,
-                    "min_silence_ms": cfg.vad_min_silence_ms, "speech_pad_ms": cfg.vad_speech_pad_ms}
-            card_vad = {k: v for k, v in (model.card.vad or {}).items() if v is not None}
-            opts.update(card_vad)
-            for key in ("threshold", "min_speech_ms", "min_silence_ms", "speech_pad_ms"):
-                if f"vad_{key}" in table:  # the operator's per-model setting wins over model.json
-                    opts[key] = getattr(cfg, f"vad_{key}")
-            try:
-                vad = VadOptions(**opts).validate(f"model {model.name} vad")
-            except ValueError as e:
-                raise ArtifactError(f"{model.dir / 'model.json'}: {e}") from None
-        scale, threshold = model.scorer.scale, model.scorer.threshold
-        if cfg.decision_scale:
-            scale, threshold = cfg.decision_scale, cfg.decision_threshold
-            try:
-                model.scorer.check_threshold(scale, threshold, "option 'decision_threshold'")
-            except ValueError as e:
-                raise ConfigError(f"model {model.name}: {e}") from None
-        return ModelPolicy(vad, cfg.min_probe_speech_seconds, cfg.min_enroll_speech_seconds, scale, threshold)
-
-    def _make_batcher(self, model: SpeakerModel) -> DynamicBatcher:
-        cfg, m, name = self.config, self.metrics, model.name
-        stats = BatchStats(
-            on_batch=lambda n, s: (m.batch_size.labels(name).observe(n), m.inference_time.labels(name).observe(s)),
-            on_queue_time=lambda s: m.queue_time.labels(name).observe(s),
-            on_depth=lambda d: m.queue_depth.labels(name).set(d),
-            on_dropped=lambda why: m.dropped.labels(name, why).inc(),
-            on_wasted=lambda n: m.wasted.labels(name).inc(n),
-        )
-        batcher = DynamicBatcher(
-            model.embed,
-            max_batch_size=cfg.max_batch_size,
-            max_batch_samples=int(cfg.max_batch_seconds * model.sample_rate),
-            max_wait_s=cfg.max_wait_ms / 1000.0,
-            max_queue=cfg.max_queue,
-            max_queue_wait_s=cfg.max_queue_wait_ms / 1000 or None,
-            deadline_margin=cfg.deadline_margin,
-            min_fill=cfg.batch_min_fill,
-            same_length_only=not model.padded_batching,
-            workers=cfg.inference_threads(model.provider != "CPUExecutionProvider")[0],
-            stats=stats,
-            name=name,
-        )
-        batcher.start()
-        return batcher
 
     async def close(self) -> None:
         """Finish queued work, stop batchers, snapshot and close the store."""
