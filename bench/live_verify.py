@@ -4,7 +4,7 @@
     .venv/bin/python bench/live_verify.py load [--streams 100] [--seconds 30] [--chunk-ms 500]
 
 ``accuracy`` (human speech from the real-speech pool; one server, ge2e, default options unless
-``--change-llr`` / ``--window`` say otherwise):
+``--change-llr`` / ``--reference-llr`` / ``--window`` say otherwise):
 
 - *final = Verify*: trials of the split's ``trials`` file (targets and non-targets alike); the
   reference is utterance a (audio), the stream is utterance b sent as 16-bit PCM in 500 ms
@@ -13,8 +13,9 @@
 - *speaker change*: streams of one speaker's utterances (8-15 s of audio) followed by another's
   (8 s or more), same channel draw; detected when a change is flagged within 3 s after the
   switch (an earlier flag is a false alert); single-speaker streams (20-30 s of one speaker):
-  false alert when any change is flagged. ``--trace`` records every interim's ``recent_llr``
-  (server run with alerts off) to choose ``live_change_llr`` offline on the calibration split.
+  false alert when any change is flagged. ``--trace`` records every interim's ``recent_llr`` and
+  ``recent_reference_llr`` (server run with alerts off) to choose ``live_change_llr`` and
+  ``live_change_reference_llr`` offline on the calibration split.
 
 ``load``: ``--streams`` concurrent streams at real-time pace (a chunk every ``--chunk-ms``),
 each 0.75-1.25 x ``--seconds`` long and starting within the first 5 s, of reference speech with
@@ -176,8 +177,9 @@ async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int
             async with sem:
                 results = await retrying(lambda: stream(stub, pb, ref, x, rate))
             final = results[-1][1]
-            trace_rows = [(res.audio_seconds, res.recent_llr) for _, res in results
-                          if not res.final and res.HasField("recent_llr")]
+            trace_rows = [(res.audio_seconds, res.recent_llr,
+                           res.recent_reference_llr if res.HasField("recent_reference_llr") else None)
+                          for _, res in results if not res.final and res.HasField("recent_llr")]
             return dict(kind=kind, speakers=(str(a), str(b)), channel=ch_name, switch=switch,
                         seconds=len(x) / rate, changes=list(final.change_seconds), trace=trace_rows if trace else None)
 
@@ -186,10 +188,12 @@ async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int
     return summarize(trial_rows, stream_rows)
 
 
-def first_alert(trace: list[tuple[float, float]], threshold: float) -> float | None:
-    """The first stream position whose recent_llr is below ``threshold`` (what the server flags first)."""
-    for pos, llr in trace:
-        if llr < threshold:
+def first_alert(trace: list[tuple[float, float, float | None]], threshold: float,
+                reference_threshold: float = 50.0) -> float | None:
+    """The first stream position whose recent_llr is below ``threshold`` and whose recent_reference_llr is below
+    ``reference_threshold`` (what the server with those options flags first)."""
+    for pos, llr, ref_llr in trace:
+        if llr < threshold and (ref_llr is None or ref_llr < reference_threshold):
             return pos
     return None
 
@@ -223,8 +227,9 @@ def summarize(trial_rows: list[dict], stream_rows: list[dict]) -> dict:
                by_channel=by_channel, median_abs_llr_diff=statistics.median(diffs) if diffs else None,
                changes=change_figures(stream_rows, lambda r: r["changes"][0] if r["changes"] else None))
     if stream_rows and stream_rows[0]["trace"] is not None:
-        out["threshold_sweep"] = {f"{t:g}": change_figures(stream_rows, lambda r, t=t: first_alert(r["trace"], t))
-                                  for t in (3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0)}
+        out["threshold_sweep"] = {  # "live_change_llr,live_change_reference_llr"
+            f"{t:g},{rt:g}": change_figures(stream_rows, lambda r, t=t, rt=rt: first_alert(r["trace"], t, rt))
+            for t in (3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0) for rt in (50.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0)}
     out["rows"] = dict(trials=trial_rows, streams=stream_rows)
     return out
 
@@ -289,6 +294,7 @@ def main() -> None:
     a.add_argument("--switches", type=int, default=200)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--change-llr", type=float, default=None, help="server option live_change_llr")
+    a.add_argument("--reference-llr", type=float, default=None, help="server option live_change_reference_llr")
     a.add_argument("--window", type=float, default=None, help="server option live_change_window_seconds")
     a.add_argument("--trace", action="store_true", help="alerts off; sweep the threshold offline on recent_llr")
     lo = sub.add_parser("load")
@@ -307,6 +313,8 @@ def main() -> None:
             opts["live_change_llr"] = -50
         elif args.change_llr is not None:
             opts["live_change_llr"] = args.change_llr
+        if args.reference_llr is not None and not args.trace:
+            opts["live_change_reference_llr"] = args.reference_llr
         if args.window is not None:
             opts["live_change_window_seconds"] = args.window
     server = Server(args.repository, args.threads, **opts)

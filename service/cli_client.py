@@ -160,6 +160,7 @@ def _verify_stream(stub, args, kw) -> None:
                "llr": r.llr if r.HasField("llr") else None,
                "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
                "speaker_changed": r.speaker_changed, "recent_llr": r.recent_llr if r.HasField("recent_llr") else None,
+               "recent_reference_llr": r.recent_reference_llr if r.HasField("recent_reference_llr") else None,
                "change_seconds": [round(t, 3) for t in r.change_seconds], "model": r.model}
         if r.reason:
             out["reason"] = r.reason

@@ -106,7 +106,8 @@ class ServerConfig:
     stream_idle_timeout_seconds: float = 30.0  # a live stream that sends nothing this long is ended
     live_change_window_seconds: float = 2.0  # recent speech scored against the earlier for a speaker change
     live_change_min_base_seconds: float = 3.0  # earlier speech needed before a change can be flagged
-    live_change_llr: float = -1.0  # recent vs earlier speech below this calibrated LLR: speaker changed
+    live_change_llr: float = 0.0  # recent vs earlier speech below this calibrated LLR: speaker changed ...
+    live_change_reference_llr: float = 0.0  # ... and recent speech vs the reference below this (50: no condition)
     live_final_margin: float = 0.1  # final result: re-embed the whole speech when within this cosine of the threshold
     # a collection of at least this many speakers normalises scores against its own voiceprints (0: off)
     collection_cohort_min_speakers: int = 0
@@ -203,6 +204,8 @@ class ServerConfig:
         need(0 <= self.live_change_min_base_seconds <= 600, "live_change_min_base_seconds", "must be in 0..600")
         need(math.isfinite(self.live_change_llr) and -50 <= self.live_change_llr <= 50, "live_change_llr",
              "must be in -50..50")
+        need(math.isfinite(self.live_change_reference_llr) and -50 <= self.live_change_reference_llr <= 50,
+             "live_change_reference_llr", "must be in -50..50")
         need(0 <= self.live_final_margin <= 2, "live_final_margin", "must be in 0..2 (cosine; 2: always re-embed)")
         need(self.collection_cohort_min_speakers == 0 or self.collection_cohort_min_speakers >= 10,
              "collection_cohort_min_speakers", "must be 0 (off) or >= 10 (fewer voiceprints estimate no spread)")

@@ -73,7 +73,7 @@ class LiveRpcs:
             batcher.admit(deadline)  # a new stream waits for no queue: refused now (RESOURCE_EXHAUSTED) when it is long
         reference, _ = await self._side(model, ref, "config.reference", "VerifyStream", context)
         options = LiveOptions(interim, cfg.live_change_window_seconds, cfg.live_change_min_base_seconds, cfg.live_change_llr,
-                              cfg.live_final_margin)
+                              cfg.live_final_margin, cfg.live_change_reference_llr)
         narrow = True if pcm is not None and pcm[1] <= 8000 else None
         live = LiveVerification(self.engine, model, reference, threshold, options, narrow, deadline)
         return live, ChunkDecoder("chunk", model.sample_rate, pcm, cfg.max_stream_audio_seconds)
@@ -83,7 +83,8 @@ class LiveRpcs:
         return pb.VerifyStreamResponse(
             speech_seconds=u.speech_seconds, audio_seconds=u.audio_seconds, score=s.cosine if s else 0.0,
             normalized_score=s.normalized if s else None, llr=s.llr if s else None, verdict=VERDICT_PB[d.verdict],
-            final=u.final, speaker_changed=u.speaker_changed, recent_llr=u.recent_llr, change_seconds=u.changes,
+            final=u.final, speaker_changed=u.speaker_changed, recent_llr=u.recent_llr,
+            recent_reference_llr=u.recent_reference_llr, change_seconds=u.changes,
             threshold=d.cosine_threshold, decision_scale=SCALE_PB[d.threshold.scale],
             decision_threshold=d.threshold.value, reason=d.reason, model=live.model.name,
             narrowband=bool(live.vad is not None and live.vad.narrowband))

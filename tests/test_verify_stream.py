@@ -320,3 +320,46 @@ def test_speech_beyond_max_audio_seconds_is_not_kept(model_repo, tmp_path):
         assert final.final and not live.recomputed and final.speech_seconds == pytest.approx(live._speech_n / SR)
     finally:
         srv.stop()
+
+
+def test_change_alerts_can_require_the_recent_speech_to_leave_the_reference(live):
+    """``recent_reference_llr`` comes with every ``recent_llr``; with ``change_reference_llr`` an alert also needs the
+    recent speech to score below it against the claimed speaker, so a switch to another voice is still flagged and
+    a recent window that still sounds like the claimed speaker is not."""
+    from service.decisions import Side, Threshold
+    from service.live_verify import LiveOptions, LiveVerification
+
+    srv, _ = live
+    engine = srv.server.engine
+    model = engine.models["ge2e"]
+    slt, awb = _read("flite-slt-2"), _read("flite-awb-1")
+    x = np.concatenate([slt, slt, slt, awb, awb, awb])
+    switch = 3 * len(slt) / SR
+
+    def side(wave: np.ndarray) -> Side:
+        vec = model.embed([wave])[0]
+        return Side("reference", vec, model.scorer.stats(vec), speech_seconds=len(wave) / SR)
+
+    async def run(reference: Side, reference_llr: float):
+        live = LiveVerification(engine, model, reference, Threshold("llr", 2.0),
+                                LiveOptions(change_llr=3.0, change_reference_llr=reference_llr))
+        updates = []
+        for i in range(0, len(x), SR // 2):
+            updates += await live.push(x[i:i + SR // 2])
+        more, final = await live.finish()
+        return updates + more, final
+
+    ref_slt = side(_read("flite-slt-1"))
+    updates, final = srv.call(run(ref_slt, 50.0))  # no reference condition: the switch is flagged
+    scored = [u for u in updates if u.recent_llr is not None]
+    assert scored and all(u.recent_reference_llr is not None for u in scored)
+    assert all(u.recent_reference_llr is None for u in updates if u.recent_llr is None)
+    before = [u.recent_reference_llr for u in scored if u.audio_seconds < switch]
+    after = [u.recent_reference_llr for u in scored if u.audio_seconds > switch + 2.5]
+    assert before and after and max(after) < min(before)  # awb's speech does not sound like slt's reference
+    assert final.speaker_changed
+    bar = (max(after) + min(before)) / 2  # between the two voices: the switch to awb still passes it
+    _, final = srv.call(run(ref_slt, bar))
+    assert final.speaker_changed and switch < final.changes[0] < switch + 4.0
+    _, final = srv.call(run(side(awb), bar))  # the claimed speaker is awb: the switch is to them
+    assert not final.speaker_changed and final.changes == []
