@@ -14,13 +14,12 @@ from training.data.corpus import (
     Voice,
     _Job,
     _render,
-    _sentence_table,
     build_corpus,
     discover_voices,
     make_trials,
     read_scp,
-    sentences,
 )
+from training.data.sentences import _sentence_table, sentences
 
 needs_voices = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("sox") is None,
                                   reason="TTS voices not installed (bash scripts/install_voices.sh --small)")
