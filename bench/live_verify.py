@@ -296,7 +296,7 @@ def main() -> None:
     a.add_argument("--change-llr", type=float, default=None, help="server option live_change_llr")
     a.add_argument("--reference-llr", type=float, default=None, help="server option live_change_reference_llr")
     a.add_argument("--window", type=float, default=None, help="server option live_change_window_seconds")
-    a.add_argument("--trace", action="store_true", help="alerts off; sweep the threshold offline on recent_llr")
+    a.add_argument("--trace", action="store_true", help="alerts off; sweep both thresholds offline on recent_llr and recent_reference_llr")
     lo = sub.add_parser("load")
     lo.add_argument("--streams", type=int, default=100)
     lo.add_argument("--seconds", type=float, default=30)

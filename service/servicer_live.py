@@ -11,7 +11,6 @@ turns results into protobuf.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from models.audio import check_pcm_format
 from models.audio_stream import ChunkDecoder
@@ -19,6 +18,7 @@ from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.convert import SCALE_PB, VERDICT_PB, pcm_encoding
 from service.errors import DeadlineExceeded, InvalidArgument
 from service.live_verify import LiveOptions, LiveUpdate, LiveVerification
+from service.rpc import call_deadline
 from service.rpc import rpc as _rpc
 from service.store import validate_collection
 
@@ -66,14 +66,14 @@ class LiveRpcs:
             fmt = config.pcm
             check_pcm_format(fmt.sample_rate, fmt.channels or 1, "config.pcm")
             pcm = (pcm_encoding(fmt.encoding, "config.pcm.encoding"), fmt.sample_rate, fmt.channels or 1)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+        deadline = call_deadline(context)
         batcher = self.engine.batchers.get(model.name)
         if batcher is not None:
             batcher.admit(deadline)  # a new stream waits for no queue: refused now (RESOURCE_EXHAUSTED) when it is long
         reference, _ = await self._side(model, ref, "config.reference", "VerifyStream", context)
-        options = LiveOptions(interim, cfg.live_change_window_seconds, cfg.live_change_min_base_seconds, cfg.live_change_llr,
-                              cfg.live_final_margin, cfg.live_change_reference_llr)
+        options = LiveOptions(interim_seconds=interim, change_window_seconds=cfg.live_change_window_seconds,
+                              change_min_base_seconds=cfg.live_change_min_base_seconds, change_llr=cfg.live_change_llr,
+                              change_reference_llr=cfg.live_change_reference_llr, final_margin=cfg.live_final_margin)
         narrow = True if pcm is not None and pcm[1] <= 8000 else None
         live = LiveVerification(self.engine, model, reference, threshold, options, narrow, deadline)
         return live, ChunkDecoder("chunk", model.sample_rate, pcm, cfg.max_stream_audio_seconds)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 
@@ -11,6 +10,7 @@ from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.convert import SCALE_PB, to_pcm16
 from service.auth import PermissionDenied
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.rpc import call_deadline
 from service.rpc import rpc as _rpc
 from service.store import validate_collection
 
@@ -87,7 +87,7 @@ class ModelRpcs:
         except NotFound:
             pass
         model = engine.model(request.model)
-        deadline = None if context.time_remaining() is None else time.monotonic() + context.time_remaining()
+        deadline = call_deadline(context)
         migrated, skipped, offset = 0, [], 0
         while True:
             page, total = await engine.store_call(store.list, source, offset, 100)

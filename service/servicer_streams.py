@@ -11,7 +11,6 @@ window in bounded memory (``service.long_audio``).
 from __future__ import annotations
 
 import tempfile
-import time
 
 import soundfile as sf
 
@@ -21,6 +20,7 @@ from service.convert import merge_timings, ms, pcm_encoding, speech_pb
 from service.engine import AudioInput
 from service.errors import InvalidArgument
 from service.long_audio import embed_long
+from service.rpc import call_deadline
 from service.rpc import rpc as _rpc
 
 __all__ = ["StreamRpcs"]
@@ -117,10 +117,9 @@ class StreamRpcs:
                 audio = AudioInput(data, "chunk", *pcm) if pcm else AudioInput(data, "chunk")
                 emb, speech, timings = await self._embed_only(model, audio, "EmbedStream", context)
             else:
-                remaining = context.time_remaining()
-                deadline = None if remaining is None else time.monotonic() + remaining
                 emb, speech, queue_s, inference_s = await embed_long(
-                    self.engine, model, spool, "chunk", self.engine.config.max_stream_audio_seconds, pcm, deadline)
+                    self.engine, model, spool, "chunk", self.engine.config.max_stream_audio_seconds, pcm,
+                    call_deadline(context))
                 self._observe_speech(model, "EmbedStream", speech, "")
                 timings = merge_timings([pb.Timings(decode_ms=ms(speech.decode_s), queue_ms=ms(queue_s),
                                                     inference_ms=ms(inference_s), execution_provider=model.provider)],

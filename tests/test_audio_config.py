@@ -110,6 +110,9 @@ def test_config_precedence_and_errors(tmp_path):
         load_config(env={"SPKSERVE_MAX_BATCH_SIZE": "lots"})
     with pytest.raises(ConfigError, match="index_type"):
         load_config(overrides={"index_type": "tree"})
+    with pytest.raises(ConfigError, match="live_change_reference_llr"):
+        load_config(env={"SPKSERVE_LIVE_CHANGE_REFERENCE_LLR": "nan"})
+    assert load_config(env={"SPKSERVE_LIVE_CHANGE_REFERENCE_LLR": "50"}).live_change_reference_llr == 50.0
     f.write_text("unknown_option = 1\n")
     with pytest.raises(ConfigError, match="unknown_option"):
         load_config(f, env={})
