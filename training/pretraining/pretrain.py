@@ -70,6 +70,7 @@ from training.pretraining.pretrain_data import (
     span_mask,
     through_channels,
 )
+from training.pretraining.publish import publish
 
 __all__ = ["PretrainConfig", "SMALL_WAVLM", "utterance_contrast_loss", "CONTRAST_HEADS", "projection_head",
            "MaskedPredictor", "sample_batch", "crop_samples", "pretrain_step", "pretrain", "publish", "main"]
@@ -322,42 +323,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
                                for name in ("config", "summary") if (prev / f"{name}.json").is_file()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return final
-
-
-def _encoder_kind(cfg: dict, summary: dict) -> str:
-    """What supervision went into an encoder, following the chain of runs it continues."""
-    while True:
-        if cfg.get("distill_weight", 0) > 0:
-            return "SSL-pretrained encoder, further trained with GE2E speaker-teacher distillation (no corpus labels)"
-        prev = summary.get("init_run") or {}
-        if not prev.get("config"):
-            return "SSL-pretrained encoder (no speaker supervision)"
-        cfg, summary = prev["config"], prev.get("summary", {})
-
-
-def publish(run: str | Path, dest: str | Path, command: str) -> Path:
-    """Copy a finished run's encoder to ``dest`` with ``provenance.json``: the run's config and summary,
-    the command that made it, the code's git commit and the corpus manifest's SHA-256."""
-    import hashlib
-    import shutil
-    import subprocess
-
-    run, dest = Path(run), Path(dest)
-    if not (run / "encoder" / "config.json").is_file():
-        raise FileNotFoundError(f"{run / 'encoder'}: no finished encoder in this run")
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(run / "encoder", dest)
-    cfg = json.loads((run / "config.json").read_text())
-    manifest = Path(cfg["corpus"]) / "manifest.json"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
-    summary = json.loads((run / "summary.json").read_text())
-    prov = {"kind": _encoder_kind(cfg, summary), "command": command, "config": cfg, "summary": summary,
-            "code_commit": commit or None,
-            "corpus_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None}
-    (dest / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
