@@ -7,7 +7,10 @@ the corpus manifest, so a checkpoint in ``models/checkpoints`` says how it was m
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 __all__ = ["publish"]
@@ -27,10 +30,6 @@ def _encoder_kind(cfg: dict, summary: dict) -> str:
 def publish(run: str | Path, dest: str | Path, command: str) -> Path:
     """Copy a finished run's encoder to ``dest`` with ``provenance.json``: the run's config and summary,
     the command that made it, the code's git commit and the corpus manifest's SHA-256."""
-    import hashlib
-    import shutil
-    import subprocess
-
     run, dest = Path(run), Path(dest)
     if not (run / "encoder" / "config.json").is_file():
         raise FileNotFoundError(f"{run / 'encoder'}: no finished encoder in this run")
