@@ -14,7 +14,7 @@ import grpc
 from service.errors import Unavailable, status_of
 from service.logs import access, request_id
 
-__all__ = ["call_deadline", "rpc"]
+__all__ = ["call_deadline", "rpc", "send"]
 
 log = logging.getLogger("spkserve.servicer")
 
@@ -25,6 +25,18 @@ def call_deadline(context) -> float | None:
     """The call's absolute deadline on ``time.monotonic``'s clock (None: the client set none)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+async def send(context, message) -> None:
+    """Write one message of a server stream. A write the transport refuses means the call is already over on the
+    wire (its client cancelled, went away or ran out of time); gRPC may report that to the handler only moments
+    later, so the refusal is raised as the cancellation it is (counted CANCELLED), never as the server's own error."""
+    try:
+        await context.write(message)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - grpc's ExecuteBatchError and kin: nothing more can reach this client
+        raise asyncio.CancelledError(f"the client can no longer be written to: {exc!r}") from exc
 
 
 def _bounded(message: str) -> str:

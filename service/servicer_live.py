@@ -18,7 +18,7 @@ from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.convert import SCALE_PB, VERDICT_PB, pcm_encoding
 from service.errors import DeadlineExceeded, InvalidArgument
 from service.live_verify import LiveOptions, LiveUpdate, LiveVerification
-from service.rpc import call_deadline
+from service.rpc import call_deadline, send
 from service.rpc import rpc as _rpc
 from service.store import validate_collection
 
@@ -125,16 +125,16 @@ class LiveRpcs:
                     raise InvalidArgument("chunk", f"the stream exceeds {limit:,} bytes (max_stream_mb={cfg.max_stream_mb})")
                 wave = await loop.run_in_executor(self.engine.decode_pool, decoder.feed, msg.chunk)
                 for u in await live.push(wave):
-                    await context.write(self._live_pb(live, u))
+                    await send(context, self._live_pb(live, u))
                 changes = self._count_changes(live, changes)
             tail = decoder.finish()
             updates = await live.push(tail)
             more, final = await live.finish()
             for u in updates + more:
-                await context.write(self._live_pb(live, u))
+                await send(context, self._live_pb(live, u))
             self._count_changes(live, changes)
             self._observe_decision(live.model, "VerifyStream", final.decision)
-            await context.write(self._live_pb(live, final))
+            await send(context, self._live_pb(live, final))
         finally:
             gauge.dec()
 

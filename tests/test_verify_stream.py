@@ -257,6 +257,62 @@ def test_no_chunk_after_half_close_and_cancel_frees_the_stream(live):
     assert 'spkserve_live_speaker_changes_total{model="ge2e"}' in text
 
 
+def test_a_write_refused_before_grpc_reports_the_cancel_counts_cancelled_not_internal(live, caplog):
+    """The race behind a flaky CI run: the client cancels, the server's next write fails (grpc's ExecuteBatchError)
+    while ``context.cancelled()`` is still False. That is the client gone, not the server's error: CANCELLED, no
+    error logged, the stream's state freed."""
+    from grpc._cython import cygrpc
+
+    srv, _ = live
+    metrics = srv.server.engine.metrics
+    cancelled = metrics.requests.labels("VerifyStream", "CANCELLED")
+    internal = metrics.requests.labels("VerifyStream", "INTERNAL")
+    before = cancelled._value.get(), internal._value.get()
+
+    class Context:  # a call whose transport is gone and whose cancellation grpc has not delivered yet
+        writes = 0
+
+        def invocation_metadata(self):
+            return ()
+
+        async def send_initial_metadata(self, md):
+            pass
+
+        def time_remaining(self):
+            return None
+
+        def cancelled(self):
+            return False
+
+        def set_trailing_metadata(self, md):
+            pass
+
+        async def write(self, message):
+            self.writes += 1
+            raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+
+        async def abort(self, code, message):
+            raise AssertionError(f"aborted with {code}: {message}")
+
+    async def requests():
+        for m in _messages(_config(interim_seconds=0.5), _pcm(np.concatenate([_read("flite-slt-2")] * 2))):
+            yield m
+
+    async def scenario(ctx):
+        try:
+            await srv.server.servicer.VerifyStream(requests(), ctx)
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "returned"
+
+    ctx = Context()
+    assert srv.call(scenario(ctx)) == "cancelled"
+    assert ctx.writes == 1
+    assert (cancelled._value.get(), internal._value.get()) == (before[0] + 1, before[1])
+    assert metrics.live_streams.labels("ge2e")._value.get() == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "VerifyStream" in r.getMessage()]
+
+
 def test_tenancy_and_scoped_tokens_as_verify(model_repo, tmp_path):
     from tests.test_security import as_, write_tokens
 
