@@ -42,6 +42,7 @@ from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, Spe
 from service.store.audio import RetainedAudio
 from service.store.faiss_index import CollectionIndex
 from service.store.keys import KeyFile, KeyRing, Sealed
+from service.store.local_state import RecordState
 from service.store.recovery import SNAP_RE, WAL_RE, Recovery
 from service.store.snapshot import SnapshotEntry, write_snapshot
 from service.store.wal import FileOps, LogWriter
@@ -61,7 +62,7 @@ def _pack(info: dict, array: np.ndarray) -> bytes:
     return struct.pack("<I", len(head)) + head + np.ascontiguousarray(array).tobytes()
 
 
-class LocalStore(Recovery, SpeakerStore):
+class LocalStore(Recovery, RecordState, SpeakerStore):
     """All collections, persisted under ``data_dir``. Thread-safe; calls block on disk I/O.
 
     Args:
@@ -359,46 +360,6 @@ class LocalStore(Recovery, SpeakerStore):
             self.last_snapshot_error = str(e)
             self._since_snapshot = self.snapshot_every // 2  # try again later, not after every write
             log.error("%s; the write-ahead log still holds every acknowledged change", e)
-
-    def _apply_enroll(self, head: dict, body: dict, embeddings: np.ndarray) -> tuple[SpeakerRecord, bool]:
-        c, spk = head["c"], body["spk"]
-        coll = self._collections.get(c)
-        if coll is None:
-            coll = self._collections[c] = CollectionIndex(c, head["model"], head["dim"], self.options)
-        if not coll.model_version and head.get("mv"):
-            coll.model_version = head["mv"]  # collections from before versions were kept adopt the first one seen
-        if "reenroll" in head:
-            self._tombstones.get(c, set()).discard(head["reenroll"])
-        old = coll.speakers.get(spk)
-        emb = embeddings.reshape(-1, head["dim"]).astype(np.float64)  # (N, D); a v1 snapshot row is one sum of n
-        added, ts, speech = emb.sum(axis=0), head["ts"], body.get("speech")
-        if old is None:
-            rec = SpeakerRecord(spk, added, body["n"], dict(body["meta"]), ts, ts, speech=speech, last_used_ms=ts)
-        else:
-            total = None if old.speech is None or speech is None else old.speech + speech
-            rec = SpeakerRecord(spk, old.sum + added, old.count + body["n"], {**old.metadata, **body["meta"]},
-                                old.created_ms, ts, speech=total, last_used_ms=ts)
-        coll.upsert(rec)
-        self._slots[(c, spk)] = head["slot"]
-        self._owners[head["slot"]] = (c, spk)
-        return rec, old is None
-
-    def _apply_delete(self, head: dict) -> None:
-        c = head["c"]
-        self._tombstones.setdefault(c, set()).add(head["tomb"])
-        owner = self._owners.pop(head.get("slot"), None)
-        if owner is not None:
-            self._collections[owner[0]].remove(owner[1])
-            del self._slots[owner]
-
-    def _apply_touch(self, head: dict) -> None:
-        coll = self._collections.get(head["c"])
-        if coll is None:
-            return
-        for slot, used in head["used"]:
-            c, spk = self._owners.get(slot, (None, None))
-            if c == head["c"] and spk in coll.speakers:
-                coll.speakers[spk].last_used_ms = max(coll.speakers[spk].last_used_ms, used)
 
     # -- snapshots and log generations --------------------------------------------------
     def _wal_path(self, gen: int) -> Path:
