@@ -124,19 +124,6 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         self._last_error = None
         return out
 
-    def _binding(self, collection: str) -> tuple[str, str, int] | None:
-        if collection in self._bindings:
-            return self._bindings[collection]
-        rows = self._call(self.client.query, _REGISTRY, filter=f"pk == {_q(collection)}",
-                          output_fields=["model", "version", "dim", "index_type"], consistency_level="Strong")
-        if not rows:
-            return None
-        b = (rows[0]["model"], rows[0]["version"], int(rows[0]["dim"]))
-        self._sealers[collection] = self._make_sealer(collection) if rows[0]["index_type"].endswith(SEALED_SUFFIX) else None
-        if b[1]:
-            self._bindings[collection] = b  # a versioned binding never changes
-        return b
-
     def _key_for(self, collection: str):
         return next((k for k in self.key_files if fnmatch.fnmatchcase(collection, k.pattern)), None)
 
@@ -157,21 +144,6 @@ class MilvusStore(MilvusSchema, SpeakerStore):
     def _pk(self, collection: str, speaker_id: str) -> str:
         sealer = self._sealer(collection)
         return speaker_id if sealer is None else sealer.pk(speaker_id)
-
-    def _bind(self, collection: str, model: str, version: str, dim: int) -> None:
-        self._create(milvus_name("spkv_", collection), [
-            ("sum", "JSON", {}), ("count", "INT64", {}), ("speech", "DOUBLE", {}), ("meta", "JSON", {}),
-            ("created", "INT64", {}), ("updated", "INT64", {}), ("deltas", "INT64", {})], dim, self.options.index_type)
-        self._create(milvus_name("spkd_", collection), [
-            ("spk", "VARCHAR", {"max_length": 2048}), ("sum", "JSON", {}), ("count", "INT64", {}),
-            ("speech", "DOUBLE", {}), ("meta", "JSON", {}), ("ts", "INT64", {})], 2)
-        known = self._binding(collection)
-        sealed = self._sealers.get(collection) is not None if known else self._key_for(collection) is not None
-        self._call(self.client.upsert, _REGISTRY, [{"pk": collection, "model": model, "version": version, "dim": dim,
-                                                    "index_type": self.options.index_type + (SEALED_SUFFIX if sealed else ""),
-                                                    "vec": [1.0, 0.0]}])
-        self._bindings.pop(collection, None)
-        self._sealers[collection] = self._make_sealer(collection) if sealed else None
 
     # -- reads ------------------------------------------------------------------------
     def _require(self, collection: str) -> tuple[str, str, int]:

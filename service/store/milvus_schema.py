@@ -10,6 +10,7 @@ store loads every one it uses.
 from __future__ import annotations
 
 from service.errors import FailedPrecondition, InvalidArgument
+from service.store.milvus_privacy import SEALED_SUFFIX
 
 __all__ = ["MilvusSchema", "milvus_name", "drop_database"]
 
@@ -52,7 +53,8 @@ def _q(value: str) -> str:
 
 
 class MilvusSchema:
-    """Schema methods of ``MilvusStore`` (uses its ``client`` and ``options``)."""
+    """Schema and registry methods of ``MilvusStore`` (uses its ``client``, ``options``, ``_call``, ``_make_sealer``
+    and the ``_bindings`` and ``_sealers`` caches)."""
 
     def vector_index_params(self, index_type: str = "flat"):
         """Milvus index parameters of the ``vec`` field for spkserve's ``index_type``: flat -> FLAT,
@@ -119,3 +121,33 @@ class MilvusSchema:
                 if self.client.has_collection(name):
                     self._load(name)
 
+    def _binding(self, collection: str) -> tuple[str, str, int] | None:
+        """(model, model version, dimension) the registry binds ``collection`` to, None when it does not exist;
+        notes whether the collection is sealed."""
+        if collection in self._bindings:
+            return self._bindings[collection]
+        rows = self._call(self.client.query, _REGISTRY, filter=f"pk == {_q(collection)}",
+                          output_fields=["model", "version", "dim", "index_type"], consistency_level="Strong")
+        if not rows:
+            return None
+        b = (rows[0]["model"], rows[0]["version"], int(rows[0]["dim"]))
+        self._sealers[collection] = self._make_sealer(collection) if rows[0]["index_type"].endswith(SEALED_SUFFIX) else None
+        if b[1]:
+            self._bindings[collection] = b  # a versioned binding never changes
+        return b
+
+    def _bind(self, collection: str, model: str, version: str, dim: int) -> None:
+        """Create the collection's two Milvus collections (when missing) and write its registry row."""
+        self._create(milvus_name("spkv_", collection), [
+            ("sum", "JSON", {}), ("count", "INT64", {}), ("speech", "DOUBLE", {}), ("meta", "JSON", {}),
+            ("created", "INT64", {}), ("updated", "INT64", {}), ("deltas", "INT64", {})], dim, self.options.index_type)
+        self._create(milvus_name("spkd_", collection), [
+            ("spk", "VARCHAR", {"max_length": 2048}), ("sum", "JSON", {}), ("count", "INT64", {}),
+            ("speech", "DOUBLE", {}), ("meta", "JSON", {}), ("ts", "INT64", {})], 2)
+        known = self._binding(collection)
+        sealed = self._sealers.get(collection) is not None if known else self._key_for(collection) is not None
+        self._call(self.client.upsert, _REGISTRY, [{"pk": collection, "model": model, "version": version, "dim": dim,
+                                                    "index_type": self.options.index_type + (SEALED_SUFFIX if sealed else ""),
+                                                    "vec": [1.0, 0.0]}])
+        self._bindings.pop(collection, None)
+        self._sealers[collection] = self._make_sealer(collection) if sealed else None
