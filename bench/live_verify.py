@@ -1,7 +1,7 @@
 """Live verification (VerifyStream) on real speech, through a real server: accuracy and load.
 
     .venv/bin/python bench/live_verify.py accuracy --real corpus-real --split evaluation [--trials 600] [--switches 200]
-    .venv/bin/python bench/live_verify.py load [--streams 100] [--seconds 30] [--chunk-ms 500]
+    .venv/bin/python bench/live_verify.py load [--streams 100] [--seconds 30] [--chunk-ms 500] [--real corpus-real] [--repeat 3]
 
 ``accuracy`` (human speech from the real-speech pool; one server, ge2e, default options unless
 ``--change-llr`` / ``--reference-llr`` / ``--window`` say otherwise):
@@ -18,10 +18,13 @@
   ``live_change_reference_llr`` offline on the calibration split.
 
 ``load``: ``--streams`` concurrent streams at real-time pace (a chunk every ``--chunk-ms``),
-each 0.75-1.25 x ``--seconds`` long and starting within the first 5 s, of reference speech with
-pauses; reports the interim latency (time
+each 0.75-1.25 x ``--seconds`` long and starting within the first 5 s, of speech with pauses
+(the real pool's human recordings with ``--real``, else the shipped synthetic clips), each claiming a
+speaker enrolled before the run (``--reference audio``: reference audio in the config instead,
+embedded as its stream starts); reports the interim latency (time
 from sending the chunk that completes the speech an interim covers to receiving it: p50, p95)
-and the CPU the server used. Prints Markdown; ``--json`` writes the figures.
+and the CPU the server used; ``--repeat`` runs it several times on one server and prints the medians;
+``--json`` writes the figures.
 """
 
 from __future__ import annotations
@@ -234,19 +237,46 @@ def summarize(trial_rows: list[dict], stream_rows: list[dict]) -> dict:
     return out
 
 
-async def load(target: str, streams: int, seconds: float, chunk_ms: float, interim_seconds: float = 0.0) -> dict:
+def reference_clips() -> list[np.ndarray]:
+    """The shipped reference clips (synthetic voices, 16 kHz): the load's speech when no real pool is given."""
+    from tests.conftest import REFERENCE
+
+    return [sf.read(p, dtype="float32")[0] for p in sorted((REFERENCE / "audio").glob("*.wav"))]
+
+
+async def load(target: str, streams: int, seconds: float, chunk_ms: float, interim_seconds: float = 0.0,
+               clips: list[np.ndarray] | None = None, seed: int = 0, enrolled: bool = True) -> dict:
+    """Interim latency of ``streams`` concurrent real-time streams of ``clips`` (16 kHz waves) with pauses.
+
+    ``enrolled``: stream i claims speaker ``ref-i`` of collection ``live-load``, enrolled (untimed) from one clip
+    before the streams start; else its config carries that clip as audio, embedded when the stream starts."""
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
     from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-    from tests.conftest import REFERENCE
 
-    names = sorted((REFERENCE / "audio").glob("*.wav"))
-    clips = [sf.read(p, dtype="float32")[0] for p in names]
-    rng = np.random.default_rng(0)
+    clips = clips or reference_clips()
+    rng = np.random.default_rng(seed)
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.SpeakerServiceStub(ch)
+        refs = [clips[i % len(clips)] for i in range(streams)]
+        if enrolled:
+            gate = asyncio.Semaphore(8)
+
+            async def enroll(i: int):
+                async with gate:
+                    for k in range(len(clips)):  # a clip the VAD finds no speech in is refused: take the next
+                        refs[i] = clips[(i + k) % len(clips)]
+                        try:
+                            return await retrying(lambda: stub.Enroll(pb.EnrollRequest(
+                                collection="live-load", speaker_id=f"ref-{i}", allow_reenroll=True,
+                                audio=[pb.Audio(encoded=wav(refs[i], SR))]), timeout=120))
+                        except grpc.aio.AioRpcError as e:
+                            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                                raise
+
+            await asyncio.gather(*[enroll(i) for i in range(streams)])
 
         async def one(i: int):
             parts, total = [], 0
@@ -254,7 +284,8 @@ async def load(target: str, streams: int, seconds: float, chunk_ms: float, inter
                 parts += [clips[int(rng.integers(len(clips)))], np.zeros(int(rng.uniform(0.2, 1.0) * SR), np.float32)]
                 total += len(parts[-2]) + len(parts[-1])
             x = np.concatenate(parts)[:int(seconds * rng.uniform(0.75, 1.25) * SR)]  # calls of different lengths
-            ref = pb.Probe(audio=pb.Audio(encoded=wav(clips[i % len(clips)], SR)))
+            ref = (pb.Probe(speaker=pb.SpeakerRef(collection="live-load", speaker_id=f"ref-{i}")) if enrolled
+                   else pb.Probe(audio=pb.Audio(encoded=wav(refs[i], SR))))
             await asyncio.sleep(rng.uniform(0, 5.0))  # calls do not start (or end) in lockstep
             sent: list = []
             results = await stream(stub, pb, ref, x, SR, chunk_ms, realtime=True, sent_at=sent,
@@ -302,9 +333,17 @@ def main() -> None:
     lo.add_argument("--seconds", type=float, default=30)
     lo.add_argument("--chunk-ms", type=float, default=500)
     lo.add_argument("--interim-seconds", type=float, default=0.0, help="config.interim_seconds (0: the default, 1 s)")
+    lo.add_argument("--real", type=Path, help="real-speech pool: the calls are its split's human recordings "
+                    "(default: the shipped synthetic reference clips)")
+    lo.add_argument("--split", default="evaluation")
+    lo.add_argument("--reference", choices=("enrolled", "audio"), default="enrolled",
+                    help="who each call claims to be: a speaker enrolled beforehand (collection + speaker_id, as a "
+                         "call centre verifies) or audio sent in the config and embedded when the stream starts")
+    lo.add_argument("--repeat", type=int, default=1, help="runs on the same server; prints each and the medians")
     for p in (a, lo):
         p.add_argument("--repository", type=Path, default=ROOT / "models" / "repository")
-        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--threads", type=int, default=0,
+                       help="ONNX Runtime threads per batch (0: the server's default, one per inference worker on CPU)")
         p.add_argument("--json", type=Path)
     args = ap.parse_args()
     opts = dict(models="ge2e")
@@ -317,7 +356,7 @@ def main() -> None:
             opts["live_change_reference_llr"] = args.reference_llr
         if args.window is not None:
             opts["live_change_window_seconds"] = args.window
-    server = Server(args.repository, args.threads, **opts)
+    server = Server(args.repository, args.threads or None, **opts)
     try:
         if args.cmd == "accuracy":
             waves, u2s, trials = load_split(args.real / args.split)
@@ -327,9 +366,17 @@ def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps({**out, "rows": rows}, indent=1, default=str))
         else:
-            c0 = cpu_seconds(server.p.pid)
-            out = asyncio.run(load(server.target, args.streams, args.seconds, args.chunk_ms, args.interim_seconds))
-            out["server_cpu_cores"] = (cpu_seconds(server.p.pid) - c0) / out["wall_s"]
+            clips = list(load_split(args.real / args.split)[0].values()) if args.real else None
+            runs = []
+            for k in range(args.repeat):
+                c0 = cpu_seconds(server.p.pid)
+                run = asyncio.run(load(server.target, args.streams, args.seconds, args.chunk_ms, args.interim_seconds,
+                                       clips, seed=k, enrolled=args.reference == "enrolled"))
+                run["server_cpu_cores"] = (cpu_seconds(server.p.pid) - c0) / run["wall_s"]
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+            out = {**{k: statistics.median(r[k] for r in runs) for k in runs[0]},
+                   "speech": "real" if args.real else "synthetic", "runs": len(runs)}
             print(json.dumps(out, indent=1))
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))
