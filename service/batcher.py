@@ -1,8 +1,9 @@
 """Dynamic batching of utterances for one model.
 
 Requests put single utterances on a bounded queue and await a future. One collector task
-forms batches whenever an inference worker is free: it takes the oldest waiting utterance,
-waits up to ``max_wait`` for company, and adds further utterances in arrival order while the
+forms batches whenever an inference worker is free: it takes the oldest waiting utterance (or,
+while that one has waited less than ``priority_age_s``, the oldest *urgent* one: a live stream's
+window), waits up to ``max_wait`` for company, and adds utterances of similar length while the
 batch stays under ``max_batch_size`` and the padded-audio budget ``max_batch_samples``
 (batch size x longest utterance). Models that are not padding-invariant get only
 equal-length utterances in one batch, so an utterance's embedding never depends on what it
@@ -10,17 +11,7 @@ was batched with. Utterances whose caller has gone (future cancelled) or whose d
 passed are dropped before they cost inference: a cancelled caller's utterance leaves the queue
 at once. The batch runs on a thread pool; the event loop never runs the model.
 
-Admission by estimated wait: the batcher measures its throughput (padded samples per second
-of inference, a moving average) and estimates how long a new utterance would wait behind the
-audio already queued. A request whose deadline would pass before it is served, or that would
-wait longer than ``max_queue_wait``, is refused at once (Overloaded, with a retry hint) instead
-of waiting to fail. Retry hints are staggered: each refused caller is given the next free *turn*
-after the work queued ahead and after the turns promised to the callers refused before it, one
-average utterance's service time apart. Callers that honour the hint (gRPC clients with a retry
-policy, ``grpc-retry-pushback-ms``) then come back at the rate the model serves them instead of
-all at once, so a storm of callers is not refused over and over (each refusal still costs the
-receive and parse of its audio). Hints never hold anyone back: admission looks only at the
-real queue.
+Admission by estimated wait (``service.admission``) refuses at once what could not be served in time.
 
 The batcher knows nothing of protobuf or gRPC: it takes numpy arrays and callables.
 """
@@ -36,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from service.admission import Admission
 from service.errors import DeadlineExceeded, Overloaded, Unavailable
 
 __all__ = ["DynamicBatcher", "BatchResult", "BatchStats"]
@@ -70,13 +62,14 @@ class _Item:
     future: asyncio.Future
     enqueued: float
     deadline: float | None = None  # time.monotonic() value
+    urgent: bool = False  # a live stream's window: leads a batch ahead of older non-urgent utterances
     cost: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.cost = len(self.wave)
 
 
-class DynamicBatcher:
+class DynamicBatcher(Admission):
     """Groups concurrent single-utterance requests into batches for ``run``.
 
     Args:
@@ -94,6 +87,10 @@ class DynamicBatcher:
             bucketing; 0 batches in arrival order whatever the lengths).
         same_length_only: only equal-length utterances share a batch.
         workers: batches run concurrently (threads).
+        priority_age_s: an urgent utterance (``submit(urgent=True)``: a live stream's window,
+            waited for in real time) leads the next batch ahead of older ones, until the oldest
+            utterance has waited this long; then the oldest leads again, so urgent traffic delays
+            the rest by about this much at most, never starves it.
         stats: metric callbacks.
         name: for logs and thread names.
     """
@@ -111,6 +108,7 @@ class DynamicBatcher:
         min_fill: float = 0.9,
         same_length_only: bool = False,
         workers: int = 1,
+        priority_age_s: float = 0.25,
         stats: BatchStats | None = None,
         name: str = "model",
     ):
@@ -123,6 +121,7 @@ class DynamicBatcher:
         self.deadline_margin = deadline_margin
         self.min_fill = min_fill
         self.workers = workers
+        self.priority_age_s = priority_age_s
         self.samples_per_s: float | None = None  # measured throughput of one worker (moving average)
         self._avg_cost: float | None = None  # moving average of utterance length in samples
         self._next_turn = 0.0  # time.monotonic() of the next retry turn not yet promised to a refused caller
@@ -147,7 +146,8 @@ class DynamicBatcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
 
-    async def submit(self, wave: np.ndarray, deadline: float | None = None, admitted: bool = False) -> BatchResult:
+    async def submit(self, wave: np.ndarray, deadline: float | None = None, admitted: bool = False,
+                     urgent: bool = False) -> BatchResult:
         """Queue one (T,) float32 utterance and wait for its embedding.
 
         Args:
@@ -156,6 +156,8 @@ class DynamicBatcher:
             admitted: a later part of a request already admitted (a window of a long recording):
                 the work queued ahead may be the request's own, so ``max_queue_wait`` is not
                 applied again (the deadline and ``max_queue`` still are).
+            urgent: someone waits for this result in real time (a live stream's window): it may lead a
+                batch ahead of older utterances (see ``priority_age_s``).
 
         Raises:
             Overloaded: the queue is full.
@@ -171,57 +173,12 @@ class DynamicBatcher:
             raise Overloaded(f"model {self.name}: {len(self._queue)} utterances queued (max_queue={self.max_queue}); "
                              f"retry in {retry:.1f} s", retry)
         self._check_wait(self.estimated_wait(len(wave)), deadline, now, None if admitted else self.estimated_wait(0))
-        item = _Item(wave, asyncio.get_running_loop().create_future(), now, deadline)
+        item = _Item(wave, asyncio.get_running_loop().create_future(), now, deadline, urgent)
         item.future.add_done_callback(lambda f, it=item: self._on_done(it))
         self._queue.append(item)
         self._report_depth()
         self._wakeup.set()
         return await item.future
-
-    def estimated_wait(self, samples: int | None = None, pending: int = 0) -> float | None:
-        """Seconds a new utterance would wait and run behind the queue and ``pending`` utterances
-        still being prepared (of the average size, as is the new one when ``samples`` is None);
-        None before any batch was measured."""
-        if not self.samples_per_s:
-            return None
-        avg = self._avg_cost or 0.0
-        queued = sum(it.cost for it in self._queue) + (avg if samples is None else samples) + pending * avg
-        return queued / (self.samples_per_s * self.workers)
-
-    def admit(self, deadline: float | None, pending: int = 0, extra_s: float = 0.0) -> None:
-        """Refuse (Overloaded) a request now when its utterance could not be served in time;
-        ``extra_s`` is the time it needs before it reaches the queue (decoding behind others)."""
-        if self._closed:
-            raise Unavailable(f"model {self.name} is shutting down")
-        wait = self.estimated_wait(None, pending)
-        ahead = self.estimated_wait(0, pending)
-        self._check_wait(None if wait is None else wait + extra_s, deadline, time.monotonic(),
-                         None if ahead is None else ahead + extra_s)
-
-    def _check_wait(self, wait: float | None, deadline: float | None, now: float, queued: float | None) -> None:
-        """Refuse when ``wait`` (the work ahead and the request's own) misses the deadline, or when ``queued``
-        (the work ahead only: a request's own compute is never queueing) exceeds ``max_queue_wait``."""
-        if wait is None:
-            return
-        if deadline is not None and now + wait > deadline - self.deadline_margin * (deadline - now):
-            retry = self._retry_after(queued if queued is not None else wait, now)
-            raise Overloaded(f"model {self.name}: the estimated queueing time {wait:.2f} s exceeds the request's "
-                             f"deadline ({max(deadline - now, 0):.2f} s left); retry in {retry:.1f} s", retry)
-        if self.max_queue_wait_s is not None and queued is not None and queued > self.max_queue_wait_s:
-            retry = self._retry_after(queued - self.max_queue_wait_s, now)
-            raise Overloaded(f"model {self.name}: the estimated queueing time {queued:.2f} s exceeds max_queue_wait "
-                             f"({self.max_queue_wait_s:.2f} s); retry in {retry:.1f} s", retry)
-
-    MAX_RETRY_S = 30.0  # the longest retry hint given (the turns of a long line of refused callers)
-
-    def _retry_after(self, ahead: float, now: float) -> float:
-        """Seconds until a refused caller's turn: after ``ahead`` (the work queued before it) and after the
-        turns promised to the callers refused before it, one average utterance's service time apart
-        (so callers that honour their hints return at the rate the model serves them)."""
-        step = (self._avg_cost or 0.0) / (self.samples_per_s * self.workers) if self.samples_per_s else 0.0
-        turn = min(max(now + max(ahead, 0.0), self._next_turn), now + self.MAX_RETRY_S)
-        self._next_turn = turn + step
-        return max(turn - now, step, 0.001)
 
     def _on_done(self, item: _Item) -> None:
         """A caller that went away (or timed out) leaves the queue at once: it neither blocks admission nor runs."""
@@ -281,6 +238,14 @@ class DynamicBatcher:
             self._queue = kept
             self._report_depth()
 
+    def _leader(self, now: float) -> _Item:
+        """The utterance the next batch is built around: the oldest urgent one while the oldest of all
+        has waited less than ``priority_age_s``, else the oldest."""
+        first = self._queue[0]
+        if first.urgent or now - first.enqueued >= self.priority_age_s:
+            return first
+        return next((it for it in self._queue if it.urgent), first)
+
     def _compatible(self, first: _Item) -> list[_Item]:
         """Waiting utterances that may join a batch led by ``first``, in arrival order."""
         if not self.same_length_only:
@@ -288,23 +253,26 @@ class DynamicBatcher:
         return [it for it in self._queue if it.cost == first.cost]
 
     def _take_batch(self) -> list[_Item]:
-        """Remove and return the next batch: the oldest utterance and companions of similar length.
+        """Remove and return the next batch: the leader (``_leader``: the oldest utterance, or an urgent one)
+        and companions of similar length.
 
         Batches are padded to their longest member, so mixing a 1 s and a 10 s utterance wastes
         9 s of compute. Companions are taken nearest in length first (ties: older first), while
         the batch stays under both budgets and at least ``min_fill`` of its padded samples are
-        real audio; the oldest utterance always leads, so none waits behind newer ones forever.
+        real audio; the oldest utterance leads (an urgent one may go first for ``priority_age_s``), so none
+        waits behind newer ones forever.
         A batch is also kept short enough to end, at the measured throughput, before the nearest
         deadline of its members: every member waits for the whole batch, and a large batch that
         ends after its members' deadlines is work for nobody.
         """
         if not self._queue:
             return []
-        first = self._queue[0]
-        order = {id(it): i for i, it in enumerate(self._queue)}
-        others = sorted(self._compatible(first)[1:], key=lambda it: (abs(it.cost - first.cost), order[id(it)]))
-        batch, longest, total = [first], first.cost, first.cost
         now, rate = time.monotonic(), self.samples_per_s
+        first = self._leader(now)
+        order = {id(it): i for i, it in enumerate(self._queue)}
+        others = sorted((it for it in self._compatible(first) if it is not first),
+                        key=lambda it: (abs(it.cost - first.cost), order[id(it)]))
+        batch, longest, total = [first], first.cost, first.cost
         due = first.deadline if first.deadline is not None else float("inf")
         for it in others:
             if len(batch) >= self.max_batch_size:
@@ -347,8 +315,9 @@ class DynamicBatcher:
                     self._prune(time.monotonic())
                     if not self._queue:
                         break
-                    first = self._queue[0]
-                    left = first.enqueued + self.max_wait_s - time.monotonic()
+                    now = time.monotonic()
+                    first = self._leader(now)
+                    left = first.enqueued + self.max_wait_s - now
                     if left <= 0 or self._closed or self._batch_ready(first):
                         break
                     self._wakeup.clear()

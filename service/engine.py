@@ -341,12 +341,13 @@ class Engine:
             self._preparing_by_model[model.name] -= 1
 
     async def embed(self, model: SpeakerModel, wave: np.ndarray, deadline: float | None = None,
-                    admitted: bool = False) -> BatchResult:
-        """Embed one model-ready waveform through the model's batcher (``admitted``: see ``Batcher.submit``)."""
+                    admitted: bool = False, urgent: bool = False) -> BatchResult:
+        """Embed one model-ready waveform through the model's batcher (``admitted``, ``urgent``: see
+        ``DynamicBatcher.submit``)."""
         if self.models.get(model.name) is not model:
             raise Unavailable(f"model {model.name} v{model.card.version} was unloaded or replaced while this "
                               "request was being prepared; retry")
-        result = await self.batchers[model.name].submit(wave, deadline, admitted)
+        result = await self.batchers[model.name].submit(wave, deadline, admitted, urgent)
         if self.tracing.on:
             start = self.tracing.record("inference", result.inference_s, model=model.name, batch_size=result.batch_size)
             self.tracing.record("queue", result.queue_s, end_ns=start, model=model.name)

@@ -6,7 +6,10 @@ What ``VerifyStream`` does with the audio of one call, without protobuf:
    once, its state carried from chunk to chunk (``models.vad_stream.VadStream``).
    A stream is admitted once, when it starts (``VerifyStream`` refuses a new stream while the
    model's queue is too long): its later windows are never refused for the queue's length, so
-   an overload slows running calls down instead of cutting them off.
+   an overload slows running calls down instead of cutting them off. The windows are *urgent*
+   in the model's batcher: they go ahead of other waiting work (other requests, new streams'
+   reference audio) for up to ``priority_age_s``, so a burst of long requests does not hold up
+   the interim results of calls in progress.
 2. Speech before the VAD's *horizon* (where its segments are final) is *committed*. Every
    ``interim_seconds`` of new committed speech, one *window* is embedded: the last
    ``max(change_window_seconds, interim_seconds)`` of speech (the new speech and the end of
@@ -184,8 +187,8 @@ class LiveVerification:
             self._recent = np.concatenate([self._recent, new])[-span:]
             self._embedded_n += new.size
             windows.append((self._recent, new.size, self._embedded_n))
-        results = await asyncio.gather(*[self.engine.embed(self.model, w, self.deadline, admitted=True)
-                                         for w, _, _ in windows])
+        results = await asyncio.gather(*[self.engine.embed(self.model, w, self.deadline, admitted=True, urgent=True)
+                                         for w, _, _ in windows])  # urgent: a caller waits for it in real time
         position = self._committed / self.rate
         updates = []
         for (w, added, end), r in zip(windows, results):

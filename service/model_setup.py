@@ -72,6 +72,7 @@ def make_batcher(config: ServerConfig, metrics: Metrics, model: SpeakerModel) ->
         min_fill=cfg.batch_min_fill,
         same_length_only=not model.padded_batching,
         workers=cfg.inference_threads(model.provider != "CPUExecutionProvider")[0],
+        priority_age_s=cfg.live_priority_ms / 1000,
         stats=stats,
         name=name,
     )

@@ -113,6 +113,10 @@ def test_config_precedence_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="live_change_reference_llr"):
         load_config(env={"SPKSERVE_LIVE_CHANGE_REFERENCE_LLR": "nan"})
     assert load_config(env={"SPKSERVE_LIVE_CHANGE_REFERENCE_LLR": "50"}).live_change_reference_llr == 50.0
+    for bad in ("-1", "inf", "20000"):
+        with pytest.raises(ConfigError, match="live_priority_ms"):
+            load_config(env={"SPKSERVE_LIVE_PRIORITY_MS": bad})
+    assert load_config(env={"SPKSERVE_LIVE_PRIORITY_MS": "0"}).live_priority_ms == 0.0
     f.write_text("unknown_option = 1\n")
     with pytest.raises(ConfigError, match="unknown_option"):
         load_config(f, env={})

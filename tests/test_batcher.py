@@ -383,3 +383,33 @@ def test_batches_end_before_their_members_deadlines():
         assert len(b._take_batch()) == 3
 
     run(main())
+
+
+def test_urgent_utterances_lead_ahead_of_older_ones_until_the_oldest_has_waited_priority_age():
+    model = FakeModel()
+
+    async def main(priority_age_s, hold_s):
+        model.batches.clear()
+        model.gate.clear()  # hold the worker so everything queues up behind the blocker
+        b = DynamicBatcher(model, max_batch_size=8, max_wait_s=0.0, max_batch_samples=10**9, min_fill=0.9,
+                           priority_age_s=priority_age_s)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit(np.zeros(10, np.float32)))
+        await asyncio.sleep(0.05)
+        long = [asyncio.ensure_future(b.submit(np.ones(16000 * n, np.float32))) for n in (30, 25)]  # reference audio
+        await asyncio.sleep(0.01)
+        windows = [asyncio.ensure_future(b.submit(np.full(32000, float(i), np.float32), urgent=True))
+                   for i in range(3)]
+        await asyncio.sleep(hold_s)
+        model.gate.set()
+        res = await asyncio.gather(blocker, *long, *windows)
+        await b.close()
+        assert [r.embedding[0] for r in res[1:]] == [480000, 400000, 32000, 32000, 32000]  # each its own row
+        return model.batches[1:]
+
+    # the live windows (2 s) run first, in one batch, ahead of the older long utterances
+    assert run(main(0.25, 0.0)) == [[32000] * 3, [480000, 400000]]
+    # the oldest utterance has waited past priority_age_s: it leads again (urgent work never starves the rest)
+    assert run(main(0.05, 0.2)) == [[480000, 400000], [32000] * 3]
+    # 0: arrival order
+    assert run(main(0.0, 0.0)) == [[480000, 400000], [32000] * 3]

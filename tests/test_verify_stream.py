@@ -419,3 +419,37 @@ def test_change_alerts_can_require_the_recent_speech_to_leave_the_reference(live
     assert final.speaker_changed and switch < final.changes[0] < switch + 4.0
     _, final = srv.call(run(side(awb), bar))  # the claimed speaker is awb: the switch is to them
     assert not final.speaker_changed and final.changes == []
+
+
+def test_live_windows_are_urgent_in_the_batcher_and_the_final_recomputation_is_not(live, monkeypatch):
+    """Interim windows are submitted urgent (they lead batches ahead of older queued work, see the batcher's
+    ``priority_age_s``, set by ``live_priority_ms``); the final whole-speech pass is ordinary work."""
+    from service.decisions import Side, Threshold
+    from service.live_verify import LiveOptions, LiveVerification
+
+    srv, _ = live
+    engine = srv.server.engine
+    model, batcher = engine.models["ge2e"], engine.batchers["ge2e"]
+    assert batcher.priority_age_s == pytest.approx(srv.server.config.live_priority_ms / 1000)
+    seen = []
+    submit = batcher.submit
+
+    async def spy(wave, deadline=None, admitted=False, urgent=False):
+        seen.append((wave.size, urgent))
+        return await submit(wave, deadline, admitted, urgent)
+
+    monkeypatch.setattr(batcher, "submit", spy)
+    vec = model.embed([_read("flite-slt-1")])[0]
+    side = Side("reference", vec, model.scorer.stats(vec), speech_seconds=3.0)
+
+    async def run():
+        live = LiveVerification(engine, model, side, Threshold("llr", 2.0), LiveOptions(final_margin=2.0))
+        x = np.concatenate([_read("flite-slt-2")] * 2)
+        for i in range(0, len(x), SR // 2):
+            await live.push(x[i:i + SR // 2])
+        await live.finish()
+        return live
+
+    live_state = srv.call(run())
+    assert live_state.recomputed and len(seen) == len(live_state.windows) + 1
+    assert all(urgent for _, urgent in seen[:-1]) and seen[-1] == (live_state._speech_n, False)
