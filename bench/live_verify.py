@@ -21,7 +21,8 @@
 each 0.75-1.25 x ``--seconds`` long and starting within the first 5 s, of speech with pauses
 (the real pool's human recordings with ``--real``, else the shipped synthetic clips), each claiming a
 speaker enrolled before the run (``--reference audio``: reference audio in the config instead,
-embedded as its stream starts); reports the interim latency (time
+embedded as its stream starts), optionally beside other traffic (``--background N``: N clients
+sending ``Embed`` requests of a minute of speech back to back); reports the interim latency (time
 from sending the chunk that completes the speech an interim covers to receiving it: p50, p95)
 and the CPU the server used; ``--repeat`` runs it several times on one server and prints the medians;
 ``--json`` writes the figures.
@@ -245,11 +246,14 @@ def reference_clips() -> list[np.ndarray]:
 
 
 async def load(target: str, streams: int, seconds: float, chunk_ms: float, interim_seconds: float = 0.0,
-               clips: list[np.ndarray] | None = None, seed: int = 0, enrolled: bool = True) -> dict:
+               clips: list[np.ndarray] | None = None, seed: int = 0, enrolled: bool = True,
+               background: int = 0, background_seconds: float = 60.0) -> dict:
     """Interim latency of ``streams`` concurrent real-time streams of ``clips`` (16 kHz waves) with pauses.
 
     ``enrolled``: stream i claims speaker ``ref-i`` of collection ``live-load``, enrolled (untimed) from one clip
-    before the streams start; else its config carries that clip as audio, embedded when the stream starts."""
+    before the streams start; else its config carries that clip as audio, embedded when the stream starts.
+    ``background``: that many clients send ``Embed`` requests of ``background_seconds`` of speech one after
+    another while the streams run (other traffic on the same server)."""
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -297,14 +301,33 @@ async def load(target: str, streams: int, seconds: float, chunk_ms: float, inter
                 if covered:
                     latencies.append(t_recv - covered[0])
 
+        done = asyncio.Event()
+        embeds: list[float] = []  # seconds per background Embed
+
+        async def other(j: int):
+            r = np.random.default_rng(1000 + seed * 100 + j)
+            parts, total = [], 0
+            while total < background_seconds * SR:
+                parts.append(clips[int(r.integers(len(clips)))])
+                total += len(parts[-1])
+            body = pb.EmbedRequest(audio=pb.Audio(encoded=wav(np.concatenate(parts)[:int(background_seconds * SR)], SR)))
+            while not done.is_set():
+                t = time.monotonic()
+                await retrying(lambda: stub.Embed(body, timeout=120))
+                embeds.append(time.monotonic() - t)
+
         t0, c0 = time.monotonic(), time.process_time()
+        others = [asyncio.ensure_future(other(j)) for j in range(background)]
         await asyncio.gather(*[one(i) for i in range(streams)])
         wall = time.monotonic() - t0
+        done.set()
+        await asyncio.gather(*others)
     lat = np.array(latencies)
     return dict(streams=streams, seconds=seconds, chunk_ms=chunk_ms, interim_seconds=interim_seconds or 1.0,
                 wall_s=wall, interims=len(lat),
                 p50_ms=float(np.percentile(lat, 50) * 1000), p95_ms=float(np.percentile(lat, 95) * 1000),
-                p99_ms=float(np.percentile(lat, 99) * 1000), client_cpu_s=time.process_time() - c0)
+                p99_ms=float(np.percentile(lat, 99) * 1000), client_cpu_s=time.process_time() - c0,
+                background_embeds=len(embeds), background_p50_s=float(np.median(embeds)) if embeds else 0.0)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -339,6 +362,9 @@ def main() -> None:
     lo.add_argument("--reference", choices=("enrolled", "audio"), default="enrolled",
                     help="who each call claims to be: a speaker enrolled beforehand (collection + speaker_id, as a "
                          "call centre verifies) or audio sent in the config and embedded when the stream starts")
+    lo.add_argument("--background", type=int, default=0,
+                    help="clients sending Embed requests of --background-seconds of speech back to back meanwhile")
+    lo.add_argument("--background-seconds", type=float, default=60.0)
     lo.add_argument("--repeat", type=int, default=1, help="runs on the same server; prints each and the medians")
     for p in (a, lo):
         p.add_argument("--repository", type=Path, default=ROOT / "models" / "repository")
@@ -371,7 +397,8 @@ def main() -> None:
             for k in range(args.repeat):
                 c0 = cpu_seconds(server.p.pid)
                 run = asyncio.run(load(server.target, args.streams, args.seconds, args.chunk_ms, args.interim_seconds,
-                                       clips, seed=k, enrolled=args.reference == "enrolled"))
+                                       clips, seed=k, enrolled=args.reference == "enrolled",
+                                       background=args.background, background_seconds=args.background_seconds))
                 run["server_cpu_cores"] = (cpu_seconds(server.p.pid) - c0) / run["wall_s"]
                 runs.append(run)
                 print(json.dumps(run), flush=True)

@@ -87,6 +87,7 @@ class ServerConfig:
     max_diarize_audio_seconds: float = 900.0  # unary Diarize (decoded in blocks; DiarizeStream: max_stream_audio_seconds)
     store_workers: int = 0  # threads calling the speaker store; 0: auto (a Milvus server: 16; else 1)
     decode_workers: int = 2  # threads decoding, resampling and running VAD
+    live_decode_workers: int = 1  # threads decoding and running VAD on live streams' chunks (apart from the rest)
     # voice activity detection (Silero VAD) before every embedding; the model's model.json
     # may carry its own VAD options, and [model_settings.<model>] overrides both
     vad: bool = True  # embed only the speech Silero VAD finds
@@ -191,6 +192,7 @@ class ServerConfig:
              "must be > 0 and <= max_stream_audio_seconds")
         need(self.max_stream_messages >= 2, "max_stream_messages", "must be >= 2 (a config and a chunk)")
         need(self.decode_workers >= 1, "decode_workers", "must be >= 1")
+        need(1 <= self.live_decode_workers <= 64, "live_decode_workers", "must be in 1..64")
         need(0 <= self.store_workers <= 256, "store_workers", "must be in 0..256 (0: auto)")
         need(0 < self.vad_threshold < 1, "vad_threshold", "must be in (0, 1)")
         for name in ("vad_min_speech_ms", "vad_min_silence_ms", "vad_speech_pad_ms"):

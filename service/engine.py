@@ -122,6 +122,9 @@ class Engine:
         self.cohorts = CollectionCohorts(config.collection_cohort_min_speakers, config.collection_cohort_max_speakers,
                                          config.collection_cohort_refresh_seconds)
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+        # live streams' chunks (a few ms each, a caller waiting in real time) never queue behind a long
+        # upload's decoding or a diarization's clustering on the pool above
+        self._live_pool = ThreadPoolExecutor(config.live_decode_workers, thread_name_prefix="live")
         # the embedded store writes its log one call at a time; Milvus calls mostly wait on the server,
         # so many run at once (writes to one speaker still take turns inside the store)
         server = config.index_backend == "milvus" and "://" in config.milvus_uri  # not Milvus Lite's one file
@@ -270,6 +273,7 @@ class Engine:
         if self.store is not None:
             await asyncio.get_running_loop().run_in_executor(self._store_pool, self.store.close)
         self._decode_pool.shutdown(wait=True)
+        self._live_pool.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
 
     # -- models -----------------------------------------------------------------------
@@ -287,6 +291,12 @@ class Engine:
     def decode_pool(self) -> ThreadPoolExecutor:
         """The threads that decode and screen audio (blocking work, never on the event loop)."""
         return self._decode_pool
+
+    @property
+    def live_pool(self) -> ThreadPoolExecutor:
+        """The threads that decode and run VAD on live streams' chunks (``VerifyStream``), apart from
+        ``decode_pool`` so that a chunk never waits behind a long recording's work."""
+        return self._live_pool
 
     def limits(self, model: SpeakerModel) -> AudioLimits:
         """Duration limits for ``model``'s inputs."""

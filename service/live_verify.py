@@ -3,7 +3,8 @@
 What ``VerifyStream`` does with the audio of one call, without protobuf:
 
 1. Each chunk is decoded once (``models.audio_stream.ChunkDecoder``) and run through Silero VAD
-   once, its state carried from chunk to chunk (``models.vad_stream.VadStream``).
+   once, its state carried from chunk to chunk (``models.vad_stream.VadStream``), on the engine's
+   ``live_pool`` (threads of their own, so a chunk never waits behind other requests' decoding).
    A stream is admitted once, when it starts (``VerifyStream`` refuses a new stream while the
    model's queue is too long): its later windows are never refused for the queue's length, so
    an overload slows running calls down instead of cutting them off. The windows are *urgent*
@@ -143,7 +144,7 @@ class LiveVerification:
         self._audio.append(wave)
         self.samples += wave.size
         if self.vad is not None:
-            await asyncio.get_running_loop().run_in_executor(self.engine.decode_pool, self.vad.push, wave)
+            await asyncio.get_running_loop().run_in_executor(self.engine.live_pool, self.vad.push, wave)
         self._commit(self.vad.horizon() if self.vad is not None else self.samples)
         return await self._interims()
 
@@ -248,7 +249,7 @@ class LiveVerification:
     async def finish(self) -> tuple[list[LiveUpdate], LiveUpdate]:
         """The client half-closed: flush the VAD, the last interim(s), then the final result."""
         if self.vad is not None:
-            await asyncio.get_running_loop().run_in_executor(self.engine.decode_pool, self.vad.finish)
+            await asyncio.get_running_loop().run_in_executor(self.engine.live_pool, self.vad.finish)
         if self._audio:
             self._commit(self.samples)
         updates = await self._interims(last=True)

@@ -123,7 +123,7 @@ class LiveRpcs:
                 size += len(msg.chunk)
                 if size > limit:
                     raise InvalidArgument("chunk", f"the stream exceeds {limit:,} bytes (max_stream_mb={cfg.max_stream_mb})")
-                wave = await loop.run_in_executor(self.engine.decode_pool, decoder.feed, msg.chunk)
+                wave = await loop.run_in_executor(self.engine.live_pool, decoder.feed, msg.chunk)
                 for u in await live.push(wave):
                     await send(context, self._live_pb(live, u))
                 changes = self._count_changes(live, changes)

@@ -453,3 +453,21 @@ def test_live_windows_are_urgent_in_the_batcher_and_the_final_recomputation_is_n
     live_state = srv.call(run())
     assert live_state.recomputed and len(seen) == len(live_state.windows) + 1
     assert all(urgent for _, urgent in seen[:-1]) and seen[-1] == (live_state._speech_n, False)
+
+
+def test_live_chunks_do_not_wait_behind_the_decode_pool(live):
+    """Chunks are decoded and VAD'd on the engine's live pool: with every decode thread held by other work (a long
+    upload, a diarization's clustering), a live stream still gets its interim results and its final."""
+    import threading
+
+    srv, stub = live
+    engine = srv.server.engine
+    release = threading.Event()
+    held = [engine.decode_pool.submit(release.wait, 30) for _ in range(srv.server.config.decode_workers)]
+    try:
+        x = np.concatenate([_read("flite-slt-2")] * 2)
+        results = list(stub.VerifyStream(_messages(_config(), _pcm(x), 8000), timeout=20))
+        assert results[-1].final and len(results) >= 3
+        assert not any(f.done() for f in held)  # the decode threads were held the whole time
+    finally:
+        release.set()
