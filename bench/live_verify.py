@@ -126,7 +126,8 @@ async def retrying(make, attempts: int = 20):
             await asyncio.sleep(1.0 + 0.5 * i)
 
 
-async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int, seed: int, trace: bool) -> dict:
+async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int, seed: int, trace: bool,
+                   interim_seconds: float = 0.0) -> dict:
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -145,7 +146,7 @@ async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int
             xb, rate = channel(waves[b], ch_name, r)
             ref = pb.Probe(audio=pb.Audio(encoded=wav(waves[a], SR)))
             async with sem:
-                results = await retrying(lambda: stream(stub, pb, ref, xb, rate))
+                results = await retrying(lambda: stream(stub, pb, ref, xb, rate, interim_seconds=interim_seconds))
                 v = await retrying(lambda: stub.Verify(pb.VerifyRequest(a=ref, b=pb.Probe(audio=pb.Audio(encoded=wav(xb, rate))))))
             final = results[-1][1]
             last = [r for _, r in results[:-1] if r.HasField("llr")]
@@ -179,7 +180,7 @@ async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int
             x, rate = channel(x, ch_name, r)
             ref = pb.Probe(audio=pb.Audio(encoded=wav(waves[by_spk[a][0]], SR)))
             async with sem:
-                results = await retrying(lambda: stream(stub, pb, ref, x, rate))
+                results = await retrying(lambda: stream(stub, pb, ref, x, rate, interim_seconds=interim_seconds))
             final = results[-1][1]
             trace_rows = [(res.audio_seconds, res.recent_llr,
                            res.recent_reference_llr if res.HasField("recent_reference_llr") else None)
@@ -350,6 +351,7 @@ def main() -> None:
     a.add_argument("--change-llr", type=float, default=None, help="server option live_change_llr")
     a.add_argument("--reference-llr", type=float, default=None, help="server option live_change_reference_llr")
     a.add_argument("--window", type=float, default=None, help="server option live_change_window_seconds")
+    a.add_argument("--interim-seconds", type=float, default=0.0, help="config.interim_seconds (0: the default, 1 s)")
     a.add_argument("--trace", action="store_true", help="alerts off; sweep both thresholds offline on recent_llr and recent_reference_llr")
     lo = sub.add_parser("load")
     lo.add_argument("--streams", type=int, default=100)
@@ -386,7 +388,8 @@ def main() -> None:
     try:
         if args.cmd == "accuracy":
             waves, u2s, trials = load_split(args.real / args.split)
-            out = asyncio.run(accuracy(server.target, waves, u2s, trials, args.trials, args.switches, args.seed, args.trace))
+            out = asyncio.run(accuracy(server.target, waves, u2s, trials, args.trials, args.switches, args.seed, args.trace,
+                                       args.interim_seconds))
             rows = out.pop("rows")
             print(json.dumps(out, indent=1))
             if args.json:
