@@ -9,8 +9,8 @@ import numpy as np
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.decisions import ACCEPT, NOT_ENOUGH_SPEECH, REJECT, is_ready
-from service.engine import AudioInput, Speech
 from service.errors import InvalidArgument
+from service.inputs import AudioInput, Speech
 from service.store import SpeakerRecord
 
 __all__ = ["audio_input", "speech_pb", "speaker_pb", "scale_of", "SCALE_PB", "VERDICT_PB", "speaker_status", "ms",

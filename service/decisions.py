@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.scoring import ModelScorer, Scores
-from service.engine import Speech
+from service.inputs import Speech
 
 __all__ = ["Side", "Threshold", "Decision", "decide", "open_set_threshold", "speech_shortfall", "speaker_shortfall", "is_ready",
            "ACCEPT", "REJECT", "NOT_ENOUGH_SPEECH"]

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -29,6 +28,7 @@ from service.batcher import BatchResult, DynamicBatcher
 from service.cohorts import CollectionCohorts
 from service.config import ConfigError, ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from service.inputs import AudioInput, Speech
 from service.store import IndexOptions, LocalStore, SpeakerStore, StoreUnavailable, load_key_file
 from service.store.base import quoted
 from service.metrics import Metrics
@@ -45,33 +45,6 @@ def gpu_available(providers: list[str]) -> bool:
     have = set(available_providers())
     first = next((p for p in providers if p in have), "CPUExecutionProvider")
     return first != "CPUExecutionProvider"
-
-
-@dataclass
-class AudioInput:
-    """Audio as it came in: an encoded file, or raw PCM with its format."""
-
-    data: bytes
-    field: str = "audio"
-    pcm_encoding: str | None = None  # None: ``data`` is an encoded file
-    sample_rate: int = 0
-    channels: int = 1
-
-
-@dataclass
-class Speech:
-    """A decoded input after voice activity detection: what will be embedded and how much speech it is."""
-
-    wave: np.ndarray  # (T',) float32 speech-only waveform at the model's rate
-    speech_seconds: float  # net speech (len(wave) / rate)
-    audio_seconds: float  # the decoded audio's duration
-    segments: list[tuple[float, float]]  # kept (start, end) in seconds of the input
-    vad_applied: bool
-    decode_s: float  # decoding + resampling + VAD
-    narrowband: bool = False  # no energy above 4 kHz: VAD ran in its 8 kHz mode
-    multiple_speakers: bool = False  # set by the one-talker check
-    self_consistency: float | None = None  # its lowest LLR between parts (None: not checked)
-    vad_s: float = 0.0  # the VAD's share of decode_s
 
 
 def _commercial_only(dirs: list) -> list:

@@ -51,7 +51,7 @@ import numpy as np
 from models.vad import keep_speech
 from models.vad_stream import VadStream
 from service.decisions import Decision, Side, Threshold, decide, speech_shortfall
-from service.engine import Speech
+from service.inputs import Speech
 
 __all__ = ["LiveOptions", "LiveUpdate", "LiveVerification"]
 

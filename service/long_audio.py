@@ -37,7 +37,7 @@ async def embed_long(engine, model, source: IO[bytes], field: str, max_seconds: 
         AudioError: bad audio (named by ``field``), or no speech the model can embed.
     """
     from models.audio import AudioError
-    from service.engine import Speech
+    from service.inputs import Speech
 
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()

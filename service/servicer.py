@@ -21,7 +21,8 @@ from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from service.convert import SCALE_PB, VERDICT_PB, audio_input, merge_timings, ms, scale_of, speech_pb
 from service.cohorts import cohort_side_stats
 from service.decisions import Decision, Side, Threshold, decide, speaker_shortfall, speech_shortfall
-from service.engine import AudioInput, Engine, Speech
+from service.engine import Engine
+from service.inputs import AudioInput, Speech
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.rpc import call_deadline as _deadline
 from service.rpc import rpc as _rpc

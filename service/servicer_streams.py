@@ -17,8 +17,8 @@ import soundfile as sf
 from models.audio import AudioLimits, check_header, check_pcm_format, probe_header
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.convert import merge_timings, ms, pcm_encoding, speech_pb
-from service.engine import AudioInput
 from service.errors import InvalidArgument
+from service.inputs import AudioInput
 from service.long_audio import embed_long
 from service.rpc import call_deadline
 from service.rpc import rpc as _rpc
