@@ -87,7 +87,7 @@ class ServerConfig:
     max_diarize_audio_seconds: float = 900.0  # unary Diarize (decoded in blocks; DiarizeStream: max_stream_audio_seconds)
     store_workers: int = 0  # threads calling the speaker store; 0: auto (a Milvus server: 16; else 1)
     decode_workers: int = 2  # threads decoding, resampling and running VAD
-    live_decode_workers: int = 1  # threads decoding and running VAD on live streams' chunks (apart from the rest)
+    live_decode_workers: int = 2  # threads decoding and running VAD on live streams' chunks (apart from the rest)
     # voice activity detection (Silero VAD) before every embedding; the model's model.json
     # may carry its own VAD options, and [model_settings.<model>] overrides both
     vad: bool = True  # embed only the speech Silero VAD finds
