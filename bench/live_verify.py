@@ -280,6 +280,7 @@ async def load(target: str, streams: int, seconds: float, chunk_ms: float, inter
                         except grpc.aio.AioRpcError as e:
                             if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
                                 raise
+                    raise RuntimeError(f"ref-{i}: the server refused every clip for enrollment")
 
             await asyncio.gather(*[enroll(i) for i in range(streams)])
 

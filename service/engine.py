@@ -2,8 +2,9 @@
 
 ``Engine`` is what the gRPC servicer adapts. It is usable on its own from asyncio code (tests,
 notebooks) and keeps every blocking call off the event loop: decoding and voice activity
-detection on a decode pool, inference on each batcher's worker threads, speaker-store I/O on a
-single store thread (which also serialises writes to the log).
+detection on a decode pool (live streams' chunks on a live pool of their own), inference on
+each batcher's worker threads, speaker-store I/O on a single store thread (which also serialises
+writes to the log).
 
 Every audio input is prepared the same way (``prepare``): decode, downmix, resample to the
 model's rate, find the speech with Silero VAD and keep only the speech segments. What is

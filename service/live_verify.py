@@ -9,7 +9,7 @@ What ``VerifyStream`` does with the audio of one call, without protobuf:
    model's queue is too long): its later windows are never refused for the queue's length, so
    an overload slows running calls down instead of cutting them off. The windows are *urgent*
    in the model's batcher: they go ahead of other waiting work (other requests, new streams'
-   reference audio) for up to ``priority_age_s``, so a burst of long requests does not hold up
+   reference audio) for up to ``live_priority_ms``, so a burst of long requests does not hold up
    the interim results of calls in progress.
 2. Speech before the VAD's *horizon* (where its segments are final) is *committed*. Every
    ``interim_seconds`` of new committed speech, one *window* is embedded: the last

@@ -408,7 +408,7 @@ def test_urgent_utterances_lead_ahead_of_older_ones_until_the_oldest_has_waited_
         return model.batches[1:]
 
     # the live windows (2 s) run first, in one batch, ahead of the older long utterances
-    assert run(main(0.25, 0.0)) == [[32000] * 3, [480000, 400000]]
+    assert run(main(5.0, 0.0)) == [[32000] * 3, [480000, 400000]]
     # the oldest utterance has waited past priority_age_s: it leads again (urgent work never starves the rest)
     assert run(main(0.05, 0.2)) == [[480000, 400000], [32000] * 3]
     # 0: arrival order
