@@ -239,25 +239,51 @@ class SileroVad:
     def analyse(self, wave: np.ndarray, sample_rate: int,
                 options: VadOptions = VadOptions()) -> tuple[list[tuple[int, int]], bool]:
         """``segments`` and whether the input was treated as narrowband."""
+        many, narrow = self.analyse_many(wave, sample_rate, [options])
+        return many[0], narrow
+
+    def analyse_many(self, wave: np.ndarray, sample_rate: int,
+                     options: list[VadOptions]) -> tuple[list[list[tuple[int, int]]], bool]:
+        """``segments`` under each of several rule sets from one run of the network, and whether the
+        input was treated as narrowband.
+
+        The network's input depends only on ``normalize_level`` and ``narrowband``, so every entry of
+        ``options`` must agree on those two (ValueError otherwise); thresholds, durations and padding
+        may differ. Diarization uses this to find turns strictly and speech generously in one pass.
+        """
         from models.audio import resample
 
+        if not options:
+            raise ValueError("options: give at least one VadOptions")
+        first = options[0]
+        for i, o in enumerate(options[1:], 1):
+            if (o.normalize_level, o.narrowband) != (first.normalize_level, first.narrowband):
+                raise ValueError(f"options[{i}]: normalize_level and narrowband must match options[0]'s "
+                                 f"({first.normalize_level}, {first.narrowband}), got ({o.normalize_level}, "
+                                 f"{o.narrowband})")
         wave = np.asarray(wave, dtype=np.float32).reshape(-1)
         if wave.size == 0:
-            return [], sample_rate <= 8000
+            return [[] for _ in options], sample_rate <= 8000
         vad_in = wave - np.float32(wave.mean(dtype=np.float64))
-        narrow = options.narrowband and is_narrowband(vad_in, sample_rate)
+        narrow = first.narrowband and is_narrowband(vad_in, sample_rate)
         rate = 8000 if narrow else VAD_SAMPLE_RATE
         if sample_rate != rate:
             vad_in = resample(vad_in, sample_rate, rate)
-        if options.normalize_level:
+        if first.normalize_level:
             vad_in = vad_in * np.float32(level_gain(vad_in))
         if narrow:
-            nb = replace(options, threshold=options.narrowband_threshold, neg_threshold=None)
-            segs = speech_segments(self.probabilities_8k(vad_in), vad_in.size, nb, sample_rate=8000, frame=_NB_FRAME)
+            probs = self.probabilities_8k(vad_in)  # (ceil(T / 256),)
+            many = [speech_segments(probs, vad_in.size, replace(o, threshold=o.narrowband_threshold,
+                                                               neg_threshold=None), sample_rate=8000, frame=_NB_FRAME)
+                    for o in options]
         else:
-            segs = speech_segments(self.probabilities(vad_in), vad_in.size, options)
+            probs = self.probabilities(vad_in)  # (ceil(T / 512),)
+            many = [speech_segments(probs, vad_in.size, o) for o in options]
         if sample_rate == rate:
-            return segs, narrow
+            return many, narrow
         ratio = sample_rate / rate
-        mapped = [(int(round(a * ratio)), min(wave.size, int(round(b * ratio)))) for a, b in segs]
-        return [(a, b) for a, b in mapped if b > a], narrow
+        out = []
+        for segs in many:
+            mapped = [(int(round(a * ratio)), min(wave.size, int(round(b * ratio)))) for a, b in segs]
+            out.append([(a, b) for a, b in mapped if b > a])
+        return out, narrow

@@ -185,3 +185,20 @@ def test_options_turn_each_step_off(vad, speech_files):
     assert narrow and not forced
     with pytest.raises(ValueError, match="vad.narrowband_threshold"):
         VadOptions(narrowband_threshold=1.0).validate("vad")
+
+
+def test_several_rule_sets_from_one_pass_equal_one_call_each(vad, speech_files):
+    """``analyse_many``: each option set's segments are what ``analyse`` gives it alone, wideband and narrowband."""
+    x = _speechy(speech_files)["pause"]
+    strict, generous = VadOptions(), VadOptions(threshold=0.35, narrowband_threshold=0.3, speech_pad_ms=200,
+                                                 min_silence_ms=300)
+    for wave, rate in ((x, SR), (resample(x, SR, 8000), 8000), (resample(x, SR, 22050), 22050)):
+        many, narrow = vad.analyse_many(wave, rate, [strict, generous])
+        assert many == [vad.analyse(wave, rate, strict)[0], vad.analyse(wave, rate, generous)[0]]
+        assert narrow == vad.analyse(wave, rate, strict)[1]
+        assert many[0] != many[1] and sum(b - a for a, b in many[1]) > sum(b - a for a, b in many[0])
+    assert vad.analyse_many(np.zeros(0, np.float32), SR, [strict, generous]) == ([[], []], False)
+    with pytest.raises(ValueError, match=r"options\[1\]: normalize_level and narrowband"):
+        vad.analyse_many(x, SR, [strict, VadOptions(normalize_level=False)])
+    with pytest.raises(ValueError, match="options: give at least one"):
+        vad.analyse_many(x, SR, [])
