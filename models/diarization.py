@@ -5,8 +5,8 @@ them on the service's VAD, models and batcher; ``training.evaluation.diarization
 
 1. **Windows** (``speech_windows``): every speech region is cut into windows of
    ``window_s`` every ``hop_s``; a region shorter than a window is one window.
-2. **Clustering** (``cluster``): the window embeddings less their recording mean (what the
-   speakers of one recording share: channel, room, codec) are clustered by average-linkage
+2. **Clustering** (``cluster``, in ``models.diarization_cluster``): the window embeddings less
+   their recording mean (what the speakers of one recording share: channel, room, codec) are clustered by average-linkage
    agglomerative clustering on cosine distance (``scipy.cluster.hierarchy``), cut at the number of
    speakers. Not given, the number is estimated by the eigengap of a pruned affinity graph with
    its pruning chosen per recording (``estimate_speakers``: NME-SC, Park et al., "Auto-Tuning
@@ -31,9 +31,11 @@ them on the service's VAD, models and batcher; ``training.evaluation.diarization
    which bounds memory and time.
 3. **Resegmentation** (``resegment``): each window is re-assigned to the closest cluster
    voiceprint, labels are smoothed over neighbouring windows, every 10 ms frame of speech takes the
-   label of the windows covering it (a tie goes to the closer voiceprint), runs of one label become
-   segments, a speaker's segments closer than ``merge_gap_s`` are merged and segments shorter than
-   ``min_segment_s`` are given to their neighbours.
+   label of the windows covering it (a tie goes to the closer voiceprint); speech that a second,
+   generous VAD pass finds outside every window (soft onsets, quiet endings, short pauses:
+   ``diarization_speech_vad``) takes the label of the closest labelled frame within ``fill_s``;
+   runs of one label become segments, a speaker's segments closer than ``merge_gap_s`` are merged
+   and segments shorter than ``min_segment_s`` are given to their neighbours.
 
 Overlapped speech is not detected: where two people talk at once the frames go to one of them
 (the other's longer turns around the overlap are kept). Only numpy and scipy.
@@ -45,17 +47,22 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from models.diarization_cluster import (
+    MAX_GRAPH_ITEMS,
+    MAX_TREE_ITEMS,
+    centered,
+    cluster,
+    estimate_speakers,
+    graph_items,
+    voiceprints,
+)
 from models.vad import VadOptions
 
-__all__ = ["FRAME_S", "DiarizationOptions", "Turn", "cluster", "diarization_vad", "diarize_embedded",
-           "estimate_speakers", "graph_items", "resegment", "speakers_of", "speech_windows", "to_rttm"]
+__all__ = ["FRAME_S", "MAX_GRAPH_ITEMS", "MAX_TREE_ITEMS", "DiarizationOptions", "Turn", "cluster",
+           "diarization_speech_vad", "diarization_vad", "diarize_embedded", "estimate_speakers", "graph_items",
+           "resegment", "speakers_of", "speech_windows", "to_rttm"]
 
 FRAME_S = 0.01
-MAX_TREE_ITEMS = 2000  # the tree's distance matrix holds MAX_TREE_ITEMS**2 / 2 doubles (16 MB)
-MAX_GRAPH_ITEMS = 1000  # the eigengap's graph: MAX_GRAPH_ITEMS**2 doubles (8 MB) and one eigensolve per pruning
-MIN_NEIGHBOURS = 2  # edges kept per item at least, whatever the pruning
-MIN_GRAPH_ITEMS = 80  # fewer distinct windows (about 40 s of speech): the tree's fixed cut estimates the count
-PRUNINGS = (0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25)  # shares of each row's closest items kept in the graph
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ class DiarizationOptions:
         min_segment_s: shorter segments are given to their neighbours.
         merge_gap_s: a speaker's segments closer than this are joined.
         smooth: windows in the label median filter (odd; 1: none).
+        fill_s: speech found by the generous VAD (``diarization_speech_vad``) outside every window
+            takes the label of the closest labelled frame up to this far away (seconds); farther, it
+            stays unlabelled.
     """
 
     window_s: float = 1.0
@@ -88,8 +98,9 @@ class DiarizationOptions:
     short_min_speaker_s: float = 10.0
     short_one_speaker_cosine: float = 0.81
     min_segment_s: float = 0.3
-    merge_gap_s: float = 0.5
+    merge_gap_s: float = 0.1
     smooth: int = 3
+    fill_s: float = 1.0
 
     def validate(self) -> DiarizationOptions:
         """ValueError naming the option for values out of range."""
@@ -103,6 +114,8 @@ class DiarizationOptions:
             raise ValueError(f"min_speakers: {self.min_speakers} is more than max_speakers ({self.max_speakers})")
         if not 0 < self.hop_s <= self.window_s <= 10:
             raise ValueError(f"window_s: need 0 < hop_s <= window_s <= 10, got {self.hop_s} and {self.window_s}")
+        if not 0 <= self.fill_s <= 10:
+            raise ValueError(f"fill_s: must be in 0..10, got {self.fill_s}")
         return self
 
 
@@ -114,6 +127,24 @@ def diarization_vad(base: VadOptions) -> VadOptions:
     calibration conversations' speech for 0.4% more false alarm.
     """
     return replace(base, speech_pad_ms=max(base.speech_pad_ms, 100.0))
+
+
+def diarization_speech_vad(base: VadOptions) -> VadOptions:
+    """The generous VAD options that say where the output's speech is (the turns' extent, not their labels).
+
+    The windows that are embedded and clustered come from ``diarization_vad``: its segments are
+    speech the model can label. Where people start and stop talking, soft onsets, quiet endings
+    and short pauses inside a turn score as speech too; these options (threshold at most 0.35,
+    padding at least 200 ms, pauses shorter than 300 ms kept inside a segment) find them, and
+    ``resegment`` labels them from the closest windows. Both rule sets run on one pass of the
+    network (``SileroVad.analyse_many``). On the calibration conversations missed speech went
+    from 8.3% to 6.5% of the reference for 0.4% more false alarm (BENCHMARKS.md, section 11e);
+    embedding windows from these generous segments instead moved the clustering's confusion by
+    up to 4 points of DER on the evaluation speakers, which is why the two are kept apart.
+    """
+    return replace(base, threshold=min(base.threshold, 0.35),
+                   narrowband_threshold=min(base.narrowband_threshold, 0.35),
+                   speech_pad_ms=max(base.speech_pad_ms, 200.0), min_silence_ms=max(base.min_silence_ms, 300.0))
 
 
 @dataclass
@@ -146,154 +177,18 @@ def speech_windows(regions: list[tuple[int, int]], rate: int, opts: DiarizationO
     return out
 
 
-def _voiceprints(emb: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """(k, D) unit mean of each label's window embeddings."""
-    out = np.zeros((k, emb.shape[1]), np.float64)
-    np.add.at(out, labels, emb.astype(np.float64))
-    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def _centered(emb: np.ndarray) -> np.ndarray:
-    """(N, D) unit embeddings less their recording mean: what the speakers of one recording do not share."""
-    x = emb.astype(np.float64) - emb.astype(np.float64).mean(axis=0)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _fold_small(cen: np.ndarray, labels: np.ndarray, seconds: np.ndarray, min_s: float, keep: int) -> np.ndarray:
-    """Give the windows of clusters with under ``min_s`` of speech to the closest larger cluster (keeps >= ``keep``)."""
-    k = int(labels.max()) + 1
-    dur = np.bincount(labels, weights=seconds, minlength=k)  # (k,)
-    order = np.argsort(-dur)
-    big = order[:max(keep, int((dur >= min_s).sum()), 1)]
-    small = ~np.isin(labels, big)
-    if small.any():
-        prints = _voiceprints(cen, labels, k)  # (k, D)
-        labels = labels.copy()
-        labels[small] = big[(cen[small] @ prints[big].T).argmax(axis=1)]
-    return _relabel(labels)[0]
-
-
-DISTINCT_COSINE = 0.97  # windows this close to one kept before are copies of it (repeated audio)
-
-
-def _distinct(x: np.ndarray, same: float | None = None) -> np.ndarray:
-    """(M, D) unit rows less near-copies (cosine >= ``same`` to a row kept before): repeated audio, such as a
-    prompt played again, gives identical windows, which would fill each other's neighbour lists."""
-    same = DISTINCT_COSINE if same is None else same
-    copy = np.zeros(len(x), bool)  # (M,) near-copy of a row kept before
-    for i in range(len(x)):
-        if not copy[i]:
-            copy[i + 1:] |= x[i + 1:] @ x[i] >= same
-    return x[~copy]
-
-
-def graph_items(cen: np.ndarray) -> np.ndarray:
-    """The (M, D) windows the eigengap looks at: every r-th of (N, D) ``cen`` (at most ``MAX_GRAPH_ITEMS``;
-    averaged runs would blend turns), near-copies dropped."""
-    return _distinct(cen[::-(-len(cen) // MAX_GRAPH_ITEMS)])
-
-
-def estimate_speakers(x: np.ndarray, lo: int, hi: int) -> int:
-    """The number of speakers of (M, D) recording-centred unit embeddings (``graph_items``) by the normalised
-    maximum eigengap.
-
-    For each pruning p (``PRUNINGS``), every row keeps its ``p * N`` most similar items (cosine) as
-    edges of weight 1, the graph is made symmetric, and the eigenvalues of its Laplacian are found;
-    the largest gap between consecutive eigenvalues (over its largest one) says how many groups
-    the graph falls into. The pruning with the smallest ``p / gap`` (the clearest structure for the
-    fewest edges) gives the number of groups (up to 16, or ``hi`` when more), held to ``lo..hi``.
-    """
-    n = len(x)
-    top = min(max(hi, 16), n - 1)  # groups looked for (then held to lo..hi)
-    if top < 1:
-        return max(1, min(lo, hi))
-    sim = x @ x.T  # (M, M)
-    best = (np.inf, 1)
-    for p in PRUNINGS:
-        keep = min(n, max(MIN_NEIGHBOURS, int(round(p * n))))
-        adj = np.zeros_like(sim)
-        np.put_along_axis(adj, np.argpartition(-sim, keep - 1, axis=1)[:, :keep], 1.0, axis=1)
-        adj = (adj + adj.T) / 2
-        eig = np.linalg.eigvalsh(np.diag(adj.sum(axis=1)) - adj)  # (M,) ascending
-        gaps = np.diff(eig[:top + 1]) / max(float(eig[-1]), 1e-12)  # gaps[i]: after i + 1 groups
-        k = int(np.argmax(gaps)) + 1
-        ratio = p / max(float(gaps[k - 1]), 1e-12)
-        if ratio < best[0]:
-            best = (ratio, k)
-    return min(max(best[1], lo), hi)
-
-
-def _one_voice(emb: np.ndarray, labels: np.ndarray, one_speaker_cosine: float) -> bool:
-    """Whether even the two most different clusters' voiceprints (raw embeddings) have cosine >= the bound."""
-    k = int(labels.max()) + 1
-    prints = _voiceprints(emb, labels, k)  # (k, D)
-    return bool((prints @ prints.T).min() >= one_speaker_cosine)
-
-
-def cluster(emb: np.ndarray, seconds: np.ndarray, opts: DiarizationOptions) -> tuple[np.ndarray, int]:
-    """Speaker labels of (N, D) unit window embeddings of one recording: ((N,) labels in 0..k-1, k).
-
-    Args:
-        emb: window embeddings.
-        seconds: (N,) speech in each window (clusters are sized by their speech).
-        opts: the number of speakers, or its bounds.
-    """
-    n = len(emb)
-    if n == 0:
-        return np.zeros(0, np.int64), 0
-    if n == 1:
-        return np.zeros(1, np.int64), 1
-    from scipy.cluster.hierarchy import fcluster, linkage
-
-    cen = _centered(emb)  # (N, D)
-    items = cen[::-(-n // MAX_TREE_ITEMS)]  # (M, D): every r-th window when there are too many for the tree
-    tree = linkage(items, method="average", metric="cosine")
-
-    def spread(sub: np.ndarray) -> np.ndarray:
-        """(N,) labels of all windows from the (M,) labels of the tree's: each to its closest cluster."""
-        if len(items) == n:
-            return sub
-        prints = _voiceprints(items, sub, int(sub.max()) + 1)  # (k, D)
-        return (cen @ prints.T).argmax(axis=1)
-
-    def cut(k: int) -> np.ndarray:
-        return spread(fcluster(tree, t=min(k, len(items)), criterion="maxclust").astype(np.int64) - 1)
-
-    if opts.num_speakers is not None:
-        return _relabel(cut(opts.num_speakers))
-    lo, hi = min(opts.min_speakers, n), min(opts.max_speakers, n)
-    graph = graph_items(cen)  # (G, D)
-    if len(graph) >= MIN_GRAPH_ITEMS:
-        labels = _relabel(cut(estimate_speakers(graph, lo, hi)))[0]
-        min_s, one_voice = opts.min_speaker_s, opts.one_speaker_cosine
-    else:  # too few windows for the eigengap: the tree's fixed cut
-        labels = _relabel(spread(fcluster(tree, t=opts.stop_distance, criterion="distance").astype(np.int64) - 1))[0]
-        min_s, one_voice = opts.short_min_speaker_s, opts.short_one_speaker_cosine
-    labels = _fold_small(cen, labels, seconds, min_s, lo)
-    if lo == 1 and labels.max() > 0 and _one_voice(emb, labels, one_voice):
-        labels = np.zeros(n, np.int64)
-    k = int(labels.max()) + 1
-    if not lo <= k <= hi:  # outside the caller's bounds: the tree's cut at the nearest bound
-        labels = cut(min(max(k, lo), hi))
-    return _relabel(labels)
-
-
-def _relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels renumbered 0..k-1 by first appearance; (labels, k)."""
-    order = {}
-    out = np.empty_like(labels)
-    for i, v in enumerate(labels.tolist()):
-        out[i] = order.setdefault(v, len(order))
-    return out, len(order)
-
-
 def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarray, rate: int,
-              opts: DiarizationOptions) -> list[Turn]:
-    """Turns from labelled windows (see the module docstring); times in seconds."""
+              opts: DiarizationOptions, speech: list[tuple[int, int]] | None = None) -> list[Turn]:
+    """Turns from labelled windows (see the module docstring); times in seconds.
+
+    ``speech``: (start, end) samples of the generous VAD's segments (``diarization_speech_vad``);
+    their frames outside every window take the label of the closest labelled frame within
+    ``opts.fill_s``. None: the windows alone say where speech is.
+    """
     if not windows:
         return []
     k = int(labels.max()) + 1
-    prints = _voiceprints(emb, labels, k)
+    prints = voiceprints(emb, labels, k)
     sims = emb @ prints.T  # (N, k)
     labels = sims.argmax(axis=1)  # re-assigned to the closest voiceprint
     if opts.smooth > 1 and len(labels) >= opts.smooth:
@@ -301,14 +196,17 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
         padded = np.concatenate([labels[:1].repeat(half), labels, labels[-1:].repeat(half)])
         labels = np.array([np.bincount(padded[i:i + opts.smooth], minlength=k).argmax() for i in range(len(labels))])
     frame = max(1, int(FRAME_S * rate))
-    end = max(b for _, b in windows)
+    end = max([b for _, b in windows] + [b for _, b in speech or []])
     n_frames = -(-end // frame)
     votes = np.zeros((n_frames, k), np.float32)
     for w, (a, b) in enumerate(windows):
         fa, fb = a // frame, -(-b // frame)
         votes[fa:fb, labels[w]] += 1.0 + 1e-3 * sims[w, labels[w]]  # ties: the closer voiceprint
-    speech = votes.sum(axis=1) > 0
-    frame_label = votes.argmax(axis=1)
+    voiced = votes.sum(axis=1) > 0  # (n_frames,)
+    frame_label = votes.argmax(axis=1)  # (n_frames,)
+    if speech:
+        frame_label, voiced = _fill(frame_label, voiced, speech, frame, int(round(opts.fill_s / FRAME_S)))
+    speech = voiced
     margin = np.sort(sims, axis=1)
     confidence = 1.0 / (1.0 + np.exp(-20 * (margin[:, -1] - (margin[:, -2] if k > 1 else 0.0))))  # (N,)
     turns: list[Turn] = []
@@ -332,8 +230,30 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
     return turns
 
 
+def _fill(frame_label: np.ndarray, voiced: np.ndarray, speech: list[tuple[int, int]], frame: int,
+          reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label the frames of ``speech`` (samples) that no window covers with the closest voiced frame's label,
+    at most ``reach`` frames away: ((n_frames,) labels, (n_frames,) voiced)."""
+    n = len(voiced)
+    wanted = np.zeros(n, bool)
+    for a, b in speech:
+        wanted[a // frame:-(-b // frame)] = True
+    todo = np.flatnonzero(wanted & ~voiced)
+    have = np.flatnonzero(voiced)
+    if not len(todo) or not len(have):
+        return frame_label, voiced
+    right = np.clip(np.searchsorted(have, todo), 0, len(have) - 1)
+    left = np.clip(right - 1, 0, len(have) - 1)
+    nearest = np.where(np.abs(have[left] - todo) <= np.abs(have[right] - todo), have[left], have[right])
+    close = np.abs(nearest - todo) <= reach
+    frame_label, voiced = frame_label.copy(), voiced.copy()
+    frame_label[todo[close]] = frame_label[nearest[close]]
+    voiced[todo[close]] = True
+    return frame_label, voiced
+
+
 def diarize_embedded(windows: list[tuple[int, int]], emb: np.ndarray, rate: int,
-                     opts: DiarizationOptions) -> tuple[list[Turn], int]:
+                     opts: DiarizationOptions, speech: list[tuple[int, int]] | None = None) -> tuple[list[Turn], int]:
     """Cluster and resegment embedded windows: (turns, number of speakers).
 
     Args:
@@ -341,12 +261,14 @@ def diarize_embedded(windows: list[tuple[int, int]], emb: np.ndarray, rate: int,
         emb: (N, D) unit embeddings of the windows.
         rate: samples per second of ``windows``.
         opts: as for ``cluster``.
+        speech: (start, end) samples of the generous VAD's segments (``diarization_speech_vad``), whose
+            frames outside the windows are labelled from the closest windows; None: the windows' extent only.
     """
     if not windows:
         return [], 0
     seconds = np.array([(b - a) / rate for a, b in windows])  # (N,)
     labels, k = cluster(emb, seconds, opts)
-    turns = resegment(windows, labels, _centered(emb) if k > 1 else emb, rate, opts)
+    turns = resegment(windows, labels, centered(emb) if k > 1 else emb, rate, opts, speech)
     used = sorted({t.speaker for t in turns})  # a cluster can lose every frame to its neighbours
     remap = {old: new for new, old in enumerate(used)}
     for t in turns:

@@ -3,8 +3,10 @@
 The audio (a unary request's bytes or a stream's spool) is decoded in blocks of
 ``BLOCK_SECONDS`` by one streaming decoder and resampler (``models.audio.stream_windows``), so a
 recording of an hour holds a block, its windows and the window embeddings in memory, never the
-whole waveform. Each block is screened by the model's VAD (``models.diarization.diarization_vad``)
-on the decode pool; its speech is cut into windows, which go to the model's batcher together, at
+whole waveform. Each block is screened by the model's VAD on the decode pool, with two rule sets
+in one pass of the network: ``models.diarization.diarization_vad`` finds the speech that is cut
+into windows and embedded, ``diarization_speech_vad`` where the output's turns extend to (and
+what ``speech`` reports). The windows go to the model's batcher together, at
 most ``WINDOWS_IN_FLIGHT`` at a time, where they are batched with everyone else's utterances. The
 request is admitted once, at the start (its own windows queued ahead of each other never count
 as queueing, see ``Batcher.submit``); the deadline holds for every window. Clustering and
@@ -24,6 +26,7 @@ from models.audio import AudioError, stream_windows
 from models.diarization import (
     DiarizationOptions,
     Turn,
+    diarization_speech_vad,
     diarization_vad,
     diarize_embedded,
     speakers_of,
@@ -66,23 +69,25 @@ async def diarize_source(engine, model, source: IO[bytes], field: str, max_secon
     engine.batchers[model.name].admit(deadline)
     rate = model.sample_rate
     policy = engine.policies[model.name]
-    vad_opts = None if policy.vad is None or engine.vad is None else diarization_vad(policy.vad)
+    vad_opts = None if policy.vad is None or engine.vad is None else \
+        [diarization_vad(policy.vad), diarization_speech_vad(policy.vad)]
     blocks = stream_windows(source, field, rate, max_seconds, pcm, BLOCK_SECONDS)
     min_samples = int(rate * max(model.card.min_audio_seconds, 0.1))
     decode_s = 0.0
 
     def next_block(offset: int):
-        """Decode and screen the next block: (windows in samples of the recording, their waves, regions,
-        block length, narrowband); None at the end."""
+        """Decode and screen the next block: (windows in samples of the recording, their waves, speech regions
+        (the generous VAD's), block length, narrowband); None at the end."""
         wave = next(blocks, None)
         if wave is None:
             return None
         if vad_opts is None:
-            regions, narrow = ([(0, len(wave))] if len(wave) else []), False
+            regions = speech = ([(0, len(wave))] if len(wave) else [])
+            narrow = False
         else:
-            regions, narrow = engine.vad.analyse(wave, rate, vad_opts)
+            (regions, speech), narrow = engine.vad.analyse_many(wave, rate, vad_opts)
         wins = speech_windows(regions, rate, opts, offset, min_samples)
-        return wins, [wave[a - offset:b - offset] for a, b in wins], [(a + offset, b + offset) for a, b in regions], \
+        return wins, [wave[a - offset:b - offset] for a, b in wins], [(a + offset, b + offset) for a, b in speech], \
             len(wave), narrow
 
     windows: list[tuple[int, int]] = []
@@ -132,7 +137,7 @@ async def diarize_source(engine, model, source: IO[bytes], field: str, max_secon
         raise AudioError(field, "holds no audio samples")
     emb = np.stack(embs) if embs else np.zeros((0, model.dim), np.float32)  # (N, D)
     t0 = time.perf_counter()
-    turns, k = await loop.run_in_executor(engine.decode_pool, diarize_embedded, windows, emb, rate, opts)
+    turns, k = await loop.run_in_executor(engine.decode_pool, diarize_embedded, windows, emb, rate, opts, regions)
     seconds, prints = speakers_of(turns, emb, k)
     decode_s += time.perf_counter() - t0
     return Diarization(turns, seconds, prints, sum(b - a for a, b in regions) / rate, audio_total / rate,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -14,10 +15,13 @@ from models.diarization import (
     DiarizationOptions,
     Turn,
     cluster,
+    diarization_speech_vad,
+    diarization_vad,
     diarize_embedded,
     speech_windows,
     to_rttm,
 )
+from models.vad_rules import VadOptions
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from tests.conftest import REFERENCE, ServerThread, make_config, wav_bytes
 
@@ -112,6 +116,39 @@ def test_windows_turns_and_rttm():
     assert rttm == "SPEAKER call-7 1 1.000 1.500 <NA> <NA> alice <NA> <NA>\n"
 
 
+def test_generous_speech_extends_turns_with_the_closest_label():
+    """Speech the generous VAD finds outside every window takes the closest window's speaker, up to fill_s away."""
+    opts = DiarizationOptions(num_speakers=2)
+    wins = speech_windows([(SR, 5 * SR), (6 * SR, 10 * SR)], SR, opts)
+    emb = np.array([[1.0, 0.0] if a < 5.5 * SR else [0.0, 1.0] for a, _ in wins], np.float32)
+    plain, _ = diarize_embedded(wins, emb, SR, opts)
+    assert [(t.speaker, round(t.start, 2), round(t.end, 2)) for t in plain] == [(0, 1.0, 5.0), (1, 6.0, 10.0)]
+    # a soft onset 0.4 s early, the 1 s pause between the two voices, a trailing 0.5 s, and speech 3 s away
+    speech = [(int(0.6 * SR), 10 * SR + SR // 2), (13 * SR, 14 * SR)]
+    turns, k = diarize_embedded(wins, emb, SR, opts, speech)
+    assert k == 2 and [t.speaker for t in turns] == [0, 1]
+    assert turns[0].start == pytest.approx(0.6, abs=0.011) and turns[1].end == pytest.approx(10.5, abs=0.011)
+    assert turns[0].end == pytest.approx(5.5, abs=0.011) and turns[1].start == pytest.approx(5.5, abs=0.011)
+    assert max(t.end for t in turns) < 11  # 13-14 s is more than fill_s (1 s) from any window: not labelled
+    far, _ = diarize_embedded(wins, emb, SR, replace(opts, fill_s=4.0), speech)
+    assert far[-1].speaker == 1 and far[-1].end == pytest.approx(14.0, abs=0.011)
+    none, _ = diarize_embedded(wins, emb, SR, replace(opts, fill_s=0.0), speech)
+    assert [(t.start, t.end) for t in none] == [(t.start, t.end) for t in plain]
+
+
+def test_speech_vad_is_more_generous_than_the_windows_vad():
+    """Lower thresholds, wider padding, longer pauses kept: never less permissive than the model's own rules."""
+    base = VadOptions(threshold=0.5, narrowband_threshold=0.4, speech_pad_ms=30, min_silence_ms=100)
+    windows, speech = diarization_vad(base), diarization_speech_vad(base)
+    assert windows.speech_pad_ms == 100 and windows.threshold == 0.5
+    assert (speech.threshold, speech.narrowband_threshold, speech.speech_pad_ms, speech.min_silence_ms) == \
+        (0.35, 0.35, 200, 300)
+    loose = VadOptions(threshold=0.2, narrowband_threshold=0.2, speech_pad_ms=400, min_silence_ms=500)
+    assert diarization_speech_vad(loose) == loose  # a model whose own rules are looser keeps them
+    with pytest.raises(ValueError, match="fill_s"):
+        DiarizationOptions(fill_s=-1).validate()
+
+
 def test_no_windows_no_turns():
     turns, k = diarize_embedded([], np.zeros((0, 8), np.float32), SR, DiarizationOptions())
     assert turns == [] and k == 0
@@ -174,6 +211,22 @@ def test_diarize_two_speakers(stub, two_voices):
     starts = [s.start_seconds for s in r.segments]
     assert starts == sorted(starts) and all(0.5 <= s.confidence <= 1 for s in r.segments)
     assert r.model == "ge2e" and r.speech.speech_seconds > 0 and abs(r.speech.audio_seconds - len(wave) / SR) < 0.01
+
+
+def test_diarize_turns_reach_the_generous_vads_speech(server, stub, two_voices):
+    """The response's speech is the generous rules' segments; turns reach into them beyond the embedded windows."""
+    from models.vad import SileroVad
+
+    wave, _ = two_voices
+    policy_vad = server.server.engine.policies["ge2e"].vad
+    strict, generous = SileroVad().analyse_many(wave, SR, [diarization_vad(policy_vad),
+                                                          diarization_speech_vad(policy_vad)])[0]
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(wave))), timeout=60)
+    assert [(round(s.start_seconds * SR), round(s.end_seconds * SR)) for s in r.speech.segments] == generous
+    assert r.speech.speech_seconds == pytest.approx(sum(b - a for a, b in generous) / SR, abs=1e-3)
+    covered = sum(s.end_seconds - s.start_seconds for s in r.segments)
+    assert covered > sum(b - a for a, b in strict) / SR + 1.0  # 12 turns: onsets, endings and pauses kept
+    assert r.segments[0].start_seconds <= generous[0][0] / SR + 0.011
 
 
 def test_diarize_one_speaker_one_label(stub):

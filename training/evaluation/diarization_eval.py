@@ -28,6 +28,7 @@ from models.audio import stream_windows
 from models.diarization import (
     DiarizationOptions,
     Turn,
+    diarization_speech_vad,
     diarization_vad,
     diarize_embedded,
     speech_windows,
@@ -45,30 +46,34 @@ BLOCK_SECONDS = 60.0
 def diarize_path(path: Path, model: SpeakerModel, vad: SileroVad, opts: DiarizationOptions,
                  batch_windows: int = 64) -> tuple[list[Turn], int, float]:
     """Diarize one file as the service does: (turns, number of speakers, seconds of audio)."""
-    windows, emb, seconds = embed_path(path, model, vad, opts, batch_windows)
-    turns, k = diarize_embedded(windows, emb, model.sample_rate, opts)
+    windows, emb, seconds, speech = embed_path(path, model, vad, opts, batch_windows)
+    turns, k = diarize_embedded(windows, emb, model.sample_rate, opts, speech)
     return turns, k, seconds
 
 
 def embed_path(path: Path, model: SpeakerModel, vad: SileroVad, opts: DiarizationOptions,
-               batch_windows: int = 64) -> tuple[list[tuple[int, int]], np.ndarray, float]:
-    """The steps before clustering, as the service runs them: (windows in samples, (N, D) embeddings, seconds)."""
-    vad_opts = diarization_vad(model_vad_options(model.card))
+               batch_windows: int = 64) -> tuple[list[tuple[int, int]], np.ndarray, float, list[tuple[int, int]]]:
+    """The steps before clustering, as the service runs them: (windows in samples, (N, D) embeddings, seconds,
+    the generous VAD's speech segments in samples)."""
+    base = model_vad_options(model.card)
+    vad_opts = [diarization_vad(base), diarization_speech_vad(base)]
     rate = model.sample_rate
     windows: list[tuple[int, int]] = []
+    speech: list[tuple[int, int]] = []
     embs: list[np.ndarray] = []
     offset = 0
     with open(path, "rb") as f:
         for block in stream_windows(f, "audio", rate, 4 * 3600.0, None, BLOCK_SECONDS):
-            segments, _ = vad.analyse(block, rate, vad_opts)
+            (segments, generous), _ = vad.analyse_many(block, rate, vad_opts)
             wins = speech_windows(segments, rate, opts, min_samples=int(rate * max(model.card.min_audio_seconds, 0.1)))
             for i in range(0, len(wins), batch_windows):  # (B, D) per batch of windows
                 part = wins[i:i + batch_windows]
                 embs.append(model.embed([block[a:b] for a, b in part]))
             windows += [(a + offset, b + offset) for a, b in wins]
+            speech += [(a + offset, b + offset) for a, b in generous]
             offset += len(block)
     emb = np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32)  # (N, D)
-    return windows, emb, offset / rate
+    return windows, emb, offset / rate, speech
 
 
 def _annotation(rows: list[tuple[float, float, str]], uri: str):

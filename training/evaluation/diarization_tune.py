@@ -35,7 +35,8 @@ __all__ = ["embed_sets", "sweep", "main"]
 
 def embed_sets(sets: list[Path], model: SpeakerModel, opts: DiarizationOptions, cache: Path | None = None,
                log=print) -> dict[str, dict]:
-    """{"<set>:<id>": {windows (N, 2) samples, emb (N, D), seconds, ref rows}} for every recording of ``sets``.
+    """{"<set>:<id>": {windows (N, 2) samples, emb (N, D), seconds, speech (M, 2) samples, ref rows}} for every
+    recording of ``sets``.
 
     Embeddings come from ``cache`` (an ``.npz`` written by an earlier call) when it holds the recording
     for the same model, window and hop; new ones are added to it.
@@ -48,15 +49,16 @@ def embed_sets(sets: list[Path], model: SpeakerModel, opts: DiarizationOptions, 
         manifest = json.loads((conv / "manifest.json").read_text())["conversations"]
         for cid in sorted(manifest):
             key = f"{conv.name}:{cid}"
-            if f"{key};{tag};emb" not in stored:
-                windows, emb, seconds = embed_path(conv / "wav" / f"{cid}.wav", model, vad, opts)
+            if f"{key};{tag};spc" not in stored:
+                windows, emb, seconds, speech = embed_path(conv / "wav" / f"{cid}.wav", model, vad, opts)
                 stored[f"{key};{tag};win"] = np.array(windows, np.int64).reshape(-1, 2)
                 stored[f"{key};{tag};emb"] = emb
                 stored[f"{key};{tag};sec"] = np.array([seconds])
+                stored[f"{key};{tag};spc"] = np.array(speech, np.int64).reshape(-1, 2)
                 added = True
                 log(f"  embedded {key}: {len(windows)} windows")
             out[key] = {"windows": stored[f"{key};{tag};win"], "emb": stored[f"{key};{tag};emb"],
-                        "seconds": float(stored[f"{key};{tag};sec"][0]),
+                        "seconds": float(stored[f"{key};{tag};sec"][0]), "speech": stored[f"{key};{tag};spc"],
                         "ref": read_rttm(conv / "rttm" / f"{cid}.rttm"), "set": conv.name}
     if cache is not None and added:
         np.savez(cache, **stored)
@@ -74,7 +76,7 @@ def sweep(recordings: dict[str, dict], rate: int, base: DiarizationOptions, min_
         exact: dict[str, list[bool]] = {}
         for key, r in recordings.items():
             windows = [tuple(w) for w in r["windows"].tolist()]
-            turns, k = diarize_embedded(windows, r["emb"], rate, opts)
+            turns, k = diarize_embedded(windows, r["emb"], rate, opts, [tuple(seg) for seg in r["speech"].tolist()])
             hyp = [(t.start, t.end, f"S{t.speaker}") for t in turns]
             s = score(r["ref"], hyp, key, r["seconds"])
             name = r["set"]
