@@ -206,17 +206,16 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
     frame_label = votes.argmax(axis=1)  # (n_frames,)
     if speech:
         frame_label, voiced = _fill(frame_label, voiced, speech, frame, int(round(opts.fill_s / FRAME_S)))
-    speech = voiced
     margin = np.sort(sims, axis=1)
     confidence = 1.0 / (1.0 + np.exp(-20 * (margin[:, -1] - (margin[:, -2] if k > 1 else 0.0))))  # (N,)
     turns: list[Turn] = []
     i = 0
     while i < n_frames:
-        if not speech[i]:
+        if not voiced[i]:
             i += 1
             continue
         j = i
-        while j < n_frames and speech[j] and frame_label[j] == frame_label[i]:
+        while j < n_frames and voiced[j] and frame_label[j] == frame_label[i]:
             j += 1
         turns.append(Turn(i * frame / rate, j * frame / rate, int(frame_label[i])))
         i = j
