@@ -1,15 +1,15 @@
 """Dynamic batching of utterances for one model.
 
 Requests put single utterances on a bounded queue and await a future. One collector task
-forms batches whenever an inference worker is free: it takes the oldest waiting utterance (or,
-while that one has waited less than ``priority_age_s``, the oldest *urgent* one: a live stream's
-window), waits up to ``max_wait`` for company, and adds utterances of similar length while the
-batch stays under ``max_batch_size`` and the padded-audio budget ``max_batch_samples``
-(batch size x longest utterance). Models that are not padding-invariant get only
-equal-length utterances in one batch, so an utterance's embedding never depends on what it
-was batched with. Utterances whose caller has gone (future cancelled) or whose deadline has
-passed are dropped before they cost inference: a cancelled caller's utterance leaves the queue
-at once. The batch runs on a thread pool; the event loop never runs the model.
+forms batches whenever an inference worker is free (``service.batch_forming`` says how: the
+oldest waiting utterance leads, or a live stream's urgent window for up to ``priority_age_s``;
+utterances of similar length join within the batch's budgets; while live windows keep arriving,
+the last free worker is kept for short batches, ``reserve_s``). Models that are not
+padding-invariant get only equal-length utterances in one batch, so an utterance's embedding
+never depends on what it was batched with. Utterances whose caller has gone (future cancelled)
+or whose deadline has passed are dropped before they cost inference: a cancelled caller's
+utterance leaves the queue at once. The batch runs on a thread pool; the event loop never runs
+the model.
 
 Admission by estimated wait (``service.admission``) refuses at once what could not be served in time.
 
@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from service.admission import Admission
+from service.batch_forming import RESERVE_HOLD_S, BatchForming
 from service.errors import DeadlineExceeded, Overloaded, Unavailable
 
 __all__ = ["DynamicBatcher", "BatchResult", "BatchStats"]
@@ -69,7 +70,7 @@ class _Item:
         self.cost = len(self.wave)
 
 
-class DynamicBatcher(Admission):
+class DynamicBatcher(BatchForming, Admission):
     """Groups concurrent single-utterance requests into batches for ``run``.
 
     Args:
@@ -91,6 +92,10 @@ class DynamicBatcher(Admission):
             waited for in real time) leads the next batch ahead of older ones, until the oldest
             utterance has waited this long; then the oldest leads again, so urgent traffic delays
             the rest by about this much at most, never starves it.
+        reserve_s: while urgent utterances were submitted within the last ``reserve_hold_s``, a worker
+            starts a batch estimated (at the measured throughput) to take longer than this only if
+            another worker is free of such batches; so one worker stays free for live windows and
+            short requests, and long work runs on the others, in its order (0: off; needs 2+ workers).
         stats: metric callbacks.
         name: for logs and thread names.
     """
@@ -109,6 +114,7 @@ class DynamicBatcher(Admission):
         same_length_only: bool = False,
         workers: int = 1,
         priority_age_s: float = 0.25,
+        reserve_s: float = 0.0,
         stats: BatchStats | None = None,
         name: str = "model",
     ):
@@ -122,6 +128,10 @@ class DynamicBatcher(Admission):
         self.min_fill = min_fill
         self.workers = workers
         self.priority_age_s = priority_age_s
+        self.reserve_s = reserve_s
+        self.reserve_hold_s = RESERVE_HOLD_S
+        self._urgent_seen = float("-inf")  # time.monotonic() of the last urgent submit
+        self._long_running = 0  # batches in flight estimated to take longer than reserve_s
         self.samples_per_s: float | None = None  # measured throughput of one worker (moving average)
         self._avg_cost: float | None = None  # moving average of utterance length in samples
         self._next_turn = 0.0  # time.monotonic() of the next retry turn not yet promised to a refused caller
@@ -157,7 +167,8 @@ class DynamicBatcher(Admission):
                 the work queued ahead may be the request's own, so ``max_queue_wait`` is not
                 applied again (the deadline and ``max_queue`` still are).
             urgent: someone waits for this result in real time (a live stream's window): it may lead a
-                batch ahead of older utterances (see ``priority_age_s``).
+                batch ahead of older utterances (see ``priority_age_s``), and it keeps a worker free of long
+                batches for ``reserve_hold_s`` (see ``reserve_s``).
 
         Raises:
             Overloaded: the queue is full.
@@ -174,6 +185,8 @@ class DynamicBatcher(Admission):
                              f"retry in {retry:.1f} s", retry)
         self._check_wait(self.estimated_wait(len(wave)), deadline, now, None if admitted else self.estimated_wait(0))
         item = _Item(wave, asyncio.get_running_loop().create_future(), now, deadline, urgent)
+        if urgent:
+            self._urgent_seen = now
         item.future.add_done_callback(lambda f, it=item: self._on_done(it))
         self._queue.append(item)
         self._report_depth()
@@ -238,85 +251,34 @@ class DynamicBatcher(Admission):
             self._queue = kept
             self._report_depth()
 
-    def _leader(self, now: float) -> _Item:
-        """The utterance the next batch is built around: the oldest urgent one while the oldest of all
-        has waited less than ``priority_age_s``, else the oldest."""
-        first = self._queue[0]
-        if first.urgent or now - first.enqueued >= self.priority_age_s:
-            return first
-        return next((it for it in self._queue if it.urgent), first)
-
-    def _compatible(self, first: _Item) -> list[_Item]:
-        """Waiting utterances that may join a batch led by ``first``, in arrival order."""
-        if not self.same_length_only:
-            return self._queue
-        return [it for it in self._queue if it.cost == first.cost]
-
-    def _take_batch(self) -> list[_Item]:
-        """Remove and return the next batch: the leader (``_leader``: the oldest utterance, or an urgent one)
-        and companions of similar length.
-
-        Batches are padded to their longest member, so mixing a 1 s and a 10 s utterance wastes
-        9 s of compute. Companions are taken nearest in length first (ties: older first), while
-        the batch stays under both budgets and at least ``min_fill`` of its padded samples are
-        real audio; the oldest utterance leads (an urgent one may go first for ``priority_age_s``), so none
-        waits behind newer ones forever.
-        A batch is also kept short enough to end, at the measured throughput, before the nearest
-        deadline of its members: every member waits for the whole batch, and a large batch that
-        ends after its members' deadlines is work for nobody.
-        """
-        if not self._queue:
-            return []
-        now, rate = time.monotonic(), self.samples_per_s
-        first = self._leader(now)
-        order = {id(it): i for i, it in enumerate(self._queue)}
-        others = sorted((it for it in self._compatible(first) if it is not first),
-                        key=lambda it: (abs(it.cost - first.cost), order[id(it)]))
-        batch, longest, total = [first], first.cost, first.cost
-        due = first.deadline if first.deadline is not None else float("inf")
-        for it in others:
-            if len(batch) >= self.max_batch_size:
-                break
-            widest = max(longest, it.cost)
-            n = len(batch) + 1
-            if widest * n > self.max_batch_samples or (total + it.cost) < self.min_fill * widest * n:
-                continue
-            it_due = min(due, it.deadline if it.deadline is not None else float("inf"))
-            if rate and now + widest * n / rate > it_due - self.deadline_margin * (it_due - now):
-                continue  # with it, the batch would end after (or too near) a member's deadline
-            batch.append(it)
-            longest, total, due = widest, total + it.cost, it_due
-        taken = set(map(id, batch))
-        self._queue = [it for it in self._queue if id(it) not in taken]
-        self._report_depth()
-        return batch
-
-    def _batch_ready(self, first: _Item) -> bool:
-        """Whether the batch led by ``first`` is as full as it can get."""
-        group = self._compatible(first)
-        if len(group) >= self.max_batch_size:
-            return True
-        longest = max(it.cost for it in group)
-        return longest * (len(group) + 1) > self.max_batch_samples
-
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()
             try:
-                while True:
-                    self._prune(time.monotonic())
-                    if self._queue:
+                while True:  # until something may run on this worker
+                    now = time.monotonic()
+                    self._prune(now)
+                    limit = self._limit(now)
+                    if self._queue and self._leader(now, limit) is not None:
                         break
                     self._wakeup.clear()
-                    await self._wakeup.wait()
-                # wait for company until the oldest utterance has waited max_wait
+                    # only long work waits while a worker is kept for live windows: look again when the hold
+                    # lapses, a batch ends (``_finish``) or an utterance arrives
+                    hold = max(self._urgent_seen + self.reserve_hold_s - now, 0.001) if self._queue else None
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=hold)
+                    except asyncio.TimeoutError:
+                        pass
+                # wait for company until the leading utterance has waited max_wait
                 while True:
                     self._prune(time.monotonic())
                     if not self._queue:
                         break
                     now = time.monotonic()
-                    first = self._leader(now)
+                    first = self._leader(now, self._limit(now))
+                    if first is None:
+                        break
                     left = first.enqueued + self.max_wait_s - now
                     if left <= 0 or self._closed or self._batch_ready(first):
                         break
@@ -325,7 +287,7 @@ class DynamicBatcher(Admission):
                         await asyncio.wait_for(self._wakeup.wait(), timeout=left)
                     except asyncio.TimeoutError:
                         pass
-                batch = self._take_batch()
+                batch = self._take_batch(self._limit(time.monotonic()))
             except BaseException:
                 self._slots.release()
                 raise
@@ -333,17 +295,21 @@ class DynamicBatcher(Admission):
                 self._slots.release()
                 continue
             started = time.monotonic()
+            long = self._is_long(batch)
+            self._long_running += long
             for it in batch:
                 if self._stats.on_queue_time:
                     self._stats.on_queue_time(started - it.enqueued)
             fut = loop.run_in_executor(self._executor, self._run, [it.wave for it in batch])
             self._inflight.add(fut)
-            fut.add_done_callback(lambda f, b=batch, s=started: self._finish(f, b, s))
+            fut.add_done_callback(lambda f, b=batch, s=started, g=long: self._finish(f, b, s, g))
 
-    def _finish(self, fut: asyncio.Future, batch: list[_Item], started: float) -> None:
+    def _finish(self, fut: asyncio.Future, batch: list[_Item], started: float, long: bool = False) -> None:
         """Hand each caller its row of the batch result (runs on the event loop)."""
         self._inflight.discard(fut)
         self._slots.release()
+        self._long_running -= long
+        self._wakeup.set()  # a worker kept for live windows may now take long work
         took = time.monotonic() - started
         exc = fut.exception()
         if exc is not None:

@@ -111,6 +111,8 @@ class ServerConfig:
     live_change_reference_llr: float = 0.0  # ... and recent speech vs the reference below this (50: no condition)
     live_final_margin: float = 0.1  # final result: re-embed the whole speech when within this cosine of the threshold
     live_priority_ms: float = 250.0  # live windows go ahead of older queued work for up to this long (0: arrival order)
+    # while live windows arrive, the last free inference worker starts no batch estimated longer than this (0: off)
+    live_reserve_ms: float = 100.0
     # a collection of at least this many speakers normalises scores against its own voiceprints (0: off)
     collection_cohort_min_speakers: int = 0
     collection_cohort_max_speakers: int = 5000  # voiceprints of a collection cohort, at most
@@ -210,6 +212,8 @@ class ServerConfig:
         need(math.isfinite(self.live_change_reference_llr) and -50 <= self.live_change_reference_llr <= 50,
              "live_change_reference_llr", "must be in -50..50")
         need(math.isfinite(self.live_priority_ms) and 0 <= self.live_priority_ms <= 10000, "live_priority_ms",
+             "must be in 0..10000")
+        need(math.isfinite(self.live_reserve_ms) and 0 <= self.live_reserve_ms <= 10000, "live_reserve_ms",
              "must be in 0..10000")
         need(0 <= self.live_final_margin <= 2, "live_final_margin", "must be in 0..2 (cosine; 2: always re-embed)")
         need(self.collection_cohort_min_speakers == 0 or self.collection_cohort_min_speakers >= 10,

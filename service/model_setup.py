@@ -73,6 +73,7 @@ def make_batcher(config: ServerConfig, metrics: Metrics, model: SpeakerModel) ->
         same_length_only=not model.padded_batching,
         workers=cfg.inference_threads(model.provider != "CPUExecutionProvider")[0],
         priority_age_s=cfg.live_priority_ms / 1000,
+        reserve_s=cfg.live_reserve_ms / 1000,
         stats=stats,
         name=name,
     )

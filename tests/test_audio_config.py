@@ -117,6 +117,10 @@ def test_config_precedence_and_errors(tmp_path):
         with pytest.raises(ConfigError, match="live_priority_ms"):
             load_config(env={"SPKSERVE_LIVE_PRIORITY_MS": bad})
     assert load_config(env={"SPKSERVE_LIVE_PRIORITY_MS": "0"}).live_priority_ms == 0.0
+    for bad in ("-1", "nan", "20000"):
+        with pytest.raises(ConfigError, match="live_reserve_ms"):
+            load_config(env={"SPKSERVE_LIVE_RESERVE_MS": bad})
+    assert load_config(env={"SPKSERVE_LIVE_RESERVE_MS": "0"}).live_reserve_ms == 0.0
     with pytest.raises(ConfigError, match="live_decode_workers"):
         load_config(env={"SPKSERVE_LIVE_DECODE_WORKERS": "0"})
     f.write_text("unknown_option = 1\n")

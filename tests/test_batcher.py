@@ -413,3 +413,56 @@ def test_urgent_utterances_lead_ahead_of_older_ones_until_the_oldest_has_waited_
     assert run(main(0.05, 0.2)) == [[480000, 400000], [32000] * 3]
     # 0: arrival order
     assert run(main(0.0, 0.0)) == [[480000, 400000], [32000] * 3]
+
+
+class TimedModel:
+    """Takes time in proportion to the padded samples of a batch; logs (first sample, start, end) per batch."""
+
+    def __init__(self, samples_per_s: float):
+        self.samples_per_s = samples_per_s
+        self.log: list[tuple[float, float, float]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, waves):
+        start = time.monotonic()
+        time.sleep(len(waves) * max(len(w) for w in waves) / self.samples_per_s)
+        with self.lock:
+            self.log.append((float(waves[0][0]), start, time.monotonic()))
+        return np.array([[len(w), w[0]] for w in waves], dtype=np.float32)
+
+
+@pytest.mark.parametrize("reserve_s", [0.1, 0.0])
+def test_a_worker_is_kept_for_live_windows_while_they_arrive(reserve_s):
+    """Two workers, long uploads queued and live windows arriving: with ``reserve_s`` one worker never starts a
+    long batch while the other runs one, so a window runs at once; without it, the window waits for a long batch.
+    Once windows stop for ``reserve_hold_s``, long batches use both workers again; none is starved."""
+    rate = 1_000_000.0  # samples per second: a long upload (500k samples) takes 0.5 s, a window (2k) 2 ms
+    model = TimedModel(rate)
+
+    async def main():
+        b = DynamicBatcher(model, workers=2, max_batch_size=1, max_wait_s=0.0, reserve_s=reserve_s,
+                           max_queue_wait_s=None, priority_age_s=0.0)
+        b.samples_per_s = rate  # as measured
+        b.reserve_hold_s = 0.6
+        b.start()
+        await b.submit(np.full(2000, -1.0, np.float32), urgent=True)  # live traffic has begun
+        longs = [asyncio.ensure_future(b.submit(np.full(500_000, float(i), np.float32))) for i in range(4)]
+        await asyncio.sleep(0.1)
+        window = await b.submit(np.full(2000, -2.0, np.float32), urgent=True)
+        await asyncio.gather(*longs)
+        await b.close()
+        return window
+
+    window = run(main())
+    spans = {first: (start, end) for first, start, end in model.log}
+    long_spans = sorted(spans[float(i)] for i in range(4))
+    if reserve_s:
+        assert window.queue_s < 0.2  # ran on the kept worker while a long batch ran on the other
+        assert spans[-2.0][0] < long_spans[0][1]
+        # the first two uploads ran one after the other (the last window came 0.1 s in, the hold ends at 0.7 s) ...
+        assert long_spans[1][0] >= long_spans[0][1] - 0.01
+        # ... then the kept worker took the third upload as soon as the hold lapsed, while the second still ran
+        assert long_spans[2][0] < long_spans[1][1] - 0.1
+    else:
+        assert window.queue_s > 0.2  # both workers were in long batches
+        assert long_spans[1][0] < long_spans[0][1]

@@ -431,6 +431,7 @@ def test_live_windows_are_urgent_in_the_batcher_and_the_final_recomputation_is_n
     engine = srv.server.engine
     model, batcher = engine.models["ge2e"], engine.batchers["ge2e"]
     assert batcher.priority_age_s == pytest.approx(srv.server.config.live_priority_ms / 1000)
+    assert batcher.reserve_s == pytest.approx(srv.server.config.live_reserve_ms / 1000) and batcher.reserve_s > 0
     seen = []
     submit = batcher.submit
 
