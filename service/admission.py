@@ -23,17 +23,30 @@ __all__ = ["Admission"]
 class Admission:
     """Admission by estimated wait, mixed into ``DynamicBatcher``: reads its queue, throughput and limits
     (``_queue``, ``samples_per_s``, ``_avg_cost``, ``workers``, ``deadline_margin``, ``max_queue_wait_s``,
-    ``_next_turn``, ``_closed``, ``name``)."""
+    ``_next_turn``, ``_closed``, ``name``, and for the kept worker ``reserve_s``, ``reserve_hold_s``,
+    ``_urgent_seen``)."""
 
     def estimated_wait(self, samples: int | None = None, pending: int = 0) -> float | None:
         """Seconds a new utterance would wait and run behind the queue and ``pending`` utterances
         still being prepared (of the average size, as is the new one when ``samples`` is None);
-        None before any batch was measured."""
+        None before any batch was measured. A long utterance (``_serving_workers``) counts one worker
+        fewer while one is kept for live windows."""
         if not self.samples_per_s:
             return None
         avg = self._avg_cost or 0.0
-        queued = sum(it.cost for it in self._queue) + (avg if samples is None else samples) + pending * avg
-        return queued / (self.samples_per_s * self.workers)
+        own = avg if samples is None else samples
+        queued = sum(it.cost for it in self._queue) + own + pending * avg
+        return queued / (self.samples_per_s * self._serving_workers(own))
+
+    def _serving_workers(self, samples: float) -> int:
+        """Workers that may run an utterance of ``samples`` padded samples: all of them, but one fewer
+        while a worker is kept for live windows (urgent utterances within ``reserve_hold_s``) and the
+        utterance alone is estimated to take longer than ``reserve_s`` (see ``service.batch_forming``)."""
+        if self.reserve_s <= 0 or self.workers < 2 or samples <= self.reserve_s * self.samples_per_s:
+            return self.workers
+        if time.monotonic() - self._urgent_seen > self.reserve_hold_s:
+            return self.workers
+        return self.workers - 1
 
     def admit(self, deadline: float | None, pending: int = 0, extra_s: float = 0.0) -> None:
         """Refuse (Overloaded) a request now when its utterance could not be served in time;

@@ -466,3 +466,29 @@ def test_a_worker_is_kept_for_live_windows_while_they_arrive(reserve_s):
     else:
         assert window.queue_s > 0.2  # both workers were in long batches
         assert long_spans[1][0] < long_spans[0][1]
+
+
+def test_a_long_utterance_is_estimated_on_one_worker_fewer_while_one_is_kept_for_live_windows():
+    """Admission counts the kept worker: while live windows arrive, an utterance estimated longer than
+    ``reserve_s`` is served by the other workers only; short ones, and everything once the windows stop,
+    by all of them."""
+    rate = 1_000_000.0
+
+    async def main():
+        b = DynamicBatcher(FakeModel(), workers=2, max_batch_size=1, max_wait_s=0.0, reserve_s=0.1,
+                           max_queue_wait_s=None)
+        b.samples_per_s = rate
+        b._avg_cost = 50_000.0
+        assert b.estimated_wait(500_000) == pytest.approx(0.25)  # no live traffic yet: both workers
+        b._urgent_seen = time.monotonic()
+        assert b.estimated_wait(500_000) == pytest.approx(0.5)  # long: one worker is kept
+        assert b.estimated_wait(50_000) == pytest.approx(0.025)  # short: it may run on the kept one
+        assert b.estimated_wait(None) == pytest.approx(0.025)  # of the average size
+        b._urgent_seen = time.monotonic() - b.reserve_hold_s - 0.1
+        assert b.estimated_wait(500_000) == pytest.approx(0.25)  # the windows stopped: both again
+        b.reserve_s = 0.0
+        b._urgent_seen = time.monotonic()
+        assert b.estimated_wait(500_000) == pytest.approx(0.25)  # no worker kept when reserve_s is 0
+        await b.close()
+
+    run(main())
