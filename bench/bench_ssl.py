@@ -5,7 +5,11 @@ Usage:
         [--rounds 7] [--profile]
 
 For each repository entry it rebuilds the torch model from the card's ``source`` checkpoint and
-times, interleaved round by round (so a noisy machine moves every column together):
+times, interleaved round by round (so a noisy machine moves every column together). The order of the
+variants rotates from round to round, and every timing follows one untimed call of the same variant:
+without it, whatever ran right after torch eager shared the cores with torch's still-spinning OpenMP
+threads (ORT fp32 timed 14% slower there at 1 x 3 s than later in the same round), and an idle pause
+instead measures thread wake-up (ORT fp32 then looked no faster than torch at 1 x 3 s):
 
 - ``torch eager``: the checkpoint in torch, ``inference_mode``;
 - ``ort fp32``: the exported ``model.onnx`` with the service's session options;
@@ -40,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPES = {"1 x 3 s": (1, 3.0), "8 x 3 s": (8, 3.0), "1 x 10 s": (1, 10.0)}
+
 
 
 def _session(path: Path, threads: int, profile_prefix: str | None = None):
@@ -248,9 +253,12 @@ def bench(names: list[str], threads: int, rounds: int, do_profile: bool) -> dict
             for runners, _ in prepared.values():  # warm-up
                 for fn in runners.values():
                     fn(wave, lengths)
-            for _ in range(rounds):
+            for r in range(rounds):
                 for n, (runners, _) in prepared.items():
-                    for v, fn in runners.items():
+                    order = list(runners.items())
+                    order = order[r % len(order):] + order[:r % len(order)]  # each variant follows each other
+                    for v, fn in order:
+                        fn(wave, lengths)  # untimed: see the module docstring (warm, and torch's threads stopped)
                         t0 = time.perf_counter()
                         for _ in range(reps):
                             fn(wave, lengths)
