@@ -29,8 +29,12 @@ them on the service's VAD, models and batcher; ``training.evaluation.diarization
    ``MAX_TREE_ITEMS`` build the tree on every r-th window (the others join the closest of its
    clusters), and the eigengap looks at every r-th window only (at most ``MAX_GRAPH_ITEMS``),
    which bounds memory and time.
-3. **Resegmentation** (``resegment``): each window is re-assigned to the closest cluster
-   voiceprint, labels are smoothed over neighbouring windows, every 10 ms frame of speech takes the
+3. **Sticky HMM** (``sticky_hmm``, in ``models.diarization_hmm``): the clustering's labels are
+   refined by a hidden Markov model over the windows in time order (speakers as states, a change of
+   speaker unlikely between overlapping windows and likelier across a pause, cosine emissions
+   around each speaker's voiceprint), VBx's idea without its trained PLDA. With the number of
+   speakers given, the HMM's labels are used only if every speaker keeps windows.
+4. **Resegmentation** (``resegment``): every 10 ms frame of speech takes the
    label of the windows covering it (a tie goes to the closer voiceprint); speech that a second,
    generous VAD pass finds outside every window (soft onsets, quiet endings, short pauses:
    ``diarization_speech_vad``) takes the label of the closest labelled frame within ``fill_s``;
@@ -56,6 +60,7 @@ from models.diarization_cluster import (
     graph_items,
     voiceprints,
 )
+from models.diarization_hmm import sticky_hmm
 from models.vad import VadOptions
 
 __all__ = ["FRAME_S", "MAX_GRAPH_ITEMS", "MAX_TREE_ITEMS", "DiarizationOptions", "Turn", "cluster",
@@ -82,6 +87,12 @@ class DiarizationOptions:
         min_segment_s: shorter segments are given to their neighbours.
         merge_gap_s: a speaker's segments closer than this are joined.
         smooth: windows in the label median filter (odd; 1: none).
+        hmm_kappa, hmm_switch, hmm_pause_switch, hmm_iters: the sticky HMM that refines the clustering's
+            labels (``models.diarization_hmm.sticky_hmm``): the concentration of a speaker's window
+            embeddings around their voiceprint, the probability of a change of speaker between
+            neighbouring windows inside a stretch of speech and across a pause, and the rounds of EM.
+            ``hmm_kappa`` 0: no HMM; each window goes to its closest voiceprint, median-filtered over
+            ``smooth`` windows (the rule before; ``smooth`` applies only then).
         fill_s: speech found by the generous VAD (``diarization_speech_vad``) outside every window
             takes the label of the closest labelled frame up to this far away (seconds); farther, it
             stays unlabelled.
@@ -101,6 +112,10 @@ class DiarizationOptions:
     merge_gap_s: float = 0.1
     smooth: int = 3
     fill_s: float = 1.0
+    hmm_kappa: float = 5.0
+    hmm_switch: float = 0.05
+    hmm_pause_switch: float = 0.5
+    hmm_iters: int = 3
 
     def validate(self) -> DiarizationOptions:
         """ValueError naming the option for values out of range."""
@@ -116,6 +131,13 @@ class DiarizationOptions:
             raise ValueError(f"window_s: need 0 < hop_s <= window_s <= 10, got {self.hop_s} and {self.window_s}")
         if not 0 <= self.fill_s <= 10:
             raise ValueError(f"fill_s: must be in 0..10, got {self.fill_s}")
+        if not 0 <= self.hmm_kappa <= 1000:
+            raise ValueError(f"hmm_kappa: must be in 0..1000, got {self.hmm_kappa}")
+        for name in ("hmm_switch", "hmm_pause_switch"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a probability in (0, 1), got {getattr(self, name)}")
+        if not 1 <= self.hmm_iters <= 50:
+            raise ValueError(f"hmm_iters: must be in 1..50, got {self.hmm_iters}")
         return self
 
 
@@ -178,20 +200,24 @@ def speech_windows(regions: list[tuple[int, int]], rate: int, opts: DiarizationO
 
 
 def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarray, rate: int,
-              opts: DiarizationOptions, speech: list[tuple[int, int]] | None = None) -> list[Turn]:
+              opts: DiarizationOptions, speech: list[tuple[int, int]] | None = None,
+              reassign: bool = True) -> list[Turn]:
     """Turns from labelled windows (see the module docstring); times in seconds.
 
     ``speech``: (start, end) samples of the generous VAD's segments (``diarization_speech_vad``);
     their frames outside every window take the label of the closest labelled frame within
-    ``opts.fill_s``. None: the windows alone say where speech is.
+    ``opts.fill_s``. None: the windows alone say where speech is. ``reassign``: each window first
+    goes to its closest voiceprint and labels are median-filtered over ``opts.smooth`` windows
+    (labels straight from clustering); False: the labels are final (the sticky HMM's).
     """
     if not windows:
         return []
     k = int(labels.max()) + 1
     prints = voiceprints(emb, labels, k)
     sims = emb @ prints.T  # (N, k)
-    labels = sims.argmax(axis=1)  # re-assigned to the closest voiceprint
-    if opts.smooth > 1 and len(labels) >= opts.smooth:
+    if reassign:
+        labels = sims.argmax(axis=1)  # re-assigned to the closest voiceprint
+    if reassign and opts.smooth > 1 and len(labels) >= opts.smooth:
         half = opts.smooth // 2
         padded = np.concatenate([labels[:1].repeat(half), labels, labels[-1:].repeat(half)])
         labels = np.array([np.bincount(padded[i:i + opts.smooth], minlength=k).argmax() for i in range(len(labels))])
@@ -267,7 +293,16 @@ def diarize_embedded(windows: list[tuple[int, int]], emb: np.ndarray, rate: int,
         return [], 0
     seconds = np.array([(b - a) / rate for a, b in windows])  # (N,)
     labels, k = cluster(emb, seconds, opts)
-    turns = resegment(windows, labels, centered(emb) if k > 1 else emb, rate, opts, speech)
+    x = centered(emb) if k > 1 else emb  # (N, D)
+    refined = k > 1 and opts.hmm_kappa > 0
+    if refined:
+        bounds = np.array(windows, np.int64)  # (N, 2)
+        pause = np.concatenate([[False], bounds[1:, 0] > bounds[:-1, 1]])  # (N,)
+        hmm = sticky_hmm(x, pause, labels, k, opts.hmm_kappa, opts.hmm_switch, opts.hmm_pause_switch,
+                         opts.hmm_iters)
+        if opts.num_speakers is None or len(np.unique(hmm)) == k:  # a given number is kept
+            labels = hmm
+    turns = resegment(windows, labels, x, rate, opts, speech, reassign=not refined)
     used = sorted({t.speaker for t in turns})  # a cluster can lose every frame to its neighbours
     remap = {old: new for new, old in enumerate(used)}
     for t in turns:

@@ -81,8 +81,9 @@ def test_tuning_sweep_reuses_cached_embeddings_and_ranks_the_rules(mini_real, tm
     rows = [line for line in first.splitlines() if line.startswith("| 7.5")]
     assert len(rows) == 2 and "(default)" in "".join(rows)
     by_cos = {float(r.split("|")[2]): r for r in rows}
-    assert "(0)" in by_cos[0.1].split("|")[3]  # every pair of voices "one voice": no 2-speaker count is exact
-    pooled = [float(r.rstrip(" |").split("|")[-1]) for r in rows]
+    assert "(0)" in by_cos[0.1].split("|")[6]  # every pair of voices "one voice": no 2-speaker count is exact
+    assert [float(v) for v in by_cos[0.87].split("|")[3:6]] == [5, 0.05, 0.5]  # the HMM's defaults
+    pooled = [float(r.split("|")[7]) for r in rows]
     assert pooled == sorted(pooled)
     assert tune_main(args) == 0  # from the cache: nothing embedded again, the same table
     again = capsys.readouterr().out
@@ -93,6 +94,8 @@ def test_tuning_sweep_reuses_cached_embeddings_and_ranks_the_rules(mini_real, tm
     (["--one-speaker-cosine", ""], "--one-speaker-cosine"),
     (["--cache", "x.pkl"], "--cache"),
     (["--min-speaker-s", "7.5", "--one-speaker-cosine", "0.9"], None),
+    (["--hmm-switch", "1.5"], "--hmm-switch"),
+    (["--hmm-kappa", "0,5", "--hmm-pause-switch", "0.5"], None),
 ])
 def test_tuning_sweep_refuses_bad_arguments(tmp_path, capsys, extra, field):
     from training.evaluation.diarization_tune import main as tune_main

@@ -14,6 +14,7 @@ import soundfile as sf
 from models.diarization import (
     DiarizationOptions,
     Turn,
+    centered,
     cluster,
     diarization_speech_vad,
     diarization_vad,
@@ -21,6 +22,7 @@ from models.diarization import (
     speech_windows,
     to_rttm,
 )
+from models.diarization_hmm import sticky_hmm
 from models.vad_rules import VadOptions
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from tests.conftest import REFERENCE, ServerThread, make_config, wav_bytes
@@ -147,6 +149,66 @@ def test_speech_vad_is_more_generous_than_the_windows_vad():
     assert diarization_speech_vad(loose) == loose  # a model whose own rules are looser keeps them
     with pytest.raises(ValueError, match="fill_s"):
         DiarizationOptions(fill_s=-1).validate()
+
+
+def _between(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """The unit vector a share ``t`` of the way from unit ``a`` to unit ``b``."""
+    v = (1 - t) * a + t * b
+    return v / np.linalg.norm(v)
+
+
+def test_sticky_hmm_keeps_a_turn_together_and_lets_it_change_at_a_pause():
+    """Two windows a little closer to B inside A's unbroken speech stay A; the same two windows between pauses
+    (a short reply) become B; a plain closest-voiceprint rule would make them B in both cases."""
+    a, b = np.eye(16)[0], np.eye(16)[1]
+    x = np.array([a] * 10 + [_between(a, b, 0.7)] * 2 + [a] * 10 + [b] * 12)  # (34, 16)
+    labels = np.array([0] * 22 + [1] * 12)  # the clustering's: the two windows went with A
+    assert (x[10:12] @ np.array([a, b]).T).argmax(axis=1).tolist() == [1, 1]
+    no_pause = np.zeros(len(x), bool)
+    no_pause[22] = True  # only before B's own turn
+    out = sticky_hmm(x, no_pause, labels, 2, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)
+    assert out.tolist() == labels.tolist()
+    pauses = no_pause.copy()
+    pauses[[10, 12]] = True  # the two windows are a stretch of speech of their own
+    out = sticky_hmm(x, pauses, labels, 2, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)
+    assert out[10:12].tolist() == [1, 1] and out[:10].tolist() == [0] * 10 and out[12:22].tolist() == [0] * 10
+    one = sticky_hmm(x, pauses, np.zeros(len(x), np.int64), 1, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)
+    assert not one.any()  # one speaker: nothing to refine
+
+
+def test_the_hmm_refines_diarization_and_a_given_number_survives_it():
+    """Through diarize_embedded: a stray window inside a turn no longer breaks it; with the number of speakers given,
+    a speaker the HMM would absorb keeps their own short, separate stretch."""
+    rng = np.random.default_rng(3)
+    dirs = np.linalg.qr(rng.standard_normal((16, 16)))[0][:3]  # (3, 16) A, B, C
+    opts = DiarizationOptions()
+    # A speaks 0-6 s, B 7-13 s; one of A's windows (2-3 s) is mostly something else, a little nearer B than A
+    wins = speech_windows([(0, 6 * SR), (7 * SR, 13 * SR)], SR, opts)
+    emb = np.array([dirs[0] if a < 6.5 * SR else dirs[1] for a, _ in wins])
+    stray = [i for i, (a, _) in enumerate(wins) if a == 2 * SR][0]
+    emb[stray] = _between(_between(dirs[0], dirs[1], 0.6), dirs[2], 0.5)
+    emb = (emb + 0.05 * rng.standard_normal(emb.shape)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.array([0 if a < 6.5 * SR else 1 for a, _ in wins])
+    labels[stray] = 1  # as a clustering that took the stray window for B would say
+    x = centered(emb)
+    pause = np.array([False] + [wins[i][0] > wins[i - 1][1] for i in range(1, len(wins))])
+    assert sticky_hmm(x, pause, labels, 2, 5.0, 0.05, 0.5, 3)[stray] == 0
+    turns, k = diarize_embedded(wins, emb, SR, replace(opts, num_speakers=2))
+    assert k == 2 and [(t.speaker, round(t.start), round(t.end)) for t in turns] == [(0, 0, 6), (1, 7, 13)]
+    # C says one word (1 s alone, between pauses), sounding somewhat like A: asked for three speakers, C stays
+    wins3 = wins + [(15 * SR, 16 * SR)]
+    emb3 = np.vstack([emb, _between(dirs[2], dirs[0], 0.45)[None].astype(np.float32)])
+    three = replace(opts, num_speakers=3)
+    labels3 = cluster(emb3, np.ones(len(wins3)), three)[0]
+    pause3 = np.append(pause, True)
+    assert len(np.unique(sticky_hmm(centered(emb3), pause3, labels3, 3, 5.0, 0.05, 0.5, 3))) == 2  # absorbed
+    turns, k = diarize_embedded(wins3, emb3, SR, three)
+    assert k == 3 and turns[-1].speaker not in {t.speaker for t in turns[:-1]} and round(turns[-1].start) == 15
+    with pytest.raises(ValueError, match="hmm_switch"):
+        replace(opts, hmm_switch=1.0).validate()
+    with pytest.raises(ValueError, match="hmm_kappa"):
+        replace(opts, hmm_kappa=-1).validate()
 
 
 def test_no_windows_no_turns():

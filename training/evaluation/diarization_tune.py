@@ -1,14 +1,16 @@
-"""Sweep the diarization's count rules on conversation sets: the table its defaults were chosen from.
+"""Sweep the diarization's count rules and sticky HMM on conversation sets: the tables their defaults were chosen from.
 
     .venv/bin/python -m training.evaluation.diarization_tune --conversations corpus-conv-cal corpus-one-cal \\
-        [--min-speaker-s 5,7.5,10] [--one-speaker-cosine 0.84,0.87,0.9] [--cache tune-cache.npz]
+        [--min-speaker-s 5,7.5,10] [--one-speaker-cosine 0.84,0.87,0.9] \\
+        [--hmm-kappa 0,5,10] [--hmm-switch 0.01,0.05] [--hmm-pause-switch 0.2,0.5] [--cache tune-cache.npz]
 
 Every recording of every set (outputs of ``training.data.conversations``: tune on the
 *calibration* split only, e.g. ``--split calibration --n 60 --seed 1`` and the same with
 ``--speakers 1-1``) is decoded, VAD'd and embedded once as the service does
 (``diarization_eval.embed_path``); the window embeddings can be kept in ``--cache`` and
-reused. Then every combination of ``min_speaker_s`` and ``one_speaker_cosine`` clusters and
-resegments the cached windows (``models.diarization.diarize_embedded``, number of speakers
+reused. Then every combination of ``min_speaker_s``, ``one_speaker_cosine`` and the sticky HMM's
+``hmm_kappa``, ``hmm_switch`` and ``hmm_pause_switch`` (each list defaults to the shipped value alone,
+except the first two) clusters and resegments the cached windows (``models.diarization.diarize_embedded``, number of speakers
 unknown) and is scored as ``diarization_eval`` scores (pyannote.metrics, 0.25 s collar each side).
 Prints one row per combination: DER and count exact per set, and the DER pooled over all sets
 (reference-weighted), best first; the current defaults are marked.
@@ -65,12 +67,17 @@ def embed_sets(sets: list[Path], model: SpeakerModel, opts: DiarizationOptions, 
     return out
 
 
-def sweep(recordings: dict[str, dict], rate: int, base: DiarizationOptions, min_speaker_s: list[float],
-          one_speaker_cosine: list[float]) -> list[dict]:
-    """One row per combination: {min_speaker_s, one_speaker_cosine, sets: {name: (DER %, count exact %)}, pooled}."""
+RULES = ("min_speaker_s", "one_speaker_cosine", "hmm_kappa", "hmm_switch", "hmm_pause_switch")
+
+
+def sweep(recordings: dict[str, dict], rate: int, base: DiarizationOptions, grid: dict[str, list[float]]) -> list[dict]:
+    """One row per combination of ``grid`` ({option name in ``RULES``: values}; options left out keep ``base``'s):
+    {rules: {name: value}, sets: {name: (DER %, count exact %)}, pooled}, best pooled DER first."""
     rows = []
-    for ms, cos in product(min_speaker_s, one_speaker_cosine):
-        opts = replace(base, min_speaker_s=ms, one_speaker_cosine=cos).validate()
+    names = [n for n in RULES if n in grid]
+    for values in product(*(grid[n] for n in names)):
+        rules = dict(zip(names, values))
+        opts = replace(base, **rules).validate()
         err: dict[str, float] = {}
         ref: dict[str, float] = {}
         exact: dict[str, list[bool]] = {}
@@ -84,8 +91,7 @@ def sweep(recordings: dict[str, dict], rate: int, base: DiarizationOptions, min_
             ref[name] = ref.get(name, 0.0) + s["reference"]
             exact.setdefault(name, []).append(k == len({spk for *_, spk in r["ref"]}))
         sets = {n: (100 * err[n] / ref[n], 100 * float(np.mean(exact[n]))) for n in err}
-        rows.append({"min_speaker_s": ms, "one_speaker_cosine": cos, "sets": sets,
-                     "pooled": 100 * sum(err.values()) / sum(ref.values())})
+        rows.append({"rules": rules, "sets": sets, "pooled": 100 * sum(err.values()) / sum(ref.values())})
     return sorted(rows, key=lambda r: r["pooled"])
 
 
@@ -103,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repository", type=Path, default=Path("models/repository"))
     ap.add_argument("--min-speaker-s", type=_floats, default=[5.0, 7.5, 10.0])
     ap.add_argument("--one-speaker-cosine", type=_floats, default=[0.84, 0.87, 0.9])
+    ap.add_argument("--hmm-kappa", type=_floats, default=None, help="0: no HMM (closest voiceprint, median filter)")
+    ap.add_argument("--hmm-switch", type=_floats, default=None)
+    ap.add_argument("--hmm-pause-switch", type=_floats, default=None)
     ap.add_argument("--cache", type=Path, default=None, help="keep the window embeddings here (.npz)")
     args = ap.parse_args(argv)
     path = Path(args.model) if Path(args.model).is_dir() else args.repository / args.model
@@ -110,13 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len({c.name for c in args.conversations}) != len(args.conversations):
             raise ValueError("--conversations: the sets' folder names must differ (they label the columns)")
-        for name, values in (("min-speaker-s", args.min_speaker_s), ("one-speaker-cosine", args.one_speaker_cosine)):
+        grid = {n: getattr(args, n) if getattr(args, n) is not None else [getattr(base, n)] for n in RULES}
+        for name, values in grid.items():
             if not values:
-                raise ValueError(f"--{name}: give at least one value")
+                raise ValueError(f"--{name.replace('_', '-')}: give at least one value")
+            for v in values:
+                try:
+                    replace(base, **{name: v}).validate()
+                except ValueError as e:
+                    raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
         if args.cache is not None and args.cache.suffix != ".npz":
             raise ValueError(f"--cache: must end in .npz, got {args.cache}")
-        for ms, cos in product(args.min_speaker_s, args.one_speaker_cosine):
-            replace(base, min_speaker_s=ms, one_speaker_cosine=cos).validate()
         for conv in args.conversations:
             if not (conv / "manifest.json").is_file():
                 raise ValueError(f"--conversations: {conv} has no manifest.json "
@@ -126,16 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diarization_tune: {e}", file=sys.stderr)
         return 2
     recordings = embed_sets(args.conversations, model, base, args.cache)
-    rows = sweep(recordings, model.sample_rate, base, args.min_speaker_s, args.one_speaker_cosine)
+    rows = sweep(recordings, model.sample_rate, base, grid)
     names = [c.name for c in args.conversations]
-    print("| min_speaker_s | one_speaker_cosine | " + " | ".join(f"{n} DER % (count exact %)" for n in names)
+    print("| " + " | ".join(RULES) + " | " + " | ".join(f"{n} DER % (count exact %)" for n in names)
           + " | pooled DER % |")
-    print("|---:|---:|" + "---:|" * (len(names) + 1))
+    print("|" + "---:|" * (len(RULES) + len(names) + 1))
     for r in rows:
-        mark = " (default)" if (r["min_speaker_s"], r["one_speaker_cosine"]) == (base.min_speaker_s,
-                                                                                base.one_speaker_cosine) else ""
+        default = all(r["rules"][n] == getattr(base, n) for n in RULES)
+        rules = " | ".join(f"{r['rules'][n]:g}" for n in RULES)
         cells = " | ".join(f"{r['sets'][n][0]:.1f} ({r['sets'][n][1]:.0f})" for n in names)
-        print(f"| {r['min_speaker_s']:g}{mark} | {r['one_speaker_cosine']:g} | {cells} | {r['pooled']:.1f} |")
+        print(f"| {rules} | {cells} | {r['pooled']:.1f} |{' (default)' if default else ''}")
     return 0
 
 
