@@ -201,14 +201,16 @@ def speech_windows(regions: list[tuple[int, int]], rate: int, opts: DiarizationO
 
 def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarray, rate: int,
               opts: DiarizationOptions, speech: list[tuple[int, int]] | None = None,
-              reassign: bool = True) -> list[Turn]:
+              reassign: bool = True, posterior: np.ndarray | None = None) -> list[Turn]:
     """Turns from labelled windows (see the module docstring); times in seconds.
 
     ``speech``: (start, end) samples of the generous VAD's segments (``diarization_speech_vad``);
     their frames outside every window take the label of the closest labelled frame within
     ``opts.fill_s``. None: the windows alone say where speech is. ``reassign``: each window first
     goes to its closest voiceprint and labels are median-filtered over ``opts.smooth`` windows
-    (labels straight from clustering); False: the labels are final (the sticky HMM's).
+    (labels straight from clustering); False: the labels are final (the sticky HMM's). A turn's
+    ``confidence`` is the mean over its windows of ``posterior`` ((N,) probability of each window's
+    label, the HMM's) or, without it, of a sigmoid of the margin between the two closest voiceprints.
     """
     if not windows:
         return []
@@ -234,6 +236,8 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
         frame_label, voiced = _fill(frame_label, voiced, speech, frame, int(round(opts.fill_s / FRAME_S)))
     margin = np.sort(sims, axis=1)
     confidence = 1.0 / (1.0 + np.exp(-20 * (margin[:, -1] - (margin[:, -2] if k > 1 else 0.0))))  # (N,)
+    if posterior is not None:
+        confidence = posterior
     turns: list[Turn] = []
     i = 0
     while i < n_frames:
@@ -294,15 +298,16 @@ def diarize_embedded(windows: list[tuple[int, int]], emb: np.ndarray, rate: int,
     seconds = np.array([(b - a) / rate for a, b in windows])  # (N,)
     labels, k = cluster(emb, seconds, opts)
     x = centered(emb) if k > 1 else emb  # (N, D)
-    refined = k > 1 and opts.hmm_kappa > 0
-    if refined:
+    posterior = None  # (N,) probability of each window's label, when the HMM gave it
+    if k > 1 and opts.hmm_kappa > 0:
         bounds = np.array(windows, np.int64)  # (N, 2)
         pause = np.concatenate([[False], bounds[1:, 0] > bounds[:-1, 1]])  # (N,)
-        hmm = sticky_hmm(x, pause, labels, k, opts.hmm_kappa, opts.hmm_switch, opts.hmm_pause_switch,
-                         opts.hmm_iters)
+        hmm, gamma = sticky_hmm(x, pause, labels, k, opts.hmm_kappa, opts.hmm_switch, opts.hmm_pause_switch,
+                                opts.hmm_iters)
         if opts.num_speakers is None or len(np.unique(hmm)) == k:  # a given number is kept
-            labels = hmm
-    turns = resegment(windows, labels, x, rate, opts, speech, reassign=not refined)
+            labels, posterior = hmm, gamma[np.arange(len(hmm)), hmm]
+    turns = resegment(windows, labels, x, rate, opts, speech, reassign=opts.hmm_kappa == 0,
+                      posterior=posterior)
     used = sorted({t.speaker for t in turns})  # a cluster can lose every frame to its neighbours
     remap = {old: new for new, old in enumerate(used)}
     for t in turns:

@@ -12,7 +12,8 @@ pytest.importorskip("pyannote.metrics")
 
 from training.data.conversations import build_conversations, reference_regions
 from training.evaluation.diarization_eval import main as eval_main
-from training.evaluation.diarization_eval import read_rttm, score
+from models.diarization import Turn
+from training.evaluation.diarization_eval import auroc, read_rttm, score, turns_right
 
 
 def test_score_parts():
@@ -24,6 +25,16 @@ def test_score_parts():
     missed = score(ref, [(0.0, 10.0, "x")], "r", 20.0)
     assert missed["missed"] == pytest.approx(9.5, abs=0.01)
     assert 0 < missed["jer"] <= 1
+
+
+def test_turns_are_judged_under_the_der_mapping_and_ranked_by_confidence():
+    ref = [(0.0, 10.0, "a"), (10.0, 20.0, "b"), (20.0, 24.0, "a")]
+    turns = [Turn(0.0, 10.0, 1, 0.9), Turn(10.0, 20.0, 0, 0.8), Turn(20.0, 24.0, 0, 0.6), Turn(30.0, 31.0, 1, 0.1)]
+    # speaker 1 maps to a, speaker 0 to b: the last a-turn labelled 0 is wrong; 30-31 s holds no reference speech
+    assert turns_right(ref, turns, "r") == [(0.9, True), (0.8, True), (0.6, False)]
+    assert auroc([(0.9, True), (0.8, True), (0.6, False)]) == 1.0
+    assert auroc([(0.5, True), (0.9, False), (0.5, False)]) == 0.25  # a tie counts half
+    assert auroc([(0.5, True)]) is None
 
 
 def test_reference_regions_follow_energy():
@@ -46,7 +57,10 @@ def test_conversations_and_eval_end_to_end(mini_real, tmp_path, capsys):
     assert set(res["per_recording"]) == set(manifest["conversations"])
     pooled = res["pooled"]["all"]
     assert 0 <= pooled["total"] < 60 and pooled["count_exact"] == 100 and pooled["x_realtime"] > 1
-    assert "| given | all | 2 |" in capsys.readouterr().out
+    assert res["turns"] > 0 and 0 <= res["turns_wrong"] <= res["turns"]
+    assert res["confidence_auroc"] is None or 0 <= res["confidence_auroc"] <= 1
+    out = capsys.readouterr().out
+    assert "| given | all | 2 |" in out and "turns labelled wrong" in out
 
 
 def test_single_speaker_recordings_have_one_voice_and_no_overlap(mini_real, tmp_path):

@@ -166,13 +166,15 @@ def test_sticky_hmm_keeps_a_turn_together_and_lets_it_change_at_a_pause():
     assert (x[10:12] @ np.array([a, b]).T).argmax(axis=1).tolist() == [1, 1]
     no_pause = np.zeros(len(x), bool)
     no_pause[22] = True  # only before B's own turn
-    out = sticky_hmm(x, no_pause, labels, 2, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)
+    out, post = sticky_hmm(x, no_pause, labels, 2, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)
     assert out.tolist() == labels.tolist()
+    assert post.shape == (34, 2) and np.allclose(post.sum(axis=1), 1)
+    assert post[10, 0] < post[0, 0]  # kept in A's turn, but less surely than A's clear windows
     pauses = no_pause.copy()
     pauses[[10, 12]] = True  # the two windows are a stretch of speech of their own
-    out = sticky_hmm(x, pauses, labels, 2, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)
+    out = sticky_hmm(x, pauses, labels, 2, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)[0]
     assert out[10:12].tolist() == [1, 1] and out[:10].tolist() == [0] * 10 and out[12:22].tolist() == [0] * 10
-    one = sticky_hmm(x, pauses, np.zeros(len(x), np.int64), 1, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)
+    one = sticky_hmm(x, pauses, np.zeros(len(x), np.int64), 1, kappa=5.0, switch=0.05, pause_switch=0.5, iters=3)[0]
     assert not one.any()  # one speaker: nothing to refine
 
 
@@ -193,16 +195,20 @@ def test_the_hmm_refines_diarization_and_a_given_number_survives_it():
     labels[stray] = 1  # as a clustering that took the stray window for B would say
     x = centered(emb)
     pause = np.array([False] + [wins[i][0] > wins[i - 1][1] for i in range(1, len(wins))])
-    assert sticky_hmm(x, pause, labels, 2, 5.0, 0.05, 0.5, 3)[stray] == 0
+    hmm, post = sticky_hmm(x, pause, labels, 2, 5.0, 0.05, 0.5, 3)
+    assert hmm[stray] == 0
     turns, k = diarize_embedded(wins, emb, SR, replace(opts, num_speakers=2))
     assert k == 2 and [(t.speaker, round(t.start), round(t.end)) for t in turns] == [(0, 0, 6), (1, 7, 13)]
+    # a turn's confidence is the mean posterior of its windows' label
+    assert turns[0].confidence == pytest.approx(float(post[turns[0].windows, 0].mean()), abs=1e-6)
+    assert turns[0].confidence < turns[1].confidence  # A's turn holds the stray window
     # C says one word (1 s alone, between pauses), sounding somewhat like A: asked for three speakers, C stays
     wins3 = wins + [(15 * SR, 16 * SR)]
     emb3 = np.vstack([emb, _between(dirs[2], dirs[0], 0.45)[None].astype(np.float32)])
     three = replace(opts, num_speakers=3)
     labels3 = cluster(emb3, np.ones(len(wins3)), three)[0]
     pause3 = np.append(pause, True)
-    assert len(np.unique(sticky_hmm(centered(emb3), pause3, labels3, 3, 5.0, 0.05, 0.5, 3))) == 2  # absorbed
+    assert len(np.unique(sticky_hmm(centered(emb3), pause3, labels3, 3, 5.0, 0.05, 0.5, 3)[0])) == 2  # absorbed
     turns, k = diarize_embedded(wins3, emb3, SR, three)
     assert k == 3 and turns[-1].speaker not in {t.speaker for t in turns[:-1]} and round(turns[-1].start) == 15
     with pytest.raises(ValueError, match="hmm_switch"):

@@ -9,6 +9,8 @@ and once given, and scores the output against the reference RTTMs with ``pyannot
 DER with a 0.25 s collar on each side of every reference boundary (``collar=0.5`` in
 pyannote's convention, the total width) and overlapped speech scored, split into missed
 speech, false alarm and confusion; JER; the share of recordings whose speaker count is exact;
+how well the segments' ``confidence`` tells turns labelled right from wrong (AUROC; a turn is
+right when its speaker, mapped as DER maps them, holds most of the reference speech inside it);
 and the speed (seconds of audio per second of computation, one process, the model's own
 threads). Prints a table by channel and writes the figures as JSON with ``--json``.
 """
@@ -110,12 +112,46 @@ def score(ref: list[tuple[float, float, str]], hyp: list[tuple[float, float, str
             "confusion": der["confusion"], "jer": float(jer)}
 
 
+def turns_right(ref: list[tuple[float, float, str]], turns: list[Turn], uri: str) -> list[tuple[float, bool]]:
+    """(confidence, right) of every turn that overlaps reference speech: right when, under the optimal mapping of
+    output speakers to reference speakers (the one DER uses), the turn's speaker holds most of the reference
+    speech inside it."""
+    from pyannote.core import Segment
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    r = _annotation(ref, uri)
+    mapping = DiarizationErrorRate().optimal_mapping(r, _annotation([(t.start, t.end, f"S{t.speaker}") for t in turns],
+                                                                    uri))
+    out = []
+    for t in turns:
+        inside: dict[str, float] = {}
+        for seg, _, spk in r.crop(Segment(t.start, t.end)).itertracks(yield_label=True):
+            inside[spk] = inside.get(spk, 0.0) + seg.duration
+        if inside:
+            out.append((t.confidence, inside.get(mapping.get(f"S{t.speaker}"), 0.0) > 0.5 * sum(inside.values())))
+    return out
+
+
+def auroc(rows: list[tuple[float, bool]]) -> float | None:
+    """Area under the ROC curve of ``(score, right)`` rows: the chance that a right row scores above a wrong one
+    (ties count half); None without both kinds."""
+    scores = np.array([c for c, _ in rows], np.float64)
+    right = np.array([ok for _, ok in rows], bool)
+    n_pos, n_neg = int(right.sum()), int((~right).sum())
+    if not n_pos or not n_neg:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)  # (N,) average ranks for ties
+    return float((ranks[right].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def evaluate(conv: Path, model: SpeakerModel, opts: DiarizationOptions, given: bool, log=print,
              rttm_out: Path | None = None) -> dict:
     """Diarize every conversation in ``conv``: per-recording and pooled figures."""
     manifest = json.loads((conv / "manifest.json").read_text())["conversations"]
     vad = SileroVad()
-    rows, per = [], {}
+    rows, per, judged = [], {}, []
     for cid, meta in sorted(manifest.items()):
         ref = read_rttm(conv / "rttm" / f"{cid}.rttm")
         n_ref = len({s for *_, s in ref})
@@ -125,6 +161,7 @@ def evaluate(conv: Path, model: SpeakerModel, opts: DiarizationOptions, given: b
         elapsed = time.perf_counter() - t0
         hyp = [(t.start, t.end, f"SPEAKER_{t.speaker:02d}") for t in turns]
         s = score(ref, hyp, cid, seconds)
+        judged += turns_right(ref, turns, cid)
         if rttm_out is not None:
             rttm_out.mkdir(parents=True, exist_ok=True)
             names = [f"SPEAKER_{i:02d}" for i in range(k)]
@@ -134,7 +171,8 @@ def evaluate(conv: Path, model: SpeakerModel, opts: DiarizationOptions, given: b
         log(f"  {cid} {meta['channel']:>9} {n_ref}->{k} spk  DER {100 * s['total'] / s['reference']:5.1f}%"
             f"  {seconds / elapsed:5.0f}x RT")
         rows.append(s)
-    return {"per_recording": per, "pooled": _pool(per)}
+    return {"per_recording": per, "pooled": _pool(per), "confidence_auroc": auroc(judged),
+            "turns": len(judged), "turns_wrong": sum(not ok for _, ok in judged)}
 
 
 def _pool(per: dict) -> dict:
@@ -198,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode} number of speakers:", flush=True)
         results[mode] = evaluate(args.conversations, model, opts, mode == "given", rttm_out=args.rttm_out)
     print(table(results))
+    for mode, res in results.items():
+        a = res["confidence_auroc"]
+        print(f"{mode}: {res['turns_wrong']} of {res['turns']} turns labelled wrong; their confidence tells right from "
+              f"wrong with AUROC {'n/a' if a is None else f'{a:.3f}'}")
     if args.json:
         args.json.write_text(json.dumps({"model": model.name, "options": opts.__dict__, "results": results}, indent=1) + "\n")
     return 0
