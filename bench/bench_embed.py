@@ -95,6 +95,18 @@ def bench_vad(repeats: int) -> dict[float, float]:
     return out
 
 
+def die_with_parent() -> None:
+    """Run in a child between fork and exec: Linux sends it SIGTERM when the process that started it dies, even by
+    kill -9, so a bench that is stopped never leaves its server running (elsewhere: nothing)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Server:
     def __init__(self, repo: Path, threads: int | None, **opts):
         """``threads``: ONNX Runtime intra-op threads per batch (None: the server's automatic setting)."""
@@ -106,7 +118,7 @@ class Server:
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--http-port", "0", "--model-repository", str(repo),
              "--data-dir", self.tmp.name, "--log-level", "WARNING"],
-            cwd=ROOT, env=env)
+            cwd=ROOT, env=env, preexec_fn=die_with_parent)
         self.target = f"127.0.0.1:{self.port}"
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
