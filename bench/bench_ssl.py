@@ -46,7 +46,6 @@ sys.path.insert(0, str(REPO))
 SHAPES = {"1 x 3 s": (1, 3.0), "8 x 3 s": (8, 3.0), "1 x 10 s": (1, 10.0)}
 
 
-
 def _session(path: Path, threads: int, profile_prefix: str | None = None):
     """An ONNX Runtime CPU session with the service's options (ENABLE_ALL, no spinning)."""
     import onnxruntime as ort

@@ -219,10 +219,11 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
     sims = emb @ prints.T  # (N, k)
     if reassign:
         labels = sims.argmax(axis=1)  # re-assigned to the closest voiceprint
-    if reassign and opts.smooth > 1 and len(labels) >= opts.smooth:
-        half = opts.smooth // 2
-        padded = np.concatenate([labels[:1].repeat(half), labels, labels[-1:].repeat(half)])
-        labels = np.array([np.bincount(padded[i:i + opts.smooth], minlength=k).argmax() for i in range(len(labels))])
+        if opts.smooth > 1 and len(labels) >= opts.smooth:
+            half = opts.smooth // 2
+            padded = np.concatenate([labels[:1].repeat(half), labels, labels[-1:].repeat(half)])
+            labels = np.array([np.bincount(padded[i:i + opts.smooth], minlength=k).argmax()
+                               for i in range(len(labels))])
     frame = max(1, int(FRAME_S * rate))
     end = max([b for _, b in windows] + [b for _, b in speech or []])
     n_frames = -(-end // frame)
@@ -234,10 +235,11 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
     frame_label = votes.argmax(axis=1)  # (n_frames,)
     if speech:
         frame_label, voiced = _fill(frame_label, voiced, speech, frame, int(round(opts.fill_s / FRAME_S)))
-    margin = np.sort(sims, axis=1)
-    confidence = 1.0 / (1.0 + np.exp(-20 * (margin[:, -1] - (margin[:, -2] if k > 1 else 0.0))))  # (N,)
     if posterior is not None:
-        confidence = posterior
+        confidence = posterior  # (N,)
+    else:
+        margin = np.sort(sims, axis=1)
+        confidence = 1.0 / (1.0 + np.exp(-20 * (margin[:, -1] - (margin[:, -2] if k > 1 else 0.0))))  # (N,)
     turns: list[Turn] = []
     i = 0
     while i < n_frames:

@@ -215,6 +215,8 @@ def test_the_hmm_refines_diarization_and_a_given_number_survives_it():
         replace(opts, hmm_switch=1.0).validate()
     with pytest.raises(ValueError, match="hmm_kappa"):
         replace(opts, hmm_kappa=-1).validate()
+    with pytest.raises(ValueError, match="hmm_iters"):
+        replace(opts, hmm_iters=0).validate()
 
 
 def test_no_windows_no_turns():

@@ -133,17 +133,14 @@ def turns_right(ref: list[tuple[float, float, str]], turns: list[Turn], uri: str
 
 
 def auroc(rows: list[tuple[float, bool]]) -> float | None:
-    """Area under the ROC curve of ``(score, right)`` rows: the chance that a right row scores above a wrong one
-    (ties count half); None without both kinds."""
-    scores = np.array([c for c, _ in rows], np.float64)
-    right = np.array([ok for _, ok in rows], bool)
-    n_pos, n_neg = int(right.sum()), int((~right).sum())
-    if not n_pos or not n_neg:
+    """Area under the ROC curve of ``(score, right)`` rows (scikit-learn's, which pyannote.metrics brings): the
+    chance that a right row scores above a wrong one, ties counting half; None without both kinds."""
+    right = [ok for _, ok in rows]
+    if all(right) or not any(right):
         return None
-    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
 
-    ranks = rankdata(scores)  # (N,) average ranks for ties
-    return float((ranks[right].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(right, [c for c, _ in rows]))
 
 
 def evaluate(conv: Path, model: SpeakerModel, opts: DiarizationOptions, given: bool, log=print,

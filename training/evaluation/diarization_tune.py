@@ -9,9 +9,9 @@ Every recording of every set (outputs of ``training.data.conversations``: tune o
 ``--speakers 1-1``) is decoded, VAD'd and embedded once as the service does
 (``diarization_eval.embed_path``); the window embeddings can be kept in ``--cache`` and
 reused. Then every combination of ``min_speaker_s``, ``one_speaker_cosine`` and the sticky HMM's
-``hmm_kappa``, ``hmm_switch`` and ``hmm_pause_switch`` (each list defaults to the shipped value alone,
-except the first two) clusters and resegments the cached windows (``models.diarization.diarize_embedded``, number of speakers
-unknown) and is scored as ``diarization_eval`` scores (pyannote.metrics, 0.25 s collar each side).
+``hmm_kappa``, ``hmm_switch`` and ``hmm_pause_switch`` (the HMM's lists default to the shipped value
+alone) clusters and resegments the cached windows (``models.diarization.diarize_embedded``, number of
+speakers unknown) and is scored as ``diarization_eval`` scores (pyannote.metrics, 0.25 s collar each side).
 Prints one row per combination: DER and count exact per set, and the DER pooled over all sets
 (reference-weighted), best first; the current defaults are marked.
 """
@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
           + " | pooled DER % |")
     print("|" + "---:|" * (len(RULES) + len(names) + 1))
     for r in rows:
-        default = all(r["rules"][n] == getattr(base, n) for n in RULES)
+        mark = " (default)" if all(r["rules"][n] == getattr(base, n) for n in RULES) else ""
         rules = " | ".join(f"{r['rules'][n]:g}" for n in RULES)
         cells = " | ".join(f"{r['sets'][n][0]:.1f} ({r['sets'][n][1]:.0f})" for n in names)
-        print(f"| {rules} | {cells} | {r['pooled']:.1f} |{' (default)' if default else ''}")
+        print(f"| {rules.replace(' |', mark + ' |', 1)} | {cells} | {r['pooled']:.1f} |")
     return 0
 
 
