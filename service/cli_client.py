@@ -259,6 +259,10 @@ def _migrate(stub, args, kw) -> None:
 
 
 def _diarize(stub, args, kw) -> None:
+    for flag in ("num_speakers", "min_speakers", "max_speakers"):  # the API reads 0 as "not given"
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"spkserve diarize: --{flag.replace('_', '-')} must be at least 1, got {value}")
     options = pb.DiarizationOptions(num_speakers=args.num_speakers or 0, min_speakers=args.min_speakers or 0,
                                     max_speakers=args.max_speakers or 0, collection=args.collection,
                                     exclusive=args.exclusive)

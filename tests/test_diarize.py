@@ -444,6 +444,9 @@ def test_cli_diarize_rttm_and_json(server, two_voices, tmp_path):
     both = subprocess.run(base + ["--num-speakers", "2", "--min-speakers", "1", str(path)], capture_output=True,
                           text=True, timeout=120)
     assert both.returncode == 2 and "not allowed with" in both.stderr
+    for flag in ("--num-speakers", "--min-speakers", "--max-speakers"):  # 0 would reach the API as "not given"
+        zero = subprocess.run(base + [flag, "0", str(path)], capture_output=True, text=True, timeout=120)
+        assert zero.returncode == 1 and f"{flag} must be at least 1, got 0" in zero.stderr and not zero.stdout
 
 
 def test_diarize_own_windows_are_not_queueing(model_repo, tmp_path, two_voices):
