@@ -82,17 +82,28 @@ def _field(descriptor, name: str, path: str) -> FieldDescriptor:
     raise _bad(path, f"{descriptor.name} has no field {name!r}")
 
 
+_INT_RANGES = {  # what each integer field type holds (ParseDict's own error would name only the whole form)
+    FieldDescriptor.TYPE_INT32: (-2 ** 31, 2 ** 31 - 1), FieldDescriptor.TYPE_SINT32: (-2 ** 31, 2 ** 31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2 ** 32 - 1), FieldDescriptor.TYPE_INT64: (-2 ** 63, 2 ** 63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-2 ** 63, 2 ** 63 - 1), FieldDescriptor.TYPE_UINT64: (0, 2 ** 64 - 1),
+}
+
+
 def _scalar(f: FieldDescriptor, value: str, path: str):
     """A form field's text as the JSON value of field ``f``."""
     t = f.type
     try:
         if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
             return float(value)
-        if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-                 FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64):
-            return int(value)
+        if t in _INT_RANGES:
+            number = int(value)
     except ValueError:
         raise _bad(path, f"must be a number, got {value[:40]!r}") from None
+    if t in _INT_RANGES:
+        lo, hi = _INT_RANGES[t]
+        if not lo <= number <= hi:
+            raise _bad(path, f"must be a {'32' if hi < 2 ** 33 else '64'}-bit integer in {lo}..{hi}, got {number}")
+        return number
     if t == FieldDescriptor.TYPE_BOOL:
         if value.lower() not in ("true", "false", "1", "0"):
             raise _bad(path, f"must be true or false, got {value[:40]!r}")

@@ -129,6 +129,9 @@ def test_bad_input_gets_the_grpc_errors_as_json(http):
                          timeout=30), 400, "INVALID_ARGUMENT", "colour")
     _error(requests.post(f"{base}/v1/verify", data={"threshold": "high"}, files={"a": ("a.wav", _wav("flite-slt-1"))},
                          timeout=30), 400, "INVALID_ARGUMENT", "threshold", "number")
+    _error(requests.post(f"{base}/v1/diarize", data={"options.numSpeakers": "99999999999"},
+                         files={"audio": ("a.wav", _wav("flite-slt-1"))}, timeout=30), 400, "INVALID_ARGUMENT",
+           "options.numSpeakers", "32-bit")
     _error(requests.post(f"{base}/v1/embed", data="{not json", headers={"content-type": "application/json"}, timeout=30),
            400, "INVALID_ARGUMENT", "JSON")
     _error(requests.post(f"{base}/v1/embed", data=b"abc", headers={"content-type": "text/plain"}, timeout=30),
