@@ -229,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "diarize" and args.num_speakers is not None and args.max_speakers is not None:
         parser.error("diarize: --num-speakers cannot be combined with --max-speakers")
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:  # the reader went away (`spkserve embed ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool stopped by a closed pipe
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "repair-log":
@@ -240,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     from service.cli_client import run_client
 
     return run_client(args)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -85,3 +85,18 @@ def test_friendly_errors(server, capsys, tmp_path):
     assert code == 1 and err.startswith("INVALID_ARGUMENT") and "WAV, FLAC" in err and "ffmpeg" in err
     with pytest.raises(SystemExit, match="cannot read"):
         _run(capsys, "embed", "--target", server.target, str(tmp_path / "missing.wav"))
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(server, tmp_path):
+    """`spkserve embed ... | head -n 1`: the closed pipe ends the command quietly with status 141 (128 + SIGPIPE)."""
+    import subprocess
+    import sys
+
+    files = [str(AUDIO / "flite-slt-1.wav")] * 24  # ~24 x 5 kB of JSON: more than a pipe's 64 kB buffer
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "embed", "--target", server.target, *files],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away with most of the output unwritten
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and json.loads(first)["file"].endswith("flite-slt-1.wav")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
