@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 
@@ -35,11 +35,19 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.insecure_channel(args.target, options=opts)
 
 
+class _Unreadable(SystemExit):
+    """A local file that cannot be read (the command's message names it)."""
+
+
+class _FilesFailed(Exception):
+    """Some of a verb's files failed, each reported on stderr; the others were done."""
+
+
 def _read(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as e:
-        raise SystemExit(f"spkserve: cannot read {path}: {e.strerror}") from None
+        raise _Unreadable(f"spkserve: cannot read {path}: {e.strerror}") from None
 
 
 def _check_readable(path: str) -> None:
@@ -47,7 +55,32 @@ def _check_readable(path: str) -> None:
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise SystemExit(f"spkserve: cannot read {path}: {e.strerror}") from None
+        raise _Unreadable(f"spkserve: cannot read {path}: {e.strerror}") from None
+
+
+def _each_file(files: list[str], args: argparse.Namespace, work: Callable[[str], None]) -> None:
+    """``work(path)`` for every file of a per-file verb (``embed``, ``diarize``).
+
+    With several files, one the server refuses as bad input (INVALID_ARGUMENT) or that cannot be read is
+    reported on stderr under its name and the others still run (then ``_FilesFailed``: exit status 1); an
+    error about the call itself (server down, token, overload, unknown model) stops at once, as with one file.
+    """
+    failed = 0
+    for path in files:
+        try:
+            work(path)
+        except grpc.RpcError as e:
+            if len(files) == 1 or e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            print(f"{path}: {_hint(e, args)}", file=sys.stderr, flush=True)
+            failed += 1
+        except _Unreadable as e:
+            if len(files) == 1:
+                raise
+            print(e, file=sys.stderr, flush=True)
+            failed += 1
+    if failed:
+        raise _FilesFailed(f"{failed} of {len(files)} files failed")
 
 
 def _audio(path: str) -> pb.Audio:
@@ -73,21 +106,25 @@ def _speaker(s: pb.Speaker, voiceprint: bool = False) -> dict:
 
 
 def _embed(stub, args, kw) -> None:
-    for f in args.files:
-        size = Path(f).stat().st_size if Path(f).is_file() else 0
-        if args.stream or size > STREAM_ABOVE_BYTES:
-            def parts(path=f):
-                yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=args.model or ""))
-                with open(path, "rb") as fh:
-                    while chunk := fh.read(CHUNK):
-                        yield pb.EmbedStreamRequest(chunk=chunk)
+    _each_file(args.files, args, lambda f: _embed_one(stub, args, kw, f))
 
-            _check_readable(f)
-            r = stub.EmbedStream(parts(), **kw)
-        else:
-            r = stub.Embed(pb.EmbedRequest(model=args.model or "", audio=_audio(f)), **kw)
-        _emit({"file": f, "model": r.model, "model_version": r.model_version,
-               "speech_seconds": r.speech_seconds, "embedding": list(r.embedding)})
+
+def _embed_one(stub, args, kw, f: str) -> None:
+    """Embed one file (EmbedStream when asked or when it is large) and print its line."""
+    size = Path(f).stat().st_size if Path(f).is_file() else 0
+    if args.stream or size > STREAM_ABOVE_BYTES:
+        def parts(path=f):
+            yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=args.model or ""))
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield pb.EmbedStreamRequest(chunk=chunk)
+
+        _check_readable(f)
+        r = stub.EmbedStream(parts(), **kw)
+    else:
+        r = stub.Embed(pb.EmbedRequest(model=args.model or "", audio=_audio(f)), **kw)
+    _emit({"file": f, "model": r.model, "model_version": r.model_version,
+           "speech_seconds": r.speech_seconds, "embedding": list(r.embedding)})
 
 
 def _verify(stub, args, kw) -> None:
@@ -266,29 +303,33 @@ def _diarize(stub, args, kw) -> None:
     options = pb.DiarizationOptions(num_speakers=args.num_speakers or 0, min_speakers=args.min_speakers or 0,
                                     max_speakers=args.max_speakers or 0, collection=args.collection,
                                     exclusive=args.exclusive)
-    for path in args.files:
-        _check_readable(path)
+    _each_file(args.files, args, lambda path: _diarize_one(stub, args, kw, options, path))
 
-        def messages(path=path):
-            yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig(model=args.model or "", options=options))
-            with open(path, "rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    yield pb.DiarizeStreamRequest(chunk=chunk)
 
-        r = stub.DiarizeStream(messages(), **kw)
-        file_id = Path(path).stem
-        if args.format == "rttm":
-            sys.stdout.write("".join(f"SPEAKER {file_id} 1 {s.start_seconds:.3f} {s.end_seconds - s.start_seconds:.3f} "
-                                     f"<NA> <NA> {s.speaker_label} <NA> <NA>\n" for s in r.segments))
-            sys.stdout.flush()
-            continue
-        _emit({"file": path, "model": r.model, "model_version": r.model_version,
-               "speech_seconds": r.speech.speech_seconds, "audio_seconds": r.speech.audio_seconds,
-               "speakers": [{"label": s.speaker_label, "speech_seconds": round(s.speech_seconds, 3),
-                             "speaker_id": s.speaker_id or None, "llr": s.llr if s.HasField("llr") else None}
-                            for s in r.speakers],
-               "segments": [{"start": round(s.start_seconds, 3), "end": round(s.end_seconds, 3),
-                             "speaker": s.speaker_label, "confidence": round(s.confidence, 3)} for s in r.segments]})
+def _diarize_one(stub, args, kw, options: pb.DiarizationOptions, path: str) -> None:
+    """Diarize one file through DiarizeStream and print its RTTM lines or JSON line."""
+    _check_readable(path)
+
+    def messages(path=path):
+        yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig(model=args.model or "", options=options))
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                yield pb.DiarizeStreamRequest(chunk=chunk)
+
+    r = stub.DiarizeStream(messages(), **kw)
+    file_id = Path(path).stem
+    if args.format == "rttm":
+        sys.stdout.write("".join(f"SPEAKER {file_id} 1 {s.start_seconds:.3f} {s.end_seconds - s.start_seconds:.3f} "
+                                 f"<NA> <NA> {s.speaker_label} <NA> <NA>\n" for s in r.segments))
+        sys.stdout.flush()
+        return
+    _emit({"file": path, "model": r.model, "model_version": r.model_version,
+           "speech_seconds": r.speech.speech_seconds, "audio_seconds": r.speech.audio_seconds,
+           "speakers": [{"label": s.speaker_label, "speech_seconds": round(s.speech_seconds, 3),
+                         "speaker_id": s.speaker_id or None, "llr": s.llr if s.HasField("llr") else None}
+                        for s in r.speakers],
+           "segments": [{"start": round(s.start_seconds, 3), "end": round(s.end_seconds, 3),
+                         "speaker": s.speaker_label, "confidence": round(s.confidence, 3)} for s in r.segments]})
 
 
 def _model(m: pb.ModelInfo) -> dict:
@@ -342,5 +383,7 @@ def run_client(args: argparse.Namespace) -> int:
             VERBS[args.command](stub, args, kw)
         except grpc.RpcError as e:
             print(_hint(e, args), file=sys.stderr)
+            return 1
+        except _FilesFailed:  # each already reported under its name
             return 1
     return 0

@@ -100,3 +100,24 @@ def test_a_reader_that_stops_early_gets_no_traceback(server, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and json.loads(first)["file"].endswith("flite-slt-1.wav")
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_bad_file_among_several_is_named_and_the_others_still_run(server, capsys, tmp_path, monkeypatch):
+    """embed / diarize over several files: a file the server refuses (INVALID_ARGUMENT) or that cannot be read is
+    reported under its name, the other files' results are still printed, and the status is 1."""
+    monkeypatch.setenv("SPKSERVE_TARGET", server.target)
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF but not audio")
+    good = [str(AUDIO / f"{n}.wav") for n in ("flite-slt-1", "flite-awb-1")]
+    files = [good[0], str(junk), str(tmp_path / "missing.wav"), good[1]]
+    code, out, err = _run(capsys, "embed", *files)
+    assert code == 1 and [o["file"] for o in out] == good
+    assert f"{junk}: INVALID_ARGUMENT: audio.encoded" in err and "missing.wav" in err
+    from service.cli import main
+
+    code = main(["diarize", *files])
+    out = capsys.readouterr()
+    assert code == 1 and {line.split()[1] for line in out.out.splitlines()} == {"flite-slt-1", "flite-awb-1"}
+    assert f"{junk}: INVALID_ARGUMENT: chunk" in out.err and "missing.wav" in out.err
+    code, _, err = _run(capsys, "embed", str(junk))  # one file: the error as before, without a name
+    assert code == 1 and err.startswith("INVALID_ARGUMENT: audio.encoded")
