@@ -231,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("diarize: --num-speakers cannot be combined with --max-speakers")
     try:
         return _dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C on a client command: its calls are cancelled as the channel closes
+        if args.command == "serve":  # the server drains on SIGINT itself; anything else is not ours to hide
+            raise
+        print("spkserve: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT
     except BrokenPipeError:  # the reader went away (`spkserve embed ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE, the status a shell reports for a tool stopped by a closed pipe

@@ -121,3 +121,37 @@ def test_a_bad_file_among_several_is_named_and_the_others_still_run(server, caps
     assert f"{junk}: INVALID_ARGUMENT: chunk" in out.err and "missing.wav" in out.err
     code, _, err = _run(capsys, "embed", str(junk))  # one file: the error as before, without a name
     assert code == 1 and err.startswith("INVALID_ARGUMENT: audio.encoded")
+
+
+def test_ctrl_c_stops_a_client_command_without_a_traceback(live_server_for_ctrl_c):
+    """Ctrl-C during `spkserve verify-stream --realtime`: status 130, one line on stderr, no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    target, path = live_server_for_ctrl_c
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "  # as in a terminal
+            "from service.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "verify-stream", "--target", target, "--collection", "cli-c",
+                             "--speaker", "slt", "--realtime", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()  # a provisional result: the stream is under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert json.loads(first)["final"] is False
+    assert proc.returncode == 130 and err.decode().strip() == "spkserve: interrupted", err.decode()
+
+
+@pytest.fixture
+def live_server_for_ctrl_c(server, tmp_path):
+    """The module's server with `slt` enrolled in collection `cli-c`, and a 30 s recording of slt to stream."""
+    import numpy as np
+    import soundfile as sf
+
+    from service.cli import main
+
+    assert main(["enroll", "--target", server.target, "--collection", "cli-c", "--speaker", "slt",
+                 str(AUDIO / "flite-slt-1.wav"), str(AUDIO / "flite-slt-2.wav")]) == 0
+    wave, rate = sf.read(AUDIO / "flite-slt-2.wav", dtype="float32")
+    path = tmp_path / "long.wav"
+    sf.write(path, np.tile(wave, 10), rate)
+    return server.target, str(path)
