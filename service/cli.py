@@ -254,5 +254,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     return run_client(args)
 
+
 if __name__ == "__main__":
     sys.exit(main())
