@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -68,8 +69,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _repair(args: argparse.Namespace) -> int:
     """Repair every write-ahead log of a stopped server's data directory; print what was kept and lost."""
-    import re
-
     from service.store import StoreUnavailable
     from service.store.keys import KeyRing
     from service.store.naming import describe_damage
@@ -110,6 +109,28 @@ def _repair(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAX_DEADLINE = 1e9  # seconds (~31 years): gRPC's deadline arithmetic overflows not far above this
+
+
+def _deadline(text: str) -> float:
+    """``--timeout``: a finite number of seconds above 0 (0, negative, NaN or huge deadlines expire at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= _MAX_DEADLINE:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {_MAX_DEADLINE:.0e} seconds, got {text}")
+    return value
+
+
+def _target(text: str) -> str:
+    """``--target``: a gRPC target; a HOST:PORT one needs a port in 1..65535 (gRPC wraps larger ports around)."""
+    port = re.search(r":(\d+)$", text)
+    if port and not text.startswith(("unix:", "unix-abstract:")) and not 1 <= int(port.group(1)) <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port.group(1)} in {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spkserve`` command."""
     ap = argparse.ArgumentParser(prog="spkserve", description="Speaker embedding service",
@@ -133,24 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level")
     s.add_argument("--log-format", choices=["text", "json"], help="text (default) or JSON lines")
 
-    def client(name: str, help: str) -> argparse.ArgumentParser:
+    def client(name: str, help: str, model: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--target", default=os.environ.get("SPKSERVE_TARGET", "localhost:50051"),
+        p.add_argument("--target", type=_target, default=os.environ.get("SPKSERVE_TARGET", "localhost:50051"),
                        help="HOST:PORT of the server (default $SPKSERVE_TARGET or localhost:50051)")
         p.add_argument("--token", default=os.environ.get("SPKSERVE_TOKEN"), help="bearer token (default $SPKSERVE_TOKEN)")
         p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) for a TLS server")
-        p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
-        p.add_argument("--model", default="", help="model name (default: the server's default)")
+        p.add_argument("--timeout", type=_deadline, default=60.0, help="deadline in seconds (default 60)")
+        if model:  # only verbs whose RPC takes a model: elsewhere `--model X` would be silently ignored
+            p.add_argument("--model", default="", help="model name (default: the server's default)")
         return p
 
     def speaker(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--collection", default="", help="collection (default: 'default')")
         p.add_argument("--speaker", required=required, metavar="ID")
 
-    p = client("embed", "embed audio files (files over 8 MiB, or all with --stream, go through EmbedStream)")
+    p = client("embed", "embed audio files (files over 8 MiB, or all with --stream, go through EmbedStream)",
+               model=True)
     p.add_argument("--stream", action="store_true", help="send every file through EmbedStream")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p = client("verify", "score two audio files, or one against an enrolled speaker (--speaker)")
+    p = client("verify", "score two audio files, or one against an enrolled speaker (--speaker)", model=True)
     speaker(p, required=False)
     p.add_argument("files", nargs="+", metavar="FILE", help="FILE_A FILE_B, or one FILE with --speaker")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's operating point)")
@@ -158,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-far", type=float, default=None,
                    help="decide at this false-accept rate (e.g. 0.001), from the model's real-speech table")
     p = client("verify-stream", "verify a recording live against an enrolled speaker: streams FILE in chunks and "
-                                "prints each provisional result, then the final one")
+                                "prints each provisional result, then the final one", model=True)
     p.add_argument("--collection", required=True, help="the enrolled speaker's collection")
     p.add_argument("--speaker", required=True, metavar="ID")
     p.add_argument("--chunk-ms", type=float, default=500.0, help="audio per message (default 500 ms)")
@@ -167,11 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's operating point)")
     p.add_argument("--scale", choices=["cosine", "llr", "normalized"], default="cosine", help="the scale --threshold is on")
     p.add_argument("file", metavar="FILE")
-    p = client("enroll", "enroll audio files as a speaker")
+    p = client("enroll", "enroll audio files as a speaker", model=True)
     speaker(p)
     p.add_argument("--allow-reenroll", action="store_true", help="enroll an id that was deleted or opted out")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p = client("identify", "find the closest enrolled speakers")
+    p = client("identify", "find the closest enrolled speakers", model=True)
     p.add_argument("--collection", default="")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--target-far", type=float, default=None, help="a pair's false-accept rate (see verify)")
@@ -193,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("compare", "cosine scores between two files of embeddings (lines printed by `spkserve embed`)")
     p.add_argument("file_a", metavar="EMBEDDINGS_A")
     p.add_argument("file_b", metavar="EMBEDDINGS_B")
-    p = client("migrate", "re-embed a collection's speakers with another model into a new collection (admin)")
+    p = client("migrate", "re-embed a collection's speakers with another model into a new collection (admin)",
+               model=True)
     p.add_argument("--collection", default="", help="the source collection")
     p.add_argument("--to", required=True, metavar="COLLECTION", help="the new collection (must not exist)")
-    p = client("diarize", "who spoke when: speaker turns of recordings, as RTTM (default) or JSON")
+    p = client("diarize", "who spoke when: speaker turns of recordings, as RTTM (default) or JSON", model=True)
     count = p.add_mutually_exclusive_group()
     count.add_argument("--num-speakers", type=int, default=None, help="the number of speakers, when known")
     count.add_argument("--min-speakers", type=int, default=None, help="at least this many speakers (with --max-speakers)")

@@ -144,15 +144,17 @@ def _verify(stub, args, kw) -> None:
     if args.target_far is not None:
         req.target_false_accept_rate = args.target_far
     r = stub.Verify(req, **kw)
+    sides = [r.a_speech if a.HasField("audio") else None, r.b_speech]
     out = {"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model,
            "verdict": _name(pb.Verdict, r.verdict, "VERDICT_"),
            "llr": r.llr if r.HasField("llr") else None,
            "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
            "decision_scale": _name(pb.ScoreScale, r.decision_scale, "SCORE_SCALE_").lower(),
            "decision_threshold": r.decision_threshold,
-           "speech_seconds": [r.a_speech.speech_seconds, r.b_speech.speech_seconds],
-           "multiple_speakers": [r.a_speech.multiple_speakers, r.b_speech.multiple_speakers],
-           "narrowband": [r.a_speech.narrowband, r.b_speech.narrowband]}
+           # what VAD found in each audio probe; null for the enrolled speaker's side (no audio was sent)
+           "speech_seconds": [s.speech_seconds if s else None for s in sides],
+           "multiple_speakers": [s.multiple_speakers if s else None for s in sides],
+           "narrowband": [s.narrowband if s else None for s in sides]}
     if r.reason:
         out["reason"] = r.reason
     _emit(out)

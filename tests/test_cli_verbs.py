@@ -53,6 +53,8 @@ def test_records_compare_and_verify_against_an_enrolled_speaker(server, capsys, 
     same = _run(capsys, "verify", "--collection", "cli", "--speaker", "slt", slt2)[1][0]
     other = _run(capsys, "verify", "--collection", "cli", "--speaker", "awb", slt2)[1][0]
     assert same["score"] > other["score"]
+    # only the audio side has VAD figures: the enrolled speaker's side is null, not "0 s of speech"
+    assert same["speech_seconds"][0] is None and same["speech_seconds"][1] > 1.0 and same["narrowband"] == [None, False]
     # compare: the embeddings `spkserve embed` printed (plain and streamed give the same vectors)
     code, plain, _ = _run(capsys, "embed", slt1, slt2)
     code, streamed, _ = _run(capsys, "embed", "--stream", slt1)
@@ -85,6 +87,36 @@ def test_friendly_errors(server, capsys, tmp_path):
     assert code == 1 and err.startswith("INVALID_ARGUMENT") and "WAV, FLAC" in err and "ffmpeg" in err
     with pytest.raises(SystemExit, match="cannot read"):
         _run(capsys, "embed", "--target", server.target, str(tmp_path / "missing.wav"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["model-info", "--model", "nope"], "unrecognized arguments: --model"),  # was: the default model, silently
+    (["models", "--model", "x"], "unrecognized arguments: --model"),
+    (["embed", "--timeout", "0", "a.wav"], "argument --timeout: must be more than 0"),  # was: DEADLINE_EXCEEDED
+    (["embed", "--timeout", "nan", "a.wav"], "argument --timeout: must be more than 0"),
+    (["embed", "--timeout", "inf", "a.wav"], "at most 1e+09 seconds, got inf"),
+    (["embed", "--timeout", "soon", "a.wav"], "argument --timeout: must be a number of seconds, got 'soon'"),
+    (["models", "--target", "localhost:99999"], "argument --target: port must be in 1..65535, got 99999"),
+])
+def test_options_a_command_cannot_honour_are_refused_before_any_call(capsys, argv, message):
+    """A usage error (status 2) naming the option, instead of an option ignored or a call that cannot succeed."""
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_target_port_and_model_options_where_they_belong():
+    """HOST:PORT targets and unix sockets pass; --model exists exactly on the verbs whose RPC takes a model."""
+    from service.cli import build_parser
+
+    parser = build_parser()
+    for target in ("localhost:50051", "[::1]:50051", "dns:///svc.local:443", "unix:/run/spk.sock", "host"):
+        assert parser.parse_args(["models", "--target", target]).target == target
+    verbs = parser._subparsers._group_actions[0].choices
+    with_model = {v for v, p in verbs.items() if any("--model" in a.option_strings for a in p._actions)}
+    assert with_model == {"embed", "verify", "verify-stream", "enroll", "identify", "migrate", "diarize"}
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(server, tmp_path):
