@@ -30,7 +30,7 @@ from starlette.routing import Route as StarletteRoute
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.errors import ServiceError, http_status, status_of
 from service.http_context import HttpAbort, HttpCallContext, error_body
-from service.http_forms import assign_field, attach_files, form_message, json_message, read_body
+from service.http_forms import assign_field, attach_files, form_message, json_message, parse_error, read_body
 from service.logs import access
 from service.openapi import docs_page, openapi_document
 
@@ -94,8 +94,7 @@ def _timeout(request: Request) -> float | None:
 async def _message(request: Request, route: Route, message, limit: int) -> int:
     """Fill the request message from the body (POST) or query (GET/DELETE); returns the body size."""
     if route.method != "POST":
-        for key, value in request.query_params.multi_items():
-            _assign_query(message, key, value)
+        _query_message(request.query_params, message)
         return 0
     body = await read_body(request, limit)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -116,13 +115,15 @@ async def _message(request: Request, route: Route, message, limit: int) -> int:
     return len(body)
 
 
-def _assign_query(message, key: str, value: str) -> None:
+def _query_message(query, message) -> None:
+    """Fill ``message`` from a GET/DELETE route's query string (``?pageSize=10&pageToken=...``); 400 naming the field."""
     data: dict = {}
-    assign_field(data, message.DESCRIPTOR, key, value)
+    for key, value in query.multi_items():
+        assign_field(data, message.DESCRIPTOR, key, value)
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
-        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{key}: {e}") from None
+        raise parse_error(e, "query") from None
 
 
 def _endpoint(route: Route):

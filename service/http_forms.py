@@ -14,6 +14,7 @@ option's name, before any of it is parsed.
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 from google.protobuf import json_format
@@ -60,6 +61,28 @@ def _bad(field: str, why: str) -> HttpAbort:
     return HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {why}")
 
 
+_NESTED = re.compile(r"Failed to parse (\w+) field: ")
+_UNKNOWN = re.compile(r'Message type "(?:[\w.]+\.)?(\w+)" has no field named "([^"]*)" at "\w+\.?([\w.]*)"\.\s*'
+                      r'Available Fields\(except extensions\): "\[([^\]]*)\]"')
+
+
+def parse_error(e: json_format.ParseError, fallback: str) -> HttpAbort:
+    """A 400 naming the field a protobuf JSON parse error is about, in the API's words.
+
+    ``Failed to parse audio field: Failed to parse encoded field: ...`` becomes ``audio.encoded: ...``;
+    an unknown field names the message and lists the fields it has.
+    """
+    text = str(e)
+    path = _NESTED.findall(text)
+    unknown = _UNKNOWN.search(text)
+    if unknown:
+        name, field, where, known = unknown.groups()
+        fields = ", ".join(k.strip(" '") for k in known.split(","))
+        return _bad(".".join(filter(None, [where, field])), f"{name} has no field {field!r} (it has: {fields})")
+    reason = _NESTED.sub("", text).rstrip(".") or text
+    return _bad(".".join(path) or fallback, reason)
+
+
 def json_message(body: bytes, message):
     """Fill ``message`` (a request message) from a proto3-JSON body; 400 naming what is wrong."""
     try:
@@ -71,7 +94,7 @@ def json_message(body: bytes, message):
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
-        raise _bad("body", str(e)) from None
+        raise parse_error(e, "body") from None
     return message
 
 
@@ -126,10 +149,18 @@ def assign_field(data: dict, descriptor, dotted: str, value: str) -> None:
         if f.message_type is not None and f.message_type.GetOptions().map_entry:  # map<string, string>
             if i != len(parts) - 2:
                 raise _bad(path, "give one key: name.KEY")
-            node.setdefault(f.json_name, {})[parts[-1]] = value
+            entries = node.setdefault(f.json_name, {})
+            if parts[-1] in entries:
+                raise _bad(dotted, "is given more than once")
+            entries[parts[-1]] = value
             return
         if last:
-            node[f.json_name] = _scalar(f, value, path)
+            if is_repeated(f):
+                node.setdefault(f.json_name, []).append(_scalar(f, value, path))
+            elif f.json_name in node:  # `pageSize=1&pageSize=2`, or `topK` and `top_k`: which one was meant?
+                raise _bad(path, "is given more than once")
+            else:
+                node[f.json_name] = _scalar(f, value, path)
             return
         if f.message_type is None:
             raise _bad(path, "is not a message (nothing can be nested in it)")
@@ -152,7 +183,7 @@ def form_message(form, message, files: dict[str, str]):
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
-        raise _bad("form", str(e)) from None
+        raise parse_error(e, "form") from None
     return message
 
 

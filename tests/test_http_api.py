@@ -148,6 +148,17 @@ def test_bad_input_gets_the_grpc_errors_as_json(http):
     assert r.headers["x-request-id"] == "my-id-1"
     _error(requests.get(f"{base}/v1/models", headers={"x-request-timeout": "soon"}, timeout=10), 400,
            "INVALID_ARGUMENT", "x-request-timeout")
+    # a field given twice is ambiguous (was: the last one silently won)
+    _error(requests.get(f"{base}/v1/collections/default/speakers?pageSize=1&page_size=2", timeout=10), 400,
+           "INVALID_ARGUMENT", "page_size: is given more than once")
+    _error(requests.post(f"{base}/v1/collections/default/identify", data=[("topK", "1"), ("topK", "3")],
+                         files={"audio": ("a.wav", _wav("flite-slt-1"))}, timeout=30), 400, "INVALID_ARGUMENT",
+           "topK: is given more than once")
+    # a JSON body's parse error names the nested field, in the API's words (was: "body: Failed to parse audio ...")
+    for body, words in [({"audio": {"encoded": 5}}, ("audio.encoded: ",)),
+                        ({"audio": {"sampleRate": 16000}}, ("audio.sampleRate: Audio has no field", "encoded, pcm"))]:
+        err = _error(requests.post(f"{base}/v1/embed", json=body, timeout=10), 400, "INVALID_ARGUMENT", *words)
+        assert "Failed to parse" not in err["message"], err
 
 
 def test_tokens_and_scopes_are_the_grpc_ones(secured):
