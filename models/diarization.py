@@ -249,7 +249,7 @@ def resegment(windows: list[tuple[int, int]], labels: np.ndarray, emb: np.ndarra
         j = i
         while j < n_frames and voiced[j] and frame_label[j] == frame_label[i]:
             j += 1
-        turns.append(Turn(i * frame / rate, j * frame / rate, int(frame_label[i])))
+        turns.append(Turn(i * frame / rate, min(j * frame, end) / rate, int(frame_label[i])))  # not past the speech
         i = j
     turns = _tidy(turns, opts)
     starts = np.array([a for a, _ in windows]) / rate  # (N,)

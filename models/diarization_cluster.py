@@ -38,6 +38,24 @@ def centered(emb: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _cosine_distances(items: np.ndarray) -> np.ndarray:
+    """Condensed cosine distances of (M, D) centred embeddings, defined for zero rows too.
+
+    A window equal to the recording's mean centres to zero (every window, when the audio repeats
+    exactly): it is at distance 0 from another zero row and 1 (cosine 0) from the rest, where
+    scipy's cosine metric would give NaN and the tree would fail.
+    """
+    from scipy.spatial.distance import pdist
+
+    zero = np.linalg.norm(items, axis=1) < 1e-9  # (M,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dist = pdist(items, metric="cosine")  # (M * (M - 1) / 2,)
+    if zero.any():
+        i, j = np.triu_indices(len(items), k=1)  # the condensed order
+        dist = np.where(zero[i] | zero[j], np.where(zero[i] & zero[j], 0.0, 1.0), dist)
+    return np.clip(dist, 0.0, 2.0)
+
+
 def _fold_small(cen: np.ndarray, labels: np.ndarray, seconds: np.ndarray, min_s: float, keep: int) -> np.ndarray:
     """Give the windows of clusters with under ``min_s`` of speech to the closest larger cluster (keeps >= ``keep``)."""
     k = int(labels.max()) + 1
@@ -126,7 +144,7 @@ def cluster(emb: np.ndarray, seconds: np.ndarray, opts: DiarizationOptions) -> t
 
     cen = centered(emb)  # (N, D)
     items = cen[::-(-n // MAX_TREE_ITEMS)]  # (M, D): every r-th window when there are too many for the tree
-    tree = linkage(items, method="average", metric="cosine")
+    tree = linkage(_cosine_distances(items), method="average")
 
     def spread(sub: np.ndarray) -> np.ndarray:
         """(N,) labels of all windows from the (M,) labels of the tree's: each to its closest cluster."""

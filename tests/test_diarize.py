@@ -114,8 +114,23 @@ def test_windows_turns_and_rttm():
     turns, k = diarize_embedded(wins, emb, SR, DiarizationOptions(num_speakers=2))
     assert k == 2 and [t.speaker for t in turns] == [0, 1]
     assert turns[0].start == 0.0 and abs(turns[0].end - 5.0) < 0.02 and abs(turns[1].start - 6.0) < 0.02
+    ragged = [(0, SR), (SR // 2, 3 * SR // 2 + 37)]  # speech up to 37 samples past a 10 ms frame
+    turns, _ = diarize_embedded(ragged, np.array([[1.0, 0.0]] * 2, np.float32), SR, DiarizationOptions())
+    assert turns[-1].end == (3 * SR // 2 + 37) / SR  # not rounded up to the frame, past the end of the audio
     rttm = to_rttm([Turn(1.0, 2.5, 1)], ["SPEAKER_00", "alice"], "call-7")
     assert rttm == "SPEAKER call-7 1 1.000 1.500 <NA> <NA> alice <NA> <NA>\n"
+
+
+@pytest.mark.parametrize("n, opts", [(2, {}), (3, {}), (60, {}), (60, {"num_speakers": 2})])
+def test_identical_windows_are_one_speaker_not_an_error(n, opts):
+    """Audio that repeats exactly gives windows equal to their mean: zero once centred (scipy's cosine is NaN there)."""
+    emb = np.tile(np.array([[0.6, 0.8]], np.float32), (n, 1))  # (n, 2)
+    wins = [(i * SR // 2, i * SR // 2 + SR) for i in range(n)]
+    turns, k = diarize_embedded(wins, emb, SR, DiarizationOptions(**opts))
+    assert k == 1 and [(t.start, t.end, t.speaker) for t in turns] == [(0.0, wins[-1][1] / SR, 0)]
+    if n >= 60:  # two voices, each repeated exactly (long enough to count as speakers): still two
+        mixed = np.concatenate([emb[:n // 2], np.tile([[0.8, -0.6]], (n // 2, 1))]).astype(np.float32)
+        assert diarize_embedded(wins, mixed, SR, DiarizationOptions(**opts))[1] == 2
 
 
 def test_generous_speech_extends_turns_with_the_closest_label():
@@ -303,6 +318,9 @@ def test_diarize_one_speaker_one_label(stub):
     wave, _ = conversation(["flite-rms-1"], 8)
     r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(wave))), timeout=60)
     assert {s.speaker_label for s in r.segments} == {"SPEAKER_00"} and len(r.speakers) == 1
+    cut = wave[:int(3.2 * SR) + 37]  # a recording that stops mid-word, off the 10 ms frame grid
+    r = stub.Diarize(pb.DiarizeRequest(audio=pb.Audio(encoded=wav_bytes(cut))), timeout=60)
+    assert r.segments and r.segments[-1].end_seconds <= r.speech.audio_seconds == len(cut) / SR
 
 
 def test_diarize_silence_is_no_error(stub):
