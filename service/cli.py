@@ -4,9 +4,12 @@
     spkserve embed    [--model NAME] [--stream] FILE...
     spkserve verify   [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
                       FILE_A FILE_B  |  --speaker ID [--collection C] FILE
-    spkserve verify-stream --collection C --speaker ID [--chunk-ms 500] [--realtime] [--interim-seconds S] FILE
-    spkserve enroll   [--collection C] --speaker ID [--allow-reenroll] FILE...
-    spkserve identify [--collection C] [--top-k K] [--target-far R] [--single-pair] FILE
+    spkserve verify-stream --collection C --speaker ID [--chunk-ms 500] [--realtime] [--interim-seconds S]
+                      [--threshold T [--scale S] | --target-far R] FILE
+    spkserve enroll   [--collection C] --speaker ID [--allow-reenroll] [--metadata KEY=VALUE]...
+                      [--embeddings EMBEDDINGS]... [FILE...]
+    spkserve identify [--collection C] [--top-k K] [--threshold T [--scale S] | --target-far R]
+                      [--min-score M [--min-score-scale S]] [--single-pair] FILE
     spkserve delete   [--collection C] --speaker ID [--opt-out]
     spkserve get-speaker [--collection C] --speaker ID [--include-voiceprint]
     spkserve list-speakers [--collection C] [--page-size N] [--page-token T | --all]
@@ -14,7 +17,7 @@
     spkserve compare  EMBEDDINGS_A EMBEDDINGS_B    (files of `spkserve embed` lines)
     spkserve migrate  --collection C --to NEW [--model M]   (admin)
     spkserve diarize  [--model M] [--num-speakers N | --min-speakers A --max-speakers B]
-                      [--collection C] [--format rttm|json] [--exclusive] FILE...
+                      [--collection C] [--format rttm|json [--embeddings]] [--exclusive] FILE...
     spkserve models | model-info [NAME]
     spkserve load-model NAME | unload-model NAME   (admin)
     spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
@@ -189,15 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interim-seconds", type=float, default=0.0, help="new speech per provisional result (default 1 s)")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's operating point)")
     p.add_argument("--scale", choices=["cosine", "llr", "normalized"], default="cosine", help="the scale --threshold is on")
+    p.add_argument("--target-far", type=float, default=None,
+                   help="decide at this false-accept rate (e.g. 0.001), from the model's real-speech table")
     p.add_argument("file", metavar="FILE")
-    p = client("enroll", "enroll audio files as a speaker", model=True)
+    p = client("enroll", "enroll audio files (or embeddings printed by `spkserve embed`) as a speaker", model=True)
     speaker(p)
     p.add_argument("--allow-reenroll", action="store_true", help="enroll an id that was deleted or opted out")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--embeddings", action="append", default=[], metavar="FILE",
+                   help="also enroll the embeddings in FILE (lines printed by `spkserve embed`; repeatable)")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a metadata entry of the speaker (repeatable; new keys overwrite old ones)")
+    p.add_argument("files", nargs="*", metavar="FILE")
     p = client("identify", "find the closest enrolled speakers", model=True)
     p.add_argument("--collection", default="")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--target-far", type=float, default=None, help="a pair's false-accept rate (see verify)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the pair threshold (default: the model's operating point; not with --target-far)")
+    p.add_argument("--scale", choices=["cosine", "llr", "normalized"], default="cosine", help="the scale --threshold is on")
+    p.add_argument("--min-score", type=float, default=None, help="leave out candidates below this score")
+    p.add_argument("--min-score-scale", choices=["cosine", "llr", "normalized"], default="cosine",
+                   help="the scale --min-score is on")
     p.add_argument("--single-pair", action="store_true",
                    help="decide is_match by the pair threshold (closed-set), not the open-set rule")
     p.add_argument("file", metavar="FILE")
@@ -228,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default="", help="label speakers with the enrolled speakers they match")
     p.add_argument("--format", choices=["rttm", "json"], default="rttm")
     p.add_argument("--exclusive", action="store_true", help="one speaker at a time (segments never overlap)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="with --format json: each speaker's embedding (to enroll or search it)")
     p.add_argument("files", nargs="+", metavar="FILE")
     client("models", "list the served models")
     p = client("model-info", "one served model (default: the default model)")

@@ -1,4 +1,5 @@
-"""The client verbs of the ``spkserve`` command: one per RPC, JSON out, friendly errors.
+"""The client verbs of the ``spkserve`` command: one per RPC, JSON out, friendly errors (the verbs about
+enrolled speakers are in ``service.cli_speakers``).
 
 Every verb prints JSON (one object per line; ``diarize`` prints RTTM by default). The target and
 token come from ``--target`` / ``--token`` or ``SPKSERVE_TARGET`` / ``SPKSERVE_TOKEN``. A failed
@@ -10,19 +11,19 @@ audio container the server cannot read.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
+from service.cli_io import SCALES, Unreadable, audio_of, check_readable, embeddings_of, emit, enum_name
+from service.cli_speakers import SPEAKER_VERBS
 
 __all__ = ["run_client", "VERBS", "STREAM_ABOVE_BYTES"]
 
-SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
 STREAM_ABOVE_BYTES = 8 << 20  # `embed` sends larger files through EmbedStream (the default message limit is 16 MiB)
 CHUNK = 1 << 20
 
@@ -35,27 +36,8 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.insecure_channel(args.target, options=opts)
 
 
-class _Unreadable(SystemExit):
-    """A local file that cannot be read (the command's message names it)."""
-
-
 class _FilesFailed(Exception):
     """Some of a verb's files failed, each reported on stderr; the others were done."""
-
-
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise _Unreadable(f"spkserve: cannot read {path}: {e.strerror}") from None
-
-
-def _check_readable(path: str) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise _Unreadable(f"spkserve: cannot read {path}: {e.strerror}") from None
 
 
 def _each_file(files: list[str], args: argparse.Namespace, work: Callable[[str], None]) -> None:
@@ -74,35 +56,13 @@ def _each_file(files: list[str], args: argparse.Namespace, work: Callable[[str],
                 raise
             print(f"{path}: {_hint(e, args)}", file=sys.stderr, flush=True)
             failed += 1
-        except _Unreadable as e:
+        except Unreadable as e:
             if len(files) == 1:
                 raise
             print(e, file=sys.stderr, flush=True)
             failed += 1
     if failed:
         raise _FilesFailed(f"{failed} of {len(files)} files failed")
-
-
-def _audio(path: str) -> pb.Audio:
-    return pb.Audio(encoded=_read(path))
-
-
-def _emit(obj: Any) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-def _name(enum, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix)
-
-
-def _speaker(s: pb.Speaker, voiceprint: bool = False) -> dict:
-    out = {"collection": s.collection, "speaker": s.speaker_id, "model": s.model, "utterance_count": s.utterance_count,
-           "status": _name(pb.EnrollmentStatus, s.status, "ENROLLMENT_STATUS_"), "speech_seconds": s.speech_seconds,
-           "required_speech_seconds": s.required_speech_seconds, "metadata": dict(s.metadata),
-           "created_unix_ms": s.created_unix_ms, "updated_unix_ms": s.updated_unix_ms}
-    if voiceprint:
-        out["voiceprint"] = list(s.voiceprint)
-    return out
 
 
 def _embed(stub, args, kw) -> None:
@@ -119,11 +79,11 @@ def _embed_one(stub, args, kw, f: str) -> None:
                 while chunk := fh.read(CHUNK):
                     yield pb.EmbedStreamRequest(chunk=chunk)
 
-        _check_readable(f)
+        check_readable(f)
         r = stub.EmbedStream(parts(), **kw)
     else:
-        r = stub.Embed(pb.EmbedRequest(model=args.model or "", audio=_audio(f)), **kw)
-    _emit({"file": f, "model": r.model, "model_version": r.model_version,
+        r = stub.Embed(pb.EmbedRequest(model=args.model or "", audio=audio_of(f)), **kw)
+    emit({"file": f, "model": r.model, "model_version": r.model_version,
            "speech_seconds": r.speech_seconds, "embedding": list(r.embedding)})
 
 
@@ -132,11 +92,11 @@ def _verify(stub, args, kw) -> None:
         if len(args.files) != 1:
             raise SystemExit("spkserve verify: with --speaker give one FILE (checked against the enrolled speaker)")
         a = pb.Probe(speaker=pb.SpeakerRef(collection=args.collection, speaker_id=args.speaker))
-        b = pb.Probe(audio=_audio(args.files[0]))
+        b = pb.Probe(audio=audio_of(args.files[0]))
     else:
         if len(args.files) != 2:
             raise SystemExit("spkserve verify: give FILE_A FILE_B, or --speaker ID [--collection C] FILE")
-        a, b = (pb.Probe(audio=_audio(f)) for f in args.files)
+        a, b = (pb.Probe(audio=audio_of(f)) for f in args.files)
     req = pb.VerifyRequest(model=args.model or "", a=a, b=b)
     if args.threshold is not None:
         req.threshold = args.threshold
@@ -146,10 +106,10 @@ def _verify(stub, args, kw) -> None:
     r = stub.Verify(req, **kw)
     sides = [r.a_speech if a.HasField("audio") else None, r.b_speech]
     out = {"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model,
-           "verdict": _name(pb.Verdict, r.verdict, "VERDICT_"),
+           "verdict": enum_name(pb.Verdict, r.verdict, "VERDICT_"),
            "llr": r.llr if r.HasField("llr") else None,
            "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
-           "decision_scale": _name(pb.ScoreScale, r.decision_scale, "SCORE_SCALE_").lower(),
+           "decision_scale": enum_name(pb.ScoreScale, r.decision_scale, "SCORE_SCALE_").lower(),
            "decision_threshold": r.decision_threshold,
            # what VAD found in each audio probe; null for the enrolled speaker's side (no audio was sent)
            "speech_seconds": [s.speech_seconds if s else None for s in sides],
@@ -157,7 +117,7 @@ def _verify(stub, args, kw) -> None:
            "narrowband": [s.narrowband if s else None for s in sides]}
     if r.reason:
         out["reason"] = r.reason
-    _emit(out)
+    emit(out)
 
 
 def _verify_stream(stub, args, kw) -> None:
@@ -165,7 +125,7 @@ def _verify_stream(stub, args, kw) -> None:
 
     import soundfile as sf
 
-    _check_readable(args.file)
+    check_readable(args.file)
     if not 10 <= args.chunk_ms <= 10_000:
         raise SystemExit(f"spkserve verify-stream: --chunk-ms must be in 10..10000, got {args.chunk_ms:g}")
     try:  # decoded here: any format libsndfile reads goes to the server as 16-bit PCM
@@ -182,6 +142,8 @@ def _verify_stream(stub, args, kw) -> None:
     if args.threshold is not None:
         config.threshold = args.threshold
         config.threshold_scale = SCALES[args.scale]
+    if args.target_far is not None:
+        config.target_false_accept_rate = args.target_far
 
     def messages():
         yield pb.VerifyStreamRequest(config=config)
@@ -195,7 +157,7 @@ def _verify_stream(stub, args, kw) -> None:
         kw = {**kw, "timeout": kw["timeout"] + len(samples) / rate}
     for r in stub.VerifyStream(messages(), **kw):
         out = {"final": r.final, "audio_seconds": round(r.audio_seconds, 3), "speech_seconds": round(r.speech_seconds, 3),
-               "verdict": _name(pb.Verdict, r.verdict, "VERDICT_"), "score": r.score,
+               "verdict": enum_name(pb.Verdict, r.verdict, "VERDICT_"), "score": r.score,
                "llr": r.llr if r.HasField("llr") else None,
                "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
                "speaker_changed": r.speaker_changed, "recent_llr": r.recent_llr if r.HasField("recent_llr") else None,
@@ -203,98 +165,14 @@ def _verify_stream(stub, args, kw) -> None:
                "change_seconds": [round(t, 3) for t in r.change_seconds], "model": r.model}
         if r.reason:
             out["reason"] = r.reason
-        _emit(out)
-
-
-def _enroll(stub, args, kw) -> None:
-    r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection, speaker_id=args.speaker,
-                                     audio=[_audio(f) for f in args.files], allow_reenroll=args.allow_reenroll), **kw)
-    _emit({"collection": r.speaker.collection, "speaker": r.speaker.speaker_id, "created": r.created,
-           "utterance_count": r.speaker.utterance_count, "model": r.speaker.model,
-           "status": _name(pb.EnrollmentStatus, r.status, "ENROLLMENT_STATUS_"),
-           "speech_seconds": r.speaker.speech_seconds, "required_speech_seconds": r.speaker.required_speech_seconds,
-           "utterances": [{"file": f, "speech_seconds": u.speech.speech_seconds, "consistent": u.consistent,
-                           "multiple_speakers": u.speech.multiple_speakers} for f, u in zip(args.files, r.utterances)]})
-
-
-def _identify(stub, args, kw) -> None:
-    req = pb.IdentifyRequest(model=args.model or "", collection=args.collection, probe=pb.Probe(audio=_audio(args.file)),
-                             top_k=args.top_k,
-                             rule=pb.IDENTIFY_RULE_SINGLE_PAIR if args.single_pair else pb.IDENTIFY_RULE_OPEN_SET)
-    if args.target_far is not None:
-        req.target_false_accept_rate = args.target_far
-    r = stub.Identify(req, **kw)
-    _emit({"candidates": [{"speaker": c.speaker_id, "score": c.score} for c in r.candidates],
-           "is_match": r.is_match, "threshold": r.threshold, "model": r.model,
-           "verdict": _name(pb.Verdict, r.verdict, "VERDICT_"),
-           "llr": [c.llr for c in r.candidates if c.HasField("llr")],
-           "rule": _name(pb.IdentifyRule, r.rule, "IDENTIFY_RULE_").lower(),
-           "collection_size": r.collection_size, "decision_threshold": r.decision_threshold,
-           "speech_seconds": r.probe_speech.speech_seconds, **({"reason": r.reason} if r.reason else {})})
-
-
-def _delete(stub, args, kw) -> None:
-    r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
-                                                   opt_out=args.opt_out), **kw)
-    _emit({"deleted": r.speaker.speaker_id if r.HasField("speaker") else None,
-           "collection": args.collection or "default", "opted_out": args.opt_out})
-
-
-def _get_speaker(stub, args, kw) -> None:
-    r = stub.GetSpeaker(pb.GetSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
-                                             include_voiceprint=args.include_voiceprint), **kw)
-    _emit(_speaker(r, args.include_voiceprint))
-
-
-def _list_speakers(stub, args, kw) -> None:
-    token, speakers, total = args.page_token, [], 0
-    while True:
-        r = stub.ListSpeakers(pb.ListSpeakersRequest(collection=args.collection, page_size=args.page_size,
-                                                     page_token=token), **kw)
-        speakers += [_speaker(s) for s in r.speakers]
-        token, total = r.next_page_token, r.total_size
-        if not args.all or not token:
-            break
-    _emit({"collection": args.collection or "default", "speakers": speakers, "total_size": total,
-           "next_page_token": token or None})
-
-
-def _list_collections(stub, args, kw) -> None:
-    r = stub.ListCollections(pb.ListCollectionsRequest(), **kw)
-    _emit({"collections": [{"name": c.name, "model": c.model, "model_version": c.model_version,
-                            "embedding_dim": c.embedding_dim, "speaker_count": c.speaker_count,
-                            "index_type": c.index_type} for c in r.collections]})
-
-
-def _embeddings(path: str) -> list[pb.Embedding]:
-    """Embeddings from a file of `spkserve embed` lines (JSON objects with "embedding")."""
-    out = []
-    for n, line in enumerate(_read(path).decode("utf-8", "replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            values = obj["embedding"] if isinstance(obj, dict) else obj
-            out.append(pb.Embedding(values=[float(v) for v in values],
-                                    speech_seconds=float(obj.get("speech_seconds", 0.0)) if isinstance(obj, dict) else 0.0))
-        except (ValueError, KeyError, TypeError):
-            raise SystemExit(f"spkserve compare: {path} line {n}: not a `spkserve embed` JSON line "
-                             "(an object with \"embedding\") or a JSON list of numbers") from None
-    return out
+        emit(out)
 
 
 def _compare(stub, args, kw) -> None:
-    a, b = _embeddings(args.file_a), _embeddings(args.file_b)
+    a, b = ([e for _, e in embeddings_of(path)] for path in (args.file_a, args.file_b))
     r = stub.Compare(pb.CompareRequest(a=a, b=b), **kw)
-    _emit({"rows": r.rows, "cols": r.cols,
+    emit({"rows": r.rows, "cols": r.cols,
            "scores": [list(r.scores[i * r.cols:(i + 1) * r.cols]) for i in range(r.rows)]})
-
-
-def _migrate(stub, args, kw) -> None:
-    r = stub.MigrateCollection(pb.MigrateCollectionRequest(collection=args.collection, target_collection=args.to,
-                                                           model=args.model or ""), **kw)
-    _emit({"target_collection": r.target_collection, "model": r.model, "model_version": r.model_version,
-           "migrated": r.migrated, "skipped": list(r.skipped)})
 
 
 def _diarize(stub, args, kw) -> None:
@@ -304,13 +182,15 @@ def _diarize(stub, args, kw) -> None:
             raise SystemExit(f"spkserve diarize: --{flag.replace('_', '-')} must be at least 1, got {value}")
     options = pb.DiarizationOptions(num_speakers=args.num_speakers or 0, min_speakers=args.min_speakers or 0,
                                     max_speakers=args.max_speakers or 0, collection=args.collection,
-                                    exclusive=args.exclusive)
+                                    exclusive=args.exclusive, include_embeddings=args.embeddings)
+    if args.embeddings and args.format != "json":
+        raise SystemExit("spkserve diarize: --embeddings needs --format json (RTTM has no place for them)")
     _each_file(args.files, args, lambda path: _diarize_one(stub, args, kw, options, path))
 
 
 def _diarize_one(stub, args, kw, options: pb.DiarizationOptions, path: str) -> None:
     """Diarize one file through DiarizeStream and print its RTTM lines or JSON line."""
-    _check_readable(path)
+    check_readable(path)
 
     def messages(path=path):
         yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig(model=args.model or "", options=options))
@@ -325,10 +205,11 @@ def _diarize_one(stub, args, kw, options: pb.DiarizationOptions, path: str) -> N
                                  f"<NA> <NA> {s.speaker_label} <NA> <NA>\n" for s in r.segments))
         sys.stdout.flush()
         return
-    _emit({"file": path, "model": r.model, "model_version": r.model_version,
+    emit({"file": path, "model": r.model, "model_version": r.model_version,
            "speech_seconds": r.speech.speech_seconds, "audio_seconds": r.speech.audio_seconds,
            "speakers": [{"label": s.speaker_label, "speech_seconds": round(s.speech_seconds, 3),
-                         "speaker_id": s.speaker_id or None, "llr": s.llr if s.HasField("llr") else None}
+                         "speaker_id": s.speaker_id or None, "llr": s.llr if s.HasField("llr") else None,
+                         **({"embedding": list(s.embedding)} if args.embeddings else {})}
                         for s in r.speakers],
            "segments": [{"start": round(s.start_seconds, 3), "end": round(s.end_seconds, 3),
                          "speaker": s.speaker_label, "confidence": round(s.confidence, 3)} for s in r.segments]})
@@ -341,28 +222,27 @@ def _model(m: pb.ModelInfo) -> dict:
 
 def _models(stub, args, kw) -> None:
     r = stub.ListModels(pb.ListModelsRequest(), **kw)
-    _emit({"default_model": r.default_model, "models": [_model(m) for m in r.models]})
+    emit({"default_model": r.default_model, "models": [_model(m) for m in r.models]})
 
 
 def _model_info(stub, args, kw) -> None:
-    _emit(_model(stub.GetModelInfo(pb.GetModelInfoRequest(name=args.name or ""), **kw)))
+    emit(_model(stub.GetModelInfo(pb.GetModelInfoRequest(name=args.name or ""), **kw)))
 
 
 def _load_model(stub, args, kw) -> None:
     r = stub.LoadModel(pb.LoadModelRequest(model=args.name), **kw)
-    _emit({"model": r.model.name, "version": r.model.version, "replaced": r.replaced,
+    emit({"model": r.model.name, "version": r.model.version, "replaced": r.replaced,
            "previous_version": r.previous_version or None, "execution_provider": r.model.execution_provider})
 
 
 def _unload_model(stub, args, kw) -> None:
     r = stub.UnloadModel(pb.UnloadModelRequest(model=args.name), **kw)
-    _emit({"unloaded": r.model, "version": r.version})
+    emit({"unloaded": r.model, "version": r.version})
 
 
-VERBS = {"embed": _embed, "verify": _verify, "verify-stream": _verify_stream, "enroll": _enroll, "identify": _identify, "delete": _delete,
-         "get-speaker": _get_speaker, "list-speakers": _list_speakers, "list-collections": _list_collections,
-         "compare": _compare, "migrate": _migrate, "diarize": _diarize, "models": _models, "model-info": _model_info,
-         "load-model": _load_model, "unload-model": _unload_model}
+VERBS = {"embed": _embed, "verify": _verify, "verify-stream": _verify_stream, "compare": _compare, "diarize": _diarize,
+         "models": _models, "model-info": _model_info, "load-model": _load_model, "unload-model": _unload_model,
+         **SPEAKER_VERBS}
 
 
 def _hint(e: grpc.RpcError, args: argparse.Namespace) -> str:

@@ -89,6 +89,37 @@ def test_friendly_errors(server, capsys, tmp_path):
         _run(capsys, "embed", "--target", server.target, str(tmp_path / "missing.wav"))
 
 
+def test_every_request_field_a_user_sets_has_an_option(server, capsys, tmp_path, monkeypatch):
+    """enroll --embeddings/--metadata, identify --threshold/--min-score, verify-stream --target-far and
+    diarize --embeddings reach the server (each was an RPC field the command line could not set)."""
+    monkeypatch.setenv("SPKSERVE_TARGET", server.target)
+    slt1, slt2, awb = (str(AUDIO / f"{n}.wav") for n in ("flite-slt-1", "flite-slt-2", "flite-awb-1"))
+    code, lines, _ = _run(capsys, "embed", slt2)
+    (tmp_path / "slt.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    code, out, _ = _run(capsys, "enroll", "--collection", "opts", "--speaker", "slt", "--embeddings",
+                        str(tmp_path / "slt.jsonl"), "--metadata", "team=blue", "--metadata", "note=a=b", slt1)
+    assert code == 0 and out[0]["utterance_count"] == 2 and out[0]["metadata"] == {"team": "blue", "note": "a=b"}
+    assert [u["file"] for u in out[0]["utterances"]] == [slt1, f"{tmp_path / 'slt.jsonl'} line 1"]
+    assert out[0]["speech_seconds"] == pytest.approx(out[0]["utterances"][0]["speech_seconds"] + lines[0]["speech_seconds"])
+    with pytest.raises(SystemExit, match="--metadata must be KEY=VALUE, got 'team'"):
+        _run(capsys, "enroll", "--collection", "opts", "--speaker", "x", "--metadata", "team", slt1)
+    with pytest.raises(SystemExit, match="give audio FILEs, --embeddings FILE, or both"):
+        _run(capsys, "enroll", "--collection", "opts", "--speaker", "x")
+    code, out, _ = _run(capsys, "identify", "--collection", "opts", "--threshold", "0.99", awb)
+    assert code == 0 and out[0]["threshold"] == pytest.approx(0.99) and not out[0]["is_match"]
+    assert out[0]["candidates"][0]["metadata"] == {"team": "blue", "note": "a=b"}
+    code, out, _ = _run(capsys, "identify", "--collection", "opts", "--min-score", "0.99", awb)
+    assert code == 0 and out[0]["candidates"] == []  # below the floor: left out
+    code, out, err = _run(capsys, "identify", "--collection", "opts", "--threshold", "0.5", "--target-far", "0.01", awb)
+    assert code == 1 and "target_false_accept_rate" in err
+    code, out, err = _run(capsys, "verify-stream", "--collection", "opts", "--speaker", "slt", "--target-far", "7", slt2)
+    assert code == 1 and err.startswith("INVALID_ARGUMENT: ") and "target_false_accept_rate" in err
+    code, out, _ = _run(capsys, "diarize", "--format", "json", "--embeddings", slt1)
+    assert code == 0 and len(out[0]["speakers"][0]["embedding"]) == 256
+    with pytest.raises(SystemExit, match="--embeddings needs --format json"):
+        _run(capsys, "diarize", "--embeddings", slt1)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["model-info", "--model", "nope"], "unrecognized arguments: --model"),  # was: the default model, silently
     (["models", "--model", "x"], "unrecognized arguments: --model"),

@@ -1,0 +1,66 @@
+"""What the ``spkserve`` client verbs share: reading local files, printing JSON, naming enum values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+
+__all__ = ["SCALES", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of"]
+
+SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
+
+
+class Unreadable(SystemExit):
+    """A local file that cannot be read (the command's message names it)."""
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a local file; ``Unreadable`` naming it and why when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise Unreadable(f"spkserve: cannot read {path}: {e.strerror}") from None
+
+
+def check_readable(path: str) -> None:
+    """``Unreadable`` naming the file when it cannot be opened (before a stream reads it in chunks)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise Unreadable(f"spkserve: cannot read {path}: {e.strerror}") from None
+
+
+def audio_of(path: str) -> pb.Audio:
+    """A file's bytes as encoded audio for a request (the server decodes it)."""
+    return pb.Audio(encoded=read_file(path))
+
+
+def emit(obj: Any) -> None:
+    """Print one JSON line and flush it (a reader sees each result as it comes)."""
+    print(json.dumps(obj), flush=True)
+
+
+def enum_name(enum, value: int, prefix: str) -> str:
+    """An enum value's name without its prefix: ``enum_name(pb.Verdict, 1, "VERDICT_")`` is ``"ACCEPT"``."""
+    return enum.Name(value).removeprefix(prefix)
+
+
+def embeddings_of(path: str, verb: str = "compare") -> list[tuple[int, pb.Embedding]]:
+    """(line number, embedding) of each line of a file of `spkserve embed` lines (JSON objects with "embedding")."""
+    out = []
+    for n, line in enumerate(read_file(path).decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            values = obj["embedding"] if isinstance(obj, dict) else obj
+            out.append((n, pb.Embedding(values=[float(v) for v in values],
+                                        speech_seconds=float(obj.get("speech_seconds", 0.0)) if isinstance(obj, dict) else 0.0)))
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"spkserve {verb}: {path} line {n}: not a `spkserve embed` JSON line "
+                             "(an object with \"embedding\") or a JSON list of numbers") from None
+    return out

@@ -1,0 +1,116 @@
+"""The ``spkserve`` verbs about enrolled speakers: enroll, identify, delete, get-speaker, list-speakers,
+list-collections and migrate (one RPC each, JSON out)."""
+
+from __future__ import annotations
+
+from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service.cli_io import SCALES, audio_of, embeddings_of, emit, enum_name
+
+__all__ = ["SPEAKER_VERBS"]
+
+
+def _speaker_record(s: pb.Speaker, voiceprint: bool = False) -> dict:
+    """A speaker record as printed by get-speaker and list-speakers (with the voiceprint when asked)."""
+    out = {"collection": s.collection, "speaker": s.speaker_id, "model": s.model, "utterance_count": s.utterance_count,
+           "status": enum_name(pb.EnrollmentStatus, s.status, "ENROLLMENT_STATUS_"), "speech_seconds": s.speech_seconds,
+           "required_speech_seconds": s.required_speech_seconds, "metadata": dict(s.metadata),
+           "created_unix_ms": s.created_unix_ms, "updated_unix_ms": s.updated_unix_ms}
+    if voiceprint:
+        out["voiceprint"] = list(s.voiceprint)
+    return out
+
+
+def _metadata(entries: list[str]) -> dict[str, str]:
+    """``--metadata KEY=VALUE`` entries as a dict (a later KEY wins); SystemExit naming a malformed one."""
+    out = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"spkserve enroll: --metadata must be KEY=VALUE, got {entry!r}")
+        out[key] = value
+    return out
+
+
+def _enroll(stub, args, kw) -> None:
+    if not args.files and not args.embeddings:
+        raise SystemExit("spkserve enroll: give audio FILEs, --embeddings FILE, or both")
+    metadata = _metadata(args.metadata)
+    embedded = [(f"{path} line {n}", e) for path in args.embeddings for n, e in embeddings_of(path, "enroll")]
+    r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection, speaker_id=args.speaker,
+                                     audio=[audio_of(f) for f in args.files], embeddings=[e for _, e in embedded],
+                                     metadata=metadata, allow_reenroll=args.allow_reenroll), **kw)
+    sources = list(args.files) + [name for name, _ in embedded]  # the server's order: audio, then embeddings
+    emit({"collection": r.speaker.collection, "speaker": r.speaker.speaker_id, "created": r.created,
+           "utterance_count": r.speaker.utterance_count, "model": r.speaker.model,
+           "status": enum_name(pb.EnrollmentStatus, r.status, "ENROLLMENT_STATUS_"),
+           "speech_seconds": r.speaker.speech_seconds, "required_speech_seconds": r.speaker.required_speech_seconds,
+           "utterances": [{"file": f, "speech_seconds": u.speech.speech_seconds, "consistent": u.consistent,
+                           "multiple_speakers": u.speech.multiple_speakers} for f, u in zip(sources, r.utterances)],
+           "metadata": dict(r.speaker.metadata)})
+
+
+def _identify(stub, args, kw) -> None:
+    req = pb.IdentifyRequest(model=args.model or "", collection=args.collection, probe=pb.Probe(audio=audio_of(args.file)),
+                             top_k=args.top_k,
+                             rule=pb.IDENTIFY_RULE_SINGLE_PAIR if args.single_pair else pb.IDENTIFY_RULE_OPEN_SET)
+    if args.target_far is not None:
+        req.target_false_accept_rate = args.target_far
+    if args.threshold is not None:
+        req.threshold = args.threshold
+        req.threshold_scale = SCALES[args.scale]
+    if args.min_score is not None:
+        req.min_score = args.min_score
+        req.min_score_scale = SCALES[args.min_score_scale]
+    r = stub.Identify(req, **kw)
+    emit({"candidates": [{"speaker": c.speaker_id, "score": c.score, **({"metadata": dict(c.metadata)} if c.metadata else {})}
+                          for c in r.candidates],
+           "is_match": r.is_match, "threshold": r.threshold, "model": r.model,
+           "verdict": enum_name(pb.Verdict, r.verdict, "VERDICT_"),
+           "llr": [c.llr for c in r.candidates if c.HasField("llr")],
+           "rule": enum_name(pb.IdentifyRule, r.rule, "IDENTIFY_RULE_").lower(),
+           "collection_size": r.collection_size, "decision_threshold": r.decision_threshold,
+           "speech_seconds": r.probe_speech.speech_seconds, **({"reason": r.reason} if r.reason else {})})
+
+
+def _delete(stub, args, kw) -> None:
+    r = stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
+                                                   opt_out=args.opt_out), **kw)
+    emit({"deleted": r.speaker.speaker_id if r.HasField("speaker") else None,
+           "collection": args.collection or "default", "opted_out": args.opt_out})
+
+
+def _get_speaker(stub, args, kw) -> None:
+    r = stub.GetSpeaker(pb.GetSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
+                                             include_voiceprint=args.include_voiceprint), **kw)
+    emit(_speaker_record(r, args.include_voiceprint))
+
+
+def _list_speakers(stub, args, kw) -> None:
+    token, speakers, total = args.page_token, [], 0
+    while True:
+        r = stub.ListSpeakers(pb.ListSpeakersRequest(collection=args.collection, page_size=args.page_size,
+                                                     page_token=token), **kw)
+        speakers += [_speaker_record(s) for s in r.speakers]
+        token, total = r.next_page_token, r.total_size
+        if not args.all or not token:
+            break
+    emit({"collection": args.collection or "default", "speakers": speakers, "total_size": total,
+           "next_page_token": token or None})
+
+
+def _list_collections(stub, args, kw) -> None:
+    r = stub.ListCollections(pb.ListCollectionsRequest(), **kw)
+    emit({"collections": [{"name": c.name, "model": c.model, "model_version": c.model_version,
+                            "embedding_dim": c.embedding_dim, "speaker_count": c.speaker_count,
+                            "index_type": c.index_type} for c in r.collections]})
+
+
+def _migrate(stub, args, kw) -> None:
+    r = stub.MigrateCollection(pb.MigrateCollectionRequest(collection=args.collection, target_collection=args.to,
+                                                           model=args.model or ""), **kw)
+    emit({"target_collection": r.target_collection, "model": r.model, "model_version": r.model_version,
+           "migrated": r.migrated, "skipped": list(r.skipped)})
+
+
+SPEAKER_VERBS = {"enroll": _enroll, "identify": _identify, "delete": _delete, "get-speaker": _get_speaker,
+                 "list-speakers": _list_speakers, "list-collections": _list_collections, "migrate": _migrate}
