@@ -19,7 +19,7 @@ import grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.cli_io import SCALES, Unreadable, audio_of, check_readable, embeddings_of, emit, enum_name
+from service.cli_io import SCALES, Unreadable, audio_of, check_readable, embeddings_of, emit, enum_name, models_of
 from service.cli_speakers import SPEAKER_VERBS
 
 __all__ = ["run_client", "VERBS", "STREAM_ABOVE_BYTES"]
@@ -169,6 +169,7 @@ def _verify_stream(stub, args, kw) -> None:
 
 
 def _compare(stub, args, kw) -> None:
+    models_of([args.file_a, args.file_b], "compare")  # scores across two models' spaces would mean nothing
     a, b = ([e for _, e in embeddings_of(path)] for path in (args.file_a, args.file_b))
     r = stub.Compare(pb.CompareRequest(a=a, b=b), **kw)
     emit({"rows": r.rows, "cols": r.cols,

@@ -8,7 +8,7 @@ from typing import Any
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 
-__all__ = ["SCALES", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of"]
+__all__ = ["SCALES", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of", "models_of"]
 
 SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
 
@@ -47,6 +47,25 @@ def emit(obj: Any) -> None:
 def enum_name(enum, value: int, prefix: str) -> str:
     """An enum value's name without its prefix: ``enum_name(pb.Verdict, 1, "VERDICT_")`` is ``"ACCEPT"``."""
     return enum.Name(value).removeprefix(prefix)
+
+
+def models_of(paths: list[str], verb: str) -> str | None:
+    """The model that made the embeddings of files of `spkserve embed` lines (their "model" field); None when no
+    line says. Embeddings of different models share no space, so a mix is refused (SystemExit naming both)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        for line in read_file(path).decode("utf-8", "replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue  # embeddings_of names a malformed line
+            if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"]:
+                seen.setdefault(obj["model"], path)
+    if len(seen) > 1:
+        (first, first_path), (second, second_path) = list(seen.items())[:2]
+        raise SystemExit(f"spkserve {verb}: embeddings of different models cannot be compared: "
+                         f"{first!r} ({first_path}) and {second!r} ({second_path})")
+    return next(iter(seen), None)
 
 
 def embeddings_of(path: str, verb: str = "compare") -> list[tuple[int, pb.Embedding]]:

@@ -4,7 +4,7 @@ list-collections and migrate (one RPC each, JSON out)."""
 from __future__ import annotations
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
-from service.cli_io import SCALES, audio_of, embeddings_of, emit, enum_name
+from service.cli_io import SCALES, audio_of, embeddings_of, emit, enum_name, models_of
 
 __all__ = ["SPEAKER_VERBS"]
 
@@ -36,7 +36,12 @@ def _enroll(stub, args, kw) -> None:
         raise SystemExit("spkserve enroll: give audio FILEs, --embeddings FILE, or both")
     metadata = _metadata(args.metadata)
     embedded = [(f"{path} line {n}", e) for path in args.embeddings for n, e in embeddings_of(path, "enroll")]
-    r = stub.Enroll(pb.EnrollRequest(model=args.model or "", collection=args.collection, speaker_id=args.speaker,
+    model = args.model or ""
+    made_by = models_of(args.embeddings, "enroll")
+    if made_by and model and made_by != model:
+        raise SystemExit(f"spkserve enroll: --embeddings were made by model {made_by!r}, not --model {model!r}")
+    model = model or made_by or ""  # the server then refuses a collection of another model (same size, other space)
+    r = stub.Enroll(pb.EnrollRequest(model=model, collection=args.collection, speaker_id=args.speaker,
                                      audio=[audio_of(f) for f in args.files], embeddings=[e for _, e in embedded],
                                      metadata=metadata, allow_reenroll=args.allow_reenroll), **kw)
     sources = list(args.files) + [name for name, _ in embedded]  # the server's order: audio, then embeddings

@@ -101,6 +101,16 @@ def test_every_request_field_a_user_sets_has_an_option(server, capsys, tmp_path,
     assert code == 0 and out[0]["utterance_count"] == 2 and out[0]["metadata"] == {"team": "blue", "note": "a=b"}
     assert [u["file"] for u in out[0]["utterances"]] == [slt1, f"{tmp_path / 'slt.jsonl'} line 1"]
     assert out[0]["speech_seconds"] == pytest.approx(out[0]["utterances"][0]["speech_seconds"] + lines[0]["speech_seconds"])
+    # embeddings carry the model that made them: another model's (same size, other space) are not enrolled
+    (tmp_path / "other.jsonl").write_text(json.dumps({**lines[0], "model": "other-model"}) + "\n")
+    code, _, err = _run(capsys, "enroll", "--collection", "opts", "--speaker", "slt", "--embeddings",
+                        str(tmp_path / "other.jsonl"))
+    assert code == 1 and "other-model" in err
+    with pytest.raises(SystemExit, match="made by model 'other-model', not --model 'ge2e'"):
+        _run(capsys, "enroll", "--collection", "opts", "--speaker", "slt", "--model", "ge2e", "--embeddings",
+             str(tmp_path / "other.jsonl"))
+    with pytest.raises(SystemExit, match="embeddings of different models cannot be compared: 'ge2e'"):
+        _run(capsys, "compare", str(tmp_path / "slt.jsonl"), str(tmp_path / "other.jsonl"))
     with pytest.raises(SystemExit, match="--metadata must be KEY=VALUE, got 'team'"):
         _run(capsys, "enroll", "--collection", "opts", "--speaker", "x", "--metadata", "team", slt1)
     with pytest.raises(SystemExit, match="give audio FILEs, --embeddings FILE, or both"):
