@@ -8,7 +8,8 @@ from typing import Any
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 
-__all__ = ["SCALES", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of", "models_of"]
+__all__ = ["SCALES", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of",
+           "models_of"]
 
 SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
 
@@ -77,8 +78,10 @@ def embeddings_of(path: str, verb: str = "compare") -> list[tuple[int, pb.Embedd
         try:
             obj = json.loads(line)
             values = obj["embedding"] if isinstance(obj, dict) else obj
+            meta = obj if isinstance(obj, dict) else {}
             out.append((n, pb.Embedding(values=[float(v) for v in values],
-                                        speech_seconds=float(obj.get("speech_seconds", 0.0)) if isinstance(obj, dict) else 0.0)))
+                                        speech_seconds=float(meta.get("speech_seconds", 0.0)),
+                                        model=str(meta.get("model") or ""))))  # the server checks the model
         except (ValueError, KeyError, TypeError):
             raise SystemExit(f"spkserve {verb}: {path} line {n}: not a `spkserve embed` JSON line "
                              "(an object with \"embedding\") or a JSON list of numbers") from None

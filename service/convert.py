@@ -42,6 +42,16 @@ def audio_input(audio: pb.Audio, field: str) -> AudioInput:
     raise InvalidArgument(field, "is empty: set audio.encoded or audio.pcm")
 
 
+def check_embedding_model(embedding: pb.Embedding, model: str, field: str) -> None:
+    """InvalidArgument naming ``field.model`` when a client-given embedding says another model made it.
+
+    An embedding that names no model, or a request with no model yet (``model`` empty), passes.
+    """
+    if embedding.model and model and embedding.model != model:
+        raise InvalidArgument(f"{field}.model", f"is {embedding.model!r}, but this request uses model {model!r}: "
+                              "embeddings of different models live in different spaces and cannot be mixed")
+
+
 def scale_of(value: int, field: str) -> str:
     """The scale name of a ``ScoreScale`` value (unspecified means cosine)."""
     if value not in _SCALES:

@@ -18,7 +18,8 @@ from models.consistency import self_consistency, speaker_chunks
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.convert import SCALE_PB, VERDICT_PB, audio_input, merge_timings, ms, scale_of, speech_pb
+from service.convert import (SCALE_PB, VERDICT_PB, audio_input, check_embedding_model, merge_timings, ms, scale_of,
+                             speech_pb)
 from service.cohorts import cohort_side_stats
 from service.decisions import Decision, Side, Threshold, decide, speaker_shortfall, speech_shortfall
 from service.engine import Engine
@@ -134,6 +135,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
             vec, timings = await self._embed_checked(model, speech, method, context)
             return Side(field, vec, model.scorer.stats(vec), speech), timings
         if kind == "embedding":
+            check_embedding_model(probe.embedding, model.name, f"{field}.embedding")
             vec = self.engine.unit_embedding(probe.embedding.values, model.dim, f"{field}.embedding.values")
             declared = float(probe.embedding.speech_seconds)
             if not (np.isfinite(declared) and declared >= 0):
@@ -270,6 +272,11 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
             raise InvalidArgument("b", "is empty")
         if len(request.a) * len(request.b) > _MAX_COMPARE_SCORES:
             raise InvalidArgument("a", f"{len(request.a)} x {len(request.b)} scores exceed the limit of {_MAX_COMPARE_SCORES:,}")
+        first = ""  # the first model an embedding names: every other one that names a model must agree
+        for side, embeddings in (("a", request.a), ("b", request.b)):
+            for i, e in enumerate(embeddings):
+                first = first or e.model
+                check_embedding_model(e, first, f"{side}[{i}]")
         dim = len(request.a[0].values)
         a = np.stack([self.engine.unit_embedding(e.values, dim, f"a[{i}].values") for i, e in enumerate(request.a)])  # (N, D)
         b = np.stack([self.engine.unit_embedding(e.values, dim, f"b[{i}].values") for i, e in enumerate(request.b)])  # (M, D)

@@ -9,7 +9,7 @@ import numpy as np
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.cohorts import cohort_side_stats
-from service.convert import SCALE_PB, VERDICT_PB, audio_input, merge_timings, ms, scale_of, speaker_pb, speech_pb, to_pcm16
+from service.convert import SCALE_PB, VERDICT_PB, audio_input, check_embedding_model, merge_timings, ms, scale_of, speaker_pb, speech_pb, to_pcm16
 from service.decisions import NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready, open_set_threshold
 from service.errors import InvalidArgument, NotFound, Overloaded
 from service.rpc import call_deadline as _deadline
@@ -40,6 +40,8 @@ class SearchRpcs:
         if n > _MAX_ENROLL_ITEMS:
             raise InvalidArgument("audio", f"{n} utterances in one request, at most {_MAX_ENROLL_ITEMS}")
         # validate and embed everything before anything is written: a bad item changes nothing
+        for i, e in enumerate(request.embeddings):
+            check_embedding_model(e, model.name, f"embeddings[{i}]")
         given = [self.engine.unit_embedding(e.values, model.dim, f"embeddings[{i}].values")
                  for i, e in enumerate(request.embeddings)]
         declared = []

@@ -303,6 +303,29 @@ def test_compare_matrix(stub):
     expect_error(lambda: stub.Compare(pb.CompareRequest(a=[pb.Embedding(values=a[0])])), grpc.StatusCode.INVALID_ARGUMENT, "b")
     expect_error(lambda: stub.Compare(pb.CompareRequest(a=[pb.Embedding(values=a[0])], b=[pb.Embedding(values=[1.0, 2.0])])),
                  grpc.StatusCode.INVALID_ARGUMENT, "b[0].values")
+    same = stub.Compare(pb.CompareRequest(a=[pb.Embedding(values=a[0], model="m1"), pb.Embedding(values=a[1])],
+                                          b=[pb.Embedding(values=b[0], model="m1")]))
+    assert same.rows == 2  # embeddings that name one model (or none) are compared
+    expect_error(lambda: stub.Compare(pb.CompareRequest(a=[pb.Embedding(values=a[0]), pb.Embedding(values=a[1], model="m1")],
+                                                        b=[pb.Embedding(values=b[0], model="m2")])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "b[0].model: is 'm2', but this request uses model 'm1'")
+
+
+def test_an_embedding_of_another_model_is_refused_everywhere(stub):
+    """Embeddings name the model that made them: Verify, Identify and Enroll refuse another model's (same size,
+    other space), before anything is written; the right model's, or an unnamed one, pass."""
+    vec = np.random.default_rng(2).standard_normal(256).tolist()
+    other, own = pb.Embedding(values=vec, model="ssl-sv-small", speech_seconds=5), pb.Embedding(values=vec, model="ge2e")
+    expect_error(lambda: stub.Verify(pb.VerifyRequest(a=pb.Probe(embedding=own), b=pb.Probe(embedding=other))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "b.embedding.model: is 'ssl-sv-small'", "model 'ge2e'")
+    assert stub.Verify(pb.VerifyRequest(a=pb.Probe(embedding=own), b=pb.Probe(embedding=pb.Embedding(values=vec)))).score > 0.99
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(collection="models", speaker_id="x", embeddings=[other])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "embeddings[0].model")
+    expect_error(lambda: stub.ListSpeakers(pb.ListSpeakersRequest(collection="models")), grpc.StatusCode.NOT_FOUND)
+    stub.Enroll(pb.EnrollRequest(collection="models", speaker_id="x", embeddings=[pb.Embedding(values=vec, model="ge2e",
+                                                                                                speech_seconds=5)]))
+    expect_error(lambda: stub.Identify(pb.IdentifyRequest(collection="models", probe=pb.Probe(embedding=other))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "probe.embedding.model")
 
 
 # -- speakers ---------------------------------------------------------------------------------
