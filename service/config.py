@@ -32,6 +32,7 @@ _SCALES = ("", "cosine", "normalized", "llr")
 
 _INDEX_TYPES = ("flat", "hnsw", "ivf", "ivf_pq")
 _VARIANTS = ("fp32", "int8")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -154,7 +155,7 @@ class ServerConfig:
     # delay + grace stay under docker stop's default 10 s (and Kubernetes' 30 s) before SIGKILL
     grace_seconds: float = 8.0  # in-flight calls get this long to finish after shutdown starts
     shutdown_delay_seconds: float = 1.0  # NOT_SERVING but still answering, so balancers move away first
-    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL
     log_format: str = "text"  # text | json (one object per line, access-log fields as keys)
     otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://otel:4317); empty: off
     access_log: bool = True  # one line per call on logger spkserve.access (no audio, speaker ids or collections)
@@ -170,6 +171,7 @@ class ServerConfig:
         need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in -1..65535")
         need(0 <= self.http_port <= 65535, "http_port", "must be in 0..65535 (0: no HTTP API)")
         need(self.log_format in ("text", "json"), "log_format", "must be 'text' or 'json'")
+        need(str(self.log_level).upper() in _LOG_LEVELS, "log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
         need(self.http_port == 0 or self.http_port != self.port, "http_port", "must differ from port")
         need(self.model_variant in _VARIANTS, "model_variant", f"must be one of {_VARIANTS}")
         need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0")

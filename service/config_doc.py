@@ -24,7 +24,7 @@ flags. The resolved configuration is logged once at start-up (tokens masked). Si
 model unless said otherwise. Per-model options (`vad*`, `min_*_speech_seconds`,
 `decision_scale`, `decision_threshold`, ...) can be set for one model in a TOML table
 `[model_settings.<model>]`; a model's `model.json` may carry its own VAD options, which those
-override. Invalid values stop the server at start-up with a message naming the option.
+override. Invalid values stop the server at start-up with one line naming the option (exit status 2).
 
 This page is generated from `service/config.py` (`python -m service.config_doc`).
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -98,6 +99,7 @@ class SpeakerServer:
             log.info("authentication: %d tokens (%s)", len(auth.tokens), ", ".join(sorted(t.name for t in auth.tokens.values())))
         self.servicer.auth = auth
         if cfg.index_backend == "faiss":
+            _check_data_dir(Path(cfg.data_dir))
             check_not_in_use(Path(cfg.data_dir))  # before binding: a second server stops with one line
         _check_port_free(cfg.host, cfg.port)
         if cfg.http_port:
@@ -265,6 +267,16 @@ class SpeakerServer:
         await self._server.wait_for_termination()
 
 
+def _check_data_dir(path: Path) -> None:
+    """Create the data directory if needed; ConfigError naming ``data_dir`` when it cannot be made or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"option 'data_dir' = {str(path)!r}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"option 'data_dir' = {str(path)!r}: this process (uid {os.geteuid()}) cannot write to it")
+
+
 async def serve(config: ServerConfig) -> int:
     """Run a server until SIGTERM or SIGINT; returns the process exit status."""
     server = SpeakerServer(config)
@@ -274,6 +286,9 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+    except ConfigError as e:  # an option that only proves bad at start (a tokens file, the data directory)
+        log.error("cannot start: %s", e)
+        return 2
     except (OSError, StoreUnavailable, TracingUnavailable) as e:  # a busy port or data directory: one line
         log.error("cannot start: %s", e)
         return 1

@@ -443,6 +443,19 @@ def test_second_server_on_a_busy_data_dir_or_port_exits_with_one_line(model_repo
         srv.stop()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--log-level", "LOUD"], "option 'log_level' = 'LOUD': must be one of DEBUG, INFO"),  # was: a ValueError traceback
+    (["--auth-tokens-file", "/nonexistent/tokens.toml"], "option 'auth_tokens_file'"),  # was: a ConfigError traceback
+    (["--data-dir", "/proc/spkserve-data"], "option 'data_dir' = '/proc/spkserve-data': cannot create it"),
+])
+def test_a_bad_serve_option_is_one_line_and_status_2(model_repo, tmp_path, args, words):
+    """Options that only prove bad when the server starts end it like the ones load_config refuses."""
+    r = _serve_cli("--data-dir", str(tmp_path / "data"), "--port", "0", "--model-repository", str(model_repo), *args)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if " INFO " not in line and " WARNING " not in line]
+    assert r.returncode == 2 and len(errors) == 1 and words in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_model_control_is_off_by_default(model_repo, tmp_path, caplog):
     """Without model_control or an admin token, LoadModel/UnloadModel/MigrateCollection are refused."""
     srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], host="0.0.0.0"))
