@@ -42,15 +42,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
 STORE_HEALTH = "spkserve.store"  # SERVING while the speaker store accepts writes
 
 
-def _check_port_free(host: str, port: int, option: str = "port") -> None:
+def _check_port_free(host: str, port: int, option: str = "port", host_option: str = "host") -> None:
     """OSError naming the option when ``host:port`` cannot be bound (asked before gRPC, whose own failure
     prints a C-level log line and a traceback)."""
-    if port == 0:
-        return
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise OSError(f"option 'host': cannot resolve {host!r} ({e.strerror})") from None
+        raise OSError(f"option '{host_option}': cannot resolve {host!r} ({e.strerror})") from None
+    if port == 0:
+        return
     family, kind, proto, _, addr = infos[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -103,7 +103,10 @@ class SpeakerServer:
             check_not_in_use(Path(cfg.data_dir))  # before binding: a second server stops with one line
         _check_port_free(cfg.host, cfg.port)
         if cfg.http_port:
-            _check_port_free(cfg.http_host or cfg.host, cfg.http_port, "http_port")
+            _check_port_free(cfg.http_host or cfg.host, cfg.http_port, "http_port", "http_host" if cfg.http_host else "host")
+        if cfg.metrics_port >= 0:
+            _check_port_free(cfg.metrics_host, cfg.metrics_port, "metrics_port", "metrics_host")
+        tls = _read_tls(cfg.tls_key, cfg.tls_cert) if cfg.tls_cert else None
         if cfg.otlp_endpoint or self._span_exporter is not None:
             self.engine.tracing.start(cfg.otlp_endpoint, exporter=self._span_exporter)
         traced = self.engine.tracing.grpc_interceptor()
@@ -115,13 +118,24 @@ class SpeakerServer:
         pb_grpc.add_SpeakerServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._server)
+        try:
+            return await self._listen(tls)
+        except BaseException:  # nothing left listening (or for the garbage collector to stop after the loop)
+            await self._server.stop(0)
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+                self._metrics_http = None
+            raise
+
+    async def _listen(self, tls: tuple[bytes, bytes] | None) -> int:
+        """Bind gRPC, then the metrics and HTTP endpoints, and start loading the models; returns the gRPC port."""
+        cfg = self.config
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         try:
-            if cfg.tls_cert:
-                with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-                self.port = self._server.add_secure_port(address, creds)
+            if tls is not None:
+                self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
             else:
                 self.port = self._server.add_insecure_port(address)
         except RuntimeError:  # grpc: "Failed to bind to address ..."
@@ -130,7 +144,7 @@ class SpeakerServer:
             raise OSError(f"option 'port': cannot listen on {address}: the address is in use (another spkserve?) "
                           "or not available here")
         log.info("configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
-        if auth is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
+        if self.servicer.auth is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("serving %s without authentication: every client that reaches this address can enroll, "
                         "identify and delete speakers%s; set auth_token or auth_tokens_file", cfg.host,
                         " and load or unload models (model_control = true)" if cfg.model_control else "")
@@ -265,6 +279,17 @@ class SpeakerServer:
     async def wait_for_termination(self) -> None:
         """Block until the gRPC server has stopped."""
         await self._server.wait_for_termination()
+
+
+def _read_tls(key: str, cert: str) -> tuple[bytes, bytes]:
+    """The server's private key and certificate chain (PEM); ConfigError naming the option that cannot be read."""
+    out = []
+    for name, path in (("tls_key", key), ("tls_cert", cert)):
+        try:
+            out.append(Path(path).read_bytes())
+        except OSError as e:
+            raise ConfigError(f"option '{name}' = {path!r}: cannot read it ({e.strerror})") from None
+    return out[0], out[1]
 
 
 def _check_data_dir(path: Path) -> None:

@@ -456,6 +456,44 @@ def test_a_bad_serve_option_is_one_line_and_status_2(model_repo, tmp_path, args,
     assert "Traceback" not in r.stderr
 
 
+def test_unreadable_tls_files_and_an_unknown_metrics_host_are_named(model_repo, tmp_path):
+    (tmp_path / "tls.toml").write_text(f'tls_cert = "{tmp_path}/no.pem"\ntls_key = "{tmp_path}/no.key"\n')
+    r = _serve_cli("--config", str(tmp_path / "tls.toml"), "--data-dir", str(tmp_path / "data"), "--port", "0",
+                   "--model-repository", str(model_repo))
+    assert r.returncode == 2 and f"option 'tls_key' = '{tmp_path}/no.key': cannot read it" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--metrics-host", "no-such-host.invalid",
+                        "--metrics-port", "0", "--http-port", "0", "--port", "0", "--data-dir", str(tmp_path / "d"),
+                        "--model-repository", str(model_repo)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "option 'metrics_host': cannot resolve 'no-such-host.invalid'" in r.stderr
+    assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr  # was: gRPC's __del__
+
+
+def test_a_failed_start_leaves_nothing_listening(model_repo, tmp_path, monkeypatch):
+    """When a later listener fails (here HTTP), the gRPC port already bound is released before start() raises."""
+    import asyncio
+
+    from service.server import SpeakerServer
+
+    with socket.socket() as probe, socket.socket() as probe_http:
+        probe.bind(("127.0.0.1", 0))
+        probe_http.bind(("127.0.0.1", 0))
+        port, http_port = probe.getsockname()[1], probe_http.getsockname()[1]
+
+    async def refuse(self):
+        raise OSError("option 'http_port': cannot listen (injected)")
+
+    monkeypatch.setattr(SpeakerServer, "_start_http", refuse)
+    server = SpeakerServer(make_config(model_repo, tmp_path / "data", models=["ge2e"], port=port, http_port=http_port))
+
+    async def start():
+        with pytest.raises(OSError, match="injected"):
+            await server.start()
+
+    asyncio.run(start())
+    with socket.socket() as again:  # free again: nothing of the failed server listens
+        again.bind(("127.0.0.1", port))
+
+
 def test_model_control_is_off_by_default(model_repo, tmp_path, caplog):
     """Without model_control or an admin token, LoadModel/UnloadModel/MigrateCollection are refused."""
     srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], host="0.0.0.0"))
