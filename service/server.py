@@ -202,6 +202,11 @@ class SpeakerServer:
     async def _load(self) -> None:
         try:
             await self.engine.load()
+        except asyncio.CancelledError as e:  # stopped (SIGTERM) while loading, e.g. waiting for the store
+            self.load_error = e
+            log.info("start-up cancelled: the server is stopping before it was ready")
+            self._ready.set()
+            raise
         except BaseException as e:  # noqa: BLE001 - reported by wait_ready and the log
             self.load_error = e
             log.error("start-up failed: %s", e)
@@ -267,6 +272,7 @@ class SpeakerServer:
         self.servicer.ready = False
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)  # its own line before "stopped"
         for task in self._tasks:
             task.cancel()
         await self.engine.close()

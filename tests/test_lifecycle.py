@@ -494,6 +494,29 @@ def test_a_failed_start_leaves_nothing_listening(model_repo, tmp_path, monkeypat
         again.bind(("127.0.0.1", port))
 
 
+def test_sigterm_while_the_store_is_unreachable_stops_cleanly(model_repo, tmp_path):
+    """Stopped while start-up still waits for the speaker store: a plain line saying so, status 0, no empty
+    "start-up failed:" (a CancelledError has no message)."""
+    import signal
+
+    pytest.importorskip("pymilvus")
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--metrics-port", "-1", "--http-port", "0",
+                             "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                             "--model-repository", str(model_repo), "--index-backend", "milvus",
+                             "--milvus-uri", "http://127.0.0.1:1"], stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # start-up reaches the store (nothing listens on port 1: it waits and retries)
+        lines.append(line)
+        if "listening on" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert "start-up cancelled: the server is stopping before it was ready" in log and "start-up failed" not in log
+    assert log.index("start-up cancelled") < log.index("INFO spkserve.server: stopped") and "Traceback" not in log
+
+
 def test_model_control_is_off_by_default(model_repo, tmp_path, caplog):
     """Without model_control or an admin token, LoadModel/UnloadModel/MigrateCollection are refused."""
     srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], host="0.0.0.0"))
