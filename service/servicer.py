@@ -160,6 +160,9 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
             await self.engine.store_call(store.touch, coll, [spk])
             return Side(field, rec.voiceprint, stats, shortfall=short, speech_seconds=rec.speech, ref=(coll, spk)), pb.Timings()
         allowed = "audio, embedding or speaker" if allow_speaker else "audio or embedding"
+        if kind == "speaker":  # Identify: an enrolled speaker is what it searches, not what it is asked about
+            raise InvalidArgument(f"{field}.speaker", f"{method} takes {allowed} here, not an enrolled speaker "
+                                  "(GetSpeaker with include_voiceprint gives the voiceprint to send as an embedding)")
         raise InvalidArgument(field, f"is empty: set one of {allowed}")
 
     def _threshold(self, model, request, field: str = "threshold") -> Threshold:

@@ -326,6 +326,10 @@ def test_an_embedding_of_another_model_is_refused_everywhere(stub):
                                                                                                 speech_seconds=5)]))
     expect_error(lambda: stub.Identify(pb.IdentifyRequest(collection="models", probe=pb.Probe(embedding=other))),
                  grpc.StatusCode.INVALID_ARGUMENT, "probe.embedding.model")
+    # an enrolled speaker as Identify's probe is named as such (was: "probe: is empty")
+    expect_error(lambda: stub.Identify(pb.IdentifyRequest(collection="models", probe=pb.Probe(
+        speaker=pb.SpeakerRef(collection="models", speaker_id="x")))), grpc.StatusCode.INVALID_ARGUMENT,
+        "probe.speaker: Identify takes audio or embedding here, not an enrolled speaker")
 
 
 # -- speakers ---------------------------------------------------------------------------------
