@@ -5,7 +5,8 @@ Every verb prints JSON (one object per line; ``diarize`` prints RTTM by default)
 token come from ``--target`` / ``--token`` or ``SPKSERVE_TARGET`` / ``SPKSERVE_TOKEN``. A failed
 call exits with status 1 and prints ``STATUS_NAME: message`` on stderr, with a hint where the
 usual cause is known: a server that is not running, a file over the server's message limit, an
-audio container the server cannot read.
+audio container the server cannot read. Files over ``STREAM_ABOVE_BYTES`` go through EmbedStream (``verify``,
+``identify`` and ``enroll`` then send their embedding).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.cli_io import SCALES, Unreadable, audio_of, check_readable, embeddings_of, emit, enum_name, models_of
+from service.cli_io import (CHUNK, SCALES, STREAM_ABOVE_BYTES, Unreadable, audio_of, check_readable, collection_model,
+                            embed_streamed, embeddings_of, emit, enum_name, is_large, models_of, probe_of)
 from service.cli_speakers import SPEAKER_VERBS
 
 __all__ = ["run_client", "VERBS", "STREAM_ABOVE_BYTES"]
 
-STREAM_ABOVE_BYTES = 8 << 20  # `embed` sends larger files through EmbedStream (the default message limit is 16 MiB)
-CHUNK = 1 << 20
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -71,16 +71,8 @@ def _embed(stub, args, kw) -> None:
 
 def _embed_one(stub, args, kw, f: str) -> None:
     """Embed one file (EmbedStream when asked or when it is large) and print its line."""
-    size = Path(f).stat().st_size if Path(f).is_file() else 0
-    if args.stream or size > STREAM_ABOVE_BYTES:
-        def parts(path=f):
-            yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=args.model or ""))
-            with open(path, "rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    yield pb.EmbedStreamRequest(chunk=chunk)
-
-        check_readable(f)
-        r = stub.EmbedStream(parts(), **kw)
+    if args.stream or is_large(f):
+        r = embed_streamed(stub, f, args.model or "", kw)
     else:
         r = stub.Embed(pb.EmbedRequest(model=args.model or "", audio=audio_of(f)), **kw)
     emit({"file": f, "model": r.model, "model_version": r.model_version,
@@ -88,30 +80,35 @@ def _embed_one(stub, args, kw, f: str) -> None:
 
 
 def _verify(stub, args, kw) -> None:
+    model = args.model or ""
     if args.speaker:
         if len(args.files) != 1:
             raise SystemExit("spkserve verify: with --speaker give one FILE (checked against the enrolled speaker)")
-        a = pb.Probe(speaker=pb.SpeakerRef(collection=args.collection, speaker_id=args.speaker))
-        b = pb.Probe(audio=audio_of(args.files[0]))
+        if not model and is_large(args.files[0]):  # embedded by the speaker's model, as the server would
+            model = collection_model(stub, args.collection, kw)
+        a, streamed_a = pb.Probe(speaker=pb.SpeakerRef(collection=args.collection, speaker_id=args.speaker)), None
+        b, streamed_b = probe_of(stub, args.files[0], model, kw)
     else:
         if len(args.files) != 2:
             raise SystemExit("spkserve verify: give FILE_A FILE_B, or --speaker ID [--collection C] FILE")
-        a, b = (pb.Probe(audio=audio_of(f)) for f in args.files)
-    req = pb.VerifyRequest(model=args.model or "", a=a, b=b)
+        (a, streamed_a), (b, streamed_b) = (probe_of(stub, f, model, kw) for f in args.files)
+    req = pb.VerifyRequest(model=model, a=a, b=b)
     if args.threshold is not None:
         req.threshold = args.threshold
         req.threshold_scale = SCALES[args.scale]
     if args.target_far is not None:
         req.target_false_accept_rate = args.target_far
     r = stub.Verify(req, **kw)
-    sides = [r.a_speech if a.HasField("audio") else None, r.b_speech]
+    # what VAD found: the server's for audio probes, EmbedStream's for large files sent as embeddings
+    sides = [r.a_speech if a.HasField("audio") else streamed_a.speech if streamed_a else None,
+             r.b_speech if b.HasField("audio") else streamed_b.speech]
     out = {"score": r.score, "decision": r.decision, "threshold": r.threshold, "model": r.model,
            "verdict": enum_name(pb.Verdict, r.verdict, "VERDICT_"),
            "llr": r.llr if r.HasField("llr") else None,
            "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
            "decision_scale": enum_name(pb.ScoreScale, r.decision_scale, "SCORE_SCALE_").lower(),
            "decision_threshold": r.decision_threshold,
-           # what VAD found in each audio probe; null for the enrolled speaker's side (no audio was sent)
+           # null for the enrolled speaker's side (no audio was sent)
            "speech_seconds": [s.speech_seconds if s else None for s in sides],
            "multiple_speakers": [s.multiple_speakers if s else None for s in sides],
            "narrowband": [s.narrowband if s else None for s in sides]}

@@ -8,10 +8,13 @@ from typing import Any
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 
-__all__ = ["SCALES", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of",
+__all__ = ["SCALES", "STREAM_ABOVE_BYTES", "CHUNK", "is_large", "embed_streamed", "probe_of", "collection_model",
+           "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of",
            "models_of"]
 
 SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
+STREAM_ABOVE_BYTES = 8 << 20  # larger files go through EmbedStream (the server's default message limit is 16 MiB)
+CHUNK = 1 << 20
 
 
 class Unreadable(SystemExit):
@@ -86,3 +89,40 @@ def embeddings_of(path: str, verb: str = "compare") -> list[tuple[int, pb.Embedd
             raise SystemExit(f"spkserve {verb}: {path} line {n}: not a `spkserve embed` JSON line "
                              "(an object with \"embedding\") or a JSON list of numbers") from None
     return out
+
+
+def is_large(path: str) -> bool:
+    """Whether a file is too large to send in one message (it goes through EmbedStream instead)."""
+    p = Path(path)
+    return p.is_file() and p.stat().st_size > STREAM_ABOVE_BYTES
+
+
+def embed_streamed(stub, path: str, model: str, kw: dict) -> pb.EmbedResponse:
+    """Embed a file through EmbedStream, 1 MiB per message (any length up to the server's stream limits)."""
+    check_readable(path)
+
+    def parts():
+        yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=model))
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                yield pb.EmbedStreamRequest(chunk=chunk)
+
+    return stub.EmbedStream(parts(), **kw)
+
+
+def probe_of(stub, path: str, model: str, kw: dict) -> tuple[pb.Probe, pb.EmbedResponse | None]:
+    """A file as a probe: its audio, or, when it is too large for one message, its embedding from EmbedStream
+    (naming its model and net speech, so the server checks and counts them); (probe, the stream's response)."""
+    if not is_large(path):
+        return pb.Probe(audio=audio_of(path)), None
+    r = embed_streamed(stub, path, model, kw)
+    return pb.Probe(embedding=pb.Embedding(values=r.embedding, speech_seconds=r.speech_seconds, model=r.model)), r
+
+
+def collection_model(stub, collection: str, kw: dict) -> str:
+    """The model of a collection's voiceprints (ListCollections), or "" when it does not exist yet."""
+    name = collection or "default"
+    for c in stub.ListCollections(pb.ListCollectionsRequest(), **kw).collections:
+        if c.name == name:
+            return c.model
+    return ""

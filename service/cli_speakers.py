@@ -4,7 +4,8 @@ list-collections and migrate (one RPC each, JSON out)."""
 from __future__ import annotations
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
-from service.cli_io import SCALES, audio_of, embeddings_of, emit, enum_name, models_of
+from service.cli_io import (SCALES, audio_of, collection_model, embed_streamed, embeddings_of, emit, enum_name,
+                            is_large, models_of, probe_of)
 
 __all__ = ["SPEAKER_VERBS"]
 
@@ -41,22 +42,33 @@ def _enroll(stub, args, kw) -> None:
     if made_by and model and made_by != model:
         raise SystemExit(f"spkserve enroll: --embeddings were made by model {made_by!r}, not --model {model!r}")
     model = model or made_by or ""  # the server then refuses a collection of another model (same size, other space)
+    large = [f for f in args.files if is_large(f)]  # too large for one message: embedded through EmbedStream
+    if large and not model:
+        model = collection_model(stub, args.collection, kw)  # as the server would embed them ("" for a new one)
+    streamed = {f: embed_streamed(stub, f, model, kw) for f in large}
+    embedded = [(f, pb.Embedding(values=r.embedding, speech_seconds=r.speech_seconds, model=r.model))
+                for f, r in streamed.items()] + embedded
+    small = [f for f in args.files if f not in streamed]
     r = stub.Enroll(pb.EnrollRequest(model=model, collection=args.collection, speaker_id=args.speaker,
-                                     audio=[audio_of(f) for f in args.files], embeddings=[e for _, e in embedded],
+                                     audio=[audio_of(f) for f in small], embeddings=[e for _, e in embedded],
                                      metadata=metadata, allow_reenroll=args.allow_reenroll), **kw)
-    sources = list(args.files) + [name for name, _ in embedded]  # the server's order: audio, then embeddings
+    sources = small + [name for name, _ in embedded]  # the server's order: audio, then embeddings
     emit({"collection": r.speaker.collection, "speaker": r.speaker.speaker_id, "created": r.created,
            "utterance_count": r.speaker.utterance_count, "model": r.speaker.model,
            "status": enum_name(pb.EnrollmentStatus, r.status, "ENROLLMENT_STATUS_"),
            "speech_seconds": r.speaker.speech_seconds, "required_speech_seconds": r.speaker.required_speech_seconds,
            "utterances": [{"file": f, "speech_seconds": u.speech.speech_seconds, "consistent": u.consistent,
-                           "multiple_speakers": u.speech.multiple_speakers} for f, u in zip(sources, r.utterances)],
+                           "multiple_speakers": (streamed[f].speech if f in streamed else u.speech).multiple_speakers}
+                          for f, u in zip(sources, r.utterances)],
            "metadata": dict(r.speaker.metadata)})
 
 
 def _identify(stub, args, kw) -> None:
-    req = pb.IdentifyRequest(model=args.model or "", collection=args.collection, probe=pb.Probe(audio=audio_of(args.file)),
-                             top_k=args.top_k,
+    model = args.model or ""
+    if not model and is_large(args.file):  # embedded by the collection's model, as the server would
+        model = collection_model(stub, args.collection, kw)
+    probe, streamed = probe_of(stub, args.file, model, kw)
+    req = pb.IdentifyRequest(model=model, collection=args.collection, probe=probe, top_k=args.top_k,
                              rule=pb.IDENTIFY_RULE_SINGLE_PAIR if args.single_pair else pb.IDENTIFY_RULE_OPEN_SET)
     if args.target_far is not None:
         req.target_false_accept_rate = args.target_far
@@ -74,7 +86,8 @@ def _identify(stub, args, kw) -> None:
            "llr": [c.llr for c in r.candidates if c.HasField("llr")],
            "rule": enum_name(pb.IdentifyRule, r.rule, "IDENTIFY_RULE_").lower(),
            "collection_size": r.collection_size, "decision_threshold": r.decision_threshold,
-           "speech_seconds": r.probe_speech.speech_seconds, **({"reason": r.reason} if r.reason else {})})
+           "speech_seconds": (streamed.speech if streamed else r.probe_speech).speech_seconds,
+           **({"reason": r.reason} if r.reason else {})})
 
 
 def _delete(stub, args, kw) -> None:

@@ -45,10 +45,11 @@ class SearchRpcs:
         given = [self.engine.unit_embedding(e.values, model.dim, f"embeddings[{i}].values")
                  for i, e in enumerate(request.embeddings)]
         declared = []
+        longest = self.engine.config.max_stream_audio_seconds  # EmbedStream embeds audio up to this long
         for i, e in enumerate(request.embeddings):
-            if not (np.isfinite(e.speech_seconds) and 0 <= e.speech_seconds <= self.engine.config.max_audio_seconds):
+            if not (np.isfinite(e.speech_seconds) and 0 <= e.speech_seconds <= longest):
                 raise InvalidArgument(f"embeddings[{i}].speech_seconds",
-                                      f"must be in 0..{self.engine.config.max_audio_seconds:g}, got {e.speech_seconds!r}")
+                                      f"must be in 0..{longest:g} (max_stream_audio_seconds), got {e.speech_seconds!r}")
             declared.append(float(e.speech_seconds))
         speeches = await asyncio.gather(*[
             self.engine.prepare(model, audio_input(a, f"audio[{i}]"), _deadline(context))

@@ -74,11 +74,16 @@ def test_records_compare_and_verify_against_an_enrolled_speaker(server, capsys, 
         _run(capsys, "verify", "--speaker", "slt", slt1, slt2)
 
 
-def test_friendly_errors(server, capsys, tmp_path):
+def test_friendly_errors(server, capsys, tmp_path, monkeypatch):
+    import service.cli_io as cli_io
+
     code, _, err = _run(capsys, "models", "--target", "127.0.0.1:1", "--timeout", "5")
     assert code == 1 and "cannot reach 127.0.0.1:1: is `spkserve serve` running?" in err
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (17 << 20))  # over the server's 16 MiB message limit
+    code, _, err = _run(capsys, "verify", "--target", server.target, str(big), str(big))
+    assert code == 1 and err.startswith("INVALID_ARGUMENT: chunk")  # streamed (EmbedStream), then found not audio
+    monkeypatch.setattr(cli_io, "STREAM_ABOVE_BYTES", 64 << 20)  # as if sent in one message: the server's limit
     code, _, err = _run(capsys, "verify", "--target", server.target, str(big), str(big))
     assert code == 1 and err.startswith("RESOURCE_EXHAUSTED") and "max_message_mb" in err and "EmbedStream" in err
     mp4 = tmp_path / "clip.m4a"
@@ -128,6 +133,35 @@ def test_every_request_field_a_user_sets_has_an_option(server, capsys, tmp_path,
     assert code == 0 and len(out[0]["speakers"][0]["embedding"]) == 256
     with pytest.raises(SystemExit, match="--embeddings needs --format json"):
         _run(capsys, "diarize", "--embeddings", slt1)
+
+
+def test_files_too_large_for_one_message_go_through_embed_stream(server, capsys, monkeypatch):
+    """verify / identify / enroll send a file over the one-message size as its EmbedStream embedding (with its model
+    and speech), so long recordings work beyond max_message_mb; the printed speech is the stream's."""
+    import service.cli_io as cli_io
+
+    monkeypatch.setenv("SPKSERVE_TARGET", server.target)
+    slt1, slt2, awb = (str(AUDIO / f"{n}.wav") for n in ("flite-slt-1", "flite-slt-2", "flite-awb-1"))
+    _, small, _ = _run(capsys, "verify", slt1, slt2)
+    code, (enrolled,), _ = _run(capsys, "enroll", "--collection", "big", "--speaker", "slt", slt1)
+    monkeypatch.setattr(cli_io, "STREAM_ABOVE_BYTES", 1000)  # every file is "large" now
+
+    def streams() -> float:
+        return server.server.metrics.registry.get_sample_value(
+            "spkserve_grpc_requests_total", {"code": "OK", "method": "EmbedStream"}) or 0.0
+
+    before = streams()
+    code, (big,), _ = _run(capsys, "verify", slt1, slt2)
+    assert code == 0 and streams() == before + 2 and big["verdict"] == small[0]["verdict"]
+    assert big["score"] == pytest.approx(small[0]["score"], abs=1e-4) and big["speech_seconds"] == small[0]["speech_seconds"]
+    code, (against,), _ = _run(capsys, "verify", "--collection", "big", "--speaker", "slt", slt2)
+    assert code == 0 and against["speech_seconds"][0] is None and against["speech_seconds"][1] == small[0]["speech_seconds"][1]
+    code, (found,), _ = _run(capsys, "identify", "--collection", "big", slt2)
+    assert code == 0 and found["candidates"][0]["speaker"] == "slt" and found["speech_seconds"] > 1
+    code, (more,), _ = _run(capsys, "enroll", "--collection", "big", "--speaker", "slt", slt2)
+    assert code == 0 and more["utterance_count"] == 2 and [u["file"] for u in more["utterances"]] == [slt2]
+    assert more["speech_seconds"] == pytest.approx(enrolled["speech_seconds"] + small[0]["speech_seconds"][1], abs=1e-3)
+    assert streams() == before + 5  # every file went through EmbedStream
 
 
 @pytest.mark.parametrize("argv, message", [

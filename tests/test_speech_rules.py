@@ -198,6 +198,13 @@ def test_enrollment_feedback_and_readiness(stub, speech_files):
     assert r.status == pb.ENROLLMENT_STATUS_READY and r.speaker.speech_seconds == pytest.approx(2 * emb.speech_seconds)
     expect(lambda: stub.Enroll(pb.EnrollRequest(collection="fb", speaker_id="e2", embeddings=[
         pb.Embedding(values=emb.embedding, speech_seconds=-1)])), grpc.StatusCode.INVALID_ARGUMENT, "embeddings[0].speech_seconds")
+    # an EmbedStream embedding of a long recording (past max_audio_seconds, within max_stream_audio_seconds) enrolls
+    r = stub.Enroll(pb.EnrollRequest(collection="fb", speaker_id="e3", embeddings=[
+        pb.Embedding(values=emb.embedding, speech_seconds=1800.0)]))
+    assert r.speaker.speech_seconds == pytest.approx(1800.0)
+    expect(lambda: stub.Enroll(pb.EnrollRequest(collection="fb", speaker_id="e2", embeddings=[
+        pb.Embedding(values=emb.embedding, speech_seconds=3601.0)])), grpc.StatusCode.INVALID_ARGUMENT,
+        "embeddings[0].speech_seconds: must be in 0..3600 (max_stream_audio_seconds)")
 
 
 def test_identify_with_too_little_speech_and_scales(stub, speech_files):
