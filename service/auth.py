@@ -125,9 +125,16 @@ class Authorizer:
     """Resolves a call's bearer token and checks its scope."""
 
     def __init__(self, tokens: list[Token], admin_token: str = ""):
-        self.tokens = {t.sha256: t for t in tokens}
+        self.tokens: dict[str, Token] = {}
+        self.replace(tokens, admin_token)
+
+    def replace(self, tokens: list[Token], admin_token: str = "") -> None:
+        """Answer with these tokens from now on (a reloaded token file). One dict swap: a call sees the old set
+        or the new one, never a mix."""
+        table = {t.sha256: t for t in tokens}
         if admin_token:
-            self.tokens[_digest(admin_token)] = Token("auth_token", _digest(admin_token), (), frozenset({"admin"}))
+            table[_digest(admin_token)] = Token("auth_token", _digest(admin_token), (), frozenset({"admin"}))
+        self.tokens = table
 
     def token_of(self, metadata) -> Token:
         """The token of a call's metadata. Raises Unauthenticated."""

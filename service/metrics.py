@@ -62,6 +62,9 @@ class Metrics:
                                     ["operation"], registry=r)
         self.retention_deleted = Counter("spkserve_retention_deleted_total",
                                          "Speakers deleted by retention (unused too long)", registry=r)
+        self.token_reloads = Counter("spkserve_token_reloads_total",
+                                     "Reloads of auth_tokens_file on SIGHUP by result (ok, error: old tokens kept)",
+                                     ["result"], registry=r)
         self.model_info = Gauge("spkserve_model_info", "Loaded models (value 1) with version and execution provider",
                                 ["model", "version", "provider", "embedding_dim", "variant"], registry=r)
         self.ready = Gauge("spkserve_ready", "1 when the server is serving", registry=r)

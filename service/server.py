@@ -164,6 +164,24 @@ class SpeakerServer:
         self._load_task = asyncio.get_running_loop().create_task(self._load())
         return self.port
 
+    def reload_tokens(self) -> bool:
+        """Re-read ``auth_tokens_file`` (on SIGHUP): new, changed and removed tokens apply to the next call. A file
+        that does not load keeps the tokens in use (logged). Returns whether the new file was taken."""
+        cfg, auth = self.config, self.servicer.auth
+        if not cfg.auth_tokens_file or auth is None:
+            log.warning("token reload: no auth_tokens_file is configured; nothing to reload")
+            return False
+        try:
+            tokens = load_tokens(cfg.auth_tokens_file)
+        except ValueError as e:
+            log.error("token reload: kept the %d tokens in use: %s", len(auth.tokens), e)
+            self.metrics.token_reloads.labels("error").inc()
+            return False
+        auth.replace(tokens, cfg.auth_token)
+        self.metrics.token_reloads.labels("ok").inc()
+        log.info("token reload: %d tokens (%s)", len(auth.tokens), ", ".join(sorted(t.name for t in auth.tokens.values())))
+        return True
+
     def _http_address(self) -> str:
         cfg = self.config
         return f"{cfg.http_host or cfg.host}:{self.http_port}" if self.http_port else "off"
@@ -315,6 +333,7 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)  # rotate tokens without a restart
     try:
         await server.start()
     except ConfigError as e:  # an option that only proves bad at start (a tokens file, the data directory)

@@ -295,3 +295,63 @@ def test_list_speakers_pages_by_bytes_too(model_repo, tmp_path, monkeypatch):
             assert sorted(seen) == [f"s{i}" for i in range(10)] and pages >= 3
     finally:
         srv.stop()
+
+
+def _one_token_file(path, name: str, token: str, perms: str = '["admin"]') -> None:
+    path.write_text(f'[[tokens]]\nname = "{name}"\nsha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+                    f"permissions = {perms}\n")
+
+
+def test_tokens_rotate_on_reload_and_a_bad_file_keeps_the_old_ones(model_repo, tmp_path):
+    """reload_tokens (SIGHUP): a removed token is refused from the next call, an added one works; a file that does
+    not load changes nothing (the tokens in use stay, and the failure is counted)."""
+    tokens = tmp_path / "tokens.toml"
+    _one_token_file(tokens, "old", "old-secret")
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], auth_tokens_file=str(tokens)))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+
+            def models(token: str):
+                return stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {token}")])
+
+            assert models("old-secret").default_model == "ge2e"
+            _one_token_file(tokens, "new", "new-secret")
+            assert srv.server.reload_tokens()
+            assert code_of(lambda: models("old-secret"))[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert models("new-secret").default_model == "ge2e"
+            tokens.write_text("[[tokens]]\nname = 'broken'\n")  # no sha256
+            assert not srv.server.reload_tokens()
+            assert models("new-secret").default_model == "ge2e"  # kept
+            registry = srv.server.metrics.registry
+            assert registry.get_sample_value("spkserve_token_reloads_total", {"result": "ok"}) == 1.0
+            assert registry.get_sample_value("spkserve_token_reloads_total", {"result": "error"}) == 1.0
+    finally:
+        srv.stop()
+
+
+def test_sighup_reloads_the_token_file_of_a_running_server(model_repo, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    tokens = tmp_path / "tokens.toml"
+    _one_token_file(tokens, "old", "old-secret")
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--metrics-port", "-1", "--http-port", "0",
+                             "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                             "--model-repository", str(model_repo), "--auth-tokens-file", str(tokens)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if " ready: " in line:
+                break
+        _one_token_file(tokens, "new", "new-secret")
+        proc.send_signal(signal.SIGHUP)
+        for line in proc.stderr:
+            if "token reload" in line:
+                break
+        assert "token reload: 1 tokens (new)" in line and proc.poll() is None  # still serving
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
