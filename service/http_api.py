@@ -15,6 +15,7 @@ at ``GET /samples/NAME`` (``slt-1.wav``, ``slt-2.wav``: one voice; ``awb-1.wav``
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from importlib import resources
 import grpc
 from google.protobuf import json_format
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
@@ -50,6 +51,7 @@ class Route:
     tag: str
     files: dict[str, str] = field(default_factory=dict)  # form file field -> dotted Audio field of the request
     path_fields: tuple[str, ...] = ()  # path parameters, each a field of the request of the same name
+    stream: bool = False  # a client-streamed RPC: the body is the audio itself, its config in the query string
 
 
 _SPEAKER = ("collection", "speaker_id")
@@ -58,6 +60,10 @@ ROUTES = (
     Route("POST", "/v1/verify", "Verify", "Are two recordings (or enrolled speakers) the same speaker?", "audio",
           {"a": "a.audio", "b": "b.audio"}),
     Route("POST", "/v1/diarize", "Diarize", "Who spoke when in one recording", "audio", {"audio": "audio"}),
+    Route("POST", "/v1/embed:stream", "EmbedStream", "Embed a recording of any length, sent as the body", "audio",
+          stream=True),
+    Route("POST", "/v1/diarize:stream", "DiarizeStream", "Who spoke when in a recording of any length, sent as the body",
+          "audio", stream=True),
     Route("POST", "/v1/collections/{collection}/speakers/{speaker_id}/enroll", "Enroll",
           "Enroll (or add recordings to) a speaker", "speakers", {"audio": "audio"}, _SPEAKER),
     Route("POST", "/v1/collections/{collection}/identify", "Identify", "Who in the collection is speaking?",
@@ -115,8 +121,8 @@ async def _message(request: Request, route: Route, message, limit: int) -> int:
     return len(body)
 
 
-def _query_message(query, message) -> None:
-    """Fill ``message`` from a GET/DELETE route's query string (``?pageSize=10&pageToken=...``); 400 naming the field."""
+def _query_message(query, message):
+    """Fill ``message`` from a query string (``?pageSize=10&pageToken=...``) and return it; 400 naming the field."""
     data: dict = {}
     for key, value in query.multi_items():
         assign_field(data, message.DESCRIPTOR, key, value)
@@ -124,6 +130,42 @@ def _query_message(query, message) -> None:
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
         raise parse_error(e, "query") from None
+    return message
+
+
+class _ClientGone(asyncio.CancelledError):
+    """The HTTP client disconnected while its body was being streamed into an RPC."""
+
+
+_STREAM_PIECE = 1 << 20  # body bytes per stream message (max_stream_messages counts messages)
+
+
+def _streamed(request: Request, request_type):
+    """The messages of a client-streamed RPC from an HTTP request: its config from the query string (checked now,
+    so that a bad one answers 400 before the body is read), then the body in 1 MiB chunks as it arrives."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("multipart/form-data", "application/json"):  # (curl --data-binary's default, urlencoded, is taken)
+        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"content-type: this route takes the audio file itself as the body (audio/*, "
+                        f"application/octet-stream), its options in the query string; got {ctype!r}")
+    config = request_type.DESCRIPTOR.fields_by_name["config"].message_type
+    first = request_type(config=_query_message(request.query_params, getattr(pb, config.name)()))
+
+    async def messages():
+        yield first
+        piece = bytearray()
+        try:
+            async for chunk in request.stream():
+                piece += chunk
+                if len(piece) >= _STREAM_PIECE:
+                    yield request_type(chunk=bytes(piece))
+                    piece.clear()
+        except ClientDisconnect:
+            raise _ClientGone() from None
+        if piece:
+            yield request_type(chunk=bytes(piece))
+
+    return messages()
 
 
 def _endpoint(route: Route):
@@ -141,6 +183,12 @@ def _endpoint(route: Route):
             if servicer.auth is not None:  # before the body is read
                 servicer.auth.token_of(metadata)
             ctx = HttpCallContext(metadata, _timeout(request))
+            if route.stream:  # the upload streams into the RPC as it arrives (spooled there, up to max_stream_mb)
+                messages = _streamed(request, request_type)
+                code = "reached"
+                reply = await getattr(servicer, route.rpc)(messages, ctx)
+                return JSONResponse(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True),
+                                    headers={"x-request-id": rid})
             message = request_type()
             size = await _message(request, route, message, server.config.max_message_mb << 20)
             if not server.request_bytes.take(size):
@@ -154,6 +202,9 @@ def _endpoint(route: Route):
             reply = await getattr(servicer, route.rpc)(message, ctx)
             return JSONResponse(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True),
                                 headers={"x-request-id": rid})
+        except _ClientGone:  # the uploader went away mid-body: nobody reads an answer
+            status = 499
+            return Response(status_code=499)
         except HttpAbort as e:
             status, code = e.status, (code or e.code.name)
             return JSONResponse(error_body(e.code, e.message), status_code=e.status,

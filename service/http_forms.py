@@ -30,8 +30,9 @@ class TooLarge(HttpAbort):
 
     def __init__(self, limit: int):
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"request body: larger than max_message_mb ({limit >> 20} MiB); send longer audio "
-                         "through the gRPC EmbedStream / DiarizeStream calls, or raise max_message_mb")
+                         f"request body: larger than max_message_mb ({limit >> 20} MiB); POST longer audio as the "
+                         "body to /v1/embed:stream or /v1/diarize:stream (or gRPC EmbedStream / DiarizeStream), "
+                         "or raise max_message_mb")
         self.status = 413
 
 

@@ -70,7 +70,16 @@ def openapi_document(routes, service_descriptor, version: str) -> dict:
                                     "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{out}"}}}},
                             "default": {"description": "an error (400, 401, 403, 404, 409, 413, 429, 503)",
                                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}}
-        if r.method == "POST":
+        if r.stream:
+            config = method.input_type.fields_by_name["config"].message_type
+            _message_schema(config, components)
+            audio = {"schema": {"type": "string", "format": "binary"}}
+            op["requestBody"] = {"required": True, "description": "the audio file itself (any length up to the "
+                                 "server's max_stream_mb / max_stream_audio_seconds), sent as it is read",
+                                 "content": {"audio/*": audio, "application/octet-stream": audio}}
+            op["description"] = (f"query parameters: fields of {config.name} (nested: dotted, e.g. "
+                                 "options.numSpeakers; raw PCM: pcm.sampleRate, pcm.encoding)")
+        elif r.method == "POST":
             form = {"type": "object", "properties": {f: {"type": "string", "format": "binary"} for f in r.files},
                     "description": f"audio files in {', '.join(r.files) or 'no field'}; any other field of "
                                    f"{method.input_type.name} by name (nested: dotted)"}

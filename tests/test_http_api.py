@@ -121,6 +121,68 @@ def test_diarize_over_http(http):
     assert len(body["speakers"]) == 1 and all(s["speakerLabel"] == "SPEAKER_00" for s in body["segments"])
 
 
+def test_recordings_past_the_message_limit_stream_in_as_the_body(http):
+    """POST /v1/embed:stream and /v1/diarize:stream take the file itself as the body (any length up to the stream
+    limits, here past max_message_mb = 2 MiB), the config in the query string; the same answers as unary calls."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    base, srv = http
+    wave, rate = sf.read(AUDIO / "flite-slt-1.wav", dtype="int16")
+    buf = io.BytesIO()
+    sf.write(buf, np.tile(wave, -(-(3 << 20) // (2 * len(wave)))), rate, format="WAV", subtype="PCM_16")
+    long = buf.getvalue()  # a bit over 3 MiB
+    assert len(long) > 3 << 20
+    _error(requests.post(f"{base}/v1/embed", files={"audio": ("l.wav", long)}, timeout=60), 413, "RESOURCE_EXHAUSTED")
+    r = requests.post(f"{base}/v1/embed:stream", data=long, headers={"content-type": "audio/wav"}, timeout=120)
+    assert r.status_code == 200 and len(r.json()["embedding"]) == 256 and r.json()["speechSeconds"] > 60, r.text
+    one = requests.post(f"{base}/v1/embed:stream", data=_wav("flite-slt-1"), timeout=60).json()  # curl's default type
+    unary = requests.post(f"{base}/v1/embed", files={"audio": ("a.wav", _wav("flite-slt-1"))}, timeout=60).json()
+    assert np.allclose(one["embedding"], unary["embedding"], atol=1e-5)
+    r = requests.post(f"{base}/v1/diarize:stream?options.numSpeakers=1&options.includeEmbeddings=true", data=long,
+                      headers={"content-type": "application/octet-stream"}, timeout=120)
+    body = r.json()
+    assert r.status_code == 200 and len(body["speakers"]) == 1 and len(body["speakers"][0]["embedding"]) == 256, r.text
+    assert body["segments"][-1]["endSeconds"] <= body["speech"]["audioSeconds"]
+    pcm = np.asarray(wave, "<i2").tobytes()  # raw PCM, its format in the query
+    r = requests.post(f"{base}/v1/embed:stream?pcm.sampleRate={rate}&pcm.encoding=PCM_S16LE", data=pcm, timeout=60)
+    assert np.allclose(r.json()["embedding"], unary["embedding"], atol=1e-4), r.text
+    # bad input: the body's type, the query's fields, the audio, a missing body
+    _error(requests.post(f"{base}/v1/diarize:stream", files={"audio": ("a.wav", long)}, timeout=60), 400,
+           "INVALID_ARGUMENT", "content-type", "the audio file itself as the body")
+    _error(requests.post(f"{base}/v1/diarize:stream?options.numSpeakers=99", data=long, timeout=60), 400,
+           "INVALID_ARGUMENT", "num_speakers", "1..64")
+    _error(requests.post(f"{base}/v1/embed:stream?colour=red", data=long, timeout=60), 400, "INVALID_ARGUMENT",
+           "colour: StreamConfig has no field")
+    _error(requests.post(f"{base}/v1/embed:stream", data=b"RIFF not audio" * 100, timeout=60), 400,
+           "INVALID_ARGUMENT", "chunk")
+    _error(requests.post(f"{base}/v1/embed:stream", timeout=60), 400, "INVALID_ARGUMENT", "chunk")
+
+
+def test_an_upload_abandoned_mid_body_is_not_an_error(http, caplog):
+    """A client that disconnects while its body streams in: the call ends as cancelled (499), nothing logged as a
+    server failure, and the server goes on answering."""
+    import socket
+    import time
+
+    base, srv = http
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/embed:stream HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                     b"Content-Length: 50000000\r\n\r\n" + _wav("flite-slt-1") * 20)
+        time.sleep(0.3)
+    registry = srv.server.metrics.registry
+    for _ in range(100):
+        if registry.get_sample_value("spkserve_http_requests_total", {"route": "EmbedStream", "status": "499"}):
+            break
+        time.sleep(0.05)
+    assert registry.get_sample_value("spkserve_http_requests_total", {"route": "EmbedStream", "status": "499"}) == 1.0
+    assert requests.get(f"{base}/v1/models", timeout=10).status_code == 200
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
 def test_bad_input_gets_the_grpc_errors_as_json(http):
     base, _ = http
     junk = requests.post(f"{base}/v1/embed", files={"audio": ("x.wav", b"RIFF not really audio")}, timeout=30)
