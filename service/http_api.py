@@ -8,7 +8,7 @@ in proto3 JSON; errors are ``{"error": {"code", "message"}}`` with the mapped HT
 (``Retry-After`` on 429). A request without a valid bearer token is refused before its body is
 read; a body over ``max_message_mb`` answers 413 as soon as it passes the limit.
 
-Also: ``GET /health/live`` (the process answers), ``GET /health/ready`` (models loaded: 200, else
+Live verification is a WebSocket, ``/v1/verify:stream`` (``service.http_live``). Also: ``GET /health/live`` (the process answers), ``GET /health/ready`` (models loaded: 200, else
 503), ``GET /openapi.json``, ``GET /docs``, the web console at ``GET /`` and the shipped sample clips
 at ``GET /samples/NAME`` (``slt-1.wav``, ``slt-2.wav``: one voice; ``awb-1.wav``: another).
 """
@@ -27,11 +27,13 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
+from starlette.routing import WebSocketRoute
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.errors import ServiceError, http_status, status_of
 from service.http_context import HttpAbort, HttpCallContext, error_body
 from service.http_forms import assign_field, attach_files, form_message, json_message, parse_error, read_body
+from service.http_live import verify_stream_socket
 from service.logs import access
 from service.openapi import docs_page, openapi_document
 
@@ -281,6 +283,7 @@ def build_app(server) -> Starlette:
                             status_code=405, headers={"x-request-id": _request_id(request)})
 
     routes = [StarletteRoute(r.path, _endpoint(r), methods=[r.method]) for r in ROUTES]
+    routes.append(WebSocketRoute("/v1/verify:stream", verify_stream_socket))  # VerifyStream (service.http_live)
     routes += [StarletteRoute("/health/live", live, methods=["GET"]),
                StarletteRoute("/health/ready", ready, methods=["GET"]),
                StarletteRoute("/openapi.json", openapi, methods=["GET"]),

@@ -1,0 +1,126 @@
+"""Live verification over a WebSocket (/v1/verify:stream): the VerifyStream conversation for clients that cannot
+speak gRPC (browsers), against a real server: results, the final verdict, errors as close codes, tokens, and a
+client that goes away."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+websockets_client = pytest.importorskip("websockets.sync.client")
+
+from tests.conftest import REFERENCE, ServerThread, make_config  # noqa: E402
+
+AUDIO = REFERENCE / "audio"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(model_repo, tmp_path_factory):
+    """A server with HTTP on and two tokens (team-a read/write, team-b read); `slt` enrolled in team-a."""
+    d = tmp_path_factory.mktemp("ws")
+    tokens = {"a": ("tok-a", "team-a", '["read", "write"]'), "b": ("tok-b", "team-b", '["read"]')}
+    (d / "tokens.toml").write_text("".join(
+        f'[[tokens]]\nname = "{n}"\nsha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\n'
+        f'collections = ["{c}"]\npermissions = {p}\n' for n, (t, c, p) in tokens.items()))
+    srv = ServerThread(make_config(model_repo, d / "data", http_port=_free_port(), auth_tokens_file=str(d / "tokens.toml")))
+    import requests
+
+    base = f"http://127.0.0.1:{srv.server.http_port}"
+    r = requests.post(f"{base}/v1/collections/team-a/speakers/slt/enroll", headers={"authorization": "Bearer tok-a"},
+                      files=[("audio", (f"{n}.wav", (AUDIO / f"{n}.wav").read_bytes())) for n in ("flite-slt-1",)],
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    yield base.replace("http://", "ws://") + "/v1/verify:stream", srv
+    srv.stop()
+
+
+def _pcm(name: str, repeat: int = 1) -> tuple[bytes, int]:
+    wave, rate = sf.read(AUDIO / f"{name}.wav", dtype="int16")
+    return np.tile(wave, repeat).astype("<i2").tobytes(), rate
+
+
+def _config(rate: int, speaker: str = "slt", collection: str = "team-a") -> str:
+    return json.dumps({"reference": {"speaker": {"collection": collection, "speakerId": speaker}},
+                       "pcm": {"sampleRate": rate, "encoding": "PCM_S16LE"}})
+
+
+def _talk(url: str, first: str, chunks: list, end: bool = True, headers=None) -> tuple[list[dict], int | None]:
+    """Send the config, the chunks and the end mark; every message the server sent, and its close code."""
+    from websockets.exceptions import ConnectionClosed
+
+    with websockets_client.connect(url, additional_headers=headers) as ws:
+        try:
+            for message in [first, *chunks] + ([json.dumps({"end": True})] if end else []):
+                ws.send(message)
+        except ConnectionClosed:  # refused early (e.g. the token): what the server said is still to be read
+            pass
+        out = []
+        try:
+            while True:
+                out.append(json.loads(ws.recv(timeout=60)))
+        except Exception:  # noqa: BLE001 - the server closed the socket (normally or with an error code)
+            return out, ws.close_code
+
+
+def test_a_live_stream_over_a_websocket_gives_results_then_a_final_verdict(live):
+    url, _ = live
+    pcm, rate = _pcm("flite-slt-2", 3)
+    step = rate  # 0.5 s of 16-bit audio per message
+    results, code = _talk(url, _config(rate), [pcm[i:i + step] for i in range(0, len(pcm), step)],
+                          headers={"authorization": "Bearer tok-a"})
+    assert code == 1000 and results[-1]["final"] is True and results[-1]["verdict"] == "VERDICT_ACCEPT", results
+    assert len(results) >= 3 and not any(r["final"] for r in results[:-1])  # provisional results came first
+    assert [r["speechSeconds"] for r in results] == sorted(r["speechSeconds"] for r in results)
+    # a browser cannot set headers: the token may come as access_token
+    other, _ = _pcm("flite-awb-1")
+    results, code = _talk(f"{url}?access_token=tok-a", _config(rate), [other])
+    assert code == 1000 and results[-1]["final"] and results[-1]["verdict"] == "VERDICT_REJECT", results
+
+
+@pytest.mark.parametrize("first, chunks, token, close, words", [
+    (None, [], "wrong", 4401, "authorization: invalid token"),
+    (None, [], "tok-b", 4403, "team-a"),  # another tenant's collection
+    ("slt-not-enrolled", [], "tok-a", 4404, "speaker_id"),
+    ('{"bogus": 1}', [], "tok-a", 4400, "config.bogus: VerifyStreamConfig has no field"),
+    ("not json", [], "tok-a", 4400, "config: not valid JSON"),
+    (None, ["text instead of audio"], "tok-a", 4400, "chunk: message 1"),
+    (None, [b"\x01"], "tok-a", 4400, "unfinished sample frame"),
+])
+def test_errors_end_the_socket_with_the_grpc_status_as_close_code(live, first, chunks, token, close, words):
+    url, _ = live
+    if first is None:
+        first = _config(16000)
+    elif first == "slt-not-enrolled":
+        first = _config(16000, speaker="nobody")
+    out, code = _talk(url, first, chunks, headers={"authorization": f"Bearer {token}"})
+    assert code == close and len(out) == 1 and words in out[0]["error"]["message"], (code, out)
+
+
+def test_a_client_that_goes_away_frees_its_stream(live, caplog):
+    url, srv = live
+    pcm, rate = _pcm("flite-slt-2", 4)
+    with websockets_client.connect(url, additional_headers={"authorization": "Bearer tok-a"}) as ws:
+        ws.send(_config(rate))
+        for i in range(0, len(pcm) // 2, rate):
+            ws.send(pcm[i:i + rate])
+        ws.recv(timeout=60)  # the stream is under way
+    registry = srv.server.metrics.registry
+    for _ in range(200):
+        if registry.get_sample_value("spkserve_http_requests_total", {"route": "VerifyStream", "status": "499"}):
+            break
+        time.sleep(0.05)
+    assert registry.get_sample_value("spkserve_http_requests_total", {"route": "VerifyStream", "status": "499"}) == 1.0
+    assert registry.get_sample_value("spkserve_live_streams", {"model": "ge2e"}) == 0.0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
