@@ -124,3 +124,70 @@ def test_a_client_that_goes_away_frees_its_stream(live, caplog):
     assert registry.get_sample_value("spkserve_http_requests_total", {"route": "VerifyStream", "status": "499"}) == 1.0
     assert registry.get_sample_value("spkserve_live_streams", {"model": "ge2e"}) == 0.0
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _page_text(url: str, expression: str, done, profile, setup: tuple[str, str] | None = None,
+               timeout: float = 60.0) -> str:
+    """Load ``url`` in headless chromium and evaluate ``expression`` (DevTools protocol) until ``done(value)``;
+    ``setup``: (a page to load first, an expression to run there), e.g. to store a token for the origin."""
+    import subprocess
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5))
+                page = next(t for t in pages if t["type"] == "page")
+                break
+            except (OSError, StopIteration, ValueError):
+                time.sleep(0.1)
+        with websockets_client.connect(page["webSocketDebuggerUrl"], max_size=None) as devtools:
+            ids = iter(range(1, 1 << 30))
+
+            def call(method: str, **params) -> dict:
+                n = next(ids)
+                devtools.send(json.dumps({"id": n, "method": method, "params": params}))
+                while (reply := json.loads(devtools.recv(timeout=30))).get("id") != n:
+                    pass
+                return reply
+
+            if setup is not None:
+                call("Page.navigate", url=setup[0])
+                while call("Runtime.evaluate", expression="document.readyState")["result"]["result"].get("value") \
+                        != "complete":
+                    time.sleep(0.05)
+                call("Runtime.evaluate", expression=setup[1])
+            call("Page.navigate", url=url)
+            value, end = "", time.monotonic() + timeout
+            while time.monotonic() < end and not done(value):
+                value = call("Runtime.evaluate", expression=expression)["result"]["result"].get("value", "")
+                time.sleep(0.1)
+            return value
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium here (scripts/setup.sh --dev installs Debian's)")
+def test_the_console_streams_a_clip_live_in_a_real_browser(live, tmp_path):
+    """The web console's "stream A live": headless chromium decodes a shipped sample to 16 kHz, streams it over
+    the WebSocket with the token as access_token, and renders each provisional result and the final one."""
+    url, _ = live
+    base = url.replace("ws://", "http://").removesuffix("/v1/verify:stream")
+    page = f"{base}/?a=/samples/slt-2.wav&collection=team-a&speaker=slt&run=live"
+    expression = "document.getElementById('verdict').textContent + '\\n' + document.getElementById('live-log').textContent"
+    text = _page_text(page, expression, lambda v: v.startswith(("final", "INVALID", "UNAUTH", "PERMISSION")),
+                      tmp_path / "profile", setup=(f"{base}/", "localStorage.setItem('spkserve.token', 'tok-a')"))
+    verdict, *log = text.split("\n")
+    assert verdict.startswith("final: ") and " s of speech" in verdict, text
+    assert log[0].startswith("so far: ") and any(line.startswith("final: ") for line in log), text
