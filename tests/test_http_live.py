@@ -133,15 +133,16 @@ def _chromium() -> str | None:
 
 
 def _page_text(url: str, expression: str, done, profile, setup: tuple[str, str] | None = None,
-               timeout: float = 60.0) -> str:
+               timeout: float = 60.0, flags: tuple[str, ...] = (), actions: tuple[tuple[float, str], ...] = ()) -> str:
     """Load ``url`` in headless chromium and evaluate ``expression`` (DevTools protocol) until ``done(value)``;
-    ``setup``: (a page to load first, an expression to run there), e.g. to store a token for the origin."""
+    ``setup``: (a page to load first, an expression to run there), e.g. to store a token for the origin;
+    ``actions``: (seconds to wait, an expression to run) after the page loads, e.g. clicks."""
     import subprocess
     import urllib.request
 
     port = _free_port()
     proc = subprocess.Popen([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
+                             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", *flags, "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
@@ -168,6 +169,9 @@ def _page_text(url: str, expression: str, done, profile, setup: tuple[str, str] 
                     time.sleep(0.05)
                 call("Runtime.evaluate", expression=setup[1])
             call("Page.navigate", url=url)
+            for wait, action in actions:
+                time.sleep(wait)
+                call("Runtime.evaluate", expression=action)
             value, end = "", time.monotonic() + timeout
             while time.monotonic() < end and not done(value):
                 value = call("Runtime.evaluate", expression=expression)["result"]["result"].get("value", "")
@@ -191,3 +195,24 @@ def test_the_console_streams_a_clip_live_in_a_real_browser(live, tmp_path):
     verdict, *log = text.split("\n")
     assert verdict.startswith("final: ") and " s of speech" in verdict, text
     assert log[0].startswith("so far: ") and any(line.startswith("final: ") for line in log), text
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium here (scripts/setup.sh --dev installs Debian's)")
+def test_the_console_verifies_the_microphone_live_in_a_real_browser(live, tmp_path):
+    """"verify the microphone live": chromium's fake capture device plays a recording of the enrolled voice; the
+    page streams it for a few seconds, stops, and shows the results and the final verdict."""
+    url, _ = live
+    base = url.replace("ws://", "http://").removesuffix("/v1/verify:stream")
+    wave, rate = sf.read(AUDIO / "flite-slt-2.wav", dtype="int16")
+    sf.write(tmp_path / "mic.wav", np.tile(wave, 4), rate)
+    expression = "document.getElementById('verdict').textContent + '\\n' + document.getElementById('live-log').textContent"
+    click = "document.getElementById('mic').click(), 1"
+    text = _page_text(f"{base}/?collection=team-a&speaker=slt", expression,
+                      lambda v: v.startswith(("final", "INVALID", "UNAUTH", "PERMISSION", "MICROPHONE")),
+                      tmp_path / "profile", setup=(f"{base}/", "localStorage.setItem('spkserve.token', 'tok-a')"),
+                      flags=("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                             f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}"),
+                      actions=((1.0, click), (6.0, click)))  # start, then stop after about 6 s of "speech"
+    verdict, *log = text.split("\n")
+    assert verdict.startswith("final: ") and " s of speech" in verdict, text
+    assert sum(line.startswith("so far: ") for line in log) >= 2, text
