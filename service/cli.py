@@ -5,7 +5,7 @@
     spkserve verify   [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
                       FILE_A FILE_B  |  --speaker ID [--collection C] FILE
     spkserve verify-stream --collection C --speaker ID [--chunk-ms 500] [--realtime] [--interim-seconds S]
-                      [--threshold T [--scale S] | --target-far R] FILE
+                      [--threshold T [--scale S] | --target-far R] [--pcm-rate HZ] FILE|-
     spkserve enroll   [--collection C] --speaker ID [--allow-reenroll] [--metadata KEY=VALUE]...
                       [--embeddings EMBEDDINGS]... [FILE...]
     spkserve identify [--collection C] [--top-k K] [--threshold T [--scale S] | --target-far R]
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HOST:PORT of the server (default $SPKSERVE_TARGET or localhost:50051)")
         p.add_argument("--token", default=os.environ.get("SPKSERVE_TOKEN"), help="bearer token (default $SPKSERVE_TOKEN)")
         p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) for a TLS server")
-        p.add_argument("--timeout", type=_deadline, default=60.0, help="deadline in seconds (default 60)")
+        p.add_argument("--timeout", type=_deadline, default=None,
+                       help="deadline in seconds (default 60; verify-stream from stdin: none)")
         if model:  # only verbs whose RPC takes a model: elsewhere `--model X` would be silently ignored
             p.add_argument("--model", default="", help="model name (default: the server's default)")
         return p
@@ -194,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=["cosine", "llr", "normalized"], default="cosine", help="the scale --threshold is on")
     p.add_argument("--target-far", type=float, default=None,
                    help="decide at this false-accept rate (e.g. 0.001), from the model's real-speech table")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("--pcm-rate", type=int, default=None, metavar="HZ",
+                   help="FILE is raw 16-bit little-endian mono PCM at HZ (e.g. from arecord or a telephony gateway)")
+    p.add_argument("file", metavar="FILE", help="an audio file, or - for stdin (a WAV stream, or raw PCM with "
+                                                "--pcm-rate), sent as it arrives")
     p = client("enroll", "enroll audio files (or embeddings printed by `spkserve embed`) as a speaker", model=True)
     speaker(p)
     p.add_argument("--allow-reenroll", action="store_true", help="enroll an id that was deleted or opted out")

@@ -12,9 +12,10 @@ audio container the server cannot read. Files over ``STREAM_ABOVE_BYTES`` go thr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import grpc
 
@@ -117,25 +118,47 @@ def _verify(stub, args, kw) -> None:
     emit(out)
 
 
-def _verify_stream(stub, args, kw) -> None:
-    import time
-
+def _live_source(args) -> tuple[pb.PcmFormat | None, Callable[[], Iterator[bytes]], float | None]:
+    """What verify-stream sends: (the PCM format, None for a WAV stream; its chunks; bytes per second when the
+    audio can be paced, i.e. not stdin). A file without --pcm-rate is decoded here: any format libsndfile reads
+    goes as 16-bit PCM; stdin and --pcm-rate input go as they are, a chunk at a time as they arrive."""
     import soundfile as sf
 
+    rate = args.pcm_rate
+    if args.file == "-" or rate:
+        source = sys.stdin.buffer if args.file == "-" else None
+        if source is None:
+            check_readable(args.file)
+        step = max(2, int((rate or 16000) * args.chunk_ms / 1000) * 2)  # (a WAV stream: about chunk-ms at 16 kHz)
+        fmt = pb.PcmFormat(sample_rate=rate, encoding=pb.PCM_S16LE, channels=1) if rate else None
+
+        def chunks() -> Iterator[bytes]:
+            with (open(args.file, "rb") if source is None else contextlib.nullcontext(source)) as fh:
+                while data := fh.read(step):
+                    yield data
+
+        return fmt, chunks, (2 * rate if rate and source is None else None)
     check_readable(args.file)
-    if not 10 <= args.chunk_ms <= 10_000:
-        raise SystemExit(f"spkserve verify-stream: --chunk-ms must be in 10..10000, got {args.chunk_ms:g}")
-    try:  # decoded here: any format libsndfile reads goes to the server as 16-bit PCM
+    try:
         samples, rate = sf.read(args.file, dtype="int16", always_2d=True)  # (T, C)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise SystemExit(f"spkserve verify-stream: {args.file}: not readable audio ({e})") from None
     channels = samples.shape[1]
     data = samples.astype("<i2").tobytes()
     step = max(1, int(rate * args.chunk_ms / 1000)) * 2 * channels
+    return (pb.PcmFormat(sample_rate=rate, encoding=pb.PCM_S16LE, channels=channels),
+            lambda: (data[i:i + step] for i in range(0, len(data), step)), 2 * channels * rate)
+
+
+def _verify_stream(stub, args, kw) -> None:
+    import time
+
+    if not 10 <= args.chunk_ms <= 10_000:
+        raise SystemExit(f"spkserve verify-stream: --chunk-ms must be in 10..10000, got {args.chunk_ms:g}")
+    fmt, chunks, byte_rate = _live_source(args)
     config = pb.VerifyStreamConfig(
         model=args.model or "", interim_seconds=args.interim_seconds,
-        reference=pb.Probe(speaker=pb.SpeakerRef(collection=args.collection, speaker_id=args.speaker)),
-        pcm=pb.PcmFormat(sample_rate=rate, encoding=pb.PCM_S16LE, channels=channels))
+        reference=pb.Probe(speaker=pb.SpeakerRef(collection=args.collection, speaker_id=args.speaker)), pcm=fmt)
     if args.threshold is not None:
         config.threshold = args.threshold
         config.threshold_scale = SCALES[args.scale]
@@ -144,14 +167,17 @@ def _verify_stream(stub, args, kw) -> None:
 
     def messages():
         yield pb.VerifyStreamRequest(config=config)
-        t0 = time.monotonic()
-        for i in range(0, len(data), step):
-            if args.realtime:
-                time.sleep(max(0.0, t0 + i / (2 * channels * rate) - time.monotonic()))
-            yield pb.VerifyStreamRequest(chunk=data[i:i + step])
+        t0, sent = time.monotonic(), 0
+        for chunk in chunks():
+            if args.realtime and byte_rate:
+                time.sleep(max(0.0, t0 + sent / byte_rate - time.monotonic()))
+            yield pb.VerifyStreamRequest(chunk=chunk)
+            sent += len(chunk)
 
-    if args.realtime:  # the deadline covers the audio's own duration
-        kw = {**kw, "timeout": kw["timeout"] + len(samples) / rate}
+    if byte_rate is None:  # stdin: the call lasts as long as its input, so no deadline unless --timeout says one
+        kw = {**kw, "timeout": args.timeout}
+    elif args.realtime:  # the deadline covers the audio's own duration
+        kw = {**kw, "timeout": kw["timeout"] + _audio_seconds(args, byte_rate)}
     for r in stub.VerifyStream(messages(), **kw):
         out = {"final": r.final, "audio_seconds": round(r.audio_seconds, 3), "speech_seconds": round(r.speech_seconds, 3),
                "verdict": enum_name(pb.Verdict, r.verdict, "VERDICT_"), "score": r.score,
@@ -163,6 +189,15 @@ def _verify_stream(stub, args, kw) -> None:
         if r.reason:
             out["reason"] = r.reason
         emit(out)
+
+
+def _audio_seconds(args, byte_rate: int) -> float:
+    """Seconds of audio verify-stream will send from a file (its PCM size over the byte rate)."""
+    if args.pcm_rate:
+        return Path(args.file).stat().st_size / byte_rate
+    import soundfile as sf
+
+    return sf.info(args.file).duration
 
 
 def _compare(stub, args, kw) -> None:
@@ -258,7 +293,8 @@ def run_client(args: argparse.Namespace) -> int:
     """Run one client verb against ``args.target``; returns the exit status."""
     with _channel(args) as channel:
         stub = pb_grpc.SpeakerServiceStub(channel)
-        kw = {"metadata": [("authorization", f"Bearer {args.token}")] if args.token else [], "timeout": args.timeout}
+        kw = {"metadata": [("authorization", f"Bearer {args.token}")] if args.token else [],
+              "timeout": args.timeout if args.timeout is not None else 60.0}
         try:
             VERBS[args.command](stub, args, kw)
         except grpc.RpcError as e:

@@ -248,6 +248,32 @@ def test_ctrl_c_stops_a_client_command_without_a_traceback(live_server_for_ctrl_
     assert proc.returncode == 130 and err.decode().strip() == "spkserve: interrupted", err.decode()
 
 
+def test_verify_stream_reads_stdin_and_raw_pcm(live_server_for_ctrl_c, capsys, monkeypatch, tmp_path):
+    """verify-stream - : a WAV stream or (--pcm-rate) raw PCM piped in, sent as it arrives; --pcm-rate on a file
+    too. The final verdict is the one of the decoded file."""
+    import io
+    import sys
+
+    import soundfile as sf
+
+    target, path = live_server_for_ctrl_c
+    base = ["verify-stream", "--target", target, "--collection", "cli-c", "--speaker", "slt"]
+    code, lines, _ = _run(capsys, *base, path)
+    decoded = lines[-1]
+    wave, rate = sf.read(path, dtype="int16")
+    raw = wave.astype("<i2").tobytes()
+    (tmp_path / "call.raw").write_bytes(raw)
+    for argv, data in ((["--pcm-rate", str(rate), "-"], raw), (["-"], open(path, "rb").read()),
+                       (["--pcm-rate", str(rate), str(tmp_path / "call.raw")], b"")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        code, lines, err = _run(capsys, *base, *argv)
+        assert code == 0 and lines[-1]["final"] and len(lines) > 2, (argv, err)
+        assert lines[-1]["verdict"] == decoded["verdict"] and lines[-1]["llr"] == pytest.approx(decoded["llr"], abs=1e-3)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"not a wav stream")))
+    code, _, err = _run(capsys, *base, "-")
+    assert code == 1 and err.startswith("INVALID_ARGUMENT: chunk")
+
+
 @pytest.fixture
 def live_server_for_ctrl_c(server, tmp_path):
     """The module's server with `slt` enrolled in collection `cli-c`, and a 30 s recording of slt to stream."""
