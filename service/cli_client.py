@@ -21,8 +21,8 @@ import grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from service.cli_io import (CHUNK, SCALES, STREAM_ABOVE_BYTES, Unreadable, audio_of, check_readable, collection_model,
-                            embed_streamed, embeddings_of, emit, enum_name, is_large, models_of, probe_of)
+from service.cli_io import (SCALES, STREAM_ABOVE_BYTES, Unreadable, audio_of, check_readable, collection_model,
+                            embed_streamed, embeddings_of, emit, enum_name, is_large, models_of, probe_of, read_chunks)
 from service.cli_speakers import SPEAKER_VERBS
 
 __all__ = ["run_client", "VERBS", "STREAM_ABOVE_BYTES"]
@@ -222,17 +222,17 @@ def _diarize(stub, args, kw) -> None:
 
 
 def _diarize_one(stub, args, kw, options: pb.DiarizationOptions, path: str) -> None:
-    """Diarize one file through DiarizeStream and print its RTTM lines or JSON line."""
-    check_readable(path)
+    """Diarize one file (``-``: stdin) through DiarizeStream and print its RTTM lines or JSON line."""
+    if path != "-":
+        check_readable(path)
 
     def messages(path=path):
         yield pb.DiarizeStreamRequest(config=pb.DiarizeStreamConfig(model=args.model or "", options=options))
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                yield pb.DiarizeStreamRequest(chunk=chunk)
+        for chunk in read_chunks(path):
+            yield pb.DiarizeStreamRequest(chunk=chunk)
 
     r = stub.DiarizeStream(messages(), **kw)
-    file_id = Path(path).stem
+    file_id = "stdin" if path == "-" else Path(path).stem
     if args.format == "rttm":
         sys.stdout.write("".join(f"SPEAKER {file_id} 1 {s.start_seconds:.3f} {s.end_seconds - s.start_seconds:.3f} "
                                  f"<NA> <NA> {s.speaker_label} <NA> <NA>\n" for s in r.segments))
@@ -291,6 +291,8 @@ def _hint(e: grpc.RpcError, args: argparse.Namespace) -> str:
 
 def run_client(args: argparse.Namespace) -> int:
     """Run one client verb against ``args.target``; returns the exit status."""
+    if getattr(args, "files", []).count("-") > 1:
+        raise SystemExit(f"spkserve {args.command}: - (standard input) can be read once; give it as one FILE only")
     with _channel(args) as channel:
         stub = pb_grpc.SpeakerServiceStub(channel)
         kw = {"metadata": [("authorization", f"Bearer {args.token}")] if args.token else [],

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 
-__all__ = ["SCALES", "STREAM_ABOVE_BYTES", "CHUNK", "is_large", "embed_streamed", "probe_of", "collection_model",
-           "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name", "embeddings_of",
-           "models_of"]
+__all__ = ["SCALES", "STREAM_ABOVE_BYTES", "CHUNK", "is_large", "embed_streamed", "read_chunks", "probe_of",
+           "collection_model", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name",
+           "embeddings_of", "models_of"]
 
 SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
 STREAM_ABOVE_BYTES = 8 << 20  # larger files go through EmbedStream (the server's default message limit is 16 MiB)
@@ -92,20 +93,35 @@ def embeddings_of(path: str, verb: str = "compare") -> list[tuple[int, pb.Embedd
 
 
 def is_large(path: str) -> bool:
-    """Whether a file is too large to send in one message (it goes through EmbedStream instead)."""
+    """Whether a file is too large to send in one message (it goes through EmbedStream instead); stdin (``-``),
+    of unknown length, always is."""
+    if path == "-":
+        return True
     p = Path(path)
     return p.is_file() and p.stat().st_size > STREAM_ABOVE_BYTES
 
 
-def embed_streamed(stub, path: str, model: str, kw: dict) -> pb.EmbedResponse:
-    """Embed a file through EmbedStream, 1 MiB per message (any length up to the server's stream limits)."""
+def read_chunks(path: str) -> Iterator[bytes]:
+    """A file's bytes 1 MiB at a time; ``-`` is standard input, read as it arrives."""
+    if path == "-":
+        while chunk := sys.stdin.buffer.read(CHUNK):
+            yield chunk
+        return
     check_readable(path)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+def embed_streamed(stub, path: str, model: str, kw: dict) -> pb.EmbedResponse:
+    """Embed a file (``-``: stdin) through EmbedStream, 1 MiB per message (any length up to the stream limits)."""
+    if path != "-":
+        check_readable(path)  # before the call: the file's own error, not the stream's
 
     def parts():
         yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=model))
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                yield pb.EmbedStreamRequest(chunk=chunk)
+        for chunk in read_chunks(path):
+            yield pb.EmbedStreamRequest(chunk=chunk)
 
     return stub.EmbedStream(parts(), **kw)
 

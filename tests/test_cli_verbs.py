@@ -274,6 +274,34 @@ def test_verify_stream_reads_stdin_and_raw_pcm(live_server_for_ctrl_c, capsys, m
     assert code == 1 and err.startswith("INVALID_ARGUMENT: chunk")
 
 
+def test_embed_verify_and_diarize_read_stdin(server, capsys, monkeypatch):
+    """FILE - reads standard input (any length: it goes through the stream calls); it can be given once."""
+    import io
+    import sys
+
+    monkeypatch.setenv("SPKSERVE_TARGET", server.target)
+    slt1, slt2 = (str(AUDIO / f"{n}.wav") for n in ("flite-slt-1", "flite-slt-2"))
+
+    def stdin(path: str) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(open(path, "rb").read())))
+
+    _, (plain,), _ = _run(capsys, "embed", slt1)
+    stdin(slt1)
+    code, (piped,), _ = _run(capsys, "embed", "-")
+    assert code == 0 and piped["file"] == "-" and piped["embedding"] == pytest.approx(plain["embedding"], abs=1e-5)
+    _, (both,), _ = _run(capsys, "verify", slt1, slt2)
+    stdin(slt1)
+    code, (piped,), _ = _run(capsys, "verify", "-", slt2)
+    assert code == 0 and piped["score"] == pytest.approx(both["score"], abs=1e-4)
+    stdin(slt1)
+    from service.cli import main
+
+    assert main(["diarize", "-"]) == 0
+    assert capsys.readouterr().out.startswith("SPEAKER stdin 1 ")
+    with pytest.raises(SystemExit, match="can be read once"):
+        _run(capsys, "verify", "-", "-")
+
+
 @pytest.fixture
 def live_server_for_ctrl_c(server, tmp_path):
     """The module's server with `slt` enrolled in collection `cli-c`, and a 30 s recording of slt to stream."""
