@@ -82,6 +82,8 @@ class KaldiFbank(nn.Module):
         return torch.clamp(torch.div(lengths - self.frame, self.shift, rounding_mode="floor") + 1, min=0)
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) waveforms and (B,) valid lengths -> ((B, F, bins) log-mel features, zero past each valid frame
+        count (mean-normalised over the valid frames with ``cmn``), (B,) valid frame counts)."""
         x = waveform * self.scale  # (B, T)
         n_frames = torch.div(x.shape[1] - self.frame, self.shift, rounding_mode="floor") + 1
         starts = torch.arange(n_frames, device=x.device) * self.shift  # (F,)

@@ -121,6 +121,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self.budget = budget
 
     async def intercept_service(self, continuation, details):
+        """Refuse an unauthenticated or over-budget call before its handler reads the request."""
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_METHODS):
             return handler

@@ -239,6 +239,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
     # -- RPCs -------------------------------------------------------------------------
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        """The embedding of one recording's speech; see the proto."""
         self._allow(context, "read")
         model = self.engine.model(request.model)
         if not request.HasField("audio"):
@@ -249,6 +250,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
 
     @_rpc
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
+        """Score two probes and decide whether they are one speaker; see the proto."""
         t0 = time.perf_counter()
         self._allow(context, "read")
         model = self.engine.model(request.model)
@@ -268,6 +270,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
 
     @_rpc
     async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
+        """Cosine scores between two lists of embeddings; see the proto."""
         self._allow(context, "read")
         if not request.a:
             raise InvalidArgument("a", "is empty")

@@ -37,11 +37,13 @@ class ModelRpcs:
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        """The models this server serves; see the proto."""
         return pb.ListModelsResponse(models=[self._model_info(m) for _, m in sorted(self.engine.models.items())],
                                      default_model=self.engine.default_model)
 
     @_rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        """One served model (the default when none is named); see the proto."""
         return self._model_info(self.engine.model(request.name, "name"))
 
     def _model_control(self, context, method: str) -> None:

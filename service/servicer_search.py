@@ -28,6 +28,7 @@ class SearchRpcs:
 
     @_rpc
     async def Enroll(self, request: pb.EnrollRequest, context) -> pb.EnrollResponse:
+        """Add utterances to a speaker of a collection (creating either); see the proto."""
         t0 = time.perf_counter()
         coll = validate_collection(request.collection)
         spk = validate_speaker_id(request.speaker_id)
@@ -150,6 +151,7 @@ class SearchRpcs:
 
     @_rpc
     async def Identify(self, request: pb.IdentifyRequest, context) -> pb.IdentifyResponse:
+        """The enrolled speakers of a collection closest to a probe, and the open-set decision; see the proto."""
         t0 = time.perf_counter()
         coll = validate_collection(request.collection)
         self._allow(context, "read", coll)

@@ -32,6 +32,7 @@ class SpeakerRecordRpcs:
 
     @_rpc
     async def DeleteSpeaker(self, request: pb.DeleteSpeakerRequest, context) -> pb.DeleteSpeakerResponse:
+        """Delete a speaker (and with opt_out refuse its id later); see the proto."""
         if request.opt_out:
             coll, spk = validate_collection(request.collection), validate_speaker_id(request.speaker_id)
             self._allow(context, "write", coll)
@@ -47,12 +48,14 @@ class SpeakerRecordRpcs:
 
     @_rpc
     async def GetSpeaker(self, request: pb.GetSpeakerRequest, context) -> pb.Speaker:
+        """One enrolled speaker's record; see the proto."""
         coll, spk, model = await self._speaker_ref(request, context, "read")
         rec = await self.engine.store_call(self.engine.store.get, coll, spk)
         return speaker_pb(coll, model, rec, self._required(model), request.include_voiceprint)
 
     @_rpc
     async def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
+        """A page of a collection's speakers; see the proto."""
         coll = validate_collection(request.collection)
         self._allow(context, "read", coll)
         if not 0 <= request.page_size <= 1000:
@@ -79,6 +82,7 @@ class SpeakerRecordRpcs:
 
     @_rpc
     async def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:
+        """The collections the caller's token can see; see the proto."""
         self._allow(context, "read")
         infos = await self.engine.store_call(self.engine.store.collections)
         if self.auth is not None:

@@ -108,6 +108,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
 
     # -- reads ------------------------------------------------------------------------
     def get(self, collection: str, speaker_id: str) -> SpeakerRecord:
+        """``SpeakerStore.get`` (service/store/base.py)."""
         with self._lock:
             rec = self._collection(collection).speakers.get(speaker_id)
             if rec is None:
@@ -115,6 +116,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             return rec
 
     def list(self, collection: str, offset: int, limit: int) -> tuple[list[SpeakerRecord], int]:
+        """``SpeakerStore.list`` (service/store/base.py)."""
         with self._lock:
             coll = self._collection(collection)
             ids = sorted(coll.speakers)
@@ -123,6 +125,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
     def search(self, collection: str, model: str, query: np.ndarray, k: int,
                keep: Callable[[SpeakerRecord], bool] | None = None,
                model_version: str = "") -> list[tuple[SpeakerRecord, float]]:
+        """``SpeakerStore.search`` (service/store/base.py)."""
         with self._lock:
             coll = self._collection(collection)
             check_binding(collection, coll.model, coll.dim, coll.model_version, model, query.shape[0], model_version,
@@ -130,24 +133,29 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             return coll.search(query, k, keep)
 
     def collection_model(self, collection: str) -> str:
+        """``SpeakerStore.collection_model`` (service/store/base.py)."""
         with self._lock:
             return self._collection(collection).model
 
     def collection_binding(self, collection: str) -> tuple[str, str]:
+        """``SpeakerStore.collection_binding`` (service/store/base.py)."""
         with self._lock:
             coll = self._collection(collection)
             return coll.model, coll.model_version
 
     def collections(self) -> list[CollectionInfo]:
+        """``SpeakerStore.collections`` (service/store/base.py)."""
         with self._lock:
             return [self._collections[n].info() for n in sorted(self._collections)]
 
     def speaker_count(self, collection: str) -> int:
+        """``SpeakerStore.speaker_count`` (service/store/base.py)."""
         with self._lock:
             return len(self._collection(collection).speakers)
 
     @property
     def writable(self) -> bool:
+        """``SpeakerStore.writable`` (service/store/base.py)."""
         return self._writer is not None and not self._writer.broken and not self._pending_shred
 
     def state(self) -> str:
@@ -162,6 +170,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
 
     # -- writes -----------------------------------------------------------------------
     def set_stats_fn(self, fn: StatsFn | None) -> None:
+        """``SpeakerStore.set_stats_fn`` (service/store/base.py)."""
         with self._lock:
             self._stats_fn = fn
             for coll in self._collections.values():
@@ -179,6 +188,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
                metadata: dict[str, str] | None = None, speech: float = 0.0,
                allow_reenroll: bool = False, model_version: str = "",
                audio: list[tuple[int, np.ndarray]] | None = None) -> tuple[SpeakerRecord, bool]:
+        """``SpeakerStore.enroll`` (service/store/base.py)."""
         metadata = validate_metadata(metadata or {})
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, D)
         if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
@@ -232,6 +242,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             return result
 
     def delete(self, collection: str, speaker_id: str, opt_out: bool = False) -> SpeakerRecord | None:
+        """``SpeakerStore.delete`` (service/store/base.py)."""
         with self._lock:
             rec = self._collections.get(collection) and self._collections[collection].speakers.get(speaker_id)
             if rec is None and not opt_out:
@@ -251,12 +262,14 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             return rec or None
 
     def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
+        """``SpeakerStore.retained_audio`` (service/store/base.py)."""
         with self._lock:
             self.get(collection, speaker_id)
             slot = self._slots[(collection, speaker_id)]
             return self._audio.read(slot, self._keys.key(slot, collection))
 
     def touch(self, collection: str, speaker_ids: list[str]) -> None:
+        """``SpeakerStore.touch`` (service/store/base.py)."""
         now = _now_ms()
         with self._lock:
             coll = self._collections.get(collection)
@@ -282,6 +295,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             self._touched.clear()
 
     def expire(self, older_than_ms: int) -> int:
+        """``SpeakerStore.expire`` (service/store/base.py)."""
         with self._lock:
             self.flush_touches()
             old = [(c.name, r.speaker_id) for c in self._collections.values() for r in c.speakers.values()
@@ -299,6 +313,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             self._rotate_and_snapshot()
 
     def close(self) -> None:
+        """``SpeakerStore.close`` (service/store/base.py)."""
         with self._lock:
             if self._writer is None:
                 return

@@ -162,6 +162,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
     _FIELDS = ["pk", "sum", "count", "speech", "meta", "created", "updated"]
 
     def get(self, collection: str, speaker_id: str) -> SpeakerRecord:
+        """``SpeakerStore.get`` (service/store/base.py)."""
         self._require(collection)
         rows = self._call(self.client.query, milvus_name("spkv_", collection),
                           filter=f"pk == {_q(self._pk(collection, speaker_id))}",
@@ -191,6 +192,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         return sorted((r["pk"] if sealer is None else sealer.open(r["meta"])[0], r["pk"]) for r in rows)
 
     def list(self, collection: str, offset: int, limit: int) -> tuple[list[SpeakerRecord], int]:
+        """``SpeakerStore.list`` (service/store/base.py)."""
         self._require(collection)
         ids = self._ids(collection)
         page = [pk for _, pk in ids[offset:offset + limit]]
@@ -207,6 +209,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
     def search(self, collection: str, model: str, query: np.ndarray, k: int,
                keep: Callable[[SpeakerRecord], bool] | None = None,
                model_version: str = "") -> list[tuple[SpeakerRecord, float]]:
+        """``SpeakerStore.search`` (service/store/base.py)."""
         bound, version, dim = self._require(collection)
         check_binding(collection, bound, dim, version, model, query.shape[0], model_version, probe=True)
         fetch, out = k, []
@@ -229,13 +232,16 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         return out
 
     def collection_model(self, collection: str) -> str:
+        """``SpeakerStore.collection_model`` (service/store/base.py)."""
         return self._require(collection)[0]
 
     def collection_binding(self, collection: str) -> tuple[str, str]:
+        """``SpeakerStore.collection_binding`` (service/store/base.py)."""
         b = self._require(collection)
         return b[0], b[1]
 
     def collections(self) -> list[CollectionInfo]:
+        """``SpeakerStore.collections`` (service/store/base.py)."""
         rows = self._call(self.client.query, _REGISTRY, filter='pk != ""', limit=_MAX_ROWS,
                           output_fields=["pk", "model", "version", "dim", "index_type"], consistency_level="Strong")
         out = []
@@ -247,6 +253,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         return out
 
     def speaker_count(self, collection: str) -> int:
+        """``SpeakerStore.speaker_count`` (service/store/base.py)."""
         self._require(collection)
         rows = self._call(self.client.query, milvus_name("spkv_", collection), filter='pk != ""',
                           output_fields=["count(*)"], consistency_level="Strong")
@@ -262,11 +269,13 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         return "ok" if self._last_error is None else f"unavailable: {self._last_error}"
 
     def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
+        """``SpeakerStore.retained_audio`` (service/store/base.py)."""
         self.get(collection, speaker_id)
         return []  # the Milvus backend keeps no audio (the server refuses retain_enrollment_audio with it)
 
     # -- writes -----------------------------------------------------------------------
     def set_stats_fn(self, fn: StatsFn | None) -> None:
+        """``SpeakerStore.set_stats_fn`` (service/store/base.py)."""
         self._stats_fn = fn  # statistics are computed when records are read
 
     def _tombstone(self, collection: str, speaker_id: str) -> str:
@@ -285,6 +294,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                metadata: dict[str, str] | None = None, speech: float = 0.0,
                allow_reenroll: bool = False, model_version: str = "",
                audio: list[tuple[int, np.ndarray]] | None = None) -> tuple[SpeakerRecord, bool]:
+        """``SpeakerStore.enroll`` (service/store/base.py)."""
         metadata = validate_metadata(metadata or {})
         embeddings = np.asarray(embeddings, dtype=np.float64)  # (N, D)
         if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
@@ -364,6 +374,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                                "appends; its enrollment is stored, retry to see the result")
 
     def delete(self, collection: str, speaker_id: str, opt_out: bool = False) -> SpeakerRecord | None:
+        """``SpeakerStore.delete`` (service/store/base.py)."""
         with self._speaker_locks.hold((collection, speaker_id)):
             try:
                 rec = self.get(collection, speaker_id)
@@ -388,6 +399,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         """Not recorded on this backend (retention counts from the last enrollment)."""
 
     def expire(self, older_than_ms: int) -> int:
+        """``SpeakerStore.expire`` (service/store/base.py)."""
         n = 0
         for info in self.collections():
             for speaker_id, _ in self._ids(info.name, f"updated < {int(older_than_ms)}"):
@@ -396,6 +408,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         return n
 
     def close(self) -> None:
+        """``SpeakerStore.close`` (service/store/base.py)."""
         self._reads.shutdown(wait=True)
         self.client.close()
         if self._lite:

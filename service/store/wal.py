@@ -49,12 +49,15 @@ class FileOps:
     """The system calls the writer uses; tests replace them to inject faults."""
 
     def write(self, fd: int, data: bytes) -> int:
+        """os.write (a seam for fault injection in tests)."""
         return os.write(fd, data)
 
     def fsync(self, fd: int) -> None:
+        """os.fsync (a seam for fault injection in tests)."""
         os.fsync(fd)
 
     def ftruncate(self, fd: int, length: int) -> None:
+        """os.ftruncate (a seam for fault injection in tests)."""
         os.ftruncate(fd, length)
 
 
