@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,6 +65,7 @@ def raw_rate(model, wave: np.ndarray, batch: int, n_batches: int) -> float:
 
 
 def bench_raw(model_dir: Path, wave: np.ndarray, threads: int, repeats: int) -> dict[int, float]:
+    """Utterances per second of raw ONNX Runtime at each batch size."""
     from models.runtime import SpeakerModel
 
     model = SpeakerModel(model_dir, ["CPUExecutionProvider"], intra_op_threads=threads)
@@ -108,6 +110,7 @@ def die_with_parent() -> None:
 
 
 class Server:
+    """A spkserve server subprocess for the benchmark (started on construction)."""
     def __init__(self, repo: Path, threads: int | None, **opts):
         """``threads``: ONNX Runtime intra-op threads per batch (None: the server's automatic setting)."""
         self.port, self.metrics_port = free_port(), free_port()
@@ -142,12 +145,14 @@ class Server:
         return vals["spkserve_batch_size_sum"] / max(vals["spkserve_batch_size_count"], 1)
 
     def close(self) -> None:
+        """Stop the server subprocess."""
         self.p.terminate()
         self.p.wait(30)
         self.tmp.cleanup()
 
 
 async def load(target: str, model: str, data: bytes, concurrency: int, requests: int) -> tuple[float, list[float]]:
+    """(requests per second, latencies) of concurrent Embed calls."""
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -174,6 +179,7 @@ async def load(target: str, model: str, data: bytes, concurrency: int, requests:
 
 
 def run_load(target, model, data, concurrency, requests, repeats):
+    """The median of several load runs."""
     runs = [asyncio.run(load(target, model, data, concurrency, requests)) for _ in range(repeats)]
     runs.sort(key=lambda r: r[0])
     rate, lat = runs[len(runs) // 2]
@@ -236,6 +242,7 @@ def interleaved(repo: Path, model: str, wave: np.ndarray, data: bytes, threads: 
 
 
 def main() -> None:
+    """Command line: service throughput against raw ONNX Runtime."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ge2e")
     ap.add_argument("--repository", default=str(ROOT / "models" / "repository"))

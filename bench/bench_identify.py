@@ -53,6 +53,7 @@ def populate(data_dir: Path, cohort: np.ndarray, n: int, seed: int = 0) -> np.nd
 
 
 def serve(repo: Path, data: Path) -> tuple[subprocess.Popen, str]:
+    """Start a server subprocess over a data directory; (process, target)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -75,6 +76,7 @@ def serve(repo: Path, data: Path) -> tuple[subprocess.Popen, str]:
 
 
 def query(target: str, probes: np.ndarray) -> list[float]:
+    """Identify latencies of the probes."""
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -93,6 +95,7 @@ def query(target: str, probes: np.ndarray) -> list[float]:
 
 
 def main() -> None:
+    """Command line: Identify at 100k voiceprints, score normalisation on and off."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--speakers", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=300)

@@ -35,10 +35,12 @@ _NAMES = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length."""
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def timed_search(store, probes: np.ndarray, k: int = 10) -> tuple[list[float], list[list[str]]]:
+    """Each probe's search latency and top-k ids."""
     times, ids = [], []
     for p in probes:
         t0 = time.perf_counter()
@@ -49,6 +51,7 @@ def timed_search(store, probes: np.ndarray, k: int = 10) -> tuple[list[float], l
 
 
 def quality(ids: list[list[str]], exact: list[list[str]], truth: list[str]) -> tuple[float, float]:
+    """(recall@k against exact search, hit@1 against the true speaker)."""
     recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, exact)]))
     hit1 = float(np.mean([a[:1] == [t] for a, t in zip(ids, truth)]))
     return recall, hit1
@@ -62,6 +65,7 @@ def index_options(index: str, n: int):
 
 
 def milvus_store(uri: str, db: str, index: str, n: int = 0):
+    """A MilvusStore on a server with one index kind."""
     from service.store.milvus import MilvusStore
 
     return MilvusStore(uri, db=db, options=index_options(index, max(n, 1)))
@@ -81,6 +85,7 @@ def reindex_milvus(uri: str, db: str, index: str, n: int) -> None:
 
 
 def populate_milvus(uri: str, vecs: np.ndarray, index: str) -> str:
+    """Insert the vectors into a Milvus collection with one index kind; its name."""
     from pymilvus import MilvusClient
 
     from service.store.milvus import milvus_name
@@ -140,6 +145,7 @@ def enroll_rate(uri: str, writers: int, n: int, threads: int = 1) -> tuple[float
 
 
 def main() -> int:
+    """Command line: Milvus enrollment and search figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--uri", required=True, help="a Milvus server (scripts/milvus_server.sh start PORT)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])

@@ -57,6 +57,7 @@ def raw(model, waves: list[np.ndarray], sort: bool, repeats: int, sizes=(1, 4, 8
 
 
 async def served(target: str, model: str, files: list[bytes], seconds: list[float], concurrency: int) -> float:
+    """Audio seconds per second a server embeds for mixed-length files at a concurrency."""
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -107,6 +108,7 @@ def interleaved(repo: Path, model, name: str, waves: list[np.ndarray], files: li
 
 
 def main() -> int:
+    """Command line: mixed 1-10 s traffic, raw ONNX Runtime against the servers."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ge2e")
     ap.add_argument("--utterances", type=int, default=96)

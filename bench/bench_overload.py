@@ -45,6 +45,7 @@ from bench_embed import free_port  # noqa: E402
 
 
 def start(code_root: Path, port: int, data: str, extra: dict, metrics_port: int = -1) -> subprocess.Popen:
+    """Start a server subprocess with the given options."""
     env = dict(os.environ, PYTHONPATH=str(code_root), SPKSERVE_MODELS="ge2e", SPKSERVE_INTRA_OP_THREADS="1",
                SPKSERVE_HTTP_PORT="0",
                **{f"SPKSERVE_{k.upper()}": str(v) for k, v in extra.items()})
@@ -56,6 +57,7 @@ def start(code_root: Path, port: int, data: str, extra: dict, metrics_port: int 
 
 
 async def wait_ready(stub_mod, target: str) -> None:
+    """Wait until the server's health check says SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -73,6 +75,7 @@ async def wait_ready(stub_mod, target: str) -> None:
 
 
 async def capacity(stub, request, seconds: float = 8.0, callers: int = 8) -> float:
+    """Requests per second a server completes under closed-loop load."""
     done, end = 0, time.monotonic() + seconds
 
     async def caller():
@@ -86,6 +89,7 @@ async def capacity(stub, request, seconds: float = 8.0, callers: int = 8) -> flo
 
 
 async def open_loop(stub, request, rate: float, seconds: float, deadline: float, seed: int) -> dict:
+    """Offer requests at a fixed rate with a deadline; what was answered, refused and late."""
     import grpc
 
     rng = random.Random(seed)
@@ -138,6 +142,7 @@ async def served(code_root: Path, extra: dict, metrics_port: int = -1):
 
 
 async def measure(code_root: Path, extra: dict, args, audio: bytes) -> list[dict]:
+    """The overload table's rows for one server configuration."""
     from service._proto.spkserve.v1 import speaker_pb2 as pb
 
     async with served(code_root, extra) as stub:
@@ -222,6 +227,7 @@ async def measure_storm(args, audio: bytes, roots: dict[str, Path]) -> dict[str,
 
 
 def main() -> int:
+    """Command line: admission by estimated wait against plain FIFO."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load", type=float, default=4.0)
     ap.add_argument("--seconds", type=float, default=20.0)

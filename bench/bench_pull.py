@@ -70,6 +70,7 @@ def resnet34_like(path: Path) -> int:
 
 
 def main() -> None:
+    """Command line: time spkserve pull on a locally made model file."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", type=Path, required=True, help="the real-speech pool (python -m training.data.realspeech)")
     ap.add_argument("--repeats", type=int, default=1)

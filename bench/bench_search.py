@@ -27,10 +27,12 @@ from service.store.faiss_index import CollectionIndex as _Collection  # noqa: E4
 
 
 def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length."""
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def build(kind: str, vecs: np.ndarray, opts: IndexOptions) -> tuple[_Collection, float]:
+    """An index of one kind over the vectors, and the seconds it took."""
     coll = _Collection("bench", "m", vecs.shape[1], IndexOptions(**{**opts.__dict__, "index_type": kind}))
     for i, v in enumerate(vecs):
         coll.upsert(SpeakerRecord(f"s{i}", v.astype(np.float64), 1))
@@ -40,6 +42,7 @@ def build(kind: str, vecs: np.ndarray, opts: IndexOptions) -> tuple[_Collection,
 
 
 def main() -> None:
+    """Command line: exact against approximate search (recall, latency, memory)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=256)

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length."""
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 

@@ -79,10 +79,12 @@ def channel(x: np.ndarray, name: str, rng: np.random.Generator) -> tuple[np.ndar
 
 
 def pcm16(x: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as little-endian 16-bit PCM bytes."""
     return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 def wav(x: np.ndarray, rate: int) -> bytes:
+    """Float samples as a 16-bit WAV file's bytes."""
     import io
 
     buf = io.BytesIO()
@@ -128,6 +130,7 @@ async def retrying(make, attempts: int = 20):
 
 async def accuracy(target: str, waves, u2s, trials, n_trials: int, n_switch: int, seed: int, trace: bool,
                    interim_seconds: float = 0.0) -> dict:
+    """Final-verdict agreement with Verify and speaker-change detection over real-speech trials and streams."""
     import grpc
 
     from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -223,6 +226,7 @@ def change_figures(rows: list[dict], alerts) -> dict:
 
 
 def summarize(trial_rows: list[dict], stream_rows: list[dict]) -> dict:
+    """The accuracy table's figures from the per-trial and per-stream rows."""
     agree = [r["final"] == r["verify"] for r in trial_rows]
     by_channel = {c: float(np.mean([a for a, r in zip(agree, trial_rows) if r["channel"] == c]))
                   for c in CHANNELS if any(r["channel"] == c for r in trial_rows)}
@@ -341,6 +345,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
+    """Command line: the accuracy or the load benchmark."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("accuracy")
