@@ -302,8 +302,8 @@ def test_console_verify_round_trip_renders_its_verdict_in_a_real_browser(http, t
 
     base, _ = http
 
-    def verdict(a: str, b: str) -> str:
-        url = f"{base}/?a=/samples/{a}&b=/samples/{b}&run=verify"
+    def verdict(a: str, b: str, run: str = "verify") -> str:
+        url = f"{base}/?a=/samples/{a}" + (f"&b=/samples/{b}" if b else "") + f"&run={run}"
         proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000",
                                "--dump-dom", url], capture_output=True, text=True, timeout=120)
@@ -316,6 +316,9 @@ def test_console_verify_round_trip_renders_its_verdict_in_a_real_browser(http, t
     assert re.match(r"(same speaker|different speakers): score 0\.\d{3}", same), same
     assert other.startswith("different speakers: score"), other
     assert float(same.split("score ")[1][:5]) > float(other.split("score ")[1][:5])
+    # embed and diarize send clip A itself as the body of the :stream routes (a recording of any length)
+    assert re.fullmatch(r"256-dim embedding from \d+\.\d s of speech \(ge2e\)", verdict("slt-1.wav", "", "embed"))
+    assert re.fullmatch(r"1 speaker\(s\), \d+ segment\(s\)", verdict("slt-1.wav", "", "diarize"))
 
 
 def _route_url(base: str, path: str, collection: str = "team-a") -> str:
