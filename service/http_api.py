@@ -78,6 +78,15 @@ ROUTES = (
     Route("GET", "/v1/collections/{collection}/speakers", "ListSpeakers", "Speakers of a collection, a page at a time",
           "speakers", path_fields=("collection",)),
     Route("GET", "/v1/models", "ListModels", "The models this server serves", "models"),
+    Route("GET", "/v1/models/{name}", "GetModelInfo", "One served model", "models", path_fields=("name",)),
+    Route("POST", "/v1/models/{model}:load", "LoadModel", "Load (or reload) a model of the repository (admin)", "models",
+          path_fields=("model",)),
+    Route("POST", "/v1/models/{model}:unload", "UnloadModel", "Stop serving a model (admin)", "models",
+          path_fields=("model",)),
+    Route("POST", "/v1/compare", "Compare", "Cosine scores between two lists of embeddings (JSON)", "audio"),
+    Route("POST", "/v1/collections/{collection}:migrate", "MigrateCollection",
+          "Re-embed a collection's speakers with another model into a new collection (admin)", "speakers",
+          path_fields=("collection",)),
 )
 
 

@@ -112,6 +112,27 @@ def test_embed_verify_enroll_identify_and_records_over_http(http):
     _error(requests.get(f"{base}/v1/collections/team/speakers/awb", timeout=10), 404, "NOT_FOUND", "awb")
 
 
+def test_every_rpc_but_the_streams_has_a_route(http):
+    """GetModelInfo, Compare, LoadModel/UnloadModel and MigrateCollection are routes too (VerifyStream is the
+    WebSocket /v1/verify:stream; EmbedStream and DiarizeStream the :stream routes)."""
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service.http_api import ROUTES
+
+    base, _ = http
+    rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["SpeakerService"].methods}
+    assert rpcs - {r.rpc for r in ROUTES} == {"VerifyStream"}
+    info = requests.get(f"{base}/v1/models/ge2e", timeout=10).json()
+    assert info["name"] == "ge2e" and info["embeddingDim"] == 256
+    _error(requests.get(f"{base}/v1/models/nope", timeout=10), 404, "NOT_FOUND", "name: unknown model 'nope'")
+    r = requests.post(f"{base}/v1/compare", json={"a": [{"values": [1, 0]}], "b": [{"values": [0, 1]}, {"values": [3, 3]}]},
+                      timeout=10).json()
+    assert (r["rows"], r["cols"]) == (1, 2) and r["scores"] == pytest.approx([0.0, 2 ** -0.5], abs=1e-6)
+    for path in ("/v1/models/ge2e:load", "/v1/models/ge2e:unload"):  # model control is off on this server
+        _error(requests.post(f"{base}{path}", json={}, timeout=10), 403, "PERMISSION_DENIED", "model_control")
+    _error(requests.post(f"{base}/v1/collections/default:migrate", json={"targetCollection": "x"}, timeout=10), 403,
+           "PERMISSION_DENIED", "model_control")
+
+
 def test_diarize_over_http(http):
     base, _ = http
     r = requests.post(f"{base}/v1/diarize", files={"audio": ("c.wav", _wav("flite-rms-1"))},
@@ -342,7 +363,11 @@ def test_every_route_refuses_bad_input_like_grpc(secured, route):
     files = {name: (f"{name}.wav", b"RIFF\x00\x00junk") for name in route.files}
     _error(_send(route.method, _route_url(base, route.path), files=files or None,
                  headers={"authorization": "Bearer wrong"}), 401, "UNAUTHENTICATED")
-    if "{collection}" in route.path:
+    if route.rpc in ("LoadModel", "UnloadModel", "MigrateCollection"):  # admin only, whatever the collection
+        r = _send(route.method, _route_url(base, route.path).replace("{model}", "ge2e").replace("{name}", "ge2e"),
+                  headers={**alice, "content-type": "application/json"}, data=b"{}")
+        _error(r, 403, "PERMISSION_DENIED", "admin permission")
+    elif "{collection}" in route.path:
         r = _send(route.method, _route_url(base, route.path, "team-b"), files=files or None, headers=alice)
         _error(r, 403, "PERMISSION_DENIED", "team-b")
     if route.files:
