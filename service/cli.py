@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token", default=os.environ.get("SPKSERVE_TOKEN"), help="bearer token (default $SPKSERVE_TOKEN)")
         p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) for a TLS server")
         p.add_argument("--timeout", type=_deadline, default=None,
-                       help="deadline in seconds (default 60; verify-stream from stdin: none)")
+                       help="deadline in seconds (default 60; none when a FILE is - (stdin))")
         if model:  # only verbs whose RPC takes a model: elsewhere `--model X` would be silently ignored
             p.add_argument("--model", default="", help="model name (default: the server's default)")
         return p

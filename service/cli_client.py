@@ -25,7 +25,7 @@ from service.cli_io import (SCALES, STREAM_ABOVE_BYTES, Unreadable, audio_of, ch
                             embed_streamed, embeddings_of, emit, enum_name, is_large, models_of, probe_of, read_chunks)
 from service.cli_speakers import SPEAKER_VERBS
 
-__all__ = ["run_client", "VERBS", "STREAM_ABOVE_BYTES"]
+__all__ = ["run_client", "call_options", "VERBS", "STREAM_ABOVE_BYTES"]
 
 
 
@@ -174,9 +174,7 @@ def _verify_stream(stub, args, kw) -> None:
             yield pb.VerifyStreamRequest(chunk=chunk)
             sent += len(chunk)
 
-    if byte_rate is None:  # stdin: the call lasts as long as its input, so no deadline unless --timeout says one
-        kw = {**kw, "timeout": args.timeout}
-    elif args.realtime:  # the deadline covers the audio's own duration
+    if args.realtime and byte_rate:  # the deadline covers the audio's own duration
         kw = {**kw, "timeout": kw["timeout"] + _audio_seconds(args, byte_rate)}
     for r in stub.VerifyStream(messages(), **kw):
         out = {"final": r.final, "audio_seconds": round(r.audio_seconds, 3), "speech_seconds": round(r.speech_seconds, 3),
@@ -289,14 +287,22 @@ def _hint(e: grpc.RpcError, args: argparse.Namespace) -> str:
     return f"{code.name}: {details}"
 
 
+def call_options(args: argparse.Namespace) -> dict:
+    """The gRPC call options of a verb: the bearer token, and the deadline (``--timeout``; by default 60 s, none
+    when a FILE is ``-``: standard input lasts as long as its producer)."""
+    reads_stdin = "-" in getattr(args, "files", []) or getattr(args, "file", None) == "-"
+    default = None if reads_stdin else 60.0
+    return {"metadata": [("authorization", f"Bearer {args.token}")] if args.token else [],
+            "timeout": args.timeout if args.timeout is not None else default}
+
+
 def run_client(args: argparse.Namespace) -> int:
     """Run one client verb against ``args.target``; returns the exit status."""
     if getattr(args, "files", []).count("-") > 1:
         raise SystemExit(f"spkserve {args.command}: - (standard input) can be read once; give it as one FILE only")
     with _channel(args) as channel:
         stub = pb_grpc.SpeakerServiceStub(channel)
-        kw = {"metadata": [("authorization", f"Bearer {args.token}")] if args.token else [],
-              "timeout": args.timeout if args.timeout is not None else 60.0}
+        kw = call_options(args)
         try:
             VERBS[args.command](stub, args, kw)
         except grpc.RpcError as e:

@@ -182,6 +182,18 @@ def test_options_a_command_cannot_honour_are_refused_before_any_call(capsys, arg
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_default_deadline_is_60_s_and_none_for_stdin():
+    from service.cli import build_parser
+    from service.cli_client import call_options
+
+    parser = build_parser()
+    assert call_options(parser.parse_args(["embed", "a.wav"]))["timeout"] == 60.0
+    assert call_options(parser.parse_args(["embed", "a.wav", "-"]))["timeout"] is None
+    assert call_options(parser.parse_args(["verify-stream", "--collection", "c", "--speaker", "s", "-"]))["timeout"] is None
+    assert call_options(parser.parse_args(["diarize", "--timeout", "9", "-"]))["timeout"] == 9.0
+    assert call_options(parser.parse_args(["models", "--token", "t"]))["metadata"] == [("authorization", "Bearer t")]
+
+
 def test_the_target_port_and_model_options_where_they_belong():
     """HOST:PORT targets and unix sockets pass; --model exists exactly on the verbs whose RPC takes a model."""
     from service.cli import build_parser
