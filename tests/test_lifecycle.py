@@ -240,8 +240,26 @@ def test_tls(model_repo, tmp_path, speech_files):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
-    srv = ServerThread(make_config(model_repo, tmp_path / "d", models=["ge2e"], tls_cert=str(cert), tls_key=str(key)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    srv = ServerThread(make_config(model_repo, tmp_path / "d", models=["ge2e"], tls_cert=str(cert), tls_key=str(key),
+                                   http_port=http_port))
     try:
+        # HTTP and the live WebSocket are served over TLS too, with the same certificate
+        import ssl
+
+        import requests
+
+        assert requests.get(f"https://localhost:{http_port}/v1/models", verify=str(cert), timeout=10).ok
+        with pytest.raises(requests.exceptions.ConnectionError):  # plaintext HTTP to the TLS port
+            requests.get(f"http://localhost:{http_port}/v1/models", timeout=10)
+        from websockets.sync.client import connect  # a dependency of the server (uvicorn's WebSocket protocol)
+
+        with connect(f"wss://localhost:{http_port}/v1/verify:stream",
+                                       ssl=ssl.create_default_context(cafile=str(cert))) as ws:
+            ws.send('{"reference": {"speaker": {"collection": "none", "speakerId": "x"}}}')
+            assert "NOT_FOUND" in ws.recv(timeout=10)
         creds = grpc.ssl_channel_credentials(cert.read_bytes())
         with grpc.secure_channel(f"localhost:{srv.port}", creds) as ch:
             r = pb_grpc.SpeakerServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
