@@ -108,6 +108,20 @@ def test_errors_end_the_socket_with_the_grpc_status_as_close_code(live, first, c
     assert code == close and len(out) == 1 and words in out[0]["error"]["message"], (code, out)
 
 
+def test_a_silent_socket_ends_with_deadline_exceeded(model_repo, tmp_path):
+    """Nothing sent for stream_idle_timeout_seconds: DEADLINE_EXCEEDED as close code 4504, naming the option."""
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], http_port=_free_port(),
+                                   stream_idle_timeout_seconds=0.5))
+    try:
+        url = f"ws://127.0.0.1:{srv.server.http_port}/v1/verify:stream"
+        ref = json.dumps({"reference": {"embedding": {"values": [1.0] + [0.0] * 255}}})
+        out, code = _talk(url, ref, [], end=False)  # the config, then silence
+        assert code == 4504 and out[-1]["error"]["code"] == "DEADLINE_EXCEEDED", (code, out)
+        assert "stream_idle_timeout_seconds" in out[-1]["error"]["message"]
+    finally:
+        srv.stop()
+
+
 def test_a_client_that_goes_away_frees_its_stream(live, caplog):
     url, srv = live
     pcm, rate = _pcm("flite-slt-2", 4)
