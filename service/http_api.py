@@ -8,14 +8,13 @@ in proto3 JSON; errors are ``{"error": {"code", "message"}}`` with the mapped HT
 (``Retry-After`` on 429). A request without a valid bearer token is refused before its body is
 read; a body over ``max_message_mb`` answers 413 as soon as it passes the limit.
 
-Live verification is a WebSocket, ``/v1/verify:stream`` (``service.http_live``). Also: ``GET /health/live`` (the process answers), ``GET /health/ready`` (models loaded: 200, else
-503), ``GET /openapi.json``, ``GET /docs``, the web console at ``GET /`` and the shipped sample clips
+Live verification is a WebSocket, ``/v1/verify:stream`` (``service.http_live``). Also: ``GET /health/live``
+(the process answers), ``GET /health/ready`` (models loaded: 200, else 503), ``GET /openapi.json``, ``GET /docs``, the web console at ``GET /`` and the shipped sample clips
 at ``GET /samples/NAME`` (``slt-1.wav``, ``slt-2.wav``: one voice; ``awb-1.wav``: another).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from starlette.routing import WebSocketRoute
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.errors import ServiceError, http_status, status_of
-from service.http_context import HttpAbort, HttpCallContext, error_body
+from service.http_context import ClientGone, HttpAbort, HttpCallContext, error_body
 from service.http_forms import assign_field, attach_files, form_message, json_message, parse_error, read_body
 from service.http_live import verify_stream_socket
 from service.logs import access
@@ -144,9 +143,6 @@ def _query_message(query, message):
     return message
 
 
-class _ClientGone(asyncio.CancelledError):
-    """The HTTP client disconnected while its body was being streamed into an RPC."""
-
 
 _STREAM_PIECE = 1 << 20  # body bytes per stream message (max_stream_messages counts messages)
 
@@ -172,7 +168,7 @@ def _streamed(request: Request, request_type):
                     yield request_type(chunk=bytes(piece))
                     piece.clear()
         except ClientDisconnect:
-            raise _ClientGone() from None
+            raise ClientGone() from None
         if piece:
             yield request_type(chunk=bytes(piece))
 
@@ -213,7 +209,7 @@ def _endpoint(route: Route):
             reply = await getattr(servicer, route.rpc)(message, ctx)
             return JSONResponse(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True),
                                 headers={"x-request-id": rid})
-        except _ClientGone:  # the uploader went away mid-body: nobody reads an answer
+        except ClientGone:  # the uploader went away mid-body: nobody reads an answer
             status = 499
             return Response(status_code=499)
         except HttpAbort as e:

@@ -10,6 +10,7 @@ which the API answers as ``{"error": {"code": ..., "message": ...}}`` with the m
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -17,7 +18,11 @@ import grpc
 
 from service.errors import http_status
 
-__all__ = ["HttpAbort", "HttpCallContext", "error_body"]
+__all__ = ["HttpAbort", "HttpCallContext", "ClientGone", "error_body"]
+
+
+class ClientGone(asyncio.CancelledError):
+    """The HTTP or WebSocket client went away while its call was still reading or writing (a cancellation)."""
 
 
 class HttpAbort(Exception):

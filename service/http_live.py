@@ -19,7 +19,6 @@ Tokens, scopes, limits, metrics and the access log are ``VerifyStream``'s own.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -30,14 +29,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.errors import InvalidArgument, ServiceError, http_status, status_of
-from service.http_context import HttpAbort, HttpCallContext, error_body
+from service.http_context import ClientGone, HttpAbort, HttpCallContext, error_body
 from service.http_forms import parse_error
 
 __all__ = ["verify_stream_socket"]
 
-
-class _ClientGone(asyncio.CancelledError):
-    """The client closed the socket before the call was over."""
 
 
 class SocketCallContext(HttpCallContext):
@@ -48,12 +44,12 @@ class SocketCallContext(HttpCallContext):
         self._ws = websocket
 
     async def write(self, message) -> None:
-        """Send one response message; ``_ClientGone`` (a cancellation) when the client has closed the socket."""
+        """Send one response message; ``ClientGone`` (a cancellation) when the client has closed the socket."""
         text = json.dumps(json_format.MessageToDict(message, always_print_fields_with_no_presence=True))
         try:
             await self._ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError, OSError):  # closed under us: the call is over for this client
-            raise _ClientGone() from None
+            raise ClientGone() from None
 
 
 async def _messages(ws: WebSocket):
@@ -62,7 +58,7 @@ async def _messages(ws: WebSocket):
     while True:
         event = await ws.receive()
         if event["type"] == "websocket.disconnect":
-            raise _ClientGone()
+            raise ClientGone()
         text, data = event.get("text"), event.get("bytes")
         if index == 0:
             if text is None:
@@ -117,7 +113,7 @@ async def verify_stream_socket(ws: WebSocket) -> None:
             servicer.auth.token_of(metadata)
         await servicer.VerifyStream(_messages(ws), SocketCallContext(metadata, ws))
         await ws.close(1000)
-    except _ClientGone:
+    except ClientGone:
         status = 499
     except (HttpAbort, ServiceError) as e:
         if isinstance(e, HttpAbort):

@@ -189,3 +189,13 @@ def mini_real(mini_corpus, tmp_path_factory):
         trials = make_trials(u2s, set(), random.Random(0), max_targets=50, nontargets_per_utt=8)
         (d / "trials").write_text("".join(f"{a} {b} {t}\n" for a, b, t in trials))
     return root
+
+
+def wait_for_sample(registry, name: str, labels: dict, want: float, timeout: float = 10.0) -> float | None:
+    """Poll a Prometheus sample until it equals ``want`` or ``timeout`` passes; its last value (None: absent)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while (value := registry.get_sample_value(name, labels)) != want and time.monotonic() < end:
+        time.sleep(0.05)
+    return value

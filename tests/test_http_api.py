@@ -11,7 +11,7 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
-from tests.conftest import REFERENCE, ServerThread, make_config  # noqa: E402
+from tests.conftest import REFERENCE, ServerThread, make_config, wait_for_sample  # noqa: E402
 
 AUDIO = REFERENCE / "audio"
 TOKENS = {"alice": ("tok-alice", ["team-a"], ["read", "write"]), "reader": ("tok-read", ["team-a"], ["read"])}
@@ -195,11 +195,7 @@ def test_an_upload_abandoned_mid_body_is_not_an_error(http, caplog):
                      b"Content-Length: 50000000\r\n\r\n" + _wav("flite-slt-1") * 20)
         time.sleep(0.3)
     registry = srv.server.metrics.registry
-    for _ in range(100):
-        if registry.get_sample_value("spkserve_http_requests_total", {"route": "EmbedStream", "status": "499"}):
-            break
-        time.sleep(0.05)
-    assert registry.get_sample_value("spkserve_http_requests_total", {"route": "EmbedStream", "status": "499"}) == 1.0
+    assert wait_for_sample(registry, "spkserve_http_requests_total", {"route": "EmbedStream", "status": "499"}, 1.0) == 1.0
     assert requests.get(f"{base}/v1/models", timeout=10).status_code == 200
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
 

@@ -15,7 +15,7 @@ import soundfile as sf
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 
-from tests.conftest import REFERENCE, ServerThread, make_config  # noqa: E402
+from tests.conftest import REFERENCE, ServerThread, make_config, wait_for_sample  # noqa: E402
 
 AUDIO = REFERENCE / "audio"
 
@@ -131,11 +131,7 @@ def test_a_client_that_goes_away_frees_its_stream(live, caplog):
             ws.send(pcm[i:i + rate])
         ws.recv(timeout=60)  # the stream is under way
     registry = srv.server.metrics.registry
-    for _ in range(200):
-        if registry.get_sample_value("spkserve_http_requests_total", {"route": "VerifyStream", "status": "499"}):
-            break
-        time.sleep(0.05)
-    assert registry.get_sample_value("spkserve_http_requests_total", {"route": "VerifyStream", "status": "499"}) == 1.0
+    assert wait_for_sample(registry, "spkserve_http_requests_total", {"route": "VerifyStream", "status": "499"}, 1.0) == 1.0
     assert registry.get_sample_value("spkserve_live_streams", {"model": "ge2e"}) == 0.0
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
 
