@@ -1,6 +1,7 @@
 """The ``spkserve`` command: run the server, or call one from the shell.
 
     spkserve serve [--config FILE] [--port N] [--http-port N] [--metrics-port N] [--model-repository DIR] [--data-dir DIR]
+                   [--check]   (check everything start-up checks, print a summary, exit)
     spkserve embed    [--model NAME] [--stream] FILE...
     spkserve verify   [--model NAME] [--threshold T [--scale cosine|normalized|llr] | --target-far R]
                       FILE_A FILE_B  |  --speaker ID [--collection C] FILE
@@ -67,6 +68,16 @@ def _serve(args: argparse.Namespace) -> int:
     from service.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format)
+    if args.check:
+        from models.artifact import ArtifactError
+        from service.preflight import check_setup
+
+        try:
+            print(json.dumps(check_setup(config)), flush=True)
+        except (ConfigError, ArtifactError) as e:
+            print(f"spkserve serve --check: {e}", file=sys.stderr)
+            return 2
+        return 0
     return asyncio.run(serve(config))
 
 
@@ -156,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--milvus-uri", help="Milvus server URI or Milvus Lite file (index_backend milvus)")
     s.add_argument("--log-level")
     s.add_argument("--log-format", choices=["text", "json"], help="text (default) or JSON lines")
+    s.add_argument("--check", action="store_true",
+                   help="check the configuration, tokens, key and TLS files, data directory and every model it would "
+                        "load (ONNX session and warm-up), print a JSON summary and exit: 0 ready, 2 not (nothing is "
+                        "bound, created or written)")
 
     def client(name: str, help: str, model: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)

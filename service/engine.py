@@ -33,7 +33,7 @@ from service.inputs import AudioInput, Speech
 from service.store import IndexOptions, LocalStore, SpeakerStore, StoreUnavailable, load_key_file
 from service.store.base import quoted
 from service.metrics import Metrics
-from service.model_setup import ModelPolicy, make_batcher, model_policy
+from service.model_setup import ModelPolicy, make_batcher, model_policy, select_models
 from service.tracing import Tracing
 
 __all__ = ["Engine", "AudioInput", "Speech", "ModelPolicy", "configured_key_files"]
@@ -46,22 +46,6 @@ def gpu_available(providers: list[str]) -> bool:
     have = set(available_providers())
     first = next((p for p in providers if p in have), "CPUExecutionProvider")
     return first != "CPUExecutionProvider"
-
-
-def _commercial_only(dirs: list) -> list:
-    """Repository entries a server loading "every model" serves: all but those whose model.json
-    says their licence forbids commercial use (they load only when named in ``models``)."""
-    from models.artifact import load_card
-
-    kept = []
-    for d in dirs:
-        card = load_card(d)
-        if card.commercial_use is False:
-            log.warning("not loading model %s: its licence (%s) does not permit commercial use; name it in the "
-                        "'models' option to serve it anyway", card.name, card.license)
-        else:
-            kept.append(d)
-    return kept
 
 
 def configured_key_files(cfg: ServerConfig) -> list:
@@ -118,20 +102,7 @@ class Engine:
                             ivf_nlist=cfg.ivf_nlist, ivf_nprobe=cfg.ivf_nprobe,
                             hnsw_ef_construction=cfg.hnsw_ef_construction, ivf_pq_rerank=cfg.ivf_pq_rerank)
         self.store = await self._open_store(opts)
-        dirs = await loop.run_in_executor(None, scan_repository, cfg.model_repository)
-        if cfg.models:
-            by_name = {d.name: d for d in dirs}
-            missing = [m for m in cfg.models if m not in by_name]
-            if missing:
-                raise ArtifactError(f"option 'models': {missing} not in {cfg.model_repository} (has {sorted(by_name)})")
-            dirs = [by_name[m] for m in cfg.models]
-        else:
-            dirs = await loop.run_in_executor(None, _commercial_only, dirs)
-        if not dirs:
-            raise ArtifactError(f"{cfg.model_repository}: no model directories (each needs a model.json)")
-        unknown = sorted(set(cfg.model_settings) - {d.name for d in dirs})
-        if unknown:
-            raise ConfigError(f"option 'model_settings': no model named {unknown} is loaded (loading {[d.name for d in dirs]})")
+        dirs = await loop.run_in_executor(None, select_models, cfg)
         if cfg.vad or any(t.get("vad") for t in cfg.model_settings.values()):
             self.vad = await loop.run_in_executor(None, SileroVad)
         for d in dirs:

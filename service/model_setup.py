@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from models.artifact import ArtifactError
+from models.artifact import ArtifactError, load_card, scan_repository
 from models.runtime import SpeakerModel
 from models.vad import VadOptions
 from service.batcher import BatchStats, DynamicBatcher
 from service.config import ConfigError, ServerConfig
 from service.metrics import Metrics
 
-__all__ = ["ModelPolicy", "make_batcher", "model_policy"]
+__all__ = ["ModelPolicy", "make_batcher", "model_policy", "select_models"]
+
+log = logging.getLogger("spkserve.engine")
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,32 @@ def make_batcher(config: ServerConfig, metrics: Metrics, model: SpeakerModel) ->
     )
     batcher.start()
     return batcher
+
+
+def select_models(config: ServerConfig) -> list[Path]:
+    """The repository entries a server with ``config`` loads: those named in ``models``, else every entry whose
+    model.json does not forbid commercial use (the others load only when named). Raises ArtifactError /
+    ConfigError naming the option when a named entry, any entry at all, or a ``model_settings`` model is missing."""
+    dirs = scan_repository(config.model_repository)
+    if config.models:
+        by_name = {d.name: d for d in dirs}
+        missing = [m for m in config.models if m not in by_name]
+        if missing:
+            raise ArtifactError(f"option 'models': {missing} not in {config.model_repository} (has {sorted(by_name)})")
+        dirs = [by_name[m] for m in config.models]
+    else:
+        kept = []
+        for d in dirs:
+            card = load_card(d)
+            if card.commercial_use is False:
+                log.warning("not loading model %s: its licence (%s) does not permit commercial use; name it in the "
+                            "'models' option to serve it anyway", card.name, card.license)
+            else:
+                kept.append(d)
+        dirs = kept
+    if not dirs:
+        raise ArtifactError(f"{config.model_repository}: no model directories (each needs a model.json)")
+    unknown = sorted(set(config.model_settings) - {d.name for d in dirs})
+    if unknown:
+        raise ConfigError(f"option 'model_settings': no model named {unknown} is loaded (loading {[d.name for d in dirs]})")
+    return dirs

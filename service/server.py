@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import socket
 from pathlib import Path
@@ -28,6 +27,7 @@ from service.config import ConfigError, ServerConfig
 from service.engine import Engine
 from service.interceptors import ByteBudget, RequestGuard
 from service.metrics import Metrics
+from service.preflight import check_data_dir, read_tls
 from service.reflection import enable_reflection
 from service.servicer import SpeakerServicer
 from service.store import StoreUnavailable
@@ -99,14 +99,14 @@ class SpeakerServer:
             log.info("authentication: %d tokens (%s)", len(auth.tokens), ", ".join(sorted(t.name for t in auth.tokens.values())))
         self.servicer.auth = auth
         if cfg.index_backend == "faiss":
-            _check_data_dir(Path(cfg.data_dir))
+            check_data_dir(Path(cfg.data_dir))
             check_not_in_use(Path(cfg.data_dir))  # before binding: a second server stops with one line
         _check_port_free(cfg.host, cfg.port)
         if cfg.http_port:
             _check_port_free(cfg.http_host or cfg.host, cfg.http_port, "http_port", "http_host" if cfg.http_host else "host")
         if cfg.metrics_port >= 0:
             _check_port_free(cfg.metrics_host, cfg.metrics_port, "metrics_port", "metrics_host")
-        tls = _read_tls(cfg.tls_key, cfg.tls_cert) if cfg.tls_cert else None
+        tls = read_tls(cfg.tls_key, cfg.tls_cert) if cfg.tls_cert else None
         if cfg.otlp_endpoint or self._span_exporter is not None:
             self.engine.tracing.start(cfg.otlp_endpoint, exporter=self._span_exporter)
         traced = self.engine.tracing.grpc_interceptor()
@@ -303,27 +303,6 @@ class SpeakerServer:
     async def wait_for_termination(self) -> None:
         """Block until the gRPC server has stopped."""
         await self._server.wait_for_termination()
-
-
-def _read_tls(key: str, cert: str) -> tuple[bytes, bytes]:
-    """The server's private key and certificate chain (PEM); ConfigError naming the option that cannot be read."""
-    out = []
-    for name, path in (("tls_key", key), ("tls_cert", cert)):
-        try:
-            out.append(Path(path).read_bytes())
-        except OSError as e:
-            raise ConfigError(f"option '{name}' = {path!r}: cannot read it ({e.strerror})") from None
-    return out[0], out[1]
-
-
-def _check_data_dir(path: Path) -> None:
-    """Create the data directory if needed; ConfigError naming ``data_dir`` when it cannot be made or written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"option 'data_dir' = {str(path)!r}: cannot create it ({e.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"option 'data_dir' = {str(path)!r}: this process (uid {os.geteuid()}) cannot write to it")
 
 
 async def serve(config: ServerConfig) -> int:

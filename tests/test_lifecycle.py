@@ -474,6 +474,32 @@ def test_a_bad_serve_option_is_one_line_and_status_2(model_repo, tmp_path, args,
     assert "Traceback" not in r.stderr
 
 
+def test_serve_check_loads_every_model_and_writes_nothing(model_repo, tmp_path):
+    """`spkserve serve --check`: status 0 and a JSON summary (every model opened and warmed up) for a good setup,
+    status 2 and one line naming the file at fault otherwise; no port is bound and no data directory created."""
+    import json
+    import shutil
+
+    data = tmp_path / "data" / "sub"
+    r = _serve_cli("--check", "--data-dir", str(data), "--port", "0", "--model-repository", str(model_repo),
+                   "--log-level", "ERROR")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["ok"] and summary["default_model"] == "ge2e" and "ge2e" in {m["name"] for m in summary["models"]}
+    assert all(m["warmup_seconds"] >= 0 and m["embedding_dim"] > 0 for m in summary["models"])
+    assert not (tmp_path / "data").exists()  # checked, not created
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    (repo / "ge2e" / "model.onnx").write_bytes(b"not an onnx graph")
+    r = _serve_cli("--check", "--data-dir", str(data), "--model-repository", str(repo), "--log-level", "ERROR")
+    assert r.returncode == 2 and r.stderr.startswith("spkserve serve --check: ") and "ge2e" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    (tmp_path / "tokens.toml").write_text("[[tokens]]\nname = 'x'\n")
+    r = _serve_cli("--check", "--data-dir", str(data), "--model-repository", str(model_repo),
+                   "--auth-tokens-file", str(tmp_path / "tokens.toml"))
+    assert r.returncode == 2 and "option 'auth_tokens_file'" in r.stderr and "sha256" in r.stderr
+
+
 def test_unreadable_tls_files_and_an_unknown_metrics_host_are_named(model_repo, tmp_path):
     (tmp_path / "tls.toml").write_text(f'tls_cert = "{tmp_path}/no.pem"\ntls_key = "{tmp_path}/no.key"\n')
     r = _serve_cli("--config", str(tmp_path / "tls.toml"), "--data-dir", str(tmp_path / "data"), "--port", "0",

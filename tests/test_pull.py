@@ -203,8 +203,9 @@ def test_missing_import_extras_are_named(tiny_onnx, tmp_path, monkeypatch):
 
 
 def test_noncommercial_model_is_pulled_with_a_warning_and_served_only_when_named(tiny_onnx, tmp_path, monkeypatch):
+    from models.artifact import ArtifactError
     from service.config import load_config
-    from service.engine import _commercial_only
+    from service.model_setup import select_models
 
     monkeypatch.setenv("SPKSERVE_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "nc.onnx"
@@ -215,8 +216,10 @@ def test_noncommercial_model_is_pulled_with_a_warning_and_served_only_when_named
     pull("nc", tmp_path / "repo", source=str(src), catalog=catalog, calibrate=False, log=said.append)
     assert any("does not permit commercial use" in m for m in said)
     assert json.loads((tmp_path / "repo" / "nc" / "model.json").read_text())["commercial_use"] is False
-    assert _commercial_only([tmp_path / "repo" / "nc"]) == []  # "every model" skips it
-    assert load_config(env={}, overrides=dict(models=["nc"])).models == ["nc"]
+    with pytest.raises(ArtifactError, match="no model directories"):  # "every model" skips it: none left
+        select_models(load_config(env={}, overrides=dict(model_repository=str(tmp_path / "repo"))))
+    named = load_config(env={}, overrides=dict(model_repository=str(tmp_path / "repo"), models=["nc"]))
+    assert [d.name for d in select_models(named)] == ["nc"]
 
 
 def test_hugging_face_snapshot_from_a_local_cache(tmp_path):
