@@ -123,6 +123,7 @@ def test_every_request_field_a_user_sets_has_an_option(server, capsys, tmp_path,
     code, out, _ = _run(capsys, "identify", "--collection", "opts", "--threshold", "0.99", awb)
     assert code == 0 and out[0]["threshold"] == pytest.approx(0.99) and not out[0]["is_match"]
     assert out[0]["candidates"][0]["metadata"] == {"team": "blue", "note": "a=b"}
+    assert [c["llr"] for c in out[0]["candidates"]] == out[0]["llr"]  # each candidate's calibrated score, in place
     code, out, _ = _run(capsys, "identify", "--collection", "opts", "--min-score", "0.99", awb)
     assert code == 0 and out[0]["candidates"] == []  # below the floor: left out
     code, out, err = _run(capsys, "identify", "--collection", "opts", "--threshold", "0.5", "--target-far", "0.01", awb)
