@@ -108,5 +108,7 @@ def docs_page(doc: dict) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>spkserve API</title><style>"
             "body{font-family:sans-serif;margin:2em}td,th{border-bottom:1px solid #ddd;padding:.4em;text-align:left}"
             "</style></head><body><h1>spkserve HTTP/JSON API</h1><p>Machine-readable: <a href='/openapi.json'>"
-            "/openapi.json</a>. Web console: <a href='/'>/</a>.</p><table><tr><th>method</th><th>path</th>"
+            "/openapi.json</a>. Web console: <a href='/'>/</a>. Live verification (VerifyStream) is the WebSocket "
+            "<code>/v1/verify:stream</code>: the config as JSON text, then audio as binary messages, then "
+            "<code>{\"end\": true}</code>; results come back as JSON text.</p><table><tr><th>method</th><th>path</th>"
             "<th>what</th><th>body / parameters</th></tr>" + "".join(rows) + "</table></body></html>")

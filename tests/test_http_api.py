@@ -284,7 +284,8 @@ def test_health_openapi_docs_and_console(http):
             if ref:
                 assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"]
     page = requests.get(f"{base}/docs", timeout=10).text
-    assert "/v1/collections/{collection}/identify" in page
+    assert "/v1/collections/{collection}/identify" in page and "/v1/diarize:stream" in page
+    assert "<code>/v1/verify:stream</code>" in page  # the WebSocket, which OpenAPI cannot describe
     console = requests.get(f"{base}/", timeout=10)
     assert console.headers["content-type"].startswith("text/html") and 'id="verify"' in console.text
 
