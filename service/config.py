@@ -105,7 +105,7 @@ class ServerConfig:
     speaker_check_min_seconds: float = 4.0  # only inputs with at least this much speech are checked
     speaker_check_llr: float = -2.0  # two parts scoring below this calibrated LLR: multiple speakers
     # live verification (VerifyStream)
-    stream_idle_timeout_seconds: float = 30.0  # a live stream that sends nothing this long is ended
+    stream_idle_timeout_seconds: float = 30.0  # a stream (live, or an upload) that sends nothing this long is ended
     live_change_window_seconds: float = 2.0  # recent speech scored against the earlier for a speaker change
     live_change_min_base_seconds: float = 3.0  # earlier speech needed before a change can be flagged
     live_change_llr: float = 0.0  # recent vs earlier speech below this calibrated LLR: speaker changed ...

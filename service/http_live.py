@@ -12,8 +12,9 @@ The server answers each result as a text message, ``VerifyStreamResponse`` in pr
 last with ``"final": true``, then closes the socket normally (1000). An error is one text message
 ``{"error": {"code", "message"}}`` and a close with code 4000 + the HTTP status of the gRPC code
 (4400 invalid argument, 4401 unauthenticated, 4403, 4404, 4409 failed precondition, 4429, 4503,
-4504 deadline exceeded, e.g. nothing sent for ``stream_idle_timeout_seconds``). The token comes from the ``Authorization: Bearer`` header, or, for browsers, which cannot set it on a
-WebSocket, from the query parameter ``access_token`` (RFC 6750; keep such URLs out of logs).
+4504 deadline exceeded, e.g. nothing sent for ``stream_idle_timeout_seconds``). The token comes
+from the ``Authorization: Bearer`` header, or, for browsers, which cannot set it on a WebSocket,
+from the query parameter ``access_token`` (RFC 6750; keep such URLs out of logs).
 Tokens, scopes, limits, metrics and the access log are ``VerifyStream``'s own.
 """
 

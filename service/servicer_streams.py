@@ -10,6 +10,7 @@ window in bounded memory (``service.long_audio``).
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 
 import soundfile as sf
@@ -17,7 +18,7 @@ import soundfile as sf
 from models.audio import AudioLimits, check_header, check_pcm_format, probe_header
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.convert import merge_timings, ms, pcm_encoding, speech_pb
-from service.errors import InvalidArgument
+from service.errors import DeadlineExceeded, InvalidArgument
 from service.inputs import AudioInput
 from service.long_audio import embed_long
 from service.rpc import call_deadline
@@ -38,8 +39,17 @@ class StreamRpcs:
         limit = cfg.max_stream_mb * 1024 * 1024
         spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)
         config, size, index, probed, next_probe, head = None, 0, 0, False, 4096, bytearray()
+        idle = cfg.stream_idle_timeout_seconds
+        iterator = request_iterator.__aiter__()
         try:
-            async for msg in request_iterator:
+            while True:
+                try:  # an upload that stalls does not hold its spool and a handler forever
+                    msg = await asyncio.wait_for(iterator.__anext__(), idle)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"chunk: no message for {idle:g} s after message {index} "
+                                           "(stream_idle_timeout_seconds)") from None
                 part = msg.WhichOneof("part")
                 if index >= cfg.max_stream_messages:
                     raise InvalidArgument("chunk", f"the stream exceeds {cfg.max_stream_messages:,} messages "

@@ -561,6 +561,45 @@ def test_sigterm_while_the_store_is_unreachable_stops_cleanly(model_repo, tmp_pa
     assert log.index("start-up cancelled") < log.index("INFO spkserve.server: stopped") and "Traceback" not in log
 
 
+def test_a_stalled_upload_ends_with_deadline_exceeded(model_repo, tmp_path):
+    """EmbedStream / DiarizeStream over gRPC, and their HTTP :stream routes: an upload that sends nothing for
+    stream_idle_timeout_seconds is ended (DEADLINE_EXCEEDED / 504 naming the option), not held open forever."""
+    import time
+
+    import requests
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    srv = ServerThread(make_config(model_repo, tmp_path / "d", models=["ge2e"], http_port=http_port,
+                                   stream_idle_timeout_seconds=0.5))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SpeakerServiceStub(ch)
+
+            def stalled(kind, config):
+                yield kind(config=config)
+                yield kind(chunk=b"RIFF")
+                time.sleep(3)  # then nothing: the server gives up after 0.5 s
+
+            for call, kind, config in ((stub.EmbedStream, pb.EmbedStreamRequest, pb.StreamConfig()),
+                                       (stub.DiarizeStream, pb.DiarizeStreamRequest, pb.DiarizeStreamConfig())):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(stalled(kind, config), timeout=30)
+                assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+                assert "stream_idle_timeout_seconds" in e.value.details()
+
+        def trickle():
+            yield b"RIFF"
+            time.sleep(3)
+            yield b"more"
+
+        r = requests.post(f"http://127.0.0.1:{http_port}/v1/embed:stream", data=trickle(), timeout=30)
+        assert r.status_code == 504 and "stream_idle_timeout_seconds" in r.json()["error"]["message"], r.text
+    finally:
+        srv.stop()
+
+
 def test_model_control_is_off_by_default(model_repo, tmp_path, caplog):
     """Without model_control or an admin token, LoadModel/UnloadModel/MigrateCollection are refused."""
     srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], host="0.0.0.0"))
