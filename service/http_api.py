@@ -155,6 +155,13 @@ def _streamed(request: Request, request_type):
         raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"content-type: this route takes the audio file itself as the body (audio/*, "
                         f"application/octet-stream), its options in the query string; got {ctype!r}")
+    limit = request.app.state.server.config.max_stream_mb << 20
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refused before a byte of it is read
+        too_large = HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body: {int(declared):,} bytes is more "
+                              f"than max_stream_mb ({limit >> 20} MiB) allows one stream")
+        too_large.status = 413
+        raise too_large
     config = request_type.DESCRIPTOR.fields_by_name["config"].message_type
     first = request_type(config=_query_message(request.query_params, getattr(pb, config.name)()))
 

@@ -180,6 +180,16 @@ def test_recordings_past_the_message_limit_stream_in_as_the_body(http):
     _error(requests.post(f"{base}/v1/embed:stream", data=b"RIFF not audio" * 100, timeout=60), 400,
            "INVALID_ARGUMENT", "chunk")
     _error(requests.post(f"{base}/v1/embed:stream", timeout=60), 400, "INVALID_ARGUMENT", "chunk")
+    # a body that declares more than max_stream_mb is refused before it is read (413), like the unary limit
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        size = (srv.server.config.max_stream_mb << 20) + 1
+        sock.sendall(f"POST /v1/diarize:stream HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        sock.settimeout(30)
+        answer = ""
+        while "max_stream_mb" not in answer and (part := sock.recv(65536).decode()):
+            answer += part
+    assert answer.startswith("HTTP/1.1 413") and "max_stream_mb" in answer, answer[:300]
 
 
 def test_an_upload_abandoned_mid_body_is_not_an_error(http, caplog):
