@@ -20,6 +20,7 @@
     spkserve diarize  [--model M] [--num-speakers N | --min-speakers A --max-speakers B]
                       [--collection C] [--format rttm|json [--embeddings]] [--exclusive] FILE...
     spkserve models | model-info [NAME]
+    spkserve --version
     spkserve load-model NAME | unload-model NAME   (admin)
     spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
     spkserve pull --list | NAME [--repository DIR] [--from FILE_OR_URL] [--real POOL] [--no-calibrate] [--force]
@@ -43,9 +44,10 @@ import re
 import sys
 from pathlib import Path
 
+from service import package_version
+
 
 __all__ = ["main", "build_parser"]
-
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``spkserve`` command."""
     ap = argparse.ArgumentParser(prog="spkserve", description="Speaker embedding service",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--version", action="version", version=f"spkserve {package_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gRPC server")

@@ -28,6 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import WebSocketRoute
 
+from service import package_version
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.errors import ServiceError, http_status, status_of
 from service.http_context import ClientGone, HttpAbort, HttpCallContext, error_body
@@ -143,7 +144,6 @@ def _query_message(query, message):
     return message
 
 
-
 _STREAM_PIECE = 1 << 20  # body bytes per stream message (max_stream_messages counts messages)
 
 
@@ -242,22 +242,13 @@ def _endpoint(route: Route):
     return call
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("spkserve")
-    except PackageNotFoundError:  # a source checkout that was not installed
-        return "0+source"
-
-
 def _console() -> str:
     return resources.files("service").joinpath("static/console.html").read_text(encoding="utf-8")
 
 
 def build_app(server) -> Starlette:
     """The Starlette app of one ``SpeakerServer`` (its config, servicer, byte budget)."""
-    doc = openapi_document(ROUTES, SERVICE, _version())
+    doc = openapi_document(ROUTES, SERVICE, package_version())
     docs, console = docs_page(doc), _console()
 
     async def live(_request: Request) -> Response:

@@ -183,6 +183,15 @@ def test_options_a_command_cannot_honour_are_refused_before_any_call(capsys, arg
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_version(capsys):
+    from service import package_version
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"spkserve {package_version()}"
+
+
 def test_the_default_deadline_is_60_s_and_none_for_stdin():
     from service.cli import build_parser
     from service.cli_client import call_options
