@@ -5,6 +5,8 @@ Names follow ``spkserve_<scope>_<what>``; the endpoint is a plain HTTP ``/metric
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -14,6 +16,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
 )
+
+from service import package_version
 
 __all__ = ["Metrics"]
 
@@ -68,6 +72,8 @@ class Metrics:
         self.model_info = Gauge("spkserve_model_info", "Loaded models (value 1) with version and execution provider",
                                 ["model", "version", "provider", "embedding_dim", "variant"], registry=r)
         self.ready = Gauge("spkserve_ready", "1 when the server is serving", registry=r)
+        Gauge("spkserve_build_info", "The running spkserve (value 1): its version and Python",
+              ["version", "python"], registry=r).labels(package_version(), platform.python_version()).set(1)
         self.speech_seconds = Histogram("spkserve_speech_seconds", "Net speech found by VAD per audio input",
                                         ["model", "method"], buckets=_SPEECH_BUCKETS, registry=r)
         self.speech_insufficient = Counter(

@@ -57,6 +57,11 @@ def test_process_metrics_are_exported(server):
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "python_gc_objects_collected_total",
                  "spkserve_grpc_request_duration_seconds_bucket", "spkserve_batch_size_bucket"):
         assert f"\n{name}" in text, name
+    import platform
+
+    from service import package_version
+
+    assert f'spkserve_build_info{{python="{platform.python_version()}",version="{package_version()}"}} 1.0' in text
 
 
 def _exported_families(text: str) -> set[str]:
