@@ -113,7 +113,10 @@ async def verify_stream_socket(ws: WebSocket) -> None:
         if servicer.auth is not None:  # before any message is read
             servicer.auth.token_of(metadata)
         await servicer.VerifyStream(_messages(ws), SocketCallContext(metadata, ws))
-        await ws.close(1000)
+        try:
+            await ws.close(1000)
+        except (RuntimeError, WebSocketDisconnect, OSError):  # the client left after the final result: done
+            pass
     except ClientGone:
         status = 499
     except (HttpAbort, ServiceError) as e:
