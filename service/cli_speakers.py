@@ -79,10 +79,9 @@ def _identify(stub, args, kw) -> None:
         req.min_score = args.min_score
         req.min_score_scale = SCALES[args.min_score_scale]
     r = stub.Identify(req, **kw)
-    emit({"candidates": [{"speaker": c.speaker_id, "score": c.score,
-                           "llr": c.llr if c.HasField("llr") else None,
-                           "normalized_score": c.normalized_score if c.HasField("normalized_score") else None,
-                           **({"metadata": dict(c.metadata)} if c.metadata else {})} for c in r.candidates],
+    # candidates keep exactly {"speaker", "score"} (an interface scripts rely on: tests/test_lifecycle.py's
+    # test_cli_interface); their calibrated scores are the parallel "llr" list, their metadata `get-speaker`'s
+    emit({"candidates": [{"speaker": c.speaker_id, "score": c.score} for c in r.candidates],
            "is_match": r.is_match, "threshold": r.threshold, "model": r.model,
            "verdict": enum_name(pb.Verdict, r.verdict, "VERDICT_"),
            "llr": [c.llr for c in r.candidates if c.HasField("llr")],

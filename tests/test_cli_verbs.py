@@ -122,8 +122,9 @@ def test_every_request_field_a_user_sets_has_an_option(server, capsys, tmp_path,
         _run(capsys, "enroll", "--collection", "opts", "--speaker", "x")
     code, out, _ = _run(capsys, "identify", "--collection", "opts", "--threshold", "0.99", awb)
     assert code == 0 and out[0]["threshold"] == pytest.approx(0.99) and not out[0]["is_match"]
-    assert out[0]["candidates"][0]["metadata"] == {"team": "blue", "note": "a=b"}
-    assert [c["llr"] for c in out[0]["candidates"]] == out[0]["llr"]  # each candidate's calibrated score, in place
+    assert set(out[0]["candidates"][0]) == {"speaker", "score"}  # the candidates' fields stay exactly these
+    code, got, _ = _run(capsys, "get-speaker", "--collection", "opts", "--speaker", "slt")
+    assert got[0]["metadata"] == {"team": "blue", "note": "a=b"}
     code, out, _ = _run(capsys, "identify", "--collection", "opts", "--min-score", "0.99", awb)
     assert code == 0 and out[0]["candidates"] == []  # below the floor: left out
     code, out, err = _run(capsys, "identify", "--collection", "opts", "--threshold", "0.5", "--target-far", "0.01", awb)
