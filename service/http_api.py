@@ -15,6 +15,7 @@ at ``GET /samples/NAME`` (``slt-1.wav``, ``slt-2.wav``: one voice; ``awb-1.wav``
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ def _query_message(query, message):
 _STREAM_PIECE = 1 << 20  # body bytes per stream message (max_stream_messages counts messages)
 
 
-def _streamed(request: Request, request_type):
+def _streamed(request: Request, request_type, ctx: HttpCallContext):
     """The messages of a client-streamed RPC from an HTTP request: its config from the query string (checked now,
     so that a bad one answers 400 before the body is read), then the body in 1 MiB chunks as it arrives."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -175,6 +176,7 @@ def _streamed(request: Request, request_type):
                     yield request_type(chunk=bytes(piece))
                     piece.clear()
         except ClientDisconnect:
+            ctx.client_gone = True
             raise ClientGone() from None
         if piece:
             yield request_type(chunk=bytes(piece))
@@ -192,13 +194,14 @@ def _endpoint(route: Route):
         if "authorization" in request.headers:
             metadata.append(("authorization", request.headers["authorization"]))
         t0, status, held, code = time.perf_counter(), 200, 0, None  # code: an error answered before the RPC ran
+        ctx = None
         try:
             servicer = server.servicer
             if servicer.auth is not None:  # before the body is read
                 servicer.auth.token_of(metadata)
             ctx = HttpCallContext(metadata, _timeout(request))
             if route.stream:  # the upload streams into the RPC as it arrives (spooled there, up to max_stream_mb)
-                messages = _streamed(request, request_type)
+                messages = _streamed(request, request_type, ctx)
                 code = "reached"
                 reply = await getattr(servicer, route.rpc)(messages, ctx)
                 return JSONResponse(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True),
@@ -216,8 +219,10 @@ def _endpoint(route: Route):
             reply = await getattr(servicer, route.rpc)(message, ctx)
             return JSONResponse(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True),
                                 headers={"x-request-id": rid})
-        except ClientGone:  # the uploader went away mid-body: nobody reads an answer
-            status = 499
+        except asyncio.CancelledError:
+            if ctx is None or not ctx.client_gone:  # the server's own cancellation (shutdown): not ours to end
+                raise
+            status = 499  # the uploader went away mid-body: nobody reads an answer
             return Response(status_code=499)
         except HttpAbort as e:
             status, code = e.status, (code or e.code.name)

@@ -22,7 +22,10 @@ __all__ = ["HttpAbort", "HttpCallContext", "ClientGone", "error_body"]
 
 
 class ClientGone(asyncio.CancelledError):
-    """The HTTP or WebSocket client went away while its call was still reading or writing (a cancellation)."""
+    """The HTTP or WebSocket client went away while its call was still reading or writing (a cancellation).
+
+    The call's context says so too (``client_gone``): on Python 3.10 a cancellation that crosses
+    ``asyncio.wait_for`` (the servicer's idle timeouts) arrives as a plain ``CancelledError``."""
 
 
 class HttpAbort(Exception):
@@ -53,6 +56,7 @@ class HttpCallContext:
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.retry_after_s: float | None = None
         self.transport = "http"  # for the access log
+        self.client_gone = False  # set when the client disconnected mid-call (then a cancellation is no error)
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         """The request's metadata: lower-case (key, value) pairs."""

@@ -20,6 +20,7 @@ Tokens, scopes, limits, metrics and the access log are ``VerifyStream``'s own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -50,15 +51,17 @@ class SocketCallContext(HttpCallContext):
         try:
             await self._ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError, OSError):  # closed under us: the call is over for this client
+            self.client_gone = True
             raise ClientGone() from None
 
 
-async def _messages(ws: WebSocket):
+async def _messages(ws: WebSocket, ctx: SocketCallContext):
     """The ``VerifyStreamRequest`` messages of a socket: its config (text), chunks (binary) up to ``{"end": true}``."""
     index = 0
     while True:
         event = await ws.receive()
         if event["type"] == "websocket.disconnect":
+            ctx.client_gone = True
             raise ClientGone()
         text, data = event.get("text"), event.get("bytes")
         if index == 0:
@@ -108,16 +111,19 @@ async def verify_stream_socket(ws: WebSocket) -> None:
         metadata.append(("authorization", token))
     await ws.accept(headers=[(b"x-request-id", rid.encode())])
     t0, status = time.perf_counter(), 200
+    ctx = SocketCallContext(metadata, ws)
     try:
         servicer = server.servicer
         if servicer.auth is not None:  # before any message is read
             servicer.auth.token_of(metadata)
-        await servicer.VerifyStream(_messages(ws), SocketCallContext(metadata, ws))
+        await servicer.VerifyStream(_messages(ws, ctx), ctx)
         try:
             await ws.close(1000)
         except (RuntimeError, WebSocketDisconnect, OSError):  # the client left after the final result: done
             pass
-    except ClientGone:
+    except asyncio.CancelledError:
+        if not ctx.client_gone:  # the server's own cancellation (shutdown): not ours to end
+            raise
         status = 499
     except (HttpAbort, ServiceError) as e:
         if isinstance(e, HttpAbort):
