@@ -11,7 +11,7 @@ read -r -a versions <<< "${versions[*]}"
 tests=(tests/test_server.py tests/test_security.py tests/test_store.py tests/test_store_faults.py tests/test_batcher.py
        tests/test_audio_config.py tests/test_speech_rules.py tests/test_vad.py tests/test_scoring.py tests/test_fuzz.py
        tests/test_lifecycle.py tests/test_decision_rules.py tests/test_diarize.py tests/test_http_api.py
-       tests/test_verify_stream.py tests/test_vad_stream.py tests/test_client.py)
+       tests/test_verify_stream.py tests/test_vad_stream.py tests/test_client.py tests/test_http_live.py)
 repo=.cache/test-model-repo
 rm -rf "$repo" && mkdir -p "$repo"
 .venv/bin/python - "$repo" <<'PY'
