@@ -67,11 +67,11 @@ _UNKNOWN = re.compile(r'Message type "(?:[\w.]+\.)?(\w+)" has no field named "([
                       r'Available Fields\(except extensions\): "\[([^\]]*)\]"')
 
 
-def parse_error(e: json_format.ParseError, fallback: str) -> HttpAbort:
+def parse_error(e: json_format.ParseError, fallback: str, prefix: str = "") -> HttpAbort:
     """A 400 naming the field a protobuf JSON parse error is about, in the API's words.
 
-    ``Failed to parse audio field: Failed to parse encoded field: ...`` becomes ``audio.encoded: ...``;
-    an unknown field names the message and lists the fields it has.
+    ``Failed to parse audio field: Failed to parse encoded field: ...`` becomes ``audio.encoded: ...``
+    (``prefix.audio.encoded`` with a ``prefix``); an unknown field names the message and lists the fields it has.
     """
     text = str(e)
     path = _NESTED.findall(text)
@@ -79,23 +79,24 @@ def parse_error(e: json_format.ParseError, fallback: str) -> HttpAbort:
     if unknown:
         name, field, where, known = unknown.groups()
         fields = ", ".join(k.strip(" '") for k in known.split(","))
-        return _bad(".".join(filter(None, [where, field])), f"{name} has no field {field!r} (it has: {fields})")
+        return _bad(".".join(filter(None, [prefix, where, field])), f"{name} has no field {field!r} (it has: {fields})")
     reason = _NESTED.sub("", text).rstrip(".") or text
-    return _bad(".".join(path) or fallback, reason)
+    return _bad(".".join(filter(None, [prefix, *path])) or fallback, reason)
 
 
-def json_message(body: bytes, message):
-    """Fill ``message`` (a request message) from a proto3-JSON body; 400 naming what is wrong."""
+def json_message(body: bytes | str, message, where: str = "body"):
+    """Fill ``message`` (a request message) from proto3 JSON; 400 naming what is wrong. ``where``: what the JSON
+    is (the request ``body``; a stream's ``config``, whose fields are then named ``config.<field>``)."""
     try:
         data = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad("body", f"not valid JSON ({e})") from None
+        raise _bad(where, f"not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise _bad("body", f"must be a JSON object ({type(message).__name__}), got {type(data).__name__}")
+        raise _bad(where, f"must be a JSON object ({type(message).__name__}), got {type(data).__name__}")
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
-        raise parse_error(e, "body") from None
+        raise parse_error(e, where, "" if where == "body" else where) from None
     return message
 
 

@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.errors import InvalidArgument, ServiceError, http_status, status_of
 from service.http_context import ClientGone, HttpAbort, HttpCallContext, error_body
-from service.http_forms import parse_error
+from service.http_forms import json_message
 
 __all__ = ["verify_stream_socket"]
 
@@ -78,18 +78,18 @@ async def _messages(ws: WebSocket, ctx: SocketCallContext):
         index += 1
 
 
+class _BadMessage(ServiceError):
+    """A socket message the API refuses (its message already names the field)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 def _config(text: str) -> pb.VerifyStreamConfig:
+    """The first text message as a ``VerifyStreamConfig`` (proto3 JSON), checked as the HTTP routes check bodies."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument("config", f"not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InvalidArgument("config", f"must be a JSON object (VerifyStreamConfig), got {type(data).__name__}")
-    try:
-        return json_format.ParseDict(data, pb.VerifyStreamConfig())
-    except json_format.ParseError as e:
-        abort = parse_error(e, "config")
-        raise InvalidArgument(f"config.{abort.message.split(': ', 1)[0]}", abort.message.split(": ", 1)[-1]) from None
+        return json_message(text, pb.VerifyStreamConfig(), "config")
+    except HttpAbort as e:
+        raise _BadMessage(e.message) from None
 
 
 def _is_end(text: str | None) -> bool:
