@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
+from service.client import CHUNK_BYTES, ONE_MESSAGE_BYTES, embed_stream, embedding, file_chunks
 
 __all__ = ["SCALES", "STREAM_ABOVE_BYTES", "CHUNK", "is_large", "embed_streamed", "read_chunks", "probe_of",
            "collection_model", "Unreadable", "read_file", "check_readable", "audio_of", "emit", "enum_name",
            "embeddings_of", "models_of"]
 
 SCALES = {"cosine": 1, "normalized": 2, "llr": 3}  # spkserve.v1.ScoreScale values
-STREAM_ABOVE_BYTES = 8 << 20  # larger files go through EmbedStream (the server's default message limit is 16 MiB)
-CHUNK = 1 << 20
+STREAM_ABOVE_BYTES = ONE_MESSAGE_BYTES  # larger files go through EmbedStream, as the Python client does
+CHUNK = CHUNK_BYTES
 
 
 class Unreadable(SystemExit):
@@ -108,22 +109,14 @@ def read_chunks(path: str) -> Iterator[bytes]:
             yield chunk
         return
     check_readable(path)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
+    yield from file_chunks(path)
 
 
 def embed_streamed(stub, path: str, model: str, kw: dict) -> pb.EmbedResponse:
     """Embed a file (``-``: stdin) through EmbedStream, 1 MiB per message (any length up to the stream limits)."""
     if path != "-":
         check_readable(path)  # before the call: the file's own error, not the stream's
-
-    def parts():
-        yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=model))
-        for chunk in read_chunks(path):
-            yield pb.EmbedStreamRequest(chunk=chunk)
-
-    return stub.EmbedStream(parts(), **kw)
+    return embed_stream(stub, read_chunks(path), model, **kw)
 
 
 def probe_of(stub, path: str, model: str, kw: dict) -> tuple[pb.Probe, pb.EmbedResponse | None]:
@@ -132,7 +125,7 @@ def probe_of(stub, path: str, model: str, kw: dict) -> tuple[pb.Probe, pb.EmbedR
     if not is_large(path):
         return pb.Probe(audio=audio_of(path)), None
     r = embed_streamed(stub, path, model, kw)
-    return pb.Probe(embedding=pb.Embedding(values=r.embedding, speech_seconds=r.speech_seconds, model=r.model)), r
+    return pb.Probe(embedding=embedding(r)), r
 
 
 def collection_model(stub, collection: str, kw: dict) -> str:

@@ -29,11 +29,11 @@ import numpy as np
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 
-__all__ = ["SpeakerClient", "speaker", "embedding"]
+__all__ = ["SpeakerClient", "speaker", "embedding", "embed_stream", "file_chunks", "ONE_MESSAGE_BYTES", "CHUNK_BYTES"]
 
 _SCALES = {"cosine": pb.SCORE_SCALE_COSINE, "normalized": pb.SCORE_SCALE_NORMALIZED, "llr": pb.SCORE_SCALE_LLR}
-_ONE_MESSAGE = 8 << 20  # larger audio goes through the streaming calls (the server's default limit is 16 MiB)
-_CHUNK = 1 << 20
+ONE_MESSAGE_BYTES = 8 << 20  # larger audio goes through the streaming calls (the server's default limit is 16 MiB)
+CHUNK_BYTES = 1 << 20  # the size of each streamed message's audio
 
 Audio = Any  # a path (str or Path), bytes of an encoded file, or (samples, sample_rate)
 
@@ -47,6 +47,26 @@ def embedding(reply: pb.EmbedResponse) -> pb.Embedding:
     """An ``embed`` reply as an embedding to send back (a probe, or an enrollment utterance): its vector, net
     speech and model, so the server refuses it for another model and counts its speech."""
     return pb.Embedding(values=reply.embedding, speech_seconds=reply.speech_seconds, model=reply.model)
+
+
+def file_chunks(path: str | Path) -> Iterator[bytes]:
+    """A file's bytes, ``CHUNK_BYTES`` at a time (for the streaming calls)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            yield chunk
+
+
+def embed_stream(stub: pb_grpc.SpeakerServiceStub, chunks: Iterable[bytes], model: str = "",
+                 pcm: pb.PcmFormat | None = None, **call: Any) -> pb.EmbedResponse:
+    """Embed audio of any length through EmbedStream: the config (``model``; ``pcm`` for raw PCM, None for an
+    encoded file), then each chunk as it comes. ``call``: the gRPC call's options (metadata, timeout)."""
+
+    def messages() -> Iterator[pb.EmbedStreamRequest]:
+        yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=model, pcm=pcm))
+        for chunk in chunks:
+            yield pb.EmbedStreamRequest(chunk=chunk)
+
+    return stub.EmbedStream(messages(), **call)
 
 
 def _pcm(samples: np.ndarray, rate: int) -> pb.Audio:
@@ -86,17 +106,11 @@ def _stream_parts(audio: Audio) -> tuple[pb.PcmFormat | None, Iterator[bytes]]:
     if isinstance(audio, tuple):
         msg = _pcm(*audio)
         data = msg.pcm.data
-        return msg.pcm.format, (data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK))
+        return msg.pcm.format, (data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES))
     if isinstance(audio, (bytes, bytearray)):
         data = bytes(audio)
-        return None, (data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK))
-
-    def read() -> Iterator[bytes]:
-        with open(audio, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                yield chunk
-
-    return None, read()
+        return None, (data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES))
+    return None, file_chunks(audio)
 
 
 class SpeakerClient:
@@ -130,23 +144,17 @@ class SpeakerClient:
     # -- single recordings ------------------------------------------------------------
     def embed(self, audio: Audio, model: str = "") -> pb.EmbedResponse:
         """The embedding of a recording's speech (a large one through EmbedStream)."""
-        if _size(audio) <= _ONE_MESSAGE:
+        if _size(audio) <= ONE_MESSAGE_BYTES:
             return self.stub.Embed(pb.EmbedRequest(model=model, audio=_audio(audio)), **self._kw)
         fmt, chunks = _stream_parts(audio)
-
-        def messages() -> Iterator[pb.EmbedStreamRequest]:
-            yield pb.EmbedStreamRequest(config=pb.StreamConfig(model=model, pcm=fmt))
-            for chunk in chunks:
-                yield pb.EmbedStreamRequest(chunk=chunk)
-
-        return self.stub.EmbedStream(messages(), **self._kw)
+        return embed_stream(self.stub, chunks, model, fmt, **self._kw)
 
     def _probe(self, probe: Audio | pb.Probe | pb.Embedding, model: str) -> pb.Probe:
         if isinstance(probe, pb.Probe):
             return probe
         if isinstance(probe, pb.Embedding):
             return pb.Probe(embedding=probe)
-        if _size(probe) > _ONE_MESSAGE:
+        if _size(probe) > ONE_MESSAGE_BYTES:
             return pb.Probe(embedding=embedding(self.embed(probe, model)))
         return pb.Probe(audio=_audio(probe))
 
@@ -219,7 +227,7 @@ class SpeakerClient:
         for item in audio:
             if isinstance(item, pb.Embedding):
                 embeddings.append(item)
-            elif _size(item) > _ONE_MESSAGE:
+            elif _size(item) > ONE_MESSAGE_BYTES:
                 embeddings.append(embedding(self.embed(item, model)))
             else:
                 recordings.append(_audio(item))

@@ -41,7 +41,7 @@ def test_large_inputs_go_through_the_streams(spk, monkeypatch):
 
     slt1, slt2, awb = (AUDIO / f"{n}.wav" for n in ("flite-slt-1", "flite-slt-2", "flite-awb-1"))
     small = spk.verify(slt1, slt2)
-    monkeypatch.setattr(client_module, "_ONE_MESSAGE", 1000)  # every input is "large" now
+    monkeypatch.setattr(client_module, "ONE_MESSAGE_BYTES", 1000)  # every input is "large" now
     big = spk.verify(slt1, slt2)
     assert big.verdict == small.verdict and abs(big.score - small.score) < 1e-4
     assert not big.HasField("a_speech")  # it went as an embedding, not audio
