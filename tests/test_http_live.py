@@ -226,3 +226,56 @@ def test_the_console_verifies_the_microphone_live_in_a_real_browser(live, tmp_pa
     verdict, *log = text.split("\n")
     assert verdict.startswith("final: ") and " s of speech" in verdict, text
     assert sum(line.startswith("so far: ") for line in log) >= 2, text
+
+
+@pytest.mark.parametrize("gone", ["disconnect", "runtime", "oserror"])
+def test_a_client_that_leaves_right_after_the_final_result_ends_the_call_normally(gone):
+    """The race a real socket rarely loses: the final result is sent, and the client has gone before the server's own
+    close (1000) reaches it. The call counts as done (200), not as an error or a disconnect mid-call."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.websockets import WebSocketDisconnect
+
+    from service._proto.spkserve.v1 import speaker_pb2 as pb
+    from service.http_live import verify_stream_socket
+    from service.metrics import Metrics
+
+    class Servicer:
+        auth = None
+
+        async def VerifyStream(self, requests, context):  # noqa: N802 - the RPC's name
+            seen = [r async for r in requests]
+            assert seen[0].WhichOneof("part") == "config" and len(seen) == 2
+            await context.write(pb.VerifyStreamResponse(final=True, speech_seconds=1.5))
+
+    class LeavingSocket:
+        headers, query_params = {}, {}
+
+        def __init__(self):
+            self.app = SimpleNamespace(state=SimpleNamespace(server=server))
+            self.inbox = [{"type": "websocket.receive", "text": _config(16000)},
+                          {"type": "websocket.receive", "bytes": b"\0\0" * 1600},
+                          {"type": "websocket.receive", "text": json.dumps({"end": True})}]
+            self.sent = []
+
+        async def accept(self, headers=None):
+            pass
+
+        async def receive(self):
+            return self.inbox.pop(0)
+
+        async def send_text(self, text):
+            self.sent.append(json.loads(text))
+
+        async def close(self, code=1000):
+            raise {"disconnect": WebSocketDisconnect(1006), "oserror": ConnectionResetError(104, "reset"),
+                   "runtime": RuntimeError("Unexpected ASGI message 'websocket.close'")}[gone]
+
+    server = SimpleNamespace(servicer=Servicer(), metrics=Metrics())
+    ws = LeavingSocket()
+    asyncio.run(verify_stream_socket(ws))
+    assert [m["final"] for m in ws.sent] == [True]
+    registry = server.metrics.registry
+    assert registry.get_sample_value("spkserve_http_requests_total", {"route": "VerifyStream", "status": "200"}) == 1.0
+    assert registry.get_sample_value("spkserve_http_requests_total", {"route": "VerifyStream", "status": "499"}) is None
