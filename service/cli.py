@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -51,7 +52,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.config import ConfigError, load_config
+    from service.config import ConfigError, load_config, unknown_environment
     from service.server import serve
 
     overrides = {
@@ -70,12 +71,15 @@ def _serve(args: argparse.Namespace) -> int:
     from service.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format)
+    ignored = unknown_environment()
+    for warning in ignored:
+        logging.getLogger("spkserve.config").warning(warning)
     if args.check:
         from models.artifact import ArtifactError
         from service.preflight import check_setup
 
         try:
-            print(json.dumps(check_setup(config)), flush=True)
+            print(json.dumps({**check_setup(config), "warnings": ignored}), flush=True)
         except (ConfigError, ArtifactError) as e:
             print(f"spkserve serve --check: {e}", file=sys.stderr)
             return 2

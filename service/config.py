@@ -9,6 +9,7 @@ masked).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -22,7 +23,12 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-__all__ = ["ServerConfig", "ConfigError", "load_config", "default_model_repository", "MODEL_SETTING_KEYS"]
+__all__ = ["ServerConfig", "ConfigError", "load_config", "default_model_repository", "MODEL_SETTING_KEYS",
+           "unknown_environment", "OTHER_ENVIRONMENT"]
+
+#: ``SPKSERVE_*`` variables that are not server options: the command line's, the model puller's and the scripts'.
+OTHER_ENVIRONMENT = frozenset({"SPKSERVE_CONFIG", "SPKSERVE_TARGET", "SPKSERVE_TOKEN", "SPKSERVE_CACHE",
+                               "SPKSERVE_REQUIRE_PYTHONS"})
 
 # Options that [model_settings.<model>] tables may set for one model (they override the
 # server-wide option of the same name for that model only).
@@ -336,6 +342,30 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         raise ConfigError(f"option '{name}' = {value!r}: {e}") from None
 
 
+def _unknown(key: str, value: Any, options: Mapping[str, Any]) -> str:
+    """The message for a key that names no option: the option it most resembles, or what a table means."""
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else "every option is listed in docs/configuration.md"
+    if isinstance(value, dict) and key != "model_settings":
+        hint = (f"options are top-level keys, not in a [{key}] table" + (f"; {hint}" if close else ""))
+    return f"unknown option '{key}' ({hint})"
+
+
+def unknown_environment(env: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for ``SPKSERVE_*`` environment variables that name no option (``load_config`` ignores them, so a
+    misspelt one would otherwise go unnoticed), each with the option it most resembles."""
+    env = os.environ if env is None else env
+    options = sorted(f.name.upper() for f in fields(ServerConfig))
+    out = []
+    for var in sorted(env):
+        name = var.removeprefix("SPKSERVE_")
+        if name != var and name not in options and var not in OTHER_ENVIRONMENT and not name.startswith("TEST_"):
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)  # compared without the common prefix
+            out.append(f"environment variable {var} is not an option and is ignored"
+                       + (f" (did you mean SPKSERVE_{close[0]}?)" if close else ""))
+    return out
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     env: Mapping[str, str] | None = None,
@@ -359,7 +389,7 @@ def load_config(
             raise ConfigError(f"config file {path}: {e}") from None
         for key, value in raw.items():
             if key not in types:
-                raise ConfigError(f"config file {path}: unknown option '{key}'; known: {sorted(types)}")
+                raise ConfigError(f"config file {path}: {_unknown(key, value, types)}")
             values[key] = _coerce(key, types[key], value)
     for name, kind in types.items():
         var = f"SPKSERVE_{name.upper()}"
@@ -369,6 +399,6 @@ def load_config(
         if value is None:
             continue
         if name not in types:
-            raise ConfigError(f"unknown option '{name}'")
+            raise ConfigError(_unknown(name, value, types))
         values[name] = _coerce(name, types[name], value)
     return ServerConfig(**values).validate()

@@ -24,7 +24,9 @@ flags. The resolved configuration is logged once at start-up (tokens masked). Si
 model unless said otherwise. Per-model options (`vad*`, `min_*_speech_seconds`,
 `decision_scale`, `decision_threshold`, ...) can be set for one model in a TOML table
 `[model_settings.<model>]`; a model's `model.json` may carry its own VAD options, which those
-override. Invalid values stop the server at start-up with one line naming the option (exit status 2).
+override. Invalid values and unknown keys of the file stop the server at start-up with one line naming the
+option (exit status 2); an `SPKSERVE_*` variable that names no option is logged as a warning (and listed
+under `warnings` by `spkserve serve --check`) with the option it most resembles.
 
 This page is generated from `service/config.py` (`python -m service.config_doc`).
 """

@@ -126,6 +126,33 @@ def test_config_precedence_and_errors(tmp_path):
     f.write_text("unknown_option = 1\n")
     with pytest.raises(ConfigError, match="unknown_option"):
         load_config(f, env={})
+
+
+def test_unknown_keys_and_variables_name_the_option_they_resemble(tmp_path):
+    """A misspelt key stops the server naming the option meant; a table of options says they are top-level; a
+    misspelt SPKSERVE_* variable (which the resolution ignores) is reported as a warning, the CLI's own are not."""
+    from service.config import unknown_environment
+
+    f = tmp_path / "c.toml"
+    f.write_text("max_batch_sise = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown option 'max_batch_sise' \(did you mean 'max_batch_size'\?\)"):
+        load_config(f, env={})
+    f.write_text("[server]\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"'server' \(options are top-level keys, not in a \[server\] table\)"):
+        load_config(f, env={})
+    f.write_text("zzz = 1\n")
+    with pytest.raises(ConfigError, match="docs/configuration.md"):
+        load_config(f, env={})
+    with pytest.raises(ConfigError, match="did you mean 'port'"):
+        load_config(env={}, overrides={"prot": 1})
+    env = {"SPKSERVE_MAX_BATCHSIZE": "4", "SPKSERVE_PORT": "1", "SPKSERVE_TOKEN": "t", "SPKSERVE_TARGET": "h:1",
+           "SPKSERVE_CONFIG": "c.toml", "SPKSERVE_CACHE": "/c", "SPKSERVE_TEST_MODEL_REPO": "/m", "SPKSERVE_QQQ": "1",
+           "PATH": "/bin"}
+    assert unknown_environment(env) == [
+        "environment variable SPKSERVE_MAX_BATCHSIZE is not an option and is ignored (did you mean "
+        "SPKSERVE_MAX_BATCH_SIZE?)",
+        "environment variable SPKSERVE_QQQ is not an option and is ignored"]
+    assert load_config(env=env).max_batch_size != 4  # ignored, as the warning says
     assert load_config(env={}, overrides={"auth_token": "x"}).redacted()["auth_token"] == "***"
 
 

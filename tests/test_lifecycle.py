@@ -487,7 +487,17 @@ def test_serve_check_loads_every_model_and_writes_nothing(model_repo, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["ok"] and summary["default_model"] == "ge2e" and "ge2e" in {m["name"] for m in summary["models"]}
     assert all(m["warmup_seconds"] >= 0 and m["embedding_dim"] > 0 for m in summary["models"])
+    assert summary["warnings"] == []
     assert not (tmp_path / "data").exists()  # checked, not created
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--check", "--metrics-port", "-1", "--data-dir",
+                        str(data), "--model-repository", str(model_repo)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SPKSERVE_INTRA_OP_THREAD": "1"})  # misspelt: ignored, so said
+    assert r.returncode == 0 and json.loads(r.stdout)["warnings"] == [
+        "environment variable SPKSERVE_INTRA_OP_THREAD is not an option and is ignored (did you mean "
+        "SPKSERVE_INTRA_OP_THREADS?)"], r.stderr
+    assert "WARNING spkserve.config: environment variable SPKSERVE_INTRA_OP_THREAD" in r.stderr
     repo = tmp_path / "repo"
     shutil.copytree(model_repo, repo)
     (repo / "ge2e" / "model.onnx").write_bytes(b"not an onnx graph")
