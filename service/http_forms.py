@@ -93,11 +93,44 @@ def json_message(body: bytes | str, message, where: str = "body"):
         raise _bad(where, f"not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise _bad(where, f"must be a JSON object ({type(message).__name__}), got {type(data).__name__}")
+    _check_shapes(data, message.DESCRIPTOR, "" if where == "body" else f"{where}.")  # before the parser skips it
     try:
         json_format.ParseDict(data, message)
     except json_format.ParseError as e:
         raise parse_error(e, where, "" if where == "body" else where) from None
     return message
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")  # proto3 JSON: standard or URL-safe, padded or not
+_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+def _check_shapes(data: dict, descriptor, path: str) -> None:
+    """400 naming the field, for JSON that protobuf's parser would misread rather than refuse: a bytes field's
+    text that is not base64 (the parser skips characters outside the alphabet, so ``"encoded": "!!!"`` arrived as
+    empty audio), a bytes field that is not text, and a message field given a string (read as a list of keys)."""
+    for key, value in data.items():
+        f = next((f for f in descriptor.fields if key in (f.name, f.json_name)), None)
+        if f is None or value is None:
+            continue  # an unknown field: the parser names it
+        name = f"{path}{f.name}"
+        is_map = f.type == FieldDescriptor.TYPE_MESSAGE and f.message_type.GetOptions().map_entry
+        if is_repeated(f) and not is_map and not isinstance(value, list):
+            raise _bad(name, f"must be a JSON list, got {_JSON_TYPES.get(type(value), 'a value')}")
+        many = is_repeated(f) and not is_map
+        for i, item in enumerate(value if many else [value]):
+            where = f"{name}[{i}]" if many else name
+            if f.type == FieldDescriptor.TYPE_BYTES:
+                if not isinstance(item, str):
+                    raise _bad(where, f"must be a base64 string, got {_JSON_TYPES.get(type(item), 'a value')}")
+                if not _BASE64.fullmatch(item) or len(item.rstrip("=")) % 4 == 1:
+                    raise _bad(where, f"not valid base64 (proto3 JSON carries bytes as base64), got {item[:20]!r}")
+            elif f.type == FieldDescriptor.TYPE_MESSAGE and not is_map \
+                    and not f.message_type.full_name.startswith("google.protobuf."):
+                if not isinstance(item, dict):
+                    raise _bad(where, f"must be a JSON object ({f.message_type.name}), got "
+                                      f"{_JSON_TYPES.get(type(item), 'a value')}")
+                _check_shapes(item, f.message_type, f"{where}.")
 
 
 def _field(descriptor, name: str, path: str) -> FieldDescriptor:

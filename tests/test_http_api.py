@@ -3,6 +3,7 @@ the same tokens and errors as gRPC, bad input on every route, and the OpenAPI do
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import socket
 
@@ -248,6 +249,23 @@ def test_bad_input_gets_the_grpc_errors_as_json(http):
                         ({"audio": {"sampleRate": 16000}}, ("audio.sampleRate: Audio has no field", "encoded, pcm"))]:
         err = _error(requests.post(f"{base}/v1/embed", json=body, timeout=10), 400, "INVALID_ARGUMENT", *words)
         assert "Failed to parse" not in err["message"], err
+    # JSON that protobuf's parser misreads instead of refusing: bytes that are not base64 (it skipped the bad
+    # characters: "!!!" arrived as empty audio, "is empty"), a string for a message (read as a list of field names)
+    slt = {"speaker": {"collection": "default", "speakerId": "slt"}}
+    for path, body, words in [
+            ("/v1/verify", {"a": {"audio": {"encoded": "!!!"}}, "b": slt}, "a.audio.encoded: not valid base64"),
+            ("/v1/verify", {"a": {"audio": {"encoded": "UklGRg==!!"}}, "b": slt}, "a.audio.encoded: not valid base64"),
+            ("/v1/verify", {"a": {"audio": {"encoded": "a"}}, "b": slt}, "a.audio.encoded: not valid base64"),
+            ("/v1/verify", {"a": {"audio": "x"}, "b": slt}, "a.audio: must be a JSON object (Audio), got a string"),
+            ("/v1/collections/default/speakers/x/enroll", {"audio": [{"encoded": "UklGRg=="}, {"encoded": "a*"}]},
+             "audio[1].encoded: not valid base64"),
+            ("/v1/collections/default/speakers/x/enroll", {"audio": [{"encoded": 5}]},
+             "audio[0].encoded: must be a base64 string, got a number"),
+            ("/v1/collections/default/speakers/x/enroll", {"audio": {"encoded": "UklGRg=="}},
+             "audio: must be a JSON list, got an object")]:
+        _error(requests.post(f"{base}{path}", json=body, timeout=10), 400, "INVALID_ARGUMENT", words)
+    wav = base64.urlsafe_b64encode(_wav("flite-slt-1")).decode().rstrip("=")  # URL-safe, unpadded: proto3 JSON too
+    assert requests.post(f"{base}/v1/embed", json={"audio": {"encoded": wav}}, timeout=30).status_code == 200
 
 
 def test_tokens_and_scopes_are_the_grpc_ones(secured):
