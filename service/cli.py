@@ -15,6 +15,7 @@
     spkserve get-speaker [--collection C] --speaker ID [--include-voiceprint]
     spkserve list-speakers [--collection C] [--page-size N] [--page-token T | --all]
     spkserve list-collections
+    spkserve delete-collection --collection C [--force]   (--force: with its speakers)
     spkserve compare  EMBEDDINGS_A EMBEDDINGS_B    (files of `spkserve embed` lines)
     spkserve migrate  --collection C --to NEW [--model M]   (admin)
     spkserve diarize  [--model M] [--num-speakers N | --min-speakers A --max-speakers B]
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-token", default="", help="continue from a previous page")
     p.add_argument("--all", action="store_true", help="follow every page")
     client("list-collections", "the collections this token can see")
+    p = client("delete-collection", "delete a collection and its model binding (--force: with its speakers)")
+    p.add_argument("--collection", required=True, help="the collection (named in full: no default here)")
+    p.add_argument("--force", action="store_true", help="also when it holds speakers: delete them all")
     p = client("compare", "cosine scores between two files of embeddings (lines printed by `spkserve embed`)")
     p.add_argument("file_a", metavar="EMBEDDINGS_A")
     p.add_argument("file_b", metavar="EMBEDDINGS_B")

@@ -124,6 +124,12 @@ def _list_collections(stub, args, kw) -> None:
                             "index_type": c.index_type} for c in r.collections]})
 
 
+def _delete_collection(stub, args, kw) -> None:
+    r = stub.DeleteCollection(pb.DeleteCollectionRequest(collection=args.collection, force=args.force), **kw)
+    emit({"deleted": r.collection.name, "model": r.collection.model, "model_version": r.collection.model_version,
+          "speakers_deleted": r.collection.speaker_count})
+
+
 def _migrate(stub, args, kw) -> None:
     r = stub.MigrateCollection(pb.MigrateCollectionRequest(collection=args.collection, target_collection=args.to,
                                                            model=args.model or ""), **kw)
@@ -132,4 +138,5 @@ def _migrate(stub, args, kw) -> None:
 
 
 SPEAKER_VERBS = {"enroll": _enroll, "identify": _identify, "delete": _delete, "get-speaker": _get_speaker,
-                 "list-speakers": _list_speakers, "list-collections": _list_collections, "migrate": _migrate}
+                 "list-speakers": _list_speakers, "list-collections": _list_collections, "delete-collection": _delete_collection,
+                 "migrate": _migrate}

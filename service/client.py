@@ -265,6 +265,10 @@ class SpeakerClient:
         return self.stub.DeleteSpeaker(pb.DeleteSpeakerRequest(collection=collection, speaker_id=speaker_id,
                                                                opt_out=opt_out), **self._kw)
 
+    def delete_collection(self, collection: str, force: bool = False) -> pb.DeleteCollectionResponse:
+        """Delete a collection and its binding to a model; ``force``: with the speakers it holds."""
+        return self.stub.DeleteCollection(pb.DeleteCollectionRequest(collection=collection, force=force), **self._kw)
+
     def models(self) -> pb.ListModelsResponse:
         """The served models and the default one."""
         return self.stub.ListModels(pb.ListModelsRequest(), **self._kw)

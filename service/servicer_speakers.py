@@ -1,4 +1,4 @@
-"""The servicer's speaker-record RPCs: get, list, delete (and opt out) speakers, list collections."""
+"""The servicer's speaker-record RPCs: get, list, delete (and opt out) speakers, list and delete collections."""
 
 from __future__ import annotations
 
@@ -88,6 +88,20 @@ class SpeakerRecordRpcs:
         if self.auth is not None:
             token = self.auth.token_of(context.invocation_metadata())
             infos = [i for i in infos if token.covers(i.name)]
-        return pb.ListCollectionsResponse(collections=[
-            pb.Collection(name=i.name, model=i.model, embedding_dim=i.dim, speaker_count=i.speaker_count,
-                          index_type=i.index_type, model_version=i.model_version) for i in infos])
+        return pb.ListCollectionsResponse(collections=[_collection_pb(i) for i in infos])
+
+    @_rpc
+    async def DeleteCollection(self, request: pb.DeleteCollectionRequest, context) -> pb.DeleteCollectionResponse:
+        """Delete a collection with its speakers (``force``) and its model binding; see the proto."""
+        coll = validate_collection(request.collection)
+        self._allow(context, "write", coll)
+        info = await self.engine.store_call(self.engine.store.drop_collection, coll, request.force)
+        self.engine.cohorts.invalidate(coll)
+        await self.engine.report_collection(coll)
+        return pb.DeleteCollectionResponse(collection=_collection_pb(info))
+
+
+def _collection_pb(info) -> pb.Collection:
+    """A store's ``CollectionInfo`` as the API's ``Collection``."""
+    return pb.Collection(name=info.name, model=info.model, embedding_dim=info.dim, speaker_count=info.speaker_count,
+                         index_type=info.index_type, model_version=info.model_version)

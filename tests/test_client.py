@@ -76,6 +76,7 @@ def test_speakers_diarize_and_live(spk):
     results = list(spk.verify_stream(speaker("client2", "slt"), [wav[:5000], wav[5000:]]))
     assert results[-1].final and results[-1].verdict == pb.VERDICT_ACCEPT
     assert spk.delete("client2", "awb").speaker.speaker_id == "awb"
+    assert spk.delete_collection("client2", force=True).collection.speaker_count == 1
     assert "ge2e" in {m.name for m in spk.models().models}
 
 

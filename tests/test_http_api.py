@@ -132,6 +132,13 @@ def test_every_rpc_but_the_streams_has_a_route(http):
         _error(requests.post(f"{base}{path}", json={}, timeout=10), 403, "PERMISSION_DENIED", "model_control")
     _error(requests.post(f"{base}/v1/collections/default:migrate", json={"targetCollection": "x"}, timeout=10), 403,
            "PERMISSION_DENIED", "model_control")
+    r = requests.post(f"{base}/v1/collections/scratch/speakers/x/enroll", json={"embeddings": [
+        {"values": [1.0] + [0.0] * 255, "speechSeconds": 5}]}, timeout=10)
+    assert r.status_code == 200, r.text
+    _error(requests.delete(f"{base}/v1/collections/scratch", timeout=10), 409, "FAILED_PRECONDITION", "force")
+    gone = requests.delete(f"{base}/v1/collections/scratch", params={"force": "true"}, timeout=10)
+    assert gone.status_code == 200 and gone.json()["collection"]["speakerCount"] == "1", gone.text
+    _error(requests.delete(f"{base}/v1/collections/scratch", timeout=10), 404, "NOT_FOUND", "scratch")
 
 
 def test_diarize_over_http(http):

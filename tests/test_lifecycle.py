@@ -156,6 +156,12 @@ def test_cli_interface(model_repo, tmp_path, speech_files):
         assert srv.cli("delete", "--collection", "cli", "--speaker", "slt").returncode == 0
         bad = srv.cli("delete", "--collection", "cli", "--speaker", "slt")
         assert bad.returncode != 0 and bad.stderr.startswith("NOT_FOUND:")
+        bad = srv.cli("delete-collection", "--collection", "cli")
+        assert bad.returncode != 0 and bad.stderr.startswith("FAILED_PRECONDITION:") and "force" in bad.stderr
+        assert srv.cli("delete-collection").returncode == 2  # no default collection for a whole deletion
+        gone = json.loads(srv.cli("delete-collection", "--collection", "cli", "--force").stdout)
+        assert gone == {"deleted": "cli", "model": "ge2e", "model_version": gone["model_version"],
+                        "speakers_deleted": 1}
         bad = srv.cli("embed", str(ROOT / "pyproject.toml"))
         assert bad.returncode != 0 and bad.stderr.startswith("INVALID_ARGUMENT:")
     finally:

@@ -102,6 +102,12 @@ def test_tenants_cannot_touch_each_others_collections(channel):
         "Enroll (read-only token)": lambda: enroll(stub, "acme-ro", "acme", "eve", 5),
         "Delete (read-only token)": lambda: stub.DeleteSpeaker(
             pb.DeleteSpeakerRequest(collection="acme", speaker_id="alice"), metadata=as_("acme-ro")),
+        "DeleteCollection": lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="acme", force=True),
+                                                          metadata=as_("globex")),
+        "DeleteCollection (read-only token)": lambda: stub.DeleteCollection(
+            pb.DeleteCollectionRequest(collection="acme", force=True), metadata=as_("acme-ro")),
+        "DeleteCollection (unknown)": lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="nope"),
+                                                                    metadata=as_("globex")),
         "unknown collection": lambda: stub.ListSpeakers(pb.ListSpeakersRequest(collection="nope"), metadata=as_("globex")),
     }
     for what, call in attempts.items():
@@ -267,6 +273,9 @@ def test_collections_per_tenant_are_capped(model_repo, tmp_path):
             code, details = code_of(lambda: enroll("three", "a"))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_collections_per_tenant (2)" in details
             assert {c.name for c in s.ListCollections(pb.ListCollectionsRequest()).collections} == {"one", "two"}
+            s.DeleteCollection(pb.DeleteCollectionRequest(collection="one", force=True))  # frees its place
+            enroll("three", "a")
+            assert {c.name for c in s.ListCollections(pb.ListCollectionsRequest()).collections} == {"three", "two"}
     finally:
         srv.stop()
 

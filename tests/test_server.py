@@ -382,6 +382,35 @@ def test_enroll_embeddings_and_collections_are_namespaces(stub):
     assert a.candidates[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_delete_collection(server, stub):
+    """DeleteCollection: bad names and unknown collections named; a collection with speakers kept unless forced;
+    then gone from listings, Identify and the speakers gauge, and its name free for a new start."""
+    v = np.random.default_rng(8).standard_normal((2, 256))
+    for i in range(2):
+        stub.Enroll(pb.EnrollRequest(collection="doomed", speaker_id=f"s{i}",
+                                     embeddings=[pb.Embedding(values=v[i], speech_seconds=4)]))
+    probe = pb.Probe(embedding=pb.Embedding(values=v[0]))
+    assert stub.Identify(pb.IdentifyRequest(collection="doomed", probe=probe)).collection_size == 2  # cohort cached
+    expect_error(lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="bad name!")),
+                 grpc.StatusCode.INVALID_ARGUMENT, "collection")
+    expect_error(lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="never")),
+                 grpc.StatusCode.NOT_FOUND, "collection", "never")
+    expect_error(lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="doomed")),
+                 grpc.StatusCode.FAILED_PRECONDITION, "holds 2 speakers", "force")
+    gone = stub.DeleteCollection(pb.DeleteCollectionRequest(collection="doomed", force=True)).collection
+    assert (gone.name, gone.model, gone.speaker_count, gone.embedding_dim) == ("doomed", "ge2e", 2, 256)
+    assert "doomed" not in {c.name for c in stub.ListCollections(pb.ListCollectionsRequest()).collections}
+    expect_error(lambda: stub.Identify(pb.IdentifyRequest(collection="doomed", probe=probe)),
+                 grpc.StatusCode.NOT_FOUND, "doomed")
+    expect_error(lambda: stub.Enroll(pb.EnrollRequest(collection="doomed", speaker_id="s0", embeddings=[
+        pb.Embedding(values=v[0], speech_seconds=4)])), grpc.StatusCode.FAILED_PRECONDITION, "allow_reenroll")
+    stub.Enroll(pb.EnrollRequest(collection="doomed", speaker_id="s9", embeddings=[
+        pb.Embedding(values=v[1], speech_seconds=4)]))
+    r = stub.Identify(pb.IdentifyRequest(collection="doomed", probe=probe))  # a fresh cohort, not the dropped one
+    assert r.collection_size == 1 and [c.speaker_id for c in r.candidates] == ["s9"]
+    assert stub.DeleteCollection(pb.DeleteCollectionRequest(collection="doomed", force=True)).collection.speaker_count == 1
+
+
 def test_speaker_bad_inputs(stub, speech_files):
     good = [audio_of(speech_files["flite-kal-1"])]
     expect_error(lambda: stub.Enroll(pb.EnrollRequest(speaker_id="x")), grpc.StatusCode.INVALID_ARGUMENT, "audio")

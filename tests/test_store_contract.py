@@ -192,6 +192,34 @@ def test_delete_tombstone_and_opt_out(store):
     assert created and rec.count == 1
 
 
+def test_a_dropped_collection_is_gone_with_its_speakers_and_binding(store):
+    """drop_collection: refused while it holds speakers unless forced; then no speaker, no binding (the name takes
+    another model), its speakers' ids tombstoned as by delete, opt-outs kept, other collections untouched."""
+    store.enroll("c", "m", "a", units(2), {"k": "v"}, model_version="1")
+    store.enroll("c", "m", "b", units(1, seed=1), model_version="1")
+    store.delete("c", "gone", opt_out=True)
+    store.enroll("other", "m", "a", units(1, seed=3))
+    with pytest.raises(FailedPrecondition, match="holds 2 speakers; set force"):
+        store.drop_collection("c")
+    assert store.speaker_count("c") == 2  # refused: nothing changed
+    info = store.drop_collection("c", force=True)
+    assert (info.name, info.model, info.model_version, info.speaker_count, info.dim) == ("c", "m", "1", 2, 16)
+    assert "c" not in {i.name for i in store.collections()}
+    for call in (lambda: store.get("c", "a"), lambda: store.collection_model("c"), lambda: store.list("c", 0, 10),
+                 lambda: store.search("c", "m", units(1)[0], 5), lambda: store.drop_collection("c", force=True)):
+        with pytest.raises(NotFound, match="collection: 'c' does not exist"):
+            call()
+    assert store.get("other", "a").count == 1
+    with pytest.raises(FailedPrecondition, match="allow_reenroll"):  # a dropped speaker, as a deleted one
+        store.enroll("c", "m2", "a", units(1, dim=8))
+    with pytest.raises(FailedPrecondition, match="allow_reenroll"):  # an opt-out stays
+        store.enroll("c", "m2", "gone", units(1, dim=8))
+    rec, created = store.enroll("c", "m2", "new", units(1, dim=8), model_version="9")  # another model, dimension
+    assert created and store.collection_binding("c") == ("m2", "9") and store.list("c", 0, 10)[1] == 1
+    store.delete("c", "new")
+    assert store.drop_collection("c").speaker_count == 0  # empty: no force needed
+
+
 def test_version_binding(store):
     store.enroll("c", "m", "a", units(1), model_version="1")
     with pytest.raises(FailedPrecondition, match="version '1'"):
@@ -354,6 +382,21 @@ def test_two_replicas_share_speakers_on_a_milvus_server(model_repo, tmp_path):
                 one.GetSpeaker(pb.GetSpeakerRequest(collection="shared", speaker_id="p2"))
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
             assert one.ListSpeakers(pb.ListSpeakersRequest(collection="shared")).total_size == 2
+            # a collection deleted through one replica is gone for the other (at once for reads of records;
+            # its cached binding within BINDING_TTL_SECONDS), and can be made again with another dimension
+            two.Identify(pb.IdentifyRequest(collection="shared", probe=probe))  # the binding is cached now
+            gone = one.DeleteCollection(pb.DeleteCollectionRequest(collection="shared", force=True)).collection
+            assert (gone.name, gone.speaker_count) == ("shared", 2)
+            with pytest.raises(grpc.RpcError) as e:
+                two.GetSpeaker(pb.GetSpeakerRequest(collection="shared", speaker_id="p0"))
+            assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+            from service.store.milvus_schema import BINDING_TTL_SECONDS
+
+            time.sleep(BINDING_TTL_SECONDS)
+            with pytest.raises(grpc.RpcError) as e:
+                two.ListSpeakers(pb.ListSpeakersRequest(collection="shared"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+            assert "shared" not in {c.name for c in two.ListCollections(pb.ListCollectionsRequest()).collections}
     finally:
         for s in servers:
             s.stop()

@@ -382,3 +382,66 @@ def test_directory_is_fsynced_after_creating_logs_and_renaming_snapshots(tmp_pat
     s.enroll("c", "m", "b", units(1, seed=1))  # triggers a snapshot and a new log generation
     assert [k for k, _ in synced] == ["snapshot", "log"]
     s.close()
+
+
+@pytest.mark.parametrize("fault", ["fail_write", "fail_fsync"])
+def test_a_drop_that_cannot_be_written_changes_nothing(tmp_path, fault):
+    """Disk full or a failed fsync while dropping a collection: the record is cut off, the collection and every
+    speaker's key stay (a restart sees them), and a later drop succeeds."""
+    ops = Faulty()
+    s = enroll_many(tmp_path, n=5, ops=ops)
+    setattr(ops, fault, True)
+    with pytest.raises(StoreUnavailable, match="nothing was stored"):
+        s.drop_collection("c", force=True)
+    setattr(ops, fault, False)
+    assert len(ids(s)) == 5 and all(s._keys.key(slot, "c") for slot in range(1, 6))
+    s.abandon()
+    r = LocalStore(tmp_path)
+    assert len(ids(r)) == 5
+    assert r.drop_collection("c", force=True).speaker_count == 5
+    r.close()
+
+
+@pytest.mark.parametrize("when", ["after the record", "after the keys", "after a snapshot"])
+def test_a_dropped_collection_stays_dropped_and_unreadable_after_kill_9(tmp_path, when, monkeypatch):
+    """kill -9 right after the drop's record (its keys not yet destroyed), after the keys, or after a snapshot: the
+    restart has no trace of the collection, its speakers' keys are zeros (destroyed at start-up when the crash came
+    first), nothing they said is in any file, their ids are tombstoned, and other collections are intact."""
+    s = LocalStore(tmp_path, snapshot_every=1000 if when != "after a snapshot" else 4)
+    secret = units(2, seed=9)
+    s.enroll("c", "m", "victim", secret, {"name": "Jane Q. Example"})
+    s.enroll("c", "m", "v2", units(1, seed=4))
+    s.enroll("keep", "m", "k", units(1, seed=5))
+    if when == "after the record":
+        monkeypatch.setattr(s._keys, "destroy_many", lambda slots: None)  # killed before the keys were destroyed
+    s.drop_collection("c", force=True)
+    s.abandon()
+    r = LocalStore(tmp_path)
+    assert [i.name for i in r.collections()] == ["keep"] and r.get("keep", "k").count == 1
+    assert r._keys.key(1, "c") is None and r._keys.key(2, "c") is None  # both speakers' slots are zeros
+    assert not any(n in _files(tmp_path) for n in (b"Jane Q. Example", b"victim", secret[0].tobytes()[:32]))
+    with pytest.raises(FailedPrecondition, match="allow_reenroll"):
+        r.enroll("c", "m", "victim", units(1))
+    r.enroll("c", "m2", "fresh", units(1, dim=8))  # the name is free for another model
+    r.close()
+
+
+def test_a_drop_whose_keys_cannot_be_destroyed_stops_writes_until_they_are(tmp_path, monkeypatch):
+    s = enroll_many(tmp_path, n=3)
+    real = s._keys.destroy_many
+
+    def failing(slots):
+        raise StoreUnavailable("speaker store: could not write keys.bin (Input/output error)")
+
+    monkeypatch.setattr(s._keys, "destroy_many", failing)
+    monkeypatch.setattr(s._keys, "destroy", lambda slot: failing([slot]))
+    with pytest.raises(StoreUnavailable, match="was deleted, but destroying its speakers' keys failed"):
+        s.drop_collection("c", force=True)
+    assert s.collections() == []  # deleted all the same
+    with pytest.raises(StoreUnavailable, match="destroying its key failed"):
+        s.enroll("d", "m", "x", units(1))
+    monkeypatch.setattr(s._keys, "destroy_many", real)
+    monkeypatch.undo()
+    s.enroll("d", "m", "x", units(1))  # the pending keys were destroyed first
+    assert all(s._keys.key(slot, "c") is None for slot in range(1, 4))
+    s.close()

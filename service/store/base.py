@@ -241,6 +241,15 @@ class SpeakerStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def drop_collection(self, collection: str, force: bool = False) -> CollectionInfo:
+        """Delete a collection: each of its speakers as ``delete`` does (tombstones kept), then its binding to a
+        model, so the name is free for any model. Opt-outs stay. Returns what it was (model, speakers deleted).
+        Durable when it returns.
+
+        Raises NotFound for an unknown collection, FailedPrecondition when it holds speakers and not ``force``.
+        """
+
+    @abc.abstractmethod
     def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
         """The (rate, (T,) int16) enrollment speech kept for a speaker (empty when none). Raises NotFound."""
 

@@ -229,6 +229,19 @@ class KeyRing:
         """Overwrite ``slot`` with zeros and fsync. Raises StoreUnavailable on I/O errors."""
         self._write_slot(slot, bytes(SLOT_SIZE))
 
+    def destroy_many(self, slots: list[int]) -> None:
+        """Overwrite every slot of ``slots`` with zeros, then fsync once (a whole collection's keys).
+        Raises StoreUnavailable on I/O errors (some of them may be destroyed already)."""
+        try:
+            for slot in slots:
+                if os.pwrite(self.fd, bytes(SLOT_SIZE), _HEADER.size + slot * SLOT_SIZE) != SLOT_SIZE:
+                    raise OSError("short write")
+            if slots:
+                self._sync()
+        except OSError as e:
+            raise StoreUnavailable(f"speaker store: could not write {self.path.name} ({e.strerror or e}); "
+                                   "the keys of deleted speakers are destroyed when it can be written") from None
+
     def slots_in_use(self) -> set[int]:
         """Slot numbers (from 1) that still hold a key."""
         size = os.fstat(self.fd).st_size - _HEADER.size

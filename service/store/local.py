@@ -15,6 +15,8 @@ shown in health, not reported as the failure of the call that triggered it.
 Deletion: the log record of the delete is written, then the speaker's key is destroyed; the
 speaker's earlier records in logs and snapshots can no longer be read. What the store keeps of
 a deleted or opted-out id is a keyed hash (tombstone), so it is not re-enrolled by accident.
+Dropping a collection is one log record (its speakers' tombstones), then all their keys destroyed
+with one fsync; keys a crash left behind are destroyed at the next start.
 
 Start-up: the newest snapshot, then the logs from its generation. Only a torn tail of the last
 log (a crash mid-append, or zeros after power loss) is cut off; damage anywhere else stops
@@ -24,10 +26,8 @@ fixes it keeping every intact record.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 import threading
 import time
 from pathlib import Path
@@ -36,15 +36,14 @@ from typing import Callable
 import numpy as np
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.store import legacy
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn,
                                 StoreUnavailable, check_binding, check_merged_metadata, quoted, validate_metadata)
 from service.store.audio import RetainedAudio
 from service.store.faiss_index import CollectionIndex
 from service.store.keys import KeyFile, KeyRing, Sealed
+from service.store.generations import Generations, now_ms, pack
 from service.store.local_state import RecordState
-from service.store.recovery import SNAP_RE, WAL_RE, Recovery
-from service.store.snapshot import SnapshotEntry, write_snapshot
+from service.store.recovery import Recovery
 from service.store.wal import FileOps, LogWriter
 
 __all__ = ["LocalStore"]
@@ -53,16 +52,8 @@ log = logging.getLogger("spkserve.store")
 
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
-
-def _pack(info: dict, array: np.ndarray) -> bytes:
-    head = json.dumps(info, separators=(",", ":")).encode()
-    return struct.pack("<I", len(head)) + head + np.ascontiguousarray(array).tobytes()
-
-
-class LocalStore(Recovery, RecordState, SpeakerStore):
+class LocalStore(Generations, Recovery, RecordState, SpeakerStore):
     """All collections, persisted under ``data_dir``. Thread-safe; calls block on disk I/O.
 
     Args:
@@ -215,7 +206,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
                 key = self._keys.new_key(slot, collection)
             else:
                 key = self._keys.key(slot, collection)
-            ts = _now_ms()
+            ts = now_ms()
             body = {"spk": speaker_id, "meta": metadata, "speech": round(float(speech), 4), "n": int(len(embeddings))}
             head = {"op": "enroll", "c": collection, "model": model, "dim": int(embeddings.shape[1]), "slot": slot,
                     "ts": ts, "mv": model_version}
@@ -228,7 +219,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
                     self._try_destroy(slot)
                 raise
             try:
-                self._writer.append(head, Sealed(key, slot).seal(_pack(body, embeddings)))
+                self._writer.append(head, Sealed(key, slot).seal(pack(body, embeddings)))
             except StoreUnavailable:
                 if undo is not None:
                     self._audio.truncate(slot, undo)
@@ -250,7 +241,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             self._check_writable()
             tomb = self._keys.tombstone(collection, speaker_id)
             slot = self._slots.get((collection, speaker_id))
-            head = {"op": "delete" if rec else "optout", "c": collection, "tomb": tomb, "ts": _now_ms()}
+            head = {"op": "delete" if rec else "optout", "c": collection, "tomb": tomb, "ts": now_ms()}
             if rec:
                 head["slot"] = slot
             self._writer.append(head)
@@ -261,6 +252,33 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             self._after_write()
             return rec or None
 
+    def drop_collection(self, collection: str, force: bool = False) -> CollectionInfo:
+        """``SpeakerStore.drop_collection`` (service/store/base.py): one log record (the speakers' tombstones), then
+        each speaker's key destroyed, as ``delete`` does one by one."""
+        with self._lock:
+            info = self._collection(collection).info()
+            if info.speaker_count and not force:
+                raise FailedPrecondition(f"collection: {quoted(collection)} holds {info.speaker_count} speakers; set "
+                                         "force to delete them with it")
+            self._check_writable()
+            speakers = sorted(self._collections[collection].speakers)
+            slots = [self._slots[(collection, spk)] for spk in speakers]
+            head = {"op": "drop", "c": collection, "tombs": [self._keys.tombstone(collection, spk) for spk in speakers],
+                    "ts": now_ms()}
+            self._writer.append(head)
+            self._apply_drop(head)
+            for slot in slots:
+                self._audio.remove(slot)
+            try:
+                self._keys.destroy_many(slots)
+            except StoreUnavailable as e:  # the collection is gone either way; writes stop until its keys are destroyed
+                self._pending_shred.update(slots)
+                raise StoreUnavailable(f"collection {quoted(collection)} was deleted, but destroying its speakers' "
+                                       f"keys failed ({e}); writes are stopped until they are destroyed (retried with "
+                                       "every write)") from None
+            self._after_write()
+            return info
+
     def retained_audio(self, collection: str, speaker_id: str) -> list[tuple[int, np.ndarray]]:
         """``SpeakerStore.retained_audio`` (service/store/base.py)."""
         with self._lock:
@@ -270,7 +288,7 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
 
     def touch(self, collection: str, speaker_ids: list[str]) -> None:
         """``SpeakerStore.touch`` (service/store/base.py)."""
-        now = _now_ms()
+        now = now_ms()
         with self._lock:
             coll = self._collections.get(collection)
             for spk in speaker_ids:
@@ -375,42 +393,3 @@ class LocalStore(Recovery, RecordState, SpeakerStore):
             self.last_snapshot_error = str(e)
             self._since_snapshot = self.snapshot_every // 2  # try again later, not after every write
             log.error("%s; the write-ahead log still holds every acknowledged change", e)
-
-    # -- snapshots and log generations --------------------------------------------------
-    def _wal_path(self, gen: int) -> Path:
-        return self.dir / f"wal-{gen:08d}.log"
-
-    def _snap_path(self, gen: int) -> Path:
-        return self.dir / f"snapshot-{gen:08d}.bin"
-
-    def _rotate_and_snapshot(self, scrub: bool = False) -> None:
-        # The snapshot covers everything in logs < gen + 1. Order: snapshot file, new log, switch;
-        # a crash or failure between steps leaves a state that replays to the same result.
-        gen = self._gen + 1
-        meta = {"next_gen": gen, "created_ms": _now_ms(), "collections": []}
-        entries = []
-        for ci, name in enumerate(sorted(self._collections)):
-            coll = self._collections[name]
-            meta["collections"].append({"name": name, "model": coll.model, "dim": coll.dim, "version": coll.model_version,
-                                        "tombstones": sorted(self._tombstones.get(name, ()))})
-            for spk in sorted(coll.speakers):
-                r, slot = coll.speakers[spk], self._slots[(name, spk)]
-                info = {"spk": spk, "count": r.count, "meta": r.metadata, "created": r.created_ms,
-                        "updated": r.updated_ms, "speech": r.speech, "used": r.last_used_ms}
-                sealed = Sealed(self._keys.key(slot, name), slot).seal(_pack(info, r.sum))
-                entries.append(SnapshotEntry(ci, slot, sealed))
-        for name in sorted(set(self._tombstones) - set(self._collections)):  # opt-outs of empty collections
-            meta["collections"].append({"name": name, "model": "", "dim": 0,
-                                        "tombstones": sorted(self._tombstones[name])})
-        write_snapshot(self._snap_path(gen), meta, entries, self.fsync)
-        writer = LogWriter(self._wal_path(gen), self.fsync, self.ops)
-        if self._writer is not None:
-            self._writer.close()
-        self._writer, self._gen, self._since_snapshot = writer, gen, 0
-        self.last_snapshot_error = None
-        snaps = sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := SNAP_RE.fullmatch(p.name)))
-        keep_from = snaps[-2] if len(snaps) >= 2 else gen  # the previous snapshot and its logs stay
-        for p in self.dir.iterdir():
-            m = SNAP_RE.fullmatch(p.name) or WAL_RE.fullmatch(p.name)
-            if m and int(m.group(1)) < keep_from:
-                legacy.scrub(p) if scrub else p.unlink()

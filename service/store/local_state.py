@@ -16,7 +16,7 @@ __all__ = ["RecordState"]
 
 
 class RecordState:
-    """Applying enroll, delete and touch records of ``LocalStore``'s log to its collections."""
+    """Applying enroll, delete, drop and touch records of ``LocalStore``'s log to its collections."""
 
     def _apply_enroll(self, head: dict, body: dict, embeddings: np.ndarray) -> tuple[SpeakerRecord, bool]:
         """Add an enroll record's embeddings to its speaker (created if new); (the record, whether it is new)."""
@@ -50,6 +50,14 @@ class RecordState:
         if owner is not None:
             self._collections[owner[0]].remove(owner[1])
             del self._slots[owner]
+
+    def _apply_drop(self, head: dict) -> None:
+        """Remove a collection, its speakers and its binding, keeping its speakers' tombstones (a drop record)."""
+        c = head["c"]
+        self._tombstones.setdefault(c, set()).update(head["tombs"])
+        coll = self._collections.pop(c, None)
+        for spk in coll.speakers if coll is not None else ():
+            self._owners.pop(self._slots.pop((c, spk)), None)
 
     def _apply_touch(self, head: dict) -> None:
         """Move speakers' last-used times forward (never back) as a touch record says."""

@@ -110,7 +110,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         self._schema_lock = threading.RLock()  # creating or rebinding a collection
         self._reads = ThreadPoolExecutor(8, thread_name_prefix="milvus-read")  # reads issued side by side
         self._stats_fn: StatsFn | None = None
-        self._bindings: dict[str, tuple[str, str, int]] = {}
+        self._bindings: dict[str, tuple[tuple[str, str, int], float]] = {}  # binding, when it was read
 
     # -- schema -----------------------------------------------------------------------
     def _call(self, fn, *args, **kw):

@@ -1,4 +1,5 @@
-"""The Milvus backend's schema: collection names, creation, loading and the registry (a mixin of ``MilvusStore``).
+"""The Milvus backend's schema: collection names, creation, loading, deletion and the registry (a mixin of
+``MilvusStore``).
 
 Every spkserve collection is two Milvus collections (voiceprints ``spkv_<name>``, enrollment deltas
 ``spkd_<name>``); two more hold the registry of spkserve collections and the tombstones. A
@@ -9,10 +10,17 @@ store loads every one it uses.
 
 from __future__ import annotations
 
+import time
+
 from service.errors import FailedPrecondition, InvalidArgument
+from service.store.base import CollectionInfo, quoted
 from service.store.milvus_privacy import SEALED_SUFFIX
 
-__all__ = ["MilvusSchema", "milvus_name", "drop_database"]
+__all__ = ["MilvusSchema", "milvus_name", "drop_database", "BINDING_TTL_SECONDS"]
+
+#: How long a replica trusts its cached registry row of a collection: another replica's DeleteCollection (and a
+#: new collection of the same name) is noticed within it.
+BINDING_TTL_SECONDS = 10.0
 
 _REGISTRY, _TOMBSTONES = "spkserve_collections", "spkserve_tombstones"
 _MAX_ROWS = 16384  # Milvus' largest query page
@@ -124,8 +132,9 @@ class MilvusSchema:
     def _binding(self, collection: str) -> tuple[str, str, int] | None:
         """(model, model version, dimension) the registry binds ``collection`` to, None when it does not exist;
         notes whether the collection is sealed."""
-        if collection in self._bindings:
-            return self._bindings[collection]
+        cached = self._bindings.get(collection)
+        if cached is not None and time.monotonic() - cached[1] < BINDING_TTL_SECONDS:
+            return cached[0]
         rows = self._call(self.client.query, _REGISTRY, filter=f"pk == {_q(collection)}",
                           output_fields=["model", "version", "dim", "index_type"], consistency_level="Strong")
         if not rows:
@@ -133,7 +142,8 @@ class MilvusSchema:
         b = (rows[0]["model"], rows[0]["version"], int(rows[0]["dim"]))
         self._sealers[collection] = self._make_sealer(collection) if rows[0]["index_type"].endswith(SEALED_SUFFIX) else None
         if b[1]:
-            self._bindings[collection] = b  # a versioned binding never changes
+            # a versioned binding changes only when the collection is deleted (maybe by another replica): kept briefly
+            self._bindings[collection] = (b, time.monotonic())
         return b
 
     def _bind(self, collection: str, model: str, version: str, dim: int) -> None:
@@ -151,3 +161,27 @@ class MilvusSchema:
                                                     "vec": [1.0, 0.0]}])
         self._bindings.pop(collection, None)
         self._sealers[collection] = self._make_sealer(collection) if sealed else None
+
+    def drop_collection(self, collection: str, force: bool = False) -> CollectionInfo:
+        """``SpeakerStore.drop_collection`` (service/store/base.py): the speakers' tombstones first, then the two Milvus
+        collections, then the registry row (the commit: a crash before it leaves the collection listed, and a retry
+        finishes the job). Other replicas notice within ``BINDING_TTL_SECONDS``."""
+        with self._schema_lock:
+            self._bindings.pop(collection, None)
+            model, version, dim = self._require(collection)
+            names = [milvus_name(prefix, collection) for prefix in ("spkv_", "spkd_")]
+            ids = self._ids(collection) if self._call(self.client.has_collection, names[0]) else []
+            if ids and not force:
+                raise FailedPrecondition(f"collection: {quoted(collection)} holds {len(ids)} speakers; set force to "
+                                         "delete them with it")
+            tombs = [{"pk": f"{collection}/{self._tombstone(collection, spk)}", "c": collection, "vec": [1.0, 0.0]}
+                     for spk, _ in ids]
+            for i in range(0, len(tombs), 1000):
+                self._call(self.client.upsert, _TOMBSTONES, tombs[i:i + 1000])
+            for name in names:
+                if self._call(self.client.has_collection, name):  # gone already when a crash interrupted a drop
+                    self._call(self.client.drop_collection, name)
+            self._call(self.client.delete, _REGISTRY, filter=f"pk == {_q(collection)}")
+            self._bindings.pop(collection, None)
+            self._sealers.pop(collection, None)
+            return CollectionInfo(collection, model, dim, len(ids), self.options.index_type, version)

@@ -183,6 +183,8 @@ class Recovery:
             self._apply_enroll(head, body, emb)
         elif op in ("delete", "optout"):
             self._apply_delete(head)
+        elif op == "drop":
+            self._apply_drop(head)
         elif op == "touch":
             self._apply_touch(head)
         return 0
