@@ -66,6 +66,8 @@ from service.store.milvus_schema import _MAX_ROWS, _REGISTRY, _TOMBSTONES, Milvu
 
 __all__ = ["MilvusStore", "drop_database", "milvus_name"]
 
+_COLLECTION_NOT_FOUND = 100  # Milvus' error code for a collection that does not exist
+
 log = logging.getLogger("spkserve.store.milvus")
 
 class MilvusStore(MilvusSchema, SpeakerStore):
@@ -119,6 +121,9 @@ class MilvusStore(MilvusSchema, SpeakerStore):
         except (NotFound, FailedPrecondition, InvalidArgument):
             raise
         except Exception as e:  # noqa: BLE001
+            if getattr(e, "code", None) == _COLLECTION_NOT_FOUND:  # deleted meanwhile, maybe by another replica:
+                self._bindings.clear()  # not an outage; the next call reads the registry again
+                raise NotFound(f"collection: deleted while this call ran ({getattr(e, 'message', e)})") from None
             self._last_error = f"Milvus call failed ({type(e).__name__}: {str(e)[:200]})"
             raise StoreUnavailable(f"speaker store: {self._last_error}") from None
         self._last_error = None
@@ -246,8 +251,11 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                           output_fields=["pk", "model", "version", "dim", "index_type"], consistency_level="Strong")
         out = []
         for r in sorted(rows, key=lambda r: r["pk"]):
-            n = self._call(self.client.query, milvus_name("spkv_", r["pk"]), filter='pk != ""',
-                           output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+            try:
+                n = self._call(self.client.query, milvus_name("spkv_", r["pk"]), filter='pk != ""',
+                               output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+            except NotFound:  # being deleted (or a deletion a crash interrupted: DeleteCollection again finishes it)
+                continue
             kind = r["index_type"].removesuffix(SEALED_SUFFIX)
             out.append(CollectionInfo(r["pk"], r["model"], int(r["dim"]), int(n), kind, r["version"]))
         return out
