@@ -9,7 +9,7 @@ The token file (``auth_tokens_file``) is TOML::
     permissions = ["read", "write"]       # read, write, admin
 
 ``read``: Embed, EmbedStream, Verify, VerifyStream, Compare, Identify, Diarize, DiarizeStream, GetSpeaker, ListSpeakers, ListCollections
-(only the token's collections are listed). ``write``: Enroll, DeleteSpeaker, DeleteCollection. ``admin``: everything
+(only the token's collections are listed). ``write``: Enroll, UpdateSpeaker, DeleteSpeaker, DeleteCollection. ``admin``: everything
 on every collection. The single ``auth_token`` option is an admin token. Calls without a known
 token answer UNAUTHENTICATED; a call outside its token's scope answers PERMISSION_DENIED naming
 the collection.

@@ -12,6 +12,7 @@
     spkserve identify [--collection C] [--top-k K] [--threshold T [--scale S] | --target-far R]
                       [--min-score M [--min-score-scale S]] [--single-pair] FILE
     spkserve delete   [--collection C] --speaker ID [--opt-out]
+    spkserve update-speaker [--collection C] --speaker ID [--metadata KEY=VALUE]... [--remove-metadata KEY]...
     spkserve get-speaker [--collection C] --speaker ID [--include-voiceprint]
     spkserve list-speakers [--collection C] [--page-size N] [--page-token T | --all]
     spkserve list-collections
@@ -246,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("delete", "delete an enrolled speaker")
     speaker(p)
     p.add_argument("--opt-out", action="store_true", help="also when not enrolled: refuse later enrollment of the id")
+    p = client("update-speaker", "change an enrolled speaker's metadata (the voiceprint stays)")
+    speaker(p)
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a metadata entry (repeatable; overwrites the key's value)")
+    p.add_argument("--remove-metadata", action="append", default=[], metavar="KEY",
+                   help="remove a metadata key (repeatable)")
     p = client("get-speaker", "an enrolled speaker's record")
     speaker(p)
     p.add_argument("--include-voiceprint", action="store_true", help="also print the voiceprint")

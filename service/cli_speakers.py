@@ -21,13 +21,13 @@ def _speaker_record(s: pb.Speaker, voiceprint: bool = False) -> dict:
     return out
 
 
-def _metadata(entries: list[str]) -> dict[str, str]:
+def _metadata(entries: list[str], verb: str = "enroll") -> dict[str, str]:
     """``--metadata KEY=VALUE`` entries as a dict (a later KEY wins); SystemExit naming a malformed one."""
     out = {}
     for entry in entries:
         key, sep, value = entry.partition("=")
         if not sep or not key:
-            raise SystemExit(f"spkserve enroll: --metadata must be KEY=VALUE, got {entry!r}")
+            raise SystemExit(f"spkserve {verb}: --metadata must be KEY=VALUE, got {entry!r}")
         out[key] = value
     return out
 
@@ -98,6 +98,13 @@ def _delete(stub, args, kw) -> None:
            "collection": args.collection or "default", "opted_out": args.opt_out})
 
 
+def _update_speaker(stub, args, kw) -> None:
+    r = stub.UpdateSpeaker(pb.UpdateSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
+                                                   metadata=_metadata(args.metadata, "update-speaker"),
+                                                   remove_metadata_keys=args.remove_metadata), **kw)
+    emit(_speaker_record(r.speaker))
+
+
 def _get_speaker(stub, args, kw) -> None:
     r = stub.GetSpeaker(pb.GetSpeakerRequest(collection=args.collection, speaker_id=args.speaker,
                                              include_voiceprint=args.include_voiceprint), **kw)
@@ -137,6 +144,7 @@ def _migrate(stub, args, kw) -> None:
            "migrated": r.migrated, "skipped": list(r.skipped)})
 
 
-SPEAKER_VERBS = {"enroll": _enroll, "identify": _identify, "delete": _delete, "get-speaker": _get_speaker,
+SPEAKER_VERBS = {"enroll": _enroll, "identify": _identify, "delete": _delete, "update-speaker": _update_speaker,
+                 "get-speaker": _get_speaker,
                  "list-speakers": _list_speakers, "list-collections": _list_collections, "delete-collection": _delete_collection,
                  "migrate": _migrate}

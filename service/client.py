@@ -249,6 +249,13 @@ class SpeakerClient:
         return self.stub.GetSpeaker(pb.GetSpeakerRequest(collection=collection, speaker_id=speaker_id,
                                                          include_voiceprint=include_voiceprint), **self._kw)
 
+    def update_speaker(self, collection: str, speaker_id: str, metadata: dict[str, str] | None = None,
+                       remove_metadata_keys: Iterable[str] = ()) -> pb.Speaker:
+        """Change an enrolled speaker's metadata: set ``metadata``'s keys, then remove ``remove_metadata_keys``."""
+        return self.stub.UpdateSpeaker(pb.UpdateSpeakerRequest(
+            collection=collection, speaker_id=speaker_id, metadata=metadata or {},
+            remove_metadata_keys=list(remove_metadata_keys)), **self._kw).speaker
+
     def speakers(self, collection: str, page_size: int = 100) -> Iterator[pb.Speaker]:
         """Every speaker of a collection, page after page."""
         token = ""

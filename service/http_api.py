@@ -73,6 +73,9 @@ ROUTES = (
           "speakers", {"audio": "probe.audio"}, ("collection",)),
     Route("GET", "/v1/collections/{collection}/speakers/{speaker_id}", "GetSpeaker", "An enrolled speaker",
           "speakers", path_fields=_SPEAKER),
+    Route("PATCH", "/v1/collections/{collection}/speakers/{speaker_id}", "UpdateSpeaker",
+          "Change a speaker's metadata (metadata: set these keys; removeMetadataKeys: remove these)", "speakers",
+          path_fields=_SPEAKER),
     Route("DELETE", "/v1/collections/{collection}/speakers/{speaker_id}", "DeleteSpeaker",
           "Delete a speaker (optOut=true: also refuse its id from now on)", "speakers", path_fields=_SPEAKER),
     Route("GET", "/v1/collections", "ListCollections", "The collections this token can see", "speakers"),
@@ -113,8 +116,8 @@ def _timeout(request: Request) -> float | None:
 
 
 async def _message(request: Request, route: Route, message, limit: int) -> int:
-    """Fill the request message from the body (POST) or query (GET/DELETE); returns the body size."""
-    if route.method != "POST":
+    """Fill the request message from the body (POST, PATCH) or query (GET, DELETE); returns the body size."""
+    if route.method in ("GET", "DELETE"):
         _query_message(request.query_params, message)
         return 0
     body = await read_body(request, limit)

@@ -79,7 +79,7 @@ def openapi_document(routes, service_descriptor, version: str) -> dict:
                                  "content": {"audio/*": audio, "application/octet-stream": audio}}
             op["description"] = (f"query parameters: fields of {config.name} (nested: dotted, e.g. "
                                  "options.numSpeakers; raw PCM: pcm.sampleRate, pcm.encoding)")
-        elif r.method == "POST":
+        elif r.method in ("POST", "PATCH"):
             form = {"type": "object", "properties": {f: {"type": "string", "format": "binary"} for f in r.files},
                     "description": f"audio files in {', '.join(r.files) or 'no field'}; any other field of "
                                    f"{method.input_type.name} by name (nested: dotted)"}

@@ -1,4 +1,4 @@
-"""The servicer's speaker-record RPCs: get, list, delete (and opt out) speakers, list and delete collections."""
+"""The servicer's speaker-record RPCs: get, list, update, delete (and opt out) speakers, list and delete collections."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from service.convert import speaker_pb
 from service.errors import InvalidArgument
 from service.rpc import rpc as _rpc
 from service.store import quoted, validate_collection, validate_speaker_id
+from service.store.base import validate_metadata_keys
 
 __all__ = ["SpeakerRecordRpcs"]
 
@@ -45,6 +46,20 @@ class SpeakerRecordRpcs:
             return pb.DeleteSpeakerResponse()
         model = await self.engine.store_call(self.engine.store.collection_model, coll)
         return pb.DeleteSpeakerResponse(speaker=speaker_pb(coll, model, rec, self._required(model)))
+
+    @_rpc
+    async def UpdateSpeaker(self, request: pb.UpdateSpeakerRequest, context) -> pb.UpdateSpeakerResponse:
+        """Change a speaker's metadata (set keys, then remove keys); see the proto."""
+        coll, spk, model = await self._speaker_ref(request, context, "write")
+        remove = validate_metadata_keys(list(request.remove_metadata_keys))
+        if not request.metadata and not remove:
+            raise InvalidArgument("metadata", "nothing to change: set metadata or remove_metadata_keys")
+        for i, key in enumerate(remove):
+            if key in request.metadata:
+                raise InvalidArgument(f"remove_metadata_keys[{i}]", f"{quoted(key)} is also set in metadata")
+        rec = await self.engine.store_call(self.engine.store.update_metadata, coll, spk, dict(request.metadata),
+                                           remove)
+        return pb.UpdateSpeakerResponse(speaker=speaker_pb(coll, model, rec, self._required(model)))
 
     @_rpc
     async def GetSpeaker(self, request: pb.GetSpeakerRequest, context) -> pb.Speaker:

@@ -27,7 +27,7 @@ def test_every_rpc_has_a_verb():
     by_rpc = {"Embed": "embed", "EmbedStream": "embed", "Verify": "verify", "Compare": "compare", "Enroll": "enroll",
               "Identify": "identify", "DeleteSpeaker": "delete", "GetSpeaker": "get-speaker",
               "ListSpeakers": "list-speakers", "ListCollections": "list-collections", "ListModels": "models",
-              "DeleteCollection": "delete-collection",
+              "DeleteCollection": "delete-collection", "UpdateSpeaker": "update-speaker",
               "GetModelInfo": "model-info", "LoadModel": "load-model", "UnloadModel": "unload-model",
               "MigrateCollection": "migrate", "Diarize": "diarize", "DiarizeStream": "diarize",
               "VerifyStream": "verify-stream"}

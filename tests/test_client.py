@@ -61,6 +61,7 @@ def test_speakers_diarize_and_live(spk):
     spk.enroll("client2", "awb", [awb])
     assert {s.speaker_id for s in spk.speakers("client2", page_size=1)} == {"slt", "awb"}
     assert spk.get_speaker("client2", "slt").metadata["team"] == "blue"
+    assert dict(spk.update_speaker("client2", "slt", {"desk": "7"}, ["team"]).metadata) == {"desk": "7"}
     d = spk.diarize(slt1, num_speakers=1, include_embeddings=True)
     assert len(d.speakers) == 1 and len(d.speakers[0].embedding) == 256
     with pytest.raises(ValueError, match="num_speakers: must be at least 1, got 0"):

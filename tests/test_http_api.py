@@ -108,6 +108,12 @@ def test_embed_verify_enroll_identify_and_records_over_http(http):
     assert len(listed["speakers"]) == 1 and listed["nextPageToken"] and listed["totalSize"] == "2"
     assert "team" in {c["name"] for c in requests.get(f"{base}/v1/collections", timeout=10).json()["collections"]}
     assert {m["name"] for m in requests.get(f"{base}/v1/models", timeout=10).json()["models"]} >= {"ge2e"}
+    upd = requests.patch(f"{base}/v1/collections/team/speakers/slt", json={"metadata": {"desk": "7"}}, timeout=10)
+    assert upd.status_code == 200 and upd.json()["speaker"]["metadata"]["desk"] == "7", upd.text
+    upd = requests.patch(f"{base}/v1/collections/team/speakers/slt", json={"removeMetadataKeys": ["desk"]}, timeout=10)
+    assert "desk" not in upd.json()["speaker"].get("metadata", {}), upd.text
+    _error(requests.patch(f"{base}/v1/collections/team/speakers/slt", json={}, timeout=10), 400, "INVALID_ARGUMENT",
+           "metadata: nothing to change")
     gone = requests.delete(f"{base}/v1/collections/team/speakers/awb", timeout=10)
     assert gone.status_code == 200 and gone.json()["speaker"]["speakerId"] == "awb"
     _error(requests.get(f"{base}/v1/collections/team/speakers/awb", timeout=10), 404, "NOT_FOUND", "awb")

@@ -153,6 +153,14 @@ def test_cli_interface(model_repo, tmp_path, speech_files):
         far = json.loads(srv.cli("verify", "--target-far", "0.01", f1, f2).stdout)
         assert far["decision_scale"] == "llr" and far["multiple_speakers"] == [False, False]
         assert far["decision_threshold"] != v["decision_threshold"]
+        upd = json.loads(srv.cli("update-speaker", "--collection", "cli", "--speaker", "slt", "--metadata", "desk=7",
+                                 "--metadata", "floor=2").stdout)
+        assert upd["metadata"] == {"desk": "7", "floor": "2"}
+        upd = json.loads(srv.cli("update-speaker", "--collection", "cli", "--speaker", "slt", "--remove-metadata",
+                                 "desk").stdout)
+        assert upd["metadata"] == {"floor": "2"} and upd["speaker"] == "slt"
+        bad = srv.cli("update-speaker", "--collection", "cli", "--speaker", "slt", "--metadata", "x")
+        assert bad.returncode != 0 and "update-speaker: --metadata must be KEY=VALUE" in bad.stderr
         assert srv.cli("delete", "--collection", "cli", "--speaker", "slt").returncode == 0
         bad = srv.cli("delete", "--collection", "cli", "--speaker", "slt")
         assert bad.returncode != 0 and bad.stderr.startswith("NOT_FOUND:")

@@ -102,6 +102,10 @@ def test_tenants_cannot_touch_each_others_collections(channel):
         "Enroll (read-only token)": lambda: enroll(stub, "acme-ro", "acme", "eve", 5),
         "Delete (read-only token)": lambda: stub.DeleteSpeaker(
             pb.DeleteSpeakerRequest(collection="acme", speaker_id="alice"), metadata=as_("acme-ro")),
+        "UpdateSpeaker": lambda: stub.UpdateSpeaker(pb.UpdateSpeakerRequest(
+            collection="acme", speaker_id="alice", metadata={"x": "1"}), metadata=as_("globex")),
+        "UpdateSpeaker (read-only token)": lambda: stub.UpdateSpeaker(pb.UpdateSpeakerRequest(
+            collection="acme", speaker_id="alice", metadata={"x": "1"}), metadata=as_("acme-ro")),
         "DeleteCollection": lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="acme", force=True),
                                                           metadata=as_("globex")),
         "DeleteCollection (read-only token)": lambda: stub.DeleteCollection(

@@ -382,6 +382,36 @@ def test_enroll_embeddings_and_collections_are_namespaces(stub):
     assert a.candidates[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_update_speaker(stub):
+    """UpdateSpeaker: sets and removes metadata keys, keeps the voiceprint; bad requests name their field."""
+    v = np.random.default_rng(9).standard_normal(256)
+    stub.Enroll(pb.EnrollRequest(collection="upd", speaker_id="s", metadata={"team": "blue", "tmp": "x"},
+                                 embeddings=[pb.Embedding(values=v, speech_seconds=4)]))
+    before = stub.GetSpeaker(pb.GetSpeakerRequest(collection="upd", speaker_id="s", include_voiceprint=True))
+    r = stub.UpdateSpeaker(pb.UpdateSpeakerRequest(collection="upd", speaker_id="s", metadata={"team": "red"},
+                                                   remove_metadata_keys=["tmp"])).speaker
+    assert dict(r.metadata) == {"team": "red"} and r.utterance_count == 1
+    after = stub.GetSpeaker(pb.GetSpeakerRequest(collection="upd", speaker_id="s", include_voiceprint=True))
+    assert dict(after.metadata) == {"team": "red"} and list(after.voiceprint) == list(before.voiceprint)
+    bad = [(pb.UpdateSpeakerRequest(collection="upd", speaker_id="s"), grpc.StatusCode.INVALID_ARGUMENT,
+            ("metadata", "nothing to change")),
+           (pb.UpdateSpeakerRequest(collection="upd", speaker_id="s", metadata={"a": "1"}, remove_metadata_keys=["a"]),
+            grpc.StatusCode.INVALID_ARGUMENT, ("remove_metadata_keys[0]", "also set")),
+           (pb.UpdateSpeakerRequest(collection="upd", speaker_id="s", remove_metadata_keys=["ok", ""]),
+            grpc.StatusCode.INVALID_ARGUMENT, ("remove_metadata_keys[1]",)),
+           (pb.UpdateSpeakerRequest(collection="upd", speaker_id="s", metadata={"a\u202e": "1"}),
+            grpc.StatusCode.INVALID_ARGUMENT, ("metadata",)),
+           (pb.UpdateSpeakerRequest(collection="upd", speaker_id="s", metadata={"a": "v" * 1025}),
+            grpc.StatusCode.INVALID_ARGUMENT, ("metadata['a']", "1024")),
+           (pb.UpdateSpeakerRequest(collection="upd", speaker_id="nobody", metadata={"a": "1"}),
+            grpc.StatusCode.NOT_FOUND, ("nobody",)),
+           (pb.UpdateSpeakerRequest(collection="nowhere", speaker_id="s", metadata={"a": "1"}),
+            grpc.StatusCode.NOT_FOUND, ("nowhere",))]
+    for request, code, words in bad:
+        expect_error(lambda: stub.UpdateSpeaker(request), code, *words)
+    assert dict(stub.GetSpeaker(pb.GetSpeakerRequest(collection="upd", speaker_id="s")).metadata) == {"team": "red"}
+
+
 def test_delete_collection(server, stub):
     """DeleteCollection: bad names and unknown collections named; a collection with speakers kept unless forced;
     then gone from listings, Identify and the speakers gauge, and its name free for a new start."""

@@ -192,6 +192,28 @@ def test_delete_tombstone_and_opt_out(store):
     assert created and rec.count == 1
 
 
+def test_metadata_updates_set_and_remove_keys_and_keep_the_voiceprint(store):
+    """update_metadata: keys set (overwriting), then keys removed (unknown ones ignored), limits as for enroll;
+    the voiceprint, count and speech stay; later enrollments merge into the updated metadata."""
+    e = units(2)
+    before, _ = store.enroll("c", "m", "a", e[:1], {"team": "blue", "site": "x", "old": "1"}, speech=3.0)
+    rec = store.update_metadata("c", "a", {"team": "red", "new": "2"}, ["old", "never-set"])
+    assert rec.metadata == {"team": "red", "site": "x", "new": "2"}
+    assert (rec.count, rec.speech) == (1, 3.0) and np.allclose(rec.sum, before.sum)
+    assert store.get("c", "a").metadata == rec.metadata
+    assert store.update_metadata("c", "a", {}, ["site", "new"]).metadata == {"team": "red"}
+    rec, _ = store.enroll("c", "m", "a", e[1:], {"more": "3"}, speech=2.0)
+    assert rec.metadata == {"team": "red", "more": "3"} and rec.count == 2
+    with pytest.raises(InvalidArgument, match="after this update"):
+        store.update_metadata("c", "a", {f"k{i}": "v" for i in range(63)}, [])
+    assert store.get("c", "a").metadata == {"team": "red", "more": "3"}  # refused: nothing changed
+    store.update_metadata("c", "a", {f"k{i}": "v" for i in range(62)}, [])  # 64 keys: the limit, allowed
+    with pytest.raises(NotFound):
+        store.update_metadata("c", "nobody", {"x": "1"}, [])
+    with pytest.raises(NotFound):
+        store.update_metadata("nowhere", "a", {"x": "1"}, [])
+
+
 def test_a_dropped_collection_is_gone_with_its_speakers_and_binding(store):
     """drop_collection: refused while it holds speakers unless forced; then no speaker, no binding (the name takes
     another model), its speakers' ids tombstoned as by delete, opt-outs kept, other collections untouched."""

@@ -445,3 +445,31 @@ def test_a_drop_whose_keys_cannot_be_destroyed_stops_writes_until_they_are(tmp_p
     s.enroll("d", "m", "x", units(1))  # the pending keys were destroyed first
     assert all(s._keys.key(slot, "c") is None for slot in range(1, 4))
     s.close()
+
+
+@pytest.mark.parametrize("fault", ["fail_write", "fail_fsync", None])
+def test_metadata_updates_survive_kill_9_and_failed_writes_change_nothing(tmp_path, fault):
+    """A metadata update is a record sealed with the speaker's key: replayed after kill -9 (and after a snapshot),
+    nothing of it in the clear on disk, nothing of it applied when its write fails, and unreadable once deleted."""
+    ops = Faulty()
+    s = LocalStore(tmp_path, ops=ops, snapshot_every=3)
+    s.enroll("c", "m", "a", units(1), {"name": "Jane Q. Example"})
+    s.update_metadata("c", "a", {"phone": "+1 555 0100"}, ["name"])
+    if fault:
+        setattr(ops, fault, True)
+        with pytest.raises(StoreUnavailable, match="nothing was stored"):
+            s.update_metadata("c", "a", {"phone": "+1 555 0199"}, [])
+        setattr(ops, fault, False)
+    assert s.get("c", "a").metadata == {"phone": "+1 555 0100"}
+    s.enroll("c", "m", "b", units(1, seed=1))
+    s.enroll("c", "m", "b", units(1, seed=2))  # a snapshot after these
+    s.update_metadata("c", "b", {"k": "v"}, [])  # and a record after the snapshot
+    s.abandon()
+    r = LocalStore(tmp_path)
+    assert r.get("c", "a").metadata == {"phone": "+1 555 0100"} and r.get("c", "b").metadata == {"k": "v"}
+    assert b"+1 555 01" not in _files(tmp_path)
+    r.delete("c", "a")
+    r.abandon()
+    t = LocalStore(tmp_path)  # the deleted speaker's update records are unreadable, and skipped
+    assert ids(t) == ["b"]
+    t.close()

@@ -24,7 +24,7 @@ import numpy as np
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["SpeakerRecord", "CollectionInfo", "IndexOptions", "SpeakerStore", "StoreUnavailable", "StoreCorrupt",
-           "StatsFn", "check_merged_metadata", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict", "check_binding"]
+           "StatsFn", "check_merged_metadata", "validate_metadata_keys", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict", "check_binding"]
 
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_METADATA = 64
@@ -159,14 +159,26 @@ def validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return dict(metadata)
 
 
-def check_merged_metadata(old: dict[str, str], new: dict[str, str]) -> None:
-    """InvalidArgument when a speaker's metadata would exceed 64 keys or 4 KiB once ``new`` is merged into ``old``."""
-    merged = {**old, **new}
+def check_merged_metadata(old: dict[str, str], new: dict[str, str], remove: list[str] | tuple = (),
+                          change: str = "enrollment") -> dict[str, str]:
+    """The metadata once ``new`` is merged into ``old`` and ``remove`` keys removed; InvalidArgument when it would
+    exceed 64 keys or 4 KiB (``change``: what would do it, for the message)."""
+    merged = {k: v for k, v in {**old, **new}.items() if k not in remove}
     size = sum(len(k.encode()) + len(v.encode()) for k, v in merged.items())
     if len(merged) > _MAX_METADATA or size > _MAX_METADATA_BYTES:
         raise InvalidArgument("metadata", f"the speaker would hold {len(merged)} keys and {size:,} bytes of metadata "
-                                          f"after this enrollment, at most {_MAX_METADATA} keys and "
-                                          f"{_MAX_METADATA_BYTES:,} bytes; nothing was enrolled")
+                                          f"after this {change}, at most {_MAX_METADATA} keys and "
+                                          f"{_MAX_METADATA_BYTES:,} bytes; nothing was changed")
+    return merged
+
+
+def validate_metadata_keys(keys: list[str], field_name: str = "remove_metadata_keys") -> list[str]:
+    """Check keys named for removal as metadata keys are checked; return them as a list."""
+    for i, k in enumerate(keys):
+        if not k or len(k) > 128 or _bad_char(k):
+            raise InvalidArgument(f"{field_name}[{i}]", f"{quoted(k)} is not a metadata key (1-128 characters, no "
+                                                        "control or invisible characters)")
+    return list(keys)
 
 
 @dataclass
@@ -239,6 +251,12 @@ class SpeakerStore(abc.ABC):
         Raises NotFound for an unknown speaker, unless ``opt_out`` (then only the tombstone is
         written and None returned).
         """
+
+    @abc.abstractmethod
+    def update_metadata(self, collection: str, speaker_id: str, metadata: dict[str, str],
+                        remove: list[str]) -> SpeakerRecord:
+        """Merge ``metadata`` into a speaker's, then remove the ``remove`` keys; the voiceprint is unchanged.
+        Returns the updated record; durable when it returns. Raises NotFound, or InvalidArgument past the limits."""
 
     @abc.abstractmethod
     def drop_collection(self, collection: str, force: bool = False) -> CollectionInfo:

@@ -252,6 +252,23 @@ class LocalStore(Generations, Recovery, RecordState, SpeakerStore):
             self._after_write()
             return rec or None
 
+    def update_metadata(self, collection: str, speaker_id: str, metadata: dict[str, str],
+                        remove: list[str]) -> SpeakerRecord:
+        """``SpeakerStore.update_metadata`` (service/store/base.py): one log record sealed with the speaker's key."""
+        metadata = validate_metadata(metadata)
+        with self._lock:
+            rec = self.get(collection, speaker_id)
+            check_merged_metadata(rec.metadata, metadata, remove, change="update")
+            self._check_writable()
+            slot = self._slots[(collection, speaker_id)]
+            head = {"op": "meta", "c": collection, "slot": slot, "ts": now_ms()}
+            body = {"spk": speaker_id, "set": metadata, "remove": sorted(set(remove))}
+            self._writer.append(head, Sealed(self._keys.key(slot, collection), slot).seal(
+                pack(body, np.zeros(0, np.float32))))
+            self._apply_meta(head, body)
+            self._after_write()
+            return self.get(collection, speaker_id)
+
     def drop_collection(self, collection: str, force: bool = False) -> CollectionInfo:
         """``SpeakerStore.drop_collection`` (service/store/base.py): one log record (the speakers' tombstones), then
         each speaker's key destroyed, as ``delete`` does one by one."""

@@ -16,7 +16,7 @@ __all__ = ["RecordState"]
 
 
 class RecordState:
-    """Applying enroll, delete, drop and touch records of ``LocalStore``'s log to its collections."""
+    """Applying enroll, metadata, delete, drop and touch records of ``LocalStore``'s log to its collections."""
 
     def _apply_enroll(self, head: dict, body: dict, embeddings: np.ndarray) -> tuple[SpeakerRecord, bool]:
         """Add an enroll record's embeddings to its speaker (created if new); (the record, whether it is new)."""
@@ -50,6 +50,15 @@ class RecordState:
         if owner is not None:
             self._collections[owner[0]].remove(owner[1])
             del self._slots[owner]
+
+    def _apply_meta(self, head: dict, body: dict) -> None:
+        """Merge a metadata record's keys into its speaker's metadata and remove the ones it names."""
+        if self._owners.get(head["slot"]) != (head["c"], body["spk"]):
+            return  # the speaker is gone (a later delete already applied): nothing to change
+        rec = self._collections[head["c"]].speakers[body["spk"]]
+        merged = {**rec.metadata, **body["set"]}
+        rec.metadata = {k: v for k, v in merged.items() if k not in set(body["remove"])}
+        rec.updated_ms = max(rec.updated_ms, head["ts"])
 
     def _apply_drop(self, head: dict) -> None:
         """Remove a collection, its speakers and its binding, keeping its speakers' tombstones (a drop record)."""

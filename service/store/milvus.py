@@ -50,8 +50,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -62,6 +60,7 @@ from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, Spe
                                 check_binding, check_merged_metadata, quoted, validate_metadata)
 from service.store.locks import LockTable
 from service.store.milvus_privacy import SEALED_SUFFIX, Sealer, protect_tree
+from service.store.milvus_deltas import DeltaProtocol, merged_metadata, metadata_change
 from service.store.milvus_schema import _MAX_ROWS, _REGISTRY, _TOMBSTONES, MilvusSchema, _q, drop_database, milvus_name
 
 __all__ = ["MilvusStore", "drop_database", "milvus_name"]
@@ -70,7 +69,7 @@ _COLLECTION_NOT_FOUND = 100  # Milvus' error code for a collection that does not
 
 log = logging.getLogger("spkserve.store.milvus")
 
-class MilvusStore(MilvusSchema, SpeakerStore):
+class MilvusStore(MilvusSchema, DeltaProtocol, SpeakerStore):
     """All collections in one Milvus database. Thread-safe.
 
     Args:
@@ -322,10 +321,7 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                     raise FailedPrecondition(f"speaker_id: {quoted(speaker_id)} was deleted from or opted out of "
                                              f"collection {quoted(collection)}; set allow_reenroll to enroll it again")
                 self._call(self.client.delete, _TOMBSTONES, filter=f"pk == {_q(collection + '/' + tomb)}")
-            merged: dict[str, str] = {}
-            for row in sorted(current, key=lambda r: r["ts"]):
-                merged.update(row["meta"])
-            check_merged_metadata(merged, metadata)
+            check_merged_metadata(merged_metadata(current), metadata)
             if b is None or (not b[1] and model_version):
                 with self._schema_lock:
                     b = self._binding(collection)  # another thread may have bound it meanwhile
@@ -333,53 +329,22 @@ class MilvusStore(MilvusSchema, SpeakerStore):
                         check_binding(collection, b[0], b[2], b[1], model, embeddings.shape[1], model_version, probe=False)
                     if b is None or (not b[1] and model_version):
                         self._call(self._bind, collection, model, model_version, int(embeddings.shape[1]))
-            ts = int(time.time() * 1000)
-            pk, sealer = self._pk(collection, speaker_id), self._sealer(collection)
-            self._call(self.client.insert, milvus_name("spkd_", collection), [{
-                "pk": f"{pk}/{uuid.uuid4().hex}", "spk": pk, "sum": {"v": embeddings.sum(0).tolist()},
-                "count": int(len(embeddings)), "speech": float(speech),
-                "meta": metadata if sealer is None else sealer.seal(speaker_id, metadata), "ts": ts, "vec": [1.0, 0.0]}])
+            self._append_delta(collection, speaker_id, embeddings.sum(0), len(embeddings), speech, metadata)
             return self._materialise(collection, speaker_id)
 
-    def _deltas(self, collection: str, speaker_id: str, consistency: str = "Strong") -> list[dict]:
-        """The speaker's enrollment rows, their metadata opened (``Session``: this client's own writes at least)."""
-        sealer = self._sealer(collection)
-        rows = self._call(self.client.query, milvus_name("spkd_", collection),
-                          filter=f"spk == {_q(self._pk(collection, speaker_id))}",
-                          output_fields=["pk", "sum", "count", "speech", "meta", "ts"], limit=_MAX_ROWS,
-                          consistency_level=consistency)
-        if sealer is not None:
-            for r in rows:
-                r["meta"] = sealer.open(r["meta"])[1]
-        return rows
-
-    def _materialise(self, collection: str, speaker_id: str) -> tuple[SpeakerRecord, bool]:
-        """Recompute the speaker's row from all its deltas until no other writer added one meanwhile."""
-        name = milvus_name("spkv_", collection)
-        for attempt in range(20):
-            # the first computation reads with session consistency (it sees this client's own delta without
-            # waiting for the server); the row is accepted only after a strong read finds the same deltas
-            deltas = sorted(self._deltas(collection, speaker_id, "Session" if attempt == 0 else "Strong"),
-                            key=lambda d: (d["ts"], d["pk"]))
-            total = np.sum([np.asarray(d["sum"]["v"], dtype=np.float64) for d in deltas], axis=0)  # (D,)
-            meta: dict[str, str] = {}
-            for d in deltas:
-                meta.update(d["meta"])
-            speech = sum(float(d["speech"]) for d in deltas)
-            # (sum as a JSON object: a Milvus server takes no JSON arrays at the top level)
-            sealer = self._sealer(collection)
-            row = {"pk": self._pk(collection, speaker_id), "sum": {"v": total.tolist()},
-                   "count": int(sum(d["count"] for d in deltas)), "speech": speech,
-                   "meta": meta if sealer is None else sealer.seal(speaker_id, meta), "created": int(deltas[0]["ts"]),
-                   "updated": int(deltas[-1]["ts"]), "deltas": len(deltas),
-                   "vec": (total / max(np.linalg.norm(total), 1e-12)).astype(np.float32).tolist()}
-            self._call(self.client.upsert, name, [row])
-            if len(self._deltas(collection, speaker_id)) == len(deltas):
-                rec = self._record(row, sealer)
-                self._stats(collection, [rec])
-                return rec, len(deltas) == 1
-        raise StoreUnavailable(f"speaker store: speaker_id {quoted(speaker_id)} kept changing under concurrent "
-                               "appends; its enrollment is stored, retry to see the result")
+    def update_metadata(self, collection: str, speaker_id: str, metadata: dict[str, str],
+                        remove: list[str]) -> SpeakerRecord:
+        """``SpeakerStore.update_metadata`` (service/store/base.py): a delta of no embedding that carries the
+        change (appended and materialised as an enrollment is)."""
+        metadata = validate_metadata(metadata)
+        with self._speaker_locks.hold((collection, speaker_id)):
+            current = self._deltas(collection, speaker_id)
+            if not current:
+                self.get(collection, speaker_id)  # raises NotFound naming what is missing
+            check_merged_metadata(merged_metadata(current), metadata, remove, change="update")
+            self._append_delta(collection, speaker_id, np.zeros(self._require(collection)[2]), 0, 0.0,
+                               metadata_change(metadata, remove))
+            return self._materialise(collection, speaker_id)[0]
 
     def delete(self, collection: str, speaker_id: str, opt_out: bool = False) -> SpeakerRecord | None:
         """``SpeakerStore.delete`` (service/store/base.py)."""

@@ -171,7 +171,7 @@ class Recovery:
     def _replay(self, head: dict, blob: bytes, path: Path, offset: int) -> int:
         """Apply one sealed record; returns 1 when it belonged to a deleted speaker (unreadable), else 0."""
         op = head["op"]
-        if op == "enroll":
+        if op in ("enroll", "meta"):
             key = self._keys.key(head["slot"], head["c"])
             if key is None:
                 return 1
@@ -180,7 +180,10 @@ class Recovery:
             except InvalidTag:
                 raise StoreCorrupt(f"{path}: the record at byte {offset} passes its checksum but does not decrypt "
                                    "with its speaker's key; keys.bin or the key files do not match this log") from None
-            self._apply_enroll(head, body, emb)
+            if op == "enroll":
+                self._apply_enroll(head, body, emb)
+            else:
+                self._apply_meta(head, body)
         elif op in ("delete", "optout"):
             self._apply_delete(head)
         elif op == "drop":
