@@ -25,6 +25,7 @@
     spkserve --version
     spkserve load-model NAME | unload-model NAME   (admin)
     spkserve repair-log --data-dir DIR [--dry-run] [--config FILE]
+    spkserve backup --data-dir DIR --out NEW_DIR [--config FILE]   (while the server runs, too)
     spkserve pull --list | NAME [--repository DIR] [--from FILE_OR_URL] [--real POOL] [--no-calibrate] [--force]
 
 Client commands take ``--target`` (``$SPKSERVE_TARGET``, default localhost:50051), ``--token``
@@ -89,6 +90,32 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def _key_files(config: str | None, verb: str) -> list:
+    """The key files of the server configuration ``config`` (none without one); SystemExit(2) naming a bad one."""
+    if not config:
+        return []
+    from service.config import ConfigError, load_config
+    from service.engine import configured_key_files
+
+    try:
+        return configured_key_files(load_config(config))
+    except ConfigError as e:
+        print(f"spkserve {verb}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """Copy a local store's data directory (its server may be running) and check the copy; print a summary."""
+    from service.store.backup import BackupError, backup_store
+
+    try:
+        print(json.dumps(backup_store(args.data_dir, args.out, _key_files(args.config, "backup"))), flush=True)
+    except BackupError as e:
+        print(f"spkserve backup: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _repair(args: argparse.Namespace) -> int:
     """Repair every write-ahead log of a stopped server's data directory; print what was kept and lost."""
     from service.store import StoreUnavailable
@@ -101,16 +128,7 @@ def _repair(args: argparse.Namespace) -> int:
     if not logs:
         print(f"spkserve repair-log: no wal-<generation>.log files in {data}", file=sys.stderr)
         return 2
-    key_files = []
-    if args.config:
-        from service.config import ConfigError, load_config
-        from service.engine import configured_key_files
-
-        try:
-            key_files = configured_key_files(load_config(args.config))
-        except ConfigError as e:
-            print(f"spkserve repair-log: {e}", file=sys.stderr)
-            return 2
+    key_files = _key_files(args.config, "repair-log")
     ring = None
     if (data / "keys.bin").exists():
         try:
@@ -294,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", required=True)
     r.add_argument("--dry-run", action="store_true", help="report what would be kept and lost, change nothing")
     r.add_argument("--config", help="the server's configuration file: its key files name the speakers affected")
+    b = sub.add_parser("backup", help="copy the speaker store's data directory, consistent even while its server "
+                                      "runs, and check the copy")
+    b.add_argument("--data-dir", required=True, help="the server's data_dir")
+    b.add_argument("--out", required=True, metavar="NEW_DIR", help="where the copy goes (a new or empty directory)")
+    b.add_argument("--config", help="the server's configuration file (its key files, to check the copy)")
     from models.pull import add_arguments
 
     add_arguments(sub.add_parser("pull", help="download a catalogued community model, import, check and calibrate it "
@@ -324,6 +347,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "repair-log":
         return _repair(args)
+    if args.command == "backup":
+        return _backup(args)
     if args.command == "pull":
         from models.pull import run
 

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -473,3 +474,108 @@ def test_metadata_updates_survive_kill_9_and_failed_writes_change_nothing(tmp_pa
     t = LocalStore(tmp_path)  # the deleted speaker's update records are unreadable, and skipped
     assert ids(t) == ["b"]
     t.close()
+
+
+def _state(store):
+    return {(i.name, r.speaker_id): (r.count, dict(r.metadata), r.sum.tobytes())
+            for i in store.collections() for r in store.list(i.name, 0, 100_000)[0]}
+
+
+def test_a_backup_of_a_stopped_store_restores_it_exactly(tmp_path, capsys):
+    s = LocalStore(tmp_path / "data", snapshot_every=7)
+    for i in range(20):
+        s.enroll("c" if i % 3 else "d", "m", f"s{i % 12}", units(1, seed=i), {"i": str(i)})
+    s.delete("c", "s1")
+    s.update_metadata("d", "s0", {"z": "1"}, ["i"])
+    want = _state(s)
+    s.close()
+    assert cli(["backup", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "b")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["collections"] == 2 and summary["speakers"] == len(want) and summary["bytes"] > 0
+    r = LocalStore(tmp_path / "b")
+    assert _state(r) == want
+    with pytest.raises(FailedPrecondition, match="allow_reenroll"):  # tombstones come along
+        r.enroll("c", "m", "s1", units(1))
+    r.close()
+    assert oct((tmp_path / "b").stat().st_mode & 0o777) == "0o700"
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "b").rglob("*") if p.is_file())
+
+
+def test_a_backup_taken_while_the_store_writes_and_rotates_is_consistent(tmp_path):
+    """A writer enrolls, appends and deletes while snapshots rotate every few records; backups taken meanwhile open,
+    hold only acknowledged changes, and everything acknowledged before each backup started."""
+    import threading
+
+    from service.store.backup import backup_store
+
+    s = LocalStore(tmp_path / "data", snapshot_every=5)
+    acked: list[tuple[str, int]] = []  # (speaker, count after the enroll), in order
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            spk = f"s{i % 40}"
+            rec, _ = s.enroll("c", "m", spk, units(1, seed=i), {"n": str(i)})
+            acked.append((spk, rec.count))
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for n in range(4):
+            time.sleep(0.2)
+            before = dict(acked)  # each speaker's count acknowledged before this backup started
+            summary = backup_store(tmp_path / "data", tmp_path / f"b{n}")
+            assert summary["speakers"] >= len(before)
+            r = LocalStore(tmp_path / f"b{n}")
+            got = {rec.speaker_id: rec.count for rec in r.list("c", 0, 1000)[0]}
+            r.close()
+            assert all(got.get(spk, 0) >= count for spk, count in before.items()), (before, got)
+            assert all(count <= max(c for s_, c in acked if s_ == spk) for spk, count in got.items())
+    finally:
+        stop.set()
+        t.join()
+        s.close()
+    assert len(acked) > 20  # the writer really wrote meanwhile
+
+
+def test_a_backup_needs_the_key_files_and_a_new_directory(tmp_path, capsys):
+    keyfile = tmp_path / "store.key"
+    keyfile.write_text(os.urandom(32).hex())
+    keyfile.chmod(0o600)
+    s = LocalStore(tmp_path / "data", key_files=[load_key_file(keyfile)])
+    s.enroll("c", "m", "a", units(1))
+    assert cli(["backup", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "b")]) == 1
+    assert "does not open" in capsys.readouterr().err  # without the key file the copy cannot be checked
+    (tmp_path / "server.toml").write_text(f'encryption_key_file = "{keyfile}"\n')
+    assert cli(["backup", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "b2"),
+                "--config", str(tmp_path / "server.toml")]) == 0  # the server still runs: an online backup
+    assert json.loads(capsys.readouterr().out)["speakers"] == 1
+    for out, words in [(tmp_path / "b2", "not an empty directory"), (tmp_path / "data" / "x", "inside the data"),
+                       (tmp_path / "nowhere", None)]:
+        code = cli(["backup", "--data-dir", str(tmp_path / ("data" if words else "missing")), "--out", str(out)])
+        assert code == 1 and (words or "not a speaker store") in capsys.readouterr().err
+    s.close()
+
+
+def test_a_backup_starts_again_when_a_rotation_removes_a_file_it_copies(tmp_path, monkeypatch):
+    from service.store import backup
+
+    s = enroll_many(tmp_path / "data", n=5)
+    real, calls = backup._copy, []
+
+    def vanishing(src, dst):
+        calls.append(src.name)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(src))  # removed by a rotation
+        return real(src, dst)
+
+    monkeypatch.setattr(backup, "_copy", vanishing)
+    assert backup.backup_store(tmp_path / "data", tmp_path / "b")["speakers"] == 5
+    assert calls.count(calls[0]) == 2  # the first file again, in a fresh directory
+    monkeypatch.setattr(backup, "_copy", lambda src, dst: (_ for _ in ()).throw(FileNotFoundError(2, "gone")))
+    with pytest.raises(backup.BackupError, match="kept changing under 5 attempts"):
+        backup.backup_store(tmp_path / "data", tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    s.close()
