@@ -5,7 +5,8 @@ a temporary file and renamed (a snapshot file is always whole), logs are only ap
 written before any record sealed with it. So the copy takes the newest snapshot, then every log from its generation
 in order (the last one may end in half a record, which a start cuts off as after a crash: the copy holds every
 change acknowledged before that log was read), then ``keys.bin`` (after the logs, so every key a copied record
-needs is in it), then the retained audio. If a snapshot rotation removes a file while it is being copied, the copy
+needs is in it), then the retained audio (which may hold the speech of an enrollment that came after the logs were
+read: a migration of the restored copy would embed it too). If a snapshot rotation removes a file while it is being copied, the copy
 starts again. The copy is then opened as a store, which checks it and reports what it holds.
 
 A backup holds the keys of every speaker in it: restoring it brings back speakers deleted after it was taken. Keep
