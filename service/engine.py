@@ -353,8 +353,11 @@ class Engine:
         for info in infos:
             if not collection or info.name == collection:
                 self.metrics.speakers.labels(info.name).set(info.speaker_count)
-        if collection and collection not in {i.name for i in infos}:
-            self.metrics.speakers.labels(collection).set(0)
+        if collection and collection not in {i.name for i in infos}:  # deleted: its series goes too
+            try:
+                self.metrics.speakers.remove(collection)
+            except KeyError:  # never reported
+                pass
 
     async def retention_loop(self) -> None:
         """Forever: persist last-use times and delete speakers unused for ``retention_days``."""

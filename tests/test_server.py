@@ -441,6 +441,23 @@ def test_delete_collection(server, stub):
     assert stub.DeleteCollection(pb.DeleteCollectionRequest(collection="doomed", force=True)).collection.speaker_count == 1
 
 
+def test_a_deleted_collections_speaker_series_goes_with_it(model_repo, tmp_path):
+    from tests.conftest import ServerThread, make_config
+
+    srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], metrics_collection_labels=True))
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            s = pb_grpc.SpeakerServiceStub(ch)
+            s.Enroll(pb.EnrollRequest(collection="gauged", speaker_id="a", embeddings=[
+                pb.Embedding(values=np.ones(256), speech_seconds=4)]))
+            registry = srv.server.metrics.registry
+            assert registry.get_sample_value("spkserve_index_speakers", {"collection": "gauged"}) == 1.0
+            s.DeleteCollection(pb.DeleteCollectionRequest(collection="gauged", force=True))
+            assert registry.get_sample_value("spkserve_index_speakers", {"collection": "gauged"}) is None
+    finally:
+        srv.stop()
+
+
 def test_speaker_bad_inputs(stub, speech_files):
     good = [audio_of(speech_files["flite-kal-1"])]
     expect_error(lambda: stub.Enroll(pb.EnrollRequest(speaker_id="x")), grpc.StatusCode.INVALID_ARGUMENT, "audio")
