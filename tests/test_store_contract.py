@@ -270,6 +270,23 @@ def test_a_replica_meeting_a_collection_deleted_by_another_answers_not_found_not
         a.close()
 
 
+def test_collections_larger_than_one_milvus_query_are_listed_and_dropped_whole(store, monkeypatch):
+    """A Milvus query returns at most 16,384 rows: listing, expiring and dropping a larger collection page through
+    it (here the page is made 7 rows, with 20 speakers)."""
+    if type(store).__name__ == "MilvusStore":
+        import service.store.milvus as milvus
+
+        monkeypatch.setattr(milvus, "_MAX_ROWS", 7)
+    for i in range(20):
+        store.enroll("big", "m", f"s{i:02d}", units(1, seed=i))
+    page, total = store.list("big", 14, 100)
+    assert total == 20 and [r.speaker_id for r in page] == [f"s{i:02d}" for i in range(14, 20)]
+    assert store.drop_collection("big", force=True).speaker_count == 20
+    for i in (0, 19):  # every one of them tombstoned, not only the first page's
+        with pytest.raises(FailedPrecondition, match="allow_reenroll"):
+            store.enroll("big", "m", f"s{i:02d}", units(1))
+
+
 def test_version_binding(store):
     store.enroll("c", "m", "a", units(1), model_version="1")
     with pytest.raises(FailedPrecondition, match="version '1'"):

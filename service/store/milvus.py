@@ -190,10 +190,24 @@ class MilvusStore(MilvusSchema, DeltaProtocol, SpeakerStore):
     def _ids(self, collection: str, where: str = 'pk != ""') -> list[tuple[str, str]]:
         """(speaker id, stored key) of the collection's rows matching ``where``, sorted by id."""
         sealer = self._sealer(collection)
-        rows = self._call(self.client.query, milvus_name("spkv_", collection), filter=where,
-                          output_fields=["pk"] if sealer is None else ["pk", "meta"], limit=_MAX_ROWS,
+        name, fields = milvus_name("spkv_", collection), ["pk"] if sealer is None else ["pk", "meta"]
+        rows = self._call(self.client.query, name, filter=where, output_fields=fields, limit=_MAX_ROWS,
                           consistency_level="Strong")
+        if len(rows) >= _MAX_ROWS:  # one query returns at most this many: page through all of them
+            rows = self._call(self._all_rows, name, where, fields)
         return sorted((r["pk"] if sealer is None else sealer.open(r["meta"])[0], r["pk"]) for r in rows)
+
+    def _all_rows(self, name: str, where: str, fields: list[str]) -> list[dict]:
+        """Every row of a Milvus collection matching ``where``, through a query iterator (pages of _MAX_ROWS)."""
+        it = self.client.query_iterator(name, batch_size=_MAX_ROWS, filter=where, output_fields=fields,
+                                        consistency_level="Strong")
+        rows: list[dict] = []
+        try:
+            while batch := it.next():
+                rows.extend(batch)
+        finally:
+            it.close()
+        return rows
 
     def list(self, collection: str, offset: int, limit: int) -> tuple[list[SpeakerRecord], int]:
         """``SpeakerStore.list`` (service/store/base.py)."""
