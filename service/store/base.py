@@ -24,7 +24,7 @@ import numpy as np
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["SpeakerRecord", "CollectionInfo", "IndexOptions", "SpeakerStore", "StoreUnavailable", "StoreCorrupt",
-           "StatsFn", "check_merged_metadata", "validate_metadata_keys", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict", "check_binding"]
+           "StatsFn", "check_merged_metadata", "validate_metadata_keys", "not_empty", "validate_collection", "validate_speaker_id", "validate_metadata", "quoted", "version_conflict", "check_binding"]
 
 _COLLECTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_METADATA = 64
@@ -170,6 +170,12 @@ def check_merged_metadata(old: dict[str, str], new: dict[str, str], remove: list
                                           f"after this {change}, at most {_MAX_METADATA} keys and "
                                           f"{_MAX_METADATA_BYTES:,} bytes; nothing was changed")
     return merged
+
+
+def not_empty(collection: str, speakers: int) -> FailedPrecondition:
+    """The error of a DeleteCollection without ``force`` on a collection that holds speakers."""
+    return FailedPrecondition(f"collection: {quoted(collection)} holds {speakers} speaker{'s' if speakers != 1 else ''}; "
+                              "set force to delete them with it")
 
 
 def validate_metadata_keys(keys: list[str], field_name: str = "remove_metadata_keys") -> list[str]:

@@ -37,7 +37,8 @@ import numpy as np
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store.base import (CollectionInfo, IndexOptions, SpeakerRecord, SpeakerStore, StatsFn,
-                                StoreUnavailable, check_binding, check_merged_metadata, quoted, validate_metadata)
+                                StoreUnavailable, check_binding, check_merged_metadata, not_empty, quoted,
+                                validate_metadata)
 from service.store.audio import RetainedAudio
 from service.store.faiss_index import CollectionIndex
 from service.store.keys import KeyFile, KeyRing, Sealed
@@ -275,8 +276,7 @@ class LocalStore(Generations, Recovery, RecordState, SpeakerStore):
         with self._lock:
             info = self._collection(collection).info()
             if info.speaker_count and not force:
-                raise FailedPrecondition(f"collection: {quoted(collection)} holds {info.speaker_count} speakers; set "
-                                         "force to delete them with it")
+                raise not_empty(collection, info.speaker_count)
             self._check_writable()
             speakers = sorted(self._collections[collection].speakers)
             slots = [self._slots[(collection, spk)] for spk in speakers]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from service.errors import FailedPrecondition, InvalidArgument
-from service.store.base import CollectionInfo, quoted
+from service.store.base import CollectionInfo, not_empty
 from service.store.milvus_privacy import SEALED_SUFFIX
 
 __all__ = ["MilvusSchema", "milvus_name", "drop_database", "BINDING_TTL_SECONDS"]
@@ -172,8 +172,7 @@ class MilvusSchema:
             names = [milvus_name(prefix, collection) for prefix in ("spkv_", "spkd_")]
             ids = self._ids(collection) if self._call(self.client.has_collection, names[0]) else []
             if ids and not force:
-                raise FailedPrecondition(f"collection: {quoted(collection)} holds {len(ids)} speakers; set force to "
-                                         "delete them with it")
+                raise not_empty(collection, len(ids))
             tombs = [{"pk": f"{collection}/{self._tombstone(collection, spk)}", "c": collection, "vec": [1.0, 0.0]}
                      for spk, _ in ids]
             for i in range(0, len(tombs), 1000):
