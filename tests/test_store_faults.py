@@ -579,3 +579,25 @@ def test_a_backup_starts_again_when_a_rotation_removes_a_file_it_copies(tmp_path
         backup.backup_store(tmp_path / "data", tmp_path / "c")
     assert not (tmp_path / "c").exists()
     s.close()
+
+
+def test_repair_names_lost_metadata_updates_and_collection_deletions(tmp_path, capsys):
+    s = enroll_many(tmp_path, n=3)
+    s.update_metadata("c", "s001", {"desk": "7"}, [])
+    s.enroll("gone", "m", "x", units(1, seed=5))
+    s.drop_collection("gone", force=True)
+    s.abandon()
+    wal = next(tmp_path.glob("wal-*.log"))
+    records = scan_log(wal).records
+    meta = next(r for r in records if r.head.get("op") == "meta")
+    drop = next(r for r in records if r.head.get("op") == "drop")
+    data = bytearray(wal.read_bytes())
+    for rec in (meta, drop):
+        data[rec.offset + 8] ^= 0x01  # the checksum: the record is set aside, its head still reads
+    wal.write_bytes(bytes(data))
+    assert cli(["repair-log", "--data-dir", str(tmp_path), "--dry-run"]) == 0
+    affected = json.loads(capsys.readouterr().out)["speakers_affected"]
+    assert {"collection": "c", "speaker_id": "s001", "slot": records[1].head["slot"], "status": "update-metadata"} \
+        in affected, affected
+    assert {"collection": "gone", "speaker_id": None, "slot": None, "status": "delete-collection"} in affected
+    assert len(affected) == 2

@@ -64,22 +64,27 @@ def name_slots(data_dir: Path, ring: KeyRing, wanted: set[tuple[str, int]]) -> d
 
 
 def describe_damage(reports: list[dict], data_dir: Path, ring: KeyRing | None) -> list[dict]:
-    """The speakers whose enrollments were set aside, from the record heads repair reports still read.
+    """The speakers and collections whose changes were set aside, from the record heads repair still reads.
 
     Returns:
-        One entry per (collection, speaker): ``{"collection", "speaker_id" (or None), "slot", "status"}``,
-        status "re-enroll" (named), "deleted" (its key is destroyed) or "unknown" (nothing else names it).
+        One entry per (collection, speaker) or lost collection deletion: ``{"collection", "speaker_id" (or None),
+        "slot", "status"}``. Status of an enrollment set aside: "re-enroll" (named), "deleted" (its key is destroyed)
+        or "unknown" (nothing else names it); of a metadata change: "update-metadata" (named, else as above); of a
+        DeleteCollection: "delete-collection" (the collection may be listed again: delete it again; its speakers'
+        ids are no longer refused on re-enrollment).
     """
-    wanted = {(h["c"], h["slot"]) for r in reports for d in r["damaged"]
-              for h in d.get("records_inside") or ([d["still_readable"]] if d.get("still_readable") else [])
-              if "slot" in h and "c" in h and h.get("op") == "enroll"}
-    if not wanted:
-        return []
-    named = name_slots(data_dir, ring, wanted) if ring is not None else {}
+    heads = [h for r in reports for d in r["damaged"]
+             for h in d.get("records_inside") or ([d["still_readable"]] if d.get("still_readable") else [])]
+    lost = {(h["c"], h["slot"]): h["op"] for h in heads
+            if "slot" in h and "c" in h and h.get("op") in ("enroll", "meta")}
+    lost.update({(h["c"], h["slot"]): "enroll" for h in heads  # an enrollment lost matters more than an update
+                 if "slot" in h and "c" in h and h.get("op") == "enroll"})
+    named = name_slots(data_dir, ring, set(lost)) if ring is not None and lost else {}
     out = []
-    for coll, slot in sorted(wanted, key=lambda k: (k[0], k[1])):
+    for (coll, slot), op in sorted(lost.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if (coll, slot) in named:
-            out.append({"collection": coll, "speaker_id": named[(coll, slot)], "slot": slot, "status": "re-enroll"})
+            status = "re-enroll" if op == "enroll" else "update-metadata"
+            out.append({"collection": coll, "speaker_id": named[(coll, slot)], "slot": slot, "status": status})
             continue
         deleted = False
         if ring is not None:
@@ -88,4 +93,6 @@ def describe_damage(reports: list[dict], data_dir: Path, ring: KeyRing | None) -
             except StoreCorrupt:
                 deleted = False
         out.append({"collection": coll, "speaker_id": None, "slot": slot, "status": "deleted" if deleted else "unknown"})
+    for coll in sorted({h["c"] for h in heads if h.get("op") == "drop" and "c" in h}):
+        out.append({"collection": coll, "speaker_id": None, "slot": None, "status": "delete-collection"})
     return out
