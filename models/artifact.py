@@ -71,6 +71,10 @@ class ModelCard:
             score on that scale is >= t.
         vad: voice activity detection options for this model (``threshold``, ``neg_threshold``,
             ``min_speech_ms``, ``min_silence_ms``, ``speech_pad_ms``), overriding the server's.
+        input_level_dbfs: when set, every input is scaled to this RMS level (dB full scale)
+            before the graph sees it, so that the embedding does not depend on recording gain
+            (for models whose features are not level-invariant, e.g. linear-power mel); None
+            leaves inputs as they are.
     """
 
     name: str
@@ -98,6 +102,7 @@ class ModelCard:
     calibration: dict[str, Any] | None = None
     operating_point: dict[str, Any] | None = None
     vad: dict[str, Any] | None = None
+    input_level_dbfs: float | None = None
     format_version: int = FORMAT_VERSION
 
     def validate(self, where: str = "model.json") -> "ModelCard":
@@ -120,6 +125,10 @@ class ModelCard:
             raise bad("threshold", f"must be a cosine score in [-1, 1], got {self.threshold!r}")
         if float(self.min_audio_seconds) < 0:
             raise bad("min_audio_seconds", f"must be >= 0, got {self.min_audio_seconds!r}")
+        level = self.input_level_dbfs
+        if level is not None and (isinstance(level, bool) or not isinstance(level, (int, float))
+                                  or not math.isfinite(level) or not -60.0 <= level <= 0.0):
+            raise bad("input_level_dbfs", f"must be a number of dB full scale in [-60, 0] or null, got {level!r}")
         if self.commercial_use is not None and not isinstance(self.commercial_use, bool):
             raise bad("commercial_use", f"must be true, false or absent, got {self.commercial_use!r}")
         if "fp32" not in self.files:

@@ -24,6 +24,7 @@ __all__ = [
     "decode_pcm",
     "to_mono",
     "resample",
+    "set_level",
     "condition",
     "AudioLimits",
 ]
@@ -320,6 +321,19 @@ def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     import soxr
 
     return soxr.resample(wav, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+
+
+def set_level(wav: np.ndarray, dbfs: float) -> np.ndarray:
+    """(T,) float32 ``wav`` scaled so that its RMS is ``dbfs`` dB full scale.
+
+    Digital silence stays silence (the RMS is floored at -120 dBFS, so the gain is bounded);
+    samples may leave [-1, 1] when quiet audio is raised, which float models accept.
+    """
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.size == 0:
+        return wav
+    rms = max(float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))), 1e-6)
+    return wav * np.float32(10.0 ** (dbfs / 20.0) / rms)
 
 
 def condition(

@@ -52,6 +52,13 @@ class ParityReport(dict):
     """Parity figures of an export: max_abs_diff, min_cosine (torch vs ORT), int8_min_cosine."""
 
 
+# 0.2.0: inputs are brought to GE2E_INPUT_LEVEL_DBFS first. The encoder's power mel is not
+# level-invariant and Resemblyzer's own normalisation only raises quiet audio, so the same
+# recording 6 dB louder gave another voiceprint (docs/models.md: the level study).
+GE2E_VERSION = "0.2.0"
+GE2E_INPUT_LEVEL_DBFS = -25.0
+
+
 def _parity_batch(sample_rate: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A zero-padded batch of three noise-plus-tone signals of different lengths: (3, T), (3,)."""
     rng = np.random.default_rng(seed)
@@ -216,7 +223,7 @@ def _apply_calibration(out_dir: Path, args: argparse.Namespace) -> dict[str, Any
 def _ge2e_card(args: argparse.Namespace, model: nn.Module) -> ModelCard:
     return ModelCard(
         name=Path(args.out).name,
-        version="0.1.4",
+        version=GE2E_VERSION,
         family="ge2e",
         sample_rate=16000,
         embedding_dim=256,
@@ -228,6 +235,7 @@ def _ge2e_card(args: argparse.Namespace, model: nn.Module) -> ModelCard:
         license="Apache-2.0 (Resemblyzer, Copyright Resemble AI / Corentin Jemine)", commercial_use=True,
         source="PyPI resemblyzer==0.1.4, file resemblyzer/pretrained.pt",
         training_config={"frontend": model.config_dict(), "loss": "GE2E (upstream training)"},
+        input_level_dbfs=GE2E_INPUT_LEVEL_DBFS,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import ArtifactError, ModelCard, load_card
+from models.audio import set_level
 from models.scoring import ModelScorer
 
 __all__ = ["SpeakerModel", "available_providers"]
@@ -143,12 +144,17 @@ class SpeakerModel:
     def embed(self, waves: list[np.ndarray]) -> np.ndarray:
         """Embed mono float32 waveforms at the model's rate as one batch.
 
+        A card with ``input_level_dbfs`` has each waveform scaled to that RMS level first.
+
         Models with ``batching == "padded"`` get a zero-padded (B, T_max) batch with lengths;
         others must be given equal-length waveforms (the batcher guarantees it).
 
         Returns:
             (B, D) float32, L2-normalised rows.
         """
+        level = self.card.input_level_dbfs
+        if level is not None:
+            waves = [set_level(w, level) for w in waves]
         lengths = np.array([len(w) for w in waves], dtype=np.int64)  # (B,)
         if not self.padded_batching and (lengths != lengths[0]).any():
             raise ValueError(f"model {self.name} takes only equal-length batches, got lengths {lengths.tolist()}")

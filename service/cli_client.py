@@ -248,7 +248,8 @@ def _diarize_one(stub, args, kw, options: pb.DiarizationOptions, path: str) -> N
 
 def _model(m: pb.ModelInfo) -> dict:
     return {"name": m.name, "version": m.version, "embedding_dim": m.embedding_dim, "sample_rate": m.sample_rate,
-            "execution_provider": m.execution_provider, "threshold": m.threshold}
+            "execution_provider": m.execution_provider, "threshold": m.threshold,
+            "input_level_dbfs": m.input_level_dbfs if m.HasField("input_level_dbfs") else None}
 
 
 def _models(stub, args, kw) -> None:

@@ -33,7 +33,8 @@ class ModelRpcs:
             decision_scale=SCALE_PB[policy.scale], decision_threshold=policy.threshold, vad=policy.vad is not None,
             min_probe_speech_seconds=policy.min_probe_speech, min_enroll_speech_seconds=policy.min_enroll_speech,
             false_accept_table=[pb.FalseAcceptPoint(false_accept_rate=r, llr_threshold=t) for r, t in scorer.far_table],
-            cohort_groups=scorer.group_names if scorer.groups is not None else [])
+            cohort_groups=scorer.group_names if scorer.groups is not None else [],
+            input_level_dbfs=c.input_level_dbfs)
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

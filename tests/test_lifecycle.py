@@ -392,6 +392,7 @@ def test_a_collection_is_bound_to_its_model_version(model_repo, tmp_path):
                     call()
                 assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 assert "version 'test'" in e.value.details() and "'test-2'" in e.value.details()
+                assert "MigrateCollection" in e.value.details()  # says how to move it
     finally:
         srv.stop()
     srv = ServerThread(make_config(repo, tmp_path / "data", models=["ge2e", "tiny-wavlm"]))  # the binding persists

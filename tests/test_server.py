@@ -51,12 +51,19 @@ def test_embed_returns_unit_embedding_and_timings(stub, speech_files):
 
 
 def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files):
-    """With VAD off the service embeds the whole file, as the Resemblyzer reference does."""
+    """With VAD off the service embeds the whole file as the graph does after the card's level
+    normalisation; at the card's level the graph is Resemblyzer's encoder (tests/test_models.py)."""
     import json
 
+    import onnxruntime as ort
+    import soundfile as sf
+
+    from models.audio import set_level
     from tests.conftest import REFERENCE, ServerThread, make_config
 
+    card = json.loads((model_repo / "ge2e" / "model.json").read_text())
     ref = json.loads((REFERENCE / "ge2e_reference.json").read_text())["utterances"]
+    graph = ort.InferenceSession(str(model_repo / "ge2e" / "model.onnx"), providers=["CPUExecutionProvider"])
     srv = ServerThread(make_config(model_repo, tmp_path, models=["ge2e"], vad=False))
     try:
         with grpc.insecure_channel(srv.target) as ch:
@@ -64,7 +71,11 @@ def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files)
             for name in ("flite-slt-1", "flite-kal-1", "espeak-en-1"):
                 r = s.Embed(pb.EmbedRequest(audio=audio_of(speech_files[name])))
                 assert not r.speech.vad_applied
-                assert float(np.dot(r.embedding, ref[name]["embedding"])) > 0.999
+                wave = set_level(sf.read(REFERENCE / ref[name]["file"], dtype="float32")[0], card["input_level_dbfs"])
+                want = graph.run(["embedding"], {"waveform": wave[None], "lengths": np.array([wave.size])})[0][0]
+                assert float(np.dot(r.embedding, want)) > 0.999
+                # at the file's own level (louder than Resemblyzer's -30 dBFS floor) it is Resemblyzer's embedding
+                assert float(np.dot(r.embedding, ref[name]["embedding"])) < 0.999
     finally:
         srv.stop()
 
@@ -499,6 +510,9 @@ def test_list_models_and_info(stub):
     assert ge2e.embedding_dim == 256 and ge2e.sample_rate == 16000 and ge2e.is_default
     assert ge2e.execution_provider == "CPUExecutionProvider"
     assert ge2e.parameters > 1_000_000 and ge2e.license.startswith("Apache-2.0")
+    assert ge2e.HasField("input_level_dbfs") and ge2e.input_level_dbfs == -25.0  # the card's, reported
+    tiny = stub.GetModelInfo(pb.GetModelInfoRequest(name="tiny-wavlm"))
+    assert not tiny.HasField("input_level_dbfs")  # no level on its card: inputs embedded as they come
 
 
 def scrape(server) -> str:

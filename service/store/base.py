@@ -54,9 +54,9 @@ class StoreCorrupt(RuntimeError):
 def version_conflict(collection: str, model: str, bound: str, given: str) -> str:
     """The message for voiceprints of one model version compared with another's."""
     return (f"collection {quoted(collection)} holds voiceprints of model {model!r} version {bound!r}; this server's "
-            f"{model!r} is version {given!r}, and voiceprints of different versions cannot be compared. Serve version "
-            f"{bound!r} under another repository name for this collection, or enroll the speakers again into a new "
-            "collection")
+            f"{model!r} is version {given!r}, and voiceprints of different versions cannot be compared. Move it "
+            f"with MigrateCollection (re-embeds retained enrollment speech), enroll the speakers again into a new "
+            f"collection, or serve {model!r} version {bound!r} (the release that enrolled it) for this collection")
 
 
 def check_binding(collection: str, bound_model: str, bound_dim: int, bound_version: str, model: str, dim: int,
