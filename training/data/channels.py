@@ -22,6 +22,8 @@ Conditions:
     noise_pad    3 s of low noise (-60 to -45 dBFS) before and after, and under the speech
     pause        a 2 s pause inside the utterance
     quiet        25 dB quieter
+    loud         10 dB louder, clipped at full scale as a 16-bit recording would be
+    level        a gain of -10 to +10 dB, clipped at full scale (the recording level of another device)
     short        cut to its first 1.0 s of speech (as VAD finds it, with the service's settings)
     short15      cut to its first 1.5 s of speech
     white10      white noise at 10 dB SNR
@@ -192,6 +194,11 @@ def _telephone(x, rng, bank):
     return _mulaw(y / max(1.0, float(np.abs(y).max()))), 8000
 
 
+def _gain(x: np.ndarray, db: float) -> np.ndarray:
+    """(T,) ``x`` made ``db`` dB louder, clipped to [-1, 1] (what a 16-bit file can hold)."""
+    return np.clip(x * np.float32(10 ** (db / 20)), -1.0, 1.0).astype(np.float32)
+
+
 CONDITIONS: dict[str, Callable] = {
     "clean": lambda x, rng, bank: (x, SR),
     "telephone": _telephone,
@@ -206,6 +213,8 @@ CONDITIONS: dict[str, Callable] = {
     "noise_pad": lambda x, rng, bank: _pad(x, rng, 10 ** (rng.uniform(-60, -45) / 20)),
     "pause": _pause,
     "quiet": lambda x, rng, bank: (x * np.float32(10 ** (-25 / 20)), SR),
+    "loud": lambda x, rng, bank: (_gain(x, 10.0), SR),
+    "level": lambda x, rng, bank: (_gain(x, float(rng.uniform(-10.0, 10.0))), SR),
     "short": lambda x, rng, bank: (_short(x), SR),
     "short15": lambda x, rng, bank: (_short(x, 1.5), SR),
     "white10": lambda x, rng, bank: _noise_at(x, rng, bank, "white", 10.0),

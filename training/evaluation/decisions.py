@@ -57,6 +57,8 @@ EVAL_SPECS = {
     "babble10-both": ("babble10", "babble10"),
     "reverb-probe": ("clean", "reverb"),
     "quiet-probe": ("clean", "quiet"),
+    "loud-probe": ("clean", "loud"),
+    "level-both": ("level", "level"),
     "silence-both": ("silence_pad", "silence_pad"),
     "short-probe": ("clean", "short15"),
 }
@@ -66,6 +68,8 @@ EVAL_LABELS = {
     "opus-both": "Opus 9-20 kbit/s, both sides", "mp3-both": "MP3, low bitrate, both sides",
     "white10-both": "white noise 10 dB SNR, both sides", "babble10-both": "babble 10 dB SNR, both sides",
     "reverb-probe": "reverberation, probe only", "quiet-probe": "25 dB quieter, probe only",
+    "loud-probe": "10 dB louder (clipped at full scale), probe only",
+    "level-both": "each side -10 to +10 dB (clipped at full scale)",
     "silence-both": "3 s silence before and after, both sides", "short-probe": "probe cut to 1.5 s of speech",
 }
 
