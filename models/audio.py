@@ -25,6 +25,7 @@ __all__ = [
     "to_mono",
     "resample",
     "set_level",
+    "remove_dc",
     "condition",
     "AudioLimits",
 ]
@@ -321,6 +322,15 @@ def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     import soxr
 
     return soxr.resample(wav, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+
+
+def remove_dc(wav: np.ndarray) -> np.ndarray:
+    """(T,) float32 ``wav`` minus its mean: a constant offset (cheap converters, some telephony gear) is not voice,
+    but a model's lowest spectral band reads it as energy."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.size == 0:
+        return wav
+    return wav - np.float32(wav.mean(dtype=np.float64))
 
 
 def set_level(wav: np.ndarray, dbfs: float) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import ArtifactError, ModelCard, load_card
-from models.audio import set_level
+from models.audio import remove_dc, set_level
 from models.scoring import ModelScorer
 
 __all__ = ["SpeakerModel", "available_providers"]
@@ -144,7 +144,8 @@ class SpeakerModel:
     def embed(self, waves: list[np.ndarray]) -> np.ndarray:
         """Embed mono float32 waveforms at the model's rate as one batch.
 
-        A card with ``input_level_dbfs`` has each waveform scaled to that RMS level first.
+        Each waveform's DC offset (its mean) is removed first, and a card with ``input_level_dbfs``
+        has it scaled to that RMS level.
 
         Models with ``batching == "padded"`` get a zero-padded (B, T_max) batch with lengths;
         others must be given equal-length waveforms (the batcher guarantees it).
@@ -152,6 +153,7 @@ class SpeakerModel:
         Returns:
             (B, D) float32, L2-normalised rows.
         """
+        waves = [remove_dc(w) for w in waves]
         level = self.card.input_level_dbfs
         if level is not None:
             waves = [set_level(w, level) for w in waves]

@@ -24,6 +24,7 @@ Conditions:
     quiet        25 dB quieter
     loud         10 dB louder, clipped at full scale as a 16-bit recording would be
     level        a gain of -10 to +10 dB, clipped at full scale (the recording level of another device)
+    dc           a DC offset of 5% of full scale (a cheap converter), clipped at full scale
     short        cut to its first 1.0 s of speech (as VAD finds it, with the service's settings)
     short15      cut to its first 1.5 s of speech
     white10      white noise at 10 dB SNR
@@ -215,6 +216,7 @@ CONDITIONS: dict[str, Callable] = {
     "quiet": lambda x, rng, bank: (x * np.float32(10 ** (-25 / 20)), SR),
     "loud": lambda x, rng, bank: (_gain(x, 10.0), SR),
     "level": lambda x, rng, bank: (_gain(x, float(rng.uniform(-10.0, 10.0))), SR),
+    "dc": lambda x, rng, bank: (np.clip(x + np.float32(0.05), -1.0, 1.0).astype(np.float32), SR),
     "short": lambda x, rng, bank: (_short(x), SR),
     "short15": lambda x, rng, bank: (_short(x, 1.5), SR),
     "white10": lambda x, rng, bank: _noise_at(x, rng, bank, "white", 10.0),

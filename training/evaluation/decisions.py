@@ -59,6 +59,7 @@ EVAL_SPECS = {
     "quiet-probe": ("clean", "quiet"),
     "loud-probe": ("clean", "loud"),
     "level-both": ("level", "level"),
+    "dc-probe": ("clean", "dc"),
     "silence-both": ("silence_pad", "silence_pad"),
     "short-probe": ("clean", "short15"),
 }
@@ -70,6 +71,7 @@ EVAL_LABELS = {
     "reverb-probe": "reverberation, probe only", "quiet-probe": "25 dB quieter, probe only",
     "loud-probe": "10 dB louder (clipped at full scale), probe only",
     "level-both": "each side -10 to +10 dB (clipped at full scale)",
+    "dc-probe": "a DC offset of 5% of full scale, probe only",
     "silence-both": "3 s silence before and after, both sides", "short-probe": "probe cut to 1.5 s of speech",
 }
 
