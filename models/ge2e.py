@@ -16,6 +16,11 @@ the module so that the exported ONNX graph takes a raw 16 kHz waveform:
 Batches are padding-invariant: every step masks by ``lengths``, so an utterance embedded in
 a zero-padded batch gets the same embedding as alone. Resemblyzer's VAD silence trimming
 (webrtcvad) is not part of the model; callers that want it trim before embedding.
+
+Step 1 only raises quiet audio and step 2 reads linear power, so the graph alone is neither
+level- nor offset-invariant: the exported card sets ``input_level_dbfs`` and the runtime
+(``models.runtime.SpeakerModel.embed``) removes each input's DC offset and brings it to that
+level before the graph.
 """
 
 from __future__ import annotations
