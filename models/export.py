@@ -54,7 +54,7 @@ class ParityReport(dict):
 
 # 0.2.0: inputs are brought to GE2E_INPUT_LEVEL_DBFS first. The encoder's power mel is not
 # level-invariant and Resemblyzer's own normalisation only raises quiet audio, so the same
-# recording 6 dB louder gave another voiceprint (docs/models.md: the level study).
+# recording 8 dB louder gave another voiceprint (BENCHMARKS.md section 9c: the level study).
 GE2E_VERSION = "0.2.0"
 GE2E_INPUT_LEVEL_DBFS = -25.0
 

@@ -251,7 +251,7 @@ class SileroVad:
         ``options`` must agree on those two (ValueError otherwise); thresholds, durations and padding
         may differ. Diarization uses this to find turns strictly and speech generously in one pass.
         """
-        from models.audio import resample
+        from models.audio import remove_dc, resample
 
         if not options:
             raise ValueError("options: give at least one VadOptions")
@@ -264,7 +264,7 @@ class SileroVad:
         wave = np.asarray(wave, dtype=np.float32).reshape(-1)
         if wave.size == 0:
             return [[] for _ in options], sample_rate <= 8000
-        vad_in = wave - np.float32(wave.mean(dtype=np.float64))
+        vad_in = remove_dc(wave)
         narrow = first.narrowband and is_narrowband(vad_in, sample_rate)
         rate = 8000 if narrow else VAD_SAMPLE_RATE
         if sample_rate != rate:

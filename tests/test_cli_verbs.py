@@ -69,6 +69,7 @@ def test_records_compare_and_verify_against_an_enrolled_speaker(server, capsys, 
         _run(capsys, "compare", str(tmp_path / "bad.jsonl"), str(tmp_path / "b.jsonl"))
     code, out, _ = _run(capsys, "model-info")
     assert code == 0 and out[0]["name"] == "ge2e" and out[0]["embedding_dim"] == 256
+    assert out[0]["input_level_dbfs"] == -25.0  # the card's level, as the server reports it
     code, out, err = _run(capsys, "migrate", "--collection", "cli", "--to", "cli2")
     assert code == 1 and err.startswith("PERMISSION_DENIED")  # admin only (model_control is off)
     with pytest.raises(SystemExit, match="give one FILE"):
