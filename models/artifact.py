@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelCard", "ArtifactError", "load_card", "save_card", "scan_repository", "FORMAT_VERSION", "SCORE_SCALES"]
+__all__ = ["ModelCard", "ArtifactError", "load_card", "save_card", "scan_repository", "FORMAT_VERSION", "SCORE_SCALES",
+           "TILT_BANDS"]
 
 FORMAT_VERSION = 3
+TILT_BANDS = 24  # bands of an ``input_tilt`` reference (models.spectral_tilt.BAND_EDGES_HZ)
 # version 1 cards have no cohort, calibration, operating point or VAD section; version 2 cards have a
 # plain linear map and one cohort group; version 3 adds channel groups, quality terms and a FAR table
 _READABLE_VERSIONS = (1, 2, 3)
@@ -75,6 +77,10 @@ class ModelCard:
             before the graph sees it, so that the embedding does not depend on recording gain
             (for models whose features are not level-invariant, e.g. linear-power mel); None
             leaves inputs as they are.
+        input_tilt: when set, ``{"reference_db": [24 band levels], "min_db_per_octave": a,
+            "max_db_per_octave": b}``: an input whose long-term spectrum slopes against the
+            reference by less than a or more than b dB per octave is filtered back to that range
+            before the graph (``models.spectral_tilt``); None leaves the spectrum as it is.
     """
 
     name: str
@@ -103,6 +109,7 @@ class ModelCard:
     operating_point: dict[str, Any] | None = None
     vad: dict[str, Any] | None = None
     input_level_dbfs: float | None = None
+    input_tilt: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def validate(self, where: str = "model.json") -> "ModelCard":
@@ -129,6 +136,8 @@ class ModelCard:
         if level is not None and (isinstance(level, bool) or not isinstance(level, (int, float))
                                   or not math.isfinite(level) or not -60.0 <= level <= 0.0):
             raise bad("input_level_dbfs", f"must be a number of dB full scale in [-60, 0] or null, got {level!r}")
+        if self.input_tilt is not None:
+            _validate_tilt(self.input_tilt, bad)
         if self.commercial_use is not None and not isinstance(self.commercial_use, bool):
             raise bad("commercial_use", f"must be true, false or absent, got {self.commercial_use!r}")
         if "fp32" not in self.files:
@@ -212,6 +221,22 @@ class ModelCard:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_tilt(spec: Any, bad) -> None:
+    """Check a card's ``input_tilt`` object (see ``ModelCard``)."""
+    keys = {"reference_db", "min_db_per_octave", "max_db_per_octave"}
+    if not isinstance(spec, dict) or not keys <= set(spec):
+        raise bad("input_tilt", f"must be an object with keys {sorted(keys)} or null, got {spec!r}")
+    ref = spec["reference_db"]
+    if not isinstance(ref, list) or len(ref) != TILT_BANDS or not all(_finite(v) for v in ref):
+        raise bad("input_tilt.reference_db", f"must be a list of {TILT_BANDS} finite numbers (dB), got {ref!r}")
+    lo, hi = spec["min_db_per_octave"], spec["max_db_per_octave"]
+    for name, value in (("min_db_per_octave", lo), ("max_db_per_octave", hi)):
+        if not _finite(value) or not -24.0 <= value <= 24.0:
+            raise bad(f"input_tilt.{name}", f"must be a number of dB per octave in [-24, 24], got {value!r}")
+    if lo > hi:
+        raise bad("input_tilt", f"min_db_per_octave {lo} is above max_db_per_octave {hi}")
 
 
 def load_card(model_dir: str | os.PathLike) -> ModelCard:

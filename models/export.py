@@ -55,7 +55,9 @@ class ParityReport(dict):
 # 0.2.0: inputs are brought to GE2E_INPUT_LEVEL_DBFS first. The encoder's power mel is not
 # level-invariant and Resemblyzer's own normalisation only raises quiet audio, so the same
 # recording 8 dB louder gave another voiceprint (BENCHMARKS.md section 9c: the level study).
-GE2E_VERSION = "0.2.0"
+# 0.3.0: the card's input_tilt limits each input's spectral slope (models.spectral_tilt), fitted on the real
+# calibration speakers by `training.evaluation.calibrate --fit-tilt` after export (BENCHMARKS.md section 9e).
+GE2E_VERSION = "0.3.0"
 GE2E_INPUT_LEVEL_DBFS = -25.0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from models.artifact import ArtifactError, ModelCard, load_card
 from models.audio import remove_dc, set_level
+from models.spectral_tilt import TiltLimit, limit_tilt
 from models.scoring import ModelScorer
 
 __all__ = ["SpeakerModel", "available_providers"]
@@ -76,6 +77,7 @@ class SpeakerModel:
         self._check_session(path)
         try:
             self.scorer = ModelScorer.from_card(self.card, self.dir)
+            self.tilt = TiltLimit.from_card(self.card.input_tilt) if self.card.input_tilt else None
         except ValueError as e:
             raise ArtifactError(f"{self.dir / 'model.json'}: {e}") from None
         log.info("loaded model %s (%s, %s) on %s", self.name, self.card.version, path.name, self.provider)
@@ -144,8 +146,9 @@ class SpeakerModel:
     def embed(self, waves: list[np.ndarray]) -> np.ndarray:
         """Embed mono float32 waveforms at the model's rate as one batch.
 
-        Each waveform's DC offset (its mean) is removed first, and a card with ``input_level_dbfs``
-        has it scaled to that RMS level.
+        Each waveform's DC offset (its mean) is removed first; a card with ``input_tilt`` has its
+        spectral slope limited to the card's range (``models.spectral_tilt``), and one with
+        ``input_level_dbfs`` has it scaled to that RMS level.
 
         Models with ``batching == "padded"`` get a zero-padded (B, T_max) batch with lengths;
         others must be given equal-length waveforms (the batcher guarantees it).
@@ -154,6 +157,8 @@ class SpeakerModel:
             (B, D) float32, L2-normalised rows.
         """
         waves = [remove_dc(w) for w in waves]
+        if self.tilt is not None:
+            waves = [limit_tilt(w, self.sample_rate, self.tilt) for w in waves]
         level = self.card.input_level_dbfs
         if level is not None:
             waves = [set_level(w, level) for w in waves]

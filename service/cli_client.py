@@ -249,7 +249,9 @@ def _diarize_one(stub, args, kw, options: pb.DiarizationOptions, path: str) -> N
 def _model(m: pb.ModelInfo) -> dict:
     return {"name": m.name, "version": m.version, "embedding_dim": m.embedding_dim, "sample_rate": m.sample_rate,
             "execution_provider": m.execution_provider, "threshold": m.threshold,
-            "input_level_dbfs": m.input_level_dbfs if m.HasField("input_level_dbfs") else None}
+            "input_level_dbfs": m.input_level_dbfs if m.HasField("input_level_dbfs") else None,
+            "input_tilt_db_per_octave": [round(m.input_tilt.min_db_per_octave, 3), round(m.input_tilt.max_db_per_octave, 3)]
+            if m.HasField("input_tilt") else None}
 
 
 def _models(stub, args, kw) -> None:

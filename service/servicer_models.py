@@ -34,7 +34,9 @@ class ModelRpcs:
             min_probe_speech_seconds=policy.min_probe_speech, min_enroll_speech_seconds=policy.min_enroll_speech,
             false_accept_table=[pb.FalseAcceptPoint(false_accept_rate=r, llr_threshold=t) for r, t in scorer.far_table],
             cohort_groups=scorer.group_names if scorer.groups is not None else [],
-            input_level_dbfs=c.input_level_dbfs)
+            input_level_dbfs=c.input_level_dbfs,
+            input_tilt=pb.InputTilt(min_db_per_octave=c.input_tilt["min_db_per_octave"],
+                                    max_db_per_octave=c.input_tilt["max_db_per_octave"]) if c.input_tilt else None)
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

@@ -109,6 +109,18 @@ class ServerThread:
         self.thread.join(10)
 
 
+def ge2e_with(tmp_path: Path, **fields) -> Path:
+    """A copy of the shipped ``ge2e`` entry under ``tmp_path`` with ``fields`` of its card replaced (unvalidated)."""
+    import json
+
+    entry = tmp_path / "ge2e"
+    shutil.copytree(REPOSITORY / "ge2e", entry)
+    card = json.loads((entry / "model.json").read_text())
+    card.update(fields)
+    (entry / "model.json").write_text(json.dumps(card))
+    return entry
+
+
 def make_config(model_repo: Path, data_dir: Path, **overrides):
     """A ServerConfig for tests: ephemeral ports, loopback, the test repository."""
     from service.config import load_config

@@ -70,6 +70,8 @@ def test_records_compare_and_verify_against_an_enrolled_speaker(server, capsys, 
     code, out, _ = _run(capsys, "model-info")
     assert code == 0 and out[0]["name"] == "ge2e" and out[0]["embedding_dim"] == 256
     assert out[0]["input_level_dbfs"] == -25.0  # the card's level, as the server reports it
+    low, high = out[0]["input_tilt_db_per_octave"]  # the card's tilt range
+    assert low < 0 < high
     code, out, err = _run(capsys, "migrate", "--collection", "cli", "--to", "cli2")
     assert code == 1 and err.startswith("PERMISSION_DENIED")  # admin only (model_control is off)
     with pytest.raises(SystemExit, match="give one FILE"):

@@ -5,7 +5,6 @@ input's DC offset removed, for the same reason."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import soundfile as sf
 
 from models.artifact import ArtifactError, load_card
 from models.audio import remove_dc, set_level
-from tests.conftest import REFERENCE, REPOSITORY
+from tests.conftest import REFERENCE, REPOSITORY, ge2e_with
 
 
 def _clips() -> list[np.ndarray]:
@@ -34,13 +33,8 @@ def test_set_level_sets_the_rms_and_leaves_silence_silent():
 
 @pytest.mark.parametrize("value", [5.0, -61.0, float("nan"), "loud", True, [-25]])
 def test_bad_input_level_is_named(tmp_path, value):
-    entry = tmp_path / "ge2e"
-    shutil.copytree(REPOSITORY / "ge2e", entry)
-    card = json.loads((entry / "model.json").read_text())
-    card["input_level_dbfs"] = value
-    (entry / "model.json").write_text(json.dumps(card))
     with pytest.raises(ArtifactError, match="input_level_dbfs"):
-        load_card(entry)
+        load_card(ge2e_with(tmp_path, input_level_dbfs=value))
 
 
 def test_shipped_ge2e_embeds_the_same_at_any_gain(tmp_path):
@@ -50,12 +44,7 @@ def test_shipped_ge2e_embeds_the_same_at_any_gain(tmp_path):
 
     assert load_card(REPOSITORY / "ge2e").input_level_dbfs == -25.0
     model = SpeakerModel(REPOSITORY / "ge2e")
-    raw_entry = tmp_path / "ge2e"
-    shutil.copytree(REPOSITORY / "ge2e", raw_entry)
-    card = json.loads((raw_entry / "model.json").read_text())
-    card["input_level_dbfs"] = None
-    (raw_entry / "model.json").write_text(json.dumps(card))
-    raw = SpeakerModel(raw_entry)
+    raw = SpeakerModel(ge2e_with(tmp_path, input_level_dbfs=None))
     for wave in _clips():
         gains = [0.2, 1.0, 2.5]  # -14 dB, as recorded, +8 dB (float samples, no clipping)
         levelled = model.embed([wave * g for g in gains])  # (3, D)

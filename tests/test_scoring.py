@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from models.scoring import (
     snorm_inverse,
     threshold_for_far,
 )
-from tests.conftest import REPOSITORY
+from tests.conftest import ge2e_with
 
 
 def test_fit_recovers_the_true_llr_of_gaussian_scores():
@@ -96,22 +94,13 @@ def test_scorer_threshold_checks():
         Calibration(-1.0, 0.0)
 
 
-def _calibrated_copy(tmp_path, **card_changes):
-    d = tmp_path / "ge2e"
-    shutil.copytree(REPOSITORY / "ge2e", d)
-    raw = json.loads((d / "model.json").read_text())
-    raw.update(card_changes)
-    (d / "model.json").write_text(json.dumps(raw))
-    return d
-
-
 def test_cohort_and_calibration_errors_name_the_problem(tmp_path):
     from models.runtime import SpeakerModel
 
     rng = np.random.default_rng(3)
     base = dict(cohort={"file": "cohort.npy", "size": 4}, calibration={"score": "snorm", "scale": 2.0, "offset": 0.0},
                 operating_point={"scale": "llr", "threshold": 0.0}, format_version=2)
-    d = _calibrated_copy(tmp_path, **base)
+    d = ge2e_with(tmp_path, **base)
     np.save(d / "cohort.npy", rng.normal(size=(4, 128)).astype(np.float32))  # wrong embedding size
     with pytest.raises(ArtifactError, match=r"cohort.npy: cohort has shape \(4, 128\), expected \(M, 256\)"):
         SpeakerModel(d)
@@ -128,7 +117,7 @@ def test_cohort_and_calibration_errors_name_the_problem(tmp_path):
         (dict(cohort=None), "calibration.*needs a cohort"),
         (dict(operating_point={"scale": "loudness", "threshold": 0}), "operating_point.scale"),
     ]:
-        d2 = _calibrated_copy(tmp_path / str(abs(hash(match))), **{**base, **changes})
+        d2 = ge2e_with(tmp_path / str(abs(hash(match))), **{**base, **changes})
         np.save(d2 / "cohort.npy", rng.normal(size=(4, 256)).astype(np.float32))
         with pytest.raises(ArtifactError, match=match):
             load_card(d2)
@@ -228,7 +217,7 @@ def test_grouped_card_fields_are_checked(tmp_path):
                              "mismatch_offset": -1.0, "speech": 0.3, "speech_reference": 4.0},
                 operating_point={"scale": "llr", "threshold": 2.0, "far_table": [[0.01, 2.5], [0.1, 0.5]]},
                 format_version=3)
-    d = _calibrated_copy(tmp_path, **base)
+    d = ge2e_with(tmp_path, **base)
     np.save(d / "cohort.npy", rng.normal(size=(4, 256)).astype(np.float32))
     with pytest.raises(ArtifactError, match="cohort.groups_file names 'groups.npy'"):
         load_card(d)
@@ -245,7 +234,7 @@ def test_grouped_card_fields_are_checked(tmp_path):
          "operating_point.far_table"),
         (dict(operating_point={**base["operating_point"], "far_table": [[2.0, 0.5]]}), "operating_point.far_table"),
     ]):
-        d2 = _calibrated_copy(tmp_path / str(i), **{**base, **changes})
+        d2 = ge2e_with(tmp_path / str(i), **{**base, **changes})
         np.save(d2 / "cohort.npy", rng.normal(size=(4, 256)).astype(np.float32))
         np.save(d2 / "groups.npy", np.array([0, 0, 1, 1], np.int16))
         with pytest.raises(ArtifactError, match=match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import urllib.request
 
 import grpc
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from tests.conftest import speech_clip, wav_bytes
+from tests.conftest import REPOSITORY, speech_clip, wav_bytes
 
 
 def audio_of(path) -> pb.Audio:
@@ -51,14 +52,13 @@ def test_embed_returns_unit_embedding_and_timings(stub, speech_files):
 
 
 def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files):
-    """With VAD off the service embeds the whole file as the graph does after the card's level
-    normalisation; at the card's level the graph is Resemblyzer's encoder (tests/test_models.py)."""
-    import json
-
+    """With VAD off the service embeds the whole file as the graph does after the card's tilt limit and
+    level normalisation; at the card's level the graph is Resemblyzer's encoder (tests/test_models.py)."""
     import onnxruntime as ort
     import soundfile as sf
 
-    from models.audio import set_level
+    from models.audio import remove_dc, set_level
+    from models.spectral_tilt import TiltLimit, limit_tilt
     from tests.conftest import REFERENCE, ServerThread, make_config
 
     card = json.loads((model_repo / "ge2e" / "model.json").read_text())
@@ -71,7 +71,8 @@ def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files)
             for name in ("flite-slt-1", "flite-kal-1", "espeak-en-1"):
                 r = s.Embed(pb.EmbedRequest(audio=audio_of(speech_files[name])))
                 assert not r.speech.vad_applied
-                wave = set_level(sf.read(REFERENCE / ref[name]["file"], dtype="float32")[0], card["input_level_dbfs"])
+                wave = remove_dc(sf.read(REFERENCE / ref[name]["file"], dtype="float32")[0])
+                wave = set_level(limit_tilt(wave, 16000, TiltLimit.from_card(card["input_tilt"])), card["input_level_dbfs"])
                 want = graph.run(["embedding"], {"waveform": wave[None], "lengths": np.array([wave.size])})[0][0]
                 assert float(np.dot(r.embedding, want)) > 0.999
                 # at the file's own level (louder than Resemblyzer's -30 dBFS floor) it is Resemblyzer's embedding
@@ -511,8 +512,12 @@ def test_list_models_and_info(stub):
     assert ge2e.execution_provider == "CPUExecutionProvider"
     assert ge2e.parameters > 1_000_000 and ge2e.license.startswith("Apache-2.0")
     assert ge2e.HasField("input_level_dbfs") and ge2e.input_level_dbfs == -25.0  # the card's, reported
+    tilt = json.loads((REPOSITORY / "ge2e" / "model.json").read_text())["input_tilt"]
+    assert ge2e.HasField("input_tilt") and ge2e.input_tilt.min_db_per_octave == tilt["min_db_per_octave"]
+    assert ge2e.input_tilt.max_db_per_octave == tilt["max_db_per_octave"]
     tiny = stub.GetModelInfo(pb.GetModelInfoRequest(name="tiny-wavlm"))
     assert not tiny.HasField("input_level_dbfs")  # no level on its card: inputs embedded as they come
+    assert not tiny.HasField("input_tilt")
 
 
 def scrape(server) -> str:

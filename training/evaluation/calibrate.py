@@ -8,6 +8,9 @@ The last step of exporting a model. Every embedding is made the way the service 
 decode, resample, VAD with the model's options, keep the speech, embed; inputs under
 ``--min-probe-speech`` seconds of speech are left out (the service answers NOT_ENOUGH_SPEECH).
 
+0. **Spectral tilt** (with ``--fit-tilt``; ``training.evaluation.tilt``): the reference spectrum and
+   the range of slopes the real calibration speakers show, written into the card first, so that
+   everything below is embedded with the runtime's tilt limit in place.
 1. **Cohort** (``training.evaluation.cohort``): the *calibration* speakers of the real-speech pool
    (``python -m training.data.realspeech``) and, with ``--corpus``, ``--synthetic-speakers`` training
    speakers of the synthetic corpus, each through every channel group (clean, telephone band,
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-per-speaker", type=int, default=0,
                     help="use at most this many utterances of each real calibration speaker (0: all; quicker fits)")
     ap.add_argument("--operating-point", default=None, help="llr:THRESHOLD (default llr:2), far:RATE or cosine-eer")
+    ap.add_argument("--fit-tilt", action="store_true",
+                    help="first fit the card's input_tilt on the real calibration speakers (training.evaluation.tilt)")
     ap.add_argument("--report", type=Path, help="also write the report here")
     ap.add_argument("--dry-run", action="store_true", help="fit and report, change nothing")
     args = ap.parse_args(argv)
@@ -301,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.real is None:
                 ap.error("give --real (the real-speech pool), or --wav-scp and --trials (your own data)")
+            if args.fit_tilt:
+                if args.dry_run:
+                    ap.error("--fit-tilt writes the card before embedding; run training.evaluation.tilt --dry-run alone")
+                from training.evaluation.tilt import fit_tilt
+
+                fit_tilt(args.model_dir, args.real)
             report = calibrate_model(args.model_dir, args.real, args.corpus, seed=args.seed, per_speaker=args.per_speaker,
                                      cohort_utts=args.cohort_utts, synthetic_speakers=args.synthetic_speakers,
                                      synthetic_weight=args.synthetic_weight, min_probe_speech=args.min_probe_speech,

@@ -60,6 +60,7 @@ EVAL_SPECS = {
     "loud-probe": ("clean", "loud"),
     "level-both": ("level", "level"),
     "dc-probe": ("clean", "dc"),
+    "mic-probe": ("clean", "mic"),
     "silence-both": ("silence_pad", "silence_pad"),
     "short-probe": ("clean", "short15"),
 }
@@ -72,6 +73,7 @@ EVAL_LABELS = {
     "loud-probe": "10 dB louder (clipped at full scale), probe only",
     "level-both": "each side -10 to +10 dB (clipped at full scale)",
     "dc-probe": "a DC offset of 5% of full scale, probe only",
+    "mic-probe": "another microphone (tilt +-6 dB/octave, three resonances +-9 dB), probe only",
     "silence-both": "3 s silence before and after, both sides", "short-probe": "probe cut to 1.5 s of speech",
 }
 
