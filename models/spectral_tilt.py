@@ -110,7 +110,7 @@ def limit_tilt(wav: np.ndarray, sample_rate: int, limit: TiltLimit, passes: int 
     and when the input is narrowband by the VAD's test, ``models.vad_rules.is_narrowband``).
 
     The correction is a zero-phase gain that is linear in octaves over the bands with signal and flat
-    beyond them (an empty band is not raised), at most 12 dB either way, applied by one FFT of the
+    beyond them (an empty band is not raised), at most 12 dB either way in a pass, applied by one FFT of the
     whole (zero-padded) input. Raising a steep input's top brings more bands above the signal floor,
     which moves the fitted slope, so the fit runs again on the corrected band levels (``passes`` in
     all) while the slope is still outside the range, and the passes' gains add up. The level is not
