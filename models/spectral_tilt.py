@@ -22,6 +22,7 @@ step and before the level step. Only numpy and scipy's FFT are imported (``servi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,21 +71,29 @@ def band_levels_db(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     out = np.full(TILT_BANDS, np.nan)
     if len(wav) < n:
         return out
-    frames = wav[: len(wav) // n * n].reshape(-1, n) * np.hanning(n).astype(np.float32)  # (F, n), back to back
+    window, inside, band, counts = _frame_bands(n, sample_rate)
+    frames = wav[: len(wav) // n * n].reshape(-1, n) * window  # (F, n), back to back
     spec = sfft.rfft(frames, axis=1)  # (F, n/2+1) complex64
     power = spec.real ** 2 + spec.imag ** 2
     energy = power.sum(axis=1)  # (F,)
     if not energy.max() > 0:
         return out
     ltas = power[energy >= energy.max() * 10 ** (-_LOUD_FRAMES_DB / 10)].mean(axis=0)  # (n/2+1,)
-    freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
-    band = np.searchsorted(BAND_EDGES_HZ, freqs, side="right") - 1  # (n/2+1,) band of each bin, -1/24 outside
-    inside = (band >= 0) & (band < TILT_BANDS) & (freqs < 0.45 * sample_rate)
-    sums = np.bincount(band[inside], weights=ltas[inside], minlength=TILT_BANDS)[:TILT_BANDS]
-    counts = np.bincount(band[inside], minlength=TILT_BANDS)[:TILT_BANDS]
+    sums = np.bincount(band, weights=ltas[inside], minlength=TILT_BANDS)  # (24,)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(counts > 0, 10 * np.log10(sums / np.maximum(counts, 1) + 1e-20), np.nan)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _frame_bands(n: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For frames of ``n`` samples: the (n,) Hann window, the (n/2+1,) mask of FFT bins inside a band (and below
+    0.45 of the rate), each such bin's band, and the (24,) number of bins per band. Made once per frame and rate."""
+    freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    band = np.searchsorted(BAND_EDGES_HZ, freqs, side="right") - 1  # (n/2+1,) band of each bin, -1/24 outside
+    inside = (band >= 0) & (band < TILT_BANDS) & (freqs < 0.45 * sample_rate)
+    counts = np.bincount(band[inside], minlength=TILT_BANDS)
+    return np.hanning(n).astype(np.float32), inside, band[inside], counts
 
 
 def tilt_slope(levels_db: np.ndarray, reference_db: np.ndarray) -> tuple[float, np.ndarray] | None:

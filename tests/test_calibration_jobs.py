@@ -216,3 +216,16 @@ def test_robustness_names_unknown_conditions(mini_corpus, tmp_path, capsys):
         main(["--wav-scp", str(mini_corpus / "eval" / "wav.scp"), "--trials", str(mini_corpus / "eval" / "trials"),
               "--conditions", "clean,vinyl", "--out", str(tmp_path)])
     assert "unknown ['vinyl']" in capsys.readouterr().err
+
+
+def test_calibrate_fit_tilt_fits_the_card_first(mini_real, tmp_path, capsys):
+    """``--fit-tilt`` runs the tilt fit before anything is embedded: on the mini pool (18 utterances, under the fit's
+    minimum of 20) it stops there with the fit's message, and it cannot be combined with a dry run."""
+    from training.evaluation.calibrate import main
+
+    entry = _uncalibrated_ge2e(tmp_path)
+    assert main(["--real", str(mini_real), "--model-dir", str(entry), "--fit-tilt"]) == 2
+    assert "need 20" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--real", str(mini_real), "--model-dir", str(entry), "--fit-tilt", "--dry-run"])
+    assert "--fit-tilt writes the card" in capsys.readouterr().err

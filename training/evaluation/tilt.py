@@ -53,11 +53,10 @@ def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, 
         speech = keep_speech(wav, segs)
         if len(speech) >= min_speech * card.sample_rate:  # by default 1 s, the service's probe minimum
             speech = remove_dc(speech)
-            row = band_levels_db(speech, card.sample_rate)
             if is_narrowband(speech, card.sample_rate):
                 narrow += 1  # the runtime leaves narrowband input alone: it says nothing of wideband slopes
-            elif np.isfinite(row).any():
-                levels.append(row)
+            else:
+                levels.append(band_levels_db(speech, card.sample_rate))
     if len(levels) < min_utterances:
         raise ValueError(f"{Path(real) / 'calibration'}: only {len(levels)} utterances with {min_speech:g} s of speech, "
                          f"need {min_utterances}")
@@ -70,9 +69,10 @@ def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, 
     spec = {"reference_db": [round(float(v), 3) for v in reference], "min_db_per_octave": round(float(lo), 3),
             "max_db_per_octave": round(float(hi), 3),
             "fitted_on": {"pool": str(Path(real).name) + "/calibration", "speakers": len(set(split.spk)),
-                          "utterances": len(slopes), "percentiles": [low, high]}}
-    log(f"tilt: {len(slopes)} wideband utterances of {len(set(split.spk))} speakers ({narrow} narrowband left out); slopes against the reference "
-        f"(dB/octave) p{low:g} {lo:+.2f}, median {np.median(slopes):+.2f}, p{high:g} {hi:+.2f}")
+                          "utterances": len(slopes), "narrowband_left_out": narrow, "percentiles": [low, high]}}
+    log(f"tilt: {len(slopes)} wideband utterances of {len(set(split.spk))} speakers ({narrow} narrowband left out); "
+        f"slopes against the reference (dB/octave) p{low:g} {lo:+.2f}, median {np.median(slopes):+.2f}, "
+        f"p{high:g} {hi:+.2f}")
     if write:
         card.input_tilt = spec
         save_card(card, model_dir)
