@@ -56,9 +56,12 @@ class ParityReport(dict):
 # level-invariant and Resemblyzer's own normalisation only raises quiet audio, so the same
 # recording 8 dB louder gave another voiceprint (BENCHMARKS.md section 9c: the level study).
 # 0.3.0: the card's input_tilt limits each input's spectral slope (models.spectral_tilt), fitted on the real
-# calibration speakers by `training.evaluation.calibrate --fit-tilt` after export (BENCHMARKS.md section 9e).
+# calibration speakers by `training.evaluation.tilt` (BENCHMARKS.md section 9e). The export writes that fit
+# (GE2E_INPUT_TILT) so a re-exported 0.3.0 makes the shipped 0.3.0's embeddings; a refit that moves the limit
+# must name a new version (training.evaluation.tilt refuses otherwise).
 GE2E_VERSION = "0.3.0"
 GE2E_INPUT_LEVEL_DBFS = -25.0
+GE2E_INPUT_TILT = Path(__file__).resolve().parent / "assets" / "ge2e-input-tilt.json"
 
 
 def _parity_batch(sample_rate: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -238,6 +241,7 @@ def _ge2e_card(args: argparse.Namespace, model: nn.Module) -> ModelCard:
         source="PyPI resemblyzer==0.1.4, file resemblyzer/pretrained.pt",
         training_config={"frontend": model.config_dict(), "loss": "GE2E (upstream training)"},
         input_level_dbfs=GE2E_INPUT_LEVEL_DBFS,
+        input_tilt=json.loads(GE2E_INPUT_TILT.read_text()),
     )
 
 

@@ -140,9 +140,18 @@ def test_fit_tilt_writes_a_card_the_runtime_loads(mini_real, tmp_path, capsys):
     from training.evaluation.tilt import fit_tilt, main
 
     entry = ge2e_with(tmp_path, input_tilt=None)
-    spec = fit_tilt(entry, mini_real, min_speech=0.3, min_utterances=10, log=lambda *_: None)
+    quiet = {"min_speech": 0.3, "min_utterances": 10, "log": lambda *_: None}
+    with pytest.raises(ValueError, match=r"--version: the fitted input_tilt differs from the one ge2e 0\.3\.0"):
+        fit_tilt(entry, mini_real, **quiet)  # a new limit under the old version would mix two embeddings
+    with pytest.raises(ValueError, match="--version"):
+        fit_tilt(entry, mini_real, version="0.3.0", **quiet)
+    assert load_card(entry).input_tilt is None  # nothing written by the refusals
+    spec = fit_tilt(entry, mini_real, version="0.3.0-mini", **quiet)
     assert len(spec["reference_db"]) == TILT_BANDS and spec["min_db_per_octave"] < spec["max_db_per_octave"]
     assert spec["fitted_on"]["utterances"] >= 10 and spec["fitted_on"]["percentiles"] == [5.0, 95.0]
+    assert load_card(entry).version == "0.3.0-mini"
+    assert fit_tilt(entry, mini_real, **quiet) == spec  # the same pool gives the same limit: the version stays
+    assert load_card(entry).version == "0.3.0-mini"
     model = SpeakerModel(entry)
     assert model.tilt is not None and model.tilt.min_db_per_octave == spec["min_db_per_octave"]
     with pytest.raises(ValueError, match="low < high"):
@@ -151,3 +160,20 @@ def test_fit_tilt_writes_a_card_the_runtime_loads(mini_real, tmp_path, capsys):
         fit_tilt(entry, mini_real, min_speech=100, write=False)
     assert main(["--model-dir", str(entry), "--real", str(tmp_path / "nowhere"), "--dry-run"]) == 2
     assert "calibration/wav.scp: missing" in capsys.readouterr().err
+
+
+def test_a_re_export_of_ge2e_carries_the_shipped_limit(tmp_path):
+    """``models.export ge2e`` writes the fitted limit (models/assets/ge2e-input-tilt.json) into the card, so a
+    re-exported 0.3.0 filters input exactly as the shipped 0.3.0 does; the asset is the shipped card's fit."""
+    import argparse
+
+    from models.export import GE2E_INPUT_TILT, GE2E_VERSION, _ge2e_card
+    from models.ge2e import GE2E
+    from training.evaluation.tilt import same_limit
+
+    shipped = load_card(REPOSITORY / "ge2e")
+    assert json.loads(GE2E_INPUT_TILT.read_text()) == shipped.input_tilt
+    card = _ge2e_card(argparse.Namespace(out=str(tmp_path / "ge2e"), threshold=0.5), GE2E())
+    assert card.version == GE2E_VERSION == shipped.version
+    assert same_limit(card.input_tilt, shipped.input_tilt)
+    card.validate()  # the limit passes the card's own checks

@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wav-scp", type=Path, help="your own recordings: 'utt path' per line (with --trials)")
     ap.add_argument("--trials", type=Path, help="your own trials: 'utt1 utt2 target|nontarget' per line")
     ap.add_argument("--out", type=Path, help="with --trials: the new repository entry to write")
-    ap.add_argument("--version", help="with --trials: the new model version (default: <version>+recal)")
+    ap.add_argument("--version", help="with --trials: the new model version (default: <version>+recal); with --fit-tilt: "
+                         "the new version, needed when the fitted limit differs from the card's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-speaker", type=int, default=3, help="cohort voiceprints per real speaker and channel group")
     ap.add_argument("--cohort-utts", type=int, default=3)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     ap.error("--fit-tilt writes the card before embedding; run training.evaluation.tilt --dry-run alone")
                 from training.evaluation.tilt import fit_tilt
 
-                fit_tilt(args.model_dir, args.real)
+                fit_tilt(args.model_dir, args.real, version=args.version)
             report = calibrate_model(args.model_dir, args.real, args.corpus, seed=args.seed, per_speaker=args.per_speaker,
                                      cohort_utts=args.cohort_utts, synthetic_speakers=args.synthetic_speakers,
                                      synthetic_weight=args.synthetic_weight, min_probe_speech=args.min_probe_speech,

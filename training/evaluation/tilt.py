@@ -12,8 +12,11 @@ percentile of those slopes (5 and 95 by default). Written into the card's ``inpu
 (with how it was fitted); the runtime then limits every input's slope to that range.
 
 Run it before ``training.evaluation.calibrate`` (``calibrate --fit-tilt`` does both): the
-cohort and the score map must be fitted on embeddings made with the limit in place, and a
-model whose embeddings change needs a new version. Nothing here looks at the evaluation speakers.
+cohort and the score map must be fitted on embeddings made with the limit in place. A limit
+that differs from the one the card carries changes the model's embeddings, so writing it needs
+``--version`` (a new version): voiceprints enrolled under the old version then refuse to mix
+with the new ones instead of silently scoring against them. Refitting on the same pool gives
+the same limit and keeps the version. Nothing here looks at the evaluation speakers.
 """
 
 from __future__ import annotations
@@ -30,20 +33,33 @@ from models.spectral_tilt import band_levels_db, tilt_slope
 from models.vad import SileroVad, is_narrowband, keep_speech
 from training.evaluation.realembed import load_kaldi_split, model_vad_options
 
-__all__ = ["fit_tilt", "main"]
+__all__ = ["fit_tilt", "main", "same_limit"]
+
+
+def same_limit(a: dict | None, b: dict | None) -> bool:
+    """Whether two ``input_tilt`` specs filter input alike (reference and range; how each was fitted aside)."""
+    if a is None or b is None:
+        return a is b
+    return all(a[k] == b[k] for k in ("reference_db", "min_db_per_octave", "max_db_per_octave"))
 
 
 def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, min_speech: float = 1.0,
-             min_utterances: int = 20, write: bool = True, log=print) -> dict:
+             min_utterances: int = 20, write: bool = True, version: str | None = None, log=print) -> dict:
     """Measure the calibration speakers' spectra; returns (and, with ``write``, stores) the card's ``input_tilt``.
 
+    ``version``: the card's new version, needed when the fitted limit differs from the one the card
+    carries (the embeddings change); with the same limit it may stay unset.
+
     Raises:
-        FileNotFoundError, ValueError: a missing pool, or percentiles out of order (named).
+        FileNotFoundError, ValueError: a missing pool, percentiles out of order, or a changed limit
+            written under the card's old version (named).
     """
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"--low/--high must satisfy 0 <= low < high <= 100, got {low} and {high}")
     model_dir = Path(model_dir)
     card = load_card(model_dir)
+    if version is not None and not version.strip():
+        raise ValueError(f"--version must be a non-empty version string, got {version!r}")
     split = load_kaldi_split(Path(real) / "calibration")
     vad, opts = SileroVad(), model_vad_options(card)
     levels, narrow = [], 0
@@ -74,9 +90,16 @@ def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, 
         f"slopes against the reference (dB/octave) p{low:g} {lo:+.2f}, median {np.median(slopes):+.2f}, "
         f"p{high:g} {hi:+.2f}")
     if write:
+        changed = not same_limit(spec, card.input_tilt)
+        if changed and version in (None, card.version):
+            raise ValueError(f"--version: the fitted input_tilt differs from the one {card.name} {card.version} carries, "
+                             f"so the model's embeddings change; give a new version (got {version!r})")
+        if version is not None:
+            card.version = version
         card.input_tilt = spec
         save_card(card, model_dir)
-        log(f"wrote input_tilt into {model_dir / 'model.json'}")
+        log(f"wrote input_tilt into {model_dir / 'model.json'} (version {card.version}; "
+            f"{'limit changed' if changed else 'same limit as before'})")
     return spec
 
 
@@ -89,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low", type=float, default=5.0, help="percentile of the slopes where the kept range starts")
     ap.add_argument("--high", type=float, default=95.0, help="percentile of the slopes where the kept range ends")
     ap.add_argument("--min-speech", type=float, default=1.0, help="seconds of speech an utterance needs to count")
+    ap.add_argument("--version", help="the card's new version: needed when the fitted limit differs from the card's")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, change nothing")
     args = ap.parse_args(argv)
     try:
-        fit_tilt(args.model_dir, args.real, args.low, args.high, args.min_speech, write=not args.dry_run)
+        fit_tilt(args.model_dir, args.real, args.low, args.high, args.min_speech, write=not args.dry_run,
+                 version=args.version)
     except (FileNotFoundError, ValueError) as e:
         print(f"tilt: {e}", file=sys.stderr)
         return 2
