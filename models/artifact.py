@@ -81,6 +81,8 @@ class ModelCard:
             "max_db_per_octave": b}``: an input whose long-term spectrum slopes against the
             reference by less than a or more than b dB per octave is filtered back to that range
             before the graph (``models.spectral_tilt``); None leaves the spectrum as it is.
+        remove_mains_hum: when true, 50/60 Hz mains hum found in an input (``models.mains_hum``)
+            is taken out before the tilt and level steps; false leaves it in.
     """
 
     name: str
@@ -110,6 +112,7 @@ class ModelCard:
     vad: dict[str, Any] | None = None
     input_level_dbfs: float | None = None
     input_tilt: dict[str, Any] | None = None
+    remove_mains_hum: bool = False
     format_version: int = FORMAT_VERSION
 
     def validate(self, where: str = "model.json") -> "ModelCard":
@@ -138,6 +141,8 @@ class ModelCard:
             raise bad("input_level_dbfs", f"must be a number of dB full scale in [-60, 0] or null, got {level!r}")
         if self.input_tilt is not None:
             _validate_tilt(self.input_tilt, bad)
+        if not isinstance(self.remove_mains_hum, bool):
+            raise bad("remove_mains_hum", f"must be true or false, got {self.remove_mains_hum!r}")
         if self.commercial_use is not None and not isinstance(self.commercial_use, bool):
             raise bad("commercial_use", f"must be true, false or absent, got {self.commercial_use!r}")
         if "fp32" not in self.files:

@@ -14,6 +14,7 @@ import numpy as np
 
 from models.artifact import ArtifactError, ModelCard, load_card
 from models.audio import remove_dc, set_level
+from models.mains_hum import remove_hum
 from models.spectral_tilt import TiltLimit, limit_tilt
 from models.scoring import ModelScorer
 
@@ -146,8 +147,8 @@ class SpeakerModel:
     def embed(self, waves: list[np.ndarray]) -> np.ndarray:
         """Embed mono float32 waveforms at the model's rate as one batch.
 
-        Each waveform's DC offset (its mean) is removed first; a card with ``input_tilt`` has its
-        spectral slope limited to the card's range (``models.spectral_tilt``), and one with
+        Each waveform's DC offset (its mean) is removed first; a card with ``remove_mains_hum`` has
+        50/60 Hz hum taken out (``models.mains_hum``), one with ``input_tilt`` has its spectral slope limited to the card's range (``models.spectral_tilt``), and one with
         ``input_level_dbfs`` has it scaled to that RMS level.
 
         Models with ``batching == "padded"`` get a zero-padded (B, T_max) batch with lengths;
@@ -157,6 +158,8 @@ class SpeakerModel:
             (B, D) float32, L2-normalised rows.
         """
         waves = [remove_dc(w) for w in waves]
+        if self.card.remove_mains_hum:
+            waves = [remove_hum(w, self.sample_rate) for w in waves]
         if self.tilt is not None:
             waves = [limit_tilt(w, self.sample_rate, self.tilt) for w in waves]
         level = self.card.input_level_dbfs

@@ -251,7 +251,7 @@ def _model(m: pb.ModelInfo) -> dict:
             "execution_provider": m.execution_provider, "threshold": m.threshold,
             "input_level_dbfs": m.input_level_dbfs if m.HasField("input_level_dbfs") else None,
             "input_tilt_db_per_octave": [round(m.input_tilt.min_db_per_octave, 3), round(m.input_tilt.max_db_per_octave, 3)]
-            if m.HasField("input_tilt") else None}
+            if m.HasField("input_tilt") else None, "remove_mains_hum": m.remove_mains_hum}
 
 
 def _models(stub, args, kw) -> None:

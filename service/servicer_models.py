@@ -36,7 +36,8 @@ class ModelRpcs:
             cohort_groups=scorer.group_names if scorer.groups is not None else [],
             input_level_dbfs=c.input_level_dbfs,
             input_tilt=pb.InputTilt(min_db_per_octave=c.input_tilt["min_db_per_octave"],
-                                    max_db_per_octave=c.input_tilt["max_db_per_octave"]) if c.input_tilt else None)
+                                    max_db_per_octave=c.input_tilt["max_db_per_octave"]) if c.input_tilt else None,
+            remove_mains_hum=c.remove_mains_hum)
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

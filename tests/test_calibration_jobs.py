@@ -36,6 +36,16 @@ def test_every_condition_degrades_as_named(utterance):
     assert rate == 8000 and spec[freqs > 3600].sum() < 0.01 * spec.sum()  # the telephone band
     gsm, _ = apply_condition("gsm", utterance, rng)
     assert not np.allclose(gsm[:1000], tel[:1000])
+    hum, _ = apply_condition("hum", utterance, rng)
+    line = np.abs(np.fft.rfft(hum - utterance))  # the added hum: lines at multiples of 50 or 60 Hz only
+    top = np.fft.rfftfreq(len(hum), 1 / 16000)[np.argsort(line)[-20:]]
+    f0 = 50.0 if np.mean(np.abs(top / 50 - np.round(top / 50))) < np.mean(np.abs(top / 60 - np.round(top / 60))) else 60.0
+    assert np.all(np.abs(top / f0 - np.round(top / f0)) * f0 < 1.5), top
+    assert 8 - 0.1 <= 10 * np.log10(np.mean(utterance ** 2) / np.mean((hum - utterance) ** 2)) <= 20 + 0.1
+    hp, _ = apply_condition("highpass", utterance, rng)
+    band = np.fft.rfftfreq(len(hp), 1 / 16000)
+    low = (band > 40) & (band < 150)
+    assert np.sum(np.abs(np.fft.rfft(hp))[low] ** 2) < 0.01 * np.sum(np.abs(np.fft.rfft(utterance))[low] ** 2)
     noisy, _ = apply_condition("noise", utterance, rng, [utterance])
     assert 5 <= 10 * np.log10(np.mean(utterance ** 2) / np.mean((noisy - utterance) ** 2)) <= 25.5
     rng = np.random.default_rng(0)  # the draws below, whatever the conditions above took

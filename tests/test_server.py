@@ -52,12 +52,13 @@ def test_embed_returns_unit_embedding_and_timings(stub, speech_files):
 
 
 def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files):
-    """With VAD off the service embeds the whole file as the graph does after the card's tilt limit and
-    level normalisation; at the card's level the graph is Resemblyzer's encoder (tests/test_models.py)."""
+    """With VAD off the service embeds the whole file as the graph does after the card's hum removal, tilt limit
+    and level normalisation; at the card's level the graph is Resemblyzer's encoder (tests/test_models.py)."""
     import onnxruntime as ort
     import soundfile as sf
 
     from models.audio import remove_dc, set_level
+    from models.mains_hum import remove_hum
     from models.spectral_tilt import TiltLimit, limit_tilt
     from tests.conftest import REFERENCE, ServerThread, make_config
 
@@ -72,6 +73,8 @@ def test_embed_matches_resemblyzer_reference(model_repo, tmp_path, speech_files)
                 r = s.Embed(pb.EmbedRequest(audio=audio_of(speech_files[name])))
                 assert not r.speech.vad_applied
                 wave = remove_dc(sf.read(REFERENCE / ref[name]["file"], dtype="float32")[0])
+                if card.get("remove_mains_hum"):
+                    wave = remove_hum(wave, 16000)
                 wave = set_level(limit_tilt(wave, 16000, TiltLimit.from_card(card["input_tilt"])), card["input_level_dbfs"])
                 want = graph.run(["embedding"], {"waveform": wave[None], "lengths": np.array([wave.size])})[0][0]
                 assert float(np.dot(r.embedding, want)) > 0.999
@@ -515,9 +518,10 @@ def test_list_models_and_info(stub):
     tilt = json.loads((REPOSITORY / "ge2e" / "model.json").read_text())["input_tilt"]
     assert ge2e.HasField("input_tilt") and ge2e.input_tilt.min_db_per_octave == tilt["min_db_per_octave"]
     assert ge2e.input_tilt.max_db_per_octave == tilt["max_db_per_octave"]
+    assert ge2e.remove_mains_hum == json.loads((REPOSITORY / "ge2e" / "model.json").read_text()).get("remove_mains_hum", False)
     tiny = stub.GetModelInfo(pb.GetModelInfoRequest(name="tiny-wavlm"))
     assert not tiny.HasField("input_level_dbfs")  # no level on its card: inputs embedded as they come
-    assert not tiny.HasField("input_tilt")
+    assert not tiny.HasField("input_tilt") and not tiny.remove_mains_hum
 
 
 def scrape(server) -> str:

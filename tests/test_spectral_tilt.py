@@ -141,17 +141,18 @@ def test_fit_tilt_writes_a_card_the_runtime_loads(mini_real, tmp_path, capsys):
 
     entry = ge2e_with(tmp_path, input_tilt=None)
     quiet = {"min_speech": 0.3, "min_utterances": 10, "log": lambda *_: None}
-    with pytest.raises(ValueError, match=r"--version: the fitted input_tilt differs from the one ge2e 0\.3\.0"):
+    version = load_card(entry).version
+    with pytest.raises(ValueError, match=f"--version: the fitted input_tilt differs from the one ge2e {version}"):
         fit_tilt(entry, mini_real, **quiet)  # a new limit under the old version would mix two embeddings
     with pytest.raises(ValueError, match="--version"):
-        fit_tilt(entry, mini_real, version="0.3.0", **quiet)
+        fit_tilt(entry, mini_real, version=version, **quiet)
     assert load_card(entry).input_tilt is None  # nothing written by the refusals
-    spec = fit_tilt(entry, mini_real, version="0.3.0-mini", **quiet)
+    spec = fit_tilt(entry, mini_real, version="9.9.9-mini", **quiet)
     assert len(spec["reference_db"]) == TILT_BANDS and spec["min_db_per_octave"] < spec["max_db_per_octave"]
     assert spec["fitted_on"]["utterances"] >= 10 and spec["fitted_on"]["percentiles"] == [5.0, 95.0]
-    assert load_card(entry).version == "0.3.0-mini"
+    assert load_card(entry).version == "9.9.9-mini"
     assert fit_tilt(entry, mini_real, **quiet) == spec  # the same pool gives the same limit: the version stays
-    assert load_card(entry).version == "0.3.0-mini"
+    assert load_card(entry).version == "9.9.9-mini"
     model = SpeakerModel(entry)
     assert model.tilt is not None and model.tilt.min_db_per_octave == spec["min_db_per_octave"]
     with pytest.raises(ValueError, match="low < high"):

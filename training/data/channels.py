@@ -25,6 +25,9 @@ Conditions:
     loud         10 dB louder, clipped at full scale as a 16-bit recording would be
     level        a gain of -10 to +10 dB, clipped at full scale (the recording level of another device)
     dc           a DC offset of 5% of full scale (a cheap converter), clipped at full scale
+    hum          mains hum (50 or 60 Hz, drifting up to 0.2 Hz, 20 harmonics of random strength) 8-20 dB
+                 under the utterance (a ground loop, a laptop on its charger)
+    highpass     a 300 Hz high-pass (4th order; small microphones, VoIP front ends)
     short        cut to its first 1.0 s of speech (as VAD finds it, with the service's settings)
     short15      cut to its first 1.5 s of speech
     white10      white noise at 10 dB SNR
@@ -140,6 +143,22 @@ def _mic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (y * (_rms(x) / _rms(y))).astype(np.float32)
 
 
+def _hum(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(T,) ``x`` plus mains hum 8-20 dB under it: 20 harmonics of 50 or 60 Hz, each of random strength and phase."""
+    t = np.arange(len(x)) / SR
+    f0 = float(rng.choice([50.0, 60.0])) + rng.uniform(-0.2, 0.2)
+    k = np.arange(1, 21)[:, None]  # (20, 1)
+    amp = k ** -rng.uniform(0.3, 1.5) * rng.uniform(0.2, 1.0, size=k.shape)  # buzz: strong harmonics, not only 50 Hz
+    hum = (amp * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 2 * np.pi, size=k.shape))).sum(axis=0)  # (T,)
+    return (x + hum * _rms(x) / (_rms(hum) * 10 ** (rng.uniform(8.0, 20.0) / 20))).astype(np.float32)
+
+
+def _highpass(x: np.ndarray, cutoff: float = 300.0) -> np.ndarray:
+    from scipy.signal import butter, sosfilt
+
+    return sosfilt(butter(4, cutoff, btype="highpass", fs=SR, output="sos"), x).astype(np.float32)
+
+
 def _noise_at(x: np.ndarray, rng: np.random.Generator, bank, kind: str, snr: float) -> tuple[np.ndarray, int]:
     """``x`` plus ``kind`` noise at ``snr`` dB (signal power over the whole utterance)."""
     noise = _noise(kind, len(x), rng, bank)
@@ -217,6 +236,8 @@ CONDITIONS: dict[str, Callable] = {
     "loud": lambda x, rng, bank: (_gain(x, 10.0), SR),
     "level": lambda x, rng, bank: (_gain(x, float(rng.uniform(-10.0, 10.0))), SR),
     "dc": lambda x, rng, bank: (np.clip(x + np.float32(0.05), -1.0, 1.0).astype(np.float32), SR),
+    "hum": lambda x, rng, bank: (_hum(x, rng), SR),
+    "highpass": lambda x, rng, bank: (_highpass(x), SR),
     "short": lambda x, rng, bank: (_short(x), SR),
     "short15": lambda x, rng, bank: (_short(x, 1.5), SR),
     "white10": lambda x, rng, bank: _noise_at(x, rng, bank, "white", 10.0),

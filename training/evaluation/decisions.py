@@ -61,6 +61,8 @@ EVAL_SPECS = {
     "level-both": ("level", "level"),
     "dc-probe": ("clean", "dc"),
     "mic-probe": ("clean", "mic"),
+    "hum-probe": ("clean", "hum"),
+    "highpass-probe": ("clean", "highpass"),
     "silence-both": ("silence_pad", "silence_pad"),
     "short-probe": ("clean", "short15"),
 }
@@ -74,6 +76,8 @@ EVAL_LABELS = {
     "level-both": "each side -10 to +10 dB (clipped at full scale)",
     "dc-probe": "a DC offset of 5% of full scale, probe only",
     "mic-probe": "another microphone (tilt +-6 dB/octave, three resonances +-9 dB), probe only",
+    "hum-probe": "mains hum 8-20 dB under the speech, probe only",
+    "highpass-probe": "300 Hz high-pass (small microphone, VoIP front end), probe only",
     "silence-both": "3 s silence before and after, both sides", "short-probe": "probe cut to 1.5 s of speech",
 }
 
