@@ -61,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [remove_dc(apply_condition(conditions[i % 3], w, rng)[0]) for i, w in enumerate(picked)]
     print(f"{len(inputs)} inputs of {args.seconds:g} s (a third each as recorded, through a random microphone "
           f"response, with mains hum)")
-    step_t = {name: [] for name in steps}
+    step_t = {(name, c): [] for name in steps for c in range(3)}
     embed_t = []
     for _ in range(args.rounds):
         for name, step in steps.items():
-            t0 = time.perf_counter()
-            for w in inputs:
-                step(w)
-            step_t[name].append((time.perf_counter() - t0) / len(inputs))
+            for c in range(3):
+                group = inputs[c::3]
+                t0 = time.perf_counter()
+                for w in group:
+                    step(w)
+                step_t[name, c].append((time.perf_counter() - t0) / len(group))
         t0 = time.perf_counter()
         for w in inputs:
             model.embed([w])
@@ -76,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     embed_ms = 1e3 * float(np.median(embed_t))
     for name, step in steps.items():
         changed = [sum(not np.array_equal(step(w), w) for w in inputs[c::3]) for c in range(3)]
-        ms = 1e3 * float(np.median(step_t[name]))
-        print(f"{name}: {ms:.3f} ms per input, {100 * ms / embed_ms:.1f}% of the whole embed; changed "
+        ms = [1e3 * float(np.median(step_t[name, c])) for c in range(3)]
+        print(f"{name}: {np.mean(ms):.3f} ms per input, {100 * np.mean(ms) / embed_ms:.1f}% of the whole embed ("
+              + ", ".join(f"{k} {t:.3f} ms" for k, t in zip(conditions, ms)) + "); changed "
               + ", ".join(f"{k} {n}/{len(inputs[c::3])}" for c, (k, n) in enumerate(zip(conditions, changed))))
     print(f"whole embed (1 ORT thread): {embed_ms:.2f} ms per input (medians of {args.rounds} rounds)")
     return 0

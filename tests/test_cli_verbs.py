@@ -72,6 +72,7 @@ def test_records_compare_and_verify_against_an_enrolled_speaker(server, capsys, 
     assert out[0]["input_level_dbfs"] == -25.0  # the card's level, as the server reports it
     low, high = out[0]["input_tilt_db_per_octave"]  # the card's tilt range
     assert low < 0 < high
+    assert out[0]["remove_mains_hum"] is True  # the card's hum step, as the server reports it
     code, out, err = _run(capsys, "migrate", "--collection", "cli", "--to", "cli2")
     assert code == 1 and err.startswith("PERMISSION_DENIED")  # admin only (model_control is off)
     with pytest.raises(SystemExit, match="give one FILE"):

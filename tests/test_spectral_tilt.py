@@ -164,8 +164,8 @@ def test_fit_tilt_writes_a_card_the_runtime_loads(mini_real, tmp_path, capsys):
 
 
 def test_a_re_export_of_ge2e_carries_the_shipped_limit(tmp_path):
-    """``models.export ge2e`` writes the fitted limit (models/assets/ge2e-input-tilt.json) into the card, so a
-    re-exported 0.3.0 filters input exactly as the shipped 0.3.0 does; the asset is the shipped card's fit."""
+    """``models.export ge2e`` writes the fitted limit (models/assets/ge2e-input-tilt.json) and the hum step into the
+    card, so a re-export filters input exactly as the shipped version does; the asset is the shipped card's fit."""
     import argparse
 
     from models.export import GE2E_INPUT_TILT, GE2E_VERSION, _ge2e_card
@@ -177,4 +177,5 @@ def test_a_re_export_of_ge2e_carries_the_shipped_limit(tmp_path):
     card = _ge2e_card(argparse.Namespace(out=str(tmp_path / "ge2e"), threshold=0.5), GE2E())
     assert card.version == GE2E_VERSION == shipped.version
     assert same_limit(card.input_tilt, shipped.input_tilt)
+    assert card.remove_mains_hum is shipped.remove_mains_hum is True
     card.validate()  # the limit passes the card's own checks
