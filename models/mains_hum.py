@@ -52,6 +52,7 @@ MIN_SECONDS = 1.0
 BLOCK_SECONDS = 2.0  # detection: 0.5 Hz bins, a Hann main lobe of +-1 Hz
 REMOVAL_BLOCK_SECONDS = 0.5  # removal: 2 Hz bins, a clamp that follows the voice within half a second
 _SHOULDER_HZ = (2.5, 6.0)  # the ring around a harmonic that tells a line from a gliding voice harmonic
+_CHUNK_BLOCKS = 32  # blocks transformed at once: a 300 s input holds a few MB of spectra, not hundreds
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,20 @@ def _window(n: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
 
 
-def _blocks(wav: np.ndarray, sample_rate: int, seconds: float) -> tuple[np.ndarray, int]:
-    """(B, n/2+1) spectra of (T,) ``wav``'s windowed half-overlapping blocks (padded by half a block each side)
-    and the block length n."""
-    n = int(seconds * sample_rate)
+def _blocks(wav: np.ndarray, n: int) -> np.ndarray:
+    """A (B, n) view of (T,) ``wav``'s half-overlapping blocks of n samples, padded by half a block each side so that
+    every input sample lies in two blocks (their periodic Hann windows then add up to one)."""
     hop = n // 2
-    padded = np.pad(wav, (hop, hop + (-len(wav)) % hop))  # every input sample in two blocks
-    frames = np.lib.stride_tricks.sliding_window_view(padded, n)[::hop]  # (B, n)
-    return sfft.rfft(frames * _window(n), axis=1), n  # (B, n/2+1) complex64
+    padded = np.pad(wav, (hop, hop + (-len(wav)) % hop))
+    return np.lib.stride_tricks.sliding_window_view(padded, n)[::hop]  # (B, n), no copy
+
+
+def _spectra(blocks: np.ndarray):
+    """The windowed spectra of ``blocks`` (B, n), ``_CHUNK_BLOCKS`` at a time: yields (first block, (b, n/2+1)
+    complex64), so that a long input never holds all its spectra at once."""
+    window = _window(blocks.shape[1])
+    for i in range(0, len(blocks), _CHUNK_BLOCKS):
+        yield i, sfft.rfft(blocks[i:i + _CHUNK_BLOCKS] * window, axis=1)
 
 
 def _line_tables(log_power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,11 +120,9 @@ def _best_fundamental(tables: tuple[np.ndarray, np.ndarray], df: float, nominal:
     return float(score[c]), float(f0[c]), heights[c]
 
 
-def _find(spectra: np.ndarray, df: float, sample_rate: int) -> Hum | None:
-    # only bins up to the 40th harmonic of the highest candidate (and its shoulders) are read
-    top = min(spectra.shape[1], int((HARMONICS * (max(MAINS_HZ) + DRIFT_HZ) + 2 * _SHOULDER_HZ[1]) / df) + 2)
-    low = spectra[:, :top]  # (B, top)
-    tables = _line_tables(10 * np.log10((low.real ** 2 + low.imag ** 2).mean(axis=0, dtype=np.float64) + 1e-20))
+def _find(mean_power: np.ndarray, df: float, sample_rate: int) -> Hum | None:
+    """Mains hum in a long-term spectrum (power per bin of ``df`` Hz, from 0 Hz), or None."""
+    tables = _line_tables(10 * np.log10(mean_power + 1e-20))
     control = max(_best_fundamental(tables, df, f, sample_rate)[0] for f in CONTROL_HZ)
     best = None
     for mains in MAINS_HZ:
@@ -134,8 +139,16 @@ def find_hum(wav: np.ndarray, sample_rate: int) -> Hum | None:
     wav = np.asarray(wav, np.float32)
     if len(wav) < MIN_SECONDS * sample_rate:
         return None
-    spectra, n = _blocks(wav, sample_rate, BLOCK_SECONDS)
-    return _find(spectra, sample_rate / n, sample_rate)
+    n = int(BLOCK_SECONDS * sample_rate)
+    df = sample_rate / n
+    # only bins up to the 40th harmonic of the highest candidate (and its shoulders) are read
+    top = min(n // 2 + 1, int((HARMONICS * (max(MAINS_HZ) + DRIFT_HZ) + 2 * _SHOULDER_HZ[1]) / df) + 2)
+    blocks = _blocks(wav, n)  # (B, n)
+    power = np.zeros(top)  # (top,) summed over blocks
+    for _, spec in _spectra(blocks):
+        low = spec[:, :top]
+        power += (low.real ** 2 + low.imag ** 2).sum(axis=0, dtype=np.float64)
+    return _find(power / len(blocks), df, sample_rate)
 
 
 def remove_hum(wav: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -146,21 +159,21 @@ def remove_hum(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     hum = find_hum(wav, sample_rate)
     if hum is None:
         return wav
-    spectra, n = _blocks(wav, sample_rate, REMOVAL_BLOCK_SECONDS)  # (B, n/2+1)
-    df = sample_rate / n
-    log_power = 10 * np.log10(spectra.real ** 2 + spectra.imag ** 2 + 1e-20)  # (B, n/2+1)
+    n = int(REMOVAL_BLOCK_SECONDS * sample_rate)
+    df, hop = sample_rate / n, n // 2
     half, (lo, hi) = NOTCH_BINS, _RING_BINS
-    gain_db = np.zeros(log_power.shape, np.float32)  # (B, n/2+1)
-    for h in range(1, HARMONICS + 1):  # every harmonic: the weaker ones are hum too, under the voice
-        c = int(round(h * hum.fundamental_hz / df))
-        if c - hi < 0 or c + hi >= log_power.shape[1]:
-            continue
-        ring = np.concatenate([log_power[:, c - hi:c - lo + 1], log_power[:, c + lo:c + hi + 1]], axis=1)
-        floor = np.median(ring, axis=1, keepdims=True)  # (B, 1) each block's level around the line
-        gain_db[:, c - half:c + half + 1] = np.minimum(0.0, floor - log_power[:, c - half:c + half + 1])
-    frames = sfft.irfft(spectra * 10 ** (gain_db / 20), n, axis=1)  # (B, n), still windowed
-    hop = n // 2
-    out = np.zeros((len(frames) + 1) * hop, np.float32)
-    for b, frame in enumerate(frames):  # overlap-add: the windows sum to one
-        out[b * hop:b * hop + n] += frame
+    centres = [c for c in (int(round(h * hum.fundamental_hz / df)) for h in range(1, HARMONICS + 1))
+               if c - hi >= 0 and c + hi < n // 2 + 1]  # every harmonic: the weaker ones are hum too, under the voice
+    blocks = _blocks(wav, n)  # (B, n)
+    out = np.zeros((len(blocks) + 1) * hop, np.float32)
+    for first, spec in _spectra(blocks):  # spec: (b, n/2+1)
+        log_power = 10 * np.log10(spec.real ** 2 + spec.imag ** 2 + 1e-20)  # (b, n/2+1)
+        gain_db = np.zeros(log_power.shape, np.float32)
+        for c in centres:
+            ring = np.concatenate([log_power[:, c - hi:c - lo + 1], log_power[:, c + lo:c + hi + 1]], axis=1)
+            floor = np.median(ring, axis=1, keepdims=True)  # (b, 1) each block's level around the line
+            gain_db[:, c - half:c + half + 1] = np.minimum(0.0, floor - log_power[:, c - half:c + half + 1])
+        frames = sfft.irfft(spec * 10 ** (gain_db / 20), n, axis=1)  # (b, n), still windowed
+        for b, frame in enumerate(frames, start=first):  # overlap-add: the windows sum to one
+            out[b * hop:b * hop + n] += frame
     return out[hop:hop + len(wav)]

@@ -109,3 +109,18 @@ def test_a_card_with_remove_mains_hum_embeds_a_hummed_clip_closer_to_the_clean_o
         assert np.array_equal(a[0], b[0])
         gains.append(float(a[1] @ a[0] - b[1] @ b[0]))
     assert np.median(gains) > 0.05 and min(gains) > 0.0
+
+
+def test_a_long_input_is_transformed_in_chunks_with_the_same_result(monkeypatch):
+    """Blocks are transformed a chunk at a time so that a 300 s input never holds all its spectra: a 40 s hummed input
+    (more blocks than one chunk, both for finding and for removing) gives the same hum and output as in one chunk."""
+    import models.mains_hum as mh
+
+    wave = np.tile(np.concatenate(_clips()), 3)[: 40 * SR]
+    hummed = wave + _hum(len(wave), 60.0, 12.0, wave)
+    assert len(mh._blocks(hummed, int(mh.BLOCK_SECONDS * SR))) > mh._CHUNK_BLOCKS  # several chunks either way
+    chunked = (find_hum(hummed, SR), remove_hum(hummed, SR))
+    monkeypatch.setattr(mh, "_CHUNK_BLOCKS", 10_000)
+    whole = (find_hum(hummed, SR), remove_hum(hummed, SR))
+    assert chunked[0] is not None and chunked[0].fundamental_hz == whole[0].fundamental_hz
+    np.testing.assert_allclose(chunked[1], whole[1], atol=1e-6)
