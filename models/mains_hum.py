@@ -162,17 +162,18 @@ def remove_hum(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     n = int(REMOVAL_BLOCK_SECONDS * sample_rate)
     df, hop = sample_rate / n, n // 2
     half, (lo, hi) = NOTCH_BINS, _RING_BINS
-    centres = [c for c in (int(round(h * hum.fundamental_hz / df)) for h in range(1, HARMONICS + 1))
-               if c - hi >= 0 and c + hi < n // 2 + 1]  # every harmonic: the weaker ones are hum too, under the voice
+    centres = np.array([c for c in (int(round(h * hum.fundamental_hz / df)) for h in range(1, HARMONICS + 1))
+                        if c - hi >= 0 and c + hi < n // 2 + 1])  # (H,) every harmonic: the weaker ones are hum too
+    side = np.arange(lo, hi + 1)
+    ring = centres[:, None] + np.concatenate([-side[::-1], side])  # (H, 2 (hi - lo + 1)) bins around each harmonic
+    notch = centres[:, None] + np.arange(-half, half + 1)  # (H, 2 half + 1) bins clamped
     blocks = _blocks(wav, n)  # (B, n)
     out = np.zeros((len(blocks) + 1) * hop, np.float32)
     for first, spec in _spectra(blocks):  # spec: (b, n/2+1)
         log_power = 10 * np.log10(spec.real ** 2 + spec.imag ** 2 + 1e-20)  # (b, n/2+1)
         gain_db = np.zeros(log_power.shape, np.float32)
-        for c in centres:
-            ring = np.concatenate([log_power[:, c - hi:c - lo + 1], log_power[:, c + lo:c + hi + 1]], axis=1)
-            floor = np.median(ring, axis=1, keepdims=True)  # (b, 1) each block's level around the line
-            gain_db[:, c - half:c + half + 1] = np.minimum(0.0, floor - log_power[:, c - half:c + half + 1])
+        floor = np.median(log_power[:, ring], axis=2, keepdims=True)  # (b, H, 1) each block's level around a line
+        gain_db[:, notch] = np.minimum(0.0, floor - log_power[:, notch])  # (b, H, 2 half + 1)
         frames = sfft.irfft(spec * 10 ** (gain_db / 20), n, axis=1)  # (b, n), still windowed
         for b, frame in enumerate(frames, start=first):  # overlap-add: the windows sum to one
             out[b * hop:b * hop + n] += frame
