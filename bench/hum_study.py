@@ -6,7 +6,8 @@ On the split's utterances (every second one, up to ``--n``; DC removed, 16 kHz) 
 
 * detection (``models.mains_hum.find_hum``): the share of clean recordings and of clean 1.5 s windows
   in which hum is found (false alarms, unless the recording really hums), and the share of the same
-  recordings with ``training.data.channels``' ``hum`` condition (8-20 dB under the speech) in which it is;
+  recordings with ``training.data.channels``' ``hum`` condition (8-20 dB under the speech) in which it is, and
+  in which it is at 8, 12, 16 and 20 dB under the speech;
 * for each removal method, over the hummed recordings in which hum was found: the mean cosine of
   the model's voiceprint of the cleaned input to that of the clean recording (the hummed input's
   own cosine beside it), and the mean cosine when the method is applied to a clean recording at
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import models.mains_hum as mh  # noqa: E402
 from models.audio import condition, remove_dc  # noqa: E402
 from models.runtime import SpeakerModel  # noqa: E402
-from training.data.channels import apply_condition  # noqa: E402
+from training.data.channels import _hum, apply_condition  # noqa: E402
 from training.evaluation.realembed import load_kaldi_split  # noqa: E402
 
 SR = 16000
@@ -101,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hum found: clean recordings {found_clean}/{len(clean)} ({100 * found_clean / len(clean):.1f}%), clean 1.5 s "
           f"windows {found_windows}/{len(windows)} ({100 * found_windows / len(windows):.1f}%), recordings with hum 8-20 dB "
           f"under the speech {len(hit)}/{len(hummed)} ({100 * len(hit) / len(hummed):.0f}%)")
+    by_level = []
+    for below in (8.0, 12.0, 16.0, 20.0):  # the same recordings with the hum at one level
+        level_rng = np.random.default_rng(2)
+        by_level.append(sum(mh.find_hum(_hum(x, level_rng, below), SR) is not None for x in clean))
+    print("hum found by its level under the speech: " + ", ".join(
+        f"{b:g} dB {n}/{len(clean)}" for b, n in zip((8, 12, 16, 20), by_level)))
     ref = model.embed([clean[i] for i in hit])  # (H, D)
     as_hummed = np.einsum("nd,nd->n", ref, model.embed([hummed[i] for i in hit]))
     at_50 = mh.Hum(50.0, (1,), (0.0,))

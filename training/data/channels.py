@@ -143,14 +143,16 @@ def _mic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (y * (_rms(x) / _rms(y))).astype(np.float32)
 
 
-def _hum(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(T,) ``x`` plus mains hum 8-20 dB under it: 20 harmonics of 50 or 60 Hz, each of random strength and phase."""
+def _hum(x: np.ndarray, rng: np.random.Generator, below_db: float | None = None) -> np.ndarray:
+    """(T,) ``x`` plus mains hum ``below_db`` (default: 8-20 dB at random) under it: 20 harmonics of 50 or 60 Hz,
+    each of random strength and phase."""
     t = np.arange(len(x)) / SR
     f0 = float(rng.choice([50.0, 60.0])) + rng.uniform(-0.2, 0.2)
     k = np.arange(1, 21)[:, None]  # (20, 1)
     amp = k ** -rng.uniform(0.3, 1.5) * rng.uniform(0.2, 1.0, size=k.shape)  # buzz: strong harmonics, not only 50 Hz
     hum = (amp * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 2 * np.pi, size=k.shape))).sum(axis=0)  # (T,)
-    return (x + hum * _rms(x) / (_rms(hum) * 10 ** (rng.uniform(8.0, 20.0) / 20))).astype(np.float32)
+    below = rng.uniform(8.0, 20.0) if below_db is None else below_db
+    return (x + hum * _rms(x) / (_rms(hum) * 10 ** (below / 20))).astype(np.float32)
 
 
 def _highpass(x: np.ndarray, cutoff: float = 300.0) -> np.ndarray:
