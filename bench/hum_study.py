@@ -39,24 +39,8 @@ SR = 16000
 
 
 def _clamp(seconds: float):
-    def run(wav: np.ndarray, hum: mh.Hum) -> np.ndarray:
-        saved = mh.REMOVAL_BLOCK_SECONDS
-        mh.REMOVAL_BLOCK_SECONDS = seconds
-        try:
-            return _with_hum(wav, hum)
-        finally:
-            mh.REMOVAL_BLOCK_SECONDS = saved
-    return run
-
-
-def _with_hum(wav: np.ndarray, hum: mh.Hum) -> np.ndarray:
-    """``remove_hum`` with its detection answered by ``hum`` (so a method can be forced onto a clean input)."""
-    saved = mh.find_hum
-    mh.find_hum = lambda *_: hum
-    try:
-        return mh.remove_hum(wav, SR)
-    finally:
-        mh.find_hum = saved
+    """The shipped clamp in blocks of ``seconds``, given the hum (so it can be forced onto a clean input)."""
+    return lambda wav, hum: mh.remove_hum(wav, SR, hum, block_seconds=seconds)
 
 
 def _fft_notch(wav: np.ndarray, hum: mh.Hum) -> np.ndarray:
@@ -75,7 +59,7 @@ def _iir_notch(wav: np.ndarray, hum: mh.Hum) -> np.ndarray:
     return signal.sosfiltfilt(sos, wav).astype(np.float32)
 
 
-METHODS = {"shipped": _with_hum, "clamp-2s": _clamp(2.0), "clamp-1s": _clamp(1.0), "fft-notch": _fft_notch,
+METHODS = {"shipped": _clamp(mh.REMOVAL_BLOCK_SECONDS), "clamp-2s": _clamp(2.0), "clamp-1s": _clamp(1.0), "fft-notch": _fft_notch,
            "iir-notch": _iir_notch}
 
 

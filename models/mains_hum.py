@@ -151,15 +151,17 @@ def find_hum(wav: np.ndarray, sample_rate: int) -> Hum | None:
     return _find(power / len(blocks), df, sample_rate)
 
 
-def remove_hum(wav: np.ndarray, sample_rate: int) -> np.ndarray:
-    """(T,) float32 ``wav`` with its mains hum clamped to the level around it (the same array when none is found)."""
+def remove_hum(wav: np.ndarray, sample_rate: int, hum: Hum | None = None,
+               block_seconds: float = REMOVAL_BLOCK_SECONDS) -> np.ndarray:
+    """(T,) float32 ``wav`` with its mains hum clamped to the level around it (the same array when none is found).
+
+    ``hum``: the hum to take out (default: ``find_hum``'s answer); ``block_seconds``: the clamp's block length.
+    """
     wav = np.asarray(wav, np.float32)
-    if len(wav) < MIN_SECONDS * sample_rate:
-        return wav
-    hum = find_hum(wav, sample_rate)
+    hum = find_hum(wav, sample_rate) if hum is None else hum
     if hum is None:
         return wav
-    n = int(REMOVAL_BLOCK_SECONDS * sample_rate)
+    n = int(block_seconds * sample_rate)
     df, hop = sample_rate / n, n // 2
     half, (lo, hi) = NOTCH_BINS, _RING_BINS
     centres = np.array([c for c in (int(round(h * hum.fundamental_hz / df)) for h in range(1, HARMONICS + 1))

@@ -124,3 +124,14 @@ def test_a_long_input_is_transformed_in_chunks_with_the_same_result(monkeypatch)
     whole = (find_hum(hummed, SR), remove_hum(hummed, SR))
     assert chunked[0] is not None and chunked[0].fundamental_hz == whole[0].fundamental_hz
     np.testing.assert_allclose(chunked[1], whole[1], atol=1e-6)
+
+
+def test_a_given_hum_is_taken_out_without_searching():
+    """``remove_hum(..., hum=...)`` clamps the given fundamental's harmonics even where none would be found."""
+    from models.mains_hum import Hum
+
+    wave = np.tile(_clips()[0], 2)
+    assert find_hum(wave, SR) is None and np.array_equal(remove_hum(wave, SR), wave)
+    forced = remove_hum(wave, SR, hum=Hum(50.0, (1,), (0.0,)))
+    assert forced.shape == wave.shape and not np.array_equal(forced, wave)
+    assert np.mean((forced - wave) ** 2) < 0.05 * np.mean(wave ** 2)  # clamps, not a different signal
