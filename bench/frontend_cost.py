@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = {}
     if model.card.remove_mains_hum:
         steps["hum removal"] = lambda w: remove_hum(w, rate)
-    if model.tilt is not None:
-        steps["tilt limit"] = lambda w: limit_tilt(w, rate, model.tilt)
+    tilt = model.input_steps.tilt
+    if tilt is not None:
+        steps["tilt limit"] = lambda w: limit_tilt(w, rate, tilt)
     if not steps:
         ap.error(f"--model {args.model}: its card has neither remove_mains_hum nor input_tilt")
     split = load_kaldi_split(args.real / args.split)

@@ -19,7 +19,7 @@ a zero-padded batch gets the same embedding as alone. Resemblyzer's VAD silence 
 
 Step 1 only raises quiet audio and step 2 reads linear power, so the graph alone is neither
 level- nor offset-invariant: the exported card sets ``input_level_dbfs`` and the runtime
-(``models.runtime.SpeakerModel.embed``) removes each input's DC offset and brings it to that
+(``models.input_steps``, run by ``SpeakerModel.embed``) removes each input's DC offset and brings it to that
 level before the graph. Linear power also reads a microphone's spectral slope as voice: the
 card's ``input_tilt`` (fitted on real speech after export) has the runtime limit it first.
 """

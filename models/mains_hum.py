@@ -25,7 +25,7 @@ long notch (one FFT of the whole input, or IIR notches) spreads what it takes ou
 input and moved ``ge2e``'s voiceprints more than the hum it removed (BENCHMARKS.md section 9f).
 Inputs without hum, and inputs shorter than ``MIN_SECONDS``, pass unchanged.
 
-A card's ``remove_mains_hum`` turns it on; ``SpeakerModel.embed`` applies it after the DC step,
+A card's ``remove_mains_hum`` turns it on; the runtime's input steps (``models.input_steps``) apply it after the DC step,
 before the tilt and level steps (hum would bend the measured tilt). numpy and scipy only.
 """
 

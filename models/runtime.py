@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import ArtifactError, ModelCard, load_card
-from models.audio import remove_dc, set_level
-from models.mains_hum import remove_hum
-from models.spectral_tilt import TiltLimit, limit_tilt
+from models.input_steps import InputSteps
 from models.scoring import ModelScorer
 
 __all__ = ["SpeakerModel", "available_providers"]
@@ -78,7 +76,7 @@ class SpeakerModel:
         self._check_session(path)
         try:
             self.scorer = ModelScorer.from_card(self.card, self.dir)
-            self.tilt = TiltLimit.from_card(self.card.input_tilt) if self.card.input_tilt else None
+            self.input_steps = InputSteps(self.card)
         except ValueError as e:
             raise ArtifactError(f"{self.dir / 'model.json'}: {e}") from None
         log.info("loaded model %s (%s, %s) on %s", self.name, self.card.version, path.name, self.provider)
@@ -147,9 +145,9 @@ class SpeakerModel:
     def embed(self, waves: list[np.ndarray]) -> np.ndarray:
         """Embed mono float32 waveforms at the model's rate as one batch.
 
-        Each waveform's DC offset (its mean) is removed first; a card with ``remove_mains_hum`` has
-        50/60 Hz hum taken out (``models.mains_hum``), one with ``input_tilt`` has its spectral slope limited to the card's range (``models.spectral_tilt``), and one with
-        ``input_level_dbfs`` has it scaled to that RMS level.
+        Each waveform first goes through the card's input steps (``models.input_steps``: DC offset
+        removed; mains hum, spectral slope and level as the card's ``remove_mains_hum``,
+        ``input_tilt`` and ``input_level_dbfs`` ask).
 
         Models with ``batching == "padded"`` get a zero-padded (B, T_max) batch with lengths;
         others must be given equal-length waveforms (the batcher guarantees it).
@@ -157,14 +155,7 @@ class SpeakerModel:
         Returns:
             (B, D) float32, L2-normalised rows.
         """
-        waves = [remove_dc(w) for w in waves]
-        if self.card.remove_mains_hum:
-            waves = [remove_hum(w, self.sample_rate) for w in waves]
-        if self.tilt is not None:
-            waves = [limit_tilt(w, self.sample_rate, self.tilt) for w in waves]
-        level = self.card.input_level_dbfs
-        if level is not None:
-            waves = [set_level(w, level) for w in waves]
+        waves = [self.input_steps(w) for w in waves]
         lengths = np.array([len(w) for w in waves], dtype=np.int64)  # (B,)
         if not self.padded_batching and (lengths != lengths[0]).any():
             raise ValueError(f"model {self.name} takes only equal-length batches, got lengths {lengths.tolist()}")

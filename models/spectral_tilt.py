@@ -16,8 +16,8 @@ codec, resampled), whose slope the band edges set, not a microphone (limiting th
 telephone-band trials an EER point; see BENCHMARKS.md section 9e).
 
 The card's ``input_tilt`` holds the reference and the range
-(``training.evaluation.tilt`` fits them); ``SpeakerModel.embed`` applies the limit after the DC
-step and before the level step. Only numpy and scipy's FFT are imported (``service/`` must stay free of torch).
+(``training.evaluation.tilt`` fits them); the runtime's input steps (``models.input_steps``)
+apply the limit after the DC and hum steps and before the level step. Only numpy and scipy's FFT are imported (``service/`` must stay free of torch).
 """
 
 from __future__ import annotations

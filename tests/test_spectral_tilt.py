@@ -154,7 +154,7 @@ def test_fit_tilt_writes_a_card_the_runtime_loads(mini_real, tmp_path, capsys):
     assert fit_tilt(entry, mini_real, **quiet) == spec  # the same pool gives the same limit: the version stays
     assert load_card(entry).version == "9.9.9-mini"
     model = SpeakerModel(entry)
-    assert model.tilt is not None and model.tilt.min_db_per_octave == spec["min_db_per_octave"]
+    assert model.input_steps.tilt is not None and model.input_steps.tilt.min_db_per_octave == spec["min_db_per_octave"]
     with pytest.raises(ValueError, match="low < high"):
         fit_tilt(entry, mini_real, low=60, high=40, write=False)
     with pytest.raises(ValueError, match="only 0 utterances with 100 s of speech, need 20"):

@@ -3,9 +3,9 @@
     .venv/bin/python -m training.evaluation.tilt --model-dir models/repository/ge2e --real corpus-real
 
 Reads the real-speech pool's *calibration* speakers as recorded (clean), keeps each utterance's
-speech as the service does (VAD with the model's options), removes its DC offset (and its mains hum
-where the card says so), and measures
-its long-term spectrum in the bands of ``models.spectral_tilt`` (narrowband recordings, which the
+speech as the service does (VAD with the model's options), repairs it as the runtime does before
+its tilt step (``models.input_steps``: the DC offset, and mains hum where the card says so), and
+measures its long-term spectrum in the bands of ``models.spectral_tilt`` (narrowband recordings, which the
 runtime leaves alone, are left out). The reference is the mean of
 those spectra; each utterance's slope against it (dB per octave) spreads the speakers' own
 tilts and their recordings'; the range kept is from the ``--low``-th to the ``--high``-th
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import load_card, save_card
-from models.audio import condition, remove_dc
-from models.mains_hum import remove_hum
+from models.audio import condition
+from models.input_steps import InputSteps
 from models.spectral_tilt import band_levels_db, tilt_slope
 from models.vad import SileroVad, is_narrowband, keep_speech
 from training.evaluation.realembed import load_kaldi_split, model_vad_options
@@ -64,15 +64,14 @@ def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, 
         raise ValueError(f"--version must be a non-empty version string, got {version!r}")
     split = load_kaldi_split(Path(real) / "calibration")
     vad, opts = SileroVad(), model_vad_options(card)
+    repair = InputSteps(card).repair  # the spectrum as the runtime's tilt step sees it
     levels, narrow = [], 0
     for samples, rate in split.audio:
         wav = condition(samples[:, None], rate, card.sample_rate)
         segs, _ = vad.analyse(wav, card.sample_rate, opts)
         speech = keep_speech(wav, segs)
         if len(speech) >= min_speech * card.sample_rate:  # by default 1 s, the service's probe minimum
-            speech = remove_dc(speech)
-            if card.remove_mains_hum:  # the spectrum as the runtime's tilt step sees it
-                speech = remove_hum(speech, card.sample_rate)
+            speech = repair(speech)
             if is_narrowband(speech, card.sample_rate):
                 narrow += 1  # the runtime leaves narrowband input alone: it says nothing of wideband slopes
             else:

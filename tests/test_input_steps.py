@@ -1,0 +1,77 @@
+"""The card's input steps (``models.input_steps``): their order, and one definition shared by the runtime and the
+tilt fit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.artifact import load_card
+from models.input_steps import InputSteps
+from models.mains_hum import find_hum
+from models.spectral_tilt import TiltLimit, band_levels_db, tilt_slope
+from tests.conftest import REPOSITORY, ge2e_with
+from tests.test_mains_hum import SR, _clips, _hum
+
+
+def _slope(wav: np.ndarray, limit: TiltLimit) -> float:
+    return tilt_slope(band_levels_db(wav, SR), limit.reference_db)[0]
+
+
+def test_the_tilt_step_measures_the_input_after_the_hum_is_out():
+    """Strong hum raises the lowest bands and darkens the measured slope; ``repair`` takes it out before the tilt
+    step measures, so the slope it sees is the voice's (and ``repair`` leaves the slope itself alone)."""
+    steps = InputSteps(load_card(REPOSITORY / "ge2e"))
+    assert steps.remove_mains_hum and steps.tilt is not None and steps.level_dbfs is not None
+    bent, left = [], []
+    for wave in _clips():
+        wave = np.tile(wave, 2)
+        hummed = wave + _hum(len(wave), 50.0, 3.0, wave) + np.float32(0.05)  # and a DC offset
+        repaired = steps.repair(hummed)
+        assert find_hum(hummed, SR) is not None and find_hum(repaired, SR) is None
+        assert abs(float(repaired.mean())) < 1e-4
+        clean = _slope(wave, steps.tilt)
+        bent.append(abs(_slope(hummed - np.float32(0.05), steps.tilt) - clean))  # what the hum would do to the fit
+        left.append(abs(_slope(repaired, steps.tilt) - clean))
+        out = steps(hummed)
+        assert out.shape == hummed.shape and out.dtype == np.float32
+        assert abs(10 * np.log10(np.mean(out.astype(np.float64) ** 2)) - steps.level_dbfs) < 0.01
+    assert np.median(bent) > 0.5 and max(left) < 0.15 and all(a < b for a, b in zip(left, bent)), (bent, left)
+
+
+def test_a_card_without_the_optional_steps_only_loses_its_dc(tmp_path):
+    card = load_card(ge2e_with(tmp_path, remove_mains_hum=False, input_tilt=None, input_level_dbfs=None))
+    steps = InputSteps(card)
+    wave = np.tile(_clips()[0], 2)
+    hummed = wave + _hum(len(wave), 60.0, 6.0, wave)
+    out = steps(hummed + np.float32(0.2))
+    assert np.allclose(out, hummed - hummed.mean(), atol=1e-5)
+    assert find_hum(out, SR) is not None  # the hum stays without the card's flag
+
+
+def test_the_runtime_and_the_tilt_fit_share_the_steps(mini_real, tmp_path, monkeypatch):
+    """``SpeakerModel.embed`` runs every step on each input; ``fit_tilt`` measures speech after ``repair`` only."""
+    from models.runtime import SpeakerModel
+    from training.evaluation.tilt import fit_tilt
+
+    seen = {"repair": 0, "all": 0}
+    repair, every = InputSteps.repair, InputSteps.__call__
+
+    def counted_repair(self, wav):
+        seen["repair"] += 1
+        return repair(self, wav)
+
+    def counted_all(self, wav):
+        seen["all"] += 1
+        return every(self, wav)
+
+    monkeypatch.setattr(InputSteps, "repair", counted_repair)
+    monkeypatch.setattr(InputSteps, "__call__", counted_all)
+    entry = ge2e_with(tmp_path)
+    wave = np.tile(_clips()[0], 2)
+    model = SpeakerModel(entry)
+    seen.update(repair=0, all=0)  # the warm-up embeds too
+    model.embed([wave, wave[:SR]])
+    assert seen == {"repair": 2, "all": 2}
+    seen.update(repair=0, all=0)
+    spec = fit_tilt(entry, mini_real, min_speech=0.3, min_utterances=10, write=False, log=lambda *_: None)
+    assert seen["all"] == 0 and seen["repair"] >= spec["fitted_on"]["utterances"] >= 10
