@@ -75,3 +75,35 @@ def test_the_runtime_and_the_tilt_fit_share_the_steps(mini_real, tmp_path, monke
     seen.update(repair=0, all=0)
     spec = fit_tilt(entry, mini_real, min_speech=0.3, min_utterances=10, write=False, log=lambda *_: None)
     assert seen["all"] == 0 and seen["repair"] >= spec["fitted_on"]["utterances"] >= 10
+
+
+def test_the_tilt_fit_can_leave_hummed_recordings_out(mini_real, tmp_path, capsys):
+    """``--skip-hummed``: recordings in which hum is found are left out (and counted); without it they are fitted on
+    with the hum taken out."""
+    import soundfile as sf
+
+    from training.evaluation.tilt import fit_tilt, main
+
+    pool = tmp_path / "pool"
+    (pool / "calibration").mkdir(parents=True)
+    rows = (mini_real / "calibration" / "wav.scp").read_text().splitlines()
+    for name in ("utt2spk", "trials"):
+        (pool / "calibration" / name).write_text((mini_real / "calibration" / name).read_text())
+    out = []
+    for i, row in enumerate(rows):
+        utt, path = row.split(maxsplit=1)
+        if i % 3 == 0:  # every third recording gets strong hum
+            wave, rate = sf.read(path, dtype="float32")
+            path = str(tmp_path / f"{utt}-hum.wav")
+            sf.write(path, wave + _hum(len(wave), 50.0, 0.0, wave, seed=i), rate)
+        out.append(f"{utt} {path}")
+    (pool / "calibration" / "wav.scp").write_text("\n".join(out) + "\n")
+    entry = ge2e_with(tmp_path)
+    quiet = {"min_speech": 0.3, "min_utterances": 5, "write": False, "log": lambda *_: None}
+    kept = fit_tilt(entry, pool, **quiet)["fitted_on"]
+    skipped = fit_tilt(entry, pool, skip_hummed=True, **quiet)["fitted_on"]
+    assert "hummed_left_out" not in kept and skipped["hummed_left_out"] >= len(rows) // 6
+    assert skipped["utterances"] + skipped["hummed_left_out"] == kept["utterances"]
+    argv = ["--model-dir", str(entry), "--real", str(pool), "--dry-run", "--min-speech", "0.3"]
+    assert main(argv + ["--skip-hummed"]) == 2  # the command line's default asks for 20 utterances
+    assert f"only {skipped['utterances']} utterances with 0.3 s of speech, need 20" in capsys.readouterr().err

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import load_card, save_card
-from models.audio import condition
+from models.audio import condition, remove_dc
 from models.input_steps import InputSteps
+from models.mains_hum import find_hum
 from models.spectral_tilt import band_levels_db, tilt_slope
 from models.vad import SileroVad, is_narrowband, keep_speech
 from training.evaluation.realembed import load_kaldi_split, model_vad_options
@@ -46,11 +47,13 @@ def same_limit(a: dict | None, b: dict | None) -> bool:
 
 
 def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, min_speech: float = 1.0,
-             min_utterances: int = 20, write: bool = True, version: str | None = None, log=print) -> dict:
+             min_utterances: int = 20, write: bool = True, version: str | None = None, skip_hummed: bool = False,
+             log=print) -> dict:
     """Measure the calibration speakers' spectra; returns (and, with ``write``, stores) the card's ``input_tilt``.
 
     ``version``: the card's new version, needed when the fitted limit differs from the one the card
-    carries (the embeddings change); with the same limit it may stay unset.
+    carries (the embeddings change); with the same limit it may stay unset. ``skip_hummed``: leave out
+    recordings in which ``models.mains_hum`` finds hum (to see how much they move the range).
 
     Raises:
         FileNotFoundError, ValueError: a missing pool, percentiles out of order, or a changed limit
@@ -65,12 +68,15 @@ def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, 
     split = load_kaldi_split(Path(real) / "calibration")
     vad, opts = SileroVad(), model_vad_options(card)
     repair = InputSteps(card).repair  # the spectrum as the runtime's tilt step sees it
-    levels, narrow = [], 0
+    levels, narrow, hummed = [], 0, 0
     for samples, rate in split.audio:
         wav = condition(samples[:, None], rate, card.sample_rate)
         segs, _ = vad.analyse(wav, card.sample_rate, opts)
         speech = keep_speech(wav, segs)
         if len(speech) >= min_speech * card.sample_rate:  # by default 1 s, the service's probe minimum
+            if skip_hummed and find_hum(remove_dc(speech), card.sample_rate) is not None:
+                hummed += 1
+                continue
             speech = repair(speech)
             if is_narrowband(speech, card.sample_rate):
                 narrow += 1  # the runtime leaves narrowband input alone: it says nothing of wideband slopes
@@ -89,7 +95,10 @@ def fit_tilt(model_dir: Path, real: Path, low: float = 5.0, high: float = 95.0, 
             "max_db_per_octave": round(float(hi), 3),
             "fitted_on": {"pool": str(Path(real).name) + "/calibration", "speakers": len(set(split.spk)),
                           "utterances": len(slopes), "narrowband_left_out": narrow, "percentiles": [low, high]}}
-    log(f"tilt: {len(slopes)} wideband utterances of {len(set(split.spk))} speakers ({narrow} narrowband left out); "
+    if skip_hummed:
+        spec["fitted_on"]["hummed_left_out"] = hummed
+    left_out = f"{narrow} narrowband" + (f", {hummed} hummed" if skip_hummed else "")
+    log(f"tilt: {len(slopes)} wideband utterances of {len(set(split.spk))} speakers ({left_out} left out); "
         f"slopes against the reference (dB/octave) p{low:g} {lo:+.2f}, median {np.median(slopes):+.2f}, "
         f"p{high:g} {hi:+.2f}")
     if write:
@@ -116,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--high", type=float, default=95.0, help="percentile of the slopes where the kept range ends")
     ap.add_argument("--min-speech", type=float, default=1.0, help="seconds of speech an utterance needs to count")
     ap.add_argument("--version", help="the card's new version: needed when the fitted limit differs from the card's")
+    ap.add_argument("--skip-hummed", action="store_true",
+                    help="leave out recordings with mains hum (the shipped fit keeps them, with the hum taken out)")
     ap.add_argument("--dry-run", action="store_true", help="fit and print, change nothing")
     args = ap.parse_args(argv)
     try:
         fit_tilt(args.model_dir, args.real, args.low, args.high, args.min_speech, write=not args.dry_run,
-                 version=args.version)
+                 version=args.version, skip_hummed=args.skip_hummed)
     except (FileNotFoundError, ValueError) as e:
         print(f"tilt: {e}", file=sys.stderr)
         return 2
