@@ -12,9 +12,16 @@ tmp=$(mktemp -d)
 uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 suite=$(awk '/^Suites:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 echo "deb ${uri:-http://deb.debian.org/debian} ${suite:-bookworm} main contrib non-free" > "$tmp/sources.list"
-apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::SourceParts=/dev/null")
+# wait up to 10 minutes for another apt or dpkg run to finish instead of failing on its lock
+apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::SourceParts=/dev/null" -o "DPkg::Lock::Timeout=600")
 export DEBIAN_FRONTEND=noninteractive
-apt-get -qq "${apt_opts[@]}" update
+# apt-get update does not wait for the lists lock (the Timeout above covers dpkg's lock only): retry while another
+# apt run holds it
+for try in $(seq 1 40); do
+  err=$(apt-get -qq "${apt_opts[@]}" update 2>&1) && break
+  if [ "$try" = 40 ] || ! grep -q "Could not get lock" <<< "$err"; then echo "$err" >&2; exit 1; fi
+  sleep 15
+done
 festvox="festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
 if [ "$small" = 1 ]; then  # sw2 is a reserved voice; italp16k reads Latin-1 text
   voices="mbrola-us1 mbrola-us2 mbrola-en1 mbrola-fr1 mbrola-sw2"

@@ -12,9 +12,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v flite >/d
 fi
 # a headless browser for the web console's test (Debian's chromium), when we may install it
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
-  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
-    || { apt-get -qq update >/dev/null 2>&1 \
-         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } \
+  lock=(-o DPkg::Lock::Timeout=600)  # wait for another apt or dpkg run rather than fail on its lock
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${lock[@]}" --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get -qq "${lock[@]}" update >/dev/null 2>&1 \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${lock[@]}" --no-install-recommends chromium \
+              >/dev/null 2>&1; }; } \
     || echo "test.sh: could not install chromium; the console's browser test will skip" >&2
 fi
 .venv/bin/python -m pytest -q "$@"

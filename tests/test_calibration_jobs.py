@@ -12,12 +12,16 @@ import soundfile as sf
 
 from tests.conftest import REPOSITORY
 
+# the gsm and amr channel conditions encode with sox; scripts/test.sh installs it where it may (root with apt)
+NO_SOX = "sox is not installed (the gsm and amr conditions need it: bash scripts/install_voices.sh)"
+needs_sox = pytest.mark.skipif(shutil.which("sox") is None, reason=NO_SOX)
 
 @pytest.fixture(scope="module")
 def utterance(speech_files) -> np.ndarray:
     return sf.read(speech_files["espeak-en-1"], dtype="float32")[0]
 
 
+@needs_sox
 def test_every_condition_degrades_as_named(utterance):
     from training.data.channels import CONDITIONS, apply_condition, apply_conditions
 
@@ -76,6 +80,8 @@ def calibrated(mini_real, tmp_path_factory):
     """ge2e calibrated on the mini pool (1.5 s crops: 0.3 s of speech is enough here)."""
     from training.evaluation.calibrate import calibrate_model
 
+    if shutil.which("sox") is None:
+        pytest.skip(NO_SOX)
     d = _uncalibrated_ge2e(tmp_path_factory.mktemp("cal"))
     report = calibrate_model(d, mini_real, per_speaker=1, cohort_utts=2, min_probe_speech=0.3, log=lambda *_: None)
     return d, report
