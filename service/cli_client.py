@@ -112,7 +112,8 @@ def _verify(stub, args, kw) -> None:
            # null for the enrolled speaker's side (no audio was sent)
            "speech_seconds": [s.speech_seconds if s else None for s in sides],
            "multiple_speakers": [s.multiple_speakers if s else None for s in sides],
-           "narrowband": [s.narrowband if s else None for s in sides]}
+           "narrowband": [s.narrowband if s else None for s in sides],
+           "band_matched": r.band_matched}
     if r.reason:
         out["reason"] = r.reason
     emit(out)

@@ -83,6 +83,9 @@ class Metrics:
         self.multiple_speakers = Counter("spkserve_multiple_speakers_total",
                                          "Audio inputs whose parts did not match each other (a second talker)",
                                          ["model", "method"], registry=r)
+        self.band_matched = Counter("spkserve_band_matched_total",
+                                    "Verify pairs of a narrowband and a wideband recording scored in the narrow band",
+                                    ["model"], registry=r)
         self.narrowband = Counter("spkserve_narrowband_inputs_total", "Audio inputs without energy above 4 kHz",
                                   ["model", "method"], registry=r)
         self.verdicts = Counter("spkserve_verdicts_total", "Verify/Identify verdicts", ["model", "method", "verdict"],

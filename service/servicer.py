@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from models.band_match import has_low_cut, match_band
 from models.consistency import self_consistency, speaker_chunks
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -211,6 +212,30 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
         a.stats = cohort_side_stats(cohort, a.stats, a.vector, leave)
         b.stats = cohort_side_stats(cohort, b.stats, b.vector, leave)
 
+    async def _match_band(self, model, a: Side, b: Side, context) -> bool:
+        """Two recordings, at least one narrowband: embed each side that is wider than the narrowest band of the pair
+        again in that band (``models.band_match``: 8 kHz, and the landline's 300 Hz cut when either side lacks its
+        fundamental), so that the pair is scored as two recordings of one channel. Returns whether a side changed."""
+        if not self.engine.config.band_match or a.vector is None or b.vector is None:
+            return False
+        if a.speech is None or b.speech is None or not (a.speech.narrowband or b.speech.narrowband):
+            return False
+        rate, loop = model.sample_rate, asyncio.get_running_loop()
+        cuts = await asyncio.gather(*[loop.run_in_executor(self.engine.decode_pool, has_low_cut, s.speech.wave, rate)
+                                      for s in (a, b)])
+        low_cut = any(cuts)
+        wider = [s for s, cut in zip((a, b), cuts) if not s.speech.narrowband or (low_cut and not cut)]
+
+        async def again(side: Side) -> None:
+            wave = await loop.run_in_executor(self.engine.decode_pool, match_band, side.speech.wave, rate, low_cut)
+            res = await self.engine.embed(model, wave, _deadline(context))
+            side.vector, side.stats = res.embedding, model.scorer.stats(res.embedding)
+
+        await asyncio.gather(*[again(s) for s in wider])
+        if wider:
+            self.engine.metrics.band_matched.labels(model.name).inc()
+        return bool(wider)
+
     def _observe_decision(self, model, method: str, decision: Decision) -> None:
         m = self.engine.metrics
         m.verdicts.labels(model.name, method, decision.verdict).inc()
@@ -257,6 +282,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
         threshold = self._threshold(model, request)
         (a, ta), (b, tb) = await asyncio.gather(self._side(model, request.a, "a", "Verify", context),
                                                 self._side(model, request.b, "b", "Verify", context))
+        matched = await self._match_band(model, a, b, context)
         await self._in_domain(a, b)
         d = decide(model.scorer, threshold, a, b, model.card.threshold)
         self._observe_decision(model, "Verify", d)
@@ -266,7 +292,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
             timings=merge_timings([ta, tb], time.perf_counter() - t0), verdict=VERDICT_PB[d.verdict],
             normalized_score=s.normalized if s else None, llr=s.llr if s else None,
             decision_scale=SCALE_PB[threshold.scale], decision_threshold=threshold.value,
-            a_speech=speech_pb(a.speech), b_speech=speech_pb(b.speech), reason=d.reason)
+            a_speech=speech_pb(a.speech), b_speech=speech_pb(b.speech), reason=d.reason, band_matched=matched)
 
     @_rpc
     async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:

@@ -200,10 +200,12 @@ def test_decisions_report_on_the_evaluation_split(calibrated, mini_real, tmp_pat
 
     d, _ = calibrated
     out = tmp_path / "dec"
-    assert main(["--real", str(mini_real), "--model", str(d), "--conditions", "clean,telephone-both,short-probe",
-                 "--identify-sizes", "1,50", "--min-probe-speech", "0.3", "--out", str(out)]) == 0
+    assert main(["--real", str(mini_real), "--model", str(d), "--conditions",
+                 "clean,telephone-both,short-probe,telephone-probe-matched", "--identify-sizes", "1,50",
+                 "--min-probe-speech", "0.3", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert list(res["conditions"]) == ["clean", "telephone-both", "short-probe"]
+    assert list(res["conditions"]) == ["clean", "telephone-both", "short-probe", "telephone-probe-matched"]
+    assert res["conditions"]["telephone-probe-matched"]["band_matched"] > 0.9  # wideband voices, telephone probes
     clean = res["conditions"]["clean"]
     assert {"far", "frr", "cllr", "min_cllr", "not_enough_speech", "impostor_normalized_mean"} <= set(clean)
     assert res["identify"]["50"]["simulated"] == 50 - res["identify"]["50"]["enrolled_real"]

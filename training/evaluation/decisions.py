@@ -34,13 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from models.band_match import match_band
 from models.calibration import cllr, min_cllr
 from models.evaluation import evaluate_scores, read_trials
 from models.runtime import SpeakerModel
 from models.vad import SileroVad
+from training.evaluation.open_set import open_set_identify, simulated_voiceprints, simulation_check
 from training.evaluation.realembed import Rendered, load_kaldi_split, render_and_embed
 
-__all__ = ["EVAL_SPECS", "EVAL_LABELS", "score_pairs", "llr_matrix", "one_talker_rates", "evaluate_conditions", "open_set_identify", "simulated_voiceprints",
+__all__ = ["EVAL_SPECS", "EVAL_LABELS", "BAND_MATCHED", "matched_key", "band_matched_pairs", "score_pairs", "one_talker_rates", "evaluate_conditions",
            "markdown", "main"]
 
 REPO = Path(__file__).resolve().parents[2] / "models" / "repository"
@@ -50,6 +52,11 @@ EVAL_SPECS = {
     "clean": ("clean", "clean"),
     "telephone-both": ("telephone", "telephone"),
     "telephone-probe": ("clean", "telephone"),
+    "telephone-probe-matched": ("clean", "telephone"),
+    "gsm-probe": ("clean", "gsm"),
+    "gsm-probe-matched": ("clean", "gsm"),
+    "amr-probe": ("clean", "amr"),
+    "amr-probe-matched": ("clean", "amr"),
     "gsm-both": ("gsm", "gsm"),
     "opus-both": ("opus", "opus"),
     "mp3-both": ("mp3", "mp3"),
@@ -66,9 +73,17 @@ EVAL_SPECS = {
     "silence-both": ("silence_pad", "silence_pad"),
     "short-probe": ("clean", "short15"),
 }
+# Verify of two recordings: one narrowband, the other wideband, the wideband one embedded again in the narrow one's
+# band (the service's band_match). The rows without it are a probe against a stored voiceprint or an embedding.
+BAND_MATCHED = frozenset({"telephone-probe-matched", "gsm-probe-matched", "amr-probe-matched"})
 EVAL_LABELS = {
     "clean": "clean", "telephone-both": "telephone band (300-3400 Hz, 8 kHz mu-law), both sides",
-    "telephone-probe": "telephone band, probe only", "gsm-both": "GSM 06.10, both sides",
+    "telephone-probe": "telephone band, probe only (against a voiceprint)",
+    "telephone-probe-matched": "telephone band, probe only, two recordings (band-matched)",
+    "gsm-probe": "GSM 06.10, probe only (against a voiceprint)",
+    "gsm-probe-matched": "GSM 06.10, probe only, two recordings (band-matched)",
+    "amr-probe": "AMR-NB, probe only (against a voiceprint)",
+    "amr-probe-matched": "AMR-NB, probe only, two recordings (band-matched)", "gsm-both": "GSM 06.10, both sides",
     "opus-both": "Opus 9-20 kbit/s, both sides", "mp3-both": "MP3, low bitrate, both sides",
     "white10-both": "white noise 10 dB SNR, both sides", "babble10-both": "babble 10 dB SNR, both sides",
     "reverb-probe": "reverberation, probe only", "quiet-probe": "25 dB quieter, probe only",
@@ -99,20 +114,6 @@ def score_pairs(model: SpeakerModel, a: Rendered, b: Rendered, ia: np.ndarray, i
     return out
 
 
-def llr_matrix(scorer, probes: np.ndarray, probe_stats: np.ndarray, probe_speech: np.ndarray, prints: np.ndarray,
-               print_stats: np.ndarray, print_speech: np.ndarray) -> np.ndarray:
-    """(P, N) calibrated LLRs of every probe against every voiceprint, as the service scores each pair."""
-    cos = probes @ prints.T  # (P, N)
-    norm = 0.5 * ((cos - print_stats[None, :, 0]) / print_stats[None, :, 1]
-                  + (cos - probe_stats[:, None, 0]) / probe_stats[:, None, 1])
-    n_p, n_v = scorer.narrowband_flags(probe_stats), scorer.narrowband_flags(print_stats)
-    b_p, b_v = scorer.bandlimited_flags(probe_stats), scorer.bandlimited_flags(print_stats)
-    mism = n_p[:, None] != n_v[None, :]
-    band = mism & (b_p[:, None] | b_v[None, :])
-    return scorer.calibration.llr(norm, mism.astype(np.float64), np.minimum(probe_speech[:, None], print_speech[None, :]),
-                                  band.astype(np.float64))
-
-
 def _figures(sc: dict, lab: np.ndarray, scale: str, threshold: float) -> dict:
     r = {}
     if lab.any() and (~lab).any():
@@ -125,94 +126,55 @@ def _figures(sc: dict, lab: np.ndarray, scale: str, threshold: float) -> dict:
     return r
 
 
+def matched_key(cond: str, low_cut: bool) -> str:
+    """The ``rendered`` key of ``cond``'s recordings embedded in a narrowband channel's band (``match_band``)."""
+    return f"{cond}|band-matched{'-low-cut' if low_cut else ''}"
+
+
+def band_matched_pairs(rendered: dict[str, Rendered], ce: str, cp: str, ia: np.ndarray, ib: np.ndarray
+                       ) -> tuple[Rendered, Rendered, np.ndarray]:
+    """The trials (ia[k], ib[k]) as the service's Verify of two recordings scores them: when either side is
+    narrowband, each side wider than the pair's narrowest band (8 kHz, with the 300 Hz cut when either side lacks
+    its fundamental) takes the embedding made in that band (``rendered[matched_key(cond, low_cut)]``). Returns the
+    two sides as per-trial ``Rendered`` (row k is trial k) and the (K,) mask of the trials where a side changed."""
+    def rows(r: Rendered, idx: np.ndarray) -> Rendered:
+        return Rendered(r.emb[idx].copy(), r.speech[idx], r.narrowband[idx], r.ok[idx], r.low_cut[idx])
+
+    a, b = rows(rendered[ce], ia), rows(rendered[cp], ib)
+    narrow = a.narrowband | b.narrowband  # (K,) the pair has a narrowband side
+    low_cut = narrow & (a.low_cut | b.low_cut)  # (K,) ... and a side without its fundamental
+    matched = np.zeros(len(ia), bool)
+    for side, cond, idx in ((a, ce, ia), (b, cp, ib)):
+        wider = narrow & (~side.narrowband | (low_cut & ~side.low_cut))  # (K,)
+        for cut in (False, True):
+            k = np.flatnonzero(wider & (low_cut == cut))
+            if len(k):
+                side.emb[k] = rendered[matched_key(cond, cut)].emb[idx[k]]
+        matched |= wider
+    return a, b, matched
+
+
 def evaluate_conditions(model: SpeakerModel, rendered: dict[str, Rendered], ia: np.ndarray, ib: np.ndarray,
                         labels: np.ndarray, specs: dict[str, tuple[str, str]]) -> dict:
-    """Figures per condition of ``specs`` (see the module docstring)."""
+    """Figures per condition of ``specs`` (see the module docstring); the rows of ``BAND_MATCHED`` need
+    ``rendered[matched_key(c, low_cut)]`` for their conditions c (``band_matched_pairs``)."""
     scale, threshold = model.scorer.scale, model.scorer.threshold
     stats = {c: model.scorer.stats(r.emb) for c, r in rendered.items()}
     out = {}
     for name, (ce, cp) in specs.items():
-        a, b = rendered[ce], rendered[cp]
-        decided = a.ok[ia] & b.ok[ib]
-        sc = score_pairs(model, a, b, ia[decided], ib[decided], stats[ce], stats[cp])
-        r = {"trials": int(len(labels)), "not_enough_speech": round(float(1 - decided.mean()), 4)}
+        r = {"trials": int(len(labels))}
+        if name in BAND_MATCHED:
+            a, b, matched = band_matched_pairs(rendered, ce, cp, ia, ib)
+            decided = a.ok & b.ok
+            k = np.flatnonzero(decided)
+            sc = score_pairs(model, a, b, k, k, model.scorer.stats(a.emb), model.scorer.stats(b.emb))
+            r["band_matched"] = round(float(matched[decided].mean()), 4)
+        else:
+            decided = rendered[ce].ok[ia] & rendered[cp].ok[ib]
+            sc = score_pairs(model, rendered[ce], rendered[cp], ia[decided], ib[decided], stats[ce], stats[cp])
+        r["not_enough_speech"] = round(float(1 - decided.mean()), 4)
         r.update(_figures(sc, labels[decided], scale, threshold))
         out[name] = r
-    return out
-
-
-def simulated_voiceprints(real: np.ndarray, n: int, rng: np.random.Generator, shrink: float = 0.5) -> np.ndarray:
-    """(n, D) unit vectors from a Gaussian fitted to (K, D) unit ``real`` voiceprints.
-
-    The covariance is the sample covariance shrunk by ``shrink`` towards the identity scaled to
-    the same total variance (K voiceprints cannot estimate a D x D covariance on their own).
-    """
-    mu = real.mean(axis=0)
-    centred = real - mu
-    cov = centred.T @ centred / max(len(real) - 1, 1)  # (D, D)
-    d = real.shape[1]
-    cov = (1 - shrink) * cov + shrink * np.eye(d) * np.trace(cov) / d
-    draws = rng.multivariate_normal(mu, cov, size=n, method="cholesky")
-    return (draws / np.linalg.norm(draws, axis=1, keepdims=True)).astype(np.float32)
-
-
-def open_set_identify(model: SpeakerModel, clean: Rendered, spk: np.ndarray, sizes: list[int], distractors: np.ndarray,
-                      rng: np.random.Generator, draws: int = 10, real_enrolled: int = 10) -> dict:
-    """Stranger false-match and true-match miss rates of Identify for collections of ``sizes`` speakers."""
-    scorer = model.scorer
-    op = scorer.threshold
-    speakers = sorted(set(spk.tolist()))
-    if len(speakers) < 2:
-        raise ValueError("open-set Identify needs at least two speakers (enrolled and strangers)")
-    out = {}
-    dstats = scorer.stats(distractors) if len(distractors) else np.zeros((0, 3))
-    for n in sizes:
-        k = max(1, min(n, real_enrolled, len(speakers) - 1))  # at least one speaker left as the strangers
-        fm_open = fm_single = miss_open = miss_single = stranger_total = genuine_total = 0
-        for _ in range(draws):
-            enrolled = rng.choice(speakers, size=k, replace=False)
-            prints, owners, enrolled_rows, speech = [], [], set(), []
-            for s in enrolled:
-                rows = np.flatnonzero((spk == s) & clean.ok)
-                pick = rng.choice(rows, size=min(3, len(rows) - 1), replace=False)
-                enrolled_rows.update(pick.tolist())
-                v = clean.emb[pick].astype(np.float64).sum(axis=0)
-                prints.append(v / np.linalg.norm(v))
-                owners.append(s)
-                speech.append(float(clean.speech[pick].sum()))
-            filler = n - k
-            vp = np.stack(prints).astype(np.float32)
-            st = scorer.stats(vp)
-            if filler > 0:
-                pick = rng.choice(len(distractors), size=filler, replace=len(distractors) < filler)
-                vp = np.concatenate([vp, distractors[pick]])
-                st = np.concatenate([st, dstats[pick]])
-                speech += [float(np.median(speech))] * filler
-                owners += [""] * filler
-            owners_a, speech_a = np.array(owners), np.array(speech)
-            probes = np.array([i for i in np.flatnonzero(clean.ok) if i not in enrolled_rows])
-            llr = llr_matrix(scorer, clean.emb[probes], scorer.stats(clean.emb[probes]), clean.speech[probes],
-                             vp, st, speech_a)  # (P, N)
-            best = llr.argmax(axis=1)
-            top = llr[np.arange(len(probes)), best]
-            genuine = np.isin(spk[probes], enrolled)
-            right = owners_a[best] == spk[probes]
-            for rule, thr in (("open", op + np.log(n)), ("single", op)):
-                match = top >= thr
-                fm = int((match & ~genuine).sum())
-                miss = int((genuine & ~(match & right)).sum())
-                if rule == "open":
-                    fm_open, miss_open = fm_open + fm, miss_open + miss
-                else:
-                    fm_single, miss_single = fm_single + fm, miss_single + miss
-            stranger_total += int((~genuine).sum())
-            genuine_total += int(genuine.sum())
-        out[str(n)] = {"enrolled_real": k, "simulated": max(n - k, 0), "threshold_open_set": round(op + np.log(n), 3),
-                       "stranger_false_match": round(fm_open / max(stranger_total, 1), 4),
-                       "true_match_miss": round(miss_open / max(genuine_total, 1), 4),
-                       "stranger_false_match_single_pair_rule": round(fm_single / max(stranger_total, 1), 4),
-                       "true_match_miss_single_pair_rule": round(miss_single / max(genuine_total, 1), 4),
-                       "stranger_probes": stranger_total, "genuine_probes": genuine_total}
     return out
 
 
@@ -289,29 +251,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _simulation_check(model, clean: Rendered, spk: np.ndarray, distractors: np.ndarray) -> dict:
-    """Stranger-probe LLRs against simulated voiceprints vs against real other speakers' voiceprints."""
-    speakers = sorted(set(spk.tolist()))
-    real = []
-    for s in speakers:
-        rows = np.flatnonzero((spk == s) & clean.ok)[:3]
-        v = clean.emb[rows].astype(np.float64).sum(axis=0)
-        real.append(v / np.linalg.norm(v))
-    real = np.stack(real).astype(np.float32)
-    rows = np.flatnonzero(clean.ok)
-    pst = model.scorer.stats(clean.emb[rows])
-
-    def llrs(prints: np.ndarray, own: np.ndarray | None) -> np.ndarray:
-        llr = llr_matrix(model.scorer, clean.emb[rows], pst, clean.speech[rows], prints, model.scorer.stats(prints),
-                         np.full(len(prints), 10.0))
-        return llr[~own] if own is not None else llr.ravel()
-
-    own = spk[rows][:, None] == np.array(speakers)[None, :]
-    r, s = llrs(real, own), llrs(distractors[:200], None)
-    return {"real_llr_mean": round(float(r.mean()), 2), "real_llr_p99": round(float(np.percentile(r, 99)), 2),
-            "simulated_llr_mean": round(float(s.mean()), 2), "simulated_llr_p99": round(float(np.percentile(s, 99)), 2)}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(prog="python -m training.evaluation.decisions", description=__doc__,
@@ -365,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     for c in dict.fromkeys(c for pair in list(specs.values()) + [("clean", "telephone"), ("gsm", "clean")] for c in pair):
         rendered[c] = render_and_embed(model, vad, split, [c], args.min_probe_speech, args.seed)
         print(f"  rendered {c} ({time.time() - t0:.0f} s)", flush=True)
+    for c in dict.fromkeys(c for n in specs if n in BAND_MATCHED for c in specs[n]):
+        for low_cut in (False, True):
+            rate = model.sample_rate
+            rendered[matched_key(c, low_cut)] = render_and_embed(
+                model, vad, split, [c], args.min_probe_speech, args.seed,
+                post=lambda w, low_cut=low_cut: match_band(w, rate, low_cut))
+        print(f"  rendered {c} in the narrow bands ({time.time() - t0:.0f} s)", flush=True)
     spk = np.array(split.spk)
     res = {"model": model.name, "version": model.card.version,
            "operating_point": f"{model.scorer.scale} >= {model.scorer.threshold:g}",
@@ -385,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     v = cr.emb[rows].astype(np.float64).mean(axis=0)
                     means.append(v / np.linalg.norm(v))
             distractors = simulated_voiceprints(np.stack(means), max(sizes), rng)
-            res["simulated_check"] = _simulation_check(model, base, spk, distractors)
+            res["simulated_check"] = simulation_check(model, base, spk, distractors)
         else:
             distractors = np.zeros((0, model.dim), np.float32)
         res["identify"] = open_set_identify(model, base, spk, sizes, distractors, rng)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from models.audio import condition, decode_encoded
+from models.band_match import has_low_cut
 from models.runtime import SpeakerModel
 from models.vad import SileroVad, VadOptions, keep_speech
 from training.data.channels import apply_conditions
@@ -46,6 +48,7 @@ class Rendered:
     speech: np.ndarray  # (N,) net speech seconds
     narrowband: np.ndarray  # (N,) bool: VAD treated the input as narrowband
     ok: np.ndarray  # (N,) bool: enough speech to be decided on
+    low_cut: np.ndarray | None = None  # (N,) bool: its kept speech lacks the fundamental (models.band_match)
 
 
 def model_vad_options(card) -> VadOptions:
@@ -83,7 +86,8 @@ def load_kaldi_split(d: Path) -> Split:
 
 
 def render_and_embed(model: SpeakerModel, vad: SileroVad, split: Split, conds: list[str], min_speech: float,
-                     seed: int = 0, bank: list[np.ndarray] | None = None, chunk: int = 128) -> Rendered:
+                     seed: int = 0, bank: list[np.ndarray] | None = None, chunk: int = 128,
+                     post: Callable[[np.ndarray], np.ndarray] | None = None) -> Rendered:
     """Pass every utterance through ``conds`` (in order) and embed it as the service would.
 
     Args:
@@ -94,6 +98,8 @@ def render_and_embed(model: SpeakerModel, vad: SileroVad, split: Split, conds: l
         min_speech: seconds of speech below which an input is not decided on.
         seed: with the utterance id and the conditions, seeds each rendering.
         bank: 16 kHz utterances mixed as babble (default: every 8th of ``split``).
+        post: applied to the kept speech before it is embedded (e.g. ``models.band_match.match_band``); the
+            net speech is the kept speech's.
     """
     opts = model_vad_options(model.card)
     waves = split.waves16k()
@@ -101,7 +107,7 @@ def render_and_embed(model: SpeakerModel, vad: SileroVad, split: Split, conds: l
     tag = "+".join(conds)
     n = len(waves)
     emb = np.zeros((n, model.dim), np.float32)
-    speech, narrow = np.zeros(n), np.zeros(n, bool)
+    speech, narrow, low_cut = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
@@ -121,10 +127,11 @@ def render_and_embed(model: SpeakerModel, vad: SileroVad, split: Split, conds: l
         segs, narrow[i] = vad.analyse(wav, model.sample_rate, opts)
         kept = keep_speech(wav, segs)
         speech[i] = len(kept) / model.sample_rate
+        low_cut[i] = has_low_cut(kept, model.sample_rate)
         if speech[i] >= max(min_speech, model.card.min_audio_seconds) and speech[i] > 0:
-            pending.append((i, kept))
+            pending.append((i, kept if post is None else post(kept)))
             if len(pending) >= chunk:
                 flush()
     flush()
     ok = np.linalg.norm(emb, axis=1) > 0
-    return Rendered(emb, speech, narrow, ok)
+    return Rendered(emb, speech, narrow, ok, low_cut)

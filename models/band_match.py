@@ -1,0 +1,86 @@
+"""Band matching: two recordings compared in the narrowest band either of them has.
+
+A voice heard through a telephone line and the same voice recorded wideband embed far apart: the
+missing top octave and, on a landline, the missing fundamental (a 300 Hz high-pass) read as a
+different voice. When either side of a pair is narrowband, each side wider than the pair's
+narrowest band is put through that band before it is embedded (``match_band``), so that the pair
+is a pair of one channel, which the cohort and calibration already handle. Measured on held-out
+human speech against a wideband recording (BENCHMARKS.md section 9g, ``ge2e`` 0.4.0): a
+telephone-band probe EER 17.6% -> 12.3% (false rejects at the operating point 82.9% -> 51.3%),
+GSM 8.2% -> 5.3%, AMR-NB 11.8% -> 10.3%.
+
+Which band: a landline's 300-3400 Hz band must be matched with its high-pass, and an 8 kHz codec
+(GSM, AMR) with the 8 kHz band only (cutting the low end of a GSM pair made it worse: EER 18%).
+``low_band_db`` tells them apart: the level of 100-250 Hz (a voice's fundamental and first
+harmonics) against 400-1000 Hz in the louder half of 32 ms frames, below ``LOW_CUT_DB`` when a
+high-pass has taken the fundamental out (held-out speech through the telephone band: -48 to -28 dB;
+GSM, AMR and clean speech -17 to +7 dB).
+
+numpy, scipy and soxr only (``service/`` imports no torch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from models.audio import resample
+
+__all__ = ["LOW_CUT_DB", "NARROW_RATE", "low_band_db", "has_low_cut", "match_band"]
+
+LOW_CUT_DB = -20.0
+NARROW_RATE = 8000  # the narrowband side's rate: its band ends below 4 kHz
+TELEPHONE_BAND_HZ = (300.0, 3400.0)
+_FRAME_SECONDS = 0.032
+
+
+@functools.lru_cache(maxsize=4)
+def _bands(n: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (n,) Hann window and the (n/2+1,) masks of the low (100-250 Hz) and reference (400-1000 Hz) bins."""
+    hz = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    return np.hanning(n).astype(np.float32), (hz >= 100) & (hz < 250), (hz >= 400) & (hz < 1000)
+
+
+def low_band_db(wav: np.ndarray, sample_rate: int) -> float:
+    """Level of 100-250 Hz against 400-1000 Hz in (T,) ``wav``'s louder half of 32 ms frames, in dB
+    (NaN when ``wav`` is shorter than four frames or silent there)."""
+    n = int(_FRAME_SECONDS * sample_rate)
+    frames = len(wav) // n
+    if frames < 4:
+        return float("nan")
+    window, low, ref = _bands(n, sample_rate)
+    spec = np.fft.rfft(np.asarray(wav, np.float32)[: frames * n].reshape(frames, n) * window, axis=1)  # (F, n/2+1)
+    power = spec.real ** 2 + spec.imag ** 2
+    energy = power.sum(axis=1)  # (F,)
+    loud = power[energy >= np.median(energy)].sum(axis=0, dtype=np.float64)  # (n/2+1,)
+    if not loud[ref].sum() > 0:
+        return float("nan")
+    return float(10 * np.log10(loud[low].sum() / loud[ref].sum() + 1e-30))
+
+
+def has_low_cut(wav: np.ndarray, sample_rate: int) -> bool:
+    """Whether (T,) ``wav`` lacks its fundamental the way a landline's 300 Hz high-pass takes it out."""
+    level = low_band_db(wav, sample_rate)
+    return bool(np.isfinite(level) and level < LOW_CUT_DB)
+
+
+def match_band(wav: np.ndarray, sample_rate: int, low_cut: bool) -> np.ndarray:
+    """(T,) float32 ``wav`` limited to a narrowband channel's band, at its own rate and length.
+
+    ``low_cut``: the 300-3400 Hz telephone band (a 6th-order Butterworth band-pass, run forwards and
+    backwards); otherwise only the 8 kHz band. Both then go down to 8 kHz and back (soxr's
+    band-limited resampler), as a narrowband recording reaches the model.
+    """
+    wav = np.asarray(wav, np.float32)
+    if wav.size == 0:
+        return wav
+    if low_cut and wav.size > 256:  # sosfiltfilt needs some length to pad; inputs here are >= 1 s of speech
+        from scipy.signal import butter, sosfiltfilt
+
+        sos = butter(6, TELEPHONE_BAND_HZ, btype="bandpass", fs=sample_rate, output="sos")
+        wav = sosfiltfilt(sos, wav).astype(np.float32)
+    out = resample(resample(wav, sample_rate, NARROW_RATE), NARROW_RATE, sample_rate)
+    if len(out) < len(wav):  # a resampler's rounding: keep the length the VAD's segments were measured on
+        out = np.pad(out, (0, len(wav) - len(out)))
+    return np.ascontiguousarray(out[: len(wav)], dtype=np.float32)
