@@ -21,42 +21,29 @@ numpy, scipy and soxr only (``service/`` imports no torch).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from models.audio import resample
+from models.vad_rules import loud_spectrum
 
 __all__ = ["LOW_CUT_DB", "NARROW_RATE", "low_band_db", "has_low_cut", "match_band"]
 
 LOW_CUT_DB = -20.0
 NARROW_RATE = 8000  # the narrowband side's rate: its band ends below 4 kHz
 TELEPHONE_BAND_HZ = (300.0, 3400.0)
-_FRAME_SECONDS = 0.032
-
-
-@functools.lru_cache(maxsize=4)
-def _bands(n: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The (n,) Hann window and the (n/2+1,) masks of the low (100-250 Hz) and reference (400-1000 Hz) bins."""
-    hz = np.fft.rfftfreq(n, 1.0 / sample_rate)
-    return np.hanning(n).astype(np.float32), (hz >= 100) & (hz < 250), (hz >= 400) & (hz < 1000)
 
 
 def low_band_db(wav: np.ndarray, sample_rate: int) -> float:
     """Level of 100-250 Hz against 400-1000 Hz in (T,) ``wav``'s louder half of 32 ms frames, in dB
     (NaN when ``wav`` is shorter than four frames or silent there)."""
-    n = int(_FRAME_SECONDS * sample_rate)
-    frames = len(wav) // n
-    if frames < 4:
+    loud = loud_spectrum(np.asarray(wav, np.float32), sample_rate)
+    if loud is None:
         return float("nan")
-    window, low, ref = _bands(n, sample_rate)
-    spec = np.fft.rfft(np.asarray(wav, np.float32)[: frames * n].reshape(frames, n) * window, axis=1)  # (F, n/2+1)
-    power = spec.real ** 2 + spec.imag ** 2
-    energy = power.sum(axis=1)  # (F,)
-    loud = power[energy >= np.median(energy)].sum(axis=0, dtype=np.float64)  # (n/2+1,)
-    if not loud[ref].sum() > 0:
+    power, hz = loud
+    ref = power[(hz >= 400) & (hz < 1000)].sum()
+    if not ref > 0:
         return float("nan")
-    return float(10 * np.log10(loud[low].sum() / loud[ref].sum() + 1e-30))
+    return float(10 * np.log10(power[(hz >= 100) & (hz < 250)].sum() / ref + 1e-30))
 
 
 def has_low_cut(wav: np.ndarray, sample_rate: int) -> bool:

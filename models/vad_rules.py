@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["VAD_SAMPLE_RATE", "VadOptions", "gain_for_powers", "is_narrowband", "keep_speech", "level_gain",
+__all__ = ["VAD_SAMPLE_RATE", "VadOptions", "gain_for_powers", "is_narrowband", "keep_speech", "level_gain", "loud_spectrum",
            "pad_segments", "speech_segments"]
 
 VAD_SAMPLE_RATE = 16000
@@ -186,6 +186,20 @@ def _hann(frame: int) -> np.ndarray:
     return w
 
 
+def loud_spectrum(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The power spectrum of (T,) float32 ``wave``'s louder half of 32 ms Hann frames: ((L/2+1,) float64 power summed
+    over those frames, (L/2+1,) bin frequencies in Hz); None for fewer than four frames."""
+    frame = int(0.032 * sample_rate)
+    n = wave.size // frame
+    if n < 4:
+        return None
+    frames = wave[:n * frame].reshape(n, frame) * _hann(frame)  # (F, L) float32
+    spec = np.fft.rfft(frames, axis=1)  # (F, L // 2 + 1), complex64 on NumPy 2 (half the time of complex128)
+    power = spec.real ** 2 + spec.imag ** 2  # (F, L // 2 + 1), without abs()'s square root
+    energy = power.sum(axis=1)
+    return power[energy >= np.median(energy)].sum(axis=0, dtype=np.float64), np.fft.rfftfreq(frame, 1.0 / sample_rate)
+
+
 def is_narrowband(wave: np.ndarray, sample_rate: int) -> bool:
     """Whether (T,) ``wave`` carries no speech energy above 4 kHz (telephone band, 8 kHz codecs).
 
@@ -195,16 +209,10 @@ def is_narrowband(wave: np.ndarray, sample_rate: int) -> bool:
     """
     if sample_rate <= 8000:
         return True
-    frame = int(0.032 * sample_rate)
-    n = wave.size // frame
-    if n < 4:
+    loud = loud_spectrum(wave, sample_rate)
+    if loud is None:
         return False
-    frames = wave[:n * frame].reshape(n, frame) * _hann(frame)  # (F, L) float32
-    spec = np.fft.rfft(frames, axis=1)  # (F, L // 2 + 1), complex64 on NumPy 2 (half the time of complex128)
-    power = spec.real ** 2 + spec.imag ** 2  # (F, L // 2 + 1), without abs()'s square root
-    energy = power.sum(axis=1)
-    spectrum = power[energy >= np.median(energy)].sum(axis=0, dtype=np.float64)
-    hz = np.fft.rfftfreq(frame, 1.0 / sample_rate)
+    spectrum, hz = loud
     low = spectrum[(hz >= 200) & (hz < 3800)].sum()
     high = spectrum[(hz >= 4200) & (hz < min(7600, sample_rate / 2))].sum()
     if low <= 0:

@@ -111,7 +111,7 @@ class ServerConfig:
     speaker_check_min_seconds: float = 4.0  # only inputs with at least this much speech are checked
     speaker_check_llr: float = -2.0  # two parts scoring below this calibrated LLR: multiple speakers
     # recordings of different bandwidths (models.band_match)
-    band_match: bool = True  # Verify of a narrowband and a wideband recording: embed the wideband one in the other's band
+    band_match: bool = True  # Verify of two recordings, one narrowband: embed the wider one again in the narrower band
     # live verification (VerifyStream)
     stream_idle_timeout_seconds: float = 30.0  # a stream (live, or an upload) that sends nothing this long is ended
     live_change_window_seconds: float = 2.0  # recent speech scored against the earlier for a speaker change

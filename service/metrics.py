@@ -84,7 +84,7 @@ class Metrics:
                                          "Audio inputs whose parts did not match each other (a second talker)",
                                          ["model", "method"], registry=r)
         self.band_matched = Counter("spkserve_band_matched_total",
-                                    "Verify pairs of a narrowband and a wideband recording scored in the narrow band",
+                                    "Verify pairs of recordings with a narrowband side scored in the pair's narrowest band",
                                     ["model"], registry=r)
         self.narrowband = Counter("spkserve_narrowband_inputs_total", "Audio inputs without energy above 4 kHz",
                                   ["model", "method"], registry=r)

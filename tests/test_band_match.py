@@ -107,7 +107,7 @@ def test_verify_scores_a_telephone_call_against_a_wideband_recording_in_the_call
 def test_the_decision_job_matches_bands_as_verify_does():
     """``band_matched_pairs``: only pairs with a narrowband side change, and each side wider than the pair's narrowest
     band (8 kHz, with the low cut when either side has it) takes the embedding made in that band."""
-    from training.evaluation.decisions import band_matched_pairs, matched_key
+    from training.evaluation.decisions import band_match_needs, band_matched_pairs, matched_key
     from training.evaluation.realembed import Rendered
 
     def rendered(base: float, narrow: list[bool], low: list[bool]) -> Rendered:
@@ -119,9 +119,9 @@ def test_the_decision_job_matches_bands_as_verify_does():
          "tel": rendered(10, [True, True, False], [True, False, False]),
          matched_key("clean", False): rendered(100, [True] * 3, [False] * 3),
          matched_key("clean", True): rendered(200, [True] * 3, [True] * 3),
-         matched_key("tel", False): rendered(300, [True] * 3, [False] * 3),
-         matched_key("tel", True): rendered(400, [True] * 3, [True] * 3)}
+         matched_key("tel", False): rendered(300, [True] * 3, [False] * 3)}  # ("tel", True): no trial needs it
     ia, ib = np.array([0, 1, 2, 2, 0]), np.array([0, 1, 0, 2, 2])
+    assert band_match_needs(r, "clean", "tel", ia, ib) == {("clean", False), ("clean", True), ("tel", False)}
     a, b, matched = band_matched_pairs(r, "clean", "tel", ia, ib)
     assert matched.tolist() == [True, True, True, True, False]
     assert a.emb[:, 0].tolist() == [200, 101, 202, 2, 0]  # 0: the probe lost its low end; 1: it kept it; 2: both

@@ -42,7 +42,7 @@ from models.vad import SileroVad
 from training.evaluation.open_set import open_set_identify, simulated_voiceprints, simulation_check
 from training.evaluation.realembed import Rendered, load_kaldi_split, render_and_embed
 
-__all__ = ["EVAL_SPECS", "EVAL_LABELS", "BAND_MATCHED", "matched_key", "band_matched_pairs", "score_pairs", "one_talker_rates", "evaluate_conditions",
+__all__ = ["EVAL_SPECS", "EVAL_LABELS", "BAND_MATCHED", "matched_key", "band_match_needs", "band_matched_pairs", "score_pairs", "one_talker_rates", "evaluate_conditions",
            "markdown", "main"]
 
 REPO = Path(__file__).resolve().parents[2] / "models" / "repository"
@@ -131,27 +131,43 @@ def matched_key(cond: str, low_cut: bool) -> str:
     return f"{cond}|band-matched{'-low-cut' if low_cut else ''}"
 
 
+def _trial_rows(r: Rendered, idx: np.ndarray) -> Rendered:
+    """``r``'s rows ``idx`` (row k of the result is trial k), embeddings copied."""
+    return Rendered(r.emb[idx].copy(), r.speech[idx], r.narrowband[idx], r.ok[idx], r.low_cut[idx])
+
+
+def _wider(a: Rendered, b: Rendered) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For trial-aligned sides: (K,) whether a, and whether b, is wider than the pair's narrowest band when either
+    side is narrowband (the service's band_match rule), and (K,) whether that band has the 300 Hz cut."""
+    narrow = a.narrowband | b.narrowband
+    low_cut = narrow & (a.low_cut | b.low_cut)
+    return (narrow & (~a.narrowband | (low_cut & ~a.low_cut)), narrow & (~b.narrowband | (low_cut & ~b.low_cut)),
+            low_cut)
+
+
+def band_match_needs(rendered: dict[str, Rendered], ce: str, cp: str, ia: np.ndarray, ib: np.ndarray
+                     ) -> set[tuple[str, bool]]:
+    """The (condition, low_cut) renderings in a narrow band that ``band_matched_pairs`` will read for these trials."""
+    a, b = _trial_rows(rendered[ce], ia), _trial_rows(rendered[cp], ib)
+    wider_a, wider_b, low_cut = _wider(a, b)
+    return {(cond, bool(cut)) for cond, wider in ((ce, wider_a), (cp, wider_b)) for cut in np.unique(low_cut[wider])}
+
+
 def band_matched_pairs(rendered: dict[str, Rendered], ce: str, cp: str, ia: np.ndarray, ib: np.ndarray
                        ) -> tuple[Rendered, Rendered, np.ndarray]:
     """The trials (ia[k], ib[k]) as the service's Verify of two recordings scores them: when either side is
     narrowband, each side wider than the pair's narrowest band (8 kHz, with the 300 Hz cut when either side lacks
-    its fundamental) takes the embedding made in that band (``rendered[matched_key(cond, low_cut)]``). Returns the
-    two sides as per-trial ``Rendered`` (row k is trial k) and the (K,) mask of the trials where a side changed."""
-    def rows(r: Rendered, idx: np.ndarray) -> Rendered:
-        return Rendered(r.emb[idx].copy(), r.speech[idx], r.narrowband[idx], r.ok[idx], r.low_cut[idx])
-
-    a, b = rows(rendered[ce], ia), rows(rendered[cp], ib)
-    narrow = a.narrowband | b.narrowband  # (K,) the pair has a narrowband side
-    low_cut = narrow & (a.low_cut | b.low_cut)  # (K,) ... and a side without its fundamental
-    matched = np.zeros(len(ia), bool)
-    for side, cond, idx in ((a, ce, ia), (b, cp, ib)):
-        wider = narrow & (~side.narrowband | (low_cut & ~side.low_cut))  # (K,)
+    its fundamental) takes the embedding made in that band (``rendered[matched_key(cond, low_cut)]``, for the keys
+    ``band_match_needs`` names). Returns the two sides as per-trial ``Rendered`` (row k is trial k) and the (K,) mask
+    of the trials where a side changed."""
+    a, b = _trial_rows(rendered[ce], ia), _trial_rows(rendered[cp], ib)
+    wider_a, wider_b, low_cut = _wider(a, b)
+    for side, cond, idx, wider in ((a, ce, ia, wider_a), (b, cp, ib, wider_b)):
         for cut in (False, True):
             k = np.flatnonzero(wider & (low_cut == cut))
             if len(k):
                 side.emb[k] = rendered[matched_key(cond, cut)].emb[idx[k]]
-        matched |= wider
-    return a, b, matched
+    return a, b, wider_a | wider_b
 
 
 def evaluate_conditions(model: SpeakerModel, rendered: dict[str, Rendered], ia: np.ndarray, ib: np.ndarray,
@@ -304,13 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     for c in dict.fromkeys(c for pair in list(specs.values()) + [("clean", "telephone"), ("gsm", "clean")] for c in pair):
         rendered[c] = render_and_embed(model, vad, split, [c], args.min_probe_speech, args.seed)
         print(f"  rendered {c} ({time.time() - t0:.0f} s)", flush=True)
-    for c in dict.fromkeys(c for n in specs if n in BAND_MATCHED for c in specs[n]):
-        for low_cut in (False, True):
-            rate = model.sample_rate
-            rendered[matched_key(c, low_cut)] = render_and_embed(
-                model, vad, split, [c], args.min_probe_speech, args.seed,
-                post=lambda w, low_cut=low_cut: match_band(w, rate, low_cut))
-        print(f"  rendered {c} in the narrow bands ({time.time() - t0:.0f} s)", flush=True)
+    needs = set().union(*[band_match_needs(rendered, *specs[n], ia, ib) for n in specs if n in BAND_MATCHED])
+    for c, low_cut in sorted(needs):  # only what some trial's pair needs (a narrowband side is rarely wider)
+        rate = model.sample_rate
+        rendered[matched_key(c, low_cut)] = render_and_embed(
+            model, vad, split, [c], args.min_probe_speech, args.seed,
+            post=lambda w, low_cut=low_cut: match_band(w, rate, low_cut))
+        print(f"  rendered {matched_key(c, low_cut)} ({time.time() - t0:.0f} s)", flush=True)
     spk = np.array(split.spk)
     res = {"model": model.name, "version": model.card.version,
            "operating_point": f"{model.scorer.scale} >= {model.scorer.threshold:g}",
