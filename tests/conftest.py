@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import random
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -22,6 +24,42 @@ TINY_ENCODER = dict(
     conv_dim=(32,) * 7, feat_extract_norm="group", num_buckets=32, max_bucket_distance=100,
     num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
 )
+
+
+_PORTS_GIVEN: set[int] = set()
+_PORT_RNG = random.Random()  # its own generator: tests that seed the global one must not pick the same ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for port-0 binds and outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port() -> int:
+    """A local TCP port free now and outside the kernel's ephemeral range.
+
+    A port taken with bind(0) and released is the very kind the kernel hands to the next port-0 bind (the server's
+    own gRPC listener) or outgoing connection, so a test that passes it on as ``http_port`` can lose it in between.
+    Ports below the ephemeral range are only ever taken by explicit binds; each is given out once per session.
+    """
+    low, high = _ephemeral_range()
+    span = (10000, low - 1) if low > 11000 else (high + 1, 65535)
+    for _ in range(200):
+        port = _PORT_RNG.randint(*span)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {span[0]}..{span[1]}")
 
 
 def wav_bytes(wave: np.ndarray, sr: int = 16000, fmt: str = "WAV", subtype: str | None = None) -> bytes:

@@ -12,16 +12,10 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
-from tests.conftest import REFERENCE, ServerThread, make_config, wait_for_sample  # noqa: E402
+from tests.conftest import REFERENCE, ServerThread, free_port, make_config, wait_for_sample  # noqa: E402
 
 AUDIO = REFERENCE / "audio"
 TOKENS = {"alice": ("tok-alice", ["team-a"], ["read", "write"]), "reader": ("tok-read", ["team-a"], ["read"])}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wav(name: str) -> bytes:
@@ -31,7 +25,7 @@ def _wav(name: str) -> bytes:
 @pytest.fixture(scope="module")
 def http(model_repo, tmp_path_factory):
     """An open server (no tokens) with HTTP on; yields (base URL, server)."""
-    port = _free_port()
+    port = free_port()
     srv = ServerThread(make_config(model_repo, tmp_path_factory.mktemp("http"), http_port=port, max_message_mb=2,
                                    max_inflight_request_mb=4))
     yield f"http://127.0.0.1:{srv.server.http_port}", srv
@@ -47,7 +41,7 @@ def secured(model_repo, tmp_path_factory):
                   "collections = [" + ", ".join(f'"{c}"' for c in colls) + "]",
                   "permissions = [" + ", ".join(f'"{p}"' for p in perms) + "]", ""]
     (d / "tokens.toml").write_text("\n".join(lines))
-    srv = ServerThread(make_config(model_repo, d / "data", http_port=_free_port(), auth_tokens_file=str(d / "tokens.toml")))
+    srv = ServerThread(make_config(model_repo, d / "data", http_port=free_port(), auth_tokens_file=str(d / "tokens.toml")))
     yield f"http://127.0.0.1:{srv.server.http_port}", srv
     srv.stop()
 

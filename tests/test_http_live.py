@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 
 import numpy as np
@@ -15,15 +14,9 @@ import soundfile as sf
 
 websockets_client = pytest.importorskip("websockets.sync.client")
 
-from tests.conftest import REFERENCE, ServerThread, make_config, wait_for_sample  # noqa: E402
+from tests.conftest import REFERENCE, ServerThread, free_port, make_config, wait_for_sample  # noqa: E402
 
 AUDIO = REFERENCE / "audio"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def live(model_repo, tmp_path_factory):
     (d / "tokens.toml").write_text("".join(
         f'[[tokens]]\nname = "{n}"\nsha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\n'
         f'collections = ["{c}"]\npermissions = {p}\n' for n, (t, c, p) in tokens.items()))
-    srv = ServerThread(make_config(model_repo, d / "data", http_port=_free_port(), auth_tokens_file=str(d / "tokens.toml")))
+    srv = ServerThread(make_config(model_repo, d / "data", http_port=free_port(), auth_tokens_file=str(d / "tokens.toml")))
     import requests
 
     base = f"http://127.0.0.1:{srv.server.http_port}"
@@ -110,7 +103,7 @@ def test_errors_end_the_socket_with_the_grpc_status_as_close_code(live, first, c
 
 def test_a_silent_socket_ends_with_deadline_exceeded(model_repo, tmp_path):
     """Nothing sent for stream_idle_timeout_seconds: DEADLINE_EXCEEDED as close code 4504, naming the option."""
-    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], http_port=_free_port(),
+    srv = ServerThread(make_config(model_repo, tmp_path / "data", models=["ge2e"], http_port=free_port(),
                                    stream_idle_timeout_seconds=0.5))
     try:
         url = f"ws://127.0.0.1:{srv.server.http_port}/v1/verify:stream"
@@ -150,7 +143,7 @@ def _page_text(url: str, expression: str, done, profile, setup: tuple[str, str] 
     import subprocess
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              f"--user-data-dir={profile}", f"--remote-debugging-port={port}", *flags, "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,15 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from tests.conftest import ROOT, ServerThread, make_config
+from tests.conftest import ROOT, ServerThread, free_port, make_config
 
 SPKSERVE = [sys.executable, "-m", "service.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unit(seed: int, dim: int = 256) -> np.ndarray:
@@ -254,9 +248,7 @@ def test_tls(model_repo, tmp_path, speech_files):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        http_port = probe.getsockname()[1]
+    http_port = free_port()
     srv = ServerThread(make_config(model_repo, tmp_path / "d", models=["ge2e"], tls_cert=str(cert), tls_key=str(key),
                                    http_port=http_port))
     try:
@@ -543,10 +535,7 @@ def test_a_failed_start_leaves_nothing_listening(model_repo, tmp_path, monkeypat
 
     from service.server import SpeakerServer
 
-    with socket.socket() as probe, socket.socket() as probe_http:
-        probe.bind(("127.0.0.1", 0))
-        probe_http.bind(("127.0.0.1", 0))
-        port, http_port = probe.getsockname()[1], probe_http.getsockname()[1]
+    port, http_port = free_port(), free_port()
 
     async def refuse(self):
         raise OSError("option 'http_port': cannot listen (injected)")
@@ -593,9 +582,7 @@ def test_a_stalled_upload_ends_with_deadline_exceeded(model_repo, tmp_path):
 
     import requests
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        http_port = probe.getsockname()[1]
+    http_port = free_port()
     srv = ServerThread(make_config(model_repo, tmp_path / "d", models=["ge2e"], http_port=http_port,
                                    stream_idle_timeout_seconds=0.5))
     try:

@@ -476,39 +476,25 @@ def test_unreachable_milvus_keeps_the_server_not_serving_and_retries(model_repo,
     from grpc_health.v1 import health_pb2
 
     from service.server import SpeakerServer
-    from tests.conftest import make_config
+    from tests.conftest import free_port, make_config
 
-    with socket_closed_port() as port:
-        cfg = make_config(model_repo, tmp_path / "d", models=["ge2e"], index_backend="milvus",
-                          milvus_uri=f"http://127.0.0.1:{port}")
+    port = free_port()  # nothing listens on it
+    cfg = make_config(model_repo, tmp_path / "d", models=["ge2e"], index_backend="milvus",
+                      milvus_uri=f"http://127.0.0.1:{port}")
 
-        async def main():
-            server = SpeakerServer(cfg)
-            await server.start()
-            try:
-                await asyncio.sleep(4)
-                status = (await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)).status
-                return status, server.engine.store
-            finally:
-                await server.stop(0)
+    async def main():
+        server = SpeakerServer(cfg)
+        await server.start()
+        try:
+            await asyncio.sleep(4)
+            status = (await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)).status
+            return status, server.engine.store
+        finally:
+            await server.stop(0)
 
-        status, store = asyncio.run(main())
+    status, store = asyncio.run(main())
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING and store is None
     assert "not reachable" in caplog.text and "retrying" in caplog.text
-
-
-class socket_closed_port:
-    """A local TCP port nothing listens on."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def test_milvus_going_away_answers_unavailable_and_health_shows_it(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ and store children, exported to an in-memory exporter; off by default."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
@@ -12,7 +11,7 @@ pytest.importorskip("opentelemetry.instrumentation.grpc")
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
-from tests.conftest import REFERENCE, ServerThread, make_config  # noqa: E402
+from tests.conftest import REFERENCE, ServerThread, free_port, make_config  # noqa: E402
 
 
 def _settled(exporter, ready, timeout: float = 10.0):
@@ -33,9 +32,7 @@ def test_a_call_is_one_trace_with_a_span_per_stage(model_repo, tmp_path):
     from service._proto.spkserve.v1 import speaker_pb2 as pb
     from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        http_port = s.getsockname()[1]
+    http_port = free_port()
     exporter = InMemorySpanExporter()
     srv = ServerThread(make_config(model_repo, tmp_path / "d", http_port=http_port), span_exporter=exporter)
     try:
