@@ -83,6 +83,10 @@ class ModelCard:
             before the graph (``models.spectral_tilt``); None leaves the spectrum as it is.
         remove_mains_hum: when true, 50/60 Hz mains hum found in an input (``models.mains_hum``)
             is taken out before the tilt and level steps; false leaves it in.
+        band_map: when set, ``{"file": "band_map.npz", "ridge": r, "fitted_on": {...}}``: the
+            linear maps that carry a wideband voiceprint into a narrowband channel's band, with
+            an LLR offset per band (``models.band_map``); needs a calibration. None: a voiceprint
+            is scored against a narrowband probe as it is.
     """
 
     name: str
@@ -113,6 +117,7 @@ class ModelCard:
     input_level_dbfs: float | None = None
     input_tilt: dict[str, Any] | None = None
     remove_mains_hum: bool = False
+    band_map: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def validate(self, where: str = "model.json") -> "ModelCard":
@@ -218,6 +223,11 @@ class ModelCard:
                 if not ok or rates != sorted(rates):
                     raise bad("operating_point.far_table", "must be [[false-accept rate in (0, 1), LLR threshold], ...] "
                                                            "by increasing rate")
+        if self.band_map is not None:
+            if not isinstance(self.band_map, dict) or not isinstance(self.band_map.get("file"), str):
+                raise bad("band_map", f"must be an object with a 'file' name, got {self.band_map!r}")
+            if self.calibration is None:
+                raise bad("band_map", "needs a calibration (its offsets are on the LLR scale)")
 
     def to_json(self) -> str:
         """The card as pretty-printed JSON."""
@@ -284,6 +294,9 @@ def load_card(model_dir: str | os.PathLike) -> ModelCard:
     groups_file = (card.cohort or {}).get("groups_file")
     if groups_file and not (model_dir / groups_file).is_file():
         raise ArtifactError(f"{path}: cohort.groups_file names {groups_file!r}, which does not exist")
+    band_file = (card.band_map or {}).get("file")
+    if band_file and not (model_dir / band_file).is_file():
+        raise ArtifactError(f"{path}: band_map.file names {band_file!r}, which does not exist")
     return card
 
 

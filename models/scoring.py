@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.band_map import BandMap
 from models.calibration import Calibration, cllr, fit_calibration, min_cllr, pav, threshold_for_far
 
 __all__ = ["cohort_stats", "group_centroids", "snorm", "snorm_inverse", "Calibration", "fit_calibration", "cllr",
@@ -168,6 +169,7 @@ class ModelScorer:
             raise ValueError(f"cohort bandlimited_groups: {unknown} are not narrowband groups")
         self._band = np.array([g in set(bandlimited_groups or []) for g in self.group_names] + [False])  # (G + 1,)
         self.far_table = [(float(r), float(t)) for r, t in (far_table or [])] if calibration is not None else []
+        self.band_map: BandMap | None = None  # set by from_card when the card has one
 
     def llr_for_far(self, rate: float, field: str = "target_false_accept_rate") -> float:
         """The LLR threshold at false-accept rate ``rate``, interpolated in log-rate in ``far_table``.
@@ -228,6 +230,12 @@ class ModelScorer:
             return np.zeros(len(stats), bool)
         return self._band[stats[:, 2].astype(np.int64)]
 
+    def in_band(self, stats: np.ndarray, low_cut: bool) -> np.ndarray:
+        """(N,) whether sides with (N, 3) ``stats`` are already in a narrowband channel's band by their channel group:
+        a band-limited (landline) group when ``low_cut``, any narrowband group otherwise. A band map
+        (``models.band_map``) carries the other voiceprints into that band."""
+        return self.bandlimited_flags(stats) if low_cut else self.narrowband_flags(stats)
+
     def pair_quality(self, a_stats: np.ndarray, b_stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mismatch, band) flags of pairs of (N, 3) statistics: one side narrowband; and it band-limited."""
         na, nb = self.narrowband_flags(a_stats), self.narrowband_flags(b_stats)
@@ -248,13 +256,14 @@ class ModelScorer:
         return float(mismatch[0]), (min(known) if known else None), float(band[0])
 
     def score(self, cosine: float, enroll_stats: np.ndarray | None, test_stats: np.ndarray | None,
-              enroll_speech: float | None = None, test_speech: float | None = None) -> Scores:
+              enroll_speech: float | None = None, test_speech: float | None = None, llr_offset: float = 0.0) -> Scores:
         """A cosine score on every scale this model has.
 
         Args:
             cosine: the pair's cosine.
             enroll_stats, test_stats: each side's ``stats`` (None: only the cosine).
             enroll_speech, test_speech: each side's net speech in seconds (None: not known).
+            llr_offset: added to the calibrated LLR (a voiceprint mapped by ``band_map``).
         """
         cosine = float(np.clip(cosine, -1.0, 1.0))
         if self.cohort is None or enroll_stats is None or test_stats is None:
@@ -263,19 +272,20 @@ class ModelScorer:
         if self.calibration is None:
             return Scores(cosine, norm)
         mismatch, speech, band = self._quality(enroll_stats, test_stats, enroll_speech, test_speech)
-        return Scores(cosine, norm, self.calibration.llr(norm, mismatch, speech, band))
+        return Scores(cosine, norm, self.calibration.llr(norm, mismatch, speech, band) + llr_offset)
 
     def cosine_threshold(self, scale: str, threshold: float, enroll_stats: np.ndarray | None,
                          test_stats: np.ndarray | None, enroll_speech: float | None = None,
-                         test_speech: float | None = None) -> float:
-        """The cosine score at which this pair reaches ``threshold`` on ``scale`` (every map is increasing)."""
+                         test_speech: float | None = None, llr_offset: float = 0.0) -> float:
+        """The cosine score at which this pair reaches ``threshold`` on ``scale`` (every map is increasing;
+        ``llr_offset`` as in ``score``)."""
         if scale == "cosine" or enroll_stats is None or test_stats is None:
             return float(threshold)
         if scale == "normalized":
             norm = threshold
         else:
             mismatch, speech, band = self._quality(enroll_stats, test_stats, enroll_speech, test_speech)
-            norm = self.calibration.normalized(threshold, mismatch, speech, band)
+            norm = self.calibration.normalized(threshold - llr_offset, mismatch, speech, band)
         return snorm_inverse(norm, enroll_stats, test_stats)
 
     @classmethod
@@ -317,7 +327,10 @@ class ModelScorer:
         else:
             scale, threshold = "cosine", float(card.threshold)
         table = (card.operating_point or {}).get("far_table")
-        return cls(cohort, calibration, scale, threshold, groups, names, narrow, table, band)
+        scorer = cls(cohort, calibration, scale, threshold, groups, names, narrow, table, band)
+        if card.band_map is not None:
+            scorer.band_map = BandMap.load(Path(model_dir) / card.band_map["file"], card.embedding_dim)
+        return scorer
 
 
 def _load_array(path, what: str) -> np.ndarray:

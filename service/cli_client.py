@@ -184,7 +184,8 @@ def _verify_stream(stub, args, kw) -> None:
                "normalized_score": r.normalized_score if r.HasField("normalized_score") else None,
                "speaker_changed": r.speaker_changed, "recent_llr": r.recent_llr if r.HasField("recent_llr") else None,
                "recent_reference_llr": r.recent_reference_llr if r.HasField("recent_reference_llr") else None,
-               "change_seconds": [round(t, 3) for t in r.change_seconds], "model": r.model}
+               "change_seconds": [round(t, 3) for t in r.change_seconds], "model": r.model,
+               "narrowband": r.narrowband, "band_matched": r.band_matched}
         if r.reason:
             out["reason"] = r.reason
         emit(out)

@@ -88,7 +88,7 @@ def _identify(stub, args, kw) -> None:
            "rule": enum_name(pb.IdentifyRule, r.rule, "IDENTIFY_RULE_").lower(),
            "collection_size": r.collection_size, "decision_threshold": r.decision_threshold,
            "speech_seconds": (streamed.speech if streamed else r.probe_speech).speech_seconds,
-           **({"reason": r.reason} if r.reason else {})})
+           "band_matched": r.band_matched, **({"reason": r.reason} if r.reason else {})})
 
 
 def _delete(stub, args, kw) -> None:

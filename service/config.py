@@ -110,8 +110,8 @@ class ServerConfig:
     speaker_check: bool = True  # flag inputs whose parts sound like different speakers
     speaker_check_min_seconds: float = 4.0  # only inputs with at least this much speech are checked
     speaker_check_llr: float = -2.0  # two parts scoring below this calibrated LLR: multiple speakers
-    # recordings of different bandwidths (models.band_match)
-    band_match: bool = True  # Verify of two recordings, one narrowband: embed the wider one again in the narrower band
+    # a narrowband recording against a wider one (models.band_match) or a wideband voiceprint (models.band_map)
+    band_match: bool = True  # re-embed the wider recording in the narrow band; map a voiceprint into it
     # live verification (VerifyStream)
     stream_idle_timeout_seconds: float = 30.0  # a stream (live, or an upload) that sends nothing this long is ended
     live_change_window_seconds: float = 2.0  # recent speech scored against the earlier for a speaker change

@@ -17,7 +17,7 @@ import numpy as np
 from models.scoring import ModelScorer, Scores
 from service.inputs import Speech
 
-__all__ = ["Side", "Threshold", "Decision", "decide", "open_set_threshold", "speech_shortfall", "speaker_shortfall", "is_ready",
+__all__ = ["Side", "Threshold", "Decision", "decide", "carry_into_band", "open_set_threshold", "speech_shortfall", "speaker_shortfall", "is_ready",
            "ACCEPT", "REJECT", "NOT_ENOUGH_SPEECH"]
 
 ACCEPT, REJECT, NOT_ENOUGH_SPEECH = "accept", "reject", "not_enough_speech"
@@ -36,6 +36,8 @@ class Side:
         speech_seconds: net speech behind ``vector`` (a quality measure of the calibration; None:
             not known, as for an embedding that declares none).
         ref: (collection, speaker id) of an enrolled speaker.
+        llr_offset: added to the pair's LLR (a voiceprint carried into the other side's band by the
+            model's band map, ``models.band_map``).
     """
 
     field: str
@@ -45,6 +47,7 @@ class Side:
     shortfall: str = ""
     speech_seconds: float | None = None
     ref: tuple[str, str] | None = None
+    llr_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.speech_seconds is None and self.speech is not None:
@@ -108,12 +111,26 @@ def decide(scorer: ModelScorer, threshold: Threshold, a: Side, b: Side, nominal_
     reasons = [s.shortfall for s in (a, b) if s.shortfall]
     if reasons:
         return Decision(NOT_ENOUGH_SPEECH, None, threshold, nominal_cosine, "; ".join(reasons))
-    scores = scorer.score(float(np.dot(a.vector, b.vector)), a.stats, b.stats, a.speech_seconds, b.speech_seconds)
+    offset = a.llr_offset + b.llr_offset
+    scores = scorer.score(float(np.dot(a.vector, b.vector)), a.stats, b.stats, a.speech_seconds, b.speech_seconds,
+                          offset)
     accepted = scores.on(threshold.scale) >= threshold.value
     cosine_threshold = scorer.cosine_threshold(threshold.scale, threshold.value, a.stats, b.stats, a.speech_seconds,
-                                               b.speech_seconds)
+                                               b.speech_seconds, offset)
     return Decision(ACCEPT if accepted else REJECT, scores, threshold, cosine_threshold)
 
+
+
+def carry_into_band(scorer: ModelScorer, side: Side, low_cut: bool) -> bool:
+    """Carry a voiceprint ``side`` (an enrolled speaker, an embedding) into a narrowband recording's band with the
+    model's band map (``models.band_map``; ``low_cut``: the landline's band), unless its channel group is already in
+    that band (``ModelScorer.in_band``): sets its vector, statistics and LLR offset. Returns whether it did."""
+    if scorer.band_map is None or side.vector is None or side.stats is None or scorer.in_band(side.stats, low_cut)[0]:
+        return False
+    side.vector = scorer.band_map.apply(side.vector, low_cut)
+    side.stats = scorer.stats(side.vector)
+    side.llr_offset = scorer.band_map.offset(low_cut)
+    return True
 
 
 def open_set_threshold(threshold: Threshold, size: int) -> Threshold:

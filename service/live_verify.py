@@ -44,13 +44,14 @@ What ``VerifyStream`` does with the audio of one call, without protobuf:
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from models.band_match import has_low_cut, match_band
 from models.vad import keep_speech
 from models.vad_stream import VadStream
-from service.decisions import Decision, Side, Threshold, decide, speech_shortfall
+from service.decisions import Decision, Side, Threshold, carry_into_band, decide, speech_shortfall
 from service.inputs import Speech
 
 __all__ = ["LiveOptions", "LiveUpdate", "LiveVerification"]
@@ -135,6 +136,8 @@ class LiveVerification:
         self._changed = False
         self.changes: list[float] = []
         self.recomputed = False  # the final result embedded the whole speech once more
+        self._narrowband = narrowband
+        self._mapped_reference: Side | None = None  # the reference in the stream's band (``_reference``)
 
     # -- audio in -------------------------------------------------------------------
     async def push(self, wave: np.ndarray) -> list[LiveUpdate]:
@@ -190,6 +193,7 @@ class LiveVerification:
             windows.append((self._recent, new.size, self._embedded_n))
         results = await asyncio.gather(*[self.engine.embed(self.model, w, self.deadline, admitted=True, urgent=True)
                                          for w, _, _ in windows])  # urgent: a caller waits for it in real time
+        await self._band_reference()
         position = self._committed / self.rate
         updates = []
         for (w, added, end), r in zip(windows, results):
@@ -205,6 +209,48 @@ class LiveVerification:
         if short or vector is None:
             return Side("chunk", speech=speech, shortfall=short or "chunk: no speech")
         return Side("chunk", vector, self.model.scorer.stats(vector), speech_seconds=seconds)
+
+    @property
+    def band_mapped(self) -> bool:
+        """Whether the reference is scored in the stream's band: embedded again, or mapped (``_band_reference``)."""
+        return self._mapped_reference is not None and self._mapped_reference is not self.reference
+
+    def _reference(self) -> Side:
+        """The reference as the stream's speech is scored against it (``_band_reference``)."""
+        return self._mapped_reference if self._mapped_reference is not None else self.reference
+
+    async def _band_reference(self) -> None:
+        """Decide once, when the stream is known narrowband (a call), how the reference meets its band, as ``Verify``
+        does: reference audio wider than the call's band is embedded again in it (``models.band_match``: the 8 kHz
+        band, with the landline's 300 Hz cut when either side lacks its fundamental); a voiceprint (an enrolled
+        speaker, an embedding) not already in the band is carried into it by the model's band map
+        (``models.band_map``). A wideband stream leaves the reference as it is (its windows are not embedded again)."""
+        if self._mapped_reference is not None or not (self._speech or self._recent.size):
+            return
+        ref = self.reference
+        narrow = self._narrowband or (self.vad.narrowband if self.vad is not None else False)
+        if narrow is None:  # the VAD has not told yet
+            return
+        if not narrow or not self.engine.config.band_match or ref.vector is None:
+            self._mapped_reference = ref
+            return
+        loop, scorer = asyncio.get_running_loop(), self.model.scorer
+        speech = np.concatenate(self._speech) if self._speech else self._recent
+        stream_cut = await loop.run_in_executor(self.engine.live_pool, has_low_cut, speech, self.rate)
+        mapped = replace(ref)
+        if ref.speech is None:
+            changed = carry_into_band(scorer, mapped, stream_cut)
+        else:
+            ref_cut = await loop.run_in_executor(self.engine.live_pool, has_low_cut, ref.speech.wave, self.rate)
+            low_cut = stream_cut or ref_cut
+            changed = not ref.speech.narrowband or (low_cut and not ref_cut)
+            if changed:
+                wave = await loop.run_in_executor(self.engine.live_pool, match_band, ref.speech.wave, self.rate, low_cut)
+                mapped.vector = (await self.engine.embed(self.model, wave, self.deadline, admitted=True)).embedding
+                mapped.stats = scorer.stats(mapped.vector)
+        if changed:
+            self.engine.metrics.band_matched.labels(self.model.name).inc()
+        self._mapped_reference = mapped if changed else ref
 
     def _change(self) -> tuple[float | None, float | None]:
         """LLRs of the recent window against the base and against the reference; updates ``speaker_changed``
@@ -223,11 +269,11 @@ class LiveVerification:
         recent_stats = scorer.stats(recent.vector)
         llr = scorer.score(float(np.dot(b, recent.vector)), scorer.stats(b), recent_stats,
                            base_seconds, recent.seconds).llr
-        ref = self.reference
+        ref = self._reference()
         ref_llr = None
         if llr is not None and ref.vector is not None:
             ref_llr = scorer.score(float(np.dot(ref.vector, recent.vector)), ref.stats, recent_stats,
-                                   ref.speech_seconds, recent.seconds).llr
+                                   ref.speech_seconds, recent.seconds, ref.llr_offset).llr
         changed = llr is not None and llr < o.change_llr and (ref_llr is None or ref_llr < o.change_reference_llr)
         if changed and not self._changed:
             self.changes.append(recent.end)
@@ -241,7 +287,7 @@ class LiveVerification:
         seconds = (self._speech_n if final else self._embedded_n) / self.rate
         if vector is None and self.windows:
             vector = _mean(self.windows)
-        decision = decide(self.model.scorer, self.threshold, self.reference, self._probe(vector, seconds),
+        decision = decide(self.model.scorer, self.threshold, self._reference(), self._probe(vector, seconds),
                           self.model.card.threshold)
         return LiveUpdate(decision, seconds, (self.samples if final else self._committed) / self.rate, final,
                           bool(self.changes) if final else self._changed, llr, list(self.changes), ref_llr)
@@ -253,6 +299,7 @@ class LiveVerification:
         if self._audio:
             self._commit(self.samples)
         updates = await self._interims(last=True)
+        await self._band_reference()
         final = self._update(final=True)  # on the windows' mean
         scores = final.decision.scores
         near = scores is not None and abs(scores.cosine - final.decision.cosine_threshold) < self.options.final_margin

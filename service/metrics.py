@@ -84,7 +84,9 @@ class Metrics:
                                          "Audio inputs whose parts did not match each other (a second talker)",
                                          ["model", "method"], registry=r)
         self.band_matched = Counter("spkserve_band_matched_total",
-                                    "Verify pairs of recordings with a narrowband side scored in the pair's narrowest band",
+                                    "Pairs with a narrowband recording scored in its band: Verify of two recordings "
+                                    "(each wider side embedded again in the narrowest band), or a wideband voiceprint "
+                                    "carried into the recording's band by the model's band map (Verify, VerifyStream)",
                                     ["model"], registry=r)
         self.narrowband = Counter("spkserve_narrowband_inputs_total", "Audio inputs without energy above 4 kHz",
                                   ["model", "method"], registry=r)

@@ -22,7 +22,7 @@ from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
 from service.convert import (SCALE_PB, VERDICT_PB, audio_input, check_embedding_model, merge_timings, ms, scale_of,
                              speech_pb)
 from service.cohorts import cohort_side_stats
-from service.decisions import Decision, Side, Threshold, decide, speaker_shortfall, speech_shortfall
+from service.decisions import Decision, Side, Threshold, carry_into_band, decide, speaker_shortfall, speech_shortfall
 from service.engine import Engine
 from service.inputs import AudioInput, Speech
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -236,6 +236,28 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
             self.engine.metrics.band_matched.labels(model.name).inc()
         return bool(wider)
 
+    async def _map_band(self, model, a: Side, b: Side) -> bool:
+        """A narrowband recording against a voiceprint (an enrolled speaker, an embedding: no audio to match): unless
+        the voiceprint's channel group is already in the recording's band (``ModelScorer.in_band``), carry it into
+        that band with the model's band map (``models.band_map``; the landline's band when the recording lacks its
+        fundamental) and give the pair the band's LLR offset. Returns whether it did."""
+        for probe, other in ((a, b), (b, a)):
+            if other.speech is None:
+                low_cut = await self._probe_band(model, probe)
+                if low_cut is not None and carry_into_band(model.scorer, other, low_cut):
+                    self.engine.metrics.band_matched.labels(model.name).inc()
+                    return True
+        return False
+
+    async def _probe_band(self, model, probe: Side) -> bool | None:
+        """For a narrowband recording whose voiceprint counterparts the model's band map can carry into its band:
+        whether it lacks its fundamental (the landline's band, ``models.band_match.has_low_cut``); None otherwise."""
+        if (not self.engine.config.band_match or model.scorer.band_map is None or probe.speech is None
+                or not probe.speech.narrowband or probe.vector is None):
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.engine.decode_pool, has_low_cut, probe.speech.wave, model.sample_rate)
+
     def _observe_decision(self, model, method: str, decision: Decision) -> None:
         m = self.engine.metrics
         m.verdicts.labels(model.name, method, decision.verdict).inc()
@@ -282,7 +304,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
         threshold = self._threshold(model, request)
         (a, ta), (b, tb) = await asyncio.gather(self._side(model, request.a, "a", "Verify", context),
                                                 self._side(model, request.b, "b", "Verify", context))
-        matched = await self._match_band(model, a, b, context)
+        matched = await self._match_band(model, a, b, context) or await self._map_band(model, a, b)
         await self._in_domain(a, b)
         d = decide(model.scorer, threshold, a, b, model.card.threshold)
         self._observe_decision(model, "Verify", d)

@@ -112,7 +112,7 @@ class DiarizeRpcs:
         for i in range(k):
             vec = result.prints[i]
             probe = Side(f"speaker {labels[i]}", vec, scorer.stats(vec), speech_seconds=float(result.speaker_seconds[i]))
-            ranked = await self._ranked(model, coll, probe, threshold, 1)
+            ranked, _ = await self._ranked(model, coll, probe, threshold, 1)
             if not ranked:
                 continue
             rec, decision, _ = ranked[0]

@@ -87,7 +87,8 @@ class LiveRpcs:
             recent_reference_llr=u.recent_reference_llr, change_seconds=u.changes,
             threshold=d.cosine_threshold, decision_scale=SCALE_PB[d.threshold.scale],
             decision_threshold=d.threshold.value, reason=d.reason, model=live.model.name,
-            narrowband=bool(live.vad is not None and live.vad.narrowband))
+            narrowband=bool(live.vad is not None and live.vad.narrowband),
+            band_matched=live.band_mapped)
 
     @_rpc
     async def VerifyStream(self, request_iterator, context) -> None:

@@ -37,7 +37,7 @@ class ModelRpcs:
             input_level_dbfs=c.input_level_dbfs,
             input_tilt=pb.InputTilt(min_db_per_octave=c.input_tilt["min_db_per_octave"],
                                     max_db_per_octave=c.input_tilt["max_db_per_octave"]) if c.input_tilt else None,
-            remove_mains_hum=c.remove_mains_hum)
+            remove_mains_hum=c.remove_mains_hum, band_map=scorer.band_map is not None)
 
     @_rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

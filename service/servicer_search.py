@@ -10,7 +10,8 @@ import numpy as np
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service.cohorts import cohort_side_stats
 from service.convert import SCALE_PB, VERDICT_PB, audio_input, check_embedding_model, merge_timings, ms, scale_of, speaker_pb, speech_pb, to_pcm16
-from service.decisions import NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, decide, is_ready, open_set_threshold
+from service.decisions import (NOT_ENOUGH_SPEECH, REJECT, Decision, Side, Threshold, carry_into_band, decide, is_ready,
+                                open_set_threshold)
 from service.errors import InvalidArgument, NotFound, Overloaded
 from service.rpc import call_deadline as _deadline
 from service.rpc import rpc as _rpc
@@ -124,9 +125,10 @@ class SearchRpcs:
             out.append(fb)
         return out
 
-    async def _ranked(self, model, coll: str, probe: Side, threshold: Threshold, k: int) -> list:
+    async def _ranked(self, model, coll: str, probe: Side, threshold: Threshold, k: int) -> tuple[list, bool]:
         """The enrolled speakers of ``coll`` closest to ``probe``: [(record, Decision, cosine)], best first on
-        ``threshold``'s scale (about ``k`` of them; speakers without enough speech left out)."""
+        ``threshold``'s scale (about ``k`` of them; speakers without enough speech left out), and whether their
+        voiceprints were carried into a narrowband probe's band (``carry_into_band``)."""
         store = self.engine.store
         required = self.engine.policies[model.name].min_enroll_speech
         keep = None if self.engine.config.allow_unready_speakers else (lambda r: is_ready(r.speech, required))
@@ -134,11 +136,14 @@ class SearchRpcs:
         fetch = k if model.scorer.cohort is None else max(4 * k, k + 16)
         hits = await self.engine.store_call(store.search, coll, model.name, probe.vector, fetch, keep,
                                             model.card.version)
-        ranked = []
+        ranked, mapped = [], False
         cohort = await self.engine.cohorts.get(self.engine, coll) if probe.stats is not None else None
+        low_cut = await self._probe_band(model, probe)  # a narrowband probe: candidates go into its band, as in Verify
         for rec, cosine in hits:
             side = Side("candidate", rec.voiceprint, rec.stats if rec.stats is not None else model.scorer.stats(rec.voiceprint),
                         speech_seconds=rec.speech, ref=(coll, rec.speaker_id))
+            if low_cut is not None:
+                mapped = carry_into_band(model.scorer, side, low_cut) or mapped
             pair_probe = probe
             if cohort is not None:  # in-domain normalisation, leaving the candidate out of both sides' cohort
                 side.stats = cohort_side_stats(cohort, side.stats, side.vector, {rec.speaker_id})
@@ -147,7 +152,9 @@ class SearchRpcs:
                                   probe.speech, speech_seconds=probe.speech_seconds)
             ranked.append((rec, decide(model.scorer, threshold, side, pair_probe, model.card.threshold), cosine))
         ranked.sort(key=lambda t: -t[1].scores.on(threshold.scale))
-        return ranked
+        if mapped:
+            self.engine.metrics.band_matched.labels(model.name).inc()
+        return ranked, mapped
 
     @_rpc
     async def Identify(self, request: pb.IdentifyRequest, context) -> pb.IdentifyResponse:
@@ -183,7 +190,7 @@ class SearchRpcs:
             timings.total_ms = ms(time.perf_counter() - t0)
             return pb.IdentifyResponse(is_match=False, threshold=model.card.threshold, timings=timings,
                                        verdict=pb.VERDICT_NOT_ENOUGH_SPEECH, reason=d.reason, **base)
-        ranked = await self._ranked(model, coll, probe, threshold, k)
+        ranked, mapped = await self._ranked(model, coll, probe, threshold, k)
         if min_score is not None:
             ranked = [t for t in ranked if t[1].scores.on(min_score.scale) >= min_score.value]
         ranked = ranked[:k]
@@ -196,4 +203,4 @@ class SearchRpcs:
             candidates=[pb.Candidate(speaker_id=rec.speaker_id, score=d.scores.cosine, metadata=rec.metadata,
                                      normalized_score=d.scores.normalized, llr=d.scores.llr) for rec, d, _ in ranked],
             is_match=best.accepted, threshold=best.cosine_threshold, timings=timings, verdict=VERDICT_PB[best.verdict],
-            **base)
+            band_matched=mapped, **base)

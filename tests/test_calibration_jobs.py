@@ -70,7 +70,7 @@ def _uncalibrated_ge2e(tmp_path):
     for f in ("cohort.npy", "cohort_groups.npy"):
         (d / f).unlink(missing_ok=True)
     card = json.loads((d / "model.json").read_text())
-    card.update(cohort=None, calibration=None, operating_point=None)
+    card.update(cohort=None, calibration=None, operating_point=None, band_map=None)
     (d / "model.json").write_text(json.dumps(card))
     return d
 
@@ -155,6 +155,34 @@ def test_recalibrate_on_own_trials_writes_a_new_version(calibrated, mini_corpus,
     assert report["n_target"] == 25 and report["n_nontarget"] == 25 and report["min_cllr"] <= report["cllr"] + 1e-9
     np.testing.assert_array_equal(model.scorer.cohort, SpeakerModel(d).scorer.cohort)  # the cohort is kept
     assert not (tmp_path / "repo" / "ge2e-mine.partial").exists()
+
+
+def test_a_band_map_fitted_on_a_calibration_is_reported_then_dropped_by_a_new_one(calibrated, mini_real, mini_corpus,
+                                                                                  tmp_path):
+    """The band map's offsets belong to the calibration they were fitted on: the decisions job reports its rows, and
+    re-fitting the calibration leaves the map out (saying so) instead of keeping stale offsets."""
+    from models.runtime import SpeakerModel
+    from training.evaluation.band_map import fit_band_map
+    from training.evaluation.decisions import main
+    from training.evaluation.recalibrate import recalibrate_on_trials
+
+    d = tmp_path / "ge2e"
+    shutil.copytree(calibrated[0], d)
+    fit_band_map(d, mini_real, folds=3, min_speech=0.3, log=lambda *_: None)
+    assert SpeakerModel(d).scorer.band_map is not None
+    out = tmp_path / "dec"
+    assert main(["--real", str(mini_real), "--model", str(d), "--conditions", "telephone-probe,telephone-probe-mapped",
+                 "--identify-sizes", "", "--one-talker", "0", "--min-probe-speech", "0.3", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["conditions"]
+    assert rows["telephone-probe-mapped"]["band_mapped"] > 0.5 and "frr" in rows["telephone-probe-mapped"]
+    scp, trials = _own_trials(mini_corpus, tmp_path)
+    said = []
+    recalibrate_on_trials(d, scp, trials, tmp_path / "repo" / "ge2e-mine", min_probe_speech=0.3, log=said.append)
+    mine = SpeakerModel(tmp_path / "repo" / "ge2e-mine")
+    assert mine.card.band_map is None and mine.scorer.band_map is None
+    assert not (tmp_path / "repo" / "ge2e-mine" / "band_map.npz").exists()
+    assert any("band map" in line for line in said)
+    assert SpeakerModel(d).scorer.band_map is not None  # the source entry is untouched
 
 
 @pytest.mark.parametrize("damage, match", [

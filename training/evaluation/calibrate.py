@@ -261,8 +261,13 @@ def calibrate_model(model_dir: Path, real: Path, corpus: Path | None = None, *, 
         card.operating_point = report["operating_point"]
         card.threshold = report["cosine_eer_threshold"]
         card.format_version = 3
+        stale_band_map = card.band_map is not None
+        card.band_map = None  # its LLR offsets were fitted on the old calibration
         save_card(card, model_dir)
         log(f"wrote {model_dir / 'cohort.npy'}, cohort_groups.npy and {model_dir / 'model.json'}")
+        if stale_band_map:
+            log("the card's band map was fitted on the old calibration and is dropped: fit it again with "
+                f"python -m training.evaluation.band_map --model-dir {model_dir} --real <pool>")
     return report
 
 

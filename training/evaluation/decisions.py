@@ -42,7 +42,7 @@ from models.vad import SileroVad
 from training.evaluation.open_set import open_set_identify, simulated_voiceprints, simulation_check
 from training.evaluation.realembed import Rendered, load_kaldi_split, render_and_embed
 
-__all__ = ["EVAL_SPECS", "EVAL_LABELS", "BAND_MATCHED", "matched_key", "band_match_needs", "band_matched_pairs", "score_pairs", "one_talker_rates", "evaluate_conditions",
+__all__ = ["EVAL_SPECS", "EVAL_LABELS", "BAND_MATCHED", "BAND_MAPPED", "band_mapped_pairs", "matched_key", "band_match_needs", "band_matched_pairs", "score_pairs", "one_talker_rates", "evaluate_conditions",
            "markdown", "main"]
 
 REPO = Path(__file__).resolve().parents[2] / "models" / "repository"
@@ -52,10 +52,13 @@ EVAL_SPECS = {
     "clean": ("clean", "clean"),
     "telephone-both": ("telephone", "telephone"),
     "telephone-probe": ("clean", "telephone"),
+    "telephone-probe-mapped": ("clean", "telephone"),
     "telephone-probe-matched": ("clean", "telephone"),
     "gsm-probe": ("clean", "gsm"),
+    "gsm-probe-mapped": ("clean", "gsm"),
     "gsm-probe-matched": ("clean", "gsm"),
     "amr-probe": ("clean", "amr"),
+    "amr-probe-mapped": ("clean", "amr"),
     "amr-probe-matched": ("clean", "amr"),
     "gsm-both": ("gsm", "gsm"),
     "opus-both": ("opus", "opus"),
@@ -76,13 +79,19 @@ EVAL_SPECS = {
 # Verify of two recordings: one narrowband, the other wideband, the wideband one embedded again in the narrow one's
 # band (the service's band_match). The rows without it are a probe against a stored voiceprint or an embedding.
 BAND_MATCHED = frozenset({"telephone-probe-matched", "gsm-probe-matched", "amr-probe-matched"})
+# A narrowband recording against a wideband voiceprint, the voiceprint carried into the probe's band by the model's
+# band map (models.band_map) and the pair's LLR offset added: what the service does with a voiceprint by default.
+BAND_MAPPED = frozenset({"telephone-probe-mapped", "gsm-probe-mapped", "amr-probe-mapped"})
 EVAL_LABELS = {
     "clean": "clean", "telephone-both": "telephone band (300-3400 Hz, 8 kHz mu-law), both sides",
-    "telephone-probe": "telephone band, probe only (against a voiceprint)",
+    "telephone-probe": "telephone band, probe only (against a voiceprint, not band-mapped)",
+    "telephone-probe-mapped": "telephone band, probe only (against a voiceprint, band-mapped)",
     "telephone-probe-matched": "telephone band, probe only, two recordings (band-matched)",
-    "gsm-probe": "GSM 06.10, probe only (against a voiceprint)",
+    "gsm-probe": "GSM 06.10, probe only (against a voiceprint, not band-mapped)",
+    "gsm-probe-mapped": "GSM 06.10, probe only (against a voiceprint, band-mapped)",
     "gsm-probe-matched": "GSM 06.10, probe only, two recordings (band-matched)",
-    "amr-probe": "AMR-NB, probe only (against a voiceprint)",
+    "amr-probe": "AMR-NB, probe only (against a voiceprint, not band-mapped)",
+    "amr-probe-mapped": "AMR-NB, probe only (against a voiceprint, band-mapped)",
     "amr-probe-matched": "AMR-NB, probe only, two recordings (band-matched)", "gsm-both": "GSM 06.10, both sides",
     "opus-both": "Opus 9-20 kbit/s, both sides", "mp3-both": "MP3, low bitrate, both sides",
     "white10-both": "white noise 10 dB SNR, both sides", "babble10-both": "babble 10 dB SNR, both sides",
@@ -170,10 +179,33 @@ def band_matched_pairs(rendered: dict[str, Rendered], ce: str, cp: str, ia: np.n
     return a, b, wider_a | wider_b
 
 
+def band_mapped_pairs(model: SpeakerModel, rendered: dict[str, Rendered], ce: str, cp: str, ia: np.ndarray,
+                      ib: np.ndarray) -> tuple[Rendered, np.ndarray, np.ndarray]:
+    """The trials (ia[k], ib[k]) as the service scores a recording (side b) against a voiceprint (side a): when the
+    probe is narrowband and the voiceprint's channel group is not already in its band (``ModelScorer.in_band``),
+    the voiceprint is mapped into the probe's band (the landline's when the probe lacks its fundamental) by the
+    model's band map. Returns side a as per-trial ``Rendered`` (row k is trial k), the (K,) LLR offsets and the
+    (K,) mask of the mapped trials."""
+    bm, scorer = model.scorer.band_map, model.scorer
+    if bm is None:
+        raise ValueError(f"model {model.name} has no band map (python -m training.evaluation.band_map)")
+    a, b = _trial_rows(rendered[ce], ia), _trial_rows(rendered[cp], ib)
+    stats = scorer.stats(a.emb)
+    mapped = b.narrowband & a.ok & ~np.where(b.low_cut, scorer.in_band(stats, True), scorer.in_band(stats, False))
+    offsets = np.zeros(len(ia))
+    for cut in (False, True):
+        k = np.flatnonzero(mapped & (b.low_cut == cut))
+        if len(k):
+            a.emb[k] = bm.apply(a.emb[k], cut)
+            offsets[k] = bm.offset(cut)
+    return a, offsets, mapped
+
+
 def evaluate_conditions(model: SpeakerModel, rendered: dict[str, Rendered], ia: np.ndarray, ib: np.ndarray,
                         labels: np.ndarray, specs: dict[str, tuple[str, str]]) -> dict:
     """Figures per condition of ``specs`` (see the module docstring); the rows of ``BAND_MATCHED`` need
-    ``rendered[matched_key(c, low_cut)]`` for their conditions c (``band_matched_pairs``)."""
+    ``rendered[matched_key(c, low_cut)]`` for their conditions c (``band_matched_pairs``), those of ``BAND_MAPPED``
+    a model with a band map (``band_mapped_pairs``)."""
     scale, threshold = model.scorer.scale, model.scorer.threshold
     stats = {c: model.scorer.stats(r.emb) for c, r in rendered.items()}
     out = {}
@@ -185,6 +217,14 @@ def evaluate_conditions(model: SpeakerModel, rendered: dict[str, Rendered], ia: 
             k = np.flatnonzero(decided)
             sc = score_pairs(model, a, b, k, k, model.scorer.stats(a.emb), model.scorer.stats(b.emb))
             r["band_matched"] = round(float(matched[decided].mean()), 4)
+        elif name in BAND_MAPPED:
+            a, offsets, mapped = band_mapped_pairs(model, rendered, ce, cp, ia, ib)
+            decided = a.ok & rendered[cp].ok[ib]
+            k = np.flatnonzero(decided)
+            sc = score_pairs(model, a, rendered[cp], k, ib[k], model.scorer.stats(a.emb), stats[cp])
+            if "llr" in sc:
+                sc["llr"] = sc["llr"] + offsets[k]
+            r["band_mapped"] = round(float(mapped[decided].mean()), 4)
         else:
             decided = rendered[ce].ok[ia] & rendered[cp].ok[ib]
             sc = score_pairs(model, rendered[ce], rendered[cp], ia[decided], ib[decided], stats[ce], stats[cp])
@@ -315,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     ib = np.array([index[b] for _, b, _ in trials])
     labels = np.array([lab for *_, lab in trials], bool)
     specs = {n: EVAL_SPECS[n] for n in names}
+    if model.scorer.band_map is None and BAND_MAPPED & set(specs):
+        print(f"decisions: model {model.name} has no band map (python -m training.evaluation.band_map): rows "
+              f"{sorted(BAND_MAPPED & set(specs))} left out", file=sys.stderr)
+        specs = {n: s for n, s in specs.items() if n not in BAND_MAPPED}
     vad = SileroVad()
     rendered = {}
     for c in dict.fromkeys(c for pair in list(specs.values()) + [("clean", "telephone"), ("gsm", "clean")] for c in pair):

@@ -170,6 +170,11 @@ def recalibrate_on_trials(model_dir: Path, wav_scp: Path, trials: Path, out: Pat
                                                                              ("trials", "n_target", "n_nontarget")},
                            "refitted_from": f"{card.name} {card.version}"}
         new.operating_point = report["operating_point"]
+        if new.band_map is not None:  # its LLR offsets belong to the old calibration
+            (tmp / new.band_map["file"]).unlink(missing_ok=True)
+            new.band_map = None
+            log("the band map (fitted on the old calibration) is left out: fit it again with "
+                "python -m training.evaluation.band_map on a real-speech pool")
         save_card(new, tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
