@@ -78,3 +78,19 @@ def test_deployment_agrees_with_the_server(overlay):
     assert any(m.get("pods", {}).get("metric", {}).get("name") == "spkserve_batch_queue_depth" for m in hpa["spec"]["metrics"])
     if overlay == "cuda":
         assert box["resources"]["limits"]["nvidia.com/gpu"] == 1 and box["image"].endswith(":cuda")
+
+
+def test_the_package_data_ships_every_file_of_the_shipped_models():
+    """A wheel carries what the repository's entries need (model.json, graphs, cohorts, band maps): a file no
+    package-data pattern matches would be missing from an installed server."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["models"]
+    listed = subprocess.run(["git", "ls-files", "models/repository"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: which files are shipped is what git tracks")
+    shipped = [f.removeprefix("models/") for f in listed.stdout.split()]
+    assert shipped
+    missed = [f for f in shipped if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert not missed, f"not in [tool.setuptools.package-data] models: {missed}"
