@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import models.mains_hum as mh  # noqa: E402
 from models.audio import condition, remove_dc  # noqa: E402
 from models.runtime import SpeakerModel  # noqa: E402
-from training.data.channels import _hum, apply_condition  # noqa: E402
+from training.data.channels import add_hum, apply_condition  # noqa: E402
 from training.evaluation.realembed import load_kaldi_split  # noqa: E402
 
 SR = 16000
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     by_level = []
     for below in (8.0, 12.0, 16.0, 20.0):  # the same recordings with the hum at one level
         level_rng = np.random.default_rng(2)
-        by_level.append(sum(mh.find_hum(_hum(x, level_rng, below), SR) is not None for x in clean))
+        by_level.append(sum(mh.find_hum(add_hum(x, level_rng, below), SR) is not None for x in clean))
     print("hum found by its level under the speech: " + ", ".join(
         f"{b:g} dB {n}/{len(clean)}" for b, n in zip((8, 12, 16, 20), by_level)))
     ref = model.embed([clean[i] for i in hit])  # (H, D)

@@ -47,7 +47,7 @@ import numpy as np
 
 from models.audio import decode_encoded, resample, to_mono
 
-__all__ = ["CONDITIONS", "apply_condition", "apply_conditions", "random_conditions", "CALIBRATION_MIX"]
+__all__ = ["CONDITIONS", "add_hum", "apply_condition", "apply_conditions", "random_conditions", "CALIBRATION_MIX"]
 
 SR = 16000
 
@@ -143,7 +143,7 @@ def _mic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (y * (_rms(x) / _rms(y))).astype(np.float32)
 
 
-def _hum(x: np.ndarray, rng: np.random.Generator, below_db: float | None = None) -> np.ndarray:
+def add_hum(x: np.ndarray, rng: np.random.Generator, below_db: float | None = None) -> np.ndarray:
     """(T,) ``x`` plus mains hum ``below_db`` (default: 8-20 dB at random) under it: 20 harmonics of 50 or 60 Hz,
     each of random strength and phase."""
     t = np.arange(len(x)) / SR
@@ -238,7 +238,7 @@ CONDITIONS: dict[str, Callable] = {
     "loud": lambda x, rng, bank: (_gain(x, 10.0), SR),
     "level": lambda x, rng, bank: (_gain(x, float(rng.uniform(-10.0, 10.0))), SR),
     "dc": lambda x, rng, bank: (np.clip(x + np.float32(0.05), -1.0, 1.0).astype(np.float32), SR),
-    "hum": lambda x, rng, bank: (_hum(x, rng), SR),
+    "hum": lambda x, rng, bank: (add_hum(x, rng), SR),
     "highpass": lambda x, rng, bank: (_highpass(x), SR),
     "short": lambda x, rng, bank: (_short(x), SR),
     "short15": lambda x, rng, bank: (_short(x, 1.5), SR),
