@@ -40,8 +40,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_embed import Server, utterance  # noqa: E402
 
 
-def raw(model, waves: list[np.ndarray], sort: bool, repeats: int, sizes=(1, 4, 8, 16, 32)) -> dict[int, float]:
-    """Audio seconds per second of in-process batches of each size (median of ``repeats``)."""
+def raw(model, waves: list[np.ndarray], sort: bool, repeats: int, sizes=(1, 4, 8, 16, 32), steps_pool=None
+        ) -> dict[int, float]:
+    """Audio seconds per second of in-process batches of each size (median of ``repeats``; ``steps_pool``: each
+    batch's input steps run side by side on it, as the server's inference workers run theirs)."""
     audio = sum(len(w) for w in waves) / 16000
     order = sorted(waves, key=len) if sort else waves
     out = {}
@@ -50,7 +52,7 @@ def raw(model, waves: list[np.ndarray], sort: bool, repeats: int, sizes=(1, 4, 8
         for _ in range(repeats):
             t0 = time.perf_counter()
             for i in range(0, len(order), bs):
-                model.embed(order[i:i + bs])
+                model.embed(order[i:i + bs], steps_pool)
             rates.append(audio / (time.perf_counter() - t0))
         out[bs] = statistics.median(rates)
     return out
@@ -86,21 +88,30 @@ SETUPS = (("service, VAD off, bucketing on", {"vad": "false"}),
 def interleaved(repo: Path, model, name: str, waves: list[np.ndarray], files: list[bytes], lengths: list[float],
                 best_bs: int, rounds: int, fill: dict) -> None:
     """Per-round ratios of each server to raw ORT (sorted, ``best_bs``) on one workload; prints a table."""
+    from concurrent.futures import ThreadPoolExecutor
+
     servers = {label: Server(repo, None, models=model.name, max_queue_wait_ms=0, **{**fill, **opts})
                for label, opts in SETUPS}
     ratios: dict[str, list[float]] = {label: [] for label in servers}
+    pool = ThreadPoolExecutor(2)
+    serial, pooled = [], []
     try:
         for srv in servers.values():
             asyncio.run(served(srv.target, model.name, files[:8], lengths[:8], 8))  # connect and warm up
         for _ in range(rounds):
-            base = raw(model, waves, True, 1, sizes=(best_bs,))[best_bs]
+            serial.append(raw(model, waves, True, 1, sizes=(best_bs,))[best_bs])
+            pooled.append(raw(model, waves, True, 1, sizes=(best_bs,), steps_pool=pool)[best_bs])
+            base = max(serial[-1], pooled[-1])  # raw best of this round
             for label, srv in servers.items():
                 ratios[label].append(asyncio.run(served(srv.target, model.name, files, lengths, 32)) / base)
     finally:
+        pool.shutdown()
         for srv in servers.values():
             srv.close()
-    print(f"\nInterleaved, {name}: {rounds} rounds of raw ORT (batches of {best_bs} sorted by length) then each "
-          "server at concurrency 32; medians of the per-round ratios\n")
+    print(f"\nInterleaved, {name}: {rounds} rounds of raw ORT (batches of {best_bs} sorted by length; the better of "
+          "input steps on one thread and on two) then each server at concurrency 32; medians of the per-round "
+          f"ratios (raw with the steps on two threads / on one: "
+          f"{statistics.median([p / s for p, s in zip(pooled, serial)]):.2f})\n")
     print("| setup | / raw best, same round | per round |")
     print("|---|---:|---|")
     for label, r in ratios.items():

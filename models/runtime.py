@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,13 @@ class SpeakerModel:
         return took
 
     # -- inference --------------------------------------------------------------------
-    def embed(self, waves: list[np.ndarray]) -> np.ndarray:
+    def embed(self, waves: list[np.ndarray], steps_pool: Executor | None = None) -> np.ndarray:
         """Embed mono float32 waveforms at the model's rate as one batch.
 
         Each waveform first goes through the card's input steps (``models.input_steps``: DC offset
         removed; mains hum, spectral slope and level as the card's ``remove_mains_hum``,
-        ``input_tilt`` and ``input_level_dbfs`` ask).
+        ``input_tilt`` and ``input_level_dbfs`` ask); ``steps_pool``, when given, runs them for the
+        batch's waveforms side by side (their FFTs and filters release the GIL), else this thread does.
 
         Models with ``batching == "padded"`` get a zero-padded (B, T_max) batch with lengths;
         others must be given equal-length waveforms (the batcher guarantees it).
@@ -155,7 +157,7 @@ class SpeakerModel:
         Returns:
             (B, D) float32, L2-normalised rows.
         """
-        waves = [self.input_steps(w) for w in waves]
+        waves = list(steps_pool.map(self.input_steps, waves)) if steps_pool else [self.input_steps(w) for w in waves]
         lengths = np.array([len(w) for w in waves], dtype=np.int64)  # (B,)
         if not self.padded_batching and (lengths != lengths[0]).any():
             raise ValueError(f"model {self.name} takes only equal-length batches, got lengths {lengths.tolist()}")

@@ -107,3 +107,17 @@ def test_the_tilt_fit_can_leave_hummed_recordings_out(mini_real, tmp_path, capsy
     argv = ["--model-dir", str(entry), "--real", str(pool), "--dry-run", "--min-speech", "0.3"]
     assert main(argv + ["--skip-hummed"]) == 2  # the command line's default asks for 20 utterances
     assert f"only {skipped['utterances']} utterances with 0.3 s of speech, need 20" in capsys.readouterr().err
+
+
+def test_the_input_steps_of_a_batch_can_run_side_by_side():
+    """``SpeakerModel.embed`` with a ``steps_pool`` gives the embeddings it gives running the steps in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.runtime import SpeakerModel
+
+    model = SpeakerModel(REPOSITORY / "ge2e", ["CPUExecutionProvider"])
+    clips = _clips()[:3]
+    waves = [clips[0], clips[1] + _hum(len(clips[1]), 50.0, 3.0, clips[1]), 0.3 * clips[2] + np.float32(0.05)]
+    with ThreadPoolExecutor(2) as pool:
+        side_by_side = model.embed(waves, pool)
+    np.testing.assert_array_equal(side_by_side, model.embed(waves))
