@@ -269,11 +269,14 @@ class LiveVerification:
         recent_stats = scorer.stats(recent.vector)
         llr = scorer.score(float(np.dot(b, recent.vector)), scorer.stats(b), recent_stats,
                            base_seconds, recent.seconds).llr
-        ref = self._reference()
+        # the reference as given, not as the verdicts meet it in a call's band (``_band_reference``):
+        # live_change_reference_llr was tuned on these (BENCHMARKS.md 13c), and on the band-matched reference the
+        # same threshold fired on 2 more of 200 single-speaker streams (9h)
+        ref = self.reference
         ref_llr = None
         if llr is not None and ref.vector is not None:
             ref_llr = scorer.score(float(np.dot(ref.vector, recent.vector)), ref.stats, recent_stats,
-                                   ref.speech_seconds, recent.seconds, ref.llr_offset).llr
+                                   ref.speech_seconds, recent.seconds).llr
         changed = llr is not None and llr < o.change_llr and (ref_llr is None or ref_llr < o.change_reference_llr)
         if changed and not self._changed:
             self.changes.append(recent.end)

@@ -206,8 +206,11 @@ def test_a_narrowband_stream_meets_its_reference_in_its_band_as_verify_does(serv
                                                           for i in range(0, len(pcm), 8000)]
         return list(_stub(srv).VerifyStream(iter(msgs)))
 
-    results, plain = stream(on), stream(off)[-1]
-    final = results[-1]
+    results, plain_results = stream(on), stream(off)
+    final, plain = results[-1], plain_results[-1]
+    # the speaker-change rule scores the reference as given: its threshold was set on that
+    ref_llrs = [[r.recent_reference_llr for r in rs if r.HasField("recent_reference_llr")] for rs in (results, plain_results)]
+    assert ref_llrs[0] and ref_llrs[0] == pytest.approx(ref_llrs[1], abs=1e-4)
     assert final.final and final.band_matched and not plain.band_matched
     assert all(r.band_matched for r in results if r.speech_seconds >= 1.0)
     whole = _stub(on).Verify(pb.VerifyRequest(a=ref, b=pb.Probe(audio=pb.Audio(encoded=wav_bytes(x, 8000)))))
