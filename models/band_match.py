@@ -26,7 +26,7 @@ import numpy as np
 from models.audio import resample
 from models.vad_rules import loud_spectrum
 
-__all__ = ["LOW_CUT_DB", "NARROW_RATE", "low_band_db", "has_low_cut", "match_band"]
+__all__ = ["LOW_CUT_DB", "NARROW_RATE", "low_band_db", "has_low_cut", "wider_than_pair", "match_band"]
 
 LOW_CUT_DB = -20.0
 NARROW_RATE = 8000  # the narrowband side's rate: its band ends below 4 kHz
@@ -50,6 +50,13 @@ def has_low_cut(wav: np.ndarray, sample_rate: int) -> bool:
     """Whether (T,) ``wav`` lacks its fundamental the way a landline's 300 Hz high-pass takes it out."""
     level = low_band_db(wav, sample_rate)
     return bool(np.isfinite(level) and level < LOW_CUT_DB)
+
+
+def wider_than_pair(narrowband, low_cut, pair_low_cut):
+    """Whether a side of a pair with a narrowband side is wider than the pair's narrowest band, so that it is embedded
+    again in that band: it is wideband, or the pair's band has the landline's low cut (``pair_low_cut``: either side
+    lacks its fundamental) and it does not. Bools, or (K,) bool arrays of trial-aligned sides."""
+    return np.logical_not(narrowband) | (np.asarray(pair_low_cut) & np.logical_not(low_cut))
 
 
 def match_band(wav: np.ndarray, sample_rate: int, low_cut: bool) -> np.ndarray:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from models.band_match import has_low_cut, match_band
+from models.band_match import has_low_cut, match_band, wider_than_pair
 from models.vad import keep_speech
 from models.vad_stream import VadStream
 from service.decisions import Decision, Side, Threshold, carry_into_band, decide, speech_shortfall
@@ -243,7 +243,7 @@ class LiveVerification:
         else:
             ref_cut = await loop.run_in_executor(self.engine.live_pool, has_low_cut, ref.speech.wave, self.rate)
             low_cut = stream_cut or ref_cut
-            changed = not ref.speech.narrowband or (low_cut and not ref_cut)
+            changed = bool(wider_than_pair(ref.speech.narrowband, ref_cut, low_cut))
             if changed:
                 wave = await loop.run_in_executor(self.engine.live_pool, match_band, ref.speech.wave, self.rate, low_cut)
                 mapped.vector = (await self.engine.embed(self.model, wave, self.deadline, admitted=True)).embedding

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from models.band_match import has_low_cut, match_band
+from models.band_match import has_low_cut, match_band, wider_than_pair
 from models.consistency import self_consistency, speaker_chunks
 
 from service._proto.spkserve.v1 import speaker_pb2 as pb
@@ -224,7 +224,7 @@ class SpeakerServicer(SearchRpcs, StreamRpcs, LiveRpcs, DiarizeRpcs, SpeakerReco
         cuts = await asyncio.gather(*[loop.run_in_executor(self.engine.decode_pool, has_low_cut, s.speech.wave, rate)
                                       for s in (a, b)])
         low_cut = any(cuts)
-        wider = [s for s, cut in zip((a, b), cuts) if not s.speech.narrowband or (low_cut and not cut)]
+        wider = [s for s, cut in zip((a, b), cuts) if wider_than_pair(s.speech.narrowband, cut, low_cut)]
 
         async def again(side: Side) -> None:
             wave = await loop.run_in_executor(self.engine.decode_pool, match_band, side.speech.wave, rate, low_cut)

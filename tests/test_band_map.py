@@ -9,8 +9,6 @@ import shutil
 import grpc
 import numpy as np
 import pytest
-import soundfile as sf
-from scipy.signal import butter, sosfiltfilt
 
 from models.artifact import ArtifactError, load_card
 from models.audio import resample
@@ -19,19 +17,8 @@ from models.band_match import has_low_cut
 from models.scoring import ModelScorer
 from service._proto.spkserve.v1 import speaker_pb2 as pb
 from service._proto.spkserve.v1 import speaker_pb2_grpc as pb_grpc
-from tests.conftest import REFERENCE, REPOSITORY, ServerThread, ge2e_with, make_config, wav_bytes
-
-SR = 16000
-
-
-def _clip(name: str) -> np.ndarray:
-    return sf.read(REFERENCE / "audio" / f"{name}.wav", dtype="float32")[0]
-
-
-def _landline(x: np.ndarray) -> np.ndarray:
-    """(T',) the 300-3400 Hz band at 8 kHz."""
-    return resample(sosfiltfilt(butter(4, [300, 3400], btype="bandpass", fs=SR, output="sos"), x).astype(np.float32),
-                    SR, 8000)
+from tests.conftest import REPOSITORY, ServerThread, ge2e_with, make_config, wav_bytes
+from tests.test_band_match import SR, _clip, _landline
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -158,21 +158,27 @@ def test_recalibrate_on_own_trials_writes_a_new_version(calibrated, mini_corpus,
 
 
 def test_a_band_map_fitted_on_a_calibration_is_reported_then_dropped_by_a_new_one(calibrated, mini_real, mini_corpus,
-                                                                                  tmp_path):
+                                                                                  tmp_path, capsys):
     """The band map's offsets belong to the calibration they were fitted on: the decisions job reports its rows, and
     re-fitting the calibration leaves the map out (saying so) instead of keeping stale offsets."""
     from models.runtime import SpeakerModel
+    from models.artifact import load_card
     from training.evaluation.band_map import fit_band_map
+    from training.evaluation.calibrate import calibrate_model
     from training.evaluation.decisions import main
     from training.evaluation.recalibrate import recalibrate_on_trials
 
     d = tmp_path / "ge2e"
     shutil.copytree(calibrated[0], d)
+    args = ["--real", str(mini_real), "--model", str(d), "--conditions", "telephone-probe,telephone-probe-mapped",
+            "--identify-sizes", "", "--one-talker", "0", "--min-probe-speech", "0.3"]
+    assert main(args + ["--out", str(tmp_path / "none")]) == 0  # no band map yet: its rows are left out, said so
+    assert list(json.loads((tmp_path / "none" / "results.json").read_text())["conditions"]) == ["telephone-probe"]
+    assert "has no band map" in capsys.readouterr().err
     fit_band_map(d, mini_real, folds=3, min_speech=0.3, log=lambda *_: None)
     assert SpeakerModel(d).scorer.band_map is not None
     out = tmp_path / "dec"
-    assert main(["--real", str(mini_real), "--model", str(d), "--conditions", "telephone-probe,telephone-probe-mapped",
-                 "--identify-sizes", "", "--one-talker", "0", "--min-probe-speech", "0.3", "--out", str(out)]) == 0
+    assert main(args + ["--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["conditions"]
     assert rows["telephone-probe-mapped"]["band_mapped"] > 0.5 and "frr" in rows["telephone-probe-mapped"]
     scp, trials = _own_trials(mini_corpus, tmp_path)
@@ -183,6 +189,10 @@ def test_a_band_map_fitted_on_a_calibration_is_reported_then_dropped_by_a_new_on
     assert not (tmp_path / "repo" / "ge2e-mine" / "band_map.npz").exists()
     assert any("band map" in line for line in said)
     assert SpeakerModel(d).scorer.band_map is not None  # the source entry is untouched
+    said.clear()
+    calibrate_model(d, mini_real, per_speaker=1, cohort_utts=2, min_probe_speech=0.3, log=said.append)
+    assert load_card(d).band_map is None and SpeakerModel(d).scorer.band_map is None
+    assert any("band map was fitted on the old calibration" in line for line in said)
 
 
 @pytest.mark.parametrize("damage, match", [

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import soundfile as sf
 
 from tests.conftest import REFERENCE
+from tests.test_band_match import _clip, _landline
 
 AUDIO = REFERENCE / "audio"
 
@@ -56,6 +58,14 @@ def test_records_compare_and_verify_against_an_enrolled_speaker(server, capsys, 
     assert same["score"] > other["score"]
     # only the audio side has VAD figures: the enrolled speaker's side is null, not "0 s of speech"
     assert same["speech_seconds"][0] is None and same["speech_seconds"][1] > 1.0 and same["narrowband"] == [None, False]
+    assert not same["band_matched"]
+    # a landline call against the wideband enrolment: verify and identify say it was scored in the call's band
+    call = tmp_path / "call.wav"
+    sf.write(call, _landline(_clip("flite-slt-2")), 8000)
+    on_call = _run(capsys, "verify", "--collection", "cli", "--speaker", "slt", str(call))[1][0]
+    assert on_call["band_matched"] and on_call["narrowband"] == [None, True]
+    found = _run(capsys, "identify", "--collection", "cli", str(call))[1][0]
+    assert found["band_matched"] and found["candidates"][0]["speaker"] == "slt"
     # compare: the embeddings `spkserve embed` printed (plain and streamed give the same vectors)
     code, plain, _ = _run(capsys, "embed", slt1, slt2)
     code, streamed, _ = _run(capsys, "embed", "--stream", slt1)

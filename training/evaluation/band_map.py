@@ -31,6 +31,7 @@ import numpy as np
 from models.artifact import load_card, save_card
 from models.band_map import BANDS, BandMap, fit_linear_map
 from models.band_match import match_band
+from models.calibration import cllr
 from models.evaluation import read_trials
 from models.runtime import SpeakerModel
 from models.vad import SileroVad
@@ -76,11 +77,6 @@ def best_offset(llr: np.ndarray, labels: np.ndarray) -> float:
     return float(minimize_scalar(cost, bounds=(-10.0, 10.0), method="bounded").x)
 
 
-def _cllr_bits(llr: np.ndarray, labels: np.ndarray) -> float:
-    tar, non = llr[labels], llr[~labels]
-    return float((np.mean(np.logaddexp(0, -tar)) + np.mean(np.logaddexp(0, non))) / (2 * np.log(2)))
-
-
 def fit_band_map(model_dir: Path, real: Path, ridge: float = 1.0, folds: int = 5, min_speech: float = 1.0,
                  seed: int = 0, write: bool = True, log=print) -> dict:
     """Fit both bands' maps and offsets on the calibration speakers; returns (and, with ``write``, stores)
@@ -122,8 +118,8 @@ def fit_band_map(model_dir: Path, real: Path, ridge: float = 1.0, folds: int = 5
         w, mx, my = fit_linear_map(clean.emb[ok], twin.emb[ok], ridge)
         weights.append(w), mean_x.append(mx), mean_y.append(my), offsets.append(offset)
         report[band] = {"probe": PROBES[band], "pairs": int(ok.sum()), "trials": int(decided.sum()),
-                        "llr_offset": round(offset, 4), "cllr_before_offset": round(_cllr_bits(llr, labels[decided]), 4),
-                        "cllr": round(_cllr_bits(llr + offset, labels[decided]), 4)}
+                        "llr_offset": round(offset, 4), "cllr_before_offset": round(cllr(llr, labels[decided]), 4),
+                        "cllr": round(cllr(llr + offset, labels[decided]), 4)}
         log(f"band_map: {band}: {report[band]} ({time.time() - t0:.0f} s)")
     bm = BandMap(np.stack(weights), np.stack(mean_x), np.stack(mean_y), np.array(offsets, np.float32))
     spec = {"file": FILE, "ridge": ridge,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.band_match import match_band
+from models.band_match import match_band, wider_than_pair
 from models.calibration import cllr, min_cllr
 from models.evaluation import evaluate_scores, read_trials
 from models.runtime import SpeakerModel
@@ -150,8 +150,8 @@ def _wider(a: Rendered, b: Rendered) -> tuple[np.ndarray, np.ndarray, np.ndarray
     side is narrowband (the service's band_match rule), and (K,) whether that band has the 300 Hz cut."""
     narrow = a.narrowband | b.narrowband
     low_cut = narrow & (a.low_cut | b.low_cut)
-    return (narrow & (~a.narrowband | (low_cut & ~a.low_cut)), narrow & (~b.narrowband | (low_cut & ~b.low_cut)),
-            low_cut)
+    return (narrow & wider_than_pair(a.narrowband, a.low_cut, low_cut),
+            narrow & wider_than_pair(b.narrowband, b.low_cut, low_cut), low_cut)
 
 
 def band_match_needs(rendered: dict[str, Rendered], ce: str, cp: str, ia: np.ndarray, ib: np.ndarray
